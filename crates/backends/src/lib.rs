@@ -1,0 +1,23 @@
+//! Storage behind traits, each with an embedded backend and a distributed
+//! one: the SQL database (SQLite or PostgreSQL through one pool type) with
+//! per-component migrations, and session stores (SQL, Redis). Each trait has
+//! a conformance suite in `conformance` that every backend must pass.
+//! This crate knows its engines and nothing of HTTP or of services.
+
+pub mod conformance;
+pub mod db;
+pub mod sessions;
+
+pub use db::{Database, DatabaseKind, DbError, Migration};
+pub use sessions::{
+    RedisSessionStore, Session, SessionError, SessionLifetimes, SessionStore, SqlSessionStore,
+};
+
+/// Milliseconds since the Unix epoch: the one time representation in every
+/// table, so SQLite and PostgreSQL store and compare it the same way.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,38 @@
+//! Identifiers: request ids and entity ids (UUIDv7, time-ordered, so they
+//! index well in B-trees and sort by creation time).
+
+/// A new time-ordered id as a lowercase hyphenated string.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// A request id: accepts a caller's id when it is short and printable,
+/// otherwise makes a new one, so logs can never be polluted through it.
+pub fn request_id_or_new(incoming: Option<&str>) -> String {
+    match incoming {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
+        {
+            id.to_string()
+        }
+        _ => new_id(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_a_sane_incoming_id_and_replaces_a_bad_one() {
+        assert_eq!(request_id_or_new(Some("abc-123")), "abc-123");
+        let replaced = request_id_or_new(Some("bad id\nwith newline"));
+        assert_ne!(replaced, "bad id\nwith newline");
+        assert_eq!(replaced.len(), 36);
+        assert_eq!(request_id_or_new(None).len(), 36);
+    }
+}

@@ -1,0 +1,12 @@
+//! Shared foundations of every Shoal role: typed settings, ids, RFC 9457
+//! problem details, telemetry setup and the shutdown signal. This crate does
+//! no network or database I/O of its own.
+
+pub mod ids;
+pub mod problem;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use problem::Problem;
+pub use settings::Settings;

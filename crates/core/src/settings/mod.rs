@@ -1,0 +1,421 @@
+//! The one typed settings tree of every Shoal role, and how it is loaded:
+//! defaults, then an optional TOML file, then `SHOAL_*` environment
+//! variables, then command-line flags (applied by the binary). Unknown keys
+//! and bad values are errors that name the key and say what is allowed.
+
+mod gateway;
+mod load;
+
+pub use gateway::{GatewaySettings, PoolSettings, RouteSettings};
+pub use load::{load, SettingsError};
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Every setting of every role. Each section belongs to one role or part.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where embedded state lives: SQLite files, blobs, emails, run files.
+    pub data_dir: PathBuf,
+    /// A name for this process in logs and the `x-shoal-instance` header.
+    pub instance: String,
+    pub log: LogSettings,
+    pub database: DatabaseSettings,
+    pub sessions: SessionSettings,
+    pub serve: ServeSettings,
+    pub gateway: GatewaySettings,
+    pub worker: WorkerSettings,
+    pub up: UpSettings,
+    pub accounts: AccountsSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("shoal-data"),
+            instance: String::new(),
+            log: LogSettings::default(),
+            database: DatabaseSettings::default(),
+            sessions: SessionSettings::default(),
+            serve: ServeSettings::default(),
+            gateway: GatewaySettings::default(),
+            worker: WorkerSettings::default(),
+            up: UpSettings::default(),
+            accounts: AccountsSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line: for machines and log shippers.
+    Json,
+    /// Human-readable lines: for a terminal.
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter: `info`, `shoal_gateway=debug,info`, ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseBackend {
+    /// A SQLite file under the data directory (WAL mode), shared by every
+    /// process on this machine.
+    Sqlite,
+    /// A PostgreSQL server named by `database.url`.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    pub backend: DatabaseBackend,
+    /// Connection URL. For sqlite, defaults to `<data_dir>/shoal.db`.
+    /// For postgres it is required: `postgres://user:pass@host/db`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before failing, ms.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            backend: DatabaseBackend::Sqlite,
+            url: None,
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionBackend {
+    /// Sessions in the main database (SQLite or PostgreSQL).
+    #[serde(alias = "sqlite", alias = "postgres")]
+    Database,
+    /// Sessions in Redis (`sessions.redis_url`).
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CookieSecure {
+    /// Secure when the request arrived over TLS (`X-Forwarded-Proto: https`).
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSettings {
+    pub backend: SessionBackend,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prefix for every Redis key, so several deployments can share a server.
+    pub redis_prefix: String,
+    /// Idle lifetime: each use extends the session by this much (sliding).
+    pub idle_timeout_secs: u64,
+    /// Absolute lifetime from login, whatever the activity.
+    pub absolute_timeout_secs: u64,
+    pub cookie_name: String,
+    pub cookie_secure: CookieSecure,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            backend: SessionBackend::Database,
+            redis_url: None,
+            redis_prefix: "shoal".into(),
+            idle_timeout_secs: 7 * 24 * 3600,
+            absolute_timeout_secs: 30 * 24 * 3600,
+            cookie_name: "shoal_session".into(),
+            cookie_secure: CookieSecure::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSettings {
+    pub listen: SocketAddr,
+    /// Which services this instance runs: `all`, or names such as `accounts`.
+    pub services: Vec<String>,
+    /// A request that takes longer is answered 503 and its work cancelled.
+    pub request_timeout_ms: u64,
+    /// Largest request body accepted, in bytes (413 past it).
+    pub body_limit_bytes: usize,
+    /// Requests handled at once before new ones are shed with 503.
+    pub max_concurrent_requests: usize,
+    /// After a stop signal, how long `/readyz` says "draining" before the
+    /// listener closes, so balancers stop sending first, ms.
+    pub drain_delay_ms: u64,
+    /// How long in-flight requests may take to finish after a stop signal.
+    pub shutdown_timeout_secs: u64,
+    /// Serve `/_debug/*` routes (sleep, panic) used by fault tests. Off in
+    /// production.
+    pub debug_routes: bool,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        ServeSettings {
+            listen: "127.0.0.1:3000".parse().unwrap(),
+            services: vec!["all".into()],
+            request_timeout_ms: 30_000,
+            body_limit_bytes: 1024 * 1024,
+            max_concurrent_requests: 10_000,
+            drain_delay_ms: 0,
+            shutdown_timeout_secs: 20,
+            debug_routes: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Queues this worker takes jobs from.
+    pub queues: Vec<String>,
+    /// Jobs run at once by this worker.
+    pub concurrency: usize,
+    /// How often housekeeping (expired sessions, old jobs) runs, seconds.
+    pub housekeeping_interval_secs: u64,
+    /// How long running jobs may take to finish after a stop signal.
+    pub shutdown_timeout_secs: u64,
+    /// Address of the worker's health and metrics endpoint. Port 0 picks one.
+    pub listen: SocketAddr,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            queues: vec!["default".into()],
+            concurrency: 8,
+            housekeeping_interval_secs: 60,
+            shutdown_timeout_secs: 20,
+            listen: "127.0.0.1:0".parse().unwrap(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpSettings {
+    /// The gateway's port on 127.0.0.1 (or `up.host`).
+    pub port: u16,
+    pub host: String,
+    /// How many `serve` processes to run.
+    pub instances: usize,
+    /// How many `worker` processes to run.
+    pub workers: usize,
+    /// Deadline for the whole stack to stop after Ctrl-C or SIGTERM.
+    pub shutdown_timeout_secs: u64,
+    /// A child that crashes this many times within `crash_window_secs` is
+    /// given up on, and the stack stops with an error.
+    pub max_restarts: u32,
+    pub crash_window_secs: u64,
+}
+
+impl Default for UpSettings {
+    fn default() -> Self {
+        UpSettings {
+            port: 8080,
+            host: "127.0.0.1".into(),
+            instances: 3,
+            workers: 1,
+            shutdown_timeout_secs: 30,
+            max_restarts: 5,
+            crash_window_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsSettings {
+    pub min_password_length: usize,
+    /// Failed logins allowed per account within `login_window_secs`.
+    pub login_attempts_per_account: u32,
+    /// Login attempts allowed per client address within `login_window_secs`.
+    pub login_attempts_per_address: u32,
+    pub login_window_secs: u64,
+}
+
+impl Default for AccountsSettings {
+    fn default() -> Self {
+        AccountsSettings {
+            min_password_length: 8,
+            login_attempts_per_account: 10,
+            login_attempts_per_address: 100,
+            login_window_secs: 900,
+        }
+    }
+}
+
+impl Settings {
+    /// The database URL in effect: the configured one, or the SQLite file
+    /// under the data directory.
+    pub fn database_url(&self) -> Result<String, SettingsError> {
+        match (&self.database.backend, &self.database.url) {
+            (_, Some(url)) => Ok(url.clone()),
+            (DatabaseBackend::Sqlite, None) => Ok(format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("shoal.db").display()
+            )),
+            (DatabaseBackend::Postgres, None) => Err(SettingsError::Invalid {
+                key: "database.url".into(),
+                message: "required when database.backend = \"postgres\" \
+                          (for example postgres://user@127.0.0.1/shoal)"
+                    .into(),
+            }),
+        }
+    }
+
+    /// Checks that go beyond types: combinations and ranges.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, message: &str| {
+            Err(SettingsError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        self.database_url()?;
+        if let Some(url) = &self.database.url {
+            let ok = match self.database.backend {
+                DatabaseBackend::Sqlite => url.starts_with("sqlite:"),
+                DatabaseBackend::Postgres => {
+                    url.starts_with("postgres://") || url.starts_with("postgresql://")
+                }
+            };
+            if !ok {
+                return invalid(
+                    "database.url",
+                    "its scheme must match database.backend (sqlite: or postgres://)",
+                );
+            }
+        }
+        if self.sessions.backend == SessionBackend::Redis && self.sessions.redis_url.is_none() {
+            return invalid(
+                "sessions.redis_url",
+                "required when sessions.backend = \"redis\" (for example redis://127.0.0.1:6379)",
+            );
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.up.instances == 0 || self.up.instances > 64 {
+            return invalid("up.instances", "must be between 1 and 64");
+        }
+        if self.worker.concurrency == 0 {
+            return invalid("worker.concurrency", "must be at least 1");
+        }
+        if self.sessions.idle_timeout_secs == 0 {
+            return invalid("sessions.idle_timeout_secs", "must be at least 1");
+        }
+        if self.serve.body_limit_bytes == 0 {
+            return invalid("serve.body_limit_bytes", "must be at least 1");
+        }
+        self.gateway.validate()?;
+        Ok(())
+    }
+
+    /// The settings as TOML with secrets (URL passwords, secrets, tokens)
+    /// replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut value = toml::Value::try_from(self).expect("settings serialize");
+        redact(&mut value, "");
+        toml::to_string_pretty(&value).unwrap_or_default()
+    }
+}
+
+fn redact(value: &mut toml::Value, key: &str) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                redact(v, k);
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(|v| redact(v, key)),
+        toml::Value::String(s) => {
+            let k = key.to_ascii_lowercase();
+            if k.contains("secret") || k.contains("password") || k.contains("token") {
+                *s = "<redacted>".into();
+            } else if k.contains("url") || s.contains("://") {
+                *s = redact_url_password(s);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `scheme://user:pass@host` becomes `scheme://user:<redacted>@host`.
+pub fn redact_url_password(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@') {
+            let userinfo = &authority[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!(
+                    "{}{}:<redacted>{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                );
+            }
+        }
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_redacted() {
+        assert_eq!(
+            redact_url_password("postgres://bob:hunter2@db:5432/x"),
+            "postgres://bob:<redacted>@db:5432/x"
+        );
+        assert_eq!(
+            redact_url_password("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        let mut s = Settings::default();
+        s.database.backend = DatabaseBackend::Postgres;
+        s.database.url = Some("postgres://bob:hunter2@db/x".into());
+        let out = s.to_redacted_toml();
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(out.contains("<redacted>"));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::default().validate().unwrap();
+    }
+}

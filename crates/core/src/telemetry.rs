@@ -1,0 +1,46 @@
+//! Logging and metrics setup: tracing to stdout (JSON or pretty) and a
+//! Prometheus recorder whose text each role serves at `/metrics`.
+
+use crate::settings::{LogFormat, LogSettings};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use tracing_subscriber::EnvFilter;
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global tracing subscriber. Safe to call more than once (the
+/// first call wins), so tests may call it freely.
+pub fn init_logging(settings: &LogSettings) {
+    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _ = match settings.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .expect("buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // In tests several apps share a process; only the first installs.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

@@ -1,0 +1,139 @@
+//! Test helpers shared by every crate's tests: temporary directories, fresh
+//! databases per test (a new SQLite file, or a new PostgreSQL database on
+//! the server named by `SHOAL_TEST_POSTGRES_URL`), a Redis URL with a unique
+//! key prefix, free ports and an HTTP client with a cookie jar.
+
+use sqlx::Connection;
+use std::path::{Path, PathBuf};
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "shoal-{label}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("SHOAL_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A short unique name for keys, streams, schemas: `t_<16 hex>`.
+pub fn unique_name() -> String {
+    format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
+}
+
+/// `SHOAL_TEST_POSTGRES_URL`, or `None` after printing one `skipped:` line.
+pub fn postgres_url(test: &str) -> Option<String> {
+    env_or_skip("SHOAL_TEST_POSTGRES_URL", test)
+}
+
+/// `SHOAL_TEST_REDIS_URL`, or `None` after printing one `skipped:` line.
+pub fn redis_url(test: &str) -> Option<String> {
+    env_or_skip("SHOAL_TEST_REDIS_URL", test)
+}
+
+/// `SHOAL_TEST_NATS_URL`, or `None` after printing one `skipped:` line.
+pub fn nats_url(test: &str) -> Option<String> {
+    env_or_skip("SHOAL_TEST_NATS_URL", test)
+}
+
+fn env_or_skip(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            println!("skipped: set {var} to run {test}");
+            None
+        }
+    }
+}
+
+/// Creates a new, empty PostgreSQL database on the server of `server_url`
+/// and returns a URL to it, so each test owns its data.
+pub async fn fresh_postgres_database(server_url: &str) -> String {
+    let name = unique_name();
+    let mut conn = sqlx::postgres::PgConnection::connect(server_url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to SHOAL_TEST_POSTGRES_URL: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let _ = conn.close().await;
+    replace_database_in_url(server_url, &name)
+}
+
+fn replace_database_in_url(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end);
+    let host_part = match path_start {
+        Some(i) => &base[..i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{db}?{q}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+/// A fresh SQLite database URL in `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("test.db").display())
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An HTTP client with a cookie jar and sane timeouts.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .timeout(std::time::Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("http client")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_name_is_replaced() {
+        assert_eq!(
+            replace_database_in_url("postgres://root@127.0.0.1:5432/test", "x"),
+            "postgres://root@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            replace_database_in_url("postgres://root@127.0.0.1/test?sslmode=disable", "x"),
+            "postgres://root@127.0.0.1/x?sslmode=disable"
+        );
+        assert_eq!(
+            replace_database_in_url("postgres://root@127.0.0.1:5432", "x"),
+            "postgres://root@127.0.0.1:5432/x"
+        );
+    }
+}
