@@ -1,0 +1,231 @@
+//! `Application::build`: settings + service modules → a bound listener and
+//! a router with the standard middleware, `/healthz`, `/readyz`, `/metrics`
+//! (and `/_debug/*` when enabled); `Application::run` serves until the
+//! shutdown token fires, then drains.
+
+use crate::context::AppContext;
+use crate::error::problem_response;
+use crate::middleware::standard_layers;
+use anyhow::Context as _;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use shoal_backends::{Database, Migration, RedisSessionStore, SessionStore, SqlSessionStore};
+use shoal_core::settings::SessionBackend;
+use shoal_core::{Problem, Settings};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A service: its name, its migrations and its routes (full paths, such
+/// as `/api/accounts/login`).
+pub trait ServiceModule: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn migrations(&self) -> &'static [Migration];
+    fn routes(&self, ctx: &AppContext) -> Router<AppContext>;
+}
+
+/// Connects the database and session store the settings name.
+pub async fn connect_backends(
+    settings: &Settings,
+) -> anyhow::Result<(Database, Arc<dyn SessionStore>)> {
+    let url = settings.database_url()?;
+    let db = Database::connect(
+        &url,
+        settings.database.max_connections,
+        Duration::from_millis(settings.database.acquire_timeout_ms),
+    )
+    .await
+    .context("connecting to the database")?;
+    let sessions: Arc<dyn SessionStore> = match settings.sessions.backend {
+        SessionBackend::Database => Arc::new(SqlSessionStore::new(db.clone()).await?),
+        SessionBackend::Redis => {
+            let url = settings
+                .sessions
+                .redis_url
+                .as_deref()
+                .context("sessions.redis_url is required for the redis session backend")?;
+            Arc::new(
+                RedisSessionStore::connect(url, &settings.sessions.redis_prefix)
+                    .await
+                    .context("connecting to Redis for sessions")?,
+            )
+        }
+    };
+    Ok((db, sessions))
+}
+
+/// Runs every module's migrations (and the session table's).
+pub async fn migrate(db: &Database, modules: &[Box<dyn ServiceModule>]) -> anyhow::Result<()> {
+    for module in modules {
+        db.migrate(module.name(), module.migrations())
+            .await
+            .with_context(|| format!("migrating service {}", module.name()))?;
+    }
+    Ok(())
+}
+
+/// A built, bound service instance.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    ctx: AppContext,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("addr", &self.listener.local_addr().ok()).finish()
+    }
+}
+
+impl Application {
+    /// Connects backends, runs migrations, binds `serve.listen` (port 0
+    /// picks a free port) and assembles the router. Only modules named in
+    /// `serve.services` (or all, with `all`) are mounted.
+    pub async fn build(settings: Settings, modules: Vec<Box<dyn ServiceModule>>) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let wanted = &settings.serve.services;
+        let all = wanted.iter().any(|s| s == "all");
+        for name in wanted.iter().filter(|s| *s != "all") {
+            if !modules.iter().any(|m| m.name() == name) {
+                let known: Vec<_> = modules.iter().map(|m| m.name()).collect();
+                anyhow::bail!(
+                    "invalid setting `serve.services`: unknown service `{name}` (known: all, {})",
+                    known.join(", ")
+                );
+            }
+        }
+        let modules: Vec<_> = modules
+            .into_iter()
+            .filter(|m| all || wanted.iter().any(|w| w == m.name()))
+            .collect();
+        let (db, sessions) = connect_backends(&settings).await?;
+        migrate(&db, &modules).await?;
+        let listener = TcpListener::bind(settings.serve.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.serve.listen))?;
+        let addr = listener.local_addr()?;
+        let instance: Arc<str> = if settings.instance.is_empty() {
+            format!("serve@{addr}").into()
+        } else {
+            settings.instance.clone().into()
+        };
+        let ctx = AppContext::new(Arc::new(settings), db, sessions, instance);
+        let mut router: Router<AppContext> = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text));
+        if ctx.settings.serve.debug_routes {
+            router = router
+                .route("/_debug/sleep", get(debug_sleep))
+                .route("/_debug/panic", get(debug_panic));
+        }
+        for module in &modules {
+            router = router.merge(module.routes(&ctx));
+        }
+        let router = standard_layers(router.with_state(ctx.clone()), &ctx);
+        Ok(Application { listener, router, ctx })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    pub fn context(&self) -> &AppContext {
+        &self.ctx
+    }
+
+    /// Serves until `shutdown` is cancelled; then `/readyz` turns 503,
+    /// after `serve.drain_delay_ms` the listener closes, and in-flight
+    /// requests get `serve.shutdown_timeout_secs` to finish.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Application { listener, router, ctx } = self;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, instance = %ctx.instance, "serving");
+        let drain_delay = Duration::from_millis(ctx.settings.serve.drain_delay_ms);
+        let deadline = Duration::from_secs(ctx.settings.serve.shutdown_timeout_secs);
+        let stop_accepting = CancellationToken::new();
+        let drainer = {
+            let ctx = ctx.clone();
+            let stop = stop_accepting.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                ctx.start_draining();
+                tracing::info!(delay_ms = drain_delay.as_millis() as u64, "draining");
+                tokio::time::sleep(drain_delay).await;
+                stop.cancel();
+            }
+        };
+        tokio::spawn(drainer);
+        let stop = stop_accepting.clone();
+        let server = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+        let server = tokio::spawn(async move { server.await });
+        // Once draining begins, in-flight requests get `deadline`.
+        let mut server = server;
+        tokio::select! {
+            res = &mut server => { res??; }
+            _ = async { stop_accepting.cancelled().await; tokio::time::sleep(deadline).await } => {
+                tracing::warn!(deadline_secs = deadline.as_secs(), "in-flight requests did not finish before the deadline; closing");
+                server.abort();
+            }
+        }
+        ctx.db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn healthz(State(ctx): State<AppContext>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "instance": &*ctx.instance,
+        "pid": std::process::id(),
+    }))
+}
+
+async fn readyz(State(ctx): State<AppContext>) -> Response {
+    if ctx.is_draining() {
+        return problem_response(&Problem::unavailable("this instance is draining", 1));
+    }
+    let db_ok = tokio::time::timeout(Duration::from_secs(1), ctx.db.ping())
+        .await
+        .unwrap_or(false);
+    if !db_ok {
+        return problem_response(&Problem::unavailable("the database does not answer", 1));
+    }
+    (
+        StatusCode::OK,
+        Json(serde_json::json!({"status": "ready", "instance": &*ctx.instance})),
+    )
+        .into_response()
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shoal_core::telemetry::prometheus().render(),
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct SleepQuery {
+    ms: u64,
+}
+
+async fn debug_sleep(Query(q): Query<SleepQuery>) -> Json<serde_json::Value> {
+    tokio::time::sleep(Duration::from_millis(q.ms.min(60_000))).await;
+    Json(serde_json::json!({"slept_ms": q.ms}))
+}
+
+async fn debug_panic() -> &'static str {
+    panic!("deliberate panic from /_debug/panic")
+}

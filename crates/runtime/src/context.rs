@@ -1,0 +1,51 @@
+//! `AppContext`: what every handler of every service can reach (settings,
+//! the database, the session store, the draining flag). Cheap to clone.
+
+use shoal_backends::{Database, SessionLifetimes, SessionStore};
+use shoal_core::Settings;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct AppContext {
+    pub settings: Arc<Settings>,
+    pub db: Database,
+    pub sessions: Arc<dyn SessionStore>,
+    /// This process's name in logs and the `x-shoal-instance` header.
+    pub instance: Arc<str>,
+    draining: Arc<AtomicBool>,
+}
+
+impl AppContext {
+    pub fn new(
+        settings: Arc<Settings>,
+        db: Database,
+        sessions: Arc<dyn SessionStore>,
+        instance: Arc<str>,
+    ) -> Self {
+        AppContext {
+            settings,
+            db,
+            sessions,
+            instance,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The session lifetimes from settings.
+    pub fn session_lifetimes(&self) -> SessionLifetimes {
+        SessionLifetimes {
+            idle: Duration::from_secs(self.settings.sessions.idle_timeout_secs),
+            absolute: Duration::from_secs(self.settings.sessions.absolute_timeout_secs),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! `ApiError`: the error type handlers return. It renders as RFC 9457
+//! problem+json; internal causes are logged with their chain and never
+//! shown to the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use shoal_core::problem::{Problem, PROBLEM_JSON};
+
+#[derive(Debug)]
+pub struct ApiError(pub Problem);
+
+impl ApiError {
+    /// A 500 whose cause is logged (with its source chain) but not sent.
+    pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut chain = err.to_string();
+        let mut source = err.source();
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        tracing::error!(error = %chain, "{context}");
+        ApiError(Problem::internal(
+            "the server failed to handle this request; it has been logged",
+        ))
+    }
+}
+
+impl From<Problem> for ApiError {
+    fn from(p: Problem) -> Self {
+        ApiError(p)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::internal("database error", &e)
+    }
+}
+
+impl From<shoal_backends::SessionError> for ApiError {
+    fn from(e: shoal_backends::SessionError) -> Self {
+        ApiError::internal("session store error", &e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        problem_response(&self.0)
+    }
+}
+
+/// A problem+json response, with Retry-After when the problem has one.
+pub fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, problem.to_json()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if let Some(secs) = problem.retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,17 @@
+//! The service runtime: `Application::build` turns settings and a list of
+//! service modules into a listening HTTP server with the standard
+//! middleware, health and metrics endpoints, sessions and graceful
+//! shutdown. Services see only `AppContext` and the extractors here.
+
+pub mod app;
+pub mod context;
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod session;
+
+pub use app::{Application, ServiceModule};
+pub use context::AppContext;
+pub use error::ApiError;
+pub use extract::{ApiJson, ClientAddr};
+pub use session::{clear_session_cookie, session_cookie, CurrentSession};

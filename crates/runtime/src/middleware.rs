@@ -1,0 +1,181 @@
+//! The standard middleware of every service, assembled in one place
+//! (`standard_layers`), outermost first:
+//! request context (request id, tracing span, access log, metrics,
+//! `x-shoal-instance`) → problem+json for bare error responses → panic
+//! becomes 500 → load shedding → deadline → compression → body limit.
+
+use crate::context::AppContext;
+use crate::error::problem_response;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use shoal_core::problem::PROBLEM_JSON;
+use shoal_core::Problem;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tracing::Instrument;
+
+/// The request id of the current request (an extension).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+/// Header the gateway uses to pass the time left for a request, in ms.
+pub const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
+
+/// Wraps `router` in the standard layers.
+pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
+    let limits = Arc::new(Limits {
+        permits: Semaphore::new(ctx.settings.serve.max_concurrent_requests),
+        timeout: Duration::from_millis(ctx.settings.serve.request_timeout_ms),
+    });
+    router
+        .layer(axum::extract::DefaultBodyLimit::max(ctx.settings.serve.body_limit_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            ctx.settings.serve.body_limit_bytes,
+        ))
+        .layer(CompressionLayer::new())
+        .layer(axum::middleware::from_fn_with_state(limits, shed_and_deadline))
+        .layer(CatchPanicLayer::custom(panic_to_problem))
+        .layer(axum::middleware::from_fn(bare_errors_to_problems))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), request_context))
+}
+
+/// Request id, span, access log, metrics and the instance header.
+async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let incoming = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
+    let request_id: Arc<str> = shoal_core::ids::request_id_or_new(incoming).into();
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
+    let mut response = next.run(req).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    span.in_scope(|| {
+        tracing::info!(status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    });
+    let labels = [
+        ("method", method.to_string()),
+        ("route", route),
+        ("status", status.to_string()),
+    ];
+    metrics::counter!("shoal_http_requests_total", &labels).increment(1);
+    metrics::histogram!("shoal_http_request_duration_seconds", &labels[..2]).record(elapsed.as_secs_f64());
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ctx.instance) {
+        headers.insert("x-shoal-instance", v);
+    }
+    response
+}
+
+/// Error responses made by layers or axum itself (404, 405, 413 ...) come
+/// without a body we chose; give them a problem+json body.
+async fn bare_errors_to_problems(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()))
+        .unwrap_or(false);
+    if is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let detail = match status.as_u16() {
+        404 => "no route matches this path".to_string(),
+        405 => "this path does not accept this method".to_string(),
+        413 => "the request body is larger than this endpoint accepts".to_string(),
+        _ if !text.is_empty() => text,
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let slug = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace(' ', "-");
+    let problem = Problem::new(status.as_u16(), &slug, status.canonical_reason().unwrap_or("Error"), detail);
+    let mut out = problem_response(&problem);
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn panic_to_problem(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Body> {
+    let message = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    tracing::error!(panic = %message, "handler panicked; answered 500");
+    metrics::counter!("shoal_http_panics_total").increment(1);
+    problem_response(&Problem::internal(
+        "the server failed to handle this request; it has been logged",
+    ))
+    .into_response()
+}
+
+#[derive(Debug)]
+struct Limits {
+    permits: Semaphore,
+    timeout: Duration,
+}
+
+/// Sheds load past the concurrency limit (503 + Retry-After), and bounds
+/// each request by the configured timeout or the gateway's deadline,
+/// whichever is sooner (503 past it; the handler's future is dropped).
+async fn shed_and_deadline(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = limits.permits.try_acquire() else {
+        metrics::counter!("shoal_http_shed_total").increment(1);
+        return problem_response(&Problem::unavailable(
+            "this instance is at its concurrency limit; retry shortly",
+            1,
+        ));
+    };
+    let mut timeout = limits.timeout;
+    if let Some(ms) = req
+        .headers()
+        .get(DEADLINE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        timeout = timeout.min(Duration::from_millis(ms));
+    }
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("shoal_http_timeouts_total").increment(1);
+            problem_response(&Problem::new(
+                503,
+                "timeout",
+                "Request timed out",
+                format!("the request took longer than {} ms and was cancelled", timeout.as_millis()),
+            ))
+        }
+    }
+}

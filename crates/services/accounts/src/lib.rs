@@ -1,0 +1,290 @@
+//! The accounts service: signup, login, logout ("everywhere" too) and `me`.
+//! Passwords are hashed with argon2id on the blocking pool; sessions live in
+//! the configured `SessionStore`; login attempts are limited per account and
+//! per client address, in the database so every instance shares the count.
+
+mod limits;
+mod password;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use shoal_backends::Migration;
+use shoal_core::Problem;
+use shoal_runtime::error::ApiResult;
+use shoal_runtime::session::cookie_value;
+use shoal_runtime::{
+    clear_session_cookie, session_cookie, ApiError, ApiJson, AppContext, ClientAddr,
+    CurrentSession, ServiceModule,
+};
+
+/// The accounts service module.
+#[derive(Debug, Default)]
+pub struct Accounts;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "users and login attempts",
+    sql: "CREATE TABLE IF NOT EXISTS users (
+        id TEXT PRIMARY KEY,
+        email TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        name TEXT NOT NULL,
+        created_at BIGINT NOT NULL);
+    CREATE TABLE IF NOT EXISTS login_attempts (
+        key TEXT PRIMARY KEY,
+        window_start BIGINT NOT NULL,
+        count BIGINT NOT NULL);",
+}];
+
+impl ServiceModule for Accounts {
+    fn name(&self) -> &'static str {
+        "accounts"
+    }
+
+    fn migrations(&self) -> &'static [Migration] {
+        MIGRATIONS
+    }
+
+    fn routes(&self, _ctx: &AppContext) -> Router<AppContext> {
+        Router::new()
+            .route("/api/accounts/signup", post(signup))
+            .route("/api/accounts/login", post(login))
+            .route("/api/accounts/logout", post(logout))
+            .route("/api/accounts/logout-all", post(logout_all))
+            .route("/api/accounts/me", get(me))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignupRequest {
+    email: String,
+    password: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+#[derive(Debug, Serialize)]
+struct UserView {
+    id: String,
+    email: String,
+    name: String,
+    created_at: i64,
+}
+
+/// Normalises and checks an email address; the error names the problem.
+fn normalize_email(raw: &str) -> Result<String, &'static str> {
+    let email = raw.trim().to_lowercase();
+    if email.is_empty() {
+        return Err("is required");
+    }
+    if email.len() > 254 {
+        return Err("must be at most 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err("must be an address such as ada@example.com");
+    };
+    if local.is_empty()
+        || domain.len() < 3
+        || !domain.contains('.')
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+        || email.chars().any(|c| c.is_whitespace() || c.is_control())
+        || domain.contains('@')
+    {
+        return Err("must be an address such as ada@example.com");
+    }
+    Ok(email)
+}
+
+async fn signup(
+    State(ctx): State<AppContext>,
+    ApiJson(body): ApiJson<SignupRequest>,
+) -> ApiResult<Response> {
+    let min = ctx.settings.accounts.min_password_length;
+    let mut problem = Problem::validation("some fields are invalid; see `errors`");
+    let email = match normalize_email(&body.email) {
+        Ok(e) => Some(e),
+        Err(msg) => {
+            problem = problem.with_field("email", msg);
+            None
+        }
+    };
+    let chars = body.password.chars().count();
+    if chars < min {
+        problem = problem.with_field("password", format!("must be at least {min} characters"));
+    } else if body.password.len() > 1024 {
+        problem = problem.with_field("password", "must be at most 1024 bytes");
+    }
+    let name = body.name.unwrap_or_default().trim().to_string();
+    if name.chars().count() > 100 {
+        problem = problem.with_field("name", "must be at most 100 characters");
+    }
+    let Some(email) = email.filter(|_| problem.errors.is_empty()) else {
+        return Err(problem.into());
+    };
+    let hash = password::hash(body.password).await?;
+    let user = UserView {
+        id: shoal_core::ids::new_id(),
+        email,
+        name,
+        created_at: shoal_backends::now_millis(),
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO users (id, email, password_hash, name, created_at)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (email) DO NOTHING",
+    )
+    .bind(&user.id)
+    .bind(&user.email)
+    .bind(&hash)
+    .bind(&user.name)
+    .bind(user.created_at)
+    .execute(ctx.db.pool())
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(Problem::conflict("an account with this email already exists")
+            .with_field("email", "is already registered")
+            .into());
+    }
+    metrics::counter!("shoal_accounts_signups_total").increment(1);
+    tracing::info!(user_id = %user.id, "account created");
+    Ok((StatusCode::CREATED, Json(user)).into_response())
+}
+
+async fn login(
+    State(ctx): State<AppContext>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> ApiResult<Response> {
+    let settings = &ctx.settings.accounts;
+    let window_ms = settings.login_window_secs as i64 * 1000;
+    let addr_key = format!("addr:{addr}");
+    let (count, retry) = limits::hit(&ctx.db, &addr_key, window_ms).await?;
+    if count > settings.login_attempts_per_address as i64 {
+        metrics::counter!("shoal_accounts_login_limited_total", "by" => "address").increment(1);
+        return Err(Problem::too_many_requests(
+            "too many login attempts from this address; wait and try again",
+            retry,
+        )
+        .into());
+    }
+    let email = body.email.trim().to_lowercase();
+    let account_key = format!("acct:{email}");
+    let (failures, retry) = limits::peek(&ctx.db, &account_key, window_ms).await?;
+    if failures >= settings.login_attempts_per_account as i64 {
+        metrics::counter!("shoal_accounts_login_limited_total", "by" => "account").increment(1);
+        return Err(Problem::too_many_requests(
+            "too many failed logins for this account; wait and try again",
+            retry,
+        )
+        .into());
+    }
+    let row: Option<(String, String, String, String, i64)> = sqlx::query_as(
+        "SELECT id, email, name, password_hash, created_at FROM users WHERE email = $1",
+    )
+    .bind(&email)
+    .fetch_optional(ctx.db.pool())
+    .await?;
+    // Verify against a dummy hash when the user is unknown, so the answer
+    // takes as long either way and says nothing about which part was wrong.
+    let (user, stored_hash) = match row {
+        Some((id, email, name, hash, created_at)) => (
+            Some(UserView { id, email, name, created_at }),
+            hash,
+        ),
+        None => (None, password::dummy_hash().to_string()),
+    };
+    let ok = password::verify(body.password, stored_hash).await?;
+    let Some(user) = user.filter(|_| ok) else {
+        limits::hit(&ctx.db, &account_key, window_ms).await?;
+        metrics::counter!("shoal_accounts_logins_total", "result" => "rejected").increment(1);
+        return Err(Problem::unauthorized("the email or password is wrong").into());
+    };
+    limits::clear(&ctx.db, &account_key).await?;
+    // Rotate: a session the caller already had is ended, not reused.
+    if let Some(old) = cookie_value(&headers, &ctx.settings.sessions.cookie_name) {
+        ctx.sessions.delete(&old).await?;
+    }
+    let session = ctx.sessions.create(&user.id, ctx.session_lifetimes()).await?;
+    metrics::counter!("shoal_accounts_logins_total", "result" => "ok").increment(1);
+    tracing::info!(user_id = %user.id, "logged in");
+    let cookie = session_cookie(&ctx, &headers, &session);
+    Ok((
+        StatusCode::OK,
+        [(header::SET_COOKIE, cookie), (header::CACHE_CONTROL, "no-store".parse().unwrap())],
+        Json(user),
+    )
+        .into_response())
+}
+
+async fn logout(State(ctx): State<AppContext>, headers: HeaderMap) -> ApiResult<Response> {
+    if let Some(token) = cookie_value(&headers, &ctx.settings.sessions.cookie_name) {
+        ctx.sessions.delete(&token).await?;
+    }
+    Ok((
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, clear_session_cookie(&ctx, &headers))],
+    )
+        .into_response())
+}
+
+async fn logout_all(
+    State(ctx): State<AppContext>,
+    CurrentSession(session): CurrentSession,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let ended = ctx.sessions.delete_user(&session.user_id).await?;
+    tracing::info!(user_id = %session.user_id, ended, "logged out everywhere");
+    Ok((
+        StatusCode::OK,
+        [(header::SET_COOKIE, clear_session_cookie(&ctx, &headers))],
+        Json(serde_json::json!({"sessions_ended": ended})),
+    )
+        .into_response())
+}
+
+async fn me(
+    State(ctx): State<AppContext>,
+    CurrentSession(session): CurrentSession,
+) -> ApiResult<Response> {
+    let row: Option<(String, String, String, i64)> =
+        sqlx::query_as("SELECT id, email, name, created_at FROM users WHERE id = $1")
+            .bind(&session.user_id)
+            .fetch_optional(ctx.db.pool())
+            .await?;
+    let Some((id, email, name, created_at)) = row else {
+        // The account is gone; the session should be too.
+        ctx.sessions.delete(&session.token).await?;
+        return Err(ApiError(Problem::unauthorized("this account no longer exists")));
+    };
+    Ok((
+        [(header::CACHE_CONTROL, "private, no-store")],
+        Json(UserView { id, email, name, created_at }),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_email;
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(normalize_email(" Ada@Example.COM ").unwrap(), "ada@example.com");
+        for bad in ["", "ada", "ada@", "@example.com", "ada@com", "a b@example.com", "ada@example.com."] {
+            assert!(normalize_email(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The accounts service over HTTP, on a real listener (port 0) with a fresh
+//! database: the same suite runs on SQLite, on PostgreSQL with SQL sessions
+//! and on PostgreSQL with Redis sessions.
+
+use serde_json::{json, Value};
+use shoal_core::settings::{DatabaseBackend, SessionBackend};
+use shoal_core::Settings;
+use shoal_runtime::{Application, ServiceModule};
+use shoal_testkit as kit;
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    base: String,
+    stop: CancellationToken,
+    db: shoal_backends::Database,
+    _dir: kit::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(mut settings: Settings) -> Running {
+    let dir = kit::TempDir::new("accounts");
+    settings.data_dir = dir.path().to_path_buf();
+    settings.serve.listen = "127.0.0.1:0".parse().unwrap();
+    settings.serve.debug_routes = true;
+    settings.accounts.login_attempts_per_account = 3;
+    let modules: Vec<Box<dyn ServiceModule>> = vec![Box::new(shoal_accounts::Accounts)];
+    let app = Application::build(settings, modules).await.expect("build");
+    let base = format!("http://{}", app.local_addr());
+    let db = app.context().db.clone();
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run(stop.clone()));
+    Running { base, stop, db, _dir: dir }
+}
+
+async fn user_count(db: &shoal_backends::Database) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    n
+}
+
+async fn problem(resp: reqwest::Response, status: u16) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    resp.json().await.unwrap()
+}
+
+/// The whole accounts contract; panics on the first broken rule.
+async fn accounts_suite(app: &Running) {
+    let http = kit::http_client();
+    let url = |p: &str| format!("{}{p}", app.base);
+
+    // signup
+    let resp = http
+        .post(url("/api/accounts/signup"))
+        .json(&json!({"email": "Ada@Example.com", "password": "correct horse", "name": "Ada"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let user: Value = resp.json().await.unwrap();
+    assert_eq!(user["email"], "ada@example.com");
+    assert!(user.get("password_hash").is_none());
+
+    // a taken email is 409, whatever its case
+    let resp = http
+        .post(url("/api/accounts/signup"))
+        .json(&json!({"email": "ADA@example.com", "password": "another one"}))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(resp, 409).await;
+    assert_eq!(p["errors"][0]["field"], "email");
+
+    // me without a session is 401
+    let p = problem(http.get(url("/api/accounts/me")).send().await.unwrap(), 401).await;
+    assert!(p["detail"].as_str().unwrap().contains("log in"));
+
+    // wrong password and unknown email give the same 401
+    let wrong = http
+        .post(url("/api/accounts/login"))
+        .json(&json!({"email": "ada@example.com", "password": "wrong password"}))
+        .send()
+        .await
+        .unwrap();
+    let wrong = problem(wrong, 401).await;
+    let unknown = http
+        .post(url("/api/accounts/login"))
+        .json(&json!({"email": "nobody@example.com", "password": "wrong password"}))
+        .send()
+        .await
+        .unwrap();
+    let unknown = problem(unknown, 401).await;
+    assert_eq!(wrong["detail"], unknown["detail"]);
+
+    // login sets an HttpOnly, SameSite=Lax cookie; me works
+    let resp = http
+        .post(url("/api/accounts/login"))
+        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.starts_with("shoal_session="), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "no Secure over plain http: {cookie}");
+    let first_token = cookie.split(';').next().unwrap().to_string();
+    let me: Value = http.get(url("/api/accounts/me")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(me["email"], "ada@example.com");
+
+    // behind TLS (as the gateway reports it) the cookie is Secure
+    let resp = http
+        .post(url("/api/accounts/login"))
+        .header("x-forwarded-proto", "https")
+        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers()["set-cookie"].to_str().unwrap().contains("Secure"));
+
+    // the session rotated on that login: the first token no longer works
+    let plain = reqwest::Client::new();
+    let resp = plain
+        .get(url("/api/accounts/me"))
+        .header("cookie", &first_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "old session ended on login");
+
+    // logout ends the session and clears the cookie
+    let resp = http.post(url("/api/accounts/logout")).send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    assert!(resp.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    assert_eq!(http.get(url("/api/accounts/me")).send().await.unwrap().status(), 401);
+
+    // log out everywhere ends every session of the user
+    let a = kit::http_client();
+    let b = kit::http_client();
+    for c in [&a, &b] {
+        let r = c
+            .post(url("/api/accounts/login"))
+            .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r: Value = a.post(url("/api/accounts/logout-all")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["sessions_ended"], 2);
+    assert_eq!(b.get(url("/api/accounts/me")).send().await.unwrap().status(), 401);
+
+    // an unknown session cookie is 401 with a clear message
+    let resp = plain
+        .get(url("/api/accounts/me"))
+        .header("cookie", "shoal_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .send()
+        .await
+        .unwrap();
+    let p = problem(resp, 401).await;
+    assert!(p["detail"].as_str().unwrap().contains("expired or was ended"));
+}
+
+/// Bad input: each gets the right status and a clear message, and no row
+/// is written.
+async fn bad_input_suite(app: &Running) {
+    let http = kit::http_client();
+    let url = format!("{}/api/accounts/signup", app.base);
+    let before = user_count(&app.db).await;
+
+    let p = problem(
+        http.post(&url)
+            .header("content-type", "application/json")
+            .body("{\"email\": \"x@example.com\", \"password\": ")
+            .send()
+            .await
+            .unwrap(),
+        400,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("not valid JSON"), "{p}");
+
+    let p = problem(
+        http.post(&url).json(&json!({"email": "x@example.com"})).send().await.unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p["errors"][0]["field"], "password", "{p}");
+
+    let p = problem(
+        http.post(&url)
+            .json(&json!({"email": "not-an-email", "password": "short"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    let fields: Vec<_> = p["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap().to_string()).collect();
+    assert_eq!(fields, vec!["email", "password"], "{p}");
+
+    let p = problem(
+        http.post(&url)
+            .header("content-type", "text/plain")
+            .body("email=x@example.com")
+            .send()
+            .await
+            .unwrap(),
+        415,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("application/json"));
+
+    let big = format!(
+        "{{\"email\": \"big@example.com\", \"password\": \"{}\"}}",
+        "a".repeat(10 * 1024 * 1024)
+    );
+    let resp = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await;
+    // The server may answer 413 before reading the whole body, or close.
+    if let Ok(resp) = resp {
+        problem(resp, 413).await;
+    }
+
+    let p = problem(
+        http.post(&url)
+            .json(&json!({"email": "y@example.com", "password": "long enough", "admin": true}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("admin"), "{p}");
+
+    assert_eq!(user_count(&app.db).await, before, "bad input wrote nothing");
+
+    // unknown routes are problem+json too
+    problem(http.get(format!("{}/nope", app.base)).send().await.unwrap(), 404).await;
+}
+
+async fn rate_limit_suite(app: &Running) {
+    let http = kit::http_client();
+    let url = |p: &str| format!("{}{p}", app.base);
+    http.post(url("/api/accounts/signup"))
+        .json(&json!({"email": "grace@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let r = http
+            .post(url("/api/accounts/login"))
+            .json(&json!({"email": "grace@example.com", "password": "guess guess"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = http
+        .post(url("/api/accounts/login"))
+        .json(&json!({"email": "grace@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429, "account locked after 3 failures");
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn accounts_on_sqlite() {
+    let app = start(Settings::default()).await;
+    accounts_suite(&app).await;
+    bad_input_suite(&app).await;
+    rate_limit_suite(&app).await;
+}
+
+#[tokio::test]
+async fn accounts_on_postgres_with_sql_sessions() {
+    let Some(server) = kit::postgres_url("accounts_on_postgres_with_sql_sessions") else {
+        return;
+    };
+    let mut s = Settings::default();
+    s.database.backend = DatabaseBackend::Postgres;
+    s.database.url = Some(kit::fresh_postgres_database(&server).await);
+    let app = start(s).await;
+    accounts_suite(&app).await;
+    bad_input_suite(&app).await;
+    rate_limit_suite(&app).await;
+}
+
+#[tokio::test]
+async fn accounts_on_postgres_with_redis_sessions() {
+    let Some(server) = kit::postgres_url("accounts_on_postgres_with_redis_sessions") else {
+        return;
+    };
+    let Some(redis) = kit::redis_url("accounts_on_postgres_with_redis_sessions") else {
+        return;
+    };
+    let mut s = Settings::default();
+    s.database.backend = DatabaseBackend::Postgres;
+    s.database.url = Some(kit::fresh_postgres_database(&server).await);
+    s.sessions.backend = SessionBackend::Redis;
+    s.sessions.redis_url = Some(redis);
+    s.sessions.redis_prefix = kit::unique_name();
+    let app = start(s).await;
+    accounts_suite(&app).await;
+}
+
+#[tokio::test]
+async fn a_panic_is_a_500_problem_and_the_server_lives_on() {
+    let app = start(Settings::default()).await;
+    let http = kit::http_client();
+    let p = problem(
+        http.get(format!("{}/_debug/panic", app.base)).send().await.unwrap(),
+        500,
+    )
+    .await;
+    assert_eq!(p["status"], 500);
+    let r = http.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-request-id"));
+    assert!(r.headers().contains_key("x-shoal-instance"));
+}
+
+#[tokio::test]
+async fn request_timeout_and_gateway_deadline_are_enforced() {
+    let mut s = Settings::default();
+    s.serve.request_timeout_ms = 300;
+    let app = start(s).await;
+    let http = kit::http_client();
+    let p = problem(
+        http.get(format!("{}/_debug/sleep?ms=2000", app.base)).send().await.unwrap(),
+        503,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("300 ms"));
+    let p = problem(
+        http.get(format!("{}/_debug/sleep?ms=250", app.base))
+            .header("x-shoal-deadline-ms", "50")
+            .send()
+            .await
+            .unwrap(),
+        503,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("50 ms"));
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_draining_and_in_flight_requests_finish() {
+    let mut s = Settings::default();
+    s.serve.drain_delay_ms = 400;
+    let app = start(s).await;
+    let http = kit::http_client();
+    let slow = tokio::spawn({
+        let http = http.clone();
+        let url = format!("{}/_debug/sleep?ms=800", app.base);
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    app.stop.cancel();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let r = http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), 503, "draining instance is not ready");
+    assert_eq!(slow.await.unwrap().unwrap(), 200, "in-flight request finished");
+}
