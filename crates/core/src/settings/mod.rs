@@ -5,9 +5,11 @@
 
 mod gateway;
 mod load;
+mod payments;
 
 pub use gateway::{GatewaySettings, PoolSettings, RouteSettings};
 pub use load::{load, SettingsError};
+pub use payments::{PaymentsSettings, SandboxSettings};
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -29,6 +31,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub up: UpSettings,
     pub accounts: AccountsSettings,
+    pub payments: PaymentsSettings,
+    pub sandbox: SandboxSettings,
 }
 
 impl Default for Settings {
@@ -44,6 +48,8 @@ impl Default for Settings {
             worker: WorkerSettings::default(),
             up: UpSettings::default(),
             accounts: AccountsSettings::default(),
+            payments: PaymentsSettings::default(),
+            sandbox: SandboxSettings::default(),
         }
     }
 }
@@ -361,7 +367,7 @@ fn redact(value: &mut toml::Value, key: &str) {
         toml::Value::Array(a) => a.iter_mut().for_each(|v| redact(v, key)),
         toml::Value::String(s) => {
             let k = key.to_ascii_lowercase();
-            if k.contains("secret") || k.contains("password") || k.contains("token") {
+            if k.contains("secret") || k.contains("password") || k.contains("token") || k.ends_with("api_key") {
                 *s = "<redacted>".into();
             } else if k.contains("url") || s.contains("://") {
                 *s = redact_url_password(s);
