@@ -18,14 +18,26 @@ pub async fn session_store(store: &dyn SessionStore) {
     // create, then touch finds the same user
     let s = store.create("user-a", LONG).await.expect("create");
     assert_eq!(s.token.len(), 43, "token length");
-    let found = store.touch(&s.token, LONG).await.expect("touch").expect("live");
+    let found = store
+        .touch(&s.token, LONG)
+        .await
+        .expect("touch")
+        .expect("live");
     assert_eq!(found.user_id, "user-a", "touch returns the owner");
     assert!(found.expires_at <= found.absolute_expires_at);
 
     // unknown and malformed tokens are None, not errors
     let unknown = crate::sessions::new_token();
-    assert!(store.touch(&unknown, LONG).await.expect("touch unknown").is_none());
-    assert!(store.touch("not a token", LONG).await.expect("touch junk").is_none());
+    assert!(store
+        .touch(&unknown, LONG)
+        .await
+        .expect("touch unknown")
+        .is_none());
+    assert!(store
+        .touch("not a token", LONG)
+        .await
+        .expect("touch junk")
+        .is_none());
     assert!(store.touch("", LONG).await.expect("touch empty").is_none());
 
     // tokens are unique
@@ -34,9 +46,18 @@ pub async fn session_store(store: &dyn SessionStore) {
 
     // delete ends one session only
     store.delete(&s.token).await.expect("delete");
-    assert!(store.touch(&s.token, LONG).await.unwrap().is_none(), "deleted session is gone");
-    assert!(store.touch(&s2.token, LONG).await.unwrap().is_some(), "other session lives");
-    store.delete(&unknown).await.expect("deleting unknown is fine");
+    assert!(
+        store.touch(&s.token, LONG).await.unwrap().is_none(),
+        "deleted session is gone"
+    );
+    assert!(
+        store.touch(&s2.token, LONG).await.unwrap().is_some(),
+        "other session lives"
+    );
+    store
+        .delete(&unknown)
+        .await
+        .expect("deleting unknown is fine");
 
     // delete_user ends every session of that user and no other
     let b1 = store.create("user-b", LONG).await.unwrap();
@@ -46,7 +67,10 @@ pub async fn session_store(store: &dyn SessionStore) {
     assert_eq!(removed, 2, "delete_user counts the sessions it ended");
     assert!(store.touch(&b1.token, LONG).await.unwrap().is_none());
     assert!(store.touch(&b2.token, LONG).await.unwrap().is_none());
-    assert!(store.touch(&c1.token, LONG).await.unwrap().is_some(), "other users unaffected");
+    assert!(
+        store.touch(&c1.token, LONG).await.unwrap().is_some(),
+        "other users unaffected"
+    );
 
     // idle expiry, and sliding: a touch before the deadline extends it
     let short = SessionLifetimes {
@@ -56,7 +80,10 @@ pub async fn session_store(store: &dyn SessionStore) {
     let idle = store.create("user-d", short).await.unwrap();
     let slid = store.create("user-d", short).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(store.touch(&slid.token, short).await.unwrap().is_some(), "alive before idle deadline");
+    assert!(
+        store.touch(&slid.token, short).await.unwrap().is_some(),
+        "alive before idle deadline"
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(
         store.touch(&idle.token, short).await.unwrap().is_none(),
@@ -84,5 +111,8 @@ pub async fn session_store(store: &dyn SessionStore) {
 
     // prune removes expired rows and keeps live ones
     store.prune_expired().await.expect("prune");
-    assert!(store.touch(&c1.token, LONG).await.unwrap().is_some(), "prune keeps live sessions");
+    assert!(
+        store.touch(&c1.token, LONG).await.unwrap().is_some(),
+        "prune keeps live sessions"
+    );
 }

@@ -156,7 +156,12 @@ impl Database {
                     .bind(crate::now_millis())
                     .execute(&mut *conn)
                     .await?;
-                    tracing::info!(component, version = m.version, name = m.name, "migration applied");
+                    tracing::info!(
+                        component,
+                        version = m.version,
+                        name = m.name,
+                        "migration applied"
+                    );
                 }
                 Ok(())
             }
@@ -212,6 +217,9 @@ mod tests {
     fn statements_split_at_line_ends() {
         let sql = "CREATE TABLE a (x TEXT);\nCREATE INDEX i ON a (x);\n";
         let parts: Vec<_> = split_statements(sql).collect();
-        assert_eq!(parts, vec!["CREATE TABLE a (x TEXT)", "CREATE INDEX i ON a (x)"]);
+        assert_eq!(
+            parts,
+            vec!["CREATE TABLE a (x TEXT)", "CREATE INDEX i ON a (x)"]
+        );
     }
 }

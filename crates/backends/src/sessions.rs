@@ -46,12 +46,14 @@ pub struct SessionLifetimes {
 #[async_trait]
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
     /// Creates a session for `user_id` and returns it with its new token.
-    async fn create(&self, user_id: &str, life: SessionLifetimes)
-        -> Result<Session, SessionError>;
+    async fn create(&self, user_id: &str, life: SessionLifetimes) -> Result<Session, SessionError>;
     /// Returns the live session for `token` and slides its idle deadline;
     /// `None` when unknown or expired.
-    async fn touch(&self, token: &str, life: SessionLifetimes)
-        -> Result<Option<Session>, SessionError>;
+    async fn touch(
+        &self,
+        token: &str,
+        life: SessionLifetimes,
+    ) -> Result<Option<Session>, SessionError>;
     /// Ends one session. Unknown tokens are not an error.
     async fn delete(&self, token: &str) -> Result<(), SessionError>;
     /// Ends every session of a user ("log out everywhere"); returns how many.
@@ -148,7 +150,11 @@ impl SessionStore for SqlSessionStore {
         Ok(session)
     }
 
-    async fn touch(&self, token: &str, life: SessionLifetimes) -> Result<Option<Session>, SessionError> {
+    async fn touch(
+        &self,
+        token: &str,
+        life: SessionLifetimes,
+    ) -> Result<Option<Session>, SessionError> {
         if !plausible(token) {
             return Ok(None);
         }
@@ -298,15 +304,21 @@ impl SessionStore for RedisSessionStore {
         Ok(session)
     }
 
-    async fn touch(&self, token: &str, life: SessionLifetimes) -> Result<Option<Session>, SessionError> {
+    async fn touch(
+        &self,
+        token: &str,
+        life: SessionLifetimes,
+    ) -> Result<Option<Session>, SessionError> {
         if !plausible(token) {
             return Ok(None);
         }
         let now = crate::now_millis();
         let key = self.session_key(&token_hash(token));
         let mut conn = self.conn.clone();
-        let fields: std::collections::HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await?;
+        let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
         let num = |k: &str| fields.get(k).and_then(|v| v.parse::<i64>().ok());
         let (Some(user_id), Some(created_at), Some(expires_at), Some(absolute)) = (
             fields.get("user_id").cloned(),

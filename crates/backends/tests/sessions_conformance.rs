@@ -21,7 +21,9 @@ async fn postgres_session_store_conforms() {
         return;
     };
     let url = kit::fresh_postgres_database(&server).await;
-    let db = Database::connect(&url, 4, Duration::from_secs(5)).await.unwrap();
+    let db = Database::connect(&url, 4, Duration::from_secs(5))
+        .await
+        .unwrap();
     let store = SqlSessionStore::new(db).await.unwrap();
     conformance::session_store(&store).await;
 }
@@ -31,7 +33,9 @@ async fn redis_session_store_conforms() {
     let Some(url) = kit::redis_url("redis_session_store_conforms") else {
         return;
     };
-    let store = RedisSessionStore::connect(&url, &kit::unique_name()).await.unwrap();
+    let store = RedisSessionStore::connect(&url, &kit::unique_name())
+        .await
+        .unwrap();
     conformance::session_store(&store).await;
 }
 
@@ -43,7 +47,9 @@ async fn migrations_run_once_when_instances_start_together() {
     for _ in 0..4 {
         let url = url.clone();
         handles.push(tokio::spawn(async move {
-            let db = Database::connect(&url, 2, Duration::from_secs(5)).await.unwrap();
+            let db = Database::connect(&url, 2, Duration::from_secs(5))
+                .await
+                .unwrap();
             SqlSessionStore::new(db.clone()).await.unwrap();
             db
         }));

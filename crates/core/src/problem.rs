@@ -79,7 +79,12 @@ impl Problem {
         Self::new(413, "payload-too-large", "Payload too large", detail)
     }
     pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
-        Self::new(415, "unsupported-media-type", "Unsupported media type", detail)
+        Self::new(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            detail,
+        )
     }
     pub fn validation(detail: impl Into<String>) -> Self {
         Self::new(422, "validation", "Validation failed", detail)

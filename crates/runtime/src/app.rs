@@ -78,7 +78,9 @@ pub struct Application {
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Application").field("addr", &self.listener.local_addr().ok()).finish()
+        f.debug_struct("Application")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish()
     }
 }
 
@@ -86,7 +88,10 @@ impl Application {
     /// Connects backends, runs migrations, binds `serve.listen` (port 0
     /// picks a free port) and assembles the router. Only modules named in
     /// `serve.services` (or all, with `all`) are mounted.
-    pub async fn build(settings: Settings, modules: Vec<Box<dyn ServiceModule>>) -> anyhow::Result<Self> {
+    pub async fn build(
+        settings: Settings,
+        modules: Vec<Box<dyn ServiceModule>>,
+    ) -> anyhow::Result<Self> {
         settings.validate()?;
         let wanted = &settings.serve.services;
         let all = wanted.iter().any(|s| s == "all");
@@ -128,7 +133,11 @@ impl Application {
             router = router.merge(module.routes(&ctx));
         }
         let router = standard_layers(router.with_state(ctx.clone()), &ctx);
-        Ok(Application { listener, router, ctx })
+        Ok(Application {
+            listener,
+            router,
+            ctx,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -143,7 +152,11 @@ impl Application {
     /// after `serve.drain_delay_ms` the listener closes, and in-flight
     /// requests get `serve.shutdown_timeout_secs` to finish.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Application { listener, router, ctx } = self;
+        let Application {
+            listener,
+            router,
+            ctx,
+        } = self;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, instance = %ctx.instance, "serving");
         let drain_delay = Duration::from_millis(ctx.settings.serve.drain_delay_ms);
@@ -211,7 +224,10 @@ async fn readyz(State(ctx): State<AppContext>) -> Response {
 
 async fn metrics_text() -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         shoal_core::telemetry::prometheus().render(),
     )
 }

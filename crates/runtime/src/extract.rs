@@ -35,12 +35,15 @@ fn json_rejection_problem(rejection: &JsonRejection) -> Problem {
         JsonRejection::MissingJsonContentType(_) => Problem::unsupported_media_type(
             "send the body as JSON with `Content-Type: application/json`",
         ),
-        JsonRejection::JsonSyntaxError(e) => {
-            Problem::bad_request(format!("the body is not valid JSON: {}", inner_message(&e.body_text())))
-        }
+        JsonRejection::JsonSyntaxError(e) => Problem::bad_request(format!(
+            "the body is not valid JSON: {}",
+            inner_message(&e.body_text())
+        )),
         JsonRejection::JsonDataError(e) => {
             let message = inner_message(&e.body_text());
-            let mut p = Problem::validation(format!("the JSON body does not have the expected shape: {message}"));
+            let mut p = Problem::validation(format!(
+                "the JSON body does not have the expected shape: {message}"
+            ));
             if let Some(field) = backticked_after(&message, "missing field `") {
                 p = p.with_field(field, "is required");
             } else if let Some((field, _)) = message.split_once(": ") {
@@ -53,7 +56,12 @@ fn json_rejection_problem(rejection: &JsonRejection) -> Problem {
         other if other.status().as_u16() == 413 => {
             Problem::payload_too_large("the request body is larger than this endpoint accepts")
         }
-        other => Problem::new(other.status().as_u16(), "bad-body", "Bad request body", other.body_text()),
+        other => Problem::new(
+            other.status().as_u16(),
+            "bad-body",
+            "Bad request body",
+            other.body_text(),
+        ),
     }
 }
 
@@ -96,7 +104,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
                 .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-                .last()
+                .next_back()
             {
                 return Ok(ClientAddr(ip));
             }

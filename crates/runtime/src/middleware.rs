@@ -35,21 +35,32 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
         timeout: Duration::from_millis(ctx.settings.serve.request_timeout_ms),
     });
     router
-        .layer(axum::extract::DefaultBodyLimit::max(ctx.settings.serve.body_limit_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            ctx.settings.serve.body_limit_bytes,
+        ))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             ctx.settings.serve.body_limit_bytes,
         ))
         .layer(CompressionLayer::new())
-        .layer(axum::middleware::from_fn_with_state(limits, shed_and_deadline))
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            shed_and_deadline,
+        ))
         .layer(CatchPanicLayer::custom(panic_to_problem))
         .layer(axum::middleware::from_fn(bare_errors_to_problems))
-        .layer(axum::middleware::from_fn_with_state(ctx.clone(), request_context))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            request_context,
+        ))
 }
 
 /// Request id, span, access log, metrics and the instance header.
 async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let incoming = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
+    let incoming = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
     let request_id: Arc<str> = shoal_core::ids::request_id_or_new(incoming).into();
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
@@ -59,12 +70,17 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.in_scope(|| {
-        tracing::info!(status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+        tracing::info!(
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
     });
     let labels = [
         ("method", method.to_string()),
@@ -72,7 +88,8 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
         ("status", status.to_string()),
     ];
     metrics::counter!("shoal_http_requests_total", &labels).increment(1);
-    metrics::histogram!("shoal_http_request_duration_seconds", &labels[..2]).record(elapsed.as_secs_f64());
+    metrics::histogram!("shoal_http_request_duration_seconds", &labels[..2])
+        .record(elapsed.as_secs_f64());
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", v);
@@ -116,7 +133,12 @@ async fn bare_errors_to_problems(req: Request, next: Next) -> Response {
         .unwrap_or("error")
         .to_ascii_lowercase()
         .replace(' ', "-");
-    let problem = Problem::new(status.as_u16(), &slug, status.canonical_reason().unwrap_or("Error"), detail);
+    let problem = Problem::new(
+        status.as_u16(),
+        &slug,
+        status.canonical_reason().unwrap_or("Error"),
+        detail,
+    );
     let mut out = problem_response(&problem);
     for (name, value) in parts.headers.iter() {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
@@ -149,7 +171,11 @@ struct Limits {
 /// Sheds load past the concurrency limit (503 + Retry-After), and bounds
 /// each request by the configured timeout or the gateway's deadline,
 /// whichever is sooner (503 past it; the handler's future is dropped).
-async fn shed_and_deadline(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
+async fn shed_and_deadline(
+    State(limits): State<Arc<Limits>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let Ok(_permit) = limits.permits.try_acquire() else {
         metrics::counter!("shoal_http_shed_total").increment(1);
         return problem_response(&Problem::unavailable(
@@ -174,7 +200,10 @@ async fn shed_and_deadline(State(limits): State<Arc<Limits>>, req: Request, next
                 503,
                 "timeout",
                 "Request timed out",
-                format!("the request took longer than {} ms and was cancelled", timeout.as_millis()),
+                format!(
+                    "the request took longer than {} ms and was cancelled",
+                    timeout.as_millis()
+                ),
             ))
         }
     }

@@ -119,7 +119,13 @@ impl Sandbox {
     }
 }
 
-fn stripe_error(status: StatusCode, kind: &str, code: Option<&str>, message: &str, extra: Value) -> Response {
+fn stripe_error(
+    status: StatusCode,
+    kind: &str,
+    code: Option<&str>,
+    message: &str,
+    extra: Value,
+) -> Response {
     let mut error = json!({"type": kind, "message": message});
     if let Some(c) = code {
         error["code"] = json!(c);
@@ -155,7 +161,8 @@ fn intent_json(row: &IntentRow) -> Value {
         "livemode": false,
     });
     if let Some(code) = &row.error_code {
-        v["last_payment_error"] = json!({"type": "card_error", "code": code, "message": "Your card was declined."});
+        v["last_payment_error"] =
+            json!({"type": "card_error", "code": code, "message": "Your card was declined."});
     }
     v
 }
@@ -178,7 +185,13 @@ async fn create_intent(
     Form(params): Form<Vec<(String, String)>>,
 ) -> Response {
     if !authorized(&inner, &headers) {
-        return stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", None, "Invalid API Key provided.", json!({}));
+        return stripe_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+            json!({}),
+        );
     }
     let faults = inner.faults.lock().expect("faults").clone();
     if faults.delay_ms > 0 {
@@ -186,23 +199,66 @@ async fn create_intent(
     }
     if faults.fail_before_charge > 0 {
         inner.faults.lock().expect("faults").fail_before_charge -= 1;
-        return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", None, "Injected fault: failed before charging.", json!({}));
+        return stripe_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            None,
+            "Injected fault: failed before charging.",
+            json!({}),
+        );
     }
     let map: BTreeMap<String, String> = params.iter().cloned().collect();
     let amount = match map.get("amount").and_then(|a| a.parse::<i64>().ok()) {
         Some(a) if a > 0 => a,
-        _ => return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("parameter_invalid_integer"), "amount must be a positive integer (in the smallest currency unit).", json!({"param": "amount"})),
+        _ => {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("parameter_invalid_integer"),
+                "amount must be a positive integer (in the smallest currency unit).",
+                json!({"param": "amount"}),
+            )
+        }
     };
     let currency = match map.get("currency") {
-        Some(c) if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_alphabetic()) => c.to_ascii_lowercase(),
-        _ => return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("parameter_invalid"), "currency must be a three-letter ISO code.", json!({"param": "currency"})),
+        Some(c) if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_alphabetic()) => {
+            c.to_ascii_lowercase()
+        }
+        _ => {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("parameter_invalid"),
+                "currency must be a three-letter ISO code.",
+                json!({"param": "currency"}),
+            )
+        }
     };
     let Some(payment_method) = map.get("payment_method").cloned() else {
-        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("parameter_missing"), "Missing required param: payment_method.", json!({"param": "payment_method"}));
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("parameter_missing"),
+            "Missing required param: payment_method.",
+            json!({"param": "payment_method"}),
+        );
     };
-    let known = ["pm_card_visa", "pm_card_chargeDeclined", "pm_card_slow", "pm_card_processing", "pm_card_lost_response", "pm_card_error"];
+    let known = [
+        "pm_card_visa",
+        "pm_card_chargeDeclined",
+        "pm_card_slow",
+        "pm_card_processing",
+        "pm_card_lost_response",
+        "pm_card_error",
+    ];
     if !known.contains(&payment_method.as_str()) {
-        return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", Some("resource_missing"), &format!("No such PaymentMethod: '{payment_method}'"), json!({"param": "payment_method"}));
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("resource_missing"),
+            &format!("No such PaymentMethod: '{payment_method}'"),
+            json!({"param": "payment_method"}),
+        );
     }
     let metadata: serde_json::Map<String, Value> = map
         .iter()
@@ -232,26 +288,48 @@ async fn create_intent(
             Ok(KeyClaim::Replay(code, body)) => {
                 let status = StatusCode::from_u16(code as u16).unwrap_or(StatusCode::OK);
                 let mut r = (status, [("content-type", "application/json")], body).into_response();
-                r.headers_mut().insert("idempotent-replayed", "true".parse().unwrap());
+                r.headers_mut()
+                    .insert("idempotent-replayed", "true".parse().unwrap());
                 return r;
             }
             Ok(KeyClaim::OtherParams) => {
                 return stripe_error(StatusCode::BAD_REQUEST, "idempotency_error", None, "Keys for idempotent requests can only be used with the same parameters they were first used with.", json!({}));
             }
             Ok(KeyClaim::InProgress) => {
-                return stripe_error(StatusCode::CONFLICT, "idempotency_error", None, "There is currently another in-progress request using this Idempotent Key.", json!({}));
+                return stripe_error(
+                    StatusCode::CONFLICT,
+                    "idempotency_error",
+                    None,
+                    "There is currently another in-progress request using this Idempotent Key.",
+                    json!({}),
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, "sandbox storage");
-                return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", None, "storage error", json!({}));
+                return stripe_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "api_error",
+                    None,
+                    "storage error",
+                    json!({}),
+                );
             }
         }
     }
     if payment_method == "pm_card_error" {
         if let Some(key) = &key {
-            let _ = sqlx::query("DELETE FROM sandbox_idempotency WHERE key = $1").bind(key).execute(inner.db.pool()).await;
+            let _ = sqlx::query("DELETE FROM sandbox_idempotency WHERE key = $1")
+                .bind(key)
+                .execute(inner.db.pool())
+                .await;
         }
-        return stripe_error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", None, "Simulated provider error before charging; retry.", json!({}));
+        return stripe_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            None,
+            "Simulated provider error before charging; retry.",
+            json!({}),
+        );
     }
     if payment_method == "pm_card_slow" {
         tokio::time::sleep(Duration::from_millis(inner.settings.slow_ms)).await;
@@ -292,7 +370,10 @@ async fn create_intent(
     }
     let intent = intent_json(&row);
     let (code, body) = if row.error_code.is_some() {
-        (402u16, json!({"error": {"type": "card_error", "code": "card_declined", "decline_code": "generic_decline", "message": "Your card was declined.", "payment_intent": intent}}))
+        (
+            402u16,
+            json!({"error": {"type": "card_error", "code": "card_declined", "decline_code": "generic_decline", "message": "Your card was declined.", "payment_intent": intent}}),
+        )
     } else {
         (200u16, intent.clone())
     };
@@ -307,16 +388,21 @@ async fn create_intent(
     tracing::info!(intent = %row.id, status = %row.status, amount = row.amount, "sandbox payment intent");
     match row.status.as_str() {
         "succeeded" => send_webhook(inner.clone(), "payment_intent.succeeded", intent.clone()),
-        "requires_payment_method" => send_webhook(inner.clone(), "payment_intent.payment_failed", intent.clone()),
+        "requires_payment_method" => send_webhook(
+            inner.clone(),
+            "payment_intent.payment_failed",
+            intent.clone(),
+        ),
         _ => {
             let inner2 = inner.clone();
             let id = row.id.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = sqlx::query("UPDATE sandbox_intents SET status = 'succeeded' WHERE id = $1")
-                    .bind(&id)
-                    .execute(inner2.db.pool())
-                    .await;
+                let _ =
+                    sqlx::query("UPDATE sandbox_intents SET status = 'succeeded' WHERE id = $1")
+                        .bind(&id)
+                        .execute(inner2.db.pool())
+                        .await;
                 if let Ok(Some(r)) = load_intent(&inner2.db, &id).await {
                     send_webhook(inner2.clone(), "payment_intent.succeeded", intent_json(&r));
                 }
@@ -335,7 +421,11 @@ async fn create_intent(
     if lose {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
-    (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), Json(body)).into_response()
+    (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+        Json(body),
+    )
+        .into_response()
 }
 
 enum KeyClaim {
@@ -383,16 +473,38 @@ async fn load_intent(db: &Database, id: &str) -> Result<Option<IntentRow>, sqlx:
     .await
 }
 
-async fn get_intent(State(inner): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_intent(
+    State(inner): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !authorized(&inner, &headers) {
-        return stripe_error(StatusCode::UNAUTHORIZED, "invalid_request_error", None, "Invalid API Key provided.", json!({}));
+        return stripe_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided.",
+            json!({}),
+        );
     }
     match load_intent(&inner.db, &id).await {
         Ok(Some(row)) => Json(intent_json(&row)).into_response(),
-        Ok(None) => stripe_error(StatusCode::NOT_FOUND, "invalid_request_error", Some("resource_missing"), &format!("No such payment_intent: '{id}'"), json!({"param": "intent"})),
+        Ok(None) => stripe_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("resource_missing"),
+            &format!("No such payment_intent: '{id}'"),
+            json!({"param": "intent"}),
+        ),
         Err(e) => {
             tracing::error!(error = %e, "sandbox storage");
-            stripe_error(StatusCode::INTERNAL_SERVER_ERROR, "api_error", None, "storage error", json!({}))
+            stripe_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                None,
+                "storage error",
+                json!({}),
+            )
         }
     }
 }
@@ -444,7 +556,11 @@ fn send_webhook(inner: Shared, kind: &'static str, object: Value) {
         let body = event.to_string();
         let mut delay = Duration::from_millis(250);
         for attempt in 1..=8 {
-            let header = signature::sign(&inner.settings.webhook_secret, now_millis() / 1000, body.as_bytes());
+            let header = signature::sign(
+                &inner.settings.webhook_secret,
+                now_millis() / 1000,
+                body.as_bytes(),
+            );
             let result = inner
                 .http
                 .post(&url)
@@ -458,7 +574,9 @@ fn send_webhook(inner: Shared, kind: &'static str, object: Value) {
                     tracing::info!(kind, attempt, "sandbox webhook delivered");
                     return;
                 }
-                Ok(r) => tracing::warn!(kind, attempt, status = %r.status(), "sandbox webhook refused"),
+                Ok(r) => {
+                    tracing::warn!(kind, attempt, status = %r.status(), "sandbox webhook refused")
+                }
                 Err(e) => tracing::warn!(kind, attempt, error = %e, "sandbox webhook failed"),
             }
             tokio::time::sleep(delay).await;

@@ -13,7 +13,10 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -48,7 +51,9 @@ pub fn verify(
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => timestamp = v.parse::<i64>().ok(),
-            Some(("v1", v)) => candidates.push(hex::decode(v).map_err(|_| SignatureError::Malformed)?),
+            Some(("v1", v)) => {
+                candidates.push(hex::decode(v).map_err(|_| SignatureError::Malformed)?)
+            }
             _ => {}
         }
     }
@@ -79,9 +84,21 @@ mod tests {
     fn signs_and_verifies_and_rejects_tampering_and_age() {
         let header = sign("whsec_x", 1_000, b"{\"a\":1}");
         assert_eq!(verify("whsec_x", &header, b"{\"a\":1}", 1_010, 300), Ok(()));
-        assert_eq!(verify("whsec_x", &header, b"{\"a\":2}", 1_010, 300), Err(SignatureError::Mismatch));
-        assert_eq!(verify("whsec_y", &header, b"{\"a\":1}", 1_010, 300), Err(SignatureError::Mismatch));
-        assert_eq!(verify("whsec_x", &header, b"{\"a\":1}", 2_000, 300), Err(SignatureError::TooOld));
-        assert_eq!(verify("whsec_x", "v1=zz", b"", 0, 300), Err(SignatureError::Malformed));
+        assert_eq!(
+            verify("whsec_x", &header, b"{\"a\":2}", 1_010, 300),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify("whsec_y", &header, b"{\"a\":1}", 1_010, 300),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify("whsec_x", &header, b"{\"a\":1}", 2_000, 300),
+            Err(SignatureError::TooOld)
+        );
+        assert_eq!(
+            verify("whsec_x", "v1=zz", b"", 0, 300),
+            Err(SignatureError::Malformed)
+        );
     }
 }

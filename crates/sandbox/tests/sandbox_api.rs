@@ -38,7 +38,11 @@ async fn start(webhook_url: Option<String>) -> Running {
     let base = format!("http://{}", sandbox.handle().addr);
     let stop = CancellationToken::new();
     tokio::spawn(sandbox.run(stop.clone()));
-    Running { base, stop, _dir: dir }
+    Running {
+        base,
+        stop,
+        _dir: dir,
+    }
 }
 
 fn client() -> reqwest::Client {
@@ -85,16 +89,22 @@ async fn charge_count(http: &reqwest::Client, base: &str) -> u64 {
 async fn idempotency_keys_replay_and_refuse_other_parameters() {
     let sb = start(None).await;
     let http = client();
-    let first = create(&http, &sb.base, "k1", "1500", "pm_card_visa").await.unwrap();
+    let first = create(&http, &sb.base, "k1", "1500", "pm_card_visa")
+        .await
+        .unwrap();
     assert_eq!(first.status(), 200);
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["status"], "succeeded");
     assert_eq!(first["metadata"]["order_id"], "ord_1");
-    let again = create(&http, &sb.base, "k1", "1500", "pm_card_visa").await.unwrap();
+    let again = create(&http, &sb.base, "k1", "1500", "pm_card_visa")
+        .await
+        .unwrap();
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["id"], first["id"], "same key, same intent");
-    let other = create(&http, &sb.base, "k1", "9999", "pm_card_visa").await.unwrap();
+    let other = create(&http, &sb.base, "k1", "9999", "pm_card_visa")
+        .await
+        .unwrap();
     assert_eq!(other.status(), 400);
     let other: Value = other.json().await.unwrap();
     assert_eq!(other["error"]["type"], "idempotency_error");
@@ -113,14 +123,22 @@ async fn idempotency_keys_replay_and_refuse_other_parameters() {
 async fn test_cards_decline_fail_and_lose_responses() {
     let sb = start(None).await;
     let http = client();
-    let declined = create(&http, &sb.base, "d1", "100", "pm_card_chargeDeclined").await.unwrap();
+    let declined = create(&http, &sb.base, "d1", "100", "pm_card_chargeDeclined")
+        .await
+        .unwrap();
     assert_eq!(declined.status(), 402);
     let declined: Value = declined.json().await.unwrap();
     assert_eq!(declined["error"]["code"], "card_declined");
 
-    let failed = create(&http, &sb.base, "e1", "100", "pm_card_error").await.unwrap();
+    let failed = create(&http, &sb.base, "e1", "100", "pm_card_error")
+        .await
+        .unwrap();
     assert_eq!(failed.status(), 500);
-    assert_eq!(charge_count(&http, &sb.base).await, 0, "no charge before the error");
+    assert_eq!(
+        charge_count(&http, &sb.base).await,
+        0,
+        "no charge before the error"
+    );
 
     // A lost response: the client times out, yet the charge happened; the
     // retry with the same key gets the recorded result, not a second charge.
@@ -130,7 +148,9 @@ async fn test_cards_decline_fail_and_lose_responses() {
         .unwrap();
     let lost = create(&short, &sb.base, "l1", "700", "pm_card_lost_response").await;
     assert!(lost.unwrap_err().is_timeout());
-    let retry = create(&http, &sb.base, "l1", "700", "pm_card_lost_response").await.unwrap();
+    let retry = create(&http, &sb.base, "l1", "700", "pm_card_lost_response")
+        .await
+        .unwrap();
     assert_eq!(retry.status(), 200);
     assert_eq!(charge_count(&http, &sb.base).await, 1, "exactly one charge");
 
@@ -140,13 +160,23 @@ async fn test_cards_decline_fail_and_lose_responses() {
         .send()
         .await
         .unwrap();
-    let f = create(&http, &sb.base, "f1", "100", "pm_card_visa").await.unwrap();
+    let f = create(&http, &sb.base, "f1", "100", "pm_card_visa")
+        .await
+        .unwrap();
     assert_eq!(f.status(), 500);
-    let f = create(&http, &sb.base, "f1", "100", "pm_card_visa").await.unwrap();
-    assert_eq!(f.status(), 200, "the retry after a pre-charge failure charges once");
+    let f = create(&http, &sb.base, "f1", "100", "pm_card_visa")
+        .await
+        .unwrap();
+    assert_eq!(
+        f.status(),
+        200,
+        "the retry after a pre-charge failure charges once"
+    );
     assert_eq!(charge_count(&http, &sb.base).await, 2);
 
-    let bad = create(&http, &sb.base, "b1", "-5", "pm_card_visa").await.unwrap();
+    let bad = create(&http, &sb.base, "b1", "-5", "pm_card_visa")
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 400);
 }
 
@@ -170,7 +200,9 @@ async fn webhooks_are_signed_and_verify() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let sb = start(Some(hook)).await;
     let http = client();
-    create(&http, &sb.base, "w1", "2500", "pm_card_processing").await.unwrap();
+    create(&http, &sb.base, "w1", "2500", "pm_card_processing")
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         if let Some((sig, body)) = received.lock().unwrap().first().cloned() {

@@ -53,8 +53,7 @@ pub fn load(
         if path.iter().any(|p| p.is_empty()) {
             return Err(SettingsError::Env {
                 var,
-                message: "empty key segment; nest keys with `__`, as in SHOAL_DATABASE__URL"
-                    .into(),
+                message: "empty key segment; nest keys with `__`, as in SHOAL_DATABASE__URL".into(),
             });
         }
         set_path(&mut tree, &path, &raw).map_err(|message| SettingsError::Env {
@@ -182,7 +181,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.toml");
         let mut f = std::fs::File::create(&path).unwrap();
-        writeln!(f, "[serve]\nlisten = \"127.0.0.1:4000\"\nrequest_timeout_ms = 5\n[up]\ninstances = 5").unwrap();
+        writeln!(
+            f,
+            "[serve]\nlisten = \"127.0.0.1:4000\"\nrequest_timeout_ms = 5\n[up]\ninstances = 5"
+        )
+        .unwrap();
         let s = load(
             Some(&path),
             env(&[
@@ -206,7 +209,10 @@ mod tests {
         let err = load(None, env(&[("SHOAL_DATABASE__BACKEND", "mysql")])).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("database.backend"), "{text}");
-        assert!(text.contains("sqlite") && text.contains("postgres"), "{text}");
+        assert!(
+            text.contains("sqlite") && text.contains("postgres"),
+            "{text}"
+        );
         let err = load(None, env(&[("SHOAL_UP__INSTANCES", "many")])).unwrap_err();
         assert!(err.to_string().contains("SHOAL_UP__INSTANCES"), "{err}");
     }

@@ -367,7 +367,11 @@ fn redact(value: &mut toml::Value, key: &str) {
         toml::Value::Array(a) => a.iter_mut().for_each(|v| redact(v, key)),
         toml::Value::String(s) => {
             let k = key.to_ascii_lowercase();
-            if k.contains("secret") || k.contains("password") || k.contains("token") || k.ends_with("api_key") {
+            if k.contains("secret")
+                || k.contains("password")
+                || k.contains("token")
+                || k.ends_with("api_key")
+            {
                 *s = "<redacted>".into();
             } else if k.contains("url") || s.contains("://") {
                 *s = redact_url_password(s);

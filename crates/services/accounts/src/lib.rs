@@ -153,9 +153,11 @@ async fn signup(
     .execute(ctx.db.pool())
     .await?;
     if inserted.rows_affected() == 0 {
-        return Err(Problem::conflict("an account with this email already exists")
-            .with_field("email", "is already registered")
-            .into());
+        return Err(
+            Problem::conflict("an account with this email already exists")
+                .with_field("email", "is already registered")
+                .into(),
+        );
     }
     metrics::counter!("shoal_accounts_signups_total").increment(1);
     tracing::info!(user_id = %user.id, "account created");
@@ -201,7 +203,12 @@ async fn login(
     // takes as long either way and says nothing about which part was wrong.
     let (user, stored_hash) = match row {
         Some((id, email, name, hash, created_at)) => (
-            Some(UserView { id, email, name, created_at }),
+            Some(UserView {
+                id,
+                email,
+                name,
+                created_at,
+            }),
             hash,
         ),
         None => (None, password::dummy_hash().to_string()),
@@ -217,13 +224,19 @@ async fn login(
     if let Some(old) = cookie_value(&headers, &ctx.settings.sessions.cookie_name) {
         ctx.sessions.delete(&old).await?;
     }
-    let session = ctx.sessions.create(&user.id, ctx.session_lifetimes()).await?;
+    let session = ctx
+        .sessions
+        .create(&user.id, ctx.session_lifetimes())
+        .await?;
     metrics::counter!("shoal_accounts_logins_total", "result" => "ok").increment(1);
     tracing::info!(user_id = %user.id, "logged in");
     let cookie = session_cookie(&ctx, &headers, &session);
     Ok((
         StatusCode::OK,
-        [(header::SET_COOKIE, cookie), (header::CACHE_CONTROL, "no-store".parse().unwrap())],
+        [
+            (header::SET_COOKIE, cookie),
+            (header::CACHE_CONTROL, "no-store".parse().unwrap()),
+        ],
         Json(user),
     )
         .into_response())
@@ -267,11 +280,18 @@ async fn me(
     let Some((id, email, name, created_at)) = row else {
         // The account is gone; the session should be too.
         ctx.sessions.delete(&session.token).await?;
-        return Err(ApiError(Problem::unauthorized("this account no longer exists")));
+        return Err(ApiError(Problem::unauthorized(
+            "this account no longer exists",
+        )));
     };
     Ok((
         [(header::CACHE_CONTROL, "private, no-store")],
-        Json(UserView { id, email, name, created_at }),
+        Json(UserView {
+            id,
+            email,
+            name,
+            created_at,
+        }),
     )
         .into_response())
 }
@@ -282,8 +302,19 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_and_checked() {
-        assert_eq!(normalize_email(" Ada@Example.COM ").unwrap(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@com", "a b@example.com", "ada@example.com."] {
+        assert_eq!(
+            normalize_email(" Ada@Example.COM ").unwrap(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@com",
+            "a b@example.com",
+            "ada@example.com.",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad:?} should be rejected");
         }
     }

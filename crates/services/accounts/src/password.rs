@@ -2,7 +2,9 @@
 //! p=1, as OWASP recommends), always on the blocking pool so a login never
 //! stalls the event loop.
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use shoal_runtime::ApiError;
 use std::sync::OnceLock;
@@ -23,7 +25,11 @@ pub async fn hash(password: String) -> Result<String, ApiError> {
 pub async fn verify(password: String, stored: String) -> Result<bool, ApiError> {
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&stored)
-            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await

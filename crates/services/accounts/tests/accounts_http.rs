@@ -34,7 +34,12 @@ async fn start(mut settings: Settings) -> Running {
     let db = app.context().db.clone();
     let stop = CancellationToken::new();
     tokio::spawn(app.run(stop.clone()));
-    Running { base, stop, db, _dir: dir }
+    Running {
+        base,
+        stop,
+        db,
+        _dir: dir,
+    }
 }
 
 async fn user_count(db: &shoal_backends::Database) -> i64 {
@@ -112,10 +117,23 @@ async fn accounts_suite(app: &Running) {
     assert_eq!(resp.status(), 200);
     let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
     assert!(cookie.starts_with("shoal_session="), "{cookie}");
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
-    assert!(!cookie.contains("Secure"), "no Secure over plain http: {cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("Secure"),
+        "no Secure over plain http: {cookie}"
+    );
     let first_token = cookie.split(';').next().unwrap().to_string();
-    let me: Value = http.get(url("/api/accounts/me")).send().await.unwrap().json().await.unwrap();
+    let me: Value = http
+        .get(url("/api/accounts/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(me["email"], "ada@example.com");
 
     // behind TLS (as the gateway reports it) the cookie is Secure
@@ -126,7 +144,10 @@ async fn accounts_suite(app: &Running) {
         .send()
         .await
         .unwrap();
-    assert!(resp.headers()["set-cookie"].to_str().unwrap().contains("Secure"));
+    assert!(resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Secure"));
 
     // the session rotated on that login: the first token no longer works
     let plain = reqwest::Client::new();
@@ -141,8 +162,18 @@ async fn accounts_suite(app: &Running) {
     // logout ends the session and clears the cookie
     let resp = http.post(url("/api/accounts/logout")).send().await.unwrap();
     assert_eq!(resp.status(), 204);
-    assert!(resp.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
-    assert_eq!(http.get(url("/api/accounts/me")).send().await.unwrap().status(), 401);
+    assert!(resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    assert_eq!(
+        http.get(url("/api/accounts/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 
     // log out everywhere ends every session of the user
     let a = kit::http_client();
@@ -156,19 +187,39 @@ async fn accounts_suite(app: &Running) {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let r: Value = a.post(url("/api/accounts/logout-all")).send().await.unwrap().json().await.unwrap();
+    let r: Value = a
+        .post(url("/api/accounts/logout-all"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["sessions_ended"], 2);
-    assert_eq!(b.get(url("/api/accounts/me")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        b.get(url("/api/accounts/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 
     // an unknown session cookie is 401 with a clear message
     let resp = plain
         .get(url("/api/accounts/me"))
-        .header("cookie", "shoal_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .header(
+            "cookie",
+            "shoal_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
         .send()
         .await
         .unwrap();
     let p = problem(resp, 401).await;
-    assert!(p["detail"].as_str().unwrap().contains("expired or was ended"));
+    assert!(p["detail"]
+        .as_str()
+        .unwrap()
+        .contains("expired or was ended"));
 }
 
 /// Bad input: each gets the right status and a clear message, and no row
@@ -188,10 +239,17 @@ async fn bad_input_suite(app: &Running) {
         400,
     )
     .await;
-    assert!(p["detail"].as_str().unwrap().contains("not valid JSON"), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("not valid JSON"),
+        "{p}"
+    );
 
     let p = problem(
-        http.post(&url).json(&json!({"email": "x@example.com"})).send().await.unwrap(),
+        http.post(&url)
+            .json(&json!({"email": "x@example.com"}))
+            .send()
+            .await
+            .unwrap(),
         422,
     )
     .await;
@@ -206,7 +264,12 @@ async fn bad_input_suite(app: &Running) {
         422,
     )
     .await;
-    let fields: Vec<_> = p["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap().to_string()).collect();
+    let fields: Vec<_> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(fields, vec!["email", "password"], "{p}");
 
     let p = problem(
@@ -250,7 +313,11 @@ async fn bad_input_suite(app: &Running) {
     assert_eq!(user_count(&app.db).await, before, "bad input wrote nothing");
 
     // unknown routes are problem+json too
-    problem(http.get(format!("{}/nope", app.base)).send().await.unwrap(), 404).await;
+    problem(
+        http.get(format!("{}/nope", app.base)).send().await.unwrap(),
+        404,
+    )
+    .await;
 }
 
 async fn rate_limit_suite(app: &Running) {
@@ -325,12 +392,19 @@ async fn a_panic_is_a_500_problem_and_the_server_lives_on() {
     let app = start(Settings::default()).await;
     let http = kit::http_client();
     let p = problem(
-        http.get(format!("{}/_debug/panic", app.base)).send().await.unwrap(),
+        http.get(format!("{}/_debug/panic", app.base))
+            .send()
+            .await
+            .unwrap(),
         500,
     )
     .await;
     assert_eq!(p["status"], 500);
-    let r = http.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-request-id"));
     assert!(r.headers().contains_key("x-shoal-instance"));
@@ -343,7 +417,10 @@ async fn request_timeout_and_gateway_deadline_are_enforced() {
     let app = start(s).await;
     let http = kit::http_client();
     let p = problem(
-        http.get(format!("{}/_debug/sleep?ms=2000", app.base)).send().await.unwrap(),
+        http.get(format!("{}/_debug/sleep?ms=2000", app.base))
+            .send()
+            .await
+            .unwrap(),
         503,
     )
     .await;
@@ -374,7 +451,15 @@ async fn readyz_turns_503_while_draining_and_in_flight_requests_finish() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     app.stop.cancel();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let r = http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503, "draining instance is not ready");
-    assert_eq!(slow.await.unwrap().unwrap(), 200, "in-flight request finished");
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "in-flight request finished"
+    );
 }

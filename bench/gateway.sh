@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Gateway benchmark: Shoal's gateway against nginx and HAProxy configured
+# as equivalent load balancers, in one run, on the same three upstreams
+# (1 KiB responses, HTTP/1.1 keep-alive), at 1 and 2 worker threads.
+# Prints max requests/s and the ratios, added latency over going direct at
+# half of nginx's max rate (p50, p99), upstream connection reuse, and
+# resident memory with 1,000 open client connections.
+#   bench/gateway.sh            # 10 s per measurement
+#   BENCH_SECONDS=5 bench/gateway.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER=${BENCH_SECONDS:-10}
+CONNS=${BENCH_CONNECTIONS:-64}
+bench/setup.sh
+ulimit -n 65536 || true
+BIN=target/release
+RUN=$(mktemp -d /tmp/shoal-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$RUN"; }
+trap cleanup EXIT
+UP_PORTS=(19101 19102 19103)
+for p in "${UP_PORTS[@]}"; do
+  $BIN/bench-upstream --listen 127.0.0.1:$p --size 1024 >/dev/null & PIDS+=($!)
+done
+sleep 0.5
+upstream_stats() { # total connections, total requests over all upstreams
+  local c=0 r=0 j
+  for p in "${UP_PORTS[@]}"; do
+    j=$(curl -s 127.0.0.1:$p/_stats)
+    c=$((c + $(echo "$j" | sed 's/.*"connections":\([0-9]*\).*/\1/')))
+    r=$((r + $(echo "$j" | sed 's/.*"requests":\([0-9]*\).*/\1/')))
+  done
+  echo "$c $r"
+}
+json() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+rss_kb() { # sum of VmRSS of the given pids and their children
+  local total=0 p
+  for p in "$@"; do
+    for q in $p $(pgrep -P "$p" || true); do
+      total=$((total + $(awk '/VmRSS/{print $2}' /proc/$q/status 2>/dev/null || echo 0)))
+    done
+  done
+  echo $total
+}
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+REPORT=bench/results/gateway-latest.md
+{
+echo "# Gateway benchmark"
+echo
+echo "Run: \`bench/gateway.sh\` on $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ); ${SECONDS_PER}s per measurement, $CONNS client connections, 1 KiB responses, 3 upstreams."
+echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), HAProxy $(haproxy -v | head -1 | awk '{print $3}'). Load generator: \`bench/src/bin/loadgen.rs\` (same machine, so it shares the cores)."
+echo
+} > "$REPORT"
+
+for W in 1 2; do
+  SERVERS_NGINX=""; SERVERS_HA=""; TO=()
+  for p in "${UP_PORTS[@]}"; do
+    SERVERS_NGINX+="    server 127.0.0.1:$p;"$'\n'
+    SERVERS_HA+="  server u$p 127.0.0.1:$p"$'\n'
+    TO+=(--to "http://127.0.0.1:$p")
+  done
+  sed -e "s|@WORKERS@|$W|; s|@PORT@|18081|; s|@RUN@|$RUN|g" -e "/@SERVERS@/{
+r /dev/stdin
+d
+}" bench/peers/nginx.conf.in <<<"$SERVERS_NGINX" > "$RUN/nginx.conf"
+  sed -e "s|@WORKERS@|$W|; s|@PORT@|18082|" -e "/@SERVERS@/{
+r /dev/stdin
+d
+}" bench/peers/haproxy.cfg.in <<<"$SERVERS_HA" > "$RUN/haproxy.cfg"
+  SHOAL_LOG__LEVEL=warn $BIN/shoal gateway --listen 127.0.0.1:18080 --workers "$W" "${TO[@]}" >"$RUN/shoal.log" 2>&1 & SHOAL=$!
+  nginx -c "$RUN/nginx.conf" -p "$RUN" & NGINX=$!
+  haproxy -f "$RUN/haproxy.cfg" & HAPROXY=$!
+  PIDS+=($SHOAL $NGINX $HAPROXY)
+  wait_port 18080; wait_port 18081; wait_port 18082
+  sleep 1
+  declare -A MAX P50 P99 REUSE RSS
+  for name in shoal:18080 nginx:18081 haproxy:18082; do
+    n=${name%%:*}; port=${name##*:}
+    out=$($BIN/loadgen --url http://127.0.0.1:$port/ --connections "$CONNS" --duration "$SECONDS_PER" --threads "$W")
+    MAX[$n]=$(json "$out" rps); echo "  $W thread(s) $n max: ${MAX[$n]} req/s (errors $(json "$out" errors))" >&2
+  done
+  RATE=$(python3 -c "print(int(${MAX[nginx]}/2))")
+  out=$($BIN/loadgen --url http://127.0.0.1:${UP_PORTS[0]}/ --connections "$CONNS" --duration "$SECONDS_PER" --rate "$RATE" --threads "$W")
+  P50[direct]=$(json "$out" p50_us); P99[direct]=$(json "$out" p99_us)
+  for name in shoal:18080 nginx:18081 haproxy:18082; do
+    n=${name%%:*}; port=${name##*:}
+    read -r c0 r0 < <(upstream_stats)
+    out=$($BIN/loadgen --url http://127.0.0.1:$port/ --connections "$CONNS" --duration "$SECONDS_PER" --rate "$RATE" --threads "$W")
+    read -r c1 r1 < <(upstream_stats)
+    P50[$n]=$(json "$out" p50_us); P99[$n]=$(json "$out" p99_us)
+    REUSE[$n]=$(python3 -c "print(f'{100*(1-($c1-$c0)/max(1,$r1-$r0)):.2f}')")
+  done
+  for name in shoal:18080 nginx:18081 haproxy:18082; do
+    n=${name%%:*}; port=${name##*:}
+    $BIN/loadgen --url http://127.0.0.1:$port/ --idle 1000 --duration 4 >/dev/null & L=$!
+    sleep 3
+    case $n in shoal) pid=$SHOAL;; nginx) pid=$NGINX;; haproxy) pid=$HAPROXY;; esac
+    RSS[$n]=$(rss_kb "$pid"); wait $L || true
+  done
+  {
+  echo "## $W worker thread(s)"
+  echo
+  echo "| | max req/s | ratio (Shoal / peer) | p50 added at ${RATE} req/s | p99 added | upstream conn reuse | RSS, 1,000 idle clients |"
+  echo "|---|---|---|---|---|---|---|"
+  for n in shoal nginx haproxy; do
+    ratio=$(python3 -c "print(f'{${MAX[shoal]}/${MAX[$n]}:.2f}x')")
+    a50=$(( ${P50[$n]} - ${P50[direct]} )); a99=$(( ${P99[$n]} - ${P99[direct]} ))
+    echo "| $n | $(printf '%.0f' "${MAX[$n]}") | $ratio | ${a50} µs | ${a99} µs | ${REUSE[$n]}% | $(( ${RSS[$n]} / 1024 )) MiB |"
+  done
+  echo "| direct to one upstream | | | p50 ${P50[direct]} µs | p99 ${P99[direct]} µs | | |"
+  echo
+  } >> "$REPORT"
+  kill $SHOAL $NGINX $HAPROXY 2>/dev/null || true; wait $SHOAL $NGINX $HAPROXY 2>/dev/null || true
+  sleep 0.5
+done
+cat "$REPORT"
