@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Queue benchmark: Shoal's job system on each backend against BullMQ on the
+# same Redis and graphile-worker on the same PostgreSQL, in one run.
+# Each side enqueues N no-op jobs, runs them with C concurrency, and
+# measures enqueue-to-start latency with idle workers.
+#   bench/queue.sh                 # N=10000, C=50
+#   JOBS=20000 CONCURRENCY=100 bench/queue.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export JOBS=${JOBS:-10000} CONCURRENCY=${CONCURRENCY:-50}
+PG=${SHOAL_TEST_POSTGRES_URL:-postgres://root@127.0.0.1:5432/test}
+export REDIS_URL=${SHOAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+NATS=${SHOAL_TEST_NATS_URL:-nats://127.0.0.1:4222}
+echo "==> building shoal (release) and installing the peers (npm)"
+cargo build --release -q -p shoal
+(cd bench/queue && npm ci --no-audit --no-fund --silent)
+RUN=$(mktemp -d /tmp/shoal-qbench.XXXXXX); trap 'rm -rf "$RUN"' EXIT
+results=()
+run_shoal() { # backend, extra env
+  local b=$1; shift
+  echo "  shoal/$b ..." >&2
+  env "$@" target/release/shoal --data-dir "$RUN/$b" jobs bench --backend "$b" --jobs "$JOBS" --concurrency "$CONCURRENCY" --json
+}
+results+=("$(run_shoal sqlite)")
+results+=("$(run_shoal postgres SHOAL_DATABASE__BACKEND=postgres SHOAL_DATABASE__URL="$PG")")
+if target/release/shoal jobs bench --help 2>/dev/null | grep -q nats; then
+  results+=("$(run_shoal nats SHOAL_QUEUE__NATS_URL="$NATS")")
+fi
+echo "  bullmq ..." >&2
+results+=("$(cd bench/queue && node bullmq.mjs)")
+echo "  graphile-worker ..." >&2
+results+=("$(cd bench/queue && DATABASE_URL="$PG" node graphile.mjs)")
+REPORT=bench/results/queue-latest.md
+python3 - "$REPORT" "${results[@]}" <<'PY'
+import json, sys, datetime, os
+out = sys.argv[1]
+rows = [json.loads(r) for r in sys.argv[2:]]
+by = {r["peer"]: r for r in rows}
+lines = [
+    "# Queue benchmark", "",
+    f"Run: `bench/queue.sh` on {os.cpu_count()} cores, {datetime.datetime.utcnow():%Y-%m-%dT%H:%MZ}; "
+    f"{rows[0]['jobs']} no-op jobs, concurrency {rows[0]['concurrency']}; peers on the same Redis / PostgreSQL.", "",
+    "| system | enqueue jobs/s | complete jobs/s | vs BullMQ | vs graphile-worker | start p50 | start p99 |",
+    "|---|---|---|---|---|---|---|",
+]
+for r in rows:
+    vb = r["complete_per_sec"] / by["bullmq"]["complete_per_sec"] if "bullmq" in by else float("nan")
+    vg = r["complete_per_sec"] / by["graphile-worker"]["complete_per_sec"] if "graphile-worker" in by else float("nan")
+    lines.append(f"| {r['peer']} | {r['enqueue_per_sec']:.0f} | {r['complete_per_sec']:.0f} | {vb:.2f}x | {vg:.2f}x | "
+                 f"{r['start_latency_p50_ms']} ms | {r['start_latency_p99_ms']} ms |")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
