@@ -4,10 +4,17 @@
 //! a conformance suite in `conformance` that every backend must pass.
 //! This crate knows its engines and nothing of HTTP or of services.
 
+pub mod blobs;
+pub mod broadcast;
 pub mod conformance;
 pub mod db;
 pub mod sessions;
 
+pub use blobs::{BlobError, BlobRead, BlobStore, PutResult, S3Config};
+pub use broadcast::{
+    Broadcast, BroadcastError, RecvError, RedisBroadcast, SqlBroadcast, SqlBroadcastOptions,
+    Subscription,
+};
 pub use db::{Database, DatabaseKind, DbError, Migration};
 pub use sessions::{
     RedisSessionStore, Session, SessionError, SessionLifetimes, SessionStore, SqlSessionStore,

@@ -3,17 +3,22 @@
 //! (and `/_debug/*` when enabled); `Application::run` serves until the
 //! shutdown token fires, then drains.
 
+use crate::cache::{QueryCache, QueryCacheOptions};
 use crate::context::AppContext;
 use crate::error::problem_response;
 use crate::middleware::standard_layers;
+use crate::session_cache::CachedSessionStore;
 use anyhow::Context as _;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use shoal_backends::{Database, Migration, RedisSessionStore, SessionStore, SqlSessionStore};
-use shoal_core::settings::SessionBackend;
+use shoal_backends::{
+    Broadcast, Database, Migration, RedisBroadcast, RedisSessionStore, SessionStore, SqlBroadcast,
+    SqlBroadcastOptions, SqlSessionStore,
+};
+use shoal_core::settings::{BusBackend, SessionBackend};
 use shoal_core::{Problem, Settings};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +62,35 @@ pub async fn connect_backends(
         }
     };
     Ok((db, sessions))
+}
+
+/// Connects the broadcast bus `cache.bus` names.
+pub async fn connect_bus(settings: &Settings, db: &Database) -> anyhow::Result<Arc<dyn Broadcast>> {
+    let cache = &settings.cache;
+    Ok(match cache.bus {
+        BusBackend::Database => Arc::new(
+            SqlBroadcast::new(
+                db.clone(),
+                SqlBroadcastOptions {
+                    poll_interval: Duration::from_millis(cache.bus_poll_interval_ms),
+                    retention: Duration::from_secs(cache.bus_retention_secs),
+                },
+            )
+            .await
+            .context("creating the database broadcast bus")?,
+        ),
+        BusBackend::Redis => {
+            let url = cache
+                .bus_redis_url
+                .as_deref()
+                .context("cache.bus_redis_url is required for the redis bus")?;
+            Arc::new(
+                RedisBroadcast::connect(url, &cache.redis_prefix)
+                    .await
+                    .context("connecting to Redis for the broadcast bus")?,
+            )
+        }
+    })
 }
 
 /// Runs every module's migrations (and the session table's).
@@ -119,7 +153,26 @@ impl Application {
         } else {
             settings.instance.clone().into()
         };
-        let ctx = AppContext::new(Arc::new(settings), db, sessions, instance);
+        let bus = connect_bus(&settings, &db).await?;
+        let sessions: Arc<dyn SessionStore> = if settings.cache.session_ttl_ms > 0 {
+            Arc::new(
+                CachedSessionStore::new(
+                    sessions,
+                    bus.clone(),
+                    Duration::from_millis(settings.cache.session_ttl_ms),
+                )
+                .await
+                .context("starting the session cache")?,
+            )
+        } else {
+            sessions
+        };
+        let cache = QueryCache::new(
+            QueryCacheOptions::from_settings(&settings.cache),
+            Some(bus.clone()),
+        )
+        .await;
+        let ctx = AppContext::new(Arc::new(settings), db, sessions, bus, cache, instance);
         let mut router: Router<AppContext> = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))

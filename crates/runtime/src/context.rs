@@ -1,7 +1,9 @@
 //! `AppContext`: what every handler of every service can reach (settings,
-//! the database, the session store, the draining flag). Cheap to clone.
+//! the database, the session store, the broadcast bus, the query cache,
+//! the draining flag). Cheap to clone.
 
-use shoal_backends::{Database, SessionLifetimes, SessionStore};
+use crate::cache::QueryCache;
+use shoal_backends::{Broadcast, Database, SessionLifetimes, SessionStore};
 use shoal_core::Settings;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +14,10 @@ pub struct AppContext {
     pub settings: Arc<Settings>,
     pub db: Database,
     pub sessions: Arc<dyn SessionStore>,
+    /// The bus between instances (invalidations, later notifications).
+    pub bus: Arc<dyn Broadcast>,
+    /// The two-tier query cache shared by this instance's services.
+    pub cache: QueryCache,
     /// This process's name in logs and the `x-shoal-instance` header.
     pub instance: Arc<str>,
     draining: Arc<AtomicBool>,
@@ -22,12 +28,16 @@ impl AppContext {
         settings: Arc<Settings>,
         db: Database,
         sessions: Arc<dyn SessionStore>,
+        bus: Arc<dyn Broadcast>,
+        cache: QueryCache,
         instance: Arc<str>,
     ) -> Self {
         AppContext {
             settings,
             db,
             sessions,
+            bus,
+            cache,
             instance,
             draining: Arc::new(AtomicBool::new(false)),
         }

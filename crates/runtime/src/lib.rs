@@ -4,13 +4,16 @@
 //! shutdown. Services see only `AppContext` and the extractors here.
 
 pub mod app;
+pub mod cache;
 pub mod context;
 pub mod error;
 pub mod extract;
 pub mod middleware;
 pub mod session;
+pub mod session_cache;
 
 pub use app::{Application, ServiceModule};
+pub use cache::{CacheError, QueryCache, QueryCacheOptions};
 pub use context::AppContext;
 pub use error::ApiError;
 pub use extract::{ApiJson, ClientAddr};

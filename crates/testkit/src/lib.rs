@@ -45,6 +45,12 @@ pub fn redis_url(test: &str) -> Option<String> {
     env_or_skip("SHOAL_TEST_REDIS_URL", test)
 }
 
+/// `SHOAL_TEST_S3_URL` (an S3-compatible endpoint such as
+/// `http://127.0.0.1:9090`), or `None` after printing one `skipped:` line.
+pub fn s3_url(test: &str) -> Option<String> {
+    env_or_skip("SHOAL_TEST_S3_URL", test)
+}
+
 /// `SHOAL_TEST_NATS_URL`, or `None` after printing one `skipped:` line.
 pub fn nats_url(test: &str) -> Option<String> {
     env_or_skip("SHOAL_TEST_NATS_URL", test)

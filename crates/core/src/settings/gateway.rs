@@ -3,6 +3,7 @@
 
 use super::SettingsError;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,6 +39,58 @@ pub struct GatewaySettings {
     /// Largest request body accepted, in bytes (413 past it).
     pub max_body_bytes: u64,
     pub shutdown_timeout_secs: u64,
+    /// Balancer of every pool without an entry in `balancing`.
+    pub balancer: BalancerKind,
+    /// Per-pool balancing, keyed by pool name (kept apart from
+    /// `[[gateway.pools]]` so the pool entries stay two fields).
+    pub balancing: BTreeMap<String, BalancingSettings>,
+    /// Retries allowed on top of the requests seen in the last 10 s, in
+    /// percent of those requests (the retry budget).
+    pub retry_budget_percent: f32,
+    /// Retries per second always allowed, whatever the request rate.
+    pub retry_budget_min_per_sec: u32,
+    /// Passive ejection never takes out more than this share of a pool's
+    /// instances, in percent (at least one instance may always be ejected
+    /// in a pool of two or more). Active health checks are not capped.
+    pub max_ejection_percent: u32,
+    /// Bearer token for `/_gateway/admin/...`. When unset, the admin API
+    /// only answers clients on a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// Longest TTL an instance may register itself with, in seconds.
+    pub registration_max_ttl_secs: u64,
+}
+
+/// How a pool picks an instance for each request.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Power of two random choices, scored by peak-EWMA latency times
+    /// (outstanding requests + 1).
+    #[default]
+    P2cPeakEwma,
+    /// Each healthy instance in turn.
+    RoundRobin,
+    /// The healthy instance with the fewest outstanding requests.
+    LeastRequests,
+    /// Smooth weighted round robin with `weights` (default weight 1).
+    WeightedRoundRobin,
+    /// A hash ring keyed by `hash_on`: the same key goes to the same
+    /// instance while it is healthy.
+    ConsistentHash,
+}
+
+/// Balancing of one pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancingSettings {
+    pub balancer: Option<BalancerKind>,
+    /// For `consistent_hash`: `header:<name>`, `cookie:<name>` or
+    /// `client_ip`. A request without the key goes to a random instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<String>,
+    /// For `weighted_round_robin`: upstream URL to weight (1..=1000).
+    pub weights: BTreeMap<String, u32>,
 }
 
 impl Default for GatewaySettings {
@@ -60,6 +113,13 @@ impl Default for GatewaySettings {
             retry_buffer_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_timeout_secs: 20,
+            balancer: BalancerKind::default(),
+            balancing: BTreeMap::new(),
+            retry_budget_percent: 20.0,
+            retry_budget_min_per_sec: 10,
+            max_ejection_percent: 50,
+            admin_token: None,
+            registration_max_ttl_secs: 300,
         }
     }
 }
@@ -81,6 +141,12 @@ pub struct RouteSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     pub pool: String,
+    /// Overrides `gateway.request_timeout_ms` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+    /// Overrides `gateway.max_body_bytes` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
 }
 
 impl GatewaySettings {
@@ -88,7 +154,10 @@ impl GatewaySettings {
         let invalid = |key: String, message: String| Err(SettingsError::Invalid { key, message });
         for (i, pool) in self.pools.iter().enumerate() {
             if pool.name.is_empty() {
-                return invalid(format!("gateway.pools[{i}].name"), "must not be empty".into());
+                return invalid(
+                    format!("gateway.pools[{i}].name"),
+                    "must not be empty".into(),
+                );
             }
             for (j, up) in pool.upstreams.iter().enumerate() {
                 if !up.starts_with("http://") {
@@ -113,6 +182,63 @@ impl GatewaySettings {
                 );
             }
         }
+        for (name, b) in &self.balancing {
+            let key = |field: &str| format!("gateway.balancing.{name}.{field}");
+            if !self.pools.iter().any(|p| &p.name == name) {
+                return invalid(
+                    format!("gateway.balancing.{name}"),
+                    format!("no pool is named `{name}`"),
+                );
+            }
+            let kind = b.balancer.unwrap_or(self.balancer);
+            match (&b.hash_on, kind) {
+                (Some(h), _) if !valid_hash_on(h) => {
+                    return invalid(
+                        key("hash_on"),
+                        format!("`{h}` must be `header:<name>`, `cookie:<name>` or `client_ip`"),
+                    );
+                }
+                (None, BalancerKind::ConsistentHash) => {
+                    return invalid(
+                        key("hash_on"),
+                        "consistent_hash needs `hash_on` (`header:<name>`, `cookie:<name>` or `client_ip`)".into(),
+                    );
+                }
+                _ => {}
+            }
+            for (url, w) in &b.weights {
+                if !(1..=1000).contains(w) {
+                    return invalid(
+                        key("weights"),
+                        format!("weight of `{url}` must be 1..=1000"),
+                    );
+                }
+            }
+        }
+        if self.balancer == BalancerKind::ConsistentHash {
+            return invalid(
+                "gateway.balancer".into(),
+                "consistent_hash needs a key: set it per pool in `gateway.balancing.<pool>` with `hash_on`".into(),
+            );
+        }
+        if !(self.retry_budget_percent >= 0.0 && self.retry_budget_percent <= 1000.0) {
+            return invalid(
+                "gateway.retry_budget_percent".into(),
+                "must be between 0 and 1000".into(),
+            );
+        }
+        if self.max_ejection_percent > 100 {
+            return invalid(
+                "gateway.max_ejection_percent".into(),
+                "must be between 0 and 100".into(),
+            );
+        }
+        if self.admin_token.as_deref() == Some("") {
+            return invalid(
+                "gateway.admin_token".into(),
+                "must not be empty; leave it out to allow loopback clients only".into(),
+            );
+        }
         if self.health_interval_ms == 0 || self.health_timeout_ms == 0 {
             return invalid(
                 "gateway.health_interval_ms".into(),
@@ -121,4 +247,36 @@ impl GatewaySettings {
         }
         Ok(())
     }
+}
+
+impl BalancerKind {
+    /// The name used in settings (`p2c_peak_ewma`, `round_robin`, ...).
+    /// Lets crates match on the kind while this module is not re-exported.
+    pub fn name(self) -> &'static str {
+        match self {
+            BalancerKind::P2cPeakEwma => "p2c_peak_ewma",
+            BalancerKind::RoundRobin => "round_robin",
+            BalancerKind::LeastRequests => "least_requests",
+            BalancerKind::WeightedRoundRobin => "weighted_round_robin",
+            BalancerKind::ConsistentHash => "consistent_hash",
+        }
+    }
+}
+
+/// Accepts `header:<name>`, `cookie:<name>` or `client_ip`.
+fn valid_hash_on(text: &str) -> bool {
+    if text == "client_ip" {
+        return true;
+    }
+    let Some((kind, name)) = text.split_once(':') else {
+        return false;
+    };
+    !name.is_empty()
+        && match kind {
+            "header" => name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)),
+            "cookie" => !name.contains([';', '=', ' ']),
+            _ => false,
+        }
 }

@@ -3,12 +3,16 @@
 //! variables, then command-line flags (applied by the binary). Unknown keys
 //! and bad values are errors that name the key and say what is allowed.
 
+mod cache;
 mod gateway;
 mod load;
+mod media;
 mod payments;
 
+pub use cache::{BusBackend, CacheSettings, CatalogSettings};
 pub use gateway::{GatewaySettings, PoolSettings, RouteSettings};
 pub use load::{load, SettingsError};
+pub use media::{BlobBackend, BlobSettings, MediaSettings};
 pub use payments::{PaymentsSettings, SandboxSettings};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +37,10 @@ pub struct Settings {
     pub accounts: AccountsSettings,
     pub payments: PaymentsSettings,
     pub sandbox: SandboxSettings,
+    pub cache: CacheSettings,
+    pub catalog: CatalogSettings,
+    pub blobs: BlobSettings,
+    pub media: MediaSettings,
 }
 
 impl Default for Settings {
@@ -50,6 +58,10 @@ impl Default for Settings {
             accounts: AccountsSettings::default(),
             payments: PaymentsSettings::default(),
             sandbox: SandboxSettings::default(),
+            cache: CacheSettings::default(),
+            catalog: CatalogSettings::default(),
+            blobs: BlobSettings::default(),
+            media: MediaSettings::default(),
         }
     }
 }
@@ -345,6 +357,7 @@ impl Settings {
             return invalid("serve.body_limit_bytes", "must be at least 1");
         }
         self.gateway.validate()?;
+        self.cache.validate()?;
         Ok(())
     }
 
