@@ -15,10 +15,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use shoal_backends::{
-    Broadcast, Database, Migration, RedisBroadcast, RedisSessionStore, SessionStore, SqlBroadcast,
+    BlobStore, Broadcast, Database, S3Config, Migration, RedisBroadcast, RedisSessionStore, SessionStore, SqlBroadcast,
     SqlBroadcastOptions, SqlSessionStore,
 };
-use shoal_core::settings::{BusBackend, SessionBackend};
+use shoal_core::settings::{BlobBackend, BusBackend, SessionBackend};
+use shoal_queue::{SqlJobStore, Worker};
 use shoal_core::{Problem, Settings};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +33,73 @@ pub trait ServiceModule: Send + Sync {
     fn name(&self) -> &'static str;
     fn migrations(&self) -> &'static [Migration];
     fn routes(&self, ctx: &AppContext) -> Router<AppContext>;
+    /// Registers this service's job handlers (and schedules) on a worker.
+    fn register_jobs(&self, _ctx: &AppContext, worker: Worker) -> Worker {
+        worker
+    }
+}
+
+/// Opens the blob store the settings name.
+pub fn open_blobs(settings: &Settings) -> anyhow::Result<BlobStore> {
+    let b = &settings.blobs;
+    Ok(match b.backend {
+        BlobBackend::Local => BlobStore::local(&settings.data_dir.join("blobs"))?,
+        BlobBackend::S3 => BlobStore::s3(&S3Config {
+            bucket: b.s3_bucket.clone(),
+            endpoint: (!b.s3_endpoint.is_empty()).then(|| b.s3_endpoint.clone()),
+            region: b.s3_region.clone(),
+            access_key_id: b.s3_access_key_id.clone(),
+            secret_access_key: b.s3_secret_access_key.clone(),
+        })?,
+    })
+}
+
+/// Everything a role needs to run services' code: connects the database,
+/// session store, bus, caches, job store and blob store the settings name,
+/// and runs the modules' migrations. `Application::build` and the worker
+/// role both start here.
+pub async fn build_context(
+    settings: Settings,
+    instance: Arc<str>,
+    modules: &[Box<dyn ServiceModule>],
+) -> anyhow::Result<AppContext> {
+    let (db, sessions) = connect_backends(&settings).await?;
+    migrate(&db, modules).await?;
+    let bus = connect_bus(&settings, &db).await?;
+    let sessions: Arc<dyn SessionStore> = if settings.cache.session_ttl_ms > 0 {
+        Arc::new(
+            CachedSessionStore::new(
+                sessions,
+                bus.clone(),
+                Duration::from_millis(settings.cache.session_ttl_ms),
+            )
+            .await
+            .context("starting the session cache")?,
+        )
+    } else {
+        sessions
+    };
+    let cache = QueryCache::new(
+        QueryCacheOptions::from_settings(&settings.cache),
+        Some(bus.clone()),
+    )
+    .await;
+    let jobs = Arc::new(
+        SqlJobStore::open(db.clone(), &settings.database_url()?)
+            .await
+            .context("opening the job queue")?,
+    );
+    let blobs = open_blobs(&settings).context("opening blob storage")?;
+    Ok(AppContext::new(
+        Arc::new(settings),
+        db,
+        sessions,
+        bus,
+        cache,
+        jobs,
+        blobs,
+        instance,
+    ))
 }
 
 /// Connects the database and session store the settings name.
@@ -142,8 +210,6 @@ impl Application {
             .into_iter()
             .filter(|m| all || wanted.iter().any(|w| w == m.name()))
             .collect();
-        let (db, sessions) = connect_backends(&settings).await?;
-        migrate(&db, &modules).await?;
         let listener = TcpListener::bind(settings.serve.listen)
             .await
             .with_context(|| format!("binding {}", settings.serve.listen))?;
@@ -153,26 +219,7 @@ impl Application {
         } else {
             settings.instance.clone().into()
         };
-        let bus = connect_bus(&settings, &db).await?;
-        let sessions: Arc<dyn SessionStore> = if settings.cache.session_ttl_ms > 0 {
-            Arc::new(
-                CachedSessionStore::new(
-                    sessions,
-                    bus.clone(),
-                    Duration::from_millis(settings.cache.session_ttl_ms),
-                )
-                .await
-                .context("starting the session cache")?,
-            )
-        } else {
-            sessions
-        };
-        let cache = QueryCache::new(
-            QueryCacheOptions::from_settings(&settings.cache),
-            Some(bus.clone()),
-        )
-        .await;
-        let ctx = AppContext::new(Arc::new(settings), db, sessions, bus, cache, instance);
+        let ctx = build_context(settings, instance, &modules).await?;
         let mut router: Router<AppContext> = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))

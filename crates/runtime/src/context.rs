@@ -3,7 +3,8 @@
 //! the draining flag). Cheap to clone.
 
 use crate::cache::QueryCache;
-use shoal_backends::{Broadcast, Database, SessionLifetimes, SessionStore};
+use shoal_backends::{BlobStore, Broadcast, Database, SessionLifetimes, SessionStore};
+use shoal_queue::SqlJobStore;
 use shoal_core::Settings;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,18 +19,26 @@ pub struct AppContext {
     pub bus: Arc<dyn Broadcast>,
     /// The two-tier query cache shared by this instance's services.
     pub cache: QueryCache,
+    /// The job queue, in the main database (enqueue inside a transaction
+    /// with `jobs.enqueue_in_transaction`).
+    pub jobs: Arc<SqlJobStore>,
+    /// Blob storage (local folder or S3).
+    pub blobs: BlobStore,
     /// This process's name in logs and the `x-shoal-instance` header.
     pub instance: Arc<str>,
     draining: Arc<AtomicBool>,
 }
 
 impl AppContext {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Arc<Settings>,
         db: Database,
         sessions: Arc<dyn SessionStore>,
         bus: Arc<dyn Broadcast>,
         cache: QueryCache,
+        jobs: Arc<SqlJobStore>,
+        blobs: BlobStore,
         instance: Arc<str>,
     ) -> Self {
         AppContext {
@@ -38,6 +47,8 @@ impl AppContext {
             sessions,
             bus,
             cache,
+            jobs,
+            blobs,
             instance,
             draining: Arc::new(AtomicBool::new(false)),
         }

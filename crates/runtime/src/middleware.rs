@@ -3,6 +3,9 @@
 //! request context (request id, tracing span, access log, metrics,
 //! `x-shoal-instance`) → problem+json for bare error responses → panic
 //! becomes 500 → load shedding → deadline → compression → body limit.
+//! The body limit is axum's `DefaultBodyLimit`: every buffering extractor
+//! (JSON, form, bytes) obeys it; a route that streams its body (uploads)
+//! sets its own limit and enforces it while streaming.
 
 use crate::context::AppContext;
 use crate::error::problem_response;
@@ -36,9 +39,6 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
     });
     router
         .layer(axum::extract::DefaultBodyLimit::max(
-            ctx.settings.serve.body_limit_bytes,
-        ))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(
             ctx.settings.serve.body_limit_bytes,
         ))
         .layer(CompressionLayer::new())

@@ -230,7 +230,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
-            queues: vec!["default".into()],
+            queues: vec!["default".into(), "media".into()],
             concurrency: 8,
             housekeeping_interval_secs: 60,
             shutdown_timeout_secs: 20,

@@ -1,0 +1,211 @@
+//! The media service over HTTP with a real worker: upload, background
+//! processing to `ready` with a thumbnail, serving with ranges and cache
+//! headers, privacy, and bad uploads that store nothing.
+
+use serde_json::{json, Value};
+use shoal_core::Settings;
+use shoal_queue::{Worker, WorkerOptions};
+use shoal_runtime::{Application, ServiceModule};
+use shoal_testkit as kit;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+struct Running {
+    base: String,
+    stop: CancellationToken,
+    dir: kit::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start() -> Running {
+    let dir = kit::TempDir::new("media");
+    let mut settings = Settings::default();
+    settings.data_dir = dir.path().to_path_buf();
+    settings.serve.listen = "127.0.0.1:0".parse().unwrap();
+    settings.media.max_upload_bytes = 200_000;
+    let modules: Vec<Box<dyn ServiceModule>> =
+        vec![Box::new(shoal_accounts::Accounts), Box::new(shoal_media::Media)];
+    let app = Application::build(settings, modules).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let ctx = app.context().clone();
+    let stop = CancellationToken::new();
+    let options = WorkerOptions {
+        queues: vec![("media".into(), 2)],
+        poll_interval: Some(Duration::from_millis(50)),
+        ..WorkerOptions::default()
+    };
+    let worker = shoal_media::Media.register_jobs(&ctx, Worker::new(ctx.jobs.clone(), options));
+    tokio::spawn(worker.run(stop.clone()));
+    tokio::spawn(app.run(stop.clone()));
+    Running { base, stop, dir }
+}
+
+async fn login(base: &str, email: &str) -> reqwest::Client {
+    let http = kit::http_client();
+    let creds = json!({"email": email, "password": "correct horse"});
+    http.post(format!("{base}/api/accounts/signup")).json(&creds).send().await.unwrap();
+    let r = http.post(format!("{base}/api/accounts/login")).json(&creds).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    http
+}
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn blob_files(dir: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&dir.join("blobs"))
+}
+
+#[tokio::test]
+async fn an_image_upload_is_processed_and_served() {
+    let app = start().await;
+    let ada = login(&app.base, "ada@example.com").await;
+    let data = png(640, 480);
+    let r = ada
+        .post(format!("{}/api/media/uploads?visibility=public", app.base))
+        .header("content-type", "image/png")
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let upload: Value = r.json().await.unwrap();
+    assert_eq!(upload["status"], "processing");
+    let id = upload["id"].as_str().unwrap().to_string();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let v: Value = ada
+            .get(format!("{}/api/media/uploads/{id}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "ready" {
+            break v;
+        }
+        assert_ne!(v["status"], "failed", "{v}");
+        assert!(std::time::Instant::now() < deadline, "not ready: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ready["width"], 640);
+    assert_eq!(ready["height"], 480);
+    assert_eq!(ready["sha256"].as_str().unwrap().len(), 64);
+
+    // The blob, whole and by range, with immutable caching.
+    let anon = reqwest::Client::new();
+    let url = format!("{}{}", app.base, ready["url"].as_str().unwrap());
+    let r = anon.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), data);
+    let r = anon.get(&url).header("range", "bytes=0-7").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], format!("bytes 0-7/{}", data.len()));
+    assert_eq!(r.bytes().await.unwrap().to_vec(), data[..8].to_vec());
+    let r = anon.get(&url).header("range", "bytes=999999-").send().await.unwrap();
+    assert_eq!(r.status(), 416);
+
+    // The thumbnail is a PNG within 256×256.
+    let thumb = anon
+        .get(format!("{}{}", app.base, ready["thumbnail_url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let t = image::load_from_memory(&thumb).unwrap();
+    assert_eq!((t.width(), t.height()), (256, 192));
+}
+
+#[tokio::test]
+async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing() {
+    let app = start().await;
+    let ada = login(&app.base, "ada@example.com").await;
+    let bob = login(&app.base, "bob@example.com").await;
+    let r = ada
+        .post(format!("{}/api/media/uploads", app.base))
+        .header("content-type", "text/plain")
+        .body("my diary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let upload: Value = r.json().await.unwrap();
+    let url = format!("{}{}", app.base, upload["url"].as_str().unwrap());
+    let id = upload["id"].as_str().unwrap();
+    assert_eq!(ada.get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(bob.get(&url).send().await.unwrap().status(), 404, "not someone else's");
+    assert_eq!(reqwest::get(&url).await.unwrap().status(), 404, "not anonymous");
+    assert_eq!(
+        bob.get(format!("{}/api/media/uploads/{id}", app.base)).send().await.unwrap().status(),
+        404
+    );
+    let before = blob_files(app.dir.path());
+
+    // declared PNG, content is not: 422
+    let r = ada
+        .post(format!("{}/api/media/uploads", app.base))
+        .header("content-type", "image/png")
+        .body("<html>not a png</html>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    // an unsupported type: 415
+    let r = ada
+        .post(format!("{}/api/media/uploads", app.base))
+        .header("content-type", "application/x-msdownload")
+        .body("MZ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    // too large (limit 200,000 bytes in this test): 413
+    let r = ada
+        .post(format!("{}/api/media/uploads", app.base))
+        .header("content-type", "text/plain")
+        .body("a".repeat(300_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // no session: 401
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/media/uploads", app.base))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // keys that try to escape the root
+    for bad in ["../../etc/passwd", "uploads/..%2F..%2Fshoal.db", "%2e%2e/x"] {
+        let status = ada.get(format!("{}/media/{bad}", app.base)).send().await.unwrap().status();
+        assert_eq!(status, 404, "{bad}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(blob_files(app.dir.path()), before, "bad uploads stored nothing");
+}

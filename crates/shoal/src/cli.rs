@@ -1,0 +1,282 @@
+//! Command-line interface: subcommands, their flags and help texts, and how
+//! flags override the settings tree.
+
+use clap::{Args, Parser, Subcommand};
+use shoal_core::settings::{PoolSettings, SettingsError};
+use shoal_core::Settings;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: a horizontally scalable backend in one binary.",
+    long_about = "Shoal: a horizontally scalable backend in one binary.\n\n\
+        `shoal up` runs the whole stack on this machine (a gateway, several service \
+        instances and a worker, as separate processes). The other commands run one \
+        role each, for deployments across machines.\n\n\
+        Settings come from defaults, then the --config TOML file, then SHOAL_* \
+        environment variables (nested keys joined by `__`, e.g. SHOAL_DATABASE__URL), \
+        then flags. `shoal config` prints the result.",
+    after_help = "Examples:\n  shoal up                       # the whole stack on http://127.0.0.1:8080\n  shoal up --instances 5 --port 9000\n  shoal gateway --listen 127.0.0.1:8090 --to http://127.0.0.1:9001 --to http://127.0.0.1:9002\n  SHOAL_DATABASE__BACKEND=postgres SHOAL_DATABASE__URL=postgres://127.0.0.1/shoal shoal serve\n  shoal config --config shoal.toml"
+)]
+pub struct Cli {
+    /// A TOML settings file (see docs/configuration.md for every key).
+    #[arg(short, long, global = true, env = "SHOAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Where embedded state lives (SQLite database, blobs, emails).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Log filter, e.g. `info` or `shoal_gateway=debug,info`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// The supervisor's pid; a child stops when its supervisor is gone.
+    #[arg(long, global = true, hide = true)]
+    pub parent_pid: Option<u32>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole stack on this machine: a gateway on --port, N `serve`
+    /// instances on free loopback ports and a worker, as child processes.
+    /// Restarts what dies; Ctrl-C or SIGTERM drains and stops everything.
+    Up(UpArgs),
+    /// Run the edge gateway alone: routing, load balancing, health checks,
+    /// retries. Fronts any HTTP servers, Shoal's or not.
+    Gateway(GatewayArgs),
+    /// Run one service instance (stateless; run as many as you like).
+    Serve(ServeArgs),
+    /// Run background workers and housekeeping.
+    Worker(WorkerArgs),
+    /// Apply every service's database migrations, then exit.
+    Migrate,
+    /// Load realistic catalog products into the database (fast, batched).
+    Seed(SeedArgs),
+    /// Inspect and manage background jobs, or benchmark the queue.
+    Jobs(JobsArgs),
+    /// Run the bundled payment sandbox (a Stripe-compatible fake provider).
+    Sandbox(SandboxArgs),
+    /// Print the effective settings as TOML, with secrets redacted.
+    Config,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Port of the gateway, the one address to point a browser at.
+    #[arg(short, long)]
+    pub port: Option<u16>,
+    /// How many `serve` instances to run.
+    #[arg(short = 'n', long)]
+    pub instances: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8090.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// An upstream base URL; repeat for more. Forms one pool named
+    /// `default` that serves every path.
+    #[arg(long = "to", value_name = "URL")]
+    pub to: Vec<String>,
+    /// Runtime worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 127.0.0.1:3001 (port 0 picks one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Services to run, comma-separated: `all` or e.g. `accounts`.
+    #[arg(long, value_delimiter = ',')]
+    pub services: Vec<String>,
+    /// This instance's name in logs and the x-shoal-instance header.
+    #[arg(long)]
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to take jobs from, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Jobs run at once.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Address of the worker's /healthz and /metrics (port 0 picks one).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// This worker's name in logs.
+    #[arg(long)]
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// How many products to create.
+    #[arg(long, default_value_t = 1000)]
+    pub products: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Address to listen on (default: sandbox.listen, 127.0.0.1:8095).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where to send signed webhooks.
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    pub command: JobsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        queue: Option<String>,
+        /// scheduled, available, running, retrying, succeeded, dead, cancelled
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one job with its error history.
+    Show { id: String },
+    /// Put a dead job back in its queue with its attempts reset.
+    Retry { id: String },
+    /// Delete a dead job.
+    Discard { id: String },
+    /// Cancel a job that has not finished.
+    Cancel { id: String },
+    /// Per-queue depth, oldest age and counts by state.
+    Stats,
+    /// Enqueue N no-op jobs, run them, and print enqueue and completion
+    /// rates and enqueue-to-start latency.
+    Bench {
+        /// sqlite, postgres (uses database.url) or nats.
+        #[arg(long, default_value = "sqlite")]
+        backend: String,
+        #[arg(long, default_value_t = 10_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// NATS server for `--backend nats`.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Print one JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Cli {
+    /// Defaults, file, environment, then this command line's flags.
+    pub fn settings(&self) -> Result<Settings, SettingsError> {
+        let mut s = shoal_core::settings::load(self.config.as_deref(), std::env::vars())?;
+        if let Some(d) = &self.data_dir {
+            s.data_dir = d.clone();
+        }
+        if let Some(l) = &self.log_level {
+            s.log.level = l.clone();
+        }
+        match &self.command {
+            Command::Up(a) => {
+                if let Some(p) = a.port {
+                    s.up.port = p;
+                }
+                if let Some(n) = a.instances {
+                    s.up.instances = n;
+                }
+            }
+            Command::Gateway(a) => {
+                if let Some(l) = a.listen {
+                    s.gateway.listen = l;
+                }
+                if let Some(w) = a.workers {
+                    s.gateway.workers = w;
+                }
+                if !a.to.is_empty() {
+                    s.gateway.pools = vec![PoolSettings {
+                        name: "default".into(),
+                        upstreams: a.to.clone(),
+                    }];
+                    s.gateway.routes.clear();
+                }
+            }
+            Command::Serve(a) => {
+                if let Some(l) = a.listen {
+                    s.serve.listen = l;
+                }
+                if !a.services.is_empty() {
+                    s.serve.services = a.services.clone();
+                }
+                if let Some(i) = &a.instance {
+                    s.instance = i.clone();
+                }
+            }
+            Command::Worker(a) => {
+                if !a.queues.is_empty() {
+                    s.worker.queues = a.queues.clone();
+                }
+                if let Some(c) = a.concurrency {
+                    s.worker.concurrency = c;
+                }
+                if let Some(l) = a.listen {
+                    s.worker.listen = l;
+                }
+                if let Some(i) = &a.instance {
+                    s.instance = i.clone();
+                }
+            }
+            Command::Sandbox(a) => {
+                if let Some(l) = a.listen {
+                    s.sandbox.listen = l;
+                }
+                if let Some(u) = &a.webhook_url {
+                    s.sandbox.webhook_url = Some(u.clone());
+                }
+            }
+            Command::Jobs(JobsArgs {
+                command: JobsCommand::Bench { backend, .. },
+            }) => match backend.as_str() {
+                "sqlite" => {
+                    s.database.backend = shoal_core::settings::DatabaseBackend::Sqlite;
+                    s.database.url = None;
+                }
+                "postgres" if s.database.backend != shoal_core::settings::DatabaseBackend::Postgres => {
+                    return Err(SettingsError::Invalid {
+                        key: "database.url".into(),
+                        message: "--backend postgres benchmarks the configured PostgreSQL: set database.backend = \"postgres\" and database.url".into(),
+                    });
+                }
+                "postgres" | "nats" => {}
+                other => {
+                    return Err(SettingsError::Invalid {
+                        key: "--backend".into(),
+                        message: format!("`{other}` is not sqlite, postgres or nats"),
+                    })
+                }
+            },
+            Command::Migrate | Command::Config | Command::Seed(_) | Command::Jobs(_) => {}
+        }
+        s.validate()?;
+        Ok(s)
+    }
+}

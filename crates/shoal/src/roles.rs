@@ -1,0 +1,319 @@
+//! Role entry points: each turns the settings into a running role (or a
+//! one-shot command) and returns when it has stopped cleanly.
+
+use crate::cli::{Cli, Command, JobsCommand};
+use anyhow::Context as _;
+use axum::routing::get;
+use shoal_core::Settings;
+use shoal_queue::{JobFilter, JobState, JobStore, Worker, WorkerOptions};
+use shoal_runtime::{Application, ServiceModule};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Every service this binary can run.
+pub fn modules() -> Vec<Box<dyn ServiceModule>> {
+    vec![
+        Box::new(shoal_accounts::Accounts),
+        Box::new(shoal_catalog::Catalog::default()),
+        Box::new(shoal_media::Media),
+    ]
+}
+
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    // Install the metrics recorder before anything records.
+    let _ = shoal_core::telemetry::prometheus();
+    let shutdown = shoal_core::shutdown::on_signals();
+    if let Some(parent) = cli.parent_pid {
+        shoal_core::shutdown::exit_with_parent(parent, shutdown.clone());
+    }
+    match cli.command {
+        Command::Up(_) => return crate::up::run(cli.config.clone(), settings, shutdown).await,
+        Command::Gateway(_) => {
+            let gateway = shoal_gateway::Gateway::bind(settings.gateway.clone())
+                .await
+                .context("starting the gateway")?;
+            tracing::info!(addr = %gateway.local_addr(), "gateway listening");
+            gateway.run(shutdown).await?;
+        }
+        Command::Serve(_) => {
+            let app = Application::build(settings, modules()).await?;
+            app.run(shutdown).await?;
+        }
+        Command::Worker(_) => worker(settings, shutdown).await?,
+        Command::Migrate => {
+            migrate_all(&settings).await?;
+            println!(
+                "migrations applied to {}",
+                shoal_core::settings::redact_url_password(&settings.database_url()?)
+            );
+        }
+        Command::Seed(args) => seed(&settings, args.products).await?,
+        Command::Jobs(args) => return jobs(&settings, args.command).await,
+        Command::Sandbox(_) => sandbox(&settings, shutdown).await?,
+        Command::Config => unreachable!("handled before the runtime starts"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Applies every service's migrations, and those of the session store,
+/// bus and job queue.
+pub async fn migrate_all(settings: &Settings) -> anyhow::Result<()> {
+    let ctx = shoal_runtime::app::build_context(settings.clone(), "migrate".into(), &modules())
+        .await?;
+    ctx.db.close().await;
+    Ok(())
+}
+
+/// The worker role: runs every service's job handlers on the configured
+/// queues, housekeeping (expired sessions) on a period, and serves
+/// `/healthz`, `/readyz` and `/metrics` on `worker.listen`.
+async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let instance: Arc<str> = if settings.instance.is_empty() {
+        format!("worker-{}", std::process::id()).into()
+    } else {
+        settings.instance.clone().into()
+    };
+    let modules = modules();
+    let ctx = shoal_runtime::app::build_context(settings.clone(), instance.clone(), &modules).await?;
+    let listener = tokio::net::TcpListener::bind(settings.worker.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.worker.listen))?;
+    let addr = listener.local_addr()?;
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|| async {
+                axum::Json(serde_json::json!({"status": "ok", "pid": std::process::id()}))
+            }),
+        )
+        .route(
+            "/readyz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ready"})) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { shoal_core::telemetry::prometheus().render() }),
+        );
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    let options = WorkerOptions {
+        worker_id: instance.to_string(),
+        queues: settings
+            .worker
+            .queues
+            .iter()
+            .map(|q| (q.clone(), settings.worker.concurrency))
+            .collect(),
+        shutdown_timeout: Duration::from_secs(settings.worker.shutdown_timeout_secs),
+        ..WorkerOptions::default()
+    };
+    let mut jobs = Worker::new(ctx.jobs.clone(), options);
+    for module in &modules {
+        jobs = module.register_jobs(&ctx, jobs);
+    }
+    let jobs = tokio::spawn(jobs.run(shutdown.clone()));
+    tracing::info!(%addr, queues = ?settings.worker.queues, "worker started");
+    let interval = Duration::from_secs(settings.worker.housekeeping_interval_secs.max(1));
+    loop {
+        match ctx.sessions.prune_expired().await {
+            Ok(n) if n > 0 => tracing::info!(removed = n, "expired sessions pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "session pruning failed; will retry"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    let report = jobs.await.context("job worker task")?;
+    tracing::info!(?report, "jobs stopped");
+    let _ = server.await;
+    ctx.db.close().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn seed(settings: &Settings, products: usize) -> anyhow::Result<()> {
+    let db = shoal_backends::Database::connect(
+        &settings.database_url()?,
+        settings.database.max_connections,
+        Duration::from_millis(settings.database.acquire_timeout_ms),
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let width = 40usize;
+    shoal_catalog::seed(&db, products, |done| {
+        let filled = if products == 0 { width } else { done * width / products };
+        eprint!(
+            "\r  [{}{}] {done}/{products} products",
+            "#".repeat(filled),
+            " ".repeat(width - filled)
+        );
+    })
+    .await?;
+    eprintln!();
+    println!(
+        "seeded {products} products in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    db.close().await;
+    Ok(())
+}
+
+async fn sandbox(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        settings.data_dir.join("sandbox.db").display()
+    );
+    let db = shoal_backends::Database::connect(&url, 4, Duration::from_secs(5)).await?;
+    let sandbox = shoal_sandbox::Sandbox::bind(settings.sandbox.clone(), db).await?;
+    sandbox.run(shutdown).await
+}
+
+async fn job_store(settings: &Settings) -> anyhow::Result<Arc<dyn JobStore>> {
+    let db = shoal_backends::Database::connect(
+        &settings.database_url()?,
+        settings.database.max_connections,
+        Duration::from_millis(settings.database.acquire_timeout_ms),
+    )
+    .await?;
+    Ok(Arc::new(
+        shoal_queue::SqlJobStore::open(db, &settings.database_url()?).await?,
+    ))
+}
+
+async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        JobsCommand::Bench {
+            backend,
+            jobs,
+            concurrency,
+            nats_url,
+            json,
+        } => {
+            let store: Arc<dyn JobStore> = if backend == "nats" {
+                let options = shoal_queue::NatsJobStoreOptions {
+                    prefix: format!("bench{}", &shoal_core::ids::new_id()[24..]),
+                    ..Default::default()
+                };
+                Arc::new(
+                    shoal_queue::NatsJobStore::connect(&nats_url, options)
+                        .await
+                        .with_context(|| format!("connecting to NATS at {nats_url}"))?,
+                )
+            } else {
+                job_store(settings).await?
+            };
+            if !json {
+                eprintln!("benchmarking {backend}: {jobs} jobs, concurrency {concurrency} ...");
+            }
+            let report = shoal_queue::bench(store, jobs, concurrency).await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "peer": format!("shoal/{backend}"),
+                        "jobs": report.jobs,
+                        "concurrency": report.concurrency,
+                        "enqueue_per_sec": report.enqueue_per_sec,
+                        "complete_per_sec": report.complete_per_sec,
+                        "start_latency_p50_ms": report.p50_enqueue_to_start_ms,
+                        "start_latency_p99_ms": report.p99_enqueue_to_start_ms,
+                        "latency_samples": report.latency_samples,
+                    })
+                );
+            } else {
+                println!("{report}");
+            }
+        }
+        JobsCommand::List {
+            queue,
+            state,
+            kind,
+            limit,
+        } => {
+            let state = match state {
+                Some(s) => Some(JobState::parse(&s).with_context(|| {
+                    format!("unknown state `{s}` (scheduled, available, running, retrying, succeeded, dead, cancelled)")
+                })?),
+                None => None,
+            };
+            let store = job_store(settings).await?;
+            let jobs = store
+                .list(&JobFilter {
+                    queue,
+                    state,
+                    kind,
+                    limit: Some(limit),
+                })
+                .await?;
+            println!(
+                "{:<36}  {:<10}  {:<18}  {:<9}  {:>8}",
+                "ID", "QUEUE", "KIND", "STATE", "ATTEMPTS"
+            );
+            for j in jobs {
+                println!(
+                    "{:<36}  {:<10}  {:<18}  {:<9}  {:>4}/{:<3}",
+                    j.id,
+                    j.queue,
+                    j.kind,
+                    j.state.as_str(),
+                    j.attempts,
+                    j.max_attempts
+                );
+            }
+        }
+        JobsCommand::Show { id } => {
+            let store = job_store(settings).await?;
+            match store.get(&id).await? {
+                Some(job) => println!("{}", serde_json::to_string_pretty(&job)?),
+                None => {
+                    eprintln!("shoal: no job `{id}`");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        JobsCommand::Retry { id } => {
+            let store = job_store(settings).await?;
+            return Ok(done(store.retry_dead(&id).await?, &format!("job {id} is back in its queue"), &format!("job `{id}` is not dead (only dead jobs can be retried)")));
+        }
+        JobsCommand::Discard { id } => {
+            let store = job_store(settings).await?;
+            return Ok(done(store.discard_dead(&id).await?, &format!("job {id} discarded"), &format!("job `{id}` is not dead (only dead jobs can be discarded)")));
+        }
+        JobsCommand::Cancel { id } => {
+            let store = job_store(settings).await?;
+            return Ok(done(store.cancel(&id).await?, &format!("job {id} cancelled"), &format!("job `{id}` is unknown or already finished")));
+        }
+        JobsCommand::Stats => {
+            let store = job_store(settings).await?;
+            println!(
+                "{:<12} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6}",
+                "QUEUE", "DEPTH", "OLDEST_MS", "SCHEDULED", "AVAILABLE", "RUNNING", "RETRYING", "SUCCEEDED", "DEAD"
+            );
+            for q in store.stats().await? {
+                println!(
+                    "{:<12} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6}",
+                    q.queue, q.depth, q.oldest_age_ms, q.scheduled, q.available, q.running, q.retrying, q.succeeded, q.dead
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn done(ok: bool, yes: &str, no: &str) -> ExitCode {
+    if ok {
+        println!("{yes}");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("shoal: {no}");
+        ExitCode::from(1)
+    }
+}

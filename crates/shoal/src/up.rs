@@ -1,0 +1,377 @@
+//! `shoal up`: the supervisor of a whole stack on one machine. It runs
+//! migrations, starts the gateway, N `serve` instances and the workers as
+//! child processes of this same binary, restarts a child that dies (with
+//! backoff; a crash loop stops the stack loudly), prints where things run,
+//! and on Ctrl-C / SIGTERM stops front to back (gateway first, so no new
+//! request reaches an instance that is going away) within a deadline,
+//! leaving no process behind. `<data_dir>/run/stack.json` lists the
+//! children (name, pid, address) for operators and tests.
+
+use anyhow::Context as _;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+use shoal_core::Settings;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Serialize)]
+struct ChildView {
+    name: String,
+    role: &'static str,
+    address: Option<SocketAddr>,
+    pid: Option<u32>,
+    restarts: u32,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone)]
+struct ChildSpec {
+    name: String,
+    role: &'static str,
+    args: Vec<String>,
+    address: Option<SocketAddr>,
+    /// Path answering 200 when the child is ready.
+    ready_path: Option<&'static str>,
+}
+
+type Table = Arc<Mutex<Vec<ChildView>>>;
+
+pub async fn run(
+    config: Option<PathBuf>,
+    mut settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+    settings.data_dir = std::fs::canonicalize(&settings.data_dir)?;
+    let data_dir = settings.data_dir.clone();
+    let run_dir = data_dir.join("run");
+    std::fs::create_dir_all(&run_dir)?;
+
+    println!("shoal: applying migrations");
+    crate::roles::migrate_all(&settings).await?;
+
+    let host = settings.up.host.clone();
+    let gateway_addr: SocketAddr = format!("{host}:{}", settings.up.port)
+        .parse()
+        .with_context(|| format!("invalid up.host `{host}`"))?;
+    if let Err(e) = std::net::TcpListener::bind(gateway_addr) {
+        anyhow::bail!(
+            "cannot listen on {gateway_addr}: {e}. Is another `shoal up` running? \
+             Choose another port with --port."
+        );
+    }
+
+    let specs = child_specs(&settings, config.as_deref(), gateway_addr)?;
+    let table: Table = Arc::new(Mutex::new(
+        specs
+            .iter()
+            .map(|s| ChildView {
+                name: s.name.clone(),
+                role: s.role,
+                address: s.address,
+                pid: None,
+                restarts: 0,
+                state: "starting",
+            })
+            .collect(),
+    ));
+    let state_file = run_dir.join("stack.json");
+    let exe = std::env::current_exe().context("locating the shoal binary")?;
+    let (gave_up_tx, mut gave_up_rx) = mpsc::channel::<String>(8);
+
+    let mut front = Vec::new();
+    let mut back = Vec::new();
+    for (index, spec) in specs.iter().enumerate() {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(manage_child(
+            exe.clone(),
+            spec.clone(),
+            index,
+            table.clone(),
+            state_file.clone(),
+            settings.clone(),
+            stop.clone(),
+            gave_up_tx.clone(),
+        ));
+        if spec.role == "gateway" {
+            front.push((stop, task));
+        } else {
+            back.push((stop, task));
+        }
+    }
+    drop(gave_up_tx);
+
+    // Wait until every child with a readiness path answers, then show where
+    // things run.
+    let ready = wait_ready(&specs, Duration::from_secs(60), &shutdown).await;
+    if ready {
+        print_table(&table, gateway_addr, &data_dir);
+    } else if !shutdown.is_cancelled() {
+        eprintln!("shoal: not every process became ready within 60 s; see the logs above");
+    }
+
+    let mut exit = ExitCode::SUCCESS;
+    tokio::select! {
+        _ = shutdown.cancelled() => {
+            println!("shoal: stopping (gateway first, then instances and workers)");
+        }
+        Some(name) = gave_up_rx.recv() => {
+            eprintln!("shoal: {name} keeps crashing ({} times within {} s); stopping the stack. See its log lines above.",
+                settings.up.max_restarts, settings.up.crash_window_secs);
+            exit = ExitCode::FAILURE;
+        }
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(settings.up.shutdown_timeout_secs);
+    for (stop, _) in &front {
+        stop.cancel();
+    }
+    for (_, task) in front {
+        let _ = tokio::time::timeout_at(deadline.into(), task).await;
+    }
+    for (stop, _) in &back {
+        stop.cancel();
+    }
+    for (_, task) in back {
+        let _ = tokio::time::timeout_at(deadline.into(), task).await;
+    }
+    let _ = std::fs::remove_file(&state_file);
+    println!("shoal: stopped");
+    Ok(exit)
+}
+
+fn child_specs(
+    settings: &Settings,
+    config: Option<&Path>,
+    gateway_addr: SocketAddr,
+) -> anyhow::Result<Vec<ChildSpec>> {
+    let mut common = vec![
+        "--data-dir".to_string(),
+        settings.data_dir.display().to_string(),
+        "--parent-pid".to_string(),
+        std::process::id().to_string(),
+    ];
+    if let Some(c) = config {
+        let c = std::fs::canonicalize(c).unwrap_or_else(|_| c.to_path_buf());
+        common.push("--config".into());
+        common.push(c.display().to_string());
+    }
+    let mut specs = Vec::new();
+    let mut serve_addrs = Vec::new();
+    for i in 1..=settings.up.instances {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        serve_addrs.push(addr);
+        let name = format!("serve-{i}");
+        let mut args = vec![
+            "serve".to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--instance".into(),
+            name.clone(),
+        ];
+        args.extend(common.iter().cloned());
+        specs.push(ChildSpec {
+            name,
+            role: "serve",
+            args,
+            address: Some(addr),
+            ready_path: Some("/readyz"),
+        });
+    }
+    for i in 1..=settings.up.workers {
+        let name = format!("worker-{i}");
+        let mut args = vec!["worker".to_string(), "--instance".into(), name.clone()];
+        args.extend(common.iter().cloned());
+        specs.push(ChildSpec {
+            name,
+            role: "worker",
+            args,
+            address: None,
+            ready_path: None,
+        });
+    }
+    let mut args = vec![
+        "gateway".to_string(),
+        "--listen".into(),
+        gateway_addr.to_string(),
+    ];
+    for addr in &serve_addrs {
+        args.push("--to".into());
+        args.push(format!("http://{addr}"));
+    }
+    args.extend(common.iter().cloned());
+    specs.insert(
+        0,
+        ChildSpec {
+            name: "gateway".into(),
+            role: "gateway",
+            args,
+            address: Some(gateway_addr),
+            ready_path: Some("/_gateway/readyz"),
+        },
+    );
+    Ok(specs)
+}
+
+/// Runs one child until `stop`: restarts it when it exits, with backoff;
+/// reports a crash loop on `gave_up`. On stop: SIGTERM, then SIGKILL if it
+/// has not exited within its role's shutdown timeout.
+#[allow(clippy::too_many_arguments)]
+async fn manage_child(
+    exe: PathBuf,
+    spec: ChildSpec,
+    index: usize,
+    table: Table,
+    state_file: PathBuf,
+    settings: Settings,
+    stop: CancellationToken,
+    gave_up: mpsc::Sender<String>,
+) {
+    let window = Duration::from_secs(settings.up.crash_window_secs);
+    let grace = Duration::from_secs(match spec.role {
+        "gateway" => settings.gateway.shutdown_timeout_secs,
+        "worker" => settings.worker.shutdown_timeout_secs,
+        _ => settings.serve.shutdown_timeout_secs,
+    }) + Duration::from_secs(1);
+    let mut crashes: Vec<Instant> = Vec::new();
+    loop {
+        let mut child = match tokio::process::Command::new(&exe)
+            .args(&spec.args)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(child = %spec.name, error = %e, "cannot start child process");
+                let _ = gave_up.send(spec.name.clone()).await;
+                return;
+            }
+        };
+        let pid = child.id();
+        update(&table, &state_file, index, |v| {
+            v.pid = pid;
+            v.state = "running";
+        });
+        tracing::info!(child = %spec.name, pid, "child started");
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                let now = Instant::now();
+                crashes.retain(|t| now.duration_since(*t) < window);
+                crashes.push(now);
+                update(&table, &state_file, index, |v| {
+                    v.pid = None;
+                    v.state = "restarting";
+                    v.restarts += 1;
+                });
+                tracing::warn!(child = %spec.name, %status, recent_crashes = crashes.len(), "child exited; restarting");
+                if crashes.len() as u32 > settings.up.max_restarts {
+                    update(&table, &state_file, index, |v| v.state = "failed");
+                    let _ = gave_up.send(spec.name.clone()).await;
+                    return;
+                }
+                let backoff = Duration::from_millis(100u64 << crashes.len().min(6)).min(Duration::from_secs(5));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            _ = stop.cancelled() => {
+                if let Some(pid) = pid {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                }
+                update(&table, &state_file, index, |v| v.state = "stopping");
+                match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(_) => tracing::info!(child = %spec.name, "child stopped"),
+                    Err(_) => {
+                        tracing::warn!(child = %spec.name, "child did not stop in time; killing it");
+                        let _ = child.kill().await;
+                    }
+                }
+                update(&table, &state_file, index, |v| { v.state = "stopped"; v.pid = None; });
+                return;
+            }
+        }
+    }
+}
+
+fn update(table: &Table, state_file: &Path, index: usize, f: impl FnOnce(&mut ChildView)) {
+    let snapshot = {
+        let mut t = table.lock().expect("table lock");
+        f(&mut t[index]);
+        t.clone()
+    };
+    if let Ok(json) = serde_json::to_vec_pretty(&serde_json::json!({
+        "supervisor_pid": std::process::id(),
+        "children": snapshot,
+    })) {
+        let tmp = state_file.with_extension("json.tmp");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, state_file);
+        }
+    }
+}
+
+async fn wait_ready(specs: &[ChildSpec], limit: Duration, shutdown: &CancellationToken) -> bool {
+    let started = Instant::now();
+    for spec in specs {
+        let (Some(addr), Some(path)) = (spec.address, spec.ready_path) else {
+            continue;
+        };
+        loop {
+            if shutdown.is_cancelled() || started.elapsed() > limit {
+                return false;
+            }
+            if http_status(addr, path).await == Some(200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    true
+}
+
+/// A minimal HTTP/1.1 GET that returns the status code, for readiness.
+async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await.ok()?;
+        let line = std::str::from_utf8(&buf[..n]).ok()?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten()
+}
+
+fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path) {
+    let rows = table.lock().expect("table lock").clone();
+    let mut out = String::new();
+    out.push_str(&format!("\nShoal is up. Point a browser or curl at http://{gateway}/\n\n"));
+    out.push_str(&format!("  {:<10} {:<22} {:>8}\n", "PROCESS", "ADDRESS", "PID"));
+    for r in &rows {
+        out.push_str(&format!(
+            "  {:<10} {:<22} {:>8}\n",
+            r.name,
+            r.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        ));
+    }
+    out.push_str(&format!(
+        "\n  data:    {}\n  try:     curl -X POST http://{gateway}/api/accounts/signup -H 'content-type: application/json' -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}'\n  pools:   http://{gateway}/_gateway/pools\n  stop:    Ctrl-C\n",
+        data_dir.display()
+    ));
+    println!("{out}");
+}

@@ -1,0 +1,336 @@
+//! End to end through `shoal up`: the real binary, its child processes and
+//! the gateway, on free loopback ports with a fresh data directory.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use shoal_testkit as kit;
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Stack {
+    child: Child,
+    base: String,
+    dir: kit::TempDir,
+}
+
+impl Stack {
+    fn start(instances: usize, env: &[(&str, &str)]) -> Stack {
+        let dir = kit::TempDir::new("up");
+        let port = kit::free_port();
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        cmd.args(["up", "--port", &port.to_string(), "--instances", &instances.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("SHOAL_LOG__LEVEL", "warn")
+            .env("SHOAL_GATEWAY__HEALTH_INTERVAL_MS", "200")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn shoal up");
+        Stack {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    /// name -> pid of running children, from the supervisor's state file.
+    fn children(&self) -> HashMap<String, u32> {
+        let path = self.dir.path().join("data/run/stack.json");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return HashMap::new();
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return HashMap::new();
+        };
+        v["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c["name"].as_str()?.to_string(), c["pid"].as_u64()? as u32)))
+            .collect()
+    }
+
+    async fn wait_ready(&self, instances: usize) {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(Instant::now() < deadline, "stack not ready in 60 s; log:\n{}", self.log());
+            let mut seen = HashSet::new();
+            for _ in 0..(instances * 4) {
+                if let Ok(r) = http.get(self.url("/readyz")).send().await {
+                    if r.status() == 200 {
+                        if let Some(i) = r.headers().get("x-shoal-instance") {
+                            seen.insert(i.to_str().unwrap().to_string());
+                        }
+                    }
+                }
+            }
+            if seen.len() == instances {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM and wait; returns how long the stop took.
+    fn stop(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "shoal up exited with {status}; log:\n{}", self.log());
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < limit, "shoal up did not stop within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
+    let mut stack = Stack::start(3, &[]);
+    stack.wait_ready(3).await;
+    let http = kit::http_client();
+
+    // sign up and log in through the gateway
+    let r = http
+        .post(stack.url("/api/accounts/signup"))
+        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let r = http
+        .post(stack.url("/api/accounts/login"))
+        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-request-id"));
+
+    // 1,000 requests reach every instance
+    let mut by_instance: HashMap<String, usize> = HashMap::new();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let http = http.clone();
+        let url = stack.url("/api/accounts/me");
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..50 {
+                let r = http.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                seen.push(r.headers()["x-shoal-instance"].to_str().unwrap().to_string());
+            }
+            seen
+        }));
+    }
+    for t in tasks {
+        for i in t.await.unwrap() {
+            *by_instance.entry(i).or_default() += 1;
+        }
+    }
+    assert_eq!(by_instance.values().sum::<usize>(), 1000);
+    assert_eq!(by_instance.len(), 3, "every instance served: {by_instance:?}");
+
+    // SIGKILL one instance while a stream of GETs with the session runs
+    let children = stack.children();
+    let victim = children["serve-2"];
+    let running = Arc::new(AtomicBool::new(true));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, url) = (http.clone(), stack.url("/api/accounts/me"));
+        let (running, ok, failed) = (running.clone(), ok.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("failed GET: {} {}", r.status(), r.text().await.unwrap_or_default());
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("failed GET: {e}");
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    running.store(false, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "the stream ran: {ok} ok");
+    assert_eq!(failed, 0, "zero failed GETs while an instance died ({ok} ok)");
+
+    // the supervisor brings the instance back, and it serves again
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pid = stack.children().get("serve-2").copied();
+        if matches!(pid, Some(p) if p != victim) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "serve-2 was not restarted; log:\n{}", stack.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http.get(stack.url("/api/accounts/me")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "session still valid");
+        if r.headers()["x-shoal-instance"] == "serve-2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted serve-2 never got traffic again");
+    }
+
+    // SIGTERM stops everything; no child remains
+    let pids: Vec<u32> = stack.children().values().copied().collect();
+    assert_eq!(pids.len(), 5, "gateway, 3 instances, 1 worker: {pids:?}");
+    let took = stack.stop(Duration::from_secs(30));
+    eprintln!("stack stopped in {took:?}");
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} outlived the supervisor");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_finishes_in_flight_requests() {
+    let mut stack = Stack::start(2, &[("SHOAL_SERVE__DEBUG_ROUTES", "true")]);
+    stack.wait_ready(2).await;
+    // A fresh connection per request, so a refused connect (the listener
+    // closed) is told apart from a request cut off mid-flight.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let running = Arc::new(AtomicBool::new(true));
+    let completed = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let broken = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (http, url) = (http.clone(), stack.url("/_debug/sleep?ms=400"));
+        let (running, completed, refused, broken) =
+            (running.clone(), completed.clone(), refused.clone(), broken.clone());
+        tasks.push(tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        broken.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("in-flight request got {}", r.status());
+                    }
+                    Err(e) if e.is_connect() => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => {
+                        broken.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("in-flight request broke: {e:?}");
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pids: Vec<u32> = stack.children().values().copied().collect();
+    let before = completed.load(Ordering::Relaxed);
+    let took = tokio::task::block_in_place(|| stack.stop(Duration::from_secs(30)));
+    running.store(false, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = completed.load(Ordering::Relaxed);
+    eprintln!(
+        "stopped in {took:?}; completed {before} before SIGTERM, {after} in all; refused {}",
+        refused.load(Ordering::Relaxed)
+    );
+    assert!(after > before, "requests in flight at SIGTERM completed");
+    assert_eq!(broken.load(Ordering::Relaxed), 0, "no accepted request was cut off");
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} outlived the supervisor");
+    }
+}
+
+#[test]
+fn config_prints_effective_settings_and_bad_values_name_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["config"])
+        .env("SHOAL_DATABASE__BACKEND", "postgres")
+        .env("SHOAL_DATABASE__URL", "postgres://bob:hunter2@db/x")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("backend = \"postgres\""), "{text}");
+    assert!(!text.contains("hunter2"), "secrets are redacted: {text}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["config"])
+        .env("SHOAL_SESSIONS__BACKEND", "memcached")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("sessions.backend") && err.contains("redis"), "{err}");
+
+    let dir = kit::TempDir::new("cfg");
+    let file = dir.path().join("shoal.toml");
+    std::fs::write(&file, "[up]\ninstances = 4\nport = \"eighty\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("up.port"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["up", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("--instances") && help.contains("--port"), "{help}");
+}
