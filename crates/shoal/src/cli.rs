@@ -260,7 +260,9 @@ impl Cli {
                     s.database.backend = shoal_core::settings::DatabaseBackend::Sqlite;
                     s.database.url = None;
                 }
-                "postgres" if s.database.backend != shoal_core::settings::DatabaseBackend::Postgres => {
+                "postgres"
+                    if s.database.backend != shoal_core::settings::DatabaseBackend::Postgres =>
+                {
                     return Err(SettingsError::Invalid {
                         key: "database.url".into(),
                         message: "--backend postgres benchmarks the configured PostgreSQL: set database.backend = \"postgres\" and database.url".into(),

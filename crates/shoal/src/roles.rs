@@ -60,8 +60,8 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
 /// Applies every service's migrations, and those of the session store,
 /// bus and job queue.
 pub async fn migrate_all(settings: &Settings) -> anyhow::Result<()> {
-    let ctx = shoal_runtime::app::build_context(settings.clone(), "migrate".into(), &modules())
-        .await?;
+    let ctx =
+        shoal_runtime::app::build_context(settings.clone(), "migrate".into(), &modules()).await?;
     ctx.db.close().await;
     Ok(())
 }
@@ -76,7 +76,8 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
         settings.instance.clone().into()
     };
     let modules = modules();
-    let ctx = shoal_runtime::app::build_context(settings.clone(), instance.clone(), &modules).await?;
+    let ctx =
+        shoal_runtime::app::build_context(settings.clone(), instance.clone(), &modules).await?;
     let listener = tokio::net::TcpListener::bind(settings.worker.listen)
         .await
         .with_context(|| format!("binding {}", settings.worker.listen))?;
@@ -149,7 +150,10 @@ async fn seed(settings: &Settings, products: usize) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let width = 40usize;
     shoal_catalog::seed(&db, products, |done| {
-        let filled = if products == 0 { width } else { done * width / products };
+        let filled = (done * width)
+            .checked_div(products)
+            .unwrap_or(width)
+            .min(width);
         eprint!(
             "\r  [{}{}] {done}/{products} products",
             "#".repeat(filled),
@@ -281,26 +285,54 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
         }
         JobsCommand::Retry { id } => {
             let store = job_store(settings).await?;
-            return Ok(done(store.retry_dead(&id).await?, &format!("job {id} is back in its queue"), &format!("job `{id}` is not dead (only dead jobs can be retried)")));
+            return Ok(done(
+                store.retry_dead(&id).await?,
+                &format!("job {id} is back in its queue"),
+                &format!("job `{id}` is not dead (only dead jobs can be retried)"),
+            ));
         }
         JobsCommand::Discard { id } => {
             let store = job_store(settings).await?;
-            return Ok(done(store.discard_dead(&id).await?, &format!("job {id} discarded"), &format!("job `{id}` is not dead (only dead jobs can be discarded)")));
+            return Ok(done(
+                store.discard_dead(&id).await?,
+                &format!("job {id} discarded"),
+                &format!("job `{id}` is not dead (only dead jobs can be discarded)"),
+            ));
         }
         JobsCommand::Cancel { id } => {
             let store = job_store(settings).await?;
-            return Ok(done(store.cancel(&id).await?, &format!("job {id} cancelled"), &format!("job `{id}` is unknown or already finished")));
+            return Ok(done(
+                store.cancel(&id).await?,
+                &format!("job {id} cancelled"),
+                &format!("job `{id}` is unknown or already finished"),
+            ));
         }
         JobsCommand::Stats => {
             let store = job_store(settings).await?;
             println!(
                 "{:<12} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6}",
-                "QUEUE", "DEPTH", "OLDEST_MS", "SCHEDULED", "AVAILABLE", "RUNNING", "RETRYING", "SUCCEEDED", "DEAD"
+                "QUEUE",
+                "DEPTH",
+                "OLDEST_MS",
+                "SCHEDULED",
+                "AVAILABLE",
+                "RUNNING",
+                "RETRYING",
+                "SUCCEEDED",
+                "DEAD"
             );
             for q in store.stats().await? {
                 println!(
                     "{:<12} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6}",
-                    q.queue, q.depth, q.oldest_age_ms, q.scheduled, q.available, q.running, q.retrying, q.succeeded, q.dead
+                    q.queue,
+                    q.depth,
+                    q.oldest_age_ms,
+                    q.scheduled,
+                    q.available,
+                    q.running,
+                    q.retrying,
+                    q.succeeded,
+                    q.dead
                 );
             }
         }

@@ -167,7 +167,9 @@ fn child_specs(
     let mut specs = Vec::new();
     let mut serve_addrs = Vec::new();
     for i in 1..=settings.up.instances {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         serve_addrs.push(addr);
         let name = format!("serve-{i}");
@@ -353,19 +355,29 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
         let line = std::str::from_utf8(&buf[..n]).ok()?;
         line.split_whitespace().nth(1)?.parse().ok()
     };
-    tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path) {
     let rows = table.lock().expect("table lock").clone();
     let mut out = String::new();
-    out.push_str(&format!("\nShoal is up. Point a browser or curl at http://{gateway}/\n\n"));
-    out.push_str(&format!("  {:<10} {:<22} {:>8}\n", "PROCESS", "ADDRESS", "PID"));
+    out.push_str(&format!(
+        "\nShoal is up. Point a browser or curl at http://{gateway}/\n\n"
+    ));
+    out.push_str(&format!(
+        "  {:<10} {:<22} {:>8}\n",
+        "PROCESS", "ADDRESS", "PID"
+    ));
     for r in &rows {
         out.push_str(&format!(
             "  {:<10} {:<22} {:>8}\n",
             r.name,
-            r.address.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            r.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
         ));
     }

@@ -23,14 +23,20 @@ impl Stack {
         let port = kit::free_port();
         let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
-        cmd.args(["up", "--port", &port.to_string(), "--instances", &instances.to_string()])
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("SHOAL_LOG__LEVEL", "warn")
-            .env("SHOAL_GATEWAY__HEALTH_INTERVAL_MS", "200")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        cmd.args([
+            "up",
+            "--port",
+            &port.to_string(),
+            "--instances",
+            &instances.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SHOAL_LOG__LEVEL", "warn")
+        .env("SHOAL_GATEWAY__HEALTH_INTERVAL_MS", "200")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -71,7 +77,11 @@ impl Stack {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            assert!(Instant::now() < deadline, "stack not ready in 60 s; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "stack not ready in 60 s; log:\n{}",
+                self.log()
+            );
             let mut seen = HashSet::new();
             for _ in 0..(instances * 4) {
                 if let Ok(r) = http.get(self.url("/readyz")).send().await {
@@ -95,10 +105,17 @@ impl Stack {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "shoal up exited with {status}; log:\n{}", self.log());
+                assert!(
+                    status.success(),
+                    "shoal up exited with {status}; log:\n{}",
+                    self.log()
+                );
                 return started.elapsed();
             }
-            assert!(started.elapsed() < limit, "shoal up did not stop within {limit:?}");
+            assert!(
+                started.elapsed() < limit,
+                "shoal up did not stop within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -149,7 +166,12 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
             for _ in 0..50 {
                 let r = http.get(&url).send().await.unwrap();
                 assert_eq!(r.status(), 200);
-                seen.push(r.headers()["x-shoal-instance"].to_str().unwrap().to_string());
+                seen.push(
+                    r.headers()["x-shoal-instance"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                );
             }
             seen
         }));
@@ -160,7 +182,11 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         }
     }
     assert_eq!(by_instance.values().sum::<usize>(), 1000);
-    assert_eq!(by_instance.len(), 3, "every instance served: {by_instance:?}");
+    assert_eq!(
+        by_instance.len(),
+        3,
+        "every instance served: {by_instance:?}"
+    );
 
     // SIGKILL one instance while a stream of GETs with the session runs
     let children = stack.children();
@@ -180,7 +206,11 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
                     }
                     Ok(r) => {
                         failed.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("failed GET: {} {}", r.status(), r.text().await.unwrap_or_default());
+                        eprintln!(
+                            "failed GET: {} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        );
                     }
                     Err(e) => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -199,7 +229,10 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 100, "the stream ran: {ok} ok");
-    assert_eq!(failed, 0, "zero failed GETs while an instance died ({ok} ok)");
+    assert_eq!(
+        failed, 0,
+        "zero failed GETs while an instance died ({ok} ok)"
+    );
 
     // the supervisor brings the instance back, and it serves again
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -208,17 +241,28 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         if matches!(pid, Some(p) if p != victim) {
             break;
         }
-        assert!(Instant::now() < deadline, "serve-2 was not restarted; log:\n{}", stack.log());
+        assert!(
+            Instant::now() < deadline,
+            "serve-2 was not restarted; log:\n{}",
+            stack.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let r = http.get(stack.url("/api/accounts/me")).send().await.unwrap();
+        let r = http
+            .get(stack.url("/api/accounts/me"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "session still valid");
         if r.headers()["x-shoal-instance"] == "serve-2" {
             break;
         }
-        assert!(Instant::now() < deadline, "restarted serve-2 never got traffic again");
+        assert!(
+            Instant::now() < deadline,
+            "restarted serve-2 never got traffic again"
+        );
     }
 
     // SIGTERM stops everything; no child remains
@@ -249,8 +293,12 @@ async fn sigterm_under_load_finishes_in_flight_requests() {
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let (http, url) = (http.clone(), stack.url("/_debug/sleep?ms=400"));
-        let (running, completed, refused, broken) =
-            (running.clone(), completed.clone(), refused.clone(), broken.clone());
+        let (running, completed, refused, broken) = (
+            running.clone(),
+            completed.clone(),
+            refused.clone(),
+            broken.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             while running.load(Ordering::Relaxed) {
                 match http.get(&url).send().await {
@@ -287,7 +335,11 @@ async fn sigterm_under_load_finishes_in_flight_requests() {
         refused.load(Ordering::Relaxed)
     );
     assert!(after > before, "requests in flight at SIGTERM completed");
-    assert_eq!(broken.load(Ordering::Relaxed), 0, "no accepted request was cut off");
+    assert_eq!(
+        broken.load(Ordering::Relaxed),
+        0,
+        "no accepted request was cut off"
+    );
     for pid in pids {
         assert!(!alive(pid), "child {pid} outlived the supervisor");
     }
@@ -301,7 +353,11 @@ fn config_prints_effective_settings_and_bad_values_name_the_key() {
         .env("SHOAL_DATABASE__URL", "postgres://bob:hunter2@db/x")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("backend = \"postgres\""), "{text}");
     assert!(!text.contains("hunter2"), "secrets are redacted: {text}");
@@ -313,7 +369,10 @@ fn config_prints_effective_settings_and_bad_values_name_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.contains("sessions.backend") && err.contains("redis"), "{err}");
+    assert!(
+        err.contains("sessions.backend") && err.contains("redis"),
+        "{err}"
+    );
 
     let dir = kit::TempDir::new("cfg");
     let file = dir.path().join("shoal.toml");
@@ -332,5 +391,8 @@ fn config_prints_effective_settings_and_bad_values_name_the_key() {
         .output()
         .unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    assert!(help.contains("--instances") && help.contains("--port"), "{help}");
+    assert!(
+        help.contains("--instances") && help.contains("--port"),
+        "{help}"
+    );
 }

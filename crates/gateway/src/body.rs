@@ -1,0 +1,108 @@
+//! Body types of the gateway: one boxed body for both directions, helpers
+//! for JSON and problem+json responses, and a body wrapper that ends an
+//! instance's in-flight count when the response body finishes.
+
+use crate::pool::InFlightGuard;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use shoal_core::problem::PROBLEM_JSON;
+use shoal_core::Problem;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// Errors carried by bodies: boxed so any source fits.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response the gateway builds.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The request-id header, set on every upstream request and response.
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A problem+json response, with Retry-After when the problem has one and
+/// the request id so the client can quote it.
+pub fn problem_response(problem: &Problem, request_id: &str) -> Response<Body> {
+    let mut response = Response::new(full(problem.to_json()));
+    *response.status_mut() =
+        StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    if let Some(seconds) = problem.retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+    response
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds an instance's in-flight guard until the
+    /// body ends, fails or is dropped, so "outstanding requests" counts
+    /// streaming responses too.
+    pub struct GuardedBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlightGuard>,
+    }
+}
+
+impl<B> GuardedBody<B> {
+    pub fn new(inner: B, guard: InFlightGuard) -> Self {
+        GuardedBody {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: HttpBody> HttpBody for GuardedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,104 @@
+//! Active health checks: every `health_interval_ms` each instance of each
+//! pool gets `GET health_path` with `health_timeout_ms`; thresholds turn
+//! results into up/down, a 503 marks an instance draining at once, and
+//! lapsed registrations are dropped.
+
+use crate::body::empty;
+use crate::pool::{CheckOutcome, Instance, Pool};
+use crate::proxy::UpstreamClient;
+use http::{Request, StatusCode, Uri};
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Checks one instance once.
+pub async fn check(
+    client: &UpstreamClient,
+    instance: &Instance,
+    path: &str,
+    timeout: Duration,
+) -> CheckOutcome {
+    let uri = match Uri::builder()
+        .scheme(instance.scheme.clone())
+        .authority(instance.authority.clone())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(u) => u,
+        Err(_) => return CheckOutcome::Failed,
+    };
+    let mut req = Request::new(empty());
+    *req.uri_mut() = uri;
+    req.headers_mut().insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("shoal-gateway-health"),
+    );
+    let attempt = async {
+        let response = client.request(req).await.ok()?;
+        let status = response.status();
+        // Read (a bounded amount of) the body so the connection can be reused.
+        let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        Some(status)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Some(status)) if status.is_success() => CheckOutcome::Passed,
+        Ok(Some(StatusCode::SERVICE_UNAVAILABLE)) => CheckOutcome::Draining,
+        _ => CheckOutcome::Failed,
+    }
+}
+
+/// Runs the checks of every pool until `stop` is cancelled.
+/// Cancel safety: each round only reads and updates instance state, so
+/// stopping between or within rounds leaves nothing half done.
+pub async fn run(
+    client: UpstreamClient,
+    pools: Vec<Arc<Pool>>,
+    path: String,
+    interval: Duration,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let round = pools.iter().map(|pool| {
+            let client = &client;
+            let path = &path;
+            async move {
+                let now = Instant::now();
+                pool.expire_registrations(now);
+                let instances = pool.instances();
+                let checks = instances.iter().map(|instance| async move {
+                    let outcome = check(client, instance, path, timeout).await;
+                    if instance.record_check(outcome, &pool.config, Instant::now()) {
+                        tracing::info!(
+                            pool = %pool.name,
+                            instance = %instance.url,
+                            ?outcome,
+                            available = instance.is_available(Instant::now()),
+                            "instance availability changed"
+                        );
+                    }
+                });
+                futures_util::future::join_all(checks).await;
+                let available = instances
+                    .iter()
+                    .filter(|i| i.is_available(Instant::now()))
+                    .count();
+                metrics::gauge!("shoal_gateway_available_instances", "pool" => pool.name.clone())
+                    .set(available as f64);
+            }
+        });
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = futures_util::future::join_all(round) => {}
+        }
+    }
+}

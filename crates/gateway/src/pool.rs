@@ -1,0 +1,520 @@
+//! Pools of upstream instances: each instance's health, ejection, load
+//! (outstanding requests, peak-EWMA latency) and registration expiry, and
+//! the pool's choice of an instance through its balancer.
+
+use crate::balance::{Balancer, PickContext};
+use http::uri::{Authority, Scheme};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tower::retry::budget::{Budget, TpsBudget};
+
+/// Longest passive ejection, however often an instance fails.
+pub const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+/// The peak-EWMA decay time: how long a latency peak takes to fade (~63%).
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// Latency assumed for an instance with no sample yet.
+const DEFAULT_RTT_NS: f64 = 1_000_000.0;
+
+/// The knobs of a pool, taken from the gateway settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub eject_base: Duration,
+    pub eject_after_errors: u32,
+    pub max_ejection_percent: u32,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub retry_budget_percent: f32,
+    pub retry_budget_min_per_sec: u32,
+}
+
+/// Why an instance is not taking requests, for `/_gateway/pools`.
+#[derive(Debug, Default)]
+struct InstanceState {
+    /// Up according to active checks (starts up, optimistically).
+    healthy: bool,
+    /// Its readiness check answered 503: it asked for no new requests.
+    draining: bool,
+    /// Passively ejected: out until `ejected_until`, then until a check passes.
+    ejected: bool,
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (the period doubles with each), reset after a
+    /// long quiet spell.
+    ejections: u32,
+    last_ejected: Option<Instant>,
+    /// Taken out by an operator through the admin API.
+    admin_ejected: bool,
+    /// Connection errors in a row since the last success.
+    connect_errors: u32,
+    checks_passed: u32,
+    checks_failed: u32,
+    /// For registered instances: when the registration lapses.
+    expires: Option<Instant>,
+    /// Peak-EWMA latency in nanoseconds, and when it was last updated.
+    ewma_ns: f64,
+    ewma_at: Option<Instant>,
+}
+
+/// One upstream instance of a pool.
+#[derive(Debug)]
+pub struct Instance {
+    /// Base URL as configured, e.g. `http://127.0.0.1:3001`.
+    pub url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Weight for weighted round robin (1 unless configured).
+    pub weight: u32,
+    /// Registered through the admin API (versus configured).
+    pub registered: bool,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    /// Smooth weighted round robin's running weight.
+    pub(crate) wrr_current: Mutex<i64>,
+    state: Mutex<InstanceState>,
+}
+
+/// Parses `http://host:port` (an optional trailing `/` is allowed; a path is not).
+pub fn parse_upstream(url: &str) -> Result<(Scheme, Authority), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if uri.scheme() != Some(&Scheme::HTTP) {
+        return Err(format!("`{url}` must start with http://"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{url}` has no host"))?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "`{url}` must be a base URL without a path, such as http://127.0.0.1:3001"
+        ));
+    }
+    Ok((Scheme::HTTP, authority))
+}
+
+impl Instance {
+    pub fn new(url: &str, weight: u32, expires: Option<Instant>) -> Result<Instance, String> {
+        let (scheme, authority) = parse_upstream(url)?;
+        Ok(Instance {
+            url: format!("{scheme}://{authority}"),
+            scheme,
+            authority,
+            weight: weight.max(1),
+            registered: expires.is_some(),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            wrr_current: Mutex::new(0),
+            state: Mutex::new(InstanceState {
+                healthy: true,
+                expires,
+                ..InstanceState::default()
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, InstanceState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes requests now: healthy, not draining, not ejected, not expired.
+    pub fn is_available(&self, now: Instant) -> bool {
+        let s = self.state();
+        s.healthy
+            && !s.draining
+            && !s.ejected
+            && !s.admin_ejected
+            && s.expires.is_none_or(|e| now < e)
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.state().expires.is_some_and(|e| now >= e)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this instance since start.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Peak-EWMA latency times (outstanding + 1): lower is better.
+    pub fn load_cost(&self) -> f64 {
+        // An idle instance's estimate decays with time (as in tower's and
+        // linkerd's PeakEwma), so an instance that was slow once, or came
+        // back after a restart, is probed again instead of starved by P2C.
+        let ewma = {
+            let s = self.state();
+            match s.ewma_at {
+                Some(at) => {
+                    let idle = at.elapsed().as_secs_f64();
+                    s.ewma_ns * (-idle / EWMA_DECAY.as_secs_f64()).exp()
+                }
+                None => DEFAULT_RTT_NS,
+            }
+        };
+        ewma * (self.in_flight() as f64 + 1.0)
+    }
+
+    /// Counts a request as outstanding until the guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            instance: Arc::clone(self),
+        }
+    }
+
+    /// Folds a latency sample into the peak-EWMA: a higher sample is taken
+    /// at once, a lower one decays in over `EWMA_DECAY`.
+    pub fn observe_latency(&self, latency: Duration) {
+        let sample = latency.as_nanos() as f64;
+        let now = Instant::now();
+        let mut s = self.state();
+        match s.ewma_at {
+            Some(at) if sample < s.ewma_ns => {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+                s.ewma_ns = s.ewma_ns * w + sample * (1.0 - w);
+            }
+            _ => s.ewma_ns = sample,
+        }
+        s.ewma_at = Some(now);
+    }
+
+    pub fn record_success(&self) {
+        self.state().connect_errors = 0;
+    }
+
+    /// Counts a connection error; true when it reached the threshold and the
+    /// instance should be ejected.
+    fn count_connection_error(&self, threshold: u32) -> bool {
+        let mut s = self.state();
+        s.connect_errors += 1;
+        !s.ejected && s.connect_errors >= threshold.max(1)
+    }
+
+    fn is_ejected(&self) -> bool {
+        self.state().ejected
+    }
+
+    /// Ejects for `base` doubled per ejection in a row (at most 30 s); the
+    /// instance then needs passing health checks to come back.
+    fn eject(&self, base: Duration, now: Instant) -> Duration {
+        let mut s = self.state();
+        if s.last_ejected
+            .is_some_and(|t| now.duration_since(t) > MAX_EJECTION * 4)
+        {
+            s.ejections = 0;
+        }
+        let factor = 1u32 << s.ejections.min(16);
+        let period = base.saturating_mul(factor).min(MAX_EJECTION);
+        s.ejections = s.ejections.saturating_add(1);
+        s.ejected = true;
+        s.ejected_until = Some(now + period);
+        s.last_ejected = Some(now);
+        s.checks_passed = 0;
+        s.connect_errors = 0;
+        period
+    }
+
+    /// Applies one active health check result.
+    /// Returns true when the instance's availability changed.
+    pub fn record_check(&self, outcome: CheckOutcome, config: &PoolConfig, now: Instant) -> bool {
+        let mut s = self.state();
+        let before = (s.healthy, s.draining, s.ejected);
+        match outcome {
+            CheckOutcome::Passed => {
+                s.checks_failed = 0;
+                s.checks_passed = s.checks_passed.saturating_add(1);
+                s.draining = false;
+                if s.checks_passed >= config.healthy_threshold.max(1) {
+                    if !s.healthy {
+                        // Back from being down: start from the default
+                        // latency, not what its failures taught us.
+                        s.ewma_at = None;
+                    }
+                    s.healthy = true;
+                    if s.ejected && s.ejected_until.is_none_or(|t| now >= t) {
+                        s.ejected = false;
+                        s.ejected_until = None;
+                        // Back from an ejection: forget the latency learnt
+                        // from its failures and start from the default.
+                        s.ewma_at = None;
+                    }
+                }
+            }
+            CheckOutcome::Draining => {
+                s.checks_passed = 0;
+                s.draining = true;
+            }
+            CheckOutcome::Failed => {
+                s.checks_passed = 0;
+                s.checks_failed = s.checks_failed.saturating_add(1);
+                if s.checks_failed >= config.unhealthy_threshold.max(1) {
+                    s.healthy = false;
+                }
+            }
+        }
+        before != (s.healthy, s.draining, s.ejected)
+    }
+
+    pub fn set_admin_ejected(&self, ejected: bool) {
+        self.state().admin_ejected = ejected;
+    }
+
+    pub fn renew(&self, expires: Instant) {
+        self.state().expires = Some(expires);
+    }
+
+    /// A JSON view for `/_gateway/pools`.
+    pub fn status_json(&self, now: Instant) -> serde_json::Value {
+        let available = self.is_available(now);
+        let s = self.state();
+        serde_json::json!({
+            "url": self.url,
+            "available": available,
+            "healthy": s.healthy,
+            "draining": s.draining,
+            "ejected": s.ejected,
+            "ejected_for_ms": s.ejected_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+            "ejections": s.ejections,
+            "admin_ejected": s.admin_ejected,
+            "registered": self.registered,
+            "expires_in_ms": s.expires.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+            "in_flight": self.in_flight(),
+            "requests": self.requests(),
+            "weight": self.weight,
+            "ewma_ms": s.ewma_at.map(|_| s.ewma_ns / 1e6),
+        })
+    }
+}
+
+/// The result of one active health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// 2xx.
+    Passed,
+    /// 503: the instance is draining and wants no new requests.
+    Draining,
+    /// Anything else, a connection error or a timeout.
+    Failed,
+}
+
+/// Holds one outstanding request on an instance; dropping it ends it.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    instance: Arc<Instance>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A named pool of instances with its balancer and retry budget.
+pub struct Pool {
+    pub name: String,
+    pub balancer: Balancer,
+    pub config: PoolConfig,
+    instances: RwLock<Arc<Vec<Arc<Instance>>>>,
+    budget: TpsBudget,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("balancer", &self.balancer.name())
+            .finish()
+    }
+}
+
+impl Pool {
+    pub fn new(
+        name: String,
+        balancer: Balancer,
+        config: PoolConfig,
+        instances: Vec<Arc<Instance>>,
+    ) -> Pool {
+        let budget = TpsBudget::new(
+            Duration::from_secs(10),
+            config.retry_budget_min_per_sec,
+            config.retry_budget_percent / 100.0,
+        );
+        Pool {
+            name,
+            balancer,
+            config,
+            instances: RwLock::new(Arc::new(instances)),
+            budget,
+        }
+    }
+
+    /// A snapshot of the instances.
+    pub fn instances(&self) -> Arc<Vec<Arc<Instance>>> {
+        Arc::clone(&self.instances.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn find(&self, url: &str) -> Option<Arc<Instance>> {
+        let url = url.trim_end_matches('/');
+        self.instances().iter().find(|i| i.url == url).cloned()
+    }
+
+    /// Adds a registered instance or renews its registration. Returns true
+    /// when it is new. A configured instance with the same URL is renewed
+    /// in place only if it was registered.
+    pub fn register(&self, url: &str, ttl: Duration) -> Result<bool, String> {
+        let expires = Instant::now() + ttl;
+        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        let candidate = Instance::new(url, 1, Some(expires))?;
+        if let Some(existing) = guard.iter().find(|i| i.url == candidate.url) {
+            if !existing.registered {
+                return Err(format!(
+                    "`{}` is configured in pool `{}`; only registered instances can be renewed",
+                    candidate.url, self.name
+                ));
+            }
+            existing.renew(expires);
+            return Ok(false);
+        }
+        let mut next = Vec::clone(&guard);
+        next.push(Arc::new(candidate));
+        *guard = Arc::new(next);
+        Ok(true)
+    }
+
+    /// Removes a registered instance. Returns false when none had that URL.
+    pub fn deregister(&self, url: &str) -> Result<bool, String> {
+        let url = url.trim_end_matches('/');
+        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        match guard.iter().find(|i| i.url == url) {
+            None => Ok(false),
+            Some(i) if !i.registered => Err(format!(
+                "`{url}` is configured, not registered; eject it instead"
+            )),
+            Some(_) => {
+                let next: Vec<_> = guard.iter().filter(|i| i.url != url).cloned().collect();
+                *guard = Arc::new(next);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Drops registrations whose TTL ran out.
+    pub fn expire_registrations(&self, now: Instant) {
+        if !self.instances().iter().any(|i| i.is_expired(now)) {
+            return;
+        }
+        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        let next: Vec<_> = guard
+            .iter()
+            .filter(|i| !i.is_expired(now))
+            .cloned()
+            .collect();
+        for gone in guard.iter().filter(|i| i.is_expired(now)) {
+            tracing::info!(pool = %self.name, instance = %gone.url, "registration expired");
+        }
+        *guard = Arc::new(next);
+    }
+
+    /// Picks an available instance not in `tried`; when every available one
+    /// was tried, any available one (a fresh connection may still work).
+    pub fn pick(&self, ctx: &PickContext<'_>, tried: &[Arc<Instance>]) -> Option<Arc<Instance>> {
+        let now = Instant::now();
+        let all = self.instances();
+        let available: Vec<&Arc<Instance>> = all.iter().filter(|i| i.is_available(now)).collect();
+        if available.is_empty() {
+            return None;
+        }
+        let untried: Vec<&Arc<Instance>> = available
+            .iter()
+            .copied()
+            .filter(|i| !tried.iter().any(|t| Arc::ptr_eq(t, i)))
+            .collect();
+        let candidates = if untried.is_empty() {
+            available
+        } else {
+            untried
+        };
+        self.balancer.pick(&candidates, ctx).cloned()
+    }
+
+    /// Counts a connection error against `instance` and ejects it when the
+    /// threshold is reached and the ejection cap allows it.
+    pub fn on_connection_error(&self, instance: &Instance) {
+        if !instance.count_connection_error(self.config.eject_after_errors) {
+            return;
+        }
+        let all = self.instances();
+        let ejected = all.iter().filter(|i| i.is_ejected()).count();
+        let cap = ((all.len() * self.config.max_ejection_percent as usize) / 100).max(usize::from(
+            all.len() >= 2 && self.config.max_ejection_percent > 0,
+        ));
+        if ejected >= cap {
+            tracing::warn!(
+                pool = %self.name,
+                instance = %instance.url,
+                ejected,
+                cap,
+                "not ejecting: the pool's ejection cap is reached"
+            );
+            return;
+        }
+        let period = instance.eject(self.config.eject_base, Instant::now());
+        metrics::counter!("shoal_gateway_ejections_total", "pool" => self.name.clone())
+            .increment(1);
+        tracing::warn!(
+            pool = %self.name,
+            instance = %instance.url,
+            period_ms = period.as_millis() as u64,
+            "instance ejected after connection errors"
+        );
+    }
+
+    /// Counts a request into the retry budget.
+    pub fn deposit(&self) {
+        self.budget.deposit();
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn withdraw_retry(&self) -> bool {
+        self.budget.withdraw()
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let instances = self.instances();
+        serde_json::json!({
+            "name": self.name,
+            "balancer": self.balancer.name(),
+            "instances": instances.iter().map(|i| i.status_json(now)).collect::<Vec<_>>(),
+            "available": instances.iter().filter(|i| i.is_available(now)).count(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_instances_latency_estimate_decays_so_it_is_probed_again() {
+        let slow = Instance::new("http://127.0.0.1:1", 1, None).unwrap();
+        slow.observe_latency(Duration::from_millis(500));
+        let fresh = slow.load_cost();
+        assert!(fresh > 400e6, "a slow sample is taken at once: {fresh}");
+        // Pretend the last observation was 30 s ago.
+        slow.state().ewma_at = Some(Instant::now() - Duration::from_secs(30));
+        let later = slow.load_cost();
+        assert!(
+            later < fresh / 10.0,
+            "idle estimate decays: {fresh} -> {later}"
+        );
+    }
+}

@@ -1,0 +1,570 @@
+//! The proxy path of one request: route, limits, forwarding headers, body
+//! buffering for replay, instance choice, retries on another instance when
+//! that is safe, timeouts, and the access log and metrics.
+
+use crate::balance::PickContext;
+use crate::body::{empty, full, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID};
+use crate::pool::{Instance, Pool};
+use crate::routes::{Route, Router};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use shoal_core::settings::GatewaySettings;
+use shoal_core::Problem;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The upstream HTTP client: one keep-alive pool shared by every pool.
+pub type UpstreamClient = Client<HttpConnector, Body>;
+
+/// Everything a request needs, shared by every connection.
+pub struct GatewayState {
+    pub settings: GatewaySettings,
+    pub client: UpstreamClient,
+    pub router: Router,
+    pub pools: Vec<Arc<Pool>>,
+    /// Set when shutdown began: `/_gateway/readyz` answers 503.
+    pub draining: AtomicBool,
+}
+
+impl std::fmt::Debug for GatewayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayState")
+            .field("pools", &self.pools)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayState {
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Methods whose repetition has the effect of one request (RFC 9110 9.2.2).
+fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    ) || headers.contains_key("idempotency-key")
+}
+
+/// A request body ready to send, once or several times.
+enum OutgoingBody {
+    /// Fully read: can be replayed on another instance.
+    Buffered(Bytes),
+    /// Too large to keep: streams through once, never retried.
+    Streaming(Option<Body>),
+}
+
+/// Why the body could not be prepared.
+enum BodyError {
+    TooLarge,
+    Read(BoxError),
+    Timeout,
+}
+
+/// Reads up to `buffer_limit` bytes; a body that ends within it is kept
+/// whole, a longer one streams on (what was read goes first).
+async fn prepare_body(
+    body: Incoming,
+    content_length: Option<u64>,
+    buffer_limit: usize,
+    max_body: u64,
+    deadline: Duration,
+) -> Result<OutgoingBody, BodyError> {
+    let limited: Body =
+        Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX)).boxed_unsync();
+    if content_length == Some(0) {
+        return Ok(OutgoingBody::Buffered(Bytes::new()));
+    }
+    if content_length.is_some_and(|n| n > buffer_limit as u64) {
+        return Ok(OutgoingBody::Streaming(Some(limited)));
+    }
+    let mut limited = limited;
+    let mut buf = BytesMut::new();
+    let read = async {
+        loop {
+            match limited.frame().await {
+                None => return Ok(true),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                    if buf.len() > buffer_limit {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(deadline, read).await {
+        Err(_) => Err(BodyError::Timeout),
+        Ok(Err(e)) if is_length_limit(&*e) => Err(BodyError::TooLarge),
+        Ok(Err(e)) => Err(BodyError::Read(e)),
+        Ok(Ok(true)) => Ok(OutgoingBody::Buffered(buf.freeze())),
+        Ok(Ok(false)) => {
+            let head = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(buf.freeze()))]);
+            let rest = BodyStream::new(limited);
+            Ok(OutgoingBody::Streaming(Some(
+                StreamBody::new(head.chain(rest)).boxed_unsync(),
+            )))
+        }
+    }
+}
+
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// How an upstream attempt failed, and what that allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The request never left: connect refused or timed out, or a pooled
+    /// connection closed before the request was written. Safe to retry.
+    NotSent,
+    /// The connection broke after the request may have reached the
+    /// instance, before any response. Retry only idempotent requests.
+    ConnectionLost,
+    /// The client's body broke or exceeded the limit.
+    ClientBody,
+    /// Anything else (a malformed response, ...): not retried.
+    Other,
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    if e.is_connect() {
+        return Failure::NotSent;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return Failure::ClientBody;
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_canceled() {
+                return Failure::NotSent;
+            }
+            if h.is_user() {
+                return Failure::ClientBody;
+            }
+            if h.is_incomplete_message() || h.is_closed() {
+                return Failure::ConnectionLost;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
+            ) {
+                return Failure::ConnectionLost;
+            }
+        }
+        cur = err.source();
+    }
+    Failure::Other
+}
+
+/// The cause chain of an error on one line, for logs and problem details.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
+
+/// What the access log and the metrics record about one request.
+struct Outcome<'a> {
+    pool: &'a str,
+    upstream: Option<String>,
+    attempts: u32,
+    cause: Option<String>,
+}
+
+/// Handles one proxied request (everything outside `/_gateway/`).
+pub async fn proxy(
+    state: Arc<GatewayState>,
+    client_addr: SocketAddr,
+    req: Request<Incoming>,
+    request_id: String,
+    started: Instant,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut outcome = Outcome {
+        pool: "-",
+        upstream: None,
+        attempts: 0,
+        cause: None,
+    };
+    let response = forward(&state, client_addr, req, &request_id, &mut outcome).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::counter!(
+        "shoal_gateway_requests_total",
+        "pool" => outcome.pool.to_string(),
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => outcome.pool.to_string())
+        .record(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "shoal_gateway::access",
+        method = %method,
+        path = %path,
+        status,
+        pool = outcome.pool,
+        upstream = outcome.upstream.as_deref().unwrap_or("-"),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        request_id = %request_id,
+        attempts = outcome.attempts,
+        client = %client_addr.ip(),
+        cause = outcome.cause.as_deref(),
+        "request"
+    );
+    response
+}
+
+async fn forward<'s>(
+    state: &'s GatewayState,
+    client_addr: SocketAddr,
+    req: Request<Incoming>,
+    request_id: &str,
+    outcome: &mut Outcome<'s>,
+) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let Some(route) = state.router.find(host.as_deref(), req.uri().path()) else {
+        return problem_response(
+            &Problem::not_found(format!(
+                "no route matches host `{}` and path `{}`",
+                host.as_deref().unwrap_or(""),
+                req.uri().path()
+            )),
+            request_id,
+        );
+    };
+    let pool = &route.pool;
+    outcome.pool = &pool.name;
+
+    let content_length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if content_length.is_some_and(|n| n > route.max_body_bytes) {
+        return too_large(route, request_id);
+    }
+
+    let (parts, body) = req.into_parts();
+    let idempotent = is_idempotent(&parts.method, &parts.headers);
+    let headers = upstream_headers(&parts.headers, host.as_deref(), client_addr, request_id);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+
+    let no_body = content_length == Some(0) || http_body::Body::is_end_stream(&body);
+    let mut outgoing = if no_body {
+        drop(body);
+        OutgoingBody::Buffered(Bytes::new())
+    } else {
+        match prepare_body(
+            body,
+            content_length,
+            state.settings.retry_buffer_bytes,
+            route.max_body_bytes,
+            route.request_timeout,
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => return too_large(route, request_id),
+            Err(BodyError::Timeout) => {
+                return problem_response(
+                    &Problem::new(
+                        408,
+                        "request-timeout",
+                        "Request timeout",
+                        "the request body did not arrive in time",
+                    ),
+                    request_id,
+                )
+            }
+            Err(BodyError::Read(e)) => {
+                outcome.cause = Some(chain(&*e));
+                return problem_response(
+                    &Problem::bad_request("the request body could not be read"),
+                    request_id,
+                );
+            }
+        }
+    };
+
+    pool.deposit();
+    let ctx = PickContext {
+        headers: &parts.headers,
+        client_ip: client_addr.ip(),
+    };
+    let mut tried: Vec<Arc<Instance>> = Vec::new();
+    let max_attempts = state.settings.retries.saturating_add(1);
+    let mut last_error: Option<String> = None;
+    loop {
+        let Some(instance) = pool.pick(&ctx, &tried) else {
+            return match last_error {
+                None => problem_response(
+                    &Problem::unavailable(
+                        format!("no healthy instance in pool `{}`", pool.name),
+                        1,
+                    ),
+                    request_id,
+                ),
+                Some(cause) => bad_gateway(pool, cause, outcome, request_id),
+            };
+        };
+        outcome.attempts += 1;
+        outcome.upstream = Some(instance.url.clone());
+        tried.push(Arc::clone(&instance));
+
+        let body = match &mut outgoing {
+            OutgoingBody::Buffered(bytes) if bytes.is_empty() => empty(),
+            OutgoingBody::Buffered(bytes) => full(bytes.clone()),
+            OutgoingBody::Streaming(body) => body.take().unwrap_or_else(empty),
+        };
+        let uri = Uri::builder()
+            .scheme(instance.scheme.clone())
+            .authority(instance.authority.clone())
+            .path_and_query(path_and_query.as_str())
+            .build();
+        let uri = match uri {
+            Ok(u) => u,
+            Err(e) => {
+                return problem_response(
+                    &Problem::bad_request(format!("bad request target: {e}")),
+                    request_id,
+                )
+            }
+        };
+        let mut upstream_req = Request::new(body);
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = Version::HTTP_11;
+        *upstream_req.headers_mut() = headers.clone();
+
+        let guard = instance.start();
+        let sent = Instant::now();
+        let result =
+            tokio::time::timeout(route.request_timeout, state.client.request(upstream_req)).await;
+        match result {
+            Ok(Ok(response)) => {
+                instance.observe_latency(sent.elapsed());
+                instance.record_success();
+                let (mut rparts, rbody) = response.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if let Ok(v) = HeaderValue::from_str(request_id) {
+                    rparts.headers.insert(X_REQUEST_ID, v);
+                }
+                let body: Body =
+                    GuardedBody::new(rbody.map_err(BoxError::from), guard).boxed_unsync();
+                return Response::from_parts(rparts, body);
+            }
+            Err(_elapsed) => {
+                instance.observe_latency(route.request_timeout);
+                drop(guard);
+                outcome.cause = Some(format!(
+                    "no response headers from {} within {} ms",
+                    instance.url,
+                    route.request_timeout.as_millis()
+                ));
+                return problem_response(
+                    &Problem::gateway_timeout(format!(
+                        "the upstream did not answer within {} ms",
+                        route.request_timeout.as_millis()
+                    )),
+                    request_id,
+                );
+            }
+            Ok(Err(e)) => {
+                drop(guard);
+                let failure = classify(&e);
+                let cause = format!("{}: {}", instance.url, chain(&e));
+                tracing::debug!(pool = %pool.name, instance = %instance.url, ?failure, cause = %cause, "upstream attempt failed");
+                if failure == Failure::ClientBody {
+                    if is_length_limit(&e) {
+                        return too_large(route, request_id);
+                    }
+                    outcome.cause = Some(cause);
+                    return problem_response(
+                        &Problem::bad_request("the request body could not be read"),
+                        request_id,
+                    );
+                }
+                if matches!(failure, Failure::NotSent | Failure::ConnectionLost) {
+                    pool.on_connection_error(&instance);
+                }
+                let replayable = matches!(outgoing, OutgoingBody::Buffered(_));
+                let safe = match failure {
+                    Failure::NotSent => true,
+                    Failure::ConnectionLost => idempotent,
+                    _ => false,
+                };
+                if replayable && safe && outcome.attempts < max_attempts {
+                    if pool.withdraw_retry() {
+                        metrics::counter!("shoal_gateway_retries_total", "pool" => pool.name.clone())
+                            .increment(1);
+                        last_error = Some(cause);
+                        continue;
+                    }
+                    tracing::warn!(pool = %pool.name, "retry budget spent; not retrying");
+                }
+                return bad_gateway(pool, cause, outcome, request_id);
+            }
+        }
+    }
+}
+
+fn too_large(route: &Route, request_id: &str) -> Response<Body> {
+    problem_response(
+        &Problem::payload_too_large(format!(
+            "the request body is larger than {} bytes",
+            route.max_body_bytes
+        )),
+        request_id,
+    )
+}
+
+fn bad_gateway(
+    pool: &Pool,
+    cause: String,
+    outcome: &mut Outcome<'_>,
+    request_id: &str,
+) -> Response<Body> {
+    let detail = format!(
+        "pool `{}` failed after {} attempt(s); last error: {cause}",
+        pool.name, outcome.attempts
+    );
+    outcome.cause = Some(cause);
+    problem_response(&Problem::bad_gateway(detail), request_id)
+}
+
+/// The headers sent upstream: the client's minus hop-by-hop ones, plus
+/// X-Forwarded-For (appended), -Proto, -Host and X-Request-Id.
+fn upstream_headers(
+    incoming: &HeaderMap,
+    host: Option<&str>,
+    client_addr: SocketAddr,
+    request_id: &str,
+) -> HeaderMap {
+    let mut headers = incoming.clone();
+    strip_hop_by_hop(&mut headers);
+    let client_ip = client_addr.ip().to_string();
+    let prior: Vec<&str> = incoming
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let forwarded_for = if prior.is_empty() {
+        client_ip
+    } else {
+        format!("{}, {client_ip}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert("x-forwarded-host", v.clone());
+        // HTTP/2 clients send :authority instead of Host.
+        headers.entry(header::HOST).or_insert(v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn idempotency_follows_method_or_key() {
+        let none = HeaderMap::new();
+        assert!(is_idempotent(&Method::GET, &none));
+        assert!(is_idempotent(&Method::PUT, &none));
+        assert!(!is_idempotent(&Method::POST, &none));
+        let mut keyed = HeaderMap::new();
+        keyed.insert("idempotency-key", "k1".parse().unwrap());
+        assert!(is_idempotent(&Method::POST, &keyed));
+    }
+}

@@ -1,0 +1,217 @@
+//! End-to-end tests of routing by host and prefix with per-route limits,
+//! the admin API (eject, restore, register with TTL) and settings errors.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test]
+async fn routes_by_host_and_longest_prefix_with_route_limits() {
+    let web = Upstream::start("web").await;
+    let api = Upstream::start("api").await;
+    let shop = Upstream::start("shop").await;
+    let mut s = settings(&[], json!({}));
+    s = serde_json::from_value({
+        let mut v = serde_json::to_value(&s).unwrap();
+        v["pools"] = json!([
+            {"name": "web", "upstreams": [web.url()]},
+            {"name": "api", "upstreams": [api.url()]},
+            {"name": "shop", "upstreams": [shop.url()]},
+        ]);
+        v["routes"] = json!([
+            {"prefix": "/", "pool": "web"},
+            {"prefix": "/api/", "pool": "api", "request_timeout_ms": 200, "max_body_bytes": 10},
+            {"prefix": "/", "host": "Shop.Example", "pool": "shop"},
+        ]);
+        v
+    })
+    .unwrap();
+    let gw = TestGateway::start(s).await;
+    let client = TestClient::default();
+    let get = |path: &str, host: Option<&str>| {
+        let mut b = Request::get(gw.url(path));
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        client.send(b.body(Full::new(Bytes::new())).unwrap())
+    };
+    assert_eq!(get("/", None).await.body, "web");
+    assert_eq!(get("/api/items", None).await.body, "api");
+    assert_eq!(get("/api", None).await.body, "api");
+    assert_eq!(get("/apiary", None).await.body, "web");
+    assert_eq!(
+        get("/api/items", Some("shop.example:8080")).await.body,
+        "shop"
+    );
+    // The /api/ route's own timeout and body limit.
+    assert_eq!(
+        get("/api/slow", None).await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let big = client
+        .send(
+            Request::post(gw.url("/api/echo"))
+                .body(Full::new(Bytes::from_static(b"more than ten bytes")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let small_elsewhere = client
+        .send(
+            Request::post(gw.url("/echo"))
+                .body(Full::new(Bytes::from_static(b"more than ten bytes")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(small_elsewhere.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn admin_ejects_and_restores_an_instance() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let gw = TestGateway::start(settings(&[a.url(), b.url()], json!({}))).await;
+    let client = TestClient::default();
+    let r = admin(
+        &client,
+        &gw,
+        "eject",
+        json!({"pool": "default", "url": a.url()}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for _ in 0..10 {
+        assert_eq!(client.get(&gw.url("/")).await.body, "b");
+    }
+    assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], true);
+    let r = admin(
+        &client,
+        &gw,
+        "restore",
+        json!({"pool": "default", "url": a.url()}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let bodies: Vec<String> = futures_util::future::join_all(
+        (0..4).map(|_| async { client.get(&gw.url("/")).await.body }),
+    )
+    .await;
+    assert!(bodies.iter().any(|b| b == "a"), "{bodies:?}");
+    // Unknown pool and instance are clear 404 problems.
+    let r = admin(
+        &client,
+        &gw,
+        "eject",
+        json!({"pool": "nope", "url": a.url()}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = admin(
+        &client,
+        &gw,
+        "eject",
+        json!({"pool": "default", "url": "http://127.0.0.1:1"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = admin(&client, &gw, "eject", json!({"pool": "default"}), None).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn registered_instance_gets_traffic_until_its_ttl_lapses() {
+    let a = Upstream::start("a").await;
+    let extra = Upstream::start("extra").await;
+    let gw = TestGateway::start(settings(&[a.url()], json!({}))).await;
+    let client = TestClient::default();
+    let r = admin(
+        &client,
+        &gw,
+        "register",
+        json!({"pool": "default", "url": extra.url(), "ttl_secs": 1}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for _ in 0..10 {
+        client.get(&gw.url("/")).await;
+    }
+    assert_eq!(extra.hits(), 5);
+    let gone = eventually(Duration::from_secs(3), || async {
+        gw.instance(&client, &extra.url()).await.is_null()
+    })
+    .await;
+    assert!(gone, "registration did not lapse");
+    for _ in 0..4 {
+        assert_eq!(client.get(&gw.url("/")).await.body, "a");
+    }
+    // A TTL past the maximum is refused; configured instances cannot be deregistered.
+    let r = admin(
+        &client,
+        &gw,
+        "register",
+        json!({"pool": "default", "url": extra.url(), "ttl_secs": 100_000}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = admin(
+        &client,
+        &gw,
+        "deregister",
+        json!({"pool": "default", "url": a.url()}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn admin_token_is_required_when_set() {
+    let a = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[a.url()], json!({"admin_token": "s3cret"}))).await;
+    let client = TestClient::default();
+    let body = json!({"pool": "default", "url": a.url()});
+    let r = admin(&client, &gw, "eject", body.clone(), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = admin(&client, &gw, "eject", body.clone(), Some("wrong")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = admin(&client, &gw, "eject", body, Some("s3cret")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        client.get(&gw.url("/")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn bad_settings_are_refused_with_the_key_to_fix() {
+    let bind = |overrides: serde_json::Value| async move {
+        shoal_gateway::Gateway::bind(settings(&["http://127.0.0.1:9".into()], overrides))
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let e = bind(json!({"balancing": {"default": {"balancer": "consistent_hash"}}})).await;
+    assert!(e.contains("gateway.balancing.default.hash_on"), "{e}");
+    let e = bind(json!({"balancing": {"default": {"weights": {"http://127.0.0.1:8": 2}}}})).await;
+    assert!(e.contains("gateway.balancing.default.weights"), "{e}");
+    let e = bind(json!({"pools": [
+        {"name": "a", "upstreams": ["http://127.0.0.1:9"]},
+        {"name": "b", "upstreams": ["http://127.0.0.1:8"]},
+    ]}))
+    .await;
+    assert!(e.contains("gateway.routes"), "{e}");
+    let e = bind(json!({"pools": [{"name": "a", "upstreams": ["http://127.0.0.1:9/path"]}]})).await;
+    assert!(e.contains("gateway.pools[0].upstreams[0]"), "{e}");
+}

@@ -1,0 +1,449 @@
+//! End-to-end tests of the proxy path against in-process upstreams on
+//! port 0: balancing, ejection and retry, health checks, headers, errors
+//! and the gateway's own endpoints.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test]
+async fn round_robin_spreads_requests_evenly() {
+    let ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let gw = TestGateway::start(settings(&urls, json!({}))).await;
+    let client = TestClient::default();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let r = client.get(&gw.url("/hello")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        *seen.entry(r.body).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 10), "{seen:?}");
+    for u in &ups {
+        assert_eq!(u.hits(), 10);
+    }
+}
+
+/// The key scenario: a stream of GETs over keep-alive connections while one
+/// of three instances dies at once; stale pooled connections to it must be
+/// retried too, so not one GET fails.
+async fn killed_upstream_loses_no_get(balancer: &str) {
+    let mut ups = [
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    // A few ms per request, so some are mid-flight on the instance that dies.
+    for u in &ups {
+        u.state.delay_ms.store(3, Ordering::SeqCst);
+    }
+    // Slow health checks: ejection and retries alone must carry this.
+    let gw = TestGateway::start(settings(
+        &urls,
+        json!({"balancer": balancer, "health_interval_ms": 60_000}),
+    ))
+    .await;
+    let client = TestClient::default();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        let (client, url, failures, done, stop) = (
+            client.clone(),
+            gw.url("/items"),
+            failures.clone(),
+            done.clone(),
+            stop.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let r = client.get(&url).await;
+                if r.status != StatusCode::OK {
+                    eprintln!("failed: {} {}", r.status, r.body);
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kill = done.load(Ordering::SeqCst);
+    ups[1].kill().await;
+    let killed_hits = ups[1].hits();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let total = done.load(Ordering::SeqCst);
+    assert!(
+        before_kill > 20 && total > before_kill + 20,
+        "too few requests: {before_kill} then {total}"
+    );
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "GETs failed out of {total}"
+    );
+    assert_eq!(ups[1].hits(), killed_hits, "a dead instance cannot answer");
+    let instance = gw.instance(&client, &urls[1]).await;
+    assert_eq!(instance["ejected"], true, "{instance}");
+    assert_eq!(instance["available"], false, "{instance}");
+    // The survivors took the load.
+    assert!(ups[0].hits() > 0 && ups[2].hits() > 0);
+}
+
+#[tokio::test]
+async fn killed_upstream_is_ejected_and_no_get_fails_round_robin() {
+    killed_upstream_loses_no_get("round_robin").await;
+}
+
+#[tokio::test]
+async fn killed_upstream_is_ejected_and_no_get_fails_p2c() {
+    killed_upstream_loses_no_get("p2c_peak_ewma").await;
+}
+
+#[tokio::test]
+async fn health_check_brings_a_restarted_instance_back() {
+    let mut ups = [Upstream::start("a").await, Upstream::start("b").await];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let gw = TestGateway::start(settings(&urls, json!({}))).await;
+    let client = TestClient::default();
+    let addr = ups[1].addr;
+    ups[1].kill().await;
+    for _ in 0..10 {
+        assert_eq!(client.get(&gw.url("/")).await.status, StatusCode::OK);
+    }
+    let down = eventually(Duration::from_secs(3), || async {
+        gw.instance(&client, &urls[1]).await["available"] == false
+    })
+    .await;
+    assert!(down, "the killed instance was not taken out");
+
+    ups[1] = Upstream::start_on(addr, "b-again").await;
+    let back = eventually(Duration::from_secs(5), || async {
+        gw.instance(&client, &urls[1]).await["available"] == true
+    })
+    .await;
+    assert!(back, "{}", gw.instance(&client, &urls[1]).await);
+    for _ in 0..10 {
+        client.get(&gw.url("/")).await;
+    }
+    assert!(
+        ups[1].hits() >= 4,
+        "restarted instance got {} requests",
+        ups[1].hits()
+    );
+}
+
+#[tokio::test]
+async fn draining_instance_gets_no_new_requests() {
+    let ups = [Upstream::start("a").await, Upstream::start("b").await];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let gw = TestGateway::start(settings(&urls, json!({}))).await;
+    let client = TestClient::default();
+    ups[0].state.ready.store(false, Ordering::SeqCst);
+    let drained = eventually(Duration::from_secs(3), || async {
+        gw.instance(&client, &urls[0]).await["draining"] == true
+    })
+    .await;
+    assert!(drained);
+    let before = ups[0].hits();
+    for _ in 0..20 {
+        assert_eq!(client.get(&gw.url("/")).await.body, "b");
+    }
+    assert_eq!(ups[0].hits(), before);
+    ups[0].state.ready.store(true, Ordering::SeqCst);
+    let back = eventually(Duration::from_secs(3), || async {
+        gw.instance(&client, &urls[0]).await["available"] == true
+    })
+    .await;
+    assert!(back);
+}
+
+fn post(url: &str, key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::post(url).header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    b.body(Full::new(Bytes::from_static(b"{\"n\":1}"))).unwrap()
+}
+
+#[tokio::test]
+async fn post_is_not_retried_after_reaching_an_upstream_that_reset() {
+    let reset = ResettingUpstream::start().await;
+    let good = Upstream::start("good").await;
+    let urls = vec![reset.url(), good.url()];
+    let gw = TestGateway::start(settings(&urls, json!({"health_interval_ms": 60_000}))).await;
+    let client = TestClient::default();
+    // Round robin starts at the resetting instance.
+    let r = client.send(post(&gw.url("/orders"), None)).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(reset.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        good.hits(),
+        0,
+        "a POST that reached an instance was replayed on another"
+    );
+}
+
+#[tokio::test]
+async fn get_and_keyed_post_are_retried_after_a_reset() {
+    let reset = ResettingUpstream::start().await;
+    let good = Upstream::start("good").await;
+    let urls = vec![reset.url(), good.url()];
+    // No passive ejection, so every request first meets the reset.
+    let gw = TestGateway::start(settings(
+        &urls,
+        json!({"health_interval_ms": 60_000, "balancer": "round_robin", "max_ejection_percent": 0}),
+    ))
+    .await;
+    let client = TestClient::default();
+    for k in 0..4 {
+        let r = client.get(&gw.url("/items")).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "good"));
+        let r = client
+            .send(post(&gw.url("/orders"), Some(&format!("key-{k}"))))
+            .await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "good"));
+    }
+    // Some of them met the reset first and were replayed on `good`.
+    assert!(reset.requests.load(Ordering::SeqCst) >= 2);
+    assert_eq!(good.hits(), 8);
+}
+
+#[tokio::test]
+async fn post_is_retried_when_the_connection_never_opened() {
+    let mut dead = Upstream::start("dead").await;
+    let good = Upstream::start("good").await;
+    let urls = vec![dead.url(), good.url()];
+    dead.kill().await;
+    let gw = TestGateway::start(settings(&urls, json!({"health_interval_ms": 60_000}))).await;
+    let client = TestClient::default();
+    let r = client.send(post(&gw.url("/echo"), None)).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "{\"n\":1}"));
+}
+
+#[tokio::test]
+async fn forwarded_headers_and_request_id() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[up.url()], json!({}))).await;
+    let client = TestClient::default();
+    let req = Request::get(gw.url("/x?y=1"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-request-id", "req-abc.1")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("host", "shop.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = client.send(req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["x-request-id"], "req-abc.1");
+    assert!(
+        r.headers.get("keep-alive").is_none(),
+        "hop-by-hop response header leaked"
+    );
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "shop.example");
+    assert_eq!(seen["host"], "shop.example");
+    assert_eq!(seen["x-request-id"], "req-abc.1");
+    assert!(
+        seen.get("x-private").is_none(),
+        "header named in Connection was forwarded"
+    );
+
+    // A bad id is replaced by a fresh one, sent upstream and returned.
+    let req = Request::get(gw.url("/x"))
+        .header("x-request-id", "bad id!")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = client.send(req).await;
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36);
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-request-id"], id.as_str());
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+}
+
+#[tokio::test]
+async fn all_instances_down_gives_503_problem_with_retry_after() {
+    let mut ups = vec![Upstream::start("a").await, Upstream::start("b").await];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let gw = TestGateway::start(settings(&urls, json!({}))).await;
+    let client = TestClient::default();
+    for u in &mut ups {
+        u.kill().await;
+    }
+    let unavailable = eventually(Duration::from_secs(3), || async {
+        client.get(&gw.url("/")).await.status == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    assert!(unavailable);
+    let r = client.get(&gw.url("/")).await;
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(r.headers["retry-after"], "1");
+    let problem: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(problem["status"], 503);
+    assert!(problem["detail"].as_str().unwrap().contains("default"));
+}
+
+#[tokio::test]
+async fn failure_after_retries_is_502_problem() {
+    let mut ups = vec![Upstream::start("a").await, Upstream::start("b").await];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    // No ejection, no health checks: every attempt meets a refused connection.
+    let gw = TestGateway::start(settings(
+        &urls,
+        json!({"health_interval_ms": 60_000, "max_ejection_percent": 0, "retries": 2}),
+    ))
+    .await;
+    for u in &mut ups {
+        u.kill().await;
+    }
+    let r = TestClient::default().get(&gw.url("/")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    let problem: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("3 attempt(s)"),
+        "{problem}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"max_body_bytes": 1000, "retry_buffer_bytes": 100}),
+    ))
+    .await;
+    let client = TestClient::default();
+    // Declared too large: refused before any upstream is contacted.
+    let r = client
+        .send(
+            Request::post(gw.url("/echo"))
+                .body(Full::new(Bytes::from(vec![b'x'; 1001])))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(up.hits(), 0);
+    // Within the limit but past the retry buffer: streams through intact.
+    let r = client
+        .send(
+            Request::post(gw.url("/echo"))
+                .body(Full::new(Bytes::from(vec![b'y'; 900])))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, "y".repeat(900));
+}
+
+#[tokio::test]
+async fn chunked_body_over_the_limit_gets_413() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"max_body_bytes": 1000, "retry_buffer_bytes": 100}),
+    ))
+    .await;
+    // A raw chunked request, so no Content-Length announces the size.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let chunk = "z".repeat(600);
+    let req = format!(
+        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+}
+
+#[tokio::test]
+async fn slow_upstream_gets_504_problem() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[up.url()], json!({"request_timeout_ms": 300}))).await;
+    let started = std::time::Instant::now();
+    let r = TestClient::default().get(&gw.url("/slow")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(up.hits(), 1, "a timed-out request is not retried");
+}
+
+#[tokio::test]
+async fn gateway_endpoints_answer() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[up.url()], json!({}))).await;
+    let client = TestClient::default();
+    client.get(&gw.url("/warm")).await;
+    assert_eq!(
+        client.get(&gw.url("/_gateway/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get(&gw.url("/_gateway/readyz")).await.status,
+        StatusCode::OK
+    );
+    let metrics = client.get(&gw.url("/_gateway/metrics")).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(
+        metrics.body.contains("shoal_gateway_requests_total"),
+        "{}",
+        metrics.body
+    );
+    let pools = gw.pools(&client).await;
+    assert_eq!(pools["pools"][0]["name"], "default");
+    assert_eq!(pools["pools"][0]["instances"][0]["url"], up.url());
+    assert_eq!(pools["pools"][0]["instances"][0]["healthy"], true);
+    assert!(pools["pools"][0]["instances"][0]["ewma_ms"].is_number());
+    assert_eq!(pools["routes"][0]["prefix"], "/");
+    let missing = client.get(&gw.url("/_gateway/nope")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let up = Upstream::start("a").await;
+    up.state.delay_ms.store(400, Ordering::SeqCst);
+    let gw = TestGateway::start(settings(&[up.url()], json!({}))).await;
+    let client = TestClient::default();
+    let url = gw.url("/work");
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.stop.cancel();
+    let r = in_flight.await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "a"));
+    let mut gw = gw;
+    let stopped = tokio::time::timeout(Duration::from_secs(3), &mut gw.task).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
