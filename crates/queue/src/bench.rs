@@ -1,0 +1,170 @@
+//! A job-queue benchmark the `shoal` binary (and `bench/`) call: enqueue
+//! throughput, drain (claim + run + complete) throughput, and the latency
+//! from enqueue to handler start on an idle worker (which is what
+//! LISTEN/NOTIFY or polling decide).
+
+use crate::job::NewJob;
+use crate::store::JobStore;
+use crate::worker::{handler_fn, JobContext, Worker, WorkerOptions};
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What [`bench`] measured.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub jobs: usize,
+    pub concurrency: usize,
+    /// Jobs stored per second by `concurrency` concurrent enqueuers.
+    pub enqueue_per_sec: f64,
+    /// Jobs claimed, run (no-op handler) and completed per second by one
+    /// worker with `concurrency` slots draining a backlog of `jobs`.
+    pub complete_per_sec: f64,
+    /// Enqueue-to-start latency of jobs enqueued one at a time onto an
+    /// idle worker, in milliseconds.
+    pub latency_samples: usize,
+    pub p50_enqueue_to_start_ms: f64,
+    pub p99_enqueue_to_start_ms: f64,
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "backend={} jobs={} concurrency={} enqueue/s={:.0} complete/s={:.0} \
+             enqueue-to-start p50={:.1}ms p99={:.1}ms (n={})",
+            self.backend,
+            self.jobs,
+            self.concurrency,
+            self.enqueue_per_sec,
+            self.complete_per_sec,
+            self.p50_enqueue_to_start_ms,
+            self.p99_enqueue_to_start_ms,
+            self.latency_samples
+        )
+    }
+}
+
+/// Runs the three phases on a fresh queue of `store` and returns the
+/// numbers. Leaves the finished jobs behind (prune removes them).
+pub async fn bench(store: Arc<dyn JobStore>, jobs: usize, concurrency: usize) -> BenchReport {
+    let concurrency = concurrency.max(1);
+    let jobs = jobs.max(1);
+    let queue = format!("bench{}", &shoal_core::ids::new_id()[24..]);
+
+    // 1. Enqueue throughput.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for part in 0..concurrency {
+        let store = store.clone();
+        let queue = queue.clone();
+        let n = jobs / concurrency + usize::from(part < jobs % concurrency);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..n {
+                if let Err(e) = store.enqueue(NewJob::new(&queue, "noop", json!(i))).await {
+                    tracing::warn!(error = %e, "bench enqueue failed");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let enqueue_per_sec = jobs as f64 / started.elapsed().as_secs_f64();
+
+    // 2. Drain throughput, then 3. latency on the now idle worker.
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let done = Arc::new(tokio::sync::Semaphore::new(0));
+    let (lat, d) = (latencies.clone(), done.clone());
+    let options = WorkerOptions {
+        queues: vec![(queue.clone(), concurrency)],
+        retention: None,
+        ..WorkerOptions::default()
+    };
+    let worker = Worker::new(store.clone(), options).register(
+        "latency",
+        handler_fn(move |ctx: JobContext| {
+            let lat = lat.clone();
+            async move {
+                let sent: i64 = ctx.payload_as()?;
+                let ms = (shoal_backends::now_millis() - sent).max(0) as f64;
+                lat.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+                Ok(())
+            }
+        }),
+    );
+    let worker = worker.register(
+        "noop",
+        handler_fn(move |_ctx: JobContext| {
+            let d = d.clone();
+            async move {
+                d.add_permits(1);
+                Ok(())
+            }
+        }),
+    );
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    let drained = tokio::time::timeout(
+        Duration::from_secs(600),
+        done.acquire_many(jobs.min(u32::MAX as usize) as u32),
+    )
+    .await;
+    // A slot frees only after its completion is written, so the time until
+    // the last handler ran counts all but the last `concurrency` writes.
+    let complete_per_sec = match drained {
+        Ok(_) => jobs as f64 / started.elapsed().as_secs_f64(),
+        Err(_) => 0.0,
+    };
+
+    let samples = (jobs / 10).clamp(20, 200);
+    for _ in 0..samples {
+        let job = NewJob::new(&queue, "latency", json!(shoal_backends::now_millis()));
+        let _ = store.enqueue(job).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < samples
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let _ = running.await;
+    let mut lat = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    lat.sort_by(f64::total_cmp);
+    BenchReport {
+        backend: store.backend_name().to_string(),
+        jobs,
+        concurrency,
+        enqueue_per_sec,
+        complete_per_sec,
+        latency_samples: lat.len(),
+        p50_enqueue_to_start_ms: percentile(&lat, 0.50),
+        p99_enqueue_to_start_ms: percentile(&lat, 0.99),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}

@@ -1,0 +1,747 @@
+//! `NatsJobStore`: jobs on NATS JetStream. Each job's record lives in a
+//! key-value bucket (`<prefix>_jobs`, updated with compare-and-set on the
+//! revision, so concurrent workers never both win a state change); a
+//! work-queue stream (`<prefix>_JOBS`, subjects `<prefix>.jobs.<queue>`)
+//! carries job ids to one durable pull consumer per queue with explicit
+//! acks. JetStream redelivers a message whose ack wait lapses (a dead
+//! worker); running workers send in-progress acks with each heartbeat;
+//! retries are NAKs with a delay; dead letters are terminated messages
+//! whose records stay in the bucket. Unique keys are `create`s in a second
+//! bucket (`<prefix>_job_keys`), so they hold as long as the job exists.
+//!
+//! Differences from the SQL store: no priorities (stream order), no
+//! transactions (use the outbox relay), listing and stats read every record.
+
+use crate::job::{
+    AttemptError, Enqueued, Job, JobFilter, JobState, Lease, NewJob, QueueError, QueueStats,
+};
+use crate::store::JobStore;
+use async_nats::jetstream::{self, consumer::pull, kv, AckKind};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use shoal_backends::now_millis;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How a [`NatsJobStore`] names and configures its JetStream objects.
+#[derive(Debug, Clone)]
+pub struct NatsJobStoreOptions {
+    /// Names the stream, buckets and subjects (`[A-Za-z0-9_-]`).
+    pub prefix: String,
+    /// JetStream redelivers a message this long after its last (progress)
+    /// ack: set it to the workers' lease.
+    pub ack_wait: Duration,
+    /// Safety bound on deliveries of one message; attempts themselves are
+    /// counted in the job record.
+    pub max_deliver: i64,
+    pub poll_interval: Duration,
+}
+
+impl Default for NatsJobStoreOptions {
+    fn default() -> Self {
+        NatsJobStoreOptions {
+            prefix: "shoal".into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10_000,
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Jobs on NATS JetStream. Cheap to clone.
+#[derive(Clone)]
+pub struct NatsJobStore {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    jobs: kv::Store,
+    keys: kv::Store,
+    options: NatsJobStoreOptions,
+    consumers:
+        Arc<tokio::sync::Mutex<HashMap<String, jetstream::consumer::Consumer<pull::Config>>>>,
+    /// Messages of attempts claimed through this handle, by lease token.
+    inflight: Arc<Mutex<HashMap<String, jetstream::Message>>>,
+    wakeups: Arc<Notify>,
+}
+
+impl std::fmt::Debug for NatsJobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsJobStore")
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+fn nats(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Nats(e.to_string())
+}
+
+fn key_hash(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+fn until(at: i64, now: i64) -> Duration {
+    Duration::from_millis((at - now).max(0) as u64)
+}
+
+/// What a claim decided for one delivered message.
+enum Delivery {
+    Claimed,
+    Drop,
+    Later(Duration),
+    Dead,
+}
+
+impl NatsJobStore {
+    /// Connects to `url` and creates (or opens) the stream and buckets.
+    pub async fn connect(url: &str, options: NatsJobStoreOptions) -> Result<Self, QueueError> {
+        if options.prefix.is_empty()
+            || !options
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(QueueError::InvalidJob(
+                "NATS prefix must be [A-Za-z0-9_-]+".into(),
+            ));
+        }
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(nats)?;
+        let js = jetstream::new(client);
+        let p = &options.prefix;
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: format!("{p}_JOBS"),
+                subjects: vec![format!("{p}.jobs.>")],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats(format!("stream {p}_JOBS: {e}")))?;
+        let jobs = open_bucket(&js, &format!("{p}_jobs")).await?;
+        let keys = open_bucket(&js, &format!("{p}_job_keys")).await?;
+        Ok(NatsJobStore {
+            js,
+            stream,
+            jobs,
+            keys,
+            options,
+            consumers: Arc::default(),
+            inflight: Arc::default(),
+            wakeups: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Deletes this prefix's stream and buckets, with every job in them
+    /// (tests use it to clean up).
+    pub async fn delete_everything(&self) -> Result<(), QueueError> {
+        let p = &self.options.prefix;
+        self.js
+            .delete_stream(format!("{p}_JOBS"))
+            .await
+            .map_err(nats)?;
+        for bucket in [format!("{p}_jobs"), format!("{p}_job_keys")] {
+            self.js
+                .delete_stream(format!("KV_{bucket}"))
+                .await
+                .map_err(nats)?;
+        }
+        Ok(())
+    }
+
+    fn subject(&self, queue: &str) -> String {
+        format!("{}.jobs.{queue}", self.options.prefix)
+    }
+
+    async fn consumer(
+        &self,
+        queue: &str,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, QueueError> {
+        let mut consumers = self.consumers.lock().await;
+        if let Some(c) = consumers.get(queue) {
+            return Ok(c.clone());
+        }
+        let name = format!("{}_{}", self.options.prefix, queue.replace('.', "_2e_"));
+        let consumer = self
+            .stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.subject(queue),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_deliver: self.options.max_deliver,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(nats)?;
+        consumers.insert(queue.to_string(), consumer.clone());
+        Ok(consumer)
+    }
+
+    async fn publish(&self, queue: &str, id: &str) -> Result<(), QueueError> {
+        self.js
+            .publish(self.subject(queue), id.to_string().into())
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        Ok(())
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<(Job, u64)>, QueueError> {
+        let Some(entry) = self.jobs.entry(id).await.map_err(nats)? else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        Ok(Some((
+            serde_json::from_slice(&entry.value)?,
+            entry.revision,
+        )))
+    }
+
+    /// Applies `change` to the job record with compare-and-set, re-reading
+    /// on conflicts. `change` returns false to leave the record alone.
+    /// Returns the new record, or `None` when unknown or left alone.
+    async fn modify<F>(&self, id: &str, mut change: F) -> Result<Option<Job>, QueueError>
+    where
+        F: FnMut(&mut Job) -> bool,
+    {
+        for _ in 0..20 {
+            let Some((mut job, revision)) = self.read(id).await? else {
+                return Ok(None);
+            };
+            if !change(&mut job) {
+                return Ok(None);
+            }
+            let bytes = serde_json::to_vec(&job)?;
+            match self.jobs.update(id, bytes.into(), revision).await {
+                Ok(_) => return Ok(Some(job)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(nats(e)),
+            }
+        }
+        Err(QueueError::Nats(format!(
+            "job {id}: too many concurrent updates"
+        )))
+    }
+
+    fn take_message(&self, token: &str) -> Option<jetstream::Message> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token)
+    }
+
+    async fn ack(&self, token: &str, kind: AckKind) {
+        if let Some(msg) = self.take_message(token) {
+            if let Err(e) = msg.ack_with(kind).await {
+                tracing::debug!(error = %e, "job message ack failed; JetStream redelivers it");
+            }
+        }
+    }
+
+    async fn all_jobs(&self) -> Result<Vec<Job>, QueueError> {
+        let mut names = Vec::new();
+        let mut keys = self.jobs.keys().await.map_err(nats)?;
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(nats)?);
+        }
+        let mut jobs = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some((job, _)) = self.read(&name).await? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+
+    async fn forget_unique_key(&self, job: &Job) {
+        if let Some(key) = &job.unique_key {
+            let _ = self.keys.purge(key_hash(key)).await;
+        }
+    }
+}
+
+async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, QueueError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    // The key-value stream, created by hand with the KV conventions:
+    // `create_key_value` of this client cannot parse a 2.9 server's answer.
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats(format!("bucket {bucket}: {e}")))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| nats(format!("bucket {bucket}: {e}")))
+}
+
+fn visible(mut job: Job, now: i64) -> Job {
+    if job.state == JobState::Scheduled && job.run_at <= now {
+        job.state = JobState::Available;
+    }
+    job
+}
+
+fn push_error(job: &mut Job, attempt: i64, at: i64, error: String) {
+    job.last_error = Some(error.clone());
+    job.errors.push(AttemptError { attempt, at, error });
+}
+
+#[async_trait]
+impl JobStore for NatsJobStore {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
+        job.validate()?;
+        let now = now_millis();
+        let id = shoal_core::ids::new_id();
+        if let Some(key) = &job.unique_key {
+            match self.keys.create(key_hash(key), id.clone().into()).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    let existing = self.keys.get(key_hash(key)).await.map_err(nats)?;
+                    let existing = existing
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .ok_or_else(|| QueueError::Nats("unique key vanished".into()))?;
+                    return Ok(Enqueued {
+                        id: existing,
+                        created: false,
+                    });
+                }
+                Err(e) => return Err(nats(e)),
+            }
+        }
+        let run_at = job.run_at.unwrap_or(now);
+        let record = Job {
+            id: id.clone(),
+            queue: job.queue.clone(),
+            kind: job.kind,
+            payload: job.payload,
+            priority: job.priority,
+            state: if run_at > now {
+                JobState::Scheduled
+            } else {
+                JobState::Available
+            },
+            run_at,
+            attempts: 0,
+            max_attempts: job.max_attempts,
+            unique_key: job.unique_key,
+            timeout_ms: ms(job.timeout),
+            trace_id: job.trace_id,
+            progress: None,
+            last_error: None,
+            errors: Vec::new(),
+            lease_token: None,
+            lease_until: None,
+            worker_id: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        };
+        let stored = async {
+            self.jobs
+                .create(&id, serde_json::to_vec(&record)?.into())
+                .await
+                .map_err(nats)?;
+            self.publish(&job.queue, &id).await
+        }
+        .await;
+        if let Err(e) = stored {
+            // Undo what was written so the caller's retry starts clean and
+            // no record waits for a message that was never sent.
+            let _ = self.jobs.purge(&id).await;
+            self.forget_unique_key(&record).await;
+            return Err(e);
+        }
+        metrics::counter!("shoal_jobs_enqueued_total", "queue" => job.queue).increment(1);
+        self.wakeups.notify_waiters();
+        Ok(Enqueued { id, created: true })
+    }
+
+    async fn claim(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+        worker_id: &str,
+    ) -> Result<Vec<Job>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let consumer = self.consumer(queue).await?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(nats)?;
+        let mut claimed = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(nats)?;
+            let id = String::from_utf8_lossy(&msg.payload).into_owned();
+            let now = now_millis();
+            let token = shoal_core::ids::new_id();
+            let mut decision = Delivery::Drop;
+            let changed = self
+                .modify(&id, |job| {
+                    decision = match job.state {
+                        s if s.is_finished() => Delivery::Drop,
+                        JobState::Running if job.lease_until.unwrap_or(0) >= now => {
+                            Delivery::Later(until(job.lease_until.unwrap_or(now), now))
+                        }
+                        _ if job.run_at > now => Delivery::Later(until(job.run_at, now)),
+                        JobState::Running if job.attempts >= job.max_attempts => Delivery::Dead,
+                        _ => Delivery::Claimed,
+                    };
+                    let was_running = job.state == JobState::Running;
+                    if was_running && !matches!(decision, Delivery::Drop | Delivery::Later(_)) {
+                        let at = job.lease_until.unwrap_or(now);
+                        let who = job.worker_id.clone().unwrap_or_else(|| "?".into());
+                        let attempt = job.attempts;
+                        push_error(
+                            job,
+                            attempt,
+                            at,
+                            format!("lease expired: worker {who} stopped renewing it"),
+                        );
+                    }
+                    match decision {
+                        Delivery::Claimed => {
+                            job.state = JobState::Running;
+                            job.attempts += 1;
+                            job.lease_token = Some(token.clone());
+                            job.lease_until = Some(now + ms(lease));
+                            job.worker_id = Some(worker_id.to_string());
+                            job.started_at = Some(now);
+                            true
+                        }
+                        Delivery::Dead => {
+                            job.state = JobState::Dead;
+                            job.finished_at = Some(now);
+                            job.lease_token = None;
+                            job.lease_until = None;
+                            true
+                        }
+                        Delivery::Drop | Delivery::Later(_) => false,
+                    }
+                })
+                .await?;
+            match (decision, changed) {
+                (Delivery::Claimed, Some(job)) => {
+                    self.inflight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(token, msg);
+                    claimed.push(visible(job, now));
+                }
+                (Delivery::Dead, Some(_)) => {
+                    metrics::counter!("shoal_jobs_dead_total", "queue" => queue.to_string())
+                        .increment(1);
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+                (Delivery::Later(wait), _) => {
+                    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+                }
+                _ => {
+                    let _ = msg.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn heartbeat(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+        progress: Option<&Value>,
+    ) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let renewed = self
+            .modify(&lease.job_id, |job| {
+                if job.state != JobState::Running
+                    || job.lease_token.as_deref() != Some(&lease.token)
+                {
+                    return false;
+                }
+                job.lease_until = Some(now + ms(extend));
+                if let Some(p) = progress {
+                    job.progress = Some(p.clone());
+                }
+                true
+            })
+            .await?;
+        if renewed.is_none() {
+            self.take_message(&lease.token);
+            return Ok(false);
+        }
+        let msg = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&lease.token)
+            .cloned();
+        if let Some(msg) = msg {
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
+        Ok(true)
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let done = self
+            .modify(&lease.job_id, |job| {
+                if job.state != JobState::Running
+                    || job.lease_token.as_deref() != Some(&lease.token)
+                {
+                    return false;
+                }
+                job.state = JobState::Succeeded;
+                job.finished_at = Some(now);
+                job.lease_token = None;
+                job.lease_until = None;
+                true
+            })
+            .await?;
+        self.ack(&lease.token, AckKind::Ack).await;
+        Ok(done.is_some())
+    }
+
+    async fn fail(
+        &self,
+        lease: &Lease,
+        error: &str,
+        retry_at: Option<i64>,
+    ) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let done = self
+            .modify(&lease.job_id, |job| {
+                if job.state != JobState::Running
+                    || job.lease_token.as_deref() != Some(&lease.token)
+                {
+                    return false;
+                }
+                push_error(job, lease.attempt, now, error.chars().take(4000).collect());
+                match retry_at {
+                    Some(at) => {
+                        job.state = JobState::Retrying;
+                        job.run_at = at;
+                    }
+                    None => {
+                        job.state = JobState::Dead;
+                        job.finished_at = Some(now);
+                    }
+                }
+                job.lease_token = None;
+                job.lease_until = None;
+                true
+            })
+            .await?;
+        if done.is_some() {
+            let kind = match retry_at {
+                Some(at) => AckKind::Nak(Some(until(at, now))),
+                None => AckKind::Term,
+            };
+            self.ack(&lease.token, kind).await;
+        }
+        Ok(done.is_some())
+    }
+
+    async fn release(&self, lease: &Lease, run_at: i64) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let done = self
+            .modify(&lease.job_id, |job| {
+                if job.state != JobState::Running
+                    || job.lease_token.as_deref() != Some(&lease.token)
+                {
+                    return false;
+                }
+                job.state = if run_at > now {
+                    JobState::Scheduled
+                } else {
+                    JobState::Available
+                };
+                job.run_at = run_at;
+                job.attempts -= 1;
+                job.lease_token = None;
+                job.lease_until = None;
+                true
+            })
+            .await?;
+        if done.is_some() {
+            self.ack(&lease.token, AckKind::Nak(Some(until(run_at, now))))
+                .await;
+            self.wakeups.notify_waiters();
+        }
+        Ok(done.is_some())
+    }
+
+    async fn cancel(&self, id: &str) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let done = self
+            .modify(id, |job| {
+                if job.state.is_finished() {
+                    return false;
+                }
+                job.state = JobState::Cancelled;
+                job.finished_at = Some(now);
+                job.lease_token = None;
+                job.lease_until = None;
+                true
+            })
+            .await?;
+        Ok(done.is_some())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, QueueError> {
+        let now = now_millis();
+        Ok(self.read(id).await?.map(|(job, _)| visible(job, now)))
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>, QueueError> {
+        let now = now_millis();
+        let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
+        let mut jobs: Vec<Job> = self
+            .all_jobs()
+            .await?
+            .into_iter()
+            .map(|j| visible(j, now))
+            .filter(|j| filter.queue.as_ref().is_none_or(|q| &j.queue == q))
+            .filter(|j| filter.kind.as_ref().is_none_or(|k| &j.kind == k))
+            .filter(|j| filter.state.is_none_or(|s| j.state == s))
+            .collect();
+        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        jobs.truncate(limit);
+        Ok(jobs)
+    }
+
+    async fn retry_dead(&self, id: &str) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let done = self
+            .modify(id, |job| {
+                if job.state != JobState::Dead {
+                    return false;
+                }
+                job.state = JobState::Available;
+                job.attempts = 0;
+                job.run_at = now;
+                job.finished_at = None;
+                true
+            })
+            .await?;
+        match done {
+            Some(job) => {
+                self.publish(&job.queue, id).await?;
+                self.wakeups.notify_waiters();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn discard_dead(&self, id: &str) -> Result<bool, QueueError> {
+        let Some((job, revision)) = self.read(id).await? else {
+            return Ok(false);
+        };
+        if job.state != JobState::Dead {
+            return Ok(false);
+        }
+        match self.jobs.delete_expect_revision(id, Some(revision)).await {
+            Ok(()) => {
+                self.forget_unique_key(&job).await;
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStats>, QueueError> {
+        let now = now_millis();
+        let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
+        for job in self.all_jobs().await? {
+            let job = visible(job, now);
+            let s = by_queue
+                .entry(job.queue.clone())
+                .or_insert_with(|| QueueStats {
+                    queue: job.queue.clone(),
+                    ..QueueStats::default()
+                });
+            s.add(job.state, 1);
+            let ready =
+                matches!(job.state, JobState::Available | JobState::Retrying) && job.run_at <= now;
+            if ready {
+                s.depth += 1;
+                s.oldest_age_ms = s.oldest_age_ms.max(now - job.run_at);
+            }
+        }
+        Ok(by_queue.into_values().collect())
+    }
+
+    async fn prune(
+        &self,
+        finished_older_than: Duration,
+        dead_older_than: Duration,
+    ) -> Result<u64, QueueError> {
+        let now = now_millis();
+        let mut pruned = 0;
+        for job in self.all_jobs().await? {
+            let limit = match job.state {
+                JobState::Succeeded | JobState::Cancelled => finished_older_than,
+                JobState::Dead => dead_older_than,
+                _ => continue,
+            };
+            if job.finished_at.unwrap_or(now) < now - ms(limit) {
+                self.jobs.purge(&job.id).await.map_err(nats)?;
+                self.forget_unique_key(&job).await;
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    fn wakeups(&self) -> Arc<Notify> {
+        self.wakeups.clone()
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.options.poll_interval
+    }
+
+    fn orders_by_priority(&self) -> bool {
+        false
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "nats"
+    }
+}

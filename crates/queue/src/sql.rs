@@ -1,0 +1,648 @@
+//! `SqlJobStore`: jobs in the main SQL database (SQLite or PostgreSQL)
+//! through `shoal_backends::Database`, so a service can enqueue a job inside
+//! its own transaction (the outbox pattern) and a handler can complete its
+//! job inside the transaction that writes its effects.
+//!
+//! Every state change is one statement guarded by the attempt's lease token
+//! (no read-then-write transactions: several processes share a SQLite file,
+//! and a deferred transaction that upgrades to a write lock fails with
+//! SQLITE_BUSY). PostgreSQL claims with `FOR UPDATE SKIP LOCKED` and wakes
+//! idle workers with `LISTEN`/`NOTIFY` on the channel `shoal_jobs`.
+
+use crate::job::{
+    AttemptError, Enqueued, Job, JobFilter, JobState, Lease, NewJob, QueueError, QueueStats,
+};
+use crate::store::JobStore;
+use async_trait::async_trait;
+use serde_json::Value;
+use shoal_backends::{now_millis, Database, DatabaseKind, Migration};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The PostgreSQL channel enqueues notify; the payload is the queue name.
+pub const NOTIFY_CHANNEL: &str = "shoal_jobs";
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "jobs",
+    sql: "CREATE TABLE IF NOT EXISTS shoal_jobs (
+        id TEXT PRIMARY KEY,
+        queue TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        priority BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        run_at BIGINT NOT NULL,
+        attempts BIGINT NOT NULL,
+        max_attempts BIGINT NOT NULL,
+        unique_key TEXT,
+        timeout_ms BIGINT NOT NULL,
+        trace_id TEXT,
+        progress TEXT,
+        last_error TEXT,
+        errors TEXT NOT NULL,
+        lease_token TEXT,
+        lease_until BIGINT,
+        worker_id TEXT,
+        created_at BIGINT NOT NULL,
+        started_at BIGINT,
+        finished_at BIGINT);
+    CREATE UNIQUE INDEX IF NOT EXISTS shoal_jobs_unique_key ON shoal_jobs (unique_key);
+    CREATE INDEX IF NOT EXISTS shoal_jobs_ready ON shoal_jobs (queue, state, run_at);
+    CREATE INDEX IF NOT EXISTS shoal_jobs_lease ON shoal_jobs (state, lease_until);
+    CREATE INDEX IF NOT EXISTS shoal_jobs_finished ON shoal_jobs (state, finished_at);",
+}];
+
+const COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at, attempts, max_attempts, \
+    unique_key, timeout_ms, trace_id, progress, last_error, errors, lease_token, lease_until, \
+    worker_id, created_at, started_at, finished_at";
+
+/// Error messages kept per attempt are cut to this many bytes.
+const MAX_ERROR_LEN: usize = 4000;
+
+/// SQL that appends the JSON object `element` (an SQL text expression) to
+/// the JSON array in `errors`, with string functions both engines share.
+fn append_error_sql(element: &str) -> String {
+    format!(
+        "CASE WHEN errors = '[]' THEN '[' || {element} || ']' \
+         ELSE substr(errors, 1, length(errors) - 1) || ',' || {element} || ']' END"
+    )
+}
+
+/// The history entry for an attempt whose lease ran out (old row values).
+const LEASE_EXPIRED_ERROR: &str = "'{\"attempt\":' || CAST(attempts AS TEXT) || ',\"at\":' || \
+    CAST(lease_until AS TEXT) || ',\"error\":\"lease expired: worker stopped renewing it\"}'";
+
+/// Jobs in the main SQL database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SqlJobStore {
+    db: Database,
+    wakeups: Arc<Notify>,
+}
+
+impl SqlJobStore {
+    /// Wraps `db`, creating the jobs table if needed. With PostgreSQL, call
+    /// [`SqlJobStore::listen`] too so idle workers wake on enqueue.
+    pub async fn new(db: Database) -> Result<Self, QueueError> {
+        db.migrate("jobs", MIGRATIONS).await?;
+        Ok(SqlJobStore {
+            db,
+            wakeups: Arc::new(Notify::new()),
+        })
+    }
+
+    /// `new`, plus `listen(url)` when `db` is PostgreSQL. `url` must be the
+    /// URL `db` was opened with.
+    pub async fn open(db: Database, url: &str) -> Result<Self, QueueError> {
+        let store = SqlJobStore::new(db).await?;
+        if store.db.kind() == DatabaseKind::Postgres {
+            store.listen(url).await?;
+        }
+        Ok(store)
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// PostgreSQL only: opens a `LISTEN` connection to `url` and wakes this
+    /// store's workers on every `NOTIFY shoal_jobs`. The task ends when the
+    /// store is dropped; on connection loss it reconnects (polling covers
+    /// the gap).
+    pub async fn listen(&self, url: &str) -> Result<(), QueueError> {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        let weak: Weak<Notify> = Arc::downgrade(&self.wakeups);
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+                let Some(notify) = weak.upgrade() else {
+                    return;
+                };
+                match received {
+                    Ok(Ok(_)) => notify.notify_waiters(),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "job LISTEN connection failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(_elapsed) => {}
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Enqueues `job` on the caller's connection, typically inside the
+    /// caller's transaction: the job exists if and only if the transaction
+    /// commits. With PostgreSQL the wake-up `NOTIFY` is sent on commit too.
+    pub async fn enqueue_in_transaction(
+        &self,
+        conn: &mut AnyConnection,
+        job: NewJob,
+    ) -> Result<Enqueued, QueueError> {
+        let queue = job.queue.clone();
+        let out = insert_job(self.db.kind(), conn, job).await?;
+        if out.created {
+            metrics::counter!("shoal_jobs_enqueued_total", "queue" => queue).increment(1);
+            // SQLite: may wake workers before commit; they poll again soon.
+            self.wakeups.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    /// Completes an attempt on the caller's connection, typically in the
+    /// transaction that writes the job's effects, so the effects and the
+    /// completion commit together (exactly-once effects in this database).
+    /// False when the lease is stale: the caller should roll back.
+    pub async fn complete_in_transaction(
+        &self,
+        conn: &mut AnyConnection,
+        lease: &Lease,
+    ) -> Result<bool, QueueError> {
+        complete_on(conn, lease).await
+    }
+
+    async fn reap_expired_last_attempts(&self, queue: &str, now: i64) -> Result<(), QueueError> {
+        let sql = format!(
+            "UPDATE shoal_jobs SET state = 'dead', finished_at = $1, lease_token = NULL,
+                lease_until = NULL,
+                last_error = 'lease expired on the last attempt: worker ' || COALESCE(worker_id, '?') || ' stopped renewing it',
+                errors = {}
+             WHERE queue = $2 AND state = 'running' AND lease_until < $1 AND attempts >= max_attempts",
+            append_error_sql(LEASE_EXPIRED_ERROR)
+        );
+        let done = sqlx::query(&sql)
+            .bind(now)
+            .bind(queue)
+            .execute(self.db.pool())
+            .await?;
+        if done.rows_affected() > 0 {
+            metrics::counter!("shoal_jobs_dead_total", "queue" => queue.to_string())
+                .increment(done.rows_affected());
+        }
+        Ok(())
+    }
+}
+
+async fn insert_job(
+    kind: DatabaseKind,
+    conn: &mut AnyConnection,
+    job: NewJob,
+) -> Result<Enqueued, QueueError> {
+    job.validate()?;
+    let now = now_millis();
+    let run_at = job.run_at.unwrap_or(now);
+    let state = if run_at > now {
+        JobState::Scheduled
+    } else {
+        JobState::Available
+    };
+    let id = shoal_core::ids::new_id();
+    let inserted = sqlx::query(
+        "INSERT INTO shoal_jobs (id, queue, kind, payload, priority, state, run_at, attempts,
+            max_attempts, unique_key, timeout_ms, trace_id, errors, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, '[]', $12)
+         ON CONFLICT (unique_key) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(&job.queue)
+    .bind(&job.kind)
+    .bind(serde_json::to_string(&job.payload)?)
+    .bind(job.priority)
+    .bind(state.as_str())
+    .bind(run_at)
+    .bind(job.max_attempts)
+    .bind(&job.unique_key)
+    .bind(job.timeout.as_millis().min(i64::MAX as u128) as i64)
+    .bind(&job.trace_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        let key = job.unique_key.clone().unwrap_or_default();
+        let (existing,): (String,) =
+            sqlx::query_as("SELECT id FROM shoal_jobs WHERE unique_key = $1")
+                .bind(&key)
+                .fetch_one(&mut *conn)
+                .await?;
+        return Ok(Enqueued {
+            id: existing,
+            created: false,
+        });
+    }
+    if kind == DatabaseKind::Postgres && state == JobState::Available {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(&job.queue)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(Enqueued { id, created: true })
+}
+
+async fn complete_on(conn: &mut AnyConnection, lease: &Lease) -> Result<bool, QueueError> {
+    let done = sqlx::query(
+        "UPDATE shoal_jobs SET state = 'succeeded', finished_at = $1, lease_token = NULL,
+            lease_until = NULL
+         WHERE id = $2 AND lease_token = $3 AND state = 'running'",
+    )
+    .bind(now_millis())
+    .bind(&lease.job_id)
+    .bind(&lease.token)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn job_from_row(row: &AnyRow, now: i64) -> Result<Job, QueueError> {
+    let state_text: String = row.try_get("state")?;
+    let mut state = JobState::parse(&state_text)
+        .ok_or_else(|| QueueError::Corrupt(format!("unknown job state `{state_text}`")))?;
+    let run_at: i64 = row.try_get("run_at")?;
+    if state == JobState::Scheduled && run_at <= now {
+        state = JobState::Available;
+    }
+    let payload: String = row.try_get("payload")?;
+    let progress: Option<String> = row.try_get("progress")?;
+    let errors: String = row.try_get("errors")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        kind: row.try_get("kind")?,
+        payload: serde_json::from_str(&payload)?,
+        priority: row.try_get("priority")?,
+        state,
+        run_at,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        unique_key: row.try_get("unique_key")?,
+        timeout_ms: row.try_get("timeout_ms")?,
+        trace_id: row.try_get("trace_id")?,
+        progress: progress.map(|p| serde_json::from_str(&p)).transpose()?,
+        last_error: row.try_get("last_error")?,
+        errors: serde_json::from_str::<Vec<AttemptError>>(&errors)?,
+        lease_token: row.try_get("lease_token")?,
+        lease_until: row.try_get("lease_until")?,
+        worker_id: row.try_get("worker_id")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+#[async_trait]
+impl JobStore for SqlJobStore {
+    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
+        job.validate()?;
+        let mut conn = self.db.pool().acquire().await?;
+        self.enqueue_in_transaction(&mut conn, job).await
+    }
+
+    async fn claim(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+        worker_id: &str,
+    ) -> Result<Vec<Job>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_millis();
+        self.reap_expired_last_attempts(queue, now).await?;
+        let lock = match self.db.kind() {
+            DatabaseKind::Postgres => "FOR UPDATE SKIP LOCKED",
+            DatabaseKind::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE shoal_jobs SET state = 'running', attempts = attempts + 1,
+                lease_token = $1, lease_until = $2, worker_id = $3, started_at = $4,
+                last_error = CASE WHEN state = 'running'
+                    THEN 'lease expired: worker ' || COALESCE(worker_id, '?') || ' stopped renewing it'
+                    ELSE last_error END,
+                errors = CASE WHEN state <> 'running' THEN errors ELSE {append} END
+             WHERE id IN (
+                SELECT id FROM shoal_jobs
+                WHERE queue = $5 AND (
+                    (state IN ('scheduled', 'available', 'retrying') AND run_at <= $4)
+                    OR (state = 'running' AND lease_until < $4 AND attempts < max_attempts))
+                ORDER BY priority DESC, run_at, id
+                LIMIT $6 {lock})
+             RETURNING {COLUMNS}",
+            append = append_error_sql(LEASE_EXPIRED_ERROR),
+        );
+        let token = shoal_core::ids::new_id();
+        let rows = sqlx::query(&sql)
+            .bind(&token)
+            .bind(now + ms(lease))
+            .bind(worker_id)
+            .bind(now)
+            .bind(queue)
+            .bind(max.min(10_000) as i64)
+            .fetch_all(self.db.pool())
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(|r| job_from_row(r, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        jobs.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.run_at.cmp(&b.run_at))
+                .then(a.id.cmp(&b.id))
+        });
+        Ok(jobs)
+    }
+
+    async fn heartbeat(
+        &self,
+        lease: &Lease,
+        extend: Duration,
+        progress: Option<&Value>,
+    ) -> Result<bool, QueueError> {
+        let progress = progress.map(serde_json::to_string).transpose()?;
+        let done = sqlx::query(
+            "UPDATE shoal_jobs SET lease_until = $1, progress = COALESCE($2, progress)
+             WHERE id = $3 AND lease_token = $4 AND state = 'running'",
+        )
+        .bind(now_millis() + ms(extend))
+        .bind(progress)
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
+        let mut conn = self.db.pool().acquire().await?;
+        complete_on(&mut conn, lease).await
+    }
+
+    async fn fail(
+        &self,
+        lease: &Lease,
+        error: &str,
+        retry_at: Option<i64>,
+    ) -> Result<bool, QueueError> {
+        let now = now_millis();
+        let error = truncate(error, MAX_ERROR_LEN);
+        let entry = serde_json::to_string(&AttemptError {
+            attempt: lease.attempt,
+            at: now,
+            error: error.to_string(),
+        })?;
+        let (state, finished_at) = match retry_at {
+            Some(_) => (JobState::Retrying, None),
+            None => (JobState::Dead, Some(now)),
+        };
+        let sql = format!(
+            "UPDATE shoal_jobs SET state = $1, run_at = COALESCE($2, run_at), finished_at = $3,
+                last_error = $4, errors = {}, lease_token = NULL, lease_until = NULL
+             WHERE id = $6 AND lease_token = $7 AND state = 'running'",
+            append_error_sql("$5")
+        );
+        let done = sqlx::query(&sql)
+            .bind(state.as_str())
+            .bind(retry_at)
+            .bind(finished_at)
+            .bind(error)
+            .bind(entry)
+            .bind(&lease.job_id)
+            .bind(&lease.token)
+            .execute(self.db.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release(&self, lease: &Lease, run_at: i64) -> Result<bool, QueueError> {
+        let state = if run_at > now_millis() {
+            JobState::Scheduled
+        } else {
+            JobState::Available
+        };
+        let done = sqlx::query(
+            "UPDATE shoal_jobs SET state = $1, run_at = $2, attempts = attempts - 1,
+                lease_token = NULL, lease_until = NULL
+             WHERE id = $3 AND lease_token = $4 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(run_at)
+        .bind(&lease.job_id)
+        .bind(&lease.token)
+        .execute(self.db.pool())
+        .await?;
+        if done.rows_affected() == 1 {
+            self.wakeups.notify_waiters();
+        }
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn cancel(&self, id: &str) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE shoal_jobs SET state = 'cancelled', finished_at = $1, lease_token = NULL,
+                lease_until = NULL
+             WHERE id = $2 AND state IN ('scheduled', 'available', 'running', 'retrying')",
+        )
+        .bind(now_millis())
+        .bind(id)
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, QueueError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM shoal_jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(self.db.pool())
+            .await?;
+        row.map(|r| job_from_row(&r, now_millis())).transpose()
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>, QueueError> {
+        let now = now_millis();
+        let mut conditions = Vec::new();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(q) = &filter.queue {
+            args.push(q.clone());
+            conditions.push(format!("queue = ${}", args.len()));
+        }
+        if let Some(k) = &filter.kind {
+            args.push(k.clone());
+            conditions.push(format!("kind = ${}", args.len()));
+        }
+        let mut due_filter = None;
+        if let Some(s) = filter.state {
+            // `available` includes scheduled jobs whose time has come.
+            let (stored, due) = match s {
+                JobState::Available => ("('available', 'scheduled')", Some(true)),
+                JobState::Scheduled => ("('scheduled')", Some(false)),
+                other => {
+                    args.push(other.as_str().to_string());
+                    conditions.push(format!("state = ${}", args.len()));
+                    ("", None)
+                }
+            };
+            if let Some(due) = due {
+                conditions.push(format!("state IN {stored}"));
+                due_filter = Some(due);
+            }
+        }
+        let limit = filter.limit.unwrap_or(100).clamp(1, 1000);
+        let mut sql = format!("SELECT {COLUMNS} FROM shoal_jobs");
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC");
+        // The due filter runs in Rust; over-fetch a little to fill the page.
+        sql.push_str(&format!(" LIMIT {}", limit * 4));
+        let mut query = sqlx::query(&sql);
+        for a in &args {
+            query = query.bind(a);
+        }
+        let rows = query.fetch_all(self.db.pool()).await?;
+        let mut jobs = Vec::new();
+        for row in &rows {
+            let job = job_from_row(row, now)?;
+            let keep = match (due_filter, filter.state) {
+                (Some(_), Some(s)) => job.state == s,
+                _ => true,
+            };
+            if keep {
+                jobs.push(job);
+            }
+            if jobs.len() == limit {
+                break;
+            }
+        }
+        Ok(jobs)
+    }
+
+    async fn retry_dead(&self, id: &str) -> Result<bool, QueueError> {
+        let done = sqlx::query(
+            "UPDATE shoal_jobs SET state = 'available', attempts = 0, run_at = $1,
+                finished_at = NULL, lease_token = NULL, lease_until = NULL
+             WHERE id = $2 AND state = 'dead'",
+        )
+        .bind(now_millis())
+        .bind(id)
+        .execute(self.db.pool())
+        .await?;
+        if done.rows_affected() == 1 {
+            self.wakeups.notify_waiters();
+        }
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn discard_dead(&self, id: &str) -> Result<bool, QueueError> {
+        let done = sqlx::query("DELETE FROM shoal_jobs WHERE id = $1 AND state = 'dead'")
+            .bind(id)
+            .execute(self.db.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStats>, QueueError> {
+        let now = now_millis();
+        let counts: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT queue, CASE WHEN state = 'scheduled' AND run_at <= $1 THEN 'available'
+                ELSE state END AS st, COUNT(*)
+             FROM shoal_jobs GROUP BY 1, 2",
+        )
+        .bind(now)
+        .fetch_all(self.db.pool())
+        .await?;
+        let ready: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT queue, COUNT(*), MIN(run_at) FROM shoal_jobs
+             WHERE state IN ('scheduled', 'available', 'retrying') AND run_at <= $1
+             GROUP BY queue",
+        )
+        .bind(now)
+        .fetch_all(self.db.pool())
+        .await?;
+        let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
+        for (queue, state, n) in counts {
+            let entry = by_queue.entry(queue.clone()).or_insert_with(|| QueueStats {
+                queue,
+                ..QueueStats::default()
+            });
+            if let Some(s) = JobState::parse(&state) {
+                entry.add(s, n);
+            }
+        }
+        for (queue, depth, oldest) in ready {
+            if let Some(entry) = by_queue.get_mut(&queue) {
+                entry.depth = depth;
+                entry.oldest_age_ms = oldest.map(|t| (now - t).max(0)).unwrap_or(0);
+            }
+        }
+        Ok(by_queue.into_values().collect())
+    }
+
+    async fn prune(
+        &self,
+        finished_older_than: Duration,
+        dead_older_than: Duration,
+    ) -> Result<u64, QueueError> {
+        let now = now_millis();
+        let done = sqlx::query(
+            "DELETE FROM shoal_jobs
+             WHERE (state IN ('succeeded', 'cancelled') AND finished_at < $1)
+                OR (state = 'dead' AND finished_at < $2)",
+        )
+        .bind(now - ms(finished_older_than))
+        .bind(now - ms(dead_older_than))
+        .execute(self.db.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    fn wakeups(&self) -> Arc<Notify> {
+        self.wakeups.clone()
+    }
+
+    fn poll_interval(&self) -> Duration {
+        match self.db.kind() {
+            DatabaseKind::Sqlite => Duration::from_millis(200),
+            DatabaseKind::Postgres => Duration::from_secs(1),
+        }
+    }
+
+    fn backend_name(&self) -> &'static str {
+        match self.db.kind() {
+            DatabaseKind::Sqlite => "sqlite",
+            DatabaseKind::Postgres => "postgres",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
