@@ -15,12 +15,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use shoal_backends::{
-    BlobStore, Broadcast, Database, S3Config, Migration, RedisBroadcast, RedisSessionStore, SessionStore, SqlBroadcast,
-    SqlBroadcastOptions, SqlSessionStore,
+    BlobStore, Broadcast, Database, Migration, RedisBroadcast, RedisSessionStore, S3Config,
+    SessionStore, SqlBroadcast, SqlBroadcastOptions, SqlSessionStore,
 };
 use shoal_core::settings::{BlobBackend, BusBackend, SessionBackend};
-use shoal_queue::{SqlJobStore, Worker};
 use shoal_core::{Problem, Settings};
+use shoal_queue::{SqlJobStore, Worker};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -219,6 +219,11 @@ impl Application {
         } else {
             settings.instance.clone().into()
         };
+        let mut settings = settings;
+        if settings.clients.catalog.is_empty() {
+            // Alone, an instance calls the catalog it runs itself.
+            settings.clients.catalog = vec![format!("http://{addr}")];
+        }
         let ctx = build_context(settings, instance, &modules).await?;
         let mut router: Router<AppContext> = Router::new()
             .route("/healthz", get(healthz))

@@ -4,8 +4,8 @@
 
 use crate::cache::QueryCache;
 use shoal_backends::{BlobStore, Broadcast, Database, SessionLifetimes, SessionStore};
-use shoal_queue::SqlJobStore;
 use shoal_core::Settings;
+use shoal_queue::SqlJobStore;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod cache;
+pub mod client;
 pub mod context;
 pub mod error;
 pub mod extract;
@@ -14,6 +15,7 @@ pub mod session_cache;
 
 pub use app::{Application, ServiceModule};
 pub use cache::{CacheError, QueryCache, QueryCacheOptions};
+pub use client::{ClientError, ClientOptions, ServiceClient};
 pub use context::AppContext;
 pub use error::ApiError;
 pub use extract::{ApiJson, ClientAddr};

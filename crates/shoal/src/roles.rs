@@ -18,6 +18,8 @@ pub fn modules() -> Vec<Box<dyn ServiceModule>> {
         Box::new(shoal_accounts::Accounts),
         Box::new(shoal_catalog::Catalog::default()),
         Box::new(shoal_media::Media),
+        Box::new(shoal_orders::Orders::default()),
+        Box::new(shoal_payments::Payments),
     ]
 }
 

@@ -39,6 +39,8 @@ struct ChildSpec {
     address: Option<SocketAddr>,
     /// Path answering 200 when the child is ready.
     ready_path: Option<&'static str>,
+    /// Settings the supervisor decides (addresses of the other children).
+    env: Vec<(String, String)>,
 }
 
 type Table = Arc<Mutex<Vec<ChildView>>>;
@@ -187,6 +189,7 @@ fn child_specs(
             args,
             address: Some(addr),
             ready_path: Some("/readyz"),
+            env: Vec::new(),
         });
     }
     for i in 1..=settings.up.workers {
@@ -199,6 +202,7 @@ fn child_specs(
             args,
             address: None,
             ready_path: None,
+            env: Vec::new(),
         });
     }
     let mut args = vec![
@@ -219,8 +223,54 @@ fn child_specs(
             args,
             address: Some(gateway_addr),
             ready_path: Some("/_gateway/readyz"),
+            env: Vec::new(),
         },
     );
+    // What every service process must know about the others.
+    let mut env = vec![(
+        "SHOAL_CLIENTS__CATALOG".to_string(),
+        serve_addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )];
+    env.push((
+        "SHOAL_CATALOG__PURGE_URLS".into(),
+        format!("http://{gateway_addr}/_gateway/admin/purge"),
+    ));
+    if settings.up.sandbox {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        env.push((
+            "SHOAL_PAYMENTS__PROVIDER_URL".into(),
+            format!("http://{addr}"),
+        ));
+        let mut args = vec![
+            "sandbox".to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--webhook-url".into(),
+            format!("http://{gateway_addr}/api/payments/webhooks"),
+        ];
+        args.extend(common.iter().cloned());
+        specs.push(ChildSpec {
+            name: "sandbox".into(),
+            role: "sandbox",
+            args,
+            address: Some(addr),
+            ready_path: Some("/healthz"),
+            env: Vec::new(),
+        });
+    }
+    for spec in specs
+        .iter_mut()
+        .filter(|s| s.role == "serve" || s.role == "worker")
+    {
+        spec.env = env.clone();
+    }
     Ok(specs)
 }
 
@@ -248,6 +298,7 @@ async fn manage_child(
     loop {
         let mut child = match tokio::process::Command::new(&exe)
             .args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true)

@@ -21,6 +21,17 @@ impl Stack {
     fn start(instances: usize, env: &[(&str, &str)]) -> Stack {
         let dir = kit::TempDir::new("up");
         let port = kit::free_port();
+        let seeded = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["seed", "--products", "20", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("SHOAL_LOG__LEVEL", "warn")
+            .output()
+            .expect("shoal seed");
+        assert!(
+            seeded.status.success(),
+            "seed: {}",
+            String::from_utf8_lossy(&seeded.stderr)
+        );
         let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
         cmd.args([
@@ -155,6 +166,56 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-request-id"));
 
+    // Checkout through the gateway: the same key twice is one order, one
+    // charge at the sandbox, and the order gets paid in the background.
+    let products: Value = http
+        .get(stack.url("/api/catalog/products?per_page=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = products["items"][0]["id"]
+        .as_str()
+        .expect("a seeded product")
+        .to_string();
+    let body = json!({"items": [{"product_id": product, "quantity": 1}]});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = http
+            .post(stack.url("/api/orders"))
+            .header("idempotency-key", "e2e-order-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let order: Value = r.json().await.unwrap();
+        ids.push(order["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids[0], ids[1], "one order for one key");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o: Value = http
+            .get(stack.url(&format!("/api/orders/{}", ids[0])))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if o["status"] == "paid" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "order not paid: {o}; log:\n{}",
+            stack.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // 1,000 requests reach every instance
     let mut by_instance: HashMap<String, usize> = HashMap::new();
     let mut tasks = Vec::new();
@@ -267,7 +328,11 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
 
     // SIGTERM stops everything; no child remains
     let pids: Vec<u32> = stack.children().values().copied().collect();
-    assert_eq!(pids.len(), 5, "gateway, 3 instances, 1 worker: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        6,
+        "gateway, 3 instances, 1 worker, sandbox: {pids:?}"
+    );
     let took = stack.stop(Duration::from_secs(30));
     eprintln!("stack stopped in {took:?}");
     for pid in pids {

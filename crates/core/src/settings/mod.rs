@@ -10,7 +10,7 @@ mod media;
 mod payments;
 
 pub use cache::{BusBackend, CacheSettings, CatalogSettings};
-pub use gateway::{GatewaySettings, PoolSettings, RouteSettings};
+pub use gateway::{GatewaySettings, PoolSettings, RateLimitSettings, RouteSettings};
 pub use load::{load, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};
 pub use payments::{PaymentsSettings, SandboxSettings};
@@ -41,6 +41,7 @@ pub struct Settings {
     pub catalog: CatalogSettings,
     pub blobs: BlobSettings,
     pub media: MediaSettings,
+    pub clients: ClientsSettings,
 }
 
 impl Default for Settings {
@@ -62,6 +63,7 @@ impl Default for Settings {
             catalog: CatalogSettings::default(),
             blobs: BlobSettings::default(),
             media: MediaSettings::default(),
+            clients: ClientsSettings::default(),
         }
     }
 }
@@ -230,7 +232,12 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
-            queues: vec!["default".into(), "media".into()],
+            queues: vec![
+                "default".into(),
+                "media".into(),
+                "payments".into(),
+                "orders".into(),
+            ],
             concurrency: 8,
             housekeeping_interval_secs: 60,
             shutdown_timeout_secs: 20,
@@ -255,6 +262,8 @@ pub struct UpSettings {
     /// given up on, and the stack stops with an error.
     pub max_restarts: u32,
     pub crash_window_secs: u64,
+    /// Run the payment sandbox and point `payments.provider_url` at it.
+    pub sandbox: bool,
 }
 
 impl Default for UpSettings {
@@ -267,6 +276,35 @@ impl Default for UpSettings {
             shutdown_timeout_secs: 30,
             max_restarts: 5,
             crash_window_secs: 60,
+            sandbox: true,
+        }
+    }
+}
+
+/// How services call each other over HTTP (client-side balanced).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsSettings {
+    /// Base URLs of catalog instances. Empty: this instance itself.
+    pub catalog: Vec<String>,
+    /// Deadline of one call, including retries, ms.
+    pub timeout_ms: u64,
+    /// Extra attempts on other instances for idempotent calls.
+    pub retries: u32,
+    /// Consecutive failures that open an instance's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker rejects calls before one trial, ms.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for ClientsSettings {
+    fn default() -> Self {
+        ClientsSettings {
+            catalog: Vec::new(),
+            timeout_ms: 2_000,
+            retries: 2,
+            breaker_failures: 5,
+            breaker_open_ms: 5_000,
         }
     }
 }

@@ -126,7 +126,8 @@ impl From<Upload> for UploadView {
     }
 }
 
-const SELECT: &str = "SELECT id, owner_id, blob_key, content_type, size, visibility, status, sha256,
+const SELECT: &str =
+    "SELECT id, owner_id, blob_key, content_type, size, visibility, status, sha256,
     width, height, thumbnail_key, error, created_at, updated_at FROM media_uploads";
 
 #[derive(Debug, Deserialize)]
@@ -156,7 +157,13 @@ async fn upload(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     if !ALLOWED_TYPES.contains(&declared.as_str()) {
         return Err(Problem::unsupported_media_type(format!(
@@ -185,7 +192,9 @@ async fn upload(
     while head.len() < sniff::NEEDED {
         match stream.next().await {
             Some(Ok(chunk)) => head.extend_from_slice(&chunk),
-            Some(Err(e)) => return Err(Problem::bad_request(format!("the upload broke off: {e}")).into()),
+            Some(Err(e)) => {
+                return Err(Problem::bad_request(format!("the upload broke off: {e}")).into())
+            }
             None => break,
         }
     }
@@ -206,9 +215,14 @@ async fn upload(
     let stored = match ctx.blobs.put_stream(&key, Box::pin(body), limit).await {
         Ok(s) => s,
         Err(BlobError::TooLarge { limit }) => {
-            return Err(Problem::payload_too_large(format!("the file is larger than the limit of {limit} bytes")).into())
+            return Err(Problem::payload_too_large(format!(
+                "the file is larger than the limit of {limit} bytes"
+            ))
+            .into())
         }
-        Err(BlobError::Body(e)) => return Err(Problem::bad_request(format!("the upload broke off: {e}")).into()),
+        Err(BlobError::Body(e)) => {
+            return Err(Problem::bad_request(format!("the upload broke off: {e}")).into())
+        }
         Err(e) => return Err(ApiError::internal("storing an upload", &e)),
     };
     let now = now_millis();
@@ -291,7 +305,11 @@ async fn viewer(ctx: &AppContext, headers: &HeaderMap) -> Result<Option<String>,
         .map(|s| s.user_id))
 }
 
-async fn show(State(ctx): State<AppContext>, headers: HeaderMap, Path(id): Path<String>) -> ApiResult<Response> {
+async fn show(
+    State(ctx): State<AppContext>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let upload = load(&ctx, &id).await?;
     let me = viewer(&ctx, &headers).await?;
     match upload {
@@ -308,14 +326,20 @@ async fn show(State(ctx): State<AppContext>, headers: HeaderMap, Path(id): Path<
     }
 }
 
-async fn serve_blob(State(ctx): State<AppContext>, headers: HeaderMap, Path(key): Path<String>) -> ApiResult<Response> {
+async fn serve_blob(
+    State(ctx): State<AppContext>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> ApiResult<Response> {
     if shoal_backends::BlobStore::check_key(&key).is_err() {
         return Err(Problem::not_found("no such file").into());
     }
-    let upload: Option<Upload> = sqlx::query_as(&format!("{SELECT} WHERE blob_key = $1 OR thumbnail_key = $1"))
-        .bind(&key)
-        .fetch_optional(ctx.db.pool())
-        .await?;
+    let upload: Option<Upload> = sqlx::query_as(&format!(
+        "{SELECT} WHERE blob_key = $1 OR thumbnail_key = $1"
+    ))
+    .bind(&key)
+    .fetch_optional(ctx.db.pool())
+    .await?;
     let Some(upload) = upload else {
         return Err(Problem::not_found("no such file").into());
     };
@@ -324,7 +348,11 @@ async fn serve_blob(State(ctx): State<AppContext>, headers: HeaderMap, Path(key)
         return Err(Problem::not_found("no such file").into());
     }
     let is_thumb = upload.thumbnail_key.as_deref() == Some(key.as_str());
-    let content_type = if is_thumb { "image/png".to_string() } else { upload.content_type.clone() };
+    let content_type = if is_thumb {
+        "image/png".to_string()
+    } else {
+        upload.content_type.clone()
+    };
     let etag = format!("\"{}{}\"", upload.id, if is_thumb { "-t" } else { "" });
     if headers
         .get(header::IF_NONE_MATCH)
@@ -364,16 +392,30 @@ async fn serve_blob(State(ctx): State<AppContext>, headers: HeaderMap, Path(key)
         }
         Err(e) => return Err(ApiError::internal("reading a blob", &e)),
     };
-    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
     let length = read.range.end - read.range.start;
     let mut response = Response::new(Body::from_stream(read.body));
     *response.status_mut() = status;
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_str(&content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::ETAG, HeaderValue::from_str(&etag).expect("ascii etag"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("ascii etag"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(if public {
@@ -383,12 +425,21 @@ async fn serve_blob(State(ctx): State<AppContext>, headers: HeaderMap, Path(key)
         }),
     );
     if !content_type.starts_with("image/") {
-        h.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment"));
+        h.insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment"),
+        );
     }
     if range.is_some() {
         h.insert(
             header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("bytes {}-{}/{}", read.range.start, read.range.end - 1, read.size)).expect("ascii"),
+            HeaderValue::from_str(&format!(
+                "bytes {}-{}/{}",
+                read.range.start,
+                read.range.end - 1,
+                read.size
+            ))
+            .expect("ascii"),
         );
     }
     Ok(response)
@@ -411,7 +462,11 @@ pub fn parse_range(spec: &str, size: u64) -> Option<std::ops::Range<u64>> {
         return Some(size.saturating_sub(n)..size);
     }
     let start: u64 = a.parse().ok()?;
-    let end = if b.is_empty() { size - 1 } else { b.parse::<u64>().ok()?.min(size - 1) };
+    let end = if b.is_empty() {
+        size - 1
+    } else {
+        b.parse::<u64>().ok()?.min(size - 1)
+    };
     if start > end || start >= size {
         return None;
     }

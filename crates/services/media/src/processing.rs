@@ -5,10 +5,10 @@
 //! applies to an upload still `processing`.
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use shoal_backends::now_millis;
 use shoal_queue::{handler_fn, JobContext, JobError, Worker};
 use shoal_runtime::AppContext;
-use sha2::{Digest, Sha256};
 
 pub const PROCESS_KIND: &str = "media.process";
 
@@ -51,21 +51,37 @@ pub async fn process_upload(ctx: &AppContext, id: &str) -> Result<(), JobError> 
     if status != "processing" {
         return Ok(());
     }
-    let data = ctx.blobs.get_bytes(&key).await.map_err(JobError::retryable)?;
+    let data = ctx
+        .blobs
+        .get_bytes(&key)
+        .await
+        .map_err(JobError::retryable)?;
     let is_image = content_type.starts_with("image/");
     let computed = tokio::task::spawn_blocking(move || -> Result<Computed, String> {
-        let sha256 = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         if !is_image {
-            return Ok(Computed { sha256, dimensions: None, thumbnail: None });
+            return Ok(Computed {
+                sha256,
+                dimensions: None,
+                thumbnail: None,
+            });
         }
-        let image = image::load_from_memory(&data).map_err(|e| format!("cannot decode the image: {e}"))?;
+        let image =
+            image::load_from_memory(&data).map_err(|e| format!("cannot decode the image: {e}"))?;
         let dimensions = (image.width(), image.height());
         let thumb = image.thumbnail(256, 256);
         let mut png = std::io::Cursor::new(Vec::new());
         thumb
             .write_to(&mut png, image::ImageFormat::Png)
             .map_err(|e| format!("cannot encode the thumbnail: {e}"))?;
-        Ok(Computed { sha256, dimensions: Some(dimensions), thumbnail: Some(png.into_inner()) })
+        Ok(Computed {
+            sha256,
+            dimensions: Some(dimensions),
+            thumbnail: Some(png.into_inner()),
+        })
     })
     .await
     .map_err(JobError::retryable)?;

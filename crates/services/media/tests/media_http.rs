@@ -24,12 +24,16 @@ impl Drop for Running {
 
 async fn start() -> Running {
     let dir = kit::TempDir::new("media");
-    let mut settings = Settings::default();
-    settings.data_dir = dir.path().to_path_buf();
+    let mut settings = Settings {
+        data_dir: dir.path().to_path_buf(),
+        ..Settings::default()
+    };
     settings.serve.listen = "127.0.0.1:0".parse().unwrap();
     settings.media.max_upload_bytes = 200_000;
-    let modules: Vec<Box<dyn ServiceModule>> =
-        vec![Box::new(shoal_accounts::Accounts), Box::new(shoal_media::Media)];
+    let modules: Vec<Box<dyn ServiceModule>> = vec![
+        Box::new(shoal_accounts::Accounts),
+        Box::new(shoal_media::Media),
+    ];
     let app = Application::build(settings, modules).await.unwrap();
     let base = format!("http://{}", app.local_addr());
     let ctx = app.context().clone();
@@ -48,14 +52,25 @@ async fn start() -> Running {
 async fn login(base: &str, email: &str) -> reqwest::Client {
     let http = kit::http_client();
     let creds = json!({"email": email, "password": "correct horse"});
-    http.post(format!("{base}/api/accounts/signup")).json(&creds).send().await.unwrap();
-    let r = http.post(format!("{base}/api/accounts/login")).json(&creds).send().await.unwrap();
+    http.post(format!("{base}/api/accounts/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    let r = http
+        .post(format!("{base}/api/accounts/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     http
 }
 
 fn png(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
@@ -66,7 +81,13 @@ fn blob_files(dir: &std::path::Path) -> usize {
         std::fs::read_dir(p)
             .map(|rd| {
                 rd.flatten()
-                    .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+                    .map(|e| {
+                        if e.path().is_dir() {
+                            walk(&e.path())
+                        } else {
+                            1
+                        }
+                    })
                     .sum()
             })
             .unwrap_or(0)
@@ -117,19 +138,39 @@ async fn an_image_upload_is_processed_and_served() {
     let url = format!("{}{}", app.base, ready["url"].as_str().unwrap());
     let r = anon.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["cache-control"], "public, max-age=31536000, immutable");
+    assert_eq!(
+        r.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
     assert_eq!(r.headers()["content-type"], "image/png");
     assert_eq!(r.bytes().await.unwrap().to_vec(), data);
-    let r = anon.get(&url).header("range", "bytes=0-7").send().await.unwrap();
+    let r = anon
+        .get(&url)
+        .header("range", "bytes=0-7")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 206);
-    assert_eq!(r.headers()["content-range"], format!("bytes 0-7/{}", data.len()));
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes 0-7/{}", data.len())
+    );
     assert_eq!(r.bytes().await.unwrap().to_vec(), data[..8].to_vec());
-    let r = anon.get(&url).header("range", "bytes=999999-").send().await.unwrap();
+    let r = anon
+        .get(&url)
+        .header("range", "bytes=999999-")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 416);
 
     // The thumbnail is a PNG within 256×256.
     let thumb = anon
-        .get(format!("{}{}", app.base, ready["thumbnail_url"].as_str().unwrap()))
+        .get(format!(
+            "{}{}",
+            app.base,
+            ready["thumbnail_url"].as_str().unwrap()
+        ))
         .send()
         .await
         .unwrap()
@@ -157,10 +198,22 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     let url = format!("{}{}", app.base, upload["url"].as_str().unwrap());
     let id = upload["id"].as_str().unwrap();
     assert_eq!(ada.get(&url).send().await.unwrap().status(), 200);
-    assert_eq!(bob.get(&url).send().await.unwrap().status(), 404, "not someone else's");
-    assert_eq!(reqwest::get(&url).await.unwrap().status(), 404, "not anonymous");
     assert_eq!(
-        bob.get(format!("{}/api/media/uploads/{id}", app.base)).send().await.unwrap().status(),
+        bob.get(&url).send().await.unwrap().status(),
+        404,
+        "not someone else's"
+    );
+    assert_eq!(
+        reqwest::get(&url).await.unwrap().status(),
+        404,
+        "not anonymous"
+    );
+    assert_eq!(
+        bob.get(format!("{}/api/media/uploads/{id}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         404
     );
     let before = blob_files(app.dir.path());
@@ -203,9 +256,18 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     assert_eq!(r.status(), 401);
     // keys that try to escape the root
     for bad in ["../../etc/passwd", "uploads/..%2F..%2Fshoal.db", "%2e%2e/x"] {
-        let status = ada.get(format!("{}/media/{bad}", app.base)).send().await.unwrap().status();
+        let status = ada
+            .get(format!("{}/media/{bad}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status();
         assert_eq!(status, 404, "{bad}");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(blob_files(app.dir.path()), before, "bad uploads stored nothing");
+    assert_eq!(
+        blob_files(app.dir.path()),
+        before,
+        "bad uploads stored nothing"
+    );
 }

@@ -7,7 +7,10 @@
 //! payment's id), so a charge retried after a timeout or a lost response
 //! is one charge at the provider. Errors say whether a retry is safe.
 
+mod service;
 mod stripe;
+
+pub use service::{Payments, RECONCILE_KIND};
 
 pub use shoal_sandbox::signature::{verify as verify_webhook_signature, SignatureError};
 pub use stripe::StripeProvider;

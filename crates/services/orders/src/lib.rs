@@ -1,0 +1,467 @@
+//! The orders service. `POST /api/orders` needs an `Idempotency-Key`: the
+//! same key with the same body returns the first response; with another
+//! body it is a 422. Products and prices come from the catalog service
+//! over HTTP (`ServiceClient`: client-side balanced, deadline, retries,
+//! circuit breaker) — never from its tables. The order (pending payment),
+//! the stored idempotent response and the `payments.charge` job commit in
+//! one transaction, so a committed order always has its payment job and a
+//! rolled-back one never does. The `orders.settle` job (sent by payments)
+//! marks the order paid or failed and publishes an event.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use shoal_backends::{now_millis, Migration};
+use shoal_core::Problem;
+use shoal_queue::{handler_fn, JobContext, JobError, NewJob, Worker};
+use shoal_runtime::error::ApiResult;
+use shoal_runtime::{
+    ApiError, ApiJson, AppContext, ClientOptions, CurrentSession, ServiceClient, ServiceModule,
+};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Job kind the payments service handles to charge an order.
+pub const CHARGE_KIND: &str = "payments.charge";
+/// Job kind this service handles when a payment settles.
+pub const SETTLE_KIND: &str = "orders.settle";
+
+/// The orders service module.
+#[derive(Debug, Default)]
+pub struct Orders {
+    catalog: OnceLock<Arc<ServiceClient>>,
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "orders",
+    sql: "CREATE TABLE IF NOT EXISTS orders (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        items TEXT NOT NULL,
+        total_cents BIGINT NOT NULL,
+        currency TEXT NOT NULL,
+        payment_method TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        response TEXT NOT NULL,
+        failure TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        UNIQUE (user_id, idempotency_key));
+    CREATE INDEX IF NOT EXISTS orders_user ON orders (user_id, created_at);",
+}];
+
+impl ServiceModule for Orders {
+    fn name(&self) -> &'static str {
+        "orders"
+    }
+
+    fn migrations(&self) -> &'static [Migration] {
+        MIGRATIONS
+    }
+
+    fn routes(&self, ctx: &AppContext) -> Router<AppContext> {
+        let c = &ctx.settings.clients;
+        let client = self
+            .catalog
+            .get_or_init(|| {
+                Arc::new(ServiceClient::new(
+                    "catalog",
+                    &c.catalog,
+                    ClientOptions {
+                        timeout: Duration::from_millis(c.timeout_ms),
+                        retries: c.retries,
+                        breaker_failures: c.breaker_failures,
+                        breaker_open: Duration::from_millis(c.breaker_open_ms),
+                    },
+                ))
+            })
+            .clone();
+        Router::new()
+            .route("/api/orders", get(list).post(create))
+            .route("/api/orders/{id}", get(show))
+            .layer(axum::Extension(client))
+    }
+
+    fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
+        let ctx = ctx.clone();
+        worker.register(
+            SETTLE_KIND,
+            handler_fn(move |job: JobContext| {
+                let ctx = ctx.clone();
+                async move { settle(&ctx, &job).await }
+            }),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct ItemRequest {
+    product_id: String,
+    quantity: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrder {
+    items: Vec<ItemRequest>,
+    #[serde(default)]
+    payment_method: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CatalogProduct {
+    id: String,
+    name: String,
+    price_cents: i64,
+    currency: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct OrderItem {
+    product_id: String,
+    name: String,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct OrderView {
+    id: String,
+    status: String,
+    items: Vec<OrderItem>,
+    total_cents: i64,
+    currency: String,
+    failure: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+type OrderRow = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    i64,
+    i64,
+);
+
+fn view(row: OrderRow) -> OrderView {
+    let (id, status, items, total_cents, currency, failure, created_at, updated_at) = row;
+    OrderView {
+        id,
+        status,
+        items: serde_json::from_str(&items).unwrap_or_default(),
+        total_cents,
+        currency,
+        failure,
+        created_at,
+        updated_at,
+    }
+}
+
+const SELECT: &str =
+    "SELECT id, status, items, total_cents, currency, failure, created_at, updated_at FROM orders";
+
+fn replay(stored: &str) -> Response {
+    let body: Value = serde_json::from_str(stored).unwrap_or(Value::Null);
+    let mut r = (StatusCode::CREATED, Json(body)).into_response();
+    r.headers_mut()
+        .insert("idempotent-replayed", "true".parse().unwrap());
+    r
+}
+
+async fn create(
+    State(ctx): State<AppContext>,
+    axum::Extension(catalog): axum::Extension<Arc<ServiceClient>>,
+    CurrentSession(session): CurrentSession,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateOrder>,
+) -> ApiResult<Response> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string();
+    if key.is_empty() || key.len() > 255 {
+        return Err(Problem::bad_request(
+            "send an `Idempotency-Key` header (1–255 characters, e.g. a UUID) so a retried checkout cannot order twice",
+        )
+        .with_field("Idempotency-Key", "is required")
+        .into());
+    }
+    let mut problem = Problem::validation("the order is invalid; see `errors`");
+    if body.items.is_empty() || body.items.len() > 100 {
+        problem = problem.with_field("items", "must hold 1 to 100 items");
+    }
+    for (i, item) in body.items.iter().enumerate() {
+        if item.quantity < 1 || item.quantity > 1000 {
+            problem =
+                problem.with_field(format!("items[{i}].quantity"), "must be between 1 and 1000");
+        }
+        if item.product_id.is_empty() || item.product_id.len() > 100 {
+            problem = problem.with_field(format!("items[{i}].product_id"), "is required");
+        }
+    }
+    let payment_method = body
+        .payment_method
+        .clone()
+        .unwrap_or_else(|| "pm_card_visa".into());
+    if !payment_method.starts_with("pm_") || payment_method.len() > 100 {
+        problem = problem.with_field(
+            "payment_method",
+            "must be a payment method id such as pm_card_visa",
+        );
+    }
+    if !problem.errors.is_empty() {
+        return Err(problem.into());
+    }
+    let request_hash = {
+        let canonical = json!({"items": body.items, "payment_method": payment_method});
+        Sha256::digest(canonical.to_string().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    // A retry of a request we already answered: replay or refuse.
+    if let Some((hash, response)) = find_by_key(&ctx, &session.user_id, &key).await? {
+        return if hash == request_hash {
+            Ok(replay(&response))
+        } else {
+            Err(key_reused())
+        };
+    }
+    // Prices from the catalog service, never from its tables.
+    let mut items = Vec::new();
+    let mut currency: Option<String> = None;
+    let mut total: i64 = 0;
+    for (i, item) in body.items.iter().enumerate() {
+        let path = format!("/api/catalog/products/{}", item.product_id);
+        let product: Option<CatalogProduct> = catalog.get_json(&path).await.map_err(|e| {
+            tracing::warn!(error = %e, "catalog call failed");
+            ApiError(Problem::unavailable(
+                format!(
+                    "the catalog service is unavailable ({e}); retry with the same Idempotency-Key"
+                ),
+                1,
+            ))
+        })?;
+        let Some(product) = product else {
+            return Err(Problem::validation(format!(
+                "product `{}` does not exist",
+                item.product_id
+            ))
+            .with_field(format!("items[{i}].product_id"), "no such product")
+            .into());
+        };
+        if currency.get_or_insert_with(|| product.currency.clone()) != &product.currency {
+            return Err(
+                Problem::validation("all items must be priced in one currency")
+                    .with_field(
+                        format!("items[{i}].product_id"),
+                        "is priced in another currency",
+                    )
+                    .into(),
+            );
+        }
+        total = total.saturating_add(product.price_cents.saturating_mul(item.quantity));
+        items.push(OrderItem {
+            product_id: product.id,
+            name: product.name,
+            quantity: item.quantity,
+            unit_price_cents: product.price_cents,
+        });
+    }
+    let currency = currency.unwrap_or_else(|| "usd".into());
+    let now = now_millis();
+    let order = OrderView {
+        id: shoal_core::ids::new_id(),
+        status: "pending_payment".into(),
+        items,
+        total_cents: total,
+        currency,
+        failure: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let response = serde_json::to_string(&order).expect("order serializes");
+    let mut tx = ctx.db.pool().begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders (id, user_id, status, items, total_cents, currency, payment_method,
+            idempotency_key, request_hash, response, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         ON CONFLICT (user_id, idempotency_key) DO NOTHING",
+    )
+    .bind(&order.id)
+    .bind(&session.user_id)
+    .bind(&order.status)
+    .bind(serde_json::to_string(&order.items).expect("items serialize"))
+    .bind(order.total_cents)
+    .bind(&order.currency)
+    .bind(&payment_method)
+    .bind(&key)
+    .bind(&request_hash)
+    .bind(&response)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // A concurrent request with the same key won the race.
+        tx.rollback().await?;
+        return match find_by_key(&ctx, &session.user_id, &key).await? {
+            Some((hash, stored)) if hash == request_hash => Ok(replay(&stored)),
+            _ => Err(key_reused()),
+        };
+    }
+    let job = NewJob::new(
+        "payments",
+        CHARGE_KIND,
+        json!({
+            "order_id": order.id,
+            "user_id": session.user_id,
+            "amount": order.total_cents,
+            "currency": order.currency,
+            "payment_method": payment_method,
+        }),
+    )
+    .unique_key(format!("charge:{}", order.id))
+    .max_attempts(10);
+    ctx.jobs
+        .enqueue_in_transaction(&mut tx, job)
+        .await
+        .map_err(|e| ApiError::internal("enqueueing the payment job", &e))?;
+    tx.commit().await?;
+    metrics::counter!("shoal_orders_created_total").increment(1);
+    tracing::info!(order_id = %order.id, total = order.total_cents, "order created; payment queued");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/api/orders/{}", order.id))],
+        Json(order),
+    )
+        .into_response())
+}
+
+fn key_reused() -> ApiError {
+    ApiError(
+        Problem::validation(
+            "this Idempotency-Key was used with a different request; use a new key for a new order",
+        )
+        .with_field("Idempotency-Key", "was used with another body"),
+    )
+}
+
+async fn find_by_key(
+    ctx: &AppContext,
+    user: &str,
+    key: &str,
+) -> Result<Option<(String, String)>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT request_hash, response FROM orders WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(user)
+    .bind(key)
+    .fetch_optional(ctx.db.pool())
+    .await?)
+}
+
+async fn list(
+    State(ctx): State<AppContext>,
+    CurrentSession(session): CurrentSession,
+) -> ApiResult<Response> {
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "{SELECT} WHERE user_id = $1 ORDER BY created_at DESC LIMIT 100"
+    ))
+    .bind(&session.user_id)
+    .fetch_all(ctx.db.pool())
+    .await?;
+    let orders: Vec<OrderView> = rows.into_iter().map(view).collect();
+    Ok((
+        [(header::CACHE_CONTROL, "private, no-store")],
+        Json(json!({"orders": orders})),
+    )
+        .into_response())
+}
+
+async fn show(
+    State(ctx): State<AppContext>,
+    CurrentSession(session): CurrentSession,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let row: Option<OrderRow> = sqlx::query_as(&format!("{SELECT} WHERE id = $1 AND user_id = $2"))
+        .bind(&id)
+        .bind(&session.user_id)
+        .fetch_optional(ctx.db.pool())
+        .await?;
+    match row {
+        Some(r) => Ok((
+            [(header::CACHE_CONTROL, "private, no-store")],
+            Json(view(r)),
+        )
+            .into_response()),
+        None => Err(Problem::not_found(format!("no order `{id}`")).into()),
+    }
+}
+
+/// `orders.settle`: `{order_id, status: "paid"|"failed", reason?}`. Only a
+/// pending order changes, so running twice is harmless; the event is
+/// published on the bus channel `user.<id>`.
+async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
+    let p = job.payload();
+    let order_id = p["order_id"]
+        .as_str()
+        .ok_or_else(|| JobError::permanent("no order_id"))?;
+    let status = match p["status"].as_str() {
+        Some(s @ ("paid" | "failed")) => s,
+        _ => return Err(JobError::permanent("status must be paid or failed")),
+    };
+    let reason = p["reason"].as_str();
+    let changed = sqlx::query(
+        "UPDATE orders SET status = $1, failure = $2, updated_at = $3 WHERE id = $4 AND status = 'pending_payment'",
+    )
+    .bind(status)
+    .bind(reason)
+    .bind(now_millis())
+    .bind(order_id)
+    .execute(ctx.db.pool())
+    .await
+    .map_err(JobError::retryable)?;
+    if changed.rows_affected() == 1 {
+        let user: Option<(String, i64, String)> =
+            sqlx::query_as("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
+                .bind(order_id)
+                .fetch_optional(ctx.db.pool())
+                .await
+                .map_err(JobError::retryable)?;
+        if let Some((user_id, total, currency)) = user {
+            let event = json!({
+                "type": format!("order.{status}"),
+                "order_id": order_id,
+                "total_cents": total,
+                "currency": currency,
+            });
+            if let Err(e) = ctx
+                .bus
+                .publish(&format!("user.{user_id}"), event.to_string().as_bytes())
+                .await
+            {
+                tracing::warn!(error = %e, "order event not published");
+            }
+        }
+        metrics::counter!("shoal_orders_settled_total", "status" => status.to_string())
+            .increment(1);
+        tracing::info!(order_id, status, "order settled");
+    }
+    Ok(())
+}

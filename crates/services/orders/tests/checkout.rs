@@ -1,0 +1,335 @@
+//! Checkout end to end in one process: accounts, catalog, orders and
+//! payments on one Application, a worker running their jobs, and the
+//! payment sandbox with faults. Every order is charged exactly once.
+
+use serde_json::{json, Value};
+use shoal_backends::Database;
+use shoal_core::settings::SandboxSettings;
+use shoal_core::Settings;
+use shoal_queue::{Worker, WorkerOptions};
+use shoal_runtime::{Application, ServiceModule};
+use shoal_testkit as kit;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+struct Stack {
+    base: String,
+    sandbox: String,
+    stop: CancellationToken,
+    _dir: kit::TempDir,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn modules() -> Vec<Box<dyn ServiceModule>> {
+    vec![
+        Box::new(shoal_accounts::Accounts),
+        Box::new(shoal_catalog::Catalog::default()),
+        Box::new(shoal_orders::Orders::default()),
+        Box::new(shoal_payments::Payments),
+    ]
+}
+
+async fn start() -> Stack {
+    let dir = kit::TempDir::new("checkout");
+    let stop = CancellationToken::new();
+    let sdb = Database::connect(
+        &kit::sqlite_url(&dir.path().join("sandbox")),
+        4,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let sandbox = shoal_sandbox::Sandbox::bind(
+        SandboxSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..SandboxSettings::default()
+        },
+        sdb,
+    )
+    .await
+    .unwrap();
+    let sandbox_url = format!("http://{}", sandbox.handle().addr);
+    tokio::spawn(sandbox.run(stop.clone()));
+
+    let mut settings = Settings {
+        data_dir: dir.path().to_path_buf(),
+        ..Settings::default()
+    };
+    settings.serve.listen = "127.0.0.1:0".parse().unwrap();
+    settings.payments.provider_url = sandbox_url.clone();
+    settings.payments.request_timeout_ms = 500;
+    let app = Application::build(settings, modules()).await.unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let ctx = app.context().clone();
+    let options = WorkerOptions {
+        queues: vec![("payments".into(), 4), ("orders".into(), 2)],
+        poll_interval: Some(Duration::from_millis(50)),
+        ..WorkerOptions::default()
+    };
+    let mut worker = Worker::new(ctx.jobs.clone(), options);
+    for m in modules() {
+        worker = m.register_jobs(&ctx, worker);
+    }
+    tokio::spawn(worker.run(stop.clone()));
+    tokio::spawn(app.run(stop.clone()));
+    shoal_catalog::seed(&ctx.db, 3, |_| {}).await.unwrap();
+    reqwest::Client::new()
+        .post(format!("{sandbox_url}/_sandbox/webhook"))
+        .json(&json!({"url": format!("{base}/api/payments/webhooks")}))
+        .send()
+        .await
+        .unwrap();
+    Stack {
+        base,
+        sandbox: sandbox_url,
+        stop,
+        _dir: dir,
+    }
+}
+
+async fn login(base: &str) -> reqwest::Client {
+    let http = kit::http_client();
+    let creds = json!({"email": "ada@example.com", "password": "correct horse"});
+    http.post(format!("{base}/api/accounts/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        http.post(format!("{base}/api/accounts/login"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    http
+}
+
+async fn order(
+    http: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut r = http.post(format!("{base}/api/orders")).json(body);
+    if let Some(k) = key {
+        r = r.header("idempotency-key", k);
+    }
+    r.send().await.unwrap()
+}
+
+async fn wait_status(http: &reqwest::Client, base: &str, id: &str, want: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value = http
+            .get(format!("{base}/api/orders/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == want {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "order {id} never became {want}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn charges_for(sandbox: &str, order_id: &str) -> usize {
+    let v: Value = reqwest::get(format!("{sandbox}/_sandbox/charges"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["charges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["metadata"]["order_id"] == order_id)
+        .count()
+}
+
+async fn product(base: &str) -> Value {
+    let v: Value = reqwest::get(format!("{base}/api/catalog/products?per_page=1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let list = v
+        .get("products")
+        .or_else(|| v.get("items"))
+        .cloned()
+        .unwrap_or(v.clone());
+    list.as_array()
+        .and_then(|a| a.first().cloned())
+        .unwrap_or_else(|| panic!("no products in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_is_idempotent_and_charges_once() {
+    let s = start().await;
+    let http = login(&s.base).await;
+    let p = product(&s.base).await;
+    let body = json!({"items": [{"product_id": p["id"], "quantity": 2}]});
+
+    // no key: 400, and nothing created
+    assert_eq!(order(&http, &s.base, None, &body).await.status(), 400);
+
+    let first = order(&http, &s.base, Some("key-1"), &body).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["status"], "pending_payment");
+    assert_eq!(first["total_cents"], p["price_cents"].as_i64().unwrap() * 2);
+    let again = order(&http, &s.base, Some("key-1"), &body).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"], "same key, same order");
+    let other = json!({"items": [{"product_id": p["id"], "quantity": 3}]});
+    assert_eq!(
+        order(&http, &s.base, Some("key-1"), &other).await.status(),
+        422
+    );
+
+    let id = first["id"].as_str().unwrap();
+    wait_status(&http, &s.base, id, "paid").await;
+    assert_eq!(charges_for(&s.sandbox, id).await, 1, "one charge");
+    let list: Value = http
+        .get(format!("{}/api/orders", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["orders"].as_array().unwrap().len(), 1);
+
+    // unknown product: 422 naming the item
+    let bad = json!({"items": [{"product_id": "nope", "quantity": 1}]});
+    let r = order(&http, &s.base, Some("key-bad"), &bad).await;
+    assert_eq!(r.status(), 422);
+
+    // a declined card fails the order, with no charge
+    let declined = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_chargeDeclined"});
+    let r: Value = order(&http, &s.base, Some("key-2"), &declined)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let failed = wait_status(&http, &s.base, r["id"].as_str().unwrap(), "failed").await;
+    assert!(
+        failed["failure"].as_str().unwrap().contains("declined"),
+        "{failed}"
+    );
+    assert_eq!(charges_for(&s.sandbox, r["id"].as_str().unwrap()).await, 0);
+
+    // someone else cannot see the order
+    let other_user = kit::http_client();
+    let creds = json!({"email": "bob@example.com", "password": "correct horse"});
+    other_user
+        .post(format!("{}/api/accounts/signup", s.base))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    other_user
+        .post(format!("{}/api/accounts/login", s.base))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        other_user
+            .get(format!("{}/api/orders/{id}", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_faults_still_give_exactly_one_charge() {
+    let s = start().await;
+    let http = login(&s.base).await;
+    let p = product(&s.base).await;
+    let body = json!({"items": [{"product_id": p["id"], "quantity": 1}]});
+    let faults = |f: Value| {
+        let url = format!("{}/_sandbox/faults", s.sandbox);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&f)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+
+    // The provider charges, then the response is lost (the client times
+    // out at 500 ms); the job retries with the same key and is replayed.
+    faults(json!({"lose_response_after_charge": 1})).await;
+    let r: Value = order(&http, &s.base, Some("lost"), &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    wait_status(&http, &s.base, &id, "paid").await;
+    assert_eq!(
+        charges_for(&s.sandbox, &id).await,
+        1,
+        "lost response: one charge"
+    );
+
+    // The provider fails twice before charging; the third try charges.
+    faults(json!({"fail_before_charge": 2})).await;
+    let r: Value = order(&http, &s.base, Some("flaky"), &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    wait_status(&http, &s.base, &id, "paid").await;
+    assert_eq!(
+        charges_for(&s.sandbox, &id).await,
+        1,
+        "errors then success: one charge"
+    );
+
+    // Processing: settled by the signed webhook.
+    let processing = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_processing"});
+    let r: Value = order(&http, &s.base, Some("webhook"), &processing)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    wait_status(&http, &s.base, &id, "paid").await;
+    assert_eq!(charges_for(&s.sandbox, &id).await, 1);
+
+    // A forged webhook is refused.
+    let forged = reqwest::Client::new()
+        .post(format!("{}/api/payments/webhooks", s.base))
+        .header("stripe-signature", "t=1,v1=00")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400);
+}

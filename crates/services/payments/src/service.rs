@@ -1,0 +1,342 @@
+//! The payments service module: the `payments.charge` job (one payment
+//! row per order; the payment's id is the provider's idempotency key, so
+//! retries after timeouts or crashes are one charge), signed provider
+//! webhooks at `POST /api/payments/webhooks`, and a reconciliation job
+//! every minute that settles payments left pending. A settled payment
+//! enqueues `orders.settle` in the same transaction.
+
+use crate::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, StripeProvider};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use shoal_backends::{now_millis, Migration};
+use shoal_core::Problem;
+use shoal_queue::{
+    handler_fn, JobContext, JobError, JobStore, KindOptions, NewJob, Schedule, Worker,
+};
+use shoal_runtime::error::ApiResult;
+use shoal_runtime::{ApiError, AppContext, ServiceModule};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const CHARGE_KIND: &str = "payments.charge";
+pub const RECONCILE_KIND: &str = "payments.reconcile";
+const SETTLE_KIND: &str = "orders.settle";
+
+#[derive(Debug, Default)]
+pub struct Payments;
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "payments",
+    sql: "CREATE TABLE IF NOT EXISTS payments (
+        id TEXT PRIMARY KEY,
+        order_id TEXT NOT NULL UNIQUE,
+        user_id TEXT NOT NULL,
+        amount BIGINT NOT NULL,
+        currency TEXT NOT NULL,
+        payment_method TEXT NOT NULL,
+        status TEXT NOT NULL,
+        provider_id TEXT,
+        failure TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL);
+    CREATE INDEX IF NOT EXISTS payments_pending ON payments (status, updated_at);",
+}];
+
+fn provider(ctx: &AppContext) -> Arc<dyn PaymentProvider> {
+    let p = &ctx.settings.payments;
+    Arc::new(StripeProvider::new(
+        &p.provider_url,
+        &p.api_key,
+        Duration::from_millis(p.request_timeout_ms),
+    ))
+}
+
+impl ServiceModule for Payments {
+    fn name(&self) -> &'static str {
+        "payments"
+    }
+
+    fn migrations(&self) -> &'static [Migration] {
+        MIGRATIONS
+    }
+
+    fn routes(&self, _ctx: &AppContext) -> Router<AppContext> {
+        Router::new().route("/api/payments/webhooks", post(webhook))
+    }
+
+    fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
+        let provider = provider(ctx);
+        let (c1, p1) = (ctx.clone(), provider.clone());
+        let (c2, p2) = (ctx.clone(), provider);
+        let worker = worker
+            .register_with(
+                CHARGE_KIND,
+                handler_fn(move |job: JobContext| {
+                    let (ctx, provider) = (c1.clone(), p1.clone());
+                    async move { charge(&ctx, provider.as_ref(), &job).await }
+                }),
+                KindOptions {
+                    backoff: shoal_queue::Backoff {
+                        base: Duration::from_millis(500),
+                        max: Duration::from_secs(60),
+                        jitter: 0.5,
+                    },
+                    rate_limit: None,
+                },
+            )
+            .register(
+                RECONCILE_KIND,
+                handler_fn(move |_job: JobContext| {
+                    let (ctx, provider) = (c2.clone(), p2.clone());
+                    async move { reconcile(&ctx, provider.as_ref()).await }
+                }),
+            );
+        match Schedule::new(
+            "payments-reconcile",
+            "0 * * * * *",
+            NewJob::new("payments", RECONCILE_KIND, json!({})),
+        ) {
+            Ok(s) => worker.schedule(s),
+            Err(e) => {
+                tracing::error!(error = %e, "reconciliation schedule refused");
+                worker
+            }
+        }
+    }
+}
+
+type PaymentRow = (String, String, String, i64, String, String, String);
+
+async fn load_payment(ctx: &AppContext, order_id: &str) -> Result<Option<PaymentRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, order_id, user_id, amount, currency, payment_method, status FROM payments WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(ctx.db.pool())
+    .await
+}
+
+/// `payments.charge`: `{order_id, user_id, amount, currency, payment_method}`.
+async fn charge(
+    ctx: &AppContext,
+    provider: &dyn PaymentProvider,
+    job: &JobContext,
+) -> Result<(), JobError> {
+    let p = job.payload();
+    let text = |k: &str| {
+        p[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| JobError::permanent(format!("payload has no {k}")))
+    };
+    let order_id = text("order_id")?;
+    let amount = p["amount"]
+        .as_i64()
+        .ok_or_else(|| JobError::permanent("payload has no amount"))?;
+    let now = now_millis();
+    sqlx::query(
+        "INSERT INTO payments (id, order_id, user_id, amount, currency, payment_method, status, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(format!("pay_{}", shoal_core::ids::new_id().replace('-', "")))
+    .bind(&order_id)
+    .bind(text("user_id")?)
+    .bind(amount)
+    .bind(text("currency")?)
+    .bind(text("payment_method")?)
+    .bind(now)
+    .execute(ctx.db.pool())
+    .await
+    .map_err(JobError::retryable)?;
+    let Some(payment) = load_payment(ctx, &order_id)
+        .await
+        .map_err(JobError::retryable)?
+    else {
+        return Err(JobError::retryable("payment row vanished"));
+    };
+    if payment.6 != "pending" {
+        // Settled already (a webhook, or an earlier attempt): make sure the
+        // order hears of it, once.
+        return enqueue_settle(ctx, &payment, payment.6 == "succeeded", None).await;
+    }
+    charge_and_settle(ctx, provider, &payment).await
+}
+
+async fn charge_and_settle(
+    ctx: &AppContext,
+    provider: &dyn PaymentProvider,
+    payment: &PaymentRow,
+) -> Result<(), JobError> {
+    let (id, order_id, _user, amount, currency, method, _status) = payment;
+    let request = ChargeRequest {
+        amount: *amount,
+        currency: currency.clone(),
+        payment_method: method.clone(),
+        idempotency_key: id.clone(),
+        metadata: vec![
+            ("payment_id".into(), id.clone()),
+            ("order_id".into(), order_id.clone()),
+        ],
+    };
+    match provider.charge(&request).await {
+        Ok(ChargeOutcome::Succeeded { provider_id }) => {
+            settle(ctx, id, true, Some(&provider_id), None).await
+        }
+        Ok(ChargeOutcome::Declined {
+            provider_id,
+            message,
+            ..
+        }) => settle(ctx, id, false, provider_id.as_deref(), Some(&message)).await,
+        Ok(ChargeOutcome::Processing { provider_id }) => {
+            sqlx::query("UPDATE payments SET provider_id = $1, updated_at = $2 WHERE id = $3")
+                .bind(&provider_id)
+                .bind(now_millis())
+                .bind(id)
+                .execute(ctx.db.pool())
+                .await
+                .map_err(JobError::retryable)?;
+            tracing::info!(payment_id = %id, "payment processing; a webhook or reconciliation settles it");
+            Ok(())
+        }
+        Err(ProviderError::Retryable(e)) => {
+            metrics::counter!("shoal_payments_provider_errors_total").increment(1);
+            Err(JobError::retryable(e))
+        }
+        Err(ProviderError::Permanent(e)) => settle(ctx, id, false, None, Some(&e)).await,
+    }
+}
+
+/// Marks a pending payment settled and enqueues `orders.settle`, in one
+/// transaction. A payment already settled is left as it is.
+async fn settle(
+    ctx: &AppContext,
+    payment_id: &str,
+    succeeded: bool,
+    provider_id: Option<&str>,
+    failure: Option<&str>,
+) -> Result<(), JobError> {
+    let mut tx = ctx.db.pool().begin().await.map_err(JobError::retryable)?;
+    let changed = sqlx::query(
+        "UPDATE payments SET status = $1, provider_id = COALESCE($2, provider_id), failure = $3, updated_at = $4
+         WHERE id = $5 AND status = 'pending'",
+    )
+    .bind(if succeeded { "succeeded" } else { "failed" })
+    .bind(provider_id)
+    .bind(failure)
+    .bind(now_millis())
+    .bind(payment_id)
+    .execute(&mut *tx)
+    .await
+    .map_err(JobError::retryable)?;
+    if changed.rows_affected() == 1 {
+        let order_id: (String,) = sqlx::query_as("SELECT order_id FROM payments WHERE id = $1")
+            .bind(payment_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(JobError::retryable)?;
+        let job = settle_job(&order_id.0, succeeded, failure);
+        ctx.jobs
+            .enqueue_in_transaction(&mut tx, job)
+            .await
+            .map_err(JobError::retryable)?;
+        metrics::counter!("shoal_payments_settled_total", "status" => if succeeded { "succeeded" } else { "failed" })
+            .increment(1);
+        tracing::info!(payment_id, succeeded, "payment settled");
+    }
+    tx.commit().await.map_err(JobError::retryable)?;
+    Ok(())
+}
+
+fn settle_job(order_id: &str, paid: bool, reason: Option<&str>) -> NewJob {
+    NewJob::new(
+        "orders",
+        SETTLE_KIND,
+        json!({"order_id": order_id, "status": if paid { "paid" } else { "failed" }, "reason": reason}),
+    )
+    .unique_key(format!("settle:{order_id}"))
+}
+
+async fn enqueue_settle(
+    ctx: &AppContext,
+    payment: &PaymentRow,
+    paid: bool,
+    reason: Option<&str>,
+) -> Result<(), JobError> {
+    ctx.jobs
+        .enqueue(settle_job(&payment.1, paid, reason))
+        .await
+        .map(|_| ())
+        .map_err(JobError::retryable)
+}
+
+/// Settles payments pending for more than 30 s by asking the provider
+/// again with the same idempotency key (a lost response is replayed).
+async fn reconcile(ctx: &AppContext, provider: &dyn PaymentProvider) -> Result<(), JobError> {
+    let stale: Vec<PaymentRow> = sqlx::query_as(
+        "SELECT id, order_id, user_id, amount, currency, payment_method, status FROM payments
+         WHERE status = 'pending' AND updated_at < $1 ORDER BY updated_at LIMIT 100",
+    )
+    .bind(now_millis() - 30_000)
+    .fetch_all(ctx.db.pool())
+    .await
+    .map_err(JobError::retryable)?;
+    for payment in &stale {
+        if let Err(e) = charge_and_settle(ctx, provider, payment).await {
+            tracing::warn!(payment_id = %payment.0, error = %e, "reconciliation of a payment failed; next run retries");
+        }
+    }
+    if !stale.is_empty() {
+        tracing::info!(count = stale.len(), "reconciled pending payments");
+    }
+    Ok(())
+}
+
+async fn webhook(
+    State(ctx): State<AppContext>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let settings = &ctx.settings.payments;
+    let Some(signature) = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(Problem::bad_request("missing Stripe-Signature header").into());
+    };
+    let now = now_millis() / 1000;
+    if let Err(e) = crate::verify_webhook_signature(
+        &settings.webhook_secret,
+        signature,
+        &body,
+        now,
+        settings.webhook_tolerance_secs as i64,
+    ) {
+        metrics::counter!("shoal_payments_webhooks_rejected_total").increment(1);
+        return Err(Problem::bad_request(format!("webhook signature refused: {e}")).into());
+    }
+    let event: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(Problem::bad_request(format!(
+            "webhook body is not JSON: {e}"
+        )))
+    })?;
+    let object = &event["data"]["object"];
+    let payment_id = object["metadata"]["payment_id"]
+        .as_str()
+        .map(str::to_string);
+    let outcome = match event["type"].as_str() {
+        Some("payment_intent.succeeded") => Some(true),
+        Some("payment_intent.payment_failed") => Some(false),
+        _ => None,
+    };
+    if let (Some(payment_id), Some(succeeded)) = (payment_id, outcome) {
+        let failure = object["last_payment_error"]["message"].as_str();
+        settle(&ctx, &payment_id, succeeded, object["id"].as_str(), failure)
+            .await
+            .map_err(|e| ApiError(Problem::unavailable(format!("could not settle: {e}"), 1)))?;
+    }
+    Ok(Json(json!({"received": true})))
+}
