@@ -112,24 +112,34 @@ pub async fn run(
     drop(gave_up_tx);
 
     // Wait until every child with a readiness path answers, then show where
-    // things run.
-    let ready = wait_ready(&specs, Duration::from_secs(60), &shutdown).await;
-    if ready {
-        print_table(&table, gateway_addr, &data_dir);
-    } else if !shutdown.is_cancelled() {
-        eprintln!("shoal: not every process became ready within 60 s; see the logs above");
-    }
-
-    let mut exit = ExitCode::SUCCESS;
+    // things run; a crash loop or a stop signal ends the wait early.
+    let mut gave_up = None;
     tokio::select! {
-        _ = shutdown.cancelled() => {
-            println!("shoal: stopping (gateway first, then instances and workers)");
+        ready = wait_ready(&specs, Duration::from_secs(60), &shutdown) => {
+            if ready {
+                print_table(&table, gateway_addr, &data_dir);
+            } else if !shutdown.is_cancelled() {
+                eprintln!("shoal: not every process became ready within 60 s; see the logs above");
+            }
         }
-        Some(name) = gave_up_rx.recv() => {
-            eprintln!("shoal: {name} keeps crashing ({} times within {} s); stopping the stack. See its log lines above.",
-                settings.up.max_restarts, settings.up.crash_window_secs);
+        Some(name) = gave_up_rx.recv() => gave_up = Some(name),
+    }
+    if gave_up.is_none() {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            Some(name) = gave_up_rx.recv() => gave_up = Some(name),
+        }
+    }
+    let mut exit = ExitCode::SUCCESS;
+    match gave_up {
+        Some(name) => {
+            eprintln!(
+                "shoal: {name} keeps crashing (more than {} restarts within {} s); stopping the stack. See its log lines above.",
+                settings.up.max_restarts, settings.up.crash_window_secs
+            );
             exit = ExitCode::FAILURE;
         }
+        None => println!("shoal: stopping (gateway first, then instances and workers)"),
     }
 
     let deadline = Instant::now() + Duration::from_secs(settings.up.shutdown_timeout_secs);

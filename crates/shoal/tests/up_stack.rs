@@ -461,3 +461,33 @@ fn config_prints_effective_settings_and_bad_values_name_the_key() {
         "{help}"
     );
 }
+
+#[test]
+fn a_crash_looping_child_stops_the_stack_loudly() {
+    let dir = kit::TempDir::new("crashloop");
+    let started = Instant::now();
+    // An unknown service makes every `serve` child exit at start.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "up",
+            "--port",
+            &kit::free_port().to_string(),
+            "--instances",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SHOAL_SERVE__SERVICES", "no-such-service")
+        .env("SHOAL_UP__MAX_RESTARTS", "2")
+        .env("SHOAL_UP__SANDBOX", "false")
+        .env("SHOAL_LOG__LEVEL", "error")
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up in time"
+    );
+    assert_eq!(out.status.code(), Some(1), "exit status says it failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("serve-1 keeps crashing"), "{stderr}");
+}

@@ -388,6 +388,41 @@ async fn accounts_on_postgres_with_redis_sessions() {
 }
 
 #[tokio::test]
+async fn login_attempts_are_limited_per_client_address() {
+    let mut s = Settings::default();
+    s.accounts.login_attempts_per_address = 3;
+    let app = start(s).await;
+    let http = kit::http_client();
+    for i in 0..3 {
+        let r = http
+            .post(format!("{}/api/accounts/login", app.base))
+            .json(&json!({"email": format!("user{i}@example.com"), "password": "whatever!"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    // A fourth account from the same address is refused before checking.
+    let r = http
+        .post(format!("{}/api/accounts/login", app.base))
+        .json(&json!({"email": "user9@example.com", "password": "whatever!"}))
+        .send()
+        .await
+        .unwrap();
+    let p = problem(r, 429).await;
+    assert!(p["detail"].as_str().unwrap().contains("address"), "{p}");
+    // Behind the gateway, the client address comes from X-Forwarded-For.
+    let r = http
+        .post(format!("{}/api/accounts/login", app.base))
+        .header("x-forwarded-for", "203.0.113.7")
+        .json(&json!({"email": "user9@example.com", "password": "whatever!"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "another client address has its own budget");
+}
+
+#[tokio::test]
 async fn a_panic_is_a_500_problem_and_the_server_lives_on() {
     let app = start(Settings::default()).await;
     let http = kit::http_client();
