@@ -59,6 +59,100 @@ pub struct GatewaySettings {
     pub admin_token: Option<String>,
     /// Longest TTL an instance may register itself with, in seconds.
     pub registration_max_ttl_secs: u64,
+    /// Open client connections at most; past it new connections get a 503
+    /// and are closed. 0 = no cap.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) a client may send, in
+    /// bytes (431 past it). HTTP/1.1 needs at least 8192.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a whole request head (HTTP/1.1; slowloris
+    /// defence). The connection is closed past it.
+    pub header_read_timeout_ms: u64,
+    /// A client connection with no request in flight for this long is
+    /// closed. 0 = never.
+    pub idle_timeout_secs: u64,
+    /// Proxied requests in flight through the whole gateway at most; past
+    /// it, 503 + Retry-After (load shedding). 0 = no cap.
+    pub max_concurrent_requests: usize,
+    /// The same cap per pool, keyed by pool name.
+    pub pool_max_concurrent_requests: BTreeMap<String, usize>,
+    /// Rate limit of every route without its own `rate_limit`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSettings>,
+    /// With a value above 0, upstreams named by host name (not an IP) are
+    /// re-resolved every this many seconds and the pool gets one instance
+    /// per A/AAAA record. 0 = a name is one instance, resolved on connect.
+    pub dns_refresh_secs: u64,
+    /// The HTTP response cache (`[gateway.cache]`, docs/gateway-cache.md).
+    pub cache: GatewayCacheSettings,
+}
+
+/// `[gateway.cache]`: an RFC 9111 shared cache in the request path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayCacheSettings {
+    /// Caching on every route without its own `cache = true|false`.
+    pub enabled: bool,
+    /// Memory for stored responses (bodies + headers + keys), bytes.
+    pub max_bytes: u64,
+    /// Larger responses are passed through and not stored, bytes.
+    pub max_object_bytes: u64,
+    /// How long a request waits for a concurrent identical miss before it
+    /// goes to the origin itself, ms.
+    pub coalesce_timeout_ms: u64,
+    /// After a response turned out not storable, requests for that URL skip
+    /// coalescing for this long, seconds (0 = never skip).
+    pub hit_for_pass_secs: u64,
+    /// How long a stale response with a validator (ETag or Last-Modified)
+    /// is kept for conditional revalidation after it went stale, seconds.
+    pub keep_stale_secs: u64,
+    /// Heuristic freshness for responses with Last-Modified and no explicit
+    /// lifetime, in percent of their age (RFC 9111 4.2.2); 0 = none.
+    pub heuristic_percent: u32,
+    /// Admin base URLs of the other gateway instances
+    /// (`http://10.0.0.2:8080`); a purge is repeated on each of them.
+    pub purge_peers: Vec<String>,
+    /// Deadline of one purge sent to a peer, ms.
+    pub purge_peer_timeout_ms: u64,
+}
+
+impl Default for GatewayCacheSettings {
+    fn default() -> Self {
+        GatewayCacheSettings {
+            enabled: false,
+            max_bytes: 256 * 1024 * 1024,
+            max_object_bytes: 8 * 1024 * 1024,
+            coalesce_timeout_ms: 5_000,
+            hit_for_pass_secs: 10,
+            keep_stale_secs: 3_600,
+            heuristic_percent: 10,
+            purge_peers: Vec::new(),
+            purge_peer_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// A GCRA rate limit: `requests_per_sec` sustained with bursts of `burst`,
+/// per key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub requests_per_sec: f64,
+    /// Requests allowed at once above the sustained rate (at least 1).
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// `client_ip` (default) or `header:<name>` (e.g. `header:x-api-key`;
+    /// requests without the header are keyed by client IP).
+    #[serde(default = "default_rate_key")]
+    pub key: String,
+}
+
+fn default_burst() -> u32 {
+    1
+}
+
+fn default_rate_key() -> String {
+    "client_ip".into()
 }
 
 /// How a pool picks an instance for each request.
@@ -120,6 +214,15 @@ impl Default for GatewaySettings {
             max_ejection_percent: 50,
             admin_token: None,
             registration_max_ttl_secs: 300,
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_secs: 60,
+            max_concurrent_requests: 0,
+            pool_max_concurrent_requests: BTreeMap::new(),
+            rate_limit: None,
+            dns_refresh_secs: 0,
+            cache: GatewayCacheSettings::default(),
         }
     }
 }
@@ -147,6 +250,12 @@ pub struct RouteSettings {
     /// Overrides `gateway.max_body_bytes` for this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Overrides `gateway.rate_limit` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSettings>,
+    /// Overrides `gateway.cache.enabled` for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 impl GatewaySettings {
@@ -239,6 +348,35 @@ impl GatewaySettings {
                 "must not be empty; leave it out to allow loopback clients only".into(),
             );
         }
+        for name in self.pool_max_concurrent_requests.keys() {
+            if !self.pools.iter().any(|p| &p.name == name) {
+                return invalid(
+                    format!("gateway.pool_max_concurrent_requests.{name}"),
+                    format!("no pool is named `{name}`"),
+                );
+            }
+        }
+        if let Some(r) = &self.rate_limit {
+            r.validate("gateway.rate_limit")?;
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(r) = &route.rate_limit {
+                r.validate(&format!("gateway.routes[{i}].rate_limit"))?;
+            }
+        }
+        if self.max_header_bytes < 8192 {
+            return invalid(
+                "gateway.max_header_bytes".into(),
+                "must be at least 8192".into(),
+            );
+        }
+        if self.header_read_timeout_ms == 0 {
+            return invalid(
+                "gateway.header_read_timeout_ms".into(),
+                "must be at least 1".into(),
+            );
+        }
+        self.cache.validate()?;
         if self.health_interval_ms == 0 || self.health_timeout_ms == 0 {
             return invalid(
                 "gateway.health_interval_ms".into(),
@@ -260,6 +398,76 @@ impl BalancerKind {
             BalancerKind::WeightedRoundRobin => "weighted_round_robin",
             BalancerKind::ConsistentHash => "consistent_hash",
         }
+    }
+}
+
+impl GatewayCacheSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |field: &str, message: String| {
+            Err(SettingsError::Invalid {
+                key: format!("gateway.cache.{field}"),
+                message,
+            })
+        };
+        if self.max_bytes < 1024 {
+            return invalid("max_bytes", "must be at least 1024".into());
+        }
+        if self.max_object_bytes == 0 || self.max_object_bytes > self.max_bytes {
+            return invalid(
+                "max_object_bytes",
+                "must be at least 1 and at most gateway.cache.max_bytes".into(),
+            );
+        }
+        if self.max_object_bytes > u32::MAX as u64 {
+            return invalid("max_object_bytes", "must be below 4 GiB".into());
+        }
+        if self.heuristic_percent > 100 {
+            return invalid("heuristic_percent", "must be 0..=100".into());
+        }
+        if self.coalesce_timeout_ms == 0 || self.purge_peer_timeout_ms == 0 {
+            return invalid(
+                "coalesce_timeout_ms",
+                "coalesce_timeout_ms and purge_peer_timeout_ms must be at least 1".into(),
+            );
+        }
+        for (i, peer) in self.purge_peers.iter().enumerate() {
+            let ok = peer
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains(['?', '#']));
+            if !ok {
+                return invalid(
+                    &format!("purge_peers[{i}]"),
+                    format!("`{peer}` must be an http:// base URL such as http://10.0.0.2:8080"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RateLimitSettings {
+    fn validate(&self, key: &str) -> Result<(), SettingsError> {
+        let invalid = |field: &str, message: &str| {
+            Err(SettingsError::Invalid {
+                key: format!("{key}.{field}"),
+                message: message.into(),
+            })
+        };
+        if !(self.requests_per_sec > 0.0 && self.requests_per_sec <= 1e9) {
+            return invalid("requests_per_sec", "must be above 0");
+        }
+        if self.burst == 0 {
+            return invalid("burst", "must be at least 1");
+        }
+        let ok = self.key == "client_ip"
+            || self
+                .key
+                .strip_prefix("header:")
+                .is_some_and(|h| valid_hash_on(&format!("header:{h}")));
+        if !ok {
+            return invalid("key", "must be `client_ip` or `header:<name>`");
+        }
+        Ok(())
     }
 }
 
