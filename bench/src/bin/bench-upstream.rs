@@ -29,6 +29,9 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// A Cache-Control header to send (for cache benchmarks).
+    #[arg(long)]
+    cache_control: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,16 +49,30 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let connections = Arc::new(AtomicU64::new(0));
     let requests = Arc::new(AtomicU64::new(0));
     let delay = Duration::from_millis(args.delay_ms);
+    let cache_control = args
+        .cache_control
+        .as_deref()
+        .map(hyper::header::HeaderValue::from_str)
+        .transpose()?;
     println!("bench-upstream listening on {}", listener.local_addr()?);
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         connections.fetch_add(1, Ordering::Relaxed);
-        let (body, connections, requests) = (body.clone(), connections.clone(), requests.clone());
+        let (body, connections, requests, cache_control) = (
+            body.clone(),
+            connections.clone(),
+            requests.clone(),
+            cache_control.clone(),
+        );
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (body, connections, requests) =
-                    (body.clone(), connections.clone(), requests.clone());
+                let (body, connections, requests, cache_control) = (
+                    body.clone(),
+                    connections.clone(),
+                    requests.clone(),
+                    cache_control.clone(),
+                );
                 async move {
                     if req.uri().path() == "/_stats" {
                         let stats = format!(
@@ -72,6 +89,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     let mut r = Response::new(Full::new(body));
                     r.headers_mut()
                         .insert("content-type", "application/octet-stream".parse().unwrap());
+                    if let Some(cc) = cache_control {
+                        r.headers_mut().insert("cache-control", cc);
+                    }
                     Ok(r)
                 }
             });
