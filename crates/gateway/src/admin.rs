@@ -51,6 +51,7 @@ pub async fn handle(
             );
             r
         }),
+        "/cache" => get_only(&|| crate::cache::stats_json(&state)),
         "/pools" => get_only(&|| {
             json_response(
                 StatusCode::OK,
@@ -72,6 +73,8 @@ pub async fn handle(
                 denied
             } else if method != Method::POST {
                 method_not_allowed("POST", request_id)
+            } else if admin == "/admin/purge" {
+                crate::cache::purge::handle(&state, req, request_id).await
             } else {
                 let action = admin.trim_start_matches("/admin/").to_string();
                 match read_json::<AdminRequest>(req).await {
@@ -113,7 +116,7 @@ fn method_not_allowed(allow: &'static str, request_id: &str) -> Response<Body> {
 
 /// With `admin_token` set, a matching bearer token is required; without
 /// it, only loopback clients may use the admin API.
-fn authorize(
+pub(crate) fn authorize(
     state: &GatewayState,
     client_addr: SocketAddr,
     req: &Request<Incoming>,

@@ -50,26 +50,26 @@ pub async fn check(
     }
 }
 
-/// Runs the checks of every pool until `stop` is cancelled.
+/// Runs the checks of every pool of the current settings (they may be
+/// reloaded between rounds) until `stop` is cancelled.
 /// Cancel safety: each round only reads and updates instance state, so
 /// stopping between or within rounds leaves nothing half done.
-pub async fn run(
-    client: UpstreamClient,
-    pools: Vec<Arc<Pool>>,
-    path: String,
-    interval: Duration,
-    timeout: Duration,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
+        let interval = Duration::from_millis(shared.load().settings.health_interval_ms);
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
         }
+        let state = shared.load();
+        let client: &UpstreamClient = &state.client;
+        let pools: &[Arc<Pool>] = &state.pools;
+        let path = state.settings.health_path.clone();
+        let timeout = Duration::from_millis(state.settings.health_timeout_ms);
         let round = pools.iter().map(|pool| {
-            let client = &client;
             let path = &path;
             async move {
                 let now = Instant::now();

@@ -9,21 +9,36 @@
 //! (`routes`), picks an instance (`pool`, `balance`), forwards it through
 //! the shared upstream client and retries on another instance when that is
 //! safe. `health` runs beside it.
+//!
+//! Around it: `listener` (connection cap, head limits, idle timeout),
+//! `limits` (rate limits and load shedding before a request is routed on),
+//! `upgrade` (WebSocket tunnels), `reload` (the current generation of
+//! routes and pools behind an `ArcSwap`, swapped on SIGHUP or
+//! `POST /_gateway/admin/reload`) and `dns` (pools following A/AAAA
+//! records).
 
 mod admin;
 mod balance;
 mod body;
+mod cache;
+mod dns;
 mod health;
+mod limits;
+mod listener;
 mod pool;
 mod proxy;
+mod reload;
 mod routes;
+mod upgrade;
+
+pub use reload::SettingsLoader;
 
 use body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use pool::{Instance, Pool, PoolConfig};
 use proxy::GatewayState;
 use routes::{Route, Router};
@@ -57,7 +72,7 @@ pub enum GatewayError {
 pub struct Gateway {
     listener: TcpListener,
     local_addr: SocketAddr,
-    state: Arc<GatewayState>,
+    shared: Arc<reload::Shared>,
 }
 
 impl Gateway {
@@ -76,8 +91,26 @@ impl Gateway {
         Ok(Gateway {
             listener,
             local_addr,
-            state: Arc::new(state),
+            shared: Arc::new(reload::Shared::new(state)),
         })
+    }
+
+    /// Makes the settings reloadable (SIGHUP, `POST /_gateway/admin/reload`)
+    /// from this settings file: `[gateway]` is read again with `SHOAL_*`
+    /// environment overrides. Call before [`run`](Gateway::run).
+    pub fn with_config_path(self, path: std::path::PathBuf) -> Gateway {
+        self.with_settings_loader(reload::file_loader(path))
+    }
+
+    /// Makes the settings reloadable with any loader (for instance one
+    /// that also re-applies command-line flags). It runs on a blocking
+    /// thread; an `Err` leaves the running settings in place.
+    pub fn with_settings_loader(mut self, loader: SettingsLoader) -> Gateway {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.loader = Some(loader),
+            None => unreachable!("the gateway is not running yet"),
+        }
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -95,26 +128,26 @@ impl Gateway {
         let Gateway {
             listener,
             local_addr,
-            state,
+            shared,
         } = self;
-        let settings = &state.settings;
-        let health_stop = CancellationToken::new();
-        let health = tokio::spawn(health::run(
-            state.client.clone(),
-            state.pools.clone(),
-            settings.health_path.clone(),
-            Duration::from_millis(settings.health_interval_ms),
-            Duration::from_millis(settings.health_timeout_ms),
-            health_stop.clone(),
-        ));
-        // Stops the health checks however this future ends.
-        let _health_guard = health_stop.clone().drop_guard();
+        let state = shared.load();
+        let settings = state.settings.clone();
+        let background = CancellationToken::new();
+        // Stops the health checks, DNS refresh and SIGHUP listener however
+        // this future ends.
+        let _background_guard = background.clone().drop_guard();
+        let health = tokio::spawn(health::run(Arc::clone(&shared), background.clone()));
+        tokio::spawn(dns::run(Arc::clone(&shared), background.clone()));
+        if shared.loader.is_some() {
+            tokio::spawn(reload::on_sighup(Arc::clone(&shared), background.clone()));
+        }
 
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
-        builder.http2().timer(TokioTimer::new());
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Connection settings follow reloads: rebuilt when the generation changes.
+        let mut listen_config = listener::ListenConfig::new(&state);
+        let connections = Arc::new(listener::Connections::default());
+        let close_all = CancellationToken::new();
         tracing::info!(addr = %local_addr, pools = state.pools.len(), "gateway serving");
+        drop(state);
 
         loop {
             let (stream, client_addr) = tokio::select! {
@@ -130,29 +163,53 @@ impl Gateway {
                     }
                 },
             };
+            listen_config.refresh(&shared.load());
+            let Some(conn_guard) = connections.try_open(listen_config.limits.max_connections)
+            else {
+                listener::refuse(stream, client_addr);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
-            let state = Arc::clone(&state);
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(handle(state, client_addr, req).await) }
-            });
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(client = %client_addr, error = %e, "client connection ended with an error");
-                }
-            });
+            let activity = listener::Activity::new();
+            let conn = listener::ConnInfo {
+                _guard: Arc::new(conn_guard),
+                closing: close_all.clone(),
+            };
+            let service = {
+                let shared = Arc::clone(&shared);
+                let activity = Arc::clone(&activity);
+                let conn = conn.clone();
+                hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    // An upgraded tunnel keeps the connection counted.
+                    req.extensions_mut().insert(conn.clone());
+                    let shared = Arc::clone(&shared);
+                    let busy = activity.begin();
+                    async move {
+                        let response = handle(shared, client_addr, req).await;
+                        let (parts, body) = response.into_parts();
+                        let body: Body =
+                            http_body_util::BodyExt::boxed_unsync(limits::Holding::new(body, busy));
+                        Ok::<_, Infallible>(Response::from_parts(parts, body))
+                    }
+                })
+            };
+            tokio::spawn(listener::serve(
+                Arc::clone(&listen_config.builder),
+                stream,
+                client_addr,
+                service,
+                activity,
+                listen_config.limits.idle_timeout,
+                conn,
+            ));
         }
 
-        state.draining.store(true, Ordering::Relaxed);
+        shared.load().draining.store(true, Ordering::Relaxed);
         drop(listener);
-        let open = graceful.count();
-        tracing::info!(connections = open, "gateway draining");
+        tracing::info!(connections = connections.open(), "gateway draining");
+        close_all.cancel();
         let grace = Duration::from_secs(settings.shutdown_timeout_secs);
-        if tokio::time::timeout(grace, graceful.shutdown())
+        if tokio::time::timeout(grace, connections.all_closed())
             .await
             .is_err()
         {
@@ -161,7 +218,7 @@ impl Gateway {
                 "in-flight requests did not finish in time; closing them"
             );
         }
-        health_stop.cancel();
+        background.cancel();
         let _ = health.await;
         tracing::info!("gateway stopped");
         Ok(())
@@ -170,10 +227,11 @@ impl Gateway {
 
 /// Every request: the gateway's own endpoints or the proxy.
 async fn handle(
-    state: Arc<GatewayState>,
+    shared: Arc<reload::Shared>,
     client_addr: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let state = shared.load();
     let started = Instant::now();
     let request_id = shoal_core::ids::request_id_or_new(
         req.headers()
@@ -181,13 +239,26 @@ async fn handle(
             .and_then(|v| v.to_str().ok()),
     );
     if req.uri().path().starts_with("/_gateway/") {
+        if req.uri().path() == "/_gateway/admin/reload" {
+            return match admin::authorize(&state, client_addr, &req, &request_id) {
+                Some(denied) => denied,
+                None => reload::admin(&shared, &req, &request_id).await,
+            };
+        }
         return admin::handle(state, client_addr, req, &request_id).await;
     }
-    proxy::proxy(state, client_addr, req, request_id, started).await
+    let admission = match limits::admit(&state, client_addr, &req, &request_id) {
+        Ok(a) => a,
+        Err(rejected) => return rejected,
+    };
+    if upgrade::is_upgrade(&req) {
+        return admission.hold(upgrade::proxy(state, client_addr, req, request_id).await);
+    }
+    admission.hold(proxy::proxy(state, client_addr, req, request_id, started).await)
 }
 
 /// Builds the client, pools and routes from validated settings.
-fn build_state(settings: GatewaySettings) -> Result<GatewayState, GatewayError> {
+pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, GatewayError> {
     let invalid = |key: String, message: String| GatewayError::Invalid { key, message };
     let config = PoolConfig {
         eject_base: Duration::from_millis(settings.eject_base_ms),
@@ -318,10 +389,12 @@ fn build_state(settings: GatewaySettings) -> Result<GatewayState, GatewayError> 
         .build(connector);
 
     Ok(GatewayState {
+        cache: cache::HttpCache::from_settings(&settings),
+        limits: limits::Limits::new(&settings),
         settings,
         client,
         router: Router::new(routes),
         pools,
-        draining: std::sync::atomic::AtomicBool::new(false),
+        draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     })
 }

@@ -324,6 +324,9 @@ pub struct Pool {
     pub config: PoolConfig,
     instances: RwLock<Arc<Vec<Arc<Instance>>>>,
     budget: TpsBudget,
+    /// DNS membership (`dns.rs`): configured name URL → the instance URLs
+    /// its last resolution gave.
+    dns: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -353,7 +356,105 @@ impl Pool {
             config,
             instances: RwLock::new(Arc::new(instances)),
             budget,
+            dns: Mutex::default(),
         }
+    }
+
+    /// Replaces the instance list with what `f` makes of the current one.
+    pub fn update_instances(&self, f: impl FnOnce(&[Arc<Instance>]) -> Vec<Arc<Instance>>) {
+        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        let next = f(&guard);
+        *guard = Arc::new(next);
+    }
+
+    /// Makes the instances of the configured upstream `name_url` those at
+    /// `resolved` (URLs such as `http://127.0.0.1:3001`): new ones are
+    /// added, gone ones removed, kept ones keep their state. Returns
+    /// (added, removed).
+    pub fn follow_dns(&self, name_url: &str, resolved: Vec<String>) -> (usize, usize) {
+        let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = dns
+            .get(name_url)
+            .cloned()
+            .unwrap_or_else(|| vec![name_url.to_string()]);
+        if previous == resolved {
+            return (0, 0);
+        }
+        let weight = self
+            .instances()
+            .iter()
+            .find(|i| previous.contains(&i.url))
+            .map(|i| i.weight)
+            .unwrap_or(1);
+        let (mut added, mut removed) = (0, 0);
+        self.update_instances(|current| {
+            let mut next: Vec<Arc<Instance>> = current
+                .iter()
+                .filter(|i| {
+                    let keep = !previous.contains(&i.url) || resolved.contains(&i.url);
+                    removed += usize::from(!keep);
+                    keep
+                })
+                .cloned()
+                .collect();
+            for url in &resolved {
+                if !next.iter().any(|i| &i.url == url) {
+                    if let Ok(i) = Instance::new(url, weight, None) {
+                        next.push(Arc::new(i));
+                        added += 1;
+                    }
+                }
+            }
+            next
+        });
+        dns.insert(name_url.to_string(), resolved);
+        (added, removed)
+    }
+
+    /// On reload: takes over from `old` (the pool of the same name in the
+    /// previous settings) every instance whose URL and weight did not
+    /// change, with its health and load state, the instances DNS resolved
+    /// for names still configured, and the registered instances.
+    pub fn carry_from(&self, old: &Pool) {
+        let old_instances = old.instances();
+        let old_dns = old.dns.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut dns = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        self.update_instances(|fresh| {
+            let mut next: Vec<Arc<Instance>> = Vec::new();
+            let reuse = |url: &str, weight: u32, next: &mut Vec<Arc<Instance>>| {
+                if next.iter().any(|i| i.url == url) {
+                    return true;
+                }
+                match old_instances
+                    .iter()
+                    .find(|o| o.url == url && o.weight == weight && !o.registered)
+                {
+                    Some(o) => {
+                        next.push(Arc::clone(o));
+                        true
+                    }
+                    None => false,
+                }
+            };
+            for i in fresh {
+                if let Some(resolved) = old_dns.get(&i.url) {
+                    for url in resolved {
+                        reuse(url, i.weight, &mut next);
+                    }
+                    dns.insert(i.url.clone(), resolved.clone());
+                    continue;
+                }
+                if !reuse(&i.url, i.weight, &mut next) {
+                    next.push(Arc::clone(i));
+                }
+            }
+            for o in old_instances.iter().filter(|o| o.registered) {
+                if !next.iter().any(|i| i.url == o.url) {
+                    next.push(Arc::clone(o));
+                }
+            }
+            next
+        });
     }
 
     /// A snapshot of the instances.
@@ -502,6 +603,79 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool_of(urls: &[&str]) -> Pool {
+        let config = PoolConfig {
+            eject_base: Duration::from_millis(100),
+            eject_after_errors: 1,
+            max_ejection_percent: 50,
+            unhealthy_threshold: 1,
+            healthy_threshold: 1,
+            retry_budget_percent: 20.0,
+            retry_budget_min_per_sec: 10,
+        };
+        let instances = urls
+            .iter()
+            .map(|u| Arc::new(Instance::new(u, 1, None).unwrap()))
+            .collect();
+        Pool::new(
+            "p".into(),
+            Balancer::from_name("round_robin", None).unwrap(),
+            config,
+            instances,
+        )
+    }
+
+    fn urls(pool: &Pool) -> Vec<String> {
+        let mut v: Vec<String> = pool.instances().iter().map(|i| i.url.clone()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn dns_membership_follows_the_records_and_keeps_unchanged_instances() {
+        let pool = pool_of(&["http://svc.internal:80", "http://10.9.9.9:80"]);
+        let name = "http://svc.internal:80";
+        let a = "http://10.0.0.1:80".to_string();
+        let b = "http://10.0.0.2:80".to_string();
+        let c = "http://10.0.0.3:80".to_string();
+        assert_eq!(pool.follow_dns(name, vec![a.clone(), b.clone()]), (2, 1));
+        assert_eq!(
+            urls(&pool),
+            vec![a.clone(), b.clone(), "http://10.9.9.9:80".into()]
+        );
+        let b_before = pool.find(&b).unwrap();
+        b_before.set_admin_ejected(true);
+        assert_eq!(pool.follow_dns(name, vec![b.clone(), c.clone()]), (1, 1));
+        assert_eq!(
+            urls(&pool),
+            vec![b.clone(), c.clone(), "http://10.9.9.9:80".into()]
+        );
+        assert!(
+            Arc::ptr_eq(&b_before, &pool.find(&b).unwrap()),
+            "b kept its state"
+        );
+        assert_eq!(pool.follow_dns(name, vec![b.clone(), c.clone()]), (0, 0));
+    }
+
+    #[test]
+    fn a_reloaded_pool_carries_over_unchanged_and_registered_instances() {
+        let old = pool_of(&["http://10.0.0.1:80", "http://10.0.0.2:80"]);
+        old.register("http://10.0.0.9:80", Duration::from_secs(30))
+            .unwrap();
+        let kept = old.find("http://10.0.0.2:80").unwrap();
+        let new = pool_of(&["http://10.0.0.2:80", "http://10.0.0.3:80"]);
+        new.carry_from(&old);
+        assert_eq!(
+            urls(&new),
+            vec![
+                "http://10.0.0.2:80",
+                "http://10.0.0.3:80",
+                "http://10.0.0.9:80"
+            ]
+        );
+        assert!(Arc::ptr_eq(&kept, &new.find("http://10.0.0.2:80").unwrap()));
+    }
 
     #[test]
     fn an_idle_instances_latency_estimate_decays_so_it_is_probed_again() {

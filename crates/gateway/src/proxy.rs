@@ -31,8 +31,13 @@ pub struct GatewayState {
     pub client: UpstreamClient,
     pub router: Router,
     pub pools: Vec<Arc<Pool>>,
-    /// Set when shutdown began: `/_gateway/readyz` answers 503.
-    pub draining: AtomicBool,
+    /// Set when shutdown began: `/_gateway/readyz` answers 503. Shared by
+    /// every generation of the settings (`reload.rs`).
+    pub draining: Arc<AtomicBool>,
+    /// Rate limits and concurrency caps (`limits.rs`).
+    pub limits: crate::limits::Limits,
+    /// The HTTP cache (`cache/`); `None` when caching is off everywhere.
+    pub cache: Option<crate::cache::HttpCache>,
 }
 
 impl std::fmt::Debug for GatewayState {
@@ -105,7 +110,7 @@ enum BodyError {
 /// Reads up to `buffer_limit` bytes; a body that ends within it is kept
 /// whole, a longer one streams on (what was read goes first).
 async fn prepare_body(
-    body: Incoming,
+    body: Body,
     content_length: Option<u64>,
     buffer_limit: usize,
     max_body: u64,
@@ -225,11 +230,11 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// What the access log and the metrics record about one request.
-struct Outcome<'a> {
-    pool: &'a str,
-    upstream: Option<String>,
-    attempts: u32,
-    cause: Option<String>,
+pub(crate) struct Outcome<'a> {
+    pub(crate) pool: &'a str,
+    pub(crate) upstream: Option<String>,
+    pub(crate) attempts: u32,
+    pub(crate) cause: Option<String>,
 }
 
 /// Handles one proxied request (everything outside `/_gateway/`).
@@ -248,7 +253,15 @@ pub async fn proxy(
         attempts: 0,
         cause: None,
     };
-    let response = forward(&state, client_addr, req, &request_id, &mut outcome).await;
+    let response = match &state.cache {
+        Some(cache) => {
+            crate::cache::serve(&state, cache, client_addr, req, &request_id, &mut outcome).await
+        }
+        None => {
+            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            forward(&state, client_addr, req, &request_id, &mut outcome).await
+        }
+    };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     metrics::counter!(
@@ -276,10 +289,10 @@ pub async fn proxy(
     response
 }
 
-async fn forward<'s>(
+pub(crate) async fn forward<'s>(
     state: &'s GatewayState,
     client_addr: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<Body>,
     request_id: &str,
     outcome: &mut Outcome<'s>,
 ) -> Response<Body> {
@@ -505,7 +518,7 @@ fn bad_gateway(
 
 /// The headers sent upstream: the client's minus hop-by-hop ones, plus
 /// X-Forwarded-For (appended), -Proto, -Host and X-Request-Id.
-fn upstream_headers(
+pub(crate) fn upstream_headers(
     incoming: &HeaderMap,
     host: Option<&str>,
     client_addr: SocketAddr,

@@ -94,6 +94,10 @@ fn until(at: i64, now: i64) -> Duration {
     Duration::from_millis((at - now).max(0) as u64)
 }
 
+/// How long a claim waits for the next message (or the end) of its pull
+/// request before giving up on it.
+const FETCH_REPLY_WAIT: Duration = Duration::from_secs(3);
+
 /// What a claim decided for one delivered message.
 enum Delivery {
     Claimed,
@@ -406,7 +410,23 @@ impl JobStore for NatsJobStore {
             .await
             .map_err(nats)?;
         let mut claimed = Vec::new();
-        while let Some(msg) = batch.next().await {
+        loop {
+            // A pull request lost with its connection (the server restarted
+            // while it was pending) is never answered, and this client's
+            // `fetch` has no expiry: without a bound the claim, and the
+            // worker's queue loop with it, would wait forever. Messages
+            // delivered after we stop listening are redelivered after
+            // `ack_wait`.
+            let msg = match tokio::time::timeout(FETCH_REPLY_WAIT, batch.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(_elapsed) if claimed.is_empty() => {
+                    return Err(QueueError::Nats(format!(
+                        "no reply to the pull request for queue {queue} within {FETCH_REPLY_WAIT:?}"
+                    )))
+                }
+                Err(_elapsed) => break,
+            };
             let msg = msg.map_err(nats)?;
             let id = String::from_utf8_lossy(&msg.payload).into_owned();
             let now = now_millis();

@@ -7,7 +7,7 @@ use shoal_core::Settings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "shoal",
     version,
@@ -42,7 +42,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the whole stack on this machine: a gateway on --port, N `serve`
     /// instances on free loopback ports and a worker, as child processes.
@@ -67,7 +67,7 @@ pub enum Command {
     Config,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct UpArgs {
     /// Port of the gateway, the one address to point a browser at.
     #[arg(short, long)]
@@ -77,7 +77,7 @@ pub struct UpArgs {
     pub instances: Option<usize>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     /// Address to listen on, e.g. 127.0.0.1:8090.
     #[arg(long)]
@@ -89,9 +89,47 @@ pub struct GatewayArgs {
     /// Runtime worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Turn on the HTTP response cache (`gateway.cache.enabled`).
+    #[arg(long)]
+    pub cache: bool,
+    /// Memory of the HTTP cache, e.g. 268435456, 256MiB, 1GiB, 500MB
+    /// (`gateway.cache.max_bytes`; implies --cache).
+    #[arg(long, value_name = "BYTES", value_parser = parse_byte_size)]
+    pub cache_size: Option<u64>,
 }
 
-#[derive(Debug, Args)]
+/// `256MiB`, `1GiB`, `500MB`, `64k`, `1048576` → bytes.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 256MiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}`; use B, KB, KiB, MB, MiB, GB or GiB"
+            ))
+        }
+    };
+    let bytes = number * factor as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address to listen on, e.g. 127.0.0.1:3001 (port 0 picks one).
     #[arg(long)]
@@ -104,7 +142,7 @@ pub struct ServeArgs {
     pub instance: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// Queues to take jobs from, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -120,14 +158,14 @@ pub struct WorkerArgs {
     pub instance: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
     /// How many products to create.
     #[arg(long, default_value_t = 1000)]
     pub products: usize,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SandboxArgs {
     /// Address to listen on (default: sandbox.listen, 127.0.0.1:8095).
     #[arg(long)]
@@ -137,13 +175,13 @@ pub struct SandboxArgs {
     pub webhook_url: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct JobsArgs {
     #[command(subcommand)]
     pub command: JobsCommand,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum JobsCommand {
     /// List jobs, newest first.
     List {
@@ -211,6 +249,13 @@ impl Cli {
                 }
                 if let Some(w) = a.workers {
                     s.gateway.workers = w;
+                }
+                if a.cache || a.cache_size.is_some() {
+                    s.gateway.cache.enabled = true;
+                }
+                if let Some(size) = a.cache_size {
+                    s.gateway.cache.max_bytes = size;
+                    s.gateway.cache.max_object_bytes = s.gateway.cache.max_object_bytes.min(size);
                 }
                 if !a.to.is_empty() {
                     s.gateway.pools = vec![PoolSettings {

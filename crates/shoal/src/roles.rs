@@ -20,6 +20,7 @@ pub fn modules() -> Vec<Box<dyn ServiceModule>> {
         Box::new(shoal_media::Media),
         Box::new(shoal_orders::Orders::default()),
         Box::new(shoal_payments::Payments),
+        Box::new(shoal_notifications::Notifications),
     ]
 }
 
@@ -30,12 +31,22 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     if let Some(parent) = cli.parent_pid {
         shoal_core::shutdown::exit_with_parent(parent, shutdown.clone());
     }
+    let reload_cli = cli.clone();
     match cli.command {
         Command::Up(_) => return crate::up::run(cli.config.clone(), settings, shutdown).await,
         Command::Gateway(_) => {
+            // SIGHUP and POST /_gateway/admin/reload rebuild the settings
+            // the way this start did: file, environment, then these flags.
+            let loader: shoal_gateway::SettingsLoader = Arc::new(move || {
+                reload_cli
+                    .settings()
+                    .map(|s| s.gateway)
+                    .map_err(|e| e.to_string())
+            });
             let gateway = shoal_gateway::Gateway::bind(settings.gateway.clone())
                 .await
-                .context("starting the gateway")?;
+                .context("starting the gateway")?
+                .with_settings_loader(loader);
             tracing::info!(addr = %gateway.local_addr(), "gateway listening");
             gateway.run(shutdown).await?;
         }

@@ -84,6 +84,24 @@ impl Stack {
             .collect()
     }
 
+    /// name -> address of children that listen, from the state file.
+    fn addresses(&self) -> HashMap<String, String> {
+        let path = self.dir.path().join("data/run/stack.json");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        v["children"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                Some((
+                    c["name"].as_str()?.to_string(),
+                    c["address"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
     async fn wait_ready(&self, instances: usize) {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -181,6 +199,15 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         .expect("a seeded product")
         .to_string();
     let body = json!({"items": [{"product_id": product, "quantity": 1}]});
+    // An SSE stream straight on serve-3; the payment is settled by the
+    // worker, and its event must arrive here through the bus.
+    let serve3 = stack.addresses()["serve-3"].clone();
+    let mut sse = http
+        .get(format!("http://{serve3}/api/notifications/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
     let mut ids = Vec::new();
     for _ in 0..2 {
         let r = http
@@ -215,6 +242,23 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    let mut seen = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(chunk)) = sse.chunk().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains("order.paid") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(got, Ok(true)),
+        "order.paid event on serve-3's SSE stream; got: {seen}"
+    );
+    drop(sse);
 
     // 1,000 requests reach every instance
     let mut by_instance: HashMap<String, usize> = HashMap::new();

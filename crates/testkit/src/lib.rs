@@ -56,6 +56,16 @@ pub fn nats_url(test: &str) -> Option<String> {
     env_or_skip("SHOAL_TEST_NATS_URL", test)
 }
 
+/// `SHOAL_TEST_SMTP_URL` (the SMTP sink of `scripts/smtp-sink`, such as
+/// `smtp://127.0.0.1:2525`) and `SHOAL_TEST_SMTP_DIR` (where the sink
+/// writes each message it receives as a file), or `None` after printing
+/// one `skipped:` line when either is unset.
+pub fn smtp_url(test: &str) -> Option<(String, PathBuf)> {
+    let url = env_or_skip("SHOAL_TEST_SMTP_URL", test)?;
+    let dir = env_or_skip("SHOAL_TEST_SMTP_DIR", test)?;
+    Some((url, PathBuf::from(dir)))
+}
+
 fn env_or_skip(var: &str, test: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),

@@ -7,12 +7,14 @@ mod cache;
 mod gateway;
 mod load;
 mod media;
+mod notifications;
 mod payments;
 
 pub use cache::{BusBackend, CacheSettings, CatalogSettings};
 pub use gateway::{GatewaySettings, PoolSettings, RateLimitSettings, RouteSettings};
 pub use load::{load, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};
+pub use notifications::NotificationsSettings;
 pub use payments::{PaymentsSettings, SandboxSettings};
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +43,7 @@ pub struct Settings {
     pub catalog: CatalogSettings,
     pub blobs: BlobSettings,
     pub media: MediaSettings,
+    pub notifications: NotificationsSettings,
     pub clients: ClientsSettings,
 }
 
@@ -63,6 +66,7 @@ impl Default for Settings {
             catalog: CatalogSettings::default(),
             blobs: BlobSettings::default(),
             media: MediaSettings::default(),
+            notifications: NotificationsSettings::default(),
             clients: ClientsSettings::default(),
         }
     }
@@ -237,6 +241,8 @@ impl Default for WorkerSettings {
                 "media".into(),
                 "payments".into(),
                 "orders".into(),
+                "email".into(),
+                "notifications".into(),
             ],
             concurrency: 8,
             housekeeping_interval_secs: 60,
@@ -396,6 +402,9 @@ impl Settings {
         }
         self.gateway.validate()?;
         self.cache.validate()?;
+        if let Err((key, message)) = self.notifications.validate() {
+            return invalid(key, message);
+        }
         Ok(())
     }
 

@@ -2,6 +2,8 @@
 //! Passwords are hashed with argon2id on the blocking pool; sessions live in
 //! the configured `SessionStore`; login attempts are limited per account and
 //! per client address, in the database so every instance shares the count.
+//! Signup enqueues the welcome email (`shoal_notifications::enqueue_email_with_key`)
+//! in the transaction that inserts the user.
 
 mod limits;
 mod password;
@@ -141,6 +143,8 @@ async fn signup(
         name,
         created_at: shoal_backends::now_millis(),
     };
+    // The user and their welcome email commit together, or neither does.
+    let mut tx = ctx.db.pool().begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO users (id, email, password_hash, name, created_at)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (email) DO NOTHING",
@@ -150,7 +154,7 @@ async fn signup(
     .bind(&hash)
     .bind(&user.name)
     .bind(user.created_at)
-    .execute(ctx.db.pool())
+    .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
         return Err(
@@ -159,6 +163,17 @@ async fn signup(
                 .into(),
         );
     }
+    shoal_notifications::enqueue_email_with_key(
+        &ctx.jobs,
+        &mut tx,
+        &user.email,
+        shoal_notifications::Template::Welcome,
+        serde_json::json!({"email": user.email, "name": user.name}),
+        &format!("welcome:{}", user.id),
+    )
+    .await
+    .map_err(|e| ApiError::internal("enqueueing the welcome email", &e))?;
+    tx.commit().await?;
     metrics::counter!("shoal_accounts_signups_total").increment(1);
     tracing::info!(user_id = %user.id, "account created");
     Ok((StatusCode::CREATED, Json(user)).into_response())

@@ -6,7 +6,8 @@
 //! the stored idempotent response and the `payments.charge` job commit in
 //! one transaction, so a committed order always has its payment job and a
 //! rolled-back one never does. The `orders.settle` job (sent by payments)
-//! marks the order paid or failed and publishes an event.
+//! marks the order paid or failed and publishes an event to the user's
+//! realtime streams (through the notifications service's library).
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -445,16 +446,16 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
                 .await
                 .map_err(JobError::retryable)?;
         if let Some((user_id, total, currency)) = user {
-            let event = json!({
-                "type": format!("order.{status}"),
-                "order_id": order_id,
-                "total_cents": total,
-                "currency": currency,
-            });
-            if let Err(e) = ctx
-                .bus
-                .publish(&format!("user.{user_id}"), event.to_string().as_bytes())
-                .await
+            // Realtime: reaches the user's SSE/WebSocket connections on
+            // every instance, and is kept for Last-Event-ID replay.
+            let data = json!({"order_id": order_id, "total_cents": total, "currency": currency});
+            if let Err(e) = shoal_notifications::publish_user_event(
+                ctx,
+                &user_id,
+                &format!("order.{status}"),
+                data,
+            )
+            .await
             {
                 tracing::warn!(error = %e, "order event not published");
             }

@@ -31,6 +31,7 @@ fn modules() -> Vec<Box<dyn ServiceModule>> {
         Box::new(shoal_catalog::Catalog::default()),
         Box::new(shoal_orders::Orders::default()),
         Box::new(shoal_payments::Payments),
+        Box::new(shoal_notifications::Notifications),
     ]
 }
 

@@ -1,0 +1,206 @@
+//! `POST /_gateway/admin/purge` (already authorized by the admin API):
+//! `{"urls": [...], "tags": [...], "all": false}` removes stored responses
+//! by URL (`http://host/path?query`, or `/path?query` on every host), by
+//! surrogate key (`Surrogate-Key` / `Cache-Tag`) or all of them, then
+//! repeats the purge on every `gateway.cache.purge_peers` entry with
+//! `x-shoal-purge-relayed: 1`, which stops the peers from fanning out again.
+
+use super::HttpCache;
+use crate::body::{full, json_response, problem_response, Body};
+use crate::proxy::GatewayState;
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use shoal_core::Problem;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Set on purges relayed to peers; a relayed purge is not relayed again.
+pub const RELAYED: &str = "x-shoal-purge-relayed";
+
+const BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+pub async fn handle(
+    state: &Arc<GatewayState>,
+    req: Request<Incoming>,
+    request_id: &str,
+) -> Response<Body> {
+    let relayed = req.headers().contains_key(RELAYED);
+    let collected = tokio::time::timeout(
+        Duration::from_secs(10),
+        Limited::new(req.into_body(), BODY_LIMIT).collect(),
+    )
+    .await;
+    let bytes: Bytes = match collected {
+        Err(_) => {
+            return problem_response(
+                &Problem::bad_request("the request body did not arrive in time"),
+                request_id,
+            )
+        }
+        Ok(Err(_)) => {
+            return problem_response(
+                &Problem::payload_too_large(format!("purge bodies are at most {BODY_LIMIT} bytes")),
+                request_id,
+            )
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let body: PurgeRequest = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            return problem_response(
+                &Problem::validation(format!(
+                    "body must be JSON like {{\"urls\":[\"http://host/path\"],\"tags\":[\"product:1\"]}}: {e}"
+                )),
+                request_id,
+            )
+        }
+    };
+    let mut urls = Vec::new();
+    for (i, u) in body.urls.iter().enumerate() {
+        match parse_url(u) {
+            Some(t) => urls.push(t),
+            None => {
+                return problem_response(
+                    &Problem::validation(format!("`{u}` must be http://host/path or /path"))
+                        .with_field(format!("urls[{i}]"), "not a URL or path"),
+                    request_id,
+                )
+            }
+        }
+    }
+    let local = match &state.cache {
+        Some(cache) => {
+            purge_local(cache, &urls, &body.tags, body.all);
+            true
+        }
+        None => false,
+    };
+    metrics::counter!("shoal_gateway_cache_purges_total").increment(1);
+    tracing::info!(
+        urls = body.urls.len(),
+        tags = body.tags.len(),
+        all = body.all,
+        relayed,
+        "cache purge"
+    );
+
+    let peers = match (&state.cache, relayed) {
+        (Some(cache), false) => fan_out(state, cache, &bytes).await,
+        _ => Vec::new(),
+    };
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "purged": { "urls": body.urls.len(), "tags": body.tags.len(), "all": body.all },
+            "cache_enabled": local,
+            "peers": peers,
+        }),
+    )
+}
+
+/// A purge target.
+enum Target {
+    /// A URL key.
+    Url(String),
+    /// `/path?query` on every host.
+    Path(String),
+}
+
+fn parse_url(u: &str) -> Option<Target> {
+    let u = u.trim();
+    if u.starts_with('/') {
+        return Some(Target::Path(u.to_string()));
+    }
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))?;
+    let (host, pq) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(Target::Url(format!("{}{pq}", super::scheme_host(host))))
+}
+
+fn purge_local(cache: &HttpCache, urls: &[Target], tags: &[String], all: bool) {
+    cache.bump_epoch();
+    if all {
+        cache.core.store.purge_all();
+        cache.core.pass_marks.invalidate_all();
+        return;
+    }
+    for t in urls {
+        match t {
+            Target::Url(u) => cache.invalidate_url(u),
+            Target::Path(p) => cache.core.store.purge_path(p),
+        }
+    }
+    if !tags.is_empty() {
+        cache.core.store.purge_tags(tags.to_vec());
+    }
+}
+
+/// Sends the same purge to every peer at once; one result per peer.
+async fn fan_out(state: &GatewayState, cache: &HttpCache, body: &Bytes) -> Vec<serde_json::Value> {
+    let sends = cache.settings.purge_peers.iter().map(|peer| {
+        let url = format!("{peer}/_gateway/admin/purge");
+        let mut req = Request::new(full(body.clone()));
+        *req.method_mut() = Method::POST;
+        let uri = url.parse::<http::Uri>();
+        let client = state.client.clone();
+        let token = cache.settings.admin_token.clone();
+        let timeout = cache.settings.purge_peer_timeout;
+        async move {
+            let uri = match uri {
+                Ok(u) => u,
+                Err(e) => return serde_json::json!({ "peer": peer, "ok": false, "error": e.to_string() }),
+            };
+            *req.uri_mut() = uri;
+            let h = req.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(RELAYED, HeaderValue::from_static("1"));
+            if let Some(t) = token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()) {
+                h.insert(AUTHORIZATION, t);
+            }
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Ok(Ok(r)) if r.status().is_success() => {
+                    serde_json::json!({ "peer": peer, "ok": true, "status": r.status().as_u16() })
+                }
+                Ok(Ok(r)) => {
+                    metrics::counter!("shoal_gateway_cache_purge_peer_errors_total").increment(1);
+                    tracing::warn!(peer = %peer, status = r.status().as_u16(), "purge relay refused");
+                    serde_json::json!({ "peer": peer, "ok": false, "status": r.status().as_u16() })
+                }
+                Ok(Err(e)) => {
+                    metrics::counter!("shoal_gateway_cache_purge_peer_errors_total").increment(1);
+                    tracing::warn!(peer = %peer, error = %e, "purge relay failed");
+                    serde_json::json!({ "peer": peer, "ok": false, "error": e.to_string() })
+                }
+                Err(_) => {
+                    metrics::counter!("shoal_gateway_cache_purge_peer_errors_total").increment(1);
+                    tracing::warn!(peer = %peer, "purge relay timed out");
+                    serde_json::json!({ "peer": peer, "ok": false, "error": "timed out" })
+                }
+            }
+        }
+    });
+    futures_util::future::join_all(sends).await
+}

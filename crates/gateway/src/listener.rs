@@ -1,0 +1,252 @@
+//! Client connections: the cap on open connections (past it a new
+//! connection gets a short 503 and is closed), hyper's limits on request
+//! heads (size, read timeout against slowloris), the idle keep-alive
+//! timeout, WebSocket upgrades, and the graceful close of every connection
+//! at shutdown.
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use shoal_core::settings::GatewaySettings;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Connection-level settings, fixed at start.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnLimits {
+    pub fn new(s: &GatewaySettings) -> ConnLimits {
+        ConnLimits {
+            max_connections: s.max_connections,
+            idle_timeout: (s.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(s.idle_timeout_secs)),
+        }
+    }
+}
+
+/// The connection settings of one generation of the settings, with the
+/// hyper builder made from them.
+pub struct ListenConfig {
+    generation: usize,
+    pub limits: ConnLimits,
+    pub builder: Arc<Builder<TokioExecutor>>,
+}
+
+impl ListenConfig {
+    pub fn new(state: &Arc<crate::proxy::GatewayState>) -> ListenConfig {
+        ListenConfig {
+            generation: Arc::as_ptr(state) as usize,
+            limits: ConnLimits::new(&state.settings),
+            builder: Arc::new(builder(&state.settings)),
+        }
+    }
+
+    /// Rebuilds after a reload (cheap when nothing was reloaded).
+    pub fn refresh(&mut self, state: &Arc<crate::proxy::GatewayState>) {
+        if Arc::as_ptr(state) as usize != self.generation {
+            *self = ListenConfig::new(state);
+        }
+    }
+}
+
+/// What a request knows of its client connection (in its extensions): an
+/// upgraded tunnel holds it so the connection stays counted, and ends when
+/// `closing` is cancelled at shutdown.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub _guard: Arc<ConnGuard>,
+    pub closing: CancellationToken,
+}
+
+/// hyper's server builder with the head limits and timers.
+pub fn builder(s: &GatewaySettings) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(s.header_read_timeout_ms))
+        .max_buf_size(s.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Open client connections, and a way to wait until none is left.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+/// One open connection; dropping it closes the count.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<Connections>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let left = self.0.open.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!("shoal_gateway_open_connections").set(left as f64);
+        if left == 0 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+impl Connections {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Counts a new connection unless `max` (0 = no cap) are open.
+    pub fn try_open(self: &Arc<Self>, max: usize) -> Option<ConnGuard> {
+        let prev = self.open.fetch_add(1, Ordering::AcqRel);
+        if max > 0 && prev >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        metrics::gauge!("shoal_gateway_open_connections").set((prev + 1) as f64);
+        Some(ConnGuard(Arc::clone(self)))
+    }
+
+    /// Waits until every connection closed.
+    pub async fn all_closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Answers a connection past the cap with a 503 and closes it, in its own
+/// task so a slow client cannot hold up the accept loop.
+pub fn refuse(mut stream: TcpStream, client: SocketAddr) {
+    metrics::counter!("shoal_gateway_connections_refused_total").increment(1);
+    tracing::warn!(client = %client, "connection refused: the gateway is at max_connections");
+    tokio::spawn(async move {
+        let body = r#"{"type":"https://shoal.dev/problems/unavailable","title":"Service unavailable","status":503,"detail":"the gateway is at its connection limit","retry_after":1}"#;
+        let head = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
+    });
+}
+
+/// When the connection last had no request in flight, and how many it has.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last request start or end.
+    last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A request started; the returned guard ends it (hold it in the
+    /// response body).
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        ActivityGuard(Arc::clone(self))
+    }
+
+    /// How long the connection has been idle, or `None` while busy.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(self.epoch.elapsed().saturating_sub(last))
+    }
+}
+
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one connection until it ends, closing it gracefully when it has
+/// been idle for `idle_timeout` or when `shutdown` is cancelled.
+pub async fn serve<S>(
+    builder: Arc<Builder<TokioExecutor>>,
+    stream: TcpStream,
+    client: SocketAddr,
+    service: S,
+    activity: Arc<Activity>,
+    idle_timeout: Option<Duration>,
+    info: ConnInfo,
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    let check_every = idle_timeout
+        .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+        .unwrap_or(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(client = %client, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = info.closing.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
+                let limit = idle_timeout.unwrap_or_default();
+                if activity.idle_for().is_some_and(|idle| idle >= limit) {
+                    tracing::debug!(client = %client, "closing an idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! HTTP/1.1 `Upgrade` pass-through (WebSocket and the like): the upgrade
+//! request goes to an instance with its `Upgrade` and `Connection: upgrade`
+//! headers; when the instance answers 101, the client gets the 101 and the
+//! gateway then copies bytes both ways between the two upgraded
+//! connections until either side closes. Any other answer is passed on as
+//! an ordinary response.
+
+use crate::balance::PickContext;
+use crate::body::{empty, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID};
+use crate::proxy::{strip_hop_by_hop, upstream_headers, GatewayState};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use shoal_core::Problem;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade`
+/// and an `Upgrade` header).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Proxies an upgrade request. Only a failed connect is retried (on
+/// another instance); the handshake is not replayed once sent.
+pub async fn proxy(
+    state: Arc<GatewayState>,
+    client_addr: SocketAddr,
+    mut req: Request<Incoming>,
+    request_id: String,
+) -> Response<Body> {
+    let started = Instant::now();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let Some(route) = state.router.find(host.as_deref(), req.uri().path()) else {
+        return problem_response(
+            &Problem::not_found(format!(
+                "no route matches host `{}` and path `{}`",
+                host.as_deref().unwrap_or(""),
+                req.uri().path()
+            )),
+            &request_id,
+        );
+    };
+    let pool = Arc::clone(&route.pool);
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let conn = req.extensions_mut().remove::<crate::listener::ConnInfo>();
+    let (parts, _body) = req.into_parts();
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
+    let mut headers = upstream_headers(&parts.headers, host.as_deref(), client_addr, &request_id);
+    if let Some(p) = protocol {
+        headers.insert(header::UPGRADE, p);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+
+    let ctx = PickContext {
+        headers: &parts.headers,
+        client_ip: client_addr.ip(),
+    };
+    let mut tried = Vec::new();
+    let attempts = state.settings.retries.saturating_add(1);
+    let mut last_error = None;
+    let (instance, guard, mut response) = loop {
+        let Some(instance) = pool.pick(&ctx, &tried) else {
+            let detail = match &last_error {
+                None => format!("no healthy instance in pool `{}`", pool.name),
+                Some(e) => format!("pool `{}` failed; last error: {e}", pool.name),
+            };
+            return problem_response(&Problem::unavailable(detail, 1), &request_id);
+        };
+        tried.push(Arc::clone(&instance));
+        let uri = Uri::builder()
+            .scheme(instance.scheme.clone())
+            .authority(instance.authority.clone())
+            .path_and_query(path_and_query.as_str())
+            .build();
+        let Ok(uri) = uri else {
+            return problem_response(&Problem::bad_request("bad request target"), &request_id);
+        };
+        let mut upstream_req = Request::new(empty());
+        *upstream_req.method_mut() = parts.method.clone();
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.headers_mut() = headers.clone();
+        let guard = instance.start();
+        let sent = Instant::now();
+        match tokio::time::timeout(route.request_timeout, state.client.request(upstream_req)).await
+        {
+            Err(_) => {
+                return problem_response(
+                    &Problem::gateway_timeout(format!(
+                        "the upstream did not answer the upgrade within {} ms",
+                        route.request_timeout.as_millis()
+                    )),
+                    &request_id,
+                )
+            }
+            Ok(Ok(r)) => {
+                instance.observe_latency(sent.elapsed());
+                instance.record_success();
+                break (instance, guard, r);
+            }
+            Ok(Err(e)) => {
+                drop(guard);
+                if e.is_connect() {
+                    pool.on_connection_error(&instance);
+                }
+                last_error = Some(format!("{}: {e}", instance.url));
+                if e.is_connect() && tried.len() < attempts as usize {
+                    continue;
+                }
+                return problem_response(
+                    &Problem::bad_gateway(format!(
+                        "pool `{}`: the upgrade failed: {}",
+                        pool.name,
+                        last_error.unwrap_or_default()
+                    )),
+                    &request_id,
+                );
+            }
+        }
+    };
+
+    tracing::info!(
+        target: "shoal_gateway::access",
+        method = %parts.method,
+        path = %parts.uri.path(),
+        status = response.status().as_u16(),
+        pool = %pool.name,
+        upstream = %instance.url,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        request_id = %request_id,
+        client = %client_addr.ip(),
+        upgrade = true,
+        "request"
+    );
+    metrics::counter!(
+        "shoal_gateway_requests_total",
+        "pool" => pool.name.clone(),
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (mut rparts, rbody) = response.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            rparts.headers.insert(X_REQUEST_ID, v);
+        }
+        let body = GuardedBody::new(rbody.map_err(BoxError::from), guard).boxed_unsync();
+        return Response::from_parts(rparts, body);
+    }
+
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let mut client_response = Response::new(empty());
+    *client_response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut out = response.headers().clone();
+    let accepted = out.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut out);
+    if let Some(p) = accepted {
+        out.insert(header::UPGRADE, p);
+    }
+    out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        out.insert(X_REQUEST_ID, v);
+    }
+    *client_response.headers_mut() = out;
+
+    let url = instance.url.clone();
+    tokio::spawn(async move {
+        // The instance counts the tunnel as outstanding while it is open,
+        // and the listener counts it as an open connection.
+        let _guard = guard;
+        let closing = conn.as_ref().map(|c| c.closing.clone()).unwrap_or_default();
+        let _conn = conn;
+        let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                tracing::debug!(upstream = %url, client_ok = c.is_ok(), upstream_ok = u.is_ok(), "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                Ok((up, down)) => {
+                    tracing::debug!(upstream = %url, bytes_up = up, bytes_down = down, "upgraded connection closed")
+                }
+                Err(e) => tracing::debug!(upstream = %url, error = %e, "upgraded connection ended"),
+            },
+            _ = closing.cancelled() => {
+                tracing::debug!(upstream = %url, "closing an upgraded connection at shutdown");
+            }
+        }
+    });
+    client_response
+}

@@ -1,0 +1,337 @@
+//! Rate limits (429), load shedding (503), the connection cap, head size
+//! and slow-client limits.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn assert_problem(r: &Reply, status: StatusCode) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "retry-after {retry}");
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["status"], status.as_u16());
+}
+
+#[tokio::test]
+async fn a_global_rate_limit_per_client_address_answers_429_with_retry_after() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"rate_limit": {"requests_per_sec": 0.5, "burst": 3}}),
+    ))
+    .await;
+    let client = TestClient::default();
+    for i in 0..3 {
+        let r = client.get(&gw.url("/x")).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i} is within the burst");
+    }
+    let r = client.get(&gw.url("/x")).await;
+    assert_problem(&r, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (1..=2).contains(&retry),
+        "one request every 2 s: retry after {retry}"
+    );
+    assert_eq!(up.hits(), 3, "a limited request never reaches the upstream");
+    // The gateway's own endpoints are not limited.
+    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(
+        m.body.contains("shoal_gateway_rate_limited_total"),
+        "{}",
+        m.body
+    );
+}
+
+#[tokio::test]
+async fn a_route_rate_limit_keyed_by_api_key_header_limits_each_key_apart() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"routes": [
+            {"prefix": "/api/", "pool": "default",
+             "rate_limit": {"requests_per_sec": 0.1, "burst": 2, "key": "header:x-api-key"}},
+            {"prefix": "/", "pool": "default"}
+        ]}),
+    ))
+    .await;
+    let client = TestClient::default();
+    let get = |key: &'static str| {
+        let client = client.clone();
+        let url = gw.url("/api/items");
+        async move {
+            client
+                .send(
+                    Request::get(url)
+                        .header("x-api-key", key)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+        }
+    };
+    assert_eq!(get("alpha").await.status, StatusCode::OK);
+    assert_eq!(get("alpha").await.status, StatusCode::OK);
+    assert_problem(&get("alpha").await, StatusCode::TOO_MANY_REQUESTS);
+    // Another key has its own budget, from the same address.
+    assert_eq!(get("beta").await.status, StatusCode::OK);
+    assert_eq!(get("beta").await.status, StatusCode::OK);
+    assert_problem(&get("beta").await, StatusCode::TOO_MANY_REQUESTS);
+    // Routes without a limit (and no global one) are not limited.
+    for _ in 0..10 {
+        assert_eq!(client.get(&gw.url("/page")).await.status, StatusCode::OK);
+    }
+}
+
+/// Starts `n` slow requests and waits until the upstream holds them.
+async fn hold_slow_requests(
+    client: &TestClient,
+    gw: &TestGateway,
+    up: &Upstream,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Reply>> {
+    let before = up.hits();
+    let held: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/held"));
+            tokio::spawn(async move { client.get(&url).await })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(3), || async { up.hits() >= before + n }).await,
+        "slow requests reached the upstream"
+    );
+    held
+}
+
+#[tokio::test]
+async fn past_the_gateway_concurrency_cap_requests_are_shed_with_503() {
+    let up = Upstream::start("a").await;
+    up.state.delay_ms.store(600, Ordering::SeqCst);
+    let gw = TestGateway::start(settings(&[up.url()], json!({"max_concurrent_requests": 2}))).await;
+    let client = TestClient::default();
+    let held = hold_slow_requests(&client, &gw, &up, 2).await;
+    let r = client.get(&gw.url("/more")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("limit of 2"), "{}", r.body);
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::OK);
+    }
+    // Capacity is back once the held responses ended.
+    up.state.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(client.get(&gw.url("/again")).await.status, StatusCode::OK);
+    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    assert!(m.body.contains("shoal_gateway_shed_total"), "{}", m.body);
+}
+
+#[tokio::test]
+async fn past_a_pools_concurrency_cap_requests_to_it_are_shed() {
+    let up = Upstream::start("a").await;
+    let other = Upstream::start("b").await;
+    up.state.delay_ms.store(600, Ordering::SeqCst);
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({
+            "pools": [{"name": "default", "upstreams": [up.url()]},
+                      {"name": "other", "upstreams": [other.url()]}],
+            "routes": [{"prefix": "/other/", "pool": "other"}, {"prefix": "/", "pool": "default"}],
+            "pool_max_concurrent_requests": {"default": 1},
+        }),
+    ))
+    .await;
+    let client = TestClient::default();
+    let held = hold_slow_requests(&client, &gw, &up, 1).await;
+    assert_problem(
+        &client.get(&gw.url("/more")).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    );
+    assert_eq!(client.get(&gw.url("/other/x")).await.status, StatusCode::OK);
+    assert_eq!(
+        held.into_iter().next().unwrap().await.unwrap().status,
+        StatusCode::OK
+    );
+}
+
+async fn read_all(stream: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[up.url()], json!({"max_connections": 2}))).await;
+    let first = TcpStream::connect(gw.addr).await.unwrap();
+    let second = TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = TcpStream::connect(gw.addr).await.unwrap();
+    let (reply, closed) = read_all(&mut third, Duration::from_secs(3)).await;
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("retry-after: 1"),
+        "{reply}"
+    );
+    assert!(closed, "refused connection is closed");
+    drop((first, second));
+    let client = TestClient::default();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            client.get(&gw.url("/x")).await.status == StatusCode::OK
+        })
+        .await,
+        "connections are accepted again below the cap"
+    );
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"header_read_timeout_ms": 300}),
+    ))
+    .await;
+    let mut slow = TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (_reply, closed) = read_all(&mut slow, Duration::from_secs(3)).await;
+    assert!(closed, "slowloris connection closed");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "closed after {took:?}"
+    );
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn request_heads_larger_than_max_header_bytes_are_refused() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[up.url()], json!({"max_header_bytes": 8192}))).await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    let big = "a".repeat(20_000);
+    let req = format!("GET /x HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = c.write_all(req.as_bytes()).await;
+    let (reply, closed) = read_all(&mut c, Duration::from_secs(3)).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
+    assert!(closed);
+    assert_eq!(up.hits(), 0);
+    // A normal request still passes.
+    let client = TestClient::default();
+    assert_eq!(client.get(&gw.url("/x")).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_secs() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"idle_timeout_secs": 1, "header_read_timeout_ms": 30000}),
+    ))
+    .await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let (_rest, closed) = read_all(&mut c, Duration::from_secs(4)).await;
+    assert!(closed, "idle connection closed");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_a_shorter_header_read_timeout() {
+    // hyper runs the head timer while it waits for the next request too.
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"idle_timeout_secs": 60, "header_read_timeout_ms": 300}),
+    ))
+    .await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let (_rest, closed) = read_all(&mut c, Duration::from_secs(3)).await;
+    assert!(closed, "idle connection closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn invalid_limit_settings_are_refused_with_their_key() {
+    let up = Upstream::start("a").await;
+    let cases = [
+        (
+            json!({"rate_limit": {"requests_per_sec": 0.0}}),
+            "gateway.rate_limit.requests_per_sec",
+        ),
+        (
+            json!({"rate_limit": {"requests_per_sec": 5.0, "burst": 0}}),
+            "gateway.rate_limit.burst",
+        ),
+        (
+            json!({"rate_limit": {"requests_per_sec": 5.0, "key": "cookie:x"}}),
+            "gateway.rate_limit.key",
+        ),
+        (
+            json!({"routes": [{"prefix": "/", "pool": "default", "rate_limit": {"requests_per_sec": -1.0}}]}),
+            "gateway.routes[0].rate_limit.requests_per_sec",
+        ),
+        (
+            json!({"pool_max_concurrent_requests": {"nope": 3}}),
+            "gateway.pool_max_concurrent_requests.nope",
+        ),
+        (
+            json!({"max_header_bytes": 1024}),
+            "gateway.max_header_bytes",
+        ),
+        (
+            json!({"header_read_timeout_ms": 0}),
+            "gateway.header_read_timeout_ms",
+        ),
+    ];
+    for (overrides, key) in cases {
+        let err = shoal_gateway::Gateway::bind(settings(&[up.url()], overrides.clone()))
+            .await
+            .expect_err("invalid settings refused");
+        assert!(err.to_string().contains(key), "{overrides}: {err}");
+    }
+}

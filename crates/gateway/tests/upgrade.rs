@@ -1,0 +1,317 @@
+//! WebSocket (HTTP/1.1 Upgrade) pass-through and unbuffered SSE streaming.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// An upstream that switches `/ws` to an echo protocol after a 101 (bytes
+/// written are sent back upper-cased, after a greeting), answers `/events`
+/// with an SSE stream fed by the test, and `/readyz` with 200.
+struct SpecialUpstream {
+    addr: SocketAddr,
+    /// Headers of the last `/ws` request.
+    ws_headers: Arc<Mutex<Option<http::HeaderMap>>>,
+    /// Senders of the SSE stream of each `/events` request.
+    events: Arc<Mutex<Vec<mpsc::Sender<Bytes>>>>,
+}
+
+async fn special_upstream() -> SpecialUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ws_headers = Arc::new(Mutex::new(None));
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let (h, e) = (ws_headers.clone(), events.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (h, e) = (h.clone(), e.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let (h, e) = (h.clone(), e.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let resp: Response<BoxBody> = match path.as_str() {
+                            "/ws" => {
+                                *h.lock().unwrap() = Some(req.headers().clone());
+                                if req.headers().get("upgrade").is_none() {
+                                    Response::new(
+                                        Full::new(Bytes::from("no upgrade header")).boxed(),
+                                    )
+                                } else {
+                                    let on = hyper::upgrade::on(&mut req);
+                                    tokio::spawn(async move {
+                                        let upgraded = on.await.expect("upstream upgrade");
+                                        let mut io = TokioIo::new(upgraded);
+                                        io.write_all(b"hello from upstream\n").await.unwrap();
+                                        let mut buf = [0u8; 1024];
+                                        loop {
+                                            match io.read(&mut buf).await {
+                                                Ok(0) | Err(_) => return,
+                                                Ok(n) => {
+                                                    let up = buf[..n].to_ascii_uppercase();
+                                                    if io.write_all(&up).await.is_err() {
+                                                        return;
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    });
+                                    Response::builder()
+                                        .status(StatusCode::SWITCHING_PROTOCOLS)
+                                        .header("upgrade", "websocket")
+                                        .header("connection", "upgrade")
+                                        .header(
+                                            "sec-websocket-accept",
+                                            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+                                        )
+                                        .body(Full::new(Bytes::new()).boxed())
+                                        .unwrap()
+                                }
+                            }
+                            "/events" => {
+                                let (tx, rx) = mpsc::channel::<Bytes>(8);
+                                e.lock().unwrap().push(tx);
+                                let stream =
+                                    futures_util::stream::unfold(rx, |mut rx| async move {
+                                        rx.recv()
+                                            .await
+                                            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+                                    });
+                                Response::builder()
+                                    .header("content-type", "text/event-stream")
+                                    .header("cache-control", "no-cache")
+                                    .body(StreamBody::new(stream).boxed())
+                                    .unwrap()
+                            }
+                            _ => Response::new(Full::new(Bytes::from("ok")).boxed()),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    SpecialUpstream {
+        addr,
+        ws_headers,
+        events,
+    }
+}
+
+/// Reads until `needle` has arrived (in what this call or an earlier one
+/// left unconsumed); returns everything up to and including it.
+async fn read_until(stream: &mut TcpStream, pending: &mut Vec<u8>, needle: &[u8]) -> Vec<u8> {
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            if let Some(at) = pending.windows(needle.len()).position(|w| w == needle) {
+                return pending.drain(..at + needle.len()).collect::<Vec<u8>>();
+            }
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed early; got {:?}",
+                String::from_utf8_lossy(pending)
+            );
+            pending.extend_from_slice(&buf[..n]);
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok(got) => got,
+        Err(_) => panic!(
+            "timed out waiting for {:?}",
+            String::from_utf8_lossy(needle)
+        ),
+    }
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_proxied_and_bytes_flow_both_ways() {
+    let up = special_upstream().await;
+    let gw = TestGateway::start(settings(&[format!("http://{}", up.addr)], json!({}))).await;
+
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(head.contains("sec-websocket-accept"), "{head}");
+    assert!(head.contains("x-request-id"), "{head}");
+
+    let seen = up
+        .ws_headers
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("upstream saw /ws");
+    assert_eq!(seen["upgrade"], "websocket");
+    assert_eq!(seen["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
+
+    // Upstream to client, unprompted.
+    read_until(&mut client, &mut pending, b"hello from upstream\n").await;
+    // Client to upstream and back, twice on the same tunnel.
+    client.write_all(b"ping one").await.unwrap();
+    read_until(&mut client, &mut pending, b"PING ONE").await;
+    client.write_all(b"ping two").await.unwrap();
+    read_until(&mut client, &mut pending, b"PING TWO").await;
+}
+
+#[tokio::test]
+async fn an_upgrade_refused_by_the_upstream_is_passed_on_as_a_response() {
+    let plain = Upstream::start("plain").await;
+    let gw = TestGateway::start(settings(&[plain.url()], json!({}))).await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_until(&mut client, &mut pending, b"plain").await;
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test]
+async fn sse_events_reach_the_client_before_the_upstream_response_ends() {
+    let up = special_upstream().await;
+    // A stream quiet for longer than the head and idle timeouts stays open.
+    let gw = TestGateway::start(settings(
+        &[format!("http://{}", up.addr)],
+        json!({"header_read_timeout_ms": 300, "idle_timeout_secs": 1}),
+    ))
+    .await;
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let events = up.events.clone();
+    // Feed the stream: one event now, the rest only once the client has
+    // the first (or after 5 s, which fails the test below).
+    tokio::spawn(async move {
+        let tx = loop {
+            if let Some(tx) = events.lock().unwrap().first().cloned() {
+                break tx;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        tx.send(Bytes::from("event: tick\ndata: one\n\n"))
+            .await
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tx.send(Bytes::from("data: two\n\n")).await.unwrap();
+    });
+
+    let response = client
+        .request(
+            Request::get(gw.url("/events"))
+                .header("accept", "text/event-stream")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(2), body.frame())
+        .await
+        .expect("the first event arrived while the upstream response was still open")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&first[..], b"event: tick\ndata: one\n\n");
+    done_tx.send(()).unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(4), body.frame())
+        .await
+        .expect("second event")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&second[..], b"data: two\n\n");
+}
+
+/// Opens a tunnel through the gateway to `/ws` and reads the greeting.
+async fn open_tunnel(gw: &TestGateway) -> (TcpStream, Vec<u8>) {
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    read_until(&mut client, &mut pending, b"hello from upstream\n").await;
+    (client, pending)
+}
+
+#[tokio::test]
+async fn an_open_tunnel_counts_as_a_connection_and_closes_at_shutdown() {
+    let up = special_upstream().await;
+    let mut gw = TestGateway::start(settings(
+        &[format!("http://{}", up.addr)],
+        json!({"max_connections": 1}),
+    ))
+    .await;
+    let (mut tunnel, mut pending) = open_tunnel(&gw).await;
+    // The tunnel holds the only connection slot.
+    let mut other = TcpStream::connect(gw.addr).await.unwrap();
+    let refused = read_until(&mut other, &mut Vec::new(), b"\r\n\r\n").await;
+    assert!(
+        refused.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+    tunnel.write_all(b"still here").await.unwrap();
+    read_until(&mut tunnel, &mut pending, b"STILL HERE").await;
+
+    // Shutdown closes the tunnel and the gateway stops promptly.
+    gw.stop.cancel();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), tunnel.read(&mut buf))
+        .await
+        .expect("tunnel closed at shutdown")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    tokio::time::timeout(Duration::from_secs(3), &mut gw.task)
+        .await
+        .expect("gateway stopped")
+        .unwrap()
+        .unwrap();
+}

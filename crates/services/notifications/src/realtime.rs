@@ -1,0 +1,638 @@
+//! Realtime events to logged-in users: `publish_user_event` stores the
+//! event (for replay) and publishes it on the broadcast bus channel
+//! `notifications.user`; every instance's `Hub` receives every event and
+//! hands it to that user's open connections on this instance
+//! (`GET /api/notifications/stream` as SSE, `GET /api/notifications/ws` as
+//! a WebSocket). Reconnecting clients replay what they missed from the
+//! table (`Last-Event-ID`, or `?last_event_id=` on the WebSocket).
+//!
+//! Every connection has a bounded buffer: a consumer that falls
+//! `notifications.stream_buffer` events behind is disconnected (counted in
+//! `shoal_notifications_stream_dropped_total`) rather than buffered without
+//! bound; it reconnects and replays. When the bus says messages may have
+//! been missed, every connection re-reads the table after its last event.
+
+use crate::NotifyError;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shoal_backends::{now_millis, Database, RecvError};
+use shoal_core::Problem;
+use shoal_runtime::error::ApiResult;
+use shoal_runtime::{ApiError, AppContext, CurrentSession};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The bus channel that carries every user event to every instance.
+pub const USER_EVENTS_CHANNEL: &str = "notifications.user";
+
+/// Largest `data` of one event, as JSON bytes.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// One event for one user, as published and sent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserEvent {
+    pub id: String,
+    #[serde(skip_serializing, default)]
+    pub user_id: String,
+    pub kind: String,
+    pub data: Value,
+    pub created_at: i64,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct EventRow {
+    id: String,
+    user_id: String,
+    kind: String,
+    data: String,
+    created_at: i64,
+}
+
+impl From<EventRow> for UserEvent {
+    fn from(r: EventRow) -> Self {
+        UserEvent {
+            id: r.id,
+            user_id: r.user_id,
+            kind: r.kind,
+            data: serde_json::from_str(&r.data).unwrap_or(Value::Null),
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// What travels on the bus: the event plus its user.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    user_id: String,
+    event: UserEvent,
+}
+
+fn valid_kind(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= 64
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// Sends an event to every open connection of `user_id` on every instance,
+/// and keeps it for replay (`notifications.replay_max_events` per user,
+/// `notifications.replay_retention_secs`). Callable from a serve instance
+/// or a worker. Returns the event id.
+///
+/// The event is stored before it is published: if the bus fails, the
+/// error is logged and connected clients get it on their next replay.
+pub async fn publish_user_event(
+    ctx: &AppContext,
+    user_id: &str,
+    kind: &str,
+    data: Value,
+) -> Result<String, NotifyError> {
+    if !valid_kind(kind) {
+        return Err(NotifyError::Invalid(format!(
+            "event kind `{kind}` must be 1-64 characters of a-z, 0-9, `.`, `_`, `-`"
+        )));
+    }
+    let text = serde_json::to_string(&data).map_err(|e| NotifyError::Invalid(e.to_string()))?;
+    if text.len() > MAX_EVENT_BYTES {
+        return Err(NotifyError::Invalid(format!(
+            "event data is {} bytes; the limit is {MAX_EVENT_BYTES}",
+            text.len()
+        )));
+    }
+    let event = UserEvent {
+        id: shoal_core::ids::new_id(),
+        user_id: user_id.to_string(),
+        kind: kind.to_string(),
+        data,
+        created_at: now_millis(),
+    };
+    sqlx::query(
+        "INSERT INTO notification_events (id, user_id, kind, data, created_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&event.id)
+    .bind(user_id)
+    .bind(kind)
+    .bind(&text)
+    .bind(event.created_at)
+    .execute(ctx.db.pool())
+    .await?;
+    // Keep the newest `replay_max_events` of this user.
+    sqlx::query(
+        "DELETE FROM notification_events WHERE user_id = $1 AND id < (
+            SELECT id FROM notification_events WHERE user_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+    )
+    .bind(user_id)
+    .bind(ctx.settings.notifications.replay_max_events as i64 - 1)
+    .execute(ctx.db.pool())
+    .await?;
+    let id = event.id.clone();
+    let envelope = Envelope {
+        user_id: user_id.to_string(),
+        event,
+    };
+    let bytes = serde_json::to_vec(&envelope).map_err(|e| NotifyError::Invalid(e.to_string()))?;
+    if let Err(e) = ctx.bus.publish(USER_EVENTS_CHANNEL, &bytes).await {
+        metrics::counter!("shoal_notifications_publish_errors_total").increment(1);
+        tracing::warn!(error = %e, event_id = %id, "user event stored but not broadcast; clients get it on replay");
+    }
+    metrics::counter!("shoal_notifications_events_published_total").increment(1);
+    Ok(id)
+}
+
+#[derive(Debug, Clone)]
+enum Item {
+    Event(Arc<UserEvent>),
+    /// Events may have been missed: re-read the table.
+    Resync,
+}
+
+struct Conn {
+    id: u64,
+    tx: mpsc::Sender<Item>,
+}
+
+/// This instance's open connections by user.
+pub(crate) struct Hub {
+    conns: Mutex<HashMap<String, Vec<Conn>>>,
+    next_id: AtomicU64,
+    open: AtomicUsize,
+    buffer: usize,
+    max_connections: usize,
+    /// Fires when the instance drains: every stream ends so clients
+    /// reconnect to another instance.
+    closing: CancellationToken,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("open", &self.open.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A connection's place in the hub; leaving on drop.
+struct Registration {
+    hub: Arc<Hub>,
+    user_id: String,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.remove(&self.user_id, self.id);
+    }
+}
+
+impl Hub {
+    /// Creates the hub and its bus listener. The listener stops when the
+    /// hub (held by the router) is dropped or the bus closes.
+    pub(crate) fn start(ctx: &AppContext) -> Arc<Hub> {
+        let s = &ctx.settings.notifications;
+        let hub = Arc::new(Hub {
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            buffer: s.stream_buffer.max(1),
+            max_connections: s.max_connections,
+            closing: CancellationToken::new(),
+        });
+        tokio::spawn(listen(ctx.clone(), Arc::downgrade(&hub)));
+        hub
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        user_id: &str,
+    ) -> Result<(Registration, mpsc::Receiver<Item>), ApiError> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!("shoal_notifications_stream_refused_total").increment(1);
+            return Err(Problem::unavailable(
+                "this instance holds its maximum of realtime connections; retry shortly",
+                2,
+            )
+            .into());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.buffer);
+        self.conns
+            .lock()
+            .unwrap()
+            .entry(user_id.to_string())
+            .or_default()
+            .push(Conn { id, tx });
+        metrics::gauge!("shoal_notifications_connections").increment(1.0);
+        Ok((
+            Registration {
+                hub: self.clone(),
+                user_id: user_id.to_string(),
+                id,
+            },
+            rx,
+        ))
+    }
+
+    fn remove(&self, user_id: &str, id: u64) {
+        let mut map = self.conns.lock().unwrap();
+        if let Some(list) = map.get_mut(user_id) {
+            let before = list.len();
+            list.retain(|c| c.id != id);
+            if list.len() < before {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                metrics::gauge!("shoal_notifications_connections").decrement(1.0);
+            }
+            if list.is_empty() {
+                map.remove(user_id);
+            }
+        }
+    }
+
+    /// Hands `item` to each of the user's connections without waiting; a
+    /// connection whose buffer is full is dropped.
+    fn deliver(&self, user_id: &str, item: Item) {
+        let mut map = self.conns.lock().unwrap();
+        let Some(list) = map.get_mut(user_id) else {
+            return;
+        };
+        let before = list.len();
+        list.retain(|c| match c.tx.try_send(item.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("shoal_notifications_stream_dropped_total").increment(1);
+                tracing::info!(user_id, "realtime consumer too slow; disconnected");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        let gone = before - list.len();
+        if gone > 0 {
+            self.open.fetch_sub(gone, Ordering::Relaxed);
+            metrics::gauge!("shoal_notifications_connections").decrement(gone as f64);
+        }
+        if list.is_empty() {
+            map.remove(user_id);
+        }
+    }
+
+    fn resync_all(&self) {
+        let users: Vec<String> = self.conns.lock().unwrap().keys().cloned().collect();
+        for user in users {
+            self.deliver(&user, Item::Resync);
+        }
+    }
+}
+
+async fn listen(ctx: AppContext, hub: Weak<Hub>) {
+    let mut sub = loop {
+        match ctx.bus.subscribe(USER_EVENTS_CHANNEL).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "notifications: cannot subscribe to the bus; retrying");
+                if hub.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            msg = sub.recv() => {
+                let Some(hub) = hub.upgrade() else { return };
+                match msg {
+                    Ok(bytes) => match serde_json::from_slice::<Envelope>(&bytes) {
+                        Ok(env) => {
+                            let mut event = env.event;
+                            event.user_id = env.user_id.clone();
+                            hub.deliver(&env.user_id, Item::Event(Arc::new(event)));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "notifications: undecodable bus message"),
+                    },
+                    Err(RecvError::Missed) => hub.resync_all(),
+                    Err(RecvError::Closed) => {
+                        hub.closing.cancel();
+                        return;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let Some(hub) = hub.upgrade() else { return };
+                if ctx.is_draining() && !hub.closing.is_cancelled() {
+                    tracing::info!("draining: closing realtime connections so clients move");
+                    hub.closing.cancel();
+                }
+            }
+        }
+    }
+}
+
+const SELECT: &str = "SELECT id, user_id, kind, data, created_at FROM notification_events";
+
+/// Events of `user_id` after `after` (an event id), oldest first; or, with
+/// no id, those created at or after `since_ms`.
+async fn load_events(
+    db: &Database,
+    user_id: &str,
+    after: Option<&str>,
+    since_ms: i64,
+    limit: i64,
+) -> Result<Vec<UserEvent>, sqlx::Error> {
+    let rows: Vec<EventRow> = match after {
+        Some(id) => {
+            sqlx::query_as(&format!(
+                "{SELECT} WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+            ))
+            .bind(user_id)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(db.pool())
+            .await?
+        }
+        None => {
+            sqlx::query_as(&format!(
+                "{SELECT} WHERE user_id = $1 AND created_at >= $2 ORDER BY id LIMIT $3"
+            ))
+            .bind(user_id)
+            .bind(since_ms)
+            .bind(limit)
+            .fetch_all(db.pool())
+            .await?
+        }
+    };
+    Ok(rows.into_iter().map(UserEvent::from).collect())
+}
+
+/// What one connection sends, in order: a `stream.reset` event when the
+/// replay cannot be complete, the replay, then live events (skipping the
+/// ones the replay already sent).
+struct Feed {
+    ctx: AppContext,
+    user_id: String,
+    rx: mpsc::Receiver<Item>,
+    _registration: Registration,
+    closing: CancellationToken,
+    pending: VecDeque<UserEvent>,
+    sent_in_replay: HashSet<String>,
+    last_id: Option<String>,
+    connected_at: i64,
+    /// Set while a re-read of the table is owed (kept if `next` is
+    /// cancelled mid-read, so it is redone).
+    needs_resync: bool,
+}
+
+impl Feed {
+    async fn open(
+        ctx: &AppContext,
+        hub: &Arc<Hub>,
+        user_id: &str,
+        last_event_id: Option<String>,
+    ) -> ApiResult<Feed> {
+        let connected_at = now_millis();
+        // Register first, so nothing published during the replay query is lost.
+        let (registration, rx) = hub.register(user_id)?;
+        let mut feed = Feed {
+            ctx: ctx.clone(),
+            user_id: user_id.to_string(),
+            rx,
+            _registration: registration,
+            closing: hub.closing.clone(),
+            pending: VecDeque::new(),
+            sent_in_replay: HashSet::new(),
+            last_id: None,
+            connected_at,
+            needs_resync: false,
+        };
+        if let Some(last) = last_event_id {
+            let known: Option<(String,)> =
+                sqlx::query_as("SELECT id FROM notification_events WHERE user_id = $1 AND id = $2")
+                    .bind(user_id)
+                    .bind(&last)
+                    .fetch_optional(ctx.db.pool())
+                    .await?;
+            if known.is_none() {
+                feed.pending.push_back(reset_event(user_id));
+            }
+            feed.last_id = Some(last);
+            feed.replay().await?;
+        }
+        Ok(feed)
+    }
+
+    async fn replay(&mut self) -> Result<(), sqlx::Error> {
+        let limit = self.ctx.settings.notifications.replay_max_events as i64;
+        let events = load_events(
+            &self.ctx.db,
+            &self.user_id,
+            self.last_id.as_deref(),
+            self.connected_at,
+            limit,
+        )
+        .await?;
+        for e in events {
+            if self.sent_in_replay.insert(e.id.clone()) {
+                self.pending.push_back(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next event to send; `None` when the connection must end
+    /// (dropped as too slow, instance draining, bus closed). Cancel safe:
+    /// an event is taken from the buffers only when it is returned.
+    async fn next(&mut self) -> Option<UserEvent> {
+        loop {
+            if self.needs_resync {
+                if let Err(e) = self.replay().await {
+                    tracing::warn!(error = %e, "notifications: resync read failed; closing the stream");
+                    return None;
+                }
+                self.needs_resync = false;
+            }
+            if let Some(e) = self.pending.pop_front() {
+                if e.kind != RESET_KIND {
+                    self.last_id = Some(e.id.clone());
+                }
+                return Some(e);
+            }
+            let item = tokio::select! {
+                _ = self.closing.cancelled() => return None,
+                item = self.rx.recv() => item?,
+            };
+            match item {
+                Item::Event(e) => {
+                    if self.sent_in_replay.remove(&e.id) {
+                        continue;
+                    }
+                    self.last_id = Some(e.id.clone());
+                    return Some((*e).clone());
+                }
+                Item::Resync => self.needs_resync = true,
+            }
+        }
+    }
+}
+
+const RESET_KIND: &str = "stream.reset";
+
+/// Sent when a client's `Last-Event-ID` is no longer kept: it missed
+/// events it cannot replay and should reload its state.
+fn reset_event(user_id: &str) -> UserEvent {
+    UserEvent {
+        id: String::new(),
+        user_id: user_id.to_string(),
+        kind: RESET_KIND.into(),
+        data: serde_json::json!({
+            "reason": "the last event id is unknown or past retention; reload your state"
+        }),
+        created_at: now_millis(),
+    }
+}
+
+fn check_event_id(raw: &str) -> Result<String, ApiError> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.len() > 64 || !raw.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+    {
+        return Err(Problem::validation(format!(
+            "`{}` is not an event id (send the `id` of the last event received)",
+            raw.chars().take(80).collect::<String>()
+        ))
+        .with_field("last_event_id", "must be an event id")
+        .into());
+    }
+    Ok(raw.to_ascii_lowercase())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StreamQuery {
+    #[serde(default)]
+    last_event_id: Option<String>,
+}
+
+fn wanted_replay(headers: &HeaderMap, q: &StreamQuery) -> Result<Option<String>, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_string());
+    match header.or_else(|| q.last_event_id.clone()) {
+        None => Ok(None),
+        Some(raw) if raw.trim().is_empty() => Ok(None),
+        Some(raw) => check_event_id(&raw).map(Some),
+    }
+}
+
+fn to_sse(e: &UserEvent) -> Event {
+    let json = serde_json::to_string(e).unwrap_or_else(|_| "{}".into());
+    let ev = Event::default().data(json);
+    if e.id.is_empty() {
+        ev
+    } else {
+        ev.id(e.id.clone())
+    }
+}
+
+/// `GET /api/notifications/stream`: the caller's events as Server-Sent
+/// Events. Each `data:` line is `{"id", "kind", "data", "created_at"}`;
+/// the SSE `id:` is the event id, so `EventSource` resumes by itself.
+pub(crate) async fn sse(
+    State(ctx): State<AppContext>,
+    Extension(hub): Extension<Arc<Hub>>,
+    CurrentSession(session): CurrentSession,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let last = wanted_replay(&headers, &q)?;
+    let feed = Feed::open(&ctx, &hub, &session.user_id, last).await?;
+    metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "sse")
+        .increment(1);
+    let stream = futures_util::stream::unfold(feed, |mut feed| async move {
+        let e = feed.next().await?;
+        Some((Ok::<_, Infallible>(to_sse(&e)), feed))
+    });
+    let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
+    Ok((
+        [
+            ("cache-control", "no-store"),
+            // Tells nginx-style proxies not to buffer the stream.
+            ("x-accel-buffering", "no"),
+        ],
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat")),
+    )
+        .into_response())
+}
+
+/// `GET /api/notifications/ws`: the same events over a WebSocket, one JSON
+/// text message each; `?last_event_id=` replays. The server pings every
+/// `heartbeat_secs`; client messages other than close are ignored.
+pub(crate) async fn websocket(
+    State(ctx): State<AppContext>,
+    Extension(hub): Extension<Arc<Hub>>,
+    CurrentSession(session): CurrentSession,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let last = wanted_replay(&headers, &q)?;
+    let feed = Feed::open(&ctx, &hub, &session.user_id, last).await?;
+    metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "ws").increment(1);
+    let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
+    Ok(upgrade
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| run_socket(socket, feed, heartbeat)))
+}
+
+async fn run_socket(mut socket: WebSocket, mut feed: Feed, heartbeat: Duration) {
+    let send_timeout = Duration::from_secs(10);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    loop {
+        tokio::select! {
+            e = feed.next() => {
+                let Some(e) = e else {
+                    let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(None))).await;
+                    return;
+                };
+                let text = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
+                match tokio::time::timeout(send_timeout, socket.send(WsMessage::Text(text.into()))).await {
+                    Ok(Ok(())) => {}
+                    _ => return,
+                }
+            }
+            msg = socket.recv() => match msg {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                if !matches!(tokio::time::timeout(send_timeout, socket.send(WsMessage::Ping(Default::default()))).await, Ok(Ok(()))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_event_ids_are_checked() {
+        assert!(valid_kind("order.paid"));
+        assert!(!valid_kind("Order Paid"));
+        assert!(!valid_kind(""));
+        assert!(check_event_id("0190a3b4-0000-7000-8000-000000000000").is_ok());
+        assert!(check_event_id("x; DROP").is_err());
+    }
+}
