@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER=${BENCH_SECONDS:-10}
 CONNS=${BENCH_CONNECTIONS:-64}
 bench/setup.sh
-ulimit -n 65536 || true
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 BIN=target/release
 RUN=$(mktemp -d /tmp/shoal-cbench.XXXXXX)
 PIDS=()

@@ -19,17 +19,18 @@ results=()
 run_shoal() { # backend, extra env
   local b=$1; shift
   echo "  shoal/$b ..." >&2
-  env "$@" target/release/shoal --data-dir "$RUN/$b" jobs bench --backend "$b" --jobs "$JOBS" --concurrency "$CONCURRENCY" --json
+  env SHOAL_LOG__LEVEL=error "$@" target/release/shoal --data-dir "$RUN/$b" jobs bench --backend "$b" --jobs "$JOBS" --concurrency "$CONCURRENCY" --json | tail -1
 }
 results+=("$(run_shoal sqlite)")
 results+=("$(run_shoal postgres SHOAL_DATABASE__BACKEND=postgres SHOAL_DATABASE__URL="$PG")")
 if target/release/shoal jobs bench --help 2>/dev/null | grep -q nats; then
-  results+=("$(run_shoal nats SHOAL_QUEUE__NATS_URL="$NATS")")
+  echo "  shoal/nats ..." >&2
+  results+=("$(SHOAL_LOG__LEVEL=error target/release/shoal --data-dir "$RUN/nats" jobs bench --backend nats --nats-url "$NATS" --jobs "$JOBS" --concurrency "$CONCURRENCY" --json | tail -1)")
 fi
 echo "  bullmq ..." >&2
-results+=("$(cd bench/queue && node bullmq.mjs)")
+results+=("$(cd bench/queue && node bullmq.mjs | tail -1)")
 echo "  graphile-worker ..." >&2
-results+=("$(cd bench/queue && DATABASE_URL="$PG" node graphile.mjs)")
+results+=("$(cd bench/queue && DATABASE_URL="$PG" node graphile.mjs | tail -1)")
 REPORT=bench/results/queue-latest.md
 python3 - "$REPORT" "${results[@]}" <<'PY'
 import json, sys, datetime, os

@@ -131,24 +131,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .map(|iv| iv.mul_f64(i as f64 / args.connections as f64))
                     .unwrap_or_default();
             loop {
-                if let Some(iv) = per_conn_interval {
+                // `sent_due` is when this request was due: latency counts
+                // from then, so a late send (the server stalled us) counts.
+                let sent_due = if let Some(iv) = per_conn_interval {
                     tokio::time::sleep_until(due.into()).await;
+                    let this = due;
                     due += iv;
+                    this
                 } else {
-                    due = Instant::now();
-                }
-                if due >= end {
+                    Instant::now()
+                };
+                if sent_due >= end {
                     break;
                 }
                 let result = match sender.as_mut() {
                     Some(s) => one(s, &target).await,
                     None => Err(anyhow::anyhow!("no connection")),
                 };
-                let measured = due >= start;
+                let measured = sent_due >= start;
                 match result {
                     Ok(()) => {
                         if measured {
-                            let us = due.elapsed().as_micros() as u64;
+                            let us = sent_due.elapsed().as_micros() as u64;
                             let _ = local.record(us.max(1));
                         }
                     }
