@@ -1,7 +1,8 @@
 //! Loading the settings tree: defaults, then a TOML file, then `SHOAL_*`
 //! environment variables. Nested keys use `__` in variable names:
 //! `SHOAL_DATABASE__URL` sets `database.url`, `SHOAL_DATA_DIR` sets
-//! `data_dir`. Variables starting `SHOAL_TEST_` are left to the tests.
+//! `data_dir`. Variables starting `SHOAL_TEST_` are left to the tests, and
+//! `SHOAL_CONFIG` names the settings file (the CLI reads it).
 
 use super::Settings;
 use std::path::Path;
@@ -42,7 +43,9 @@ pub fn load(
     }
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with("SHOAL_") && !k.starts_with("SHOAL_TEST_"))
+        .filter(|(k, _)| {
+            k.starts_with("SHOAL_") && !k.starts_with("SHOAL_TEST_") && k != "SHOAL_CONFIG"
+        })
         .collect();
     vars.sort();
     for (var, raw) in vars {
@@ -192,6 +195,7 @@ mod tests {
                 ("SHOAL_UP__INSTANCES", "7"),
                 ("SHOAL_SERVE__SERVICES", "accounts, catalog"),
                 ("SHOAL_TEST_POSTGRES_URL", "ignored"),
+                ("SHOAL_CONFIG", "the file itself, read by the CLI"),
                 ("HOME", "/root"),
             ]),
         )
