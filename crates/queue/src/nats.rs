@@ -39,6 +39,9 @@ pub struct NatsJobStoreOptions {
     /// counted in the job record.
     pub max_deliver: i64,
     pub poll_interval: Duration,
+    /// JetStream drops a second message with the same id within this
+    /// window; an enqueue that failed midway is settled within it.
+    pub duplicate_window: Duration,
 }
 
 impl Default for NatsJobStoreOptions {
@@ -48,6 +51,7 @@ impl Default for NatsJobStoreOptions {
             ack_wait: Duration::from_secs(30),
             max_deliver: 10_000,
             poll_interval: Duration::from_millis(100),
+            duplicate_window: Duration::from_secs(120),
         }
     }
 }
@@ -132,6 +136,7 @@ impl NatsJobStore {
                 subjects: vec![format!("{p}.jobs.>")],
                 retention: jetstream::stream::RetentionPolicy::WorkQueue,
                 storage: jetstream::stream::StorageType::File,
+                duplicate_window: options.duplicate_window,
                 ..Default::default()
             })
             .await
@@ -200,9 +205,18 @@ impl NatsJobStore {
         Ok(consumer)
     }
 
-    async fn publish(&self, queue: &str, id: &str) -> Result<(), QueueError> {
+    /// Sends the message that carries job `id`. `message_id` names this
+    /// send for JetStream's duplicate window (`duplicate_window`): a
+    /// second send under the same name within it is dropped by the server,
+    /// so an enqueue whose answer was lost can be sent again safely.
+    async fn publish(&self, queue: &str, id: &str, message_id: &str) -> Result<(), QueueError> {
         self.js
-            .publish(self.subject(queue), id.to_string().into())
+            .send_publish(
+                self.subject(queue),
+                jetstream::message::PublishMessage::build()
+                    .payload(id.to_string().into())
+                    .message_id(message_id),
+            )
             .await
             .map_err(nats)?
             .await
@@ -279,6 +293,59 @@ impl NatsJobStore {
         Ok(jobs)
     }
 
+    /// Writes a new job's record, then sends its message. Every send of a
+    /// job's first message comes after its record is written, so a claim
+    /// never meets a message whose record is still to come.
+    async fn store_and_send(&self, record: &Job) -> Result<(), QueueError> {
+        match self
+            .jobs
+            .create(&record.id, serde_json::to_vec(record)?.into())
+            .await
+        {
+            Ok(_) => {}
+            // Only a unique key leads two writers to one id: a retry of a
+            // failed enqueue, or the background settling of one.
+            Err(e)
+                if e.kind() == kv::CreateErrorKind::AlreadyExists
+                    && record.unique_key.is_some() => {}
+            Err(e) => return Err(nats(e)),
+        }
+        self.publish(&record.queue, &record.id, &record.id).await
+    }
+
+    /// Settles an enqueue that wrote its record but could not confirm its
+    /// message (the server went away in between, or the answer was lost),
+    /// in the background, for as long as JetStream's duplicate window lasts.
+    ///
+    /// With a unique key the job is kept and its message sent again until
+    /// the server takes it: the caller's retry with the same key finds the
+    /// same job, so either way it runs once. Without one, nobody else knows
+    /// the id and the caller was told it failed (and will likely enqueue
+    /// again), so the record is taken back; a message that did arrive finds
+    /// no record and is dropped.
+    fn after_failed_enqueue(&self, record: Job) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let window = store.options.duplicate_window;
+            let deadline = tokio::time::Instant::now() + window.mul_f32(0.9);
+            while tokio::time::Instant::now() < deadline {
+                let settled = if record.unique_key.is_some() {
+                    store.store_and_send(&record).await.is_ok()
+                } else {
+                    store.jobs.purge(&record.id).await.is_ok()
+                };
+                if settled {
+                    tracing::info!(job_id = %record.id, kept = record.unique_key.is_some(),
+                        "settled a job whose enqueue failed midway");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tracing::error!(job_id = %record.id,
+                "could not settle a job whose enqueue failed midway; it may never run");
+        });
+    }
+
     async fn forget_unique_key(&self, job: &Job) {
         if let Some(key) = &job.unique_key {
             let _ = self.keys.purge(key_hash(key)).await;
@@ -327,7 +394,7 @@ impl JobStore for NatsJobStore {
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
         job.validate()?;
         let now = now_millis();
-        let id = shoal_core::ids::new_id();
+        let mut id = shoal_core::ids::new_id();
         if let Some(key) = &job.unique_key {
             match self.keys.create(key_hash(key), id.clone().into()).await {
                 Ok(_) => {}
@@ -336,10 +403,31 @@ impl JobStore for NatsJobStore {
                     let existing = existing
                         .map(|b| String::from_utf8_lossy(&b).into_owned())
                         .ok_or_else(|| QueueError::Nats("unique key vanished".into()))?;
-                    return Ok(Enqueued {
-                        id: existing,
-                        created: false,
-                    });
+                    match self.read(&existing).await? {
+                        Some((found, _)) => {
+                            // An earlier enqueue of this key may have failed
+                            // after it wrote the record and before its
+                            // message reached the stream (the server went
+                            // away). Send the message again: JetStream drops
+                            // it as a duplicate if the first one arrived,
+                            // and a claim ignores a message for a job that
+                            // is already claimed or finished.
+                            if found.attempts == 0
+                                && matches!(found.state, JobState::Available | JobState::Scheduled)
+                            {
+                                self.publish(&found.queue, &existing, &existing).await?;
+                            }
+                            return Ok(Enqueued {
+                                id: existing,
+                                created: false,
+                            });
+                        }
+                        // The key outlived an enqueue that failed before its
+                        // record was written, or a concurrent enqueue of the
+                        // same key is writing it now: finish that enqueue
+                        // under the same id (both writers agree on it).
+                        None => id = existing,
+                    }
                 }
                 Err(e) => return Err(nats(e)),
             }
@@ -372,19 +460,8 @@ impl JobStore for NatsJobStore {
             started_at: None,
             finished_at: None,
         };
-        let stored = async {
-            self.jobs
-                .create(&id, serde_json::to_vec(&record)?.into())
-                .await
-                .map_err(nats)?;
-            self.publish(&job.queue, &id).await
-        }
-        .await;
-        if let Err(e) = stored {
-            // Undo what was written so the caller's retry starts clean and
-            // no record waits for a message that was never sent.
-            let _ = self.jobs.purge(&id).await;
-            self.forget_unique_key(&record).await;
+        if let Err(e) = self.store_and_send(&record).await {
+            self.after_failed_enqueue(record);
             return Err(e);
         }
         metrics::counter!("shoal_jobs_enqueued_total", "queue" => job.queue).increment(1);
@@ -681,7 +758,10 @@ impl JobStore for NatsJobStore {
             .await?;
         match done {
             Some(job) => {
-                self.publish(&job.queue, id).await?;
+                // A new name for this send: the first one may still be in
+                // the duplicate window.
+                let message_id = format!("{id}.retry.{now}");
+                self.publish(&job.queue, id, &message_id).await?;
                 self.wakeups.notify_waiters();
                 Ok(true)
             }

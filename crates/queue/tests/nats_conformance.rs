@@ -159,3 +159,80 @@ async fn outbox_relay_moves_committed_jobs_to_nats_once() {
     );
     f.cleanup().await;
 }
+
+/// An enqueue whose record was written but whose message never reached the
+/// stream (the server went away in between) is completed by the caller's
+/// retry with the same unique key: the retry finds the job, sends its
+/// message again, and the job runs, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_retry_with_unique_key_resends_a_lost_message() {
+    use async_nats::jetstream;
+    use serde_json::json;
+    use shoal_queue::{JobState, NewJob};
+
+    let Some(f) = nats("nats_retry_with_unique_key_resends_a_lost_message") else {
+        return;
+    };
+    let window = Duration::from_millis(500);
+    let store = NatsJobStore::connect(
+        &f.url,
+        NatsJobStoreOptions {
+            prefix: f.prefix.clone(),
+            ack_wait: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(50),
+            duplicate_window: window,
+            ..NatsJobStoreOptions::default()
+        },
+    )
+    .await
+    .expect("connect to NATS");
+    let job =
+        || NewJob::new("mail", "send", json!({"to": "a@example.com"})).unique_key("welcome:1");
+    let first = store.enqueue(job()).await.unwrap();
+    assert!(first.created);
+
+    // Lose the message, as if its publish never reached the server.
+    let client = async_nats::connect(&f.url).await.unwrap();
+    let mut stream = jetstream::new(client)
+        .get_stream(format!("{}_JOBS", f.prefix))
+        .await
+        .unwrap();
+    let seq = stream.info().await.unwrap().state.last_sequence;
+    assert!(stream.delete_message(seq).await.unwrap());
+    assert!(
+        store
+            .claim("mail", 10, Duration::from_secs(5), "w")
+            .await
+            .unwrap()
+            .is_empty(),
+        "the message is gone"
+    );
+
+    // Past the duplicate window the retry's message is not dropped as a
+    // duplicate of the lost one.
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    let again = store.enqueue(job()).await.unwrap();
+    assert_eq!(again.id, first.id, "the retry finds the same job");
+    assert!(!again.created);
+    let claimed = store
+        .claim("mail", 10, Duration::from_secs(5), "w")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "the job can run again");
+    assert_eq!(claimed[0].id, first.id);
+    assert!(store.complete(&claimed[0].lease().unwrap()).await.unwrap());
+
+    // A retry after the job ran sends nothing and changes nothing.
+    let late = store.enqueue(job()).await.unwrap();
+    assert_eq!(late.id, first.id);
+    assert!(store
+        .claim("mail", 10, Duration::from_secs(5), "w")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.get(&first.id).await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    f.cleanup().await;
+}
