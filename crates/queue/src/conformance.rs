@@ -4,7 +4,7 @@
 //! what broke. Each check takes a [`StoreFactory`] so it can open several
 //! handles on one backing store, as separate worker processes would.
 
-use crate::job::{JobFilter, JobState, NewJob};
+use crate::job::{JobFilter, JobState, Lease, NewJob};
 use crate::sql::SqlJobStore;
 use crate::store::JobStore;
 use crate::worker::{handler_fn, Backoff, JobContext, KindOptions, Worker, WorkerOptions};
@@ -188,6 +188,53 @@ pub async fn enqueue_claim_complete(factory: &dyn StoreFactory) {
         store.get(&first[0].id).await.unwrap().is_some(),
         "prune keeps running jobs"
     );
+}
+
+/// `complete_many` answers for each lease as `complete` would: valid
+/// leases complete, a stale token (an attempt whose lease was taken over)
+/// and an already completed attempt change nothing.
+pub async fn complete_many_matches_each_lease(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    let q = queue_name();
+    let lease = Duration::from_secs(30);
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(
+            store
+                .enqueue(NewJob::new(&q, "k", json!(n)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let claimed = store.claim(&q, 10, lease, "w1").await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    let leases: Vec<Lease> = claimed.iter().map(|j| j.lease().unwrap()).collect();
+    assert!(store.complete(&leases[3]).await.unwrap());
+    let stale = Lease {
+        token: "not-the-lease".into(),
+        ..leases[1].clone()
+    };
+    let asked = vec![
+        leases[0].clone(),
+        stale,
+        leases[2].clone(),
+        leases[3].clone(),
+    ];
+    assert_eq!(
+        store.complete_many(&asked).await.unwrap(),
+        vec![true, false, true, false]
+    );
+    let state = |id: &str| {
+        let store = store.clone();
+        let id = id.to_string();
+        async move { store.get(&id).await.unwrap().unwrap().state }
+    };
+    assert_eq!(state(&leases[0].job_id).await, JobState::Succeeded);
+    assert_eq!(state(&leases[1].job_id).await, JobState::Running);
+    assert_eq!(state(&leases[2].job_id).await, JobState::Succeeded);
+    assert!(store.complete_many(&[leases[1].clone()]).await.unwrap()[0]);
+    assert!(store.complete_many(&[]).await.unwrap().is_empty());
 }
 
 /// A duplicate unique key returns the existing job, even under races.

@@ -31,5 +31,5 @@ pub use sql::SqlJobStore;
 pub use store::JobStore;
 pub use worker::{
     handler_fn, Backoff, JobContext, JobHandler, KindOptions, RateLimit, Retention, Worker,
-    WorkerOptions, WorkerReport,
+    WorkerOptions, WorkerProgress, WorkerReport,
 };

@@ -64,6 +64,9 @@ const COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at, attemp
 /// Error messages kept per attempt are cut to this many bytes.
 const MAX_ERROR_LEN: usize = 4000;
 
+/// Completions per statement (two parameters each).
+const COMPLETE_BATCH: usize = 500;
+
 /// SQL that appends the JSON object `element` (an SQL text expression) to
 /// the JSON array in `errors`, with string functions both engines share.
 fn append_error_sql(element: &str) -> String {
@@ -396,6 +399,46 @@ impl JobStore for SqlJobStore {
     async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
         let mut conn = self.db.pool().acquire().await?;
         complete_on(&mut conn, lease).await
+    }
+
+    async fn complete_many(&self, leases: &[Lease]) -> Result<Vec<bool>, QueueError> {
+        // Two attempts of one job in a batch (a lease lapsed and the same
+        // worker claimed the job again) cannot be told apart by the id the
+        // statement returns: those go one by one.
+        let mut seen = std::collections::HashSet::new();
+        if !leases.iter().all(|l| seen.insert(&l.job_id)) {
+            let mut done = Vec::with_capacity(leases.len());
+            for lease in leases {
+                done.push(self.complete(lease).await?);
+            }
+            return Ok(done);
+        }
+        let mut done = Vec::with_capacity(leases.len());
+        for chunk in leases.chunks(COMPLETE_BATCH) {
+            let pairs = (0..chunk.len())
+                .map(|i| format!("(${}, ${})", 2 * i + 2, 2 * i + 3))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // Each attempt is matched by job id and its own lease token, so
+            // a stale attempt never completes a job claimed again since.
+            let sql = format!(
+                "UPDATE shoal_jobs SET state = 'succeeded', finished_at = $1, lease_token = NULL,
+                    lease_until = NULL
+                 WHERE state = 'running' AND (id, lease_token) IN (VALUES {pairs})
+                 RETURNING id"
+            );
+            let mut query = sqlx::query(&sql).bind(now_millis());
+            for lease in chunk {
+                query = query.bind(&lease.job_id).bind(&lease.token);
+            }
+            let rows = query.fetch_all(self.db.pool()).await?;
+            let completed = rows
+                .iter()
+                .map(|r| r.try_get::<String, _>("id"))
+                .collect::<Result<std::collections::HashSet<_>, _>>()?;
+            done.extend(chunk.iter().map(|l| completed.contains(&l.job_id)));
+        }
+        Ok(done)
     }
 
     async fn fail(

@@ -45,6 +45,18 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// lease is stale.
     async fn complete(&self, lease: &Lease) -> Result<bool, QueueError>;
 
+    /// Marks several attempts succeeded at once, answering for each lease
+    /// in order as [`JobStore::complete`] would. Workers send the
+    /// completions that piled up while the previous write was in flight,
+    /// so a busy worker makes one write for many jobs. The default runs the
+    /// completions concurrently; the SQL store makes one statement of them.
+    async fn complete_many(&self, leases: &[Lease]) -> Result<Vec<bool>, QueueError> {
+        futures_util::future::join_all(leases.iter().map(|l| self.complete(l)))
+            .await
+            .into_iter()
+            .collect()
+    }
+
     /// Records a failed attempt: back to `retrying` at `retry_at`, or
     /// `dead` when `retry_at` is `None`. False when the lease is stale.
     async fn fail(

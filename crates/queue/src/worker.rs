@@ -20,7 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -305,7 +305,7 @@ pub struct WorkerReport {
     pub lost: u64,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Counters {
     succeeded: AtomicU64,
     retried: AtomicU64,
@@ -320,11 +320,88 @@ struct Registered {
     limiter: Option<Limiter>,
 }
 
+impl Counters {
+    fn report(&self) -> WorkerReport {
+        WorkerReport {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead: self.dead.load(Ordering::Relaxed),
+            released: self.released.load(Ordering::Relaxed),
+            lost: self.lost.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Reads a worker's counters while it runs (see [`Worker::progress`]).
+#[derive(Debug, Clone)]
+pub struct WorkerProgress(Arc<Counters>);
+
+impl WorkerProgress {
+    /// What the worker has done so far: `succeeded` counts completions the
+    /// store has recorded, not handlers that returned.
+    pub fn report(&self) -> WorkerReport {
+        self.0.report()
+    }
+}
+
+/// A completion waiting for the completer, with where to send its answer.
+type Completion = (Lease, oneshot::Sender<Result<bool, String>>);
+
+/// Most completions one store write carries.
+const COMPLETION_BATCH: usize = 256;
+
 struct Shared {
     store: Arc<dyn JobStore>,
     handlers: HashMap<String, Registered>,
     options: WorkerOptions,
-    counters: Counters,
+    counters: Arc<Counters>,
+    completions: mpsc::Sender<Completion>,
+}
+
+impl Shared {
+    /// Records a successful attempt through the completer, which writes the
+    /// completions that piled up while its previous write was in flight in
+    /// one go: no waiting added when idle, one write for many jobs when
+    /// busy.
+    async fn complete(&self, lease: &Lease) -> Result<bool, String> {
+        let (reply, answer) = oneshot::channel();
+        self.completions
+            .send((lease.clone(), reply))
+            .await
+            .map_err(|_| "the completer has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the completer has stopped".to_string())?
+    }
+}
+
+/// Writes completions in batches until every sender is gone.
+async fn completer(store: Arc<dyn JobStore>, mut rx: mpsc::Receiver<Completion>) {
+    let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < COMPLETION_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let leases: Vec<Lease> = batch.iter().map(|(l, _)| l.clone()).collect();
+        metrics::histogram!("shoal_jobs_completion_batch_size").record(leases.len() as f64);
+        match with_retries(|| store.complete_many(&leases)).await {
+            Ok(done) => {
+                for ((_, reply), ok) in batch.drain(..).zip(done) {
+                    let _ = reply.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// A set of handlers bound to a store. Build, register, then [`Worker::run`].
@@ -333,6 +410,7 @@ pub struct Worker {
     handlers: HashMap<String, Registered>,
     options: WorkerOptions,
     schedules: Vec<Schedule>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -351,7 +429,13 @@ impl Worker {
             handlers: HashMap::new(),
             options,
             schedules: Vec::new(),
+            counters: Arc::default(),
         }
+    }
+
+    /// A handle on this worker's counters, readable while it runs.
+    pub fn progress(&self) -> WorkerProgress {
+        WorkerProgress(self.counters.clone())
     }
 
     /// Runs `kind` jobs with `handler` and default options.
@@ -387,11 +471,15 @@ impl Worker {
     /// Runs until `shutdown` fires, then stops claiming, waits up to
     /// `shutdown_timeout` for running jobs and hands back the rest.
     pub async fn run(self, shutdown: CancellationToken) -> WorkerReport {
+        let (completions, pending) = mpsc::channel(4 * COMPLETION_BATCH);
+        // Ends by itself once the last `Shared` (and its sender) is gone.
+        tokio::spawn(completer(self.store.clone(), pending));
         let shared = Arc::new(Shared {
             store: self.store.clone(),
             handlers: self.handlers,
             options: self.options,
-            counters: Counters::default(),
+            counters: self.counters,
+            completions,
         });
         let mut loops = JoinSet::new();
         for (queue, concurrency) in shared.options.queues.clone() {
@@ -412,14 +500,7 @@ impl Worker {
             ));
         }
         while loops.join_next().await.is_some() {}
-        let c = &shared.counters;
-        WorkerReport {
-            succeeded: c.succeeded.load(Ordering::Relaxed),
-            retried: c.retried.load(Ordering::Relaxed),
-            dead: c.dead.load(Ordering::Relaxed),
-            released: c.released.load(Ordering::Relaxed),
-            lost: c.lost.load(Ordering::Relaxed),
-        }
+        shared.counters.report()
     }
 }
 
@@ -629,7 +710,7 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken) {
     let kind_backoff = registered.options.backoff;
     match outcome {
         Outcome::Finished(Ok(())) => {
-            match with_retries(|| store.complete(&lease)).await {
+            match shared.complete(&lease).await {
                 Ok(true) => {
                     shared.counters.succeeded.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("shoal_jobs_succeeded_total", "queue" => queue).increment(1);

@@ -66,6 +66,9 @@ macro_rules! on_nats {
 on_nats!(nats_enqueue_claim_complete, |f| {
     conformance::enqueue_claim_complete(&f).await
 });
+on_nats!(nats_complete_many_matches_each_lease, |f| {
+    conformance::complete_many_matches_each_lease(&f).await
+});
 on_nats!(nats_unique_key, |f| conformance::unique_key(&f).await);
 on_nats!(nats_delayed_job_not_claimed_early, |f| {
     conformance::delayed_job_not_claimed_early(&f).await

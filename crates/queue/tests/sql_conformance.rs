@@ -70,6 +70,11 @@ on_both!(
     postgres_enqueue_claim_complete,
     |f| { conformance::enqueue_claim_complete(&f).await }
 );
+on_both!(
+    sqlite_complete_many_matches_each_lease,
+    postgres_complete_many_matches_each_lease,
+    |f| { conformance::complete_many_matches_each_lease(&f).await }
+);
 on_both!(sqlite_unique_key, postgres_unique_key, |f| {
     conformance::unique_key(&f).await
 });

@@ -173,6 +173,11 @@ async fn signup(
     )
     .await
     .map_err(|e| ApiError::internal("enqueueing the welcome email", &e))?;
+    // The notifications service's address book, so other services can mail
+    // this user by id (receipts).
+    shoal_notifications::remember_recipient(&ctx.jobs, &mut tx, &user.id, &user.email)
+        .await
+        .map_err(|e| ApiError::internal("recording the user's address", &e))?;
     tx.commit().await?;
     metrics::counter!("shoal_accounts_signups_total").increment(1);
     tracing::info!(user_id = %user.id, "account created");

@@ -46,9 +46,25 @@ pub enum Template {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EmailJob {
+    /// The address; empty when `to_user` names the recipient instead.
+    #[serde(default)]
     pub to: String,
+    /// A user whose address is looked up in the notifications service's
+    /// address book when the message is sent (see [`remember_recipient`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_user: Option<String>,
     pub template: Template,
     pub data: Value,
+}
+
+/// Job kind that records a user's address in the address book.
+pub const RECIPIENT_KIND: &str = "notifications.recipient";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecipientJob {
+    user_id: String,
+    email: String,
 }
 
 /// A rendered message.
@@ -255,7 +271,7 @@ pub async fn enqueue_email(
     template: Template,
     data: Value,
 ) -> Result<Enqueued, NotifyError> {
-    enqueue(jobs, conn, to, template, data, None).await
+    enqueue(jobs, conn, Recipient::Address(to), template, data, None).await
 }
 
 /// [`enqueue_email`] at most once per `unique_key` (for example
@@ -268,21 +284,95 @@ pub async fn enqueue_email_with_key(
     data: Value,
     unique_key: &str,
 ) -> Result<Enqueued, NotifyError> {
-    enqueue(jobs, conn, to, template, data, Some(unique_key)).await
+    enqueue(
+        jobs,
+        conn,
+        Recipient::Address(to),
+        template,
+        data,
+        Some(unique_key),
+    )
+    .await
+}
+
+/// [`enqueue_email_with_key`] to a user, whose address the notifications
+/// service knows from [`remember_recipient`] (services other than accounts
+/// hold user ids, not addresses). The address is looked up when the
+/// message is sent; until the address book has it, the job retries.
+pub async fn enqueue_user_email(
+    jobs: &SqlJobStore,
+    conn: &mut AnyConnection,
+    user_id: &str,
+    template: Template,
+    data: Value,
+    unique_key: &str,
+) -> Result<Enqueued, NotifyError> {
+    enqueue(
+        jobs,
+        conn,
+        Recipient::User(user_id),
+        template,
+        data,
+        Some(unique_key),
+    )
+    .await
+}
+
+/// Records (on the caller's connection, typically the transaction that
+/// creates the account) that `user_id` reads mail at `email`. The address
+/// book belongs to the notifications service: this enqueues the change,
+/// and its worker writes it, so the caller never touches its tables.
+pub async fn remember_recipient(
+    jobs: &SqlJobStore,
+    conn: &mut AnyConnection,
+    user_id: &str,
+    email: &str,
+) -> Result<Enqueued, NotifyError> {
+    check_address(email)?;
+    if user_id.is_empty() {
+        return Err(NotifyError::Invalid("a recipient needs a user id".into()));
+    }
+    let job = NewJob::typed(
+        EMAIL_QUEUE,
+        RECIPIENT_KIND,
+        &RecipientJob {
+            user_id: user_id.to_string(),
+            email: email.to_string(),
+        },
+    )
+    .map_err(|e| NotifyError::Invalid(e.to_string()))?
+    .max_attempts(25)
+    .unique_key(format!("recipient:{user_id}:{email}"));
+    Ok(jobs.enqueue_in_transaction(conn, job).await?)
+}
+
+enum Recipient<'a> {
+    Address(&'a str),
+    User(&'a str),
 }
 
 async fn enqueue(
     jobs: &SqlJobStore,
     conn: &mut AnyConnection,
-    to: &str,
+    to: Recipient<'_>,
     template: Template,
     data: Value,
     unique_key: Option<&str>,
 ) -> Result<Enqueued, NotifyError> {
-    check_address(to)?;
+    let (to, to_user) = match to {
+        Recipient::Address(a) => {
+            check_address(a)?;
+            (a.to_string(), None)
+        }
+        Recipient::User(u) if u.is_empty() => {
+            return Err(NotifyError::Invalid("a recipient needs a user id".into()))
+        }
+        Recipient::User(u) => (String::new(), Some(u.to_string())),
+    };
     render(template, &data, "http://check")?;
     let payload = EmailJob {
-        to: to.to_string(),
+        to,
+        to_user,
         template,
         data,
     };
@@ -303,6 +393,7 @@ enum Transport {
 }
 
 struct Mailer {
+    db: shoal_backends::Database,
     transport: Transport,
     from: Result<Mailbox, String>,
     public_url: String,
@@ -326,6 +417,7 @@ pub(crate) fn register(ctx: AppContext, worker: Worker) -> Worker {
         },
     };
     let mailer = Arc::new(Mailer {
+        db: ctx.db.clone(),
         transport,
         from: s
             .email_from
@@ -344,6 +436,29 @@ pub(crate) fn register(ctx: AppContext, worker: Worker) -> Worker {
             burst: s.email_rate_per_second.ceil().max(1.0) as u32,
         }),
     };
+    let db = ctx.db.clone();
+    let worker = worker.register(
+        RECIPIENT_KIND,
+        handler_fn(move |job: JobContext| {
+            let db = db.clone();
+            async move {
+                let r: RecipientJob = job.payload_as()?;
+                sqlx::query(
+                    "INSERT INTO notification_recipients (user_id, email, updated_at)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (user_id) DO UPDATE SET email = excluded.email,
+                        updated_at = excluded.updated_at",
+                )
+                .bind(&r.user_id)
+                .bind(&r.email)
+                .bind(shoal_backends::now_millis())
+                .execute(db.pool())
+                .await
+                .map_err(JobError::retryable)?;
+                Ok(())
+            }
+        }),
+    );
     worker.register_with(
         EMAIL_KIND,
         handler_fn(move |job: JobContext| {
@@ -358,7 +473,28 @@ async fn send(mailer: &Mailer, job: &JobContext) -> Result<(), JobError> {
     let payload: EmailJob = job.payload_as()?;
     let rendered =
         render(payload.template, &payload.data, &mailer.public_url).map_err(JobError::permanent)?;
-    let to = check_address(&payload.to).map_err(JobError::permanent)?;
+    let address = match &payload.to_user {
+        Some(user_id) if payload.to.is_empty() => {
+            let found: Option<(String,)> =
+                sqlx::query_as("SELECT email FROM notification_recipients WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_optional(mailer.db.pool())
+                    .await
+                    .map_err(JobError::retryable)?;
+            match found {
+                Some((email,)) => email,
+                // The account's address may still be on its way (its
+                // `notifications.recipient` job runs on the same queue).
+                None => {
+                    return Err(JobError::Retryable(format!(
+                        "no address known yet for user {user_id}"
+                    )))
+                }
+            }
+        }
+        _ => payload.to.clone(),
+    };
+    let to = check_address(&address).map_err(JobError::permanent)?;
     let from = mailer.from.clone().map_err(JobError::Retryable)?;
     // The same Message-ID on every attempt, so a receiver can drop a
     // duplicate left by an attempt whose result was lost.

@@ -15,8 +15,8 @@ mod realtime;
 mod webhooks;
 
 pub use email::{
-    enqueue_email, enqueue_email_with_key, render, EmailJob, RenderedEmail, Template, EMAIL_KIND,
-    EMAIL_QUEUE,
+    enqueue_email, enqueue_email_with_key, enqueue_user_email, remember_recipient, render,
+    EmailJob, RenderedEmail, Template, EMAIL_KIND, EMAIL_QUEUE, RECIPIENT_KIND,
 };
 pub use net::is_forbidden_address;
 pub use realtime::{publish_user_event, UserEvent, USER_EVENTS_CHANNEL};
@@ -37,10 +37,11 @@ pub const PRUNE_KIND: &str = "notifications.prune";
 #[derive(Debug, Default)]
 pub struct Notifications;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "events, webhooks, delivery attempts",
-    sql: "CREATE TABLE IF NOT EXISTS notification_events (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "events, webhooks, delivery attempts",
+        sql: "CREATE TABLE IF NOT EXISTS notification_events (
         id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -74,7 +75,16 @@ const MIGRATIONS: &[Migration] = &[Migration {
         ON notification_webhook_attempts (webhook_id, created_at);
     CREATE INDEX IF NOT EXISTS notification_webhook_attempts_created
         ON notification_webhook_attempts (created_at);",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "address book",
+        sql: "CREATE TABLE IF NOT EXISTS notification_recipients (
+        user_id TEXT PRIMARY KEY,
+        email TEXT NOT NULL,
+        updated_at BIGINT NOT NULL);",
+    },
+];
 
 impl ServiceModule for Notifications {
     fn name(&self) -> &'static str {

@@ -6,7 +6,8 @@
 //! the stored idempotent response and the `payments.charge` job commit in
 //! one transaction, so a committed order always has its payment job and a
 //! rolled-back one never does. The `orders.settle` job (sent by payments)
-//! marks the order paid or failed and publishes an event to the user's
+//! marks the order paid or failed, queues the receipt or payment-failed
+//! email in the same transaction, and publishes an event to the user's
 //! realtime streams (through the notifications service's library).
 
 use axum::extract::{Path, State};
@@ -428,6 +429,9 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
         _ => return Err(JobError::permanent("status must be paid or failed")),
     };
     let reason = p["reason"].as_str();
+    // The status change and its email commit together: a settled order
+    // always has its receipt (or failure notice) queued, exactly once.
+    let mut tx = ctx.db.pool().begin().await.map_err(JobError::retryable)?;
     let changed = sqlx::query(
         "UPDATE orders SET status = $1, failure = $2, updated_at = $3 WHERE id = $4 AND status = 'pending_payment'",
     )
@@ -435,30 +439,48 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
     .bind(reason)
     .bind(now_millis())
     .bind(order_id)
-    .execute(ctx.db.pool())
+    .execute(&mut *tx)
     .await
     .map_err(JobError::retryable)?;
     if changed.rows_affected() == 1 {
         let user: Option<(String, i64, String)> =
             sqlx::query_as("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
                 .bind(order_id)
-                .fetch_optional(ctx.db.pool())
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(JobError::retryable)?;
-        if let Some((user_id, total, currency)) = user {
-            // Realtime: reaches the user's SSE/WebSocket connections on
-            // every instance, and is kept for Last-Event-ID replay.
-            let data = json!({"order_id": order_id, "total_cents": total, "currency": currency});
-            if let Err(e) = shoal_notifications::publish_user_event(
-                ctx,
-                &user_id,
-                &format!("order.{status}"),
-                data,
+        let Some((user_id, total, currency)) = user else {
+            return Err(JobError::retryable("the order vanished while settling"));
+        };
+        let (template, key) = if status == "paid" {
+            (
+                shoal_notifications::Template::PaymentReceipt,
+                format!("receipt:{order_id}"),
             )
-            .await
-            {
-                tracing::warn!(error = %e, "order event not published");
-            }
+        } else {
+            (
+                shoal_notifications::Template::PaymentFailed,
+                format!("payment-failed:{order_id}"),
+            )
+        };
+        let mut email = json!({"order_id": order_id, "amount_cents": total, "currency": currency});
+        if let (Some(r), false) = (reason, status == "paid") {
+            email["reason"] = json!(r);
+        }
+        shoal_notifications::enqueue_user_email(
+            &ctx.jobs, &mut tx, &user_id, template, email, &key,
+        )
+        .await
+        .map_err(JobError::retryable)?;
+        tx.commit().await.map_err(JobError::retryable)?;
+        // Realtime: reaches the user's SSE/WebSocket connections on
+        // every instance, and is kept for Last-Event-ID replay.
+        let data = json!({"order_id": order_id, "total_cents": total, "currency": currency});
+        if let Err(e) =
+            shoal_notifications::publish_user_event(ctx, &user_id, &format!("order.{status}"), data)
+                .await
+        {
+            tracing::warn!(error = %e, "order event not published");
         }
         metrics::counter!("shoal_orders_settled_total", "status" => status.to_string())
             .increment(1);

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 struct Stack {
+    mail: std::path::PathBuf,
     base: String,
     sandbox: String,
     stop: CancellationToken,
@@ -68,7 +69,11 @@ async fn start() -> Stack {
     let base = format!("http://{}", app.local_addr());
     let ctx = app.context().clone();
     let options = WorkerOptions {
-        queues: vec![("payments".into(), 4), ("orders".into(), 2)],
+        queues: vec![
+            ("payments".into(), 4),
+            ("orders".into(), 2),
+            ("email".into(), 2),
+        ],
         poll_interval: Some(Duration::from_millis(50)),
         ..WorkerOptions::default()
     };
@@ -86,10 +91,35 @@ async fn start() -> Stack {
         .await
         .unwrap();
     Stack {
+        mail: dir.path().join("mail"),
         base,
         sandbox: sandbox_url,
         stop,
         _dir: dir,
+    }
+}
+
+/// The `.eml` files written to `to` whose subject is `subject`, waiting up
+/// to 20 s for at least `want` of them.
+async fn emails(mail: &std::path::Path, to: &str, subject: &str, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut found = 0;
+        if let Ok(dir) = std::fs::read_dir(mail) {
+            for entry in dir.flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let head = text.split("\r\n\r\n").next().unwrap_or_default();
+                if head.contains(&format!("To: {to}"))
+                    && head.contains(&format!("Subject: {subject}"))
+                {
+                    found += 1;
+                }
+            }
+        }
+        if found >= want || std::time::Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -209,6 +239,10 @@ async fn checkout_is_idempotent_and_charges_once() {
     let id = first["id"].as_str().unwrap();
     wait_status(&http, &s.base, id, "paid").await;
     assert_eq!(charges_for(&s.sandbox, id).await, 1, "one charge");
+    // The receipt goes to the buyer's address, which the orders service
+    // never stored: the notifications address book, fed at signup, has it.
+    let receipt = format!("Receipt for order {id}");
+    assert_eq!(emails(&s.mail, "ada@example.com", &receipt, 1).await, 1);
     let list: Value = http
         .get(format!("{}/api/orders", s.base))
         .send()
@@ -237,6 +271,11 @@ async fn checkout_is_idempotent_and_charges_once() {
         "{failed}"
     );
     assert_eq!(charges_for(&s.sandbox, r["id"].as_str().unwrap()).await, 0);
+    let notice = format!("Payment failed for order {}", r["id"].as_str().unwrap());
+    assert_eq!(emails(&s.mail, "ada@example.com", &notice, 1).await, 1);
+    // Exactly one receipt, however many times settlement ran.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(emails(&s.mail, "ada@example.com", &receipt, 1).await, 1);
 
     // someone else cannot see the order
     let other_user = kit::http_client();
