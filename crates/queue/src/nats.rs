@@ -263,6 +263,86 @@ impl NatsJobStore {
         )))
     }
 
+    /// Claims the job of one delivered message, or settles the message
+    /// (drop, later, dead) when its job cannot run now.
+    async fn claim_message(
+        &self,
+        msg: jetstream::Message,
+        queue: &str,
+        lease: Duration,
+        worker_id: &str,
+    ) -> Result<Option<Job>, QueueError> {
+        let id = String::from_utf8_lossy(&msg.payload).into_owned();
+        let now = now_millis();
+        let token = shoal_core::ids::new_id();
+        let mut decision = Delivery::Drop;
+        let changed = self
+            .modify(&id, |job| {
+                decision = match job.state {
+                    s if s.is_finished() => Delivery::Drop,
+                    JobState::Running if job.lease_until.unwrap_or(0) >= now => {
+                        Delivery::Later(until(job.lease_until.unwrap_or(now), now))
+                    }
+                    _ if job.run_at > now => Delivery::Later(until(job.run_at, now)),
+                    JobState::Running if job.attempts >= job.max_attempts => Delivery::Dead,
+                    _ => Delivery::Claimed,
+                };
+                let was_running = job.state == JobState::Running;
+                if was_running && !matches!(decision, Delivery::Drop | Delivery::Later(_)) {
+                    let at = job.lease_until.unwrap_or(now);
+                    let who = job.worker_id.clone().unwrap_or_else(|| "?".into());
+                    let attempt = job.attempts;
+                    push_error(
+                        job,
+                        attempt,
+                        at,
+                        format!("lease expired: worker {who} stopped renewing it"),
+                    );
+                }
+                match decision {
+                    Delivery::Claimed => {
+                        job.state = JobState::Running;
+                        job.attempts += 1;
+                        job.lease_token = Some(token.clone());
+                        job.lease_until = Some(now + ms(lease));
+                        job.worker_id = Some(worker_id.to_string());
+                        job.started_at = Some(now);
+                        true
+                    }
+                    Delivery::Dead => {
+                        job.state = JobState::Dead;
+                        job.finished_at = Some(now);
+                        job.lease_token = None;
+                        job.lease_until = None;
+                        true
+                    }
+                    Delivery::Drop | Delivery::Later(_) => false,
+                }
+            })
+            .await?;
+        match (decision, changed) {
+            (Delivery::Claimed, Some(job)) => {
+                self.inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(token, msg);
+                return Ok(Some(visible(job, now)));
+            }
+            (Delivery::Dead, Some(_)) => {
+                metrics::counter!("shoal_jobs_dead_total", "queue" => queue.to_string())
+                    .increment(1);
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+            (Delivery::Later(wait), _) => {
+                let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            }
+            _ => {
+                let _ = msg.ack_with(AckKind::Term).await;
+            }
+        }
+        Ok(None)
+    }
+
     fn take_message(&self, token: &str) -> Option<jetstream::Message> {
         self.inflight
             .lock()
@@ -486,7 +566,7 @@ impl JobStore for NatsJobStore {
             .messages()
             .await
             .map_err(nats)?;
-        let mut claimed = Vec::new();
+        let mut messages = Vec::new();
         loop {
             // A pull request lost with its connection (the server restarted
             // while it was pending) is never answered, and this client's
@@ -497,84 +577,38 @@ impl JobStore for NatsJobStore {
             let msg = match tokio::time::timeout(FETCH_REPLY_WAIT, batch.next()).await {
                 Ok(Some(msg)) => msg,
                 Ok(None) => break,
-                Err(_elapsed) if claimed.is_empty() => {
+                Err(_elapsed) if messages.is_empty() => {
                     return Err(QueueError::Nats(format!(
                         "no reply to the pull request for queue {queue} within {FETCH_REPLY_WAIT:?}"
                     )))
                 }
                 Err(_elapsed) => break,
             };
-            let msg = msg.map_err(nats)?;
-            let id = String::from_utf8_lossy(&msg.payload).into_owned();
-            let now = now_millis();
-            let token = shoal_core::ids::new_id();
-            let mut decision = Delivery::Drop;
-            let changed = self
-                .modify(&id, |job| {
-                    decision = match job.state {
-                        s if s.is_finished() => Delivery::Drop,
-                        JobState::Running if job.lease_until.unwrap_or(0) >= now => {
-                            Delivery::Later(until(job.lease_until.unwrap_or(now), now))
-                        }
-                        _ if job.run_at > now => Delivery::Later(until(job.run_at, now)),
-                        JobState::Running if job.attempts >= job.max_attempts => Delivery::Dead,
-                        _ => Delivery::Claimed,
-                    };
-                    let was_running = job.state == JobState::Running;
-                    if was_running && !matches!(decision, Delivery::Drop | Delivery::Later(_)) {
-                        let at = job.lease_until.unwrap_or(now);
-                        let who = job.worker_id.clone().unwrap_or_else(|| "?".into());
-                        let attempt = job.attempts;
-                        push_error(
-                            job,
-                            attempt,
-                            at,
-                            format!("lease expired: worker {who} stopped renewing it"),
-                        );
-                    }
-                    match decision {
-                        Delivery::Claimed => {
-                            job.state = JobState::Running;
-                            job.attempts += 1;
-                            job.lease_token = Some(token.clone());
-                            job.lease_until = Some(now + ms(lease));
-                            job.worker_id = Some(worker_id.to_string());
-                            job.started_at = Some(now);
-                            true
-                        }
-                        Delivery::Dead => {
-                            job.state = JobState::Dead;
-                            job.finished_at = Some(now);
-                            job.lease_token = None;
-                            job.lease_until = None;
-                            true
-                        }
-                        Delivery::Drop | Delivery::Later(_) => false,
-                    }
-                })
-                .await?;
-            match (decision, changed) {
-                (Delivery::Claimed, Some(job)) => {
-                    self.inflight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(token, msg);
-                    claimed.push(visible(job, now));
-                }
-                (Delivery::Dead, Some(_)) => {
-                    metrics::counter!("shoal_jobs_dead_total", "queue" => queue.to_string())
-                        .increment(1);
-                    let _ = msg.ack_with(AckKind::Term).await;
-                }
-                (Delivery::Later(wait), _) => {
-                    let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
-                }
-                _ => {
-                    let _ = msg.ack_with(AckKind::Term).await;
-                }
+            messages.push(msg.map_err(nats)?);
+        }
+        // Each message needs a read and a compare-and-set of its job
+        // record: do them side by side, not one after another.
+        let attempts = messages
+            .into_iter()
+            .map(|msg| self.claim_message(msg, queue, lease, worker_id));
+        let mut claimed = Vec::new();
+        let mut failed = None;
+        for job in futures_util::future::join_all(attempts).await {
+            match job {
+                Ok(Some(job)) => claimed.push(job),
+                Ok(None) => {}
+                // Its message is redelivered after `ack_wait`.
+                Err(e) => failed = Some(e),
             }
         }
-        Ok(claimed)
+        match failed {
+            Some(e) if claimed.is_empty() => Err(e),
+            Some(e) => {
+                tracing::warn!(queue, error = %e, "claiming one job failed; it is delivered again later");
+                Ok(claimed)
+            }
+            None => Ok(claimed),
+        }
     }
 
     async fn heartbeat(

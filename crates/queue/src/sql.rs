@@ -26,10 +26,11 @@ use tokio::sync::Notify;
 /// The PostgreSQL channel enqueues notify; the payload is the queue name.
 pub const NOTIFY_CHANNEL: &str = "shoal_jobs";
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: "CREATE TABLE IF NOT EXISTS shoal_jobs (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: "CREATE TABLE IF NOT EXISTS shoal_jobs (
         id TEXT PRIMARY KEY,
         queue TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -55,7 +56,17 @@ const MIGRATIONS: &[Migration] = &[Migration {
     CREATE INDEX IF NOT EXISTS shoal_jobs_ready ON shoal_jobs (queue, state, run_at);
     CREATE INDEX IF NOT EXISTS shoal_jobs_lease ON shoal_jobs (state, lease_until);
     CREATE INDEX IF NOT EXISTS shoal_jobs_finished ON shoal_jobs (state, finished_at);",
-}];
+    },
+    // Claims walk this index in claim order and stop after the batch,
+    // instead of sorting every ready job of the queue on each claim.
+    Migration {
+        version: 2,
+        name: "claim order index",
+        sql: "CREATE INDEX IF NOT EXISTS shoal_jobs_claim_order
+            ON shoal_jobs (queue, priority DESC, run_at, id)
+            WHERE state IN ('scheduled', 'available', 'retrying');",
+    },
+];
 
 const COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at, attempts, max_attempts, \
     unique_key, timeout_ms, trace_id, progress, last_error, errors, lease_token, lease_until, \
@@ -85,7 +96,13 @@ const LEASE_EXPIRED_ERROR: &str = "'{\"attempt\":' || CAST(attempts AS TEXT) || 
 pub struct SqlJobStore {
     db: Database,
     wakeups: Arc<Notify>,
+    /// When each queue's expired last attempts were last reaped.
+    reaped: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
+
+/// How often a claim also dead-letters the expired last attempts of its
+/// queue: a separate write, so not on every claim of a busy worker.
+const REAP_EVERY_MS: i64 = 1000;
 
 impl SqlJobStore {
     /// Wraps `db`, creating the jobs table if needed. With PostgreSQL, call
@@ -95,6 +112,7 @@ impl SqlJobStore {
         Ok(SqlJobStore {
             db,
             wakeups: Arc::new(Notify::new()),
+            reaped: Arc::default(),
         })
     }
 
@@ -331,7 +349,18 @@ impl JobStore for SqlJobStore {
             return Ok(Vec::new());
         }
         let now = now_millis();
-        self.reap_expired_last_attempts(queue, now).await?;
+        let reap = {
+            let mut reaped = self.reaped.lock().unwrap_or_else(|p| p.into_inner());
+            let last = reaped.entry(queue.to_string()).or_insert(i64::MIN);
+            let due = now.saturating_sub(*last) >= REAP_EVERY_MS;
+            if due {
+                *last = now;
+            }
+            due
+        };
+        if reap {
+            self.reap_expired_last_attempts(queue, now).await?;
+        }
         let lock = match self.db.kind() {
             DatabaseKind::Postgres => "FOR UPDATE SKIP LOCKED",
             DatabaseKind::Sqlite => "",
@@ -344,12 +373,20 @@ impl JobStore for SqlJobStore {
                     ELSE last_error END,
                 errors = CASE WHEN state <> 'running' THEN errors ELSE {append} END
              WHERE id IN (
-                SELECT id FROM shoal_jobs
-                WHERE queue = $5 AND (
-                    (state IN ('scheduled', 'available', 'retrying') AND run_at <= $4)
-                    OR (state = 'running' AND lease_until < $4 AND attempts < max_attempts))
-                ORDER BY priority DESC, run_at, id
-                LIMIT $6 {lock})
+                SELECT id FROM (
+                    SELECT id, 0 AS taken_over FROM (
+                        SELECT id FROM shoal_jobs
+                        WHERE state = 'running' AND lease_until < $4 AND queue = $5
+                            AND attempts < max_attempts
+                        ORDER BY lease_until LIMIT $6 {lock}) expired
+                    UNION ALL
+                    SELECT id, 1 AS taken_over FROM (
+                        SELECT id FROM shoal_jobs
+                        WHERE queue = $5 AND state IN ('scheduled', 'available', 'retrying')
+                            AND run_at <= $4
+                        ORDER BY priority DESC, run_at, id LIMIT $6 {lock}) ready
+                ) candidates
+                ORDER BY taken_over LIMIT $6)
              RETURNING {COLUMNS}",
             append = append_error_sql(LEASE_EXPIRED_ERROR),
         );

@@ -347,6 +347,9 @@ impl WorkerProgress {
 /// A completion waiting for the completer, with where to send its answer.
 type Completion = (Lease, oneshot::Sender<Result<bool, String>>);
 
+/// How long a busy queue loop waits for more free slots before claiming.
+const CLAIM_LINGER: Duration = Duration::from_millis(2);
+
 /// Most completions one store write carries.
 const COMPLETION_BATCH: usize = 256;
 
@@ -531,9 +534,22 @@ async fn queue_loop(
             }
             continue;
         }
+        // Busy: give the running jobs a moment (at most CLAIM_LINGER) to
+        // free a quarter of the slots, so one claim fetches several jobs
+        // instead of one store write per job. Idle workers claim at once.
+        let batch = (concurrency / 4).max(1);
+        if free < batch {
+            let more = permits.clone().acquire_many_owned(batch as u32);
+            if let Ok(Ok(p)) = tokio::time::timeout(CLAIM_LINGER, more).await {
+                drop(p);
+            }
+        }
+        let free = permits.available_permits();
         let notified = wakeups.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        metrics::histogram!("shoal_jobs_claim_request_size", "queue" => queue.clone())
+            .record(free as f64);
         let claimed = shared
             .store
             .claim(
