@@ -157,32 +157,139 @@ impl Drop for Stack {
     }
 }
 
+/// Files in `dir` that mention `address` and have the subject `subject`
+/// (SMTP sink messages or the embedded `.eml` files).
+fn mails(dir: &std::path::Path, address: &str, subject: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".eml"))
+        .filter(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            text.contains(address) && text.contains(&format!("Subject: {subject}"))
+        })
+        .count()
+}
+
+async fn wait_mail(dir: &std::path::Path, address: &str, subject: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mails(dir, address, subject) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no `{subject}` mail to {address} in {}; log:\n{}",
+            dir.display(),
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        mails(dir, address, subject),
+        1,
+        "exactly one `{subject}` mail"
+    );
+}
+
+type Hits = Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>;
+
+/// A webhook receiver on a free loopback port: records every delivery.
+async fn webhook_receiver() -> (String, Hits) {
+    let hits: Hits = Arc::default();
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let h = h.clone();
+            async move {
+                h.lock().unwrap().push((headers, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, hits)
+}
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
 fn alive(pid: u32) -> bool {
     kill(Pid::from_raw(pid as i32), None).is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
-    let mut stack = Stack::start(3, &[]);
+    // Mail goes to the SMTP sink of scripts/smtp-sink when the test has
+    // one, else to the embedded .eml folder.
+    let smtp = kit::smtp_url("up_balances_survives_an_instance_kill_and_stops_cleanly");
+    let mut env = vec![(
+        "SHOAL_NOTIFICATIONS__ALLOW_PRIVATE_WEBHOOK_TARGETS",
+        "true".to_string(),
+    )];
+    if let Some((url, _)) = &smtp {
+        env.push(("SHOAL_NOTIFICATIONS__SMTP_URL", url.clone()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut stack = Stack::start(3, &env);
+    let mail_dir = match &smtp {
+        Some((_, dir)) => dir.clone(),
+        None => stack.dir.path().join("data/mail"),
+    };
     stack.wait_ready(3).await;
     let http = kit::http_client();
+    // An address of this run only: the SMTP sink is shared.
+    let email = format!("ada-{}@example.com", kit::unique_name());
 
     // sign up and log in through the gateway
     let r = http
         .post(stack.url("/api/accounts/signup"))
-        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .json(&json!({"email": email, "password": "correct horse"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let r = http
         .post(stack.url("/api/accounts/login"))
-        .json(&json!({"email": "ada@example.com", "password": "correct horse"}))
+        .json(&json!({"email": email, "password": "correct horse"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-request-id"));
+    wait_mail(&mail_dir, &email, "Welcome to Shoal", || stack.log()).await;
+
+    // A webhook endpoint for order.paid, at a receiver of this test.
+    let (hook_url, hits) = webhook_receiver().await;
+    let r = http
+        .post(stack.url("/api/notifications/webhooks"))
+        .json(&json!({"url": hook_url, "event_types": ["order.paid"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let hook: Value = r.json().await.unwrap();
+    let secret = hook["secret"].as_str().unwrap().to_string();
+
+    // An image upload is processed in the background: thumbnail ready.
+    let r = http
+        .post(stack.url("/api/media/uploads?visibility=public"))
+        .header("content-type", "image/png")
+        .body(png(320, 200))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let upload: Value = r.json().await.unwrap();
+    let upload_id = upload["id"].as_str().unwrap().to_string();
 
     // Checkout through the gateway: the same key twice is one order, one
     // charge at the sandbox, and the order gets paid in the background.
@@ -242,6 +349,61 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The receipt reaches the buyer's inbox; the signed webhook arrives.
+    let receipt = format!("Receipt for order {}", ids[0]);
+    wait_mail(&mail_dir, &email, &receipt, || stack.log()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (headers, body) = loop {
+        if let Some(hit) = hits.lock().unwrap().first().cloned() {
+            break hit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no webhook delivery; log:\n{}",
+            stack.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let msg_id = headers["webhook-id"].to_str().unwrap();
+    let ts: i64 = headers["webhook-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let expected = shoal_notifications::sign_webhook(&secret, msg_id, ts, body.as_bytes()).unwrap();
+    assert_eq!(headers["webhook-signature"].to_str().unwrap(), expected);
+    let event: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["type"], "order.paid");
+    assert_eq!(event["data"]["order_id"], ids[0].as_str());
+
+    // The upload is ready by now, with its thumbnail served.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let v: Value = http
+            .get(stack.url(&format!("/api/media/uploads/{upload_id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "ready" {
+            break v;
+        }
+        assert_ne!(v["status"], "failed", "{v}");
+        assert!(Instant::now() < deadline, "upload not ready: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ready["width"], 320);
+    let thumb = http
+        .get(stack.url(ready["thumbnail_url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thumb.status(), 200);
+    let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
+    assert!(thumb.width() <= 256 && thumb.height() <= 256);
 
     let mut seen = String::new();
     let got = tokio::time::timeout(Duration::from_secs(20), async {

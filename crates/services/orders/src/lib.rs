@@ -7,8 +7,9 @@
 //! one transaction, so a committed order always has its payment job and a
 //! rolled-back one never does. The `orders.settle` job (sent by payments)
 //! marks the order paid or failed, queues the receipt or payment-failed
-//! email in the same transaction, and publishes an event to the user's
-//! realtime streams (through the notifications service's library).
+//! email and the user's signed webhook deliveries in the same transaction,
+//! and publishes an event to the user's realtime streams (through the
+//! notifications service's library).
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -472,6 +473,12 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
         )
         .await
         .map_err(JobError::retryable)?;
+        // Signed deliveries to the user's webhook endpoints, queued with
+        // the change that makes the event true.
+        let event = json!({"order_id": order_id, "total_cents": total, "currency": currency});
+        shoal_notifications::emit_event(ctx, &mut tx, &user_id, &format!("order.{status}"), event)
+            .await
+            .map_err(JobError::retryable)?;
         tx.commit().await.map_err(JobError::retryable)?;
         // Realtime: reaches the user's SSE/WebSocket connections on
         // every instance, and is kept for Last-Event-ID replay.
