@@ -364,7 +364,7 @@ async fn enqueue(
             check_address(a)?;
             (a.to_string(), None)
         }
-        Recipient::User(u) if u.is_empty() => {
+        Recipient::User("") => {
             return Err(NotifyError::Invalid("a recipient needs a user id".into()))
         }
         Recipient::User(u) => (String::new(), Some(u.to_string())),
