@@ -76,11 +76,14 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.in_scope(|| {
-        tracing::info!(
-            status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        // Probes come every second from each gateway: log them only when
+        // they fail, or at debug.
+        if matches!(path.as_str(), "/healthz" | "/readyz") && status < 400 {
+            tracing::debug!(status, duration_ms, "request");
+        } else {
+            tracing::info!(status, duration_ms, "request");
+        }
     });
     let labels = [
         ("method", method.to_string()),

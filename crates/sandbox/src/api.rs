@@ -184,6 +184,29 @@ async fn create_intent(
     headers: HeaderMap,
     Form(params): Form<Vec<(String, String)>>,
 ) -> Response {
+    // Like a real provider, finish a request whose client hung up (a worker
+    // killed mid-charge): on its own task, so a dropped connection cannot
+    // stop it halfway and leave its idempotency key in progress for good.
+    match tokio::spawn(process_intent(inner, headers, params)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "sandbox request task failed");
+            stripe_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                None,
+                "internal error",
+                json!({}),
+            )
+        }
+    }
+}
+
+async fn process_intent(
+    inner: Shared,
+    headers: HeaderMap,
+    params: Vec<(String, String)>,
+) -> Response {
     if !authorized(&inner, &headers) {
         return stripe_error(
             StatusCode::UNAUTHORIZED,
@@ -428,6 +451,9 @@ async fn create_intent(
         .into_response()
 }
 
+/// How long an unfinished request holds its idempotency key.
+const STALE_IN_PROGRESS_MS: i64 = 60_000;
+
 enum KeyClaim {
     Fresh,
     Replay(i64, String),
@@ -446,6 +472,22 @@ async fn claim_key(db: &Database, key: &str, hash: &str) -> Result<KeyClaim, sql
     .execute(db.pool())
     .await?;
     if inserted.rows_affected() == 1 {
+        return Ok(KeyClaim::Fresh);
+    }
+    // A request that never finished (the sandbox stopped in the middle)
+    // releases its key after a minute, as Stripe's do.
+    let now = now_millis();
+    let taken = sqlx::query(
+        "UPDATE sandbox_idempotency SET created_at = $1
+         WHERE key = $2 AND request_hash = $3 AND state = 'in_progress' AND created_at < $4",
+    )
+    .bind(now)
+    .bind(key)
+    .bind(hash)
+    .bind(now - STALE_IN_PROGRESS_MS)
+    .execute(db.pool())
+    .await?;
+    if taken.rows_affected() == 1 {
         return Ok(KeyClaim::Fresh);
     }
     let (stored_hash, state, code, body): (String, String, i64, String) = sqlx::query_as(

@@ -7,7 +7,10 @@
 //! `GET /v1/payment_intents/{id}`, with bearer-key auth and Stripe's error
 //! shape. Idempotency follows Stripe: the same key with the same parameters
 //! replays the first response; with other parameters it is a 400
-//! `idempotency_error`; while the first is in progress, a 409.
+//! `idempotency_error`; while the first is in progress, a 409. A request
+//! runs to completion even when its client hangs up (a worker killed
+//! mid-charge), so the retry finds its response; a key left in progress by
+//! a sandbox that stopped mid-request is released after a minute.
 //!
 //! Test payment methods: `pm_card_visa` (succeeds), `pm_card_chargeDeclined`
 //! (402 `card_declined`), `pm_card_slow` (succeeds after `sandbox.slow_ms`),

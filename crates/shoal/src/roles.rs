@@ -125,6 +125,7 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
             .map(|q| (q.clone(), settings.worker.concurrency))
             .collect(),
         shutdown_timeout: Duration::from_secs(settings.worker.shutdown_timeout_secs),
+        lease: Duration::from_millis(settings.worker.lease_ms),
         ..WorkerOptions::default()
     };
     let mut jobs = Worker::new(ctx.jobs.clone(), options);

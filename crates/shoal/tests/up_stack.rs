@@ -546,6 +546,126 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
     }
 }
 
+/// Issue 5's payment fault: the worker is SIGKILLed again and again while
+/// it charges slow cards; every order still ends paid with exactly one
+/// charge at the sandbox (the payment id is the provider's idempotency
+/// key, and the order settles once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_during_payments_charges_each_order_once() {
+    const ORDERS: usize = 6;
+    let mut stack = Stack::start(
+        2,
+        &[
+            ("SHOAL_WORKER__LEASE_MS", "1500"),
+            ("SHOAL_SANDBOX__SLOW_MS", "700"),
+            ("SHOAL_PAYMENTS__REQUEST_TIMEOUT_MS", "3000"),
+        ],
+    );
+    stack.wait_ready(2).await;
+    let http = kit::http_client();
+    let creds = json!({"email": "kill@example.com", "password": "correct horse"});
+    let r = http
+        .post(stack.url("/api/accounts/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .post(stack.url("/api/accounts/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let products: Value = http
+        .get(stack.url("/api/catalog/products?per_page=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let product = products["items"][0]["id"].as_str().unwrap().to_string();
+    let body = json!({"items": [{"product_id": product, "quantity": 1}], "payment_method": "pm_card_slow"});
+    let mut orders = Vec::new();
+    for n in 0..ORDERS {
+        let r = http
+            .post(stack.url("/api/orders"))
+            .header("idempotency-key", format!("kill-{n}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let o: Value = r.json().await.unwrap();
+        orders.push(o["id"].as_str().unwrap().to_string());
+    }
+
+    // Kill the worker while charges are in flight (each takes 700 ms at
+    // the sandbox), three times, letting the supervisor restart it.
+    let mut kills = 0;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let before = stack.children().get("worker-1").copied();
+        let Some(pid) = before else { continue };
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        kills += 1;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stack.children().get("worker-1").copied() == Some(pid) {
+            assert!(Instant::now() < deadline, "worker not restarted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(kills, 3);
+    assert_eq!(
+        stack.log().matches("child exited; restarting").count(),
+        3,
+        "three worker deaths seen by the supervisor"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &orders {
+        loop {
+            let o: Value = http
+                .get(stack.url(&format!("/api/orders/{id}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if o["status"] == "paid" {
+                break;
+            }
+            assert_ne!(o["status"], "failed", "{o}");
+            assert!(
+                Instant::now() < deadline,
+                "order not paid after the kills: {o}; log:\n{}",
+                stack.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let sandbox = stack.addresses()["sandbox"].clone();
+    let charges: Value = reqwest::get(format!("http://{sandbox}/_sandbox/charges"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for id in &orders {
+        let n = charges["charges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["metadata"]["order_id"] == id.as_str())
+            .count();
+        assert_eq!(n, 1, "order {id} charged {n} times");
+    }
+    stack.stop(Duration::from_secs(30));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_finishes_in_flight_requests() {
     let mut stack = Stack::start(2, &[("SHOAL_SERVE__DEBUG_ROUTES", "true")]);

@@ -225,6 +225,10 @@ pub struct WorkerSettings {
     pub queues: Vec<String>,
     /// Jobs run at once by this worker.
     pub concurrency: usize,
+    /// A running job's lease, ms: the worker renews it every third of it,
+    /// and a job whose worker died runs again this long after its last
+    /// renewal.
+    pub lease_ms: u64,
     /// How often housekeeping (expired sessions, old jobs) runs, seconds.
     pub housekeeping_interval_secs: u64,
     /// How long running jobs may take to finish after a stop signal.
@@ -245,6 +249,7 @@ impl Default for WorkerSettings {
                 "notifications".into(),
             ],
             concurrency: 8,
+            lease_ms: 30_000,
             housekeeping_interval_secs: 60,
             shutdown_timeout_secs: 20,
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -390,6 +395,12 @@ impl Settings {
         }
         if self.up.instances == 0 || self.up.instances > 64 {
             return invalid("up.instances", "must be between 1 and 64");
+        }
+        if !(300..=3_600_000).contains(&self.worker.lease_ms) {
+            return invalid(
+                "worker.lease_ms",
+                "must be between 300 and 3600000 (one hour)",
+            );
         }
         if self.worker.concurrency == 0 {
             return invalid("worker.concurrency", "must be at least 1");
