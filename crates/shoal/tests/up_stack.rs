@@ -350,6 +350,22 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // One charge at the sandbox for the order placed twice.
+    let sandbox = stack.addresses()["sandbox"].clone();
+    let charges: Value = reqwest::get(format!("http://{sandbox}/_sandbox/charges"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let charged = charges["charges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["metadata"]["order_id"] == ids[0].as_str())
+        .count();
+    assert_eq!(charged, 1, "one charge for one key: {charges}");
+
     // The receipt reaches the buyer's inbox; the signed webhook arrives.
     let receipt = format!("Receipt for order {}", ids[0]);
     wait_mail(&mail_dir, &email, &receipt, || stack.log()).await;

@@ -101,6 +101,7 @@ impl ServiceModule for Notifications {
             .route("/api/notifications/emails", get(email::list_emails))
             .route("/api/notifications/stream", get(realtime::sse))
             .route("/api/notifications/ws", get(realtime::websocket))
+            .route("/api/notifications/test", post(realtime::test_event))
             .route(
                 "/api/notifications/webhooks",
                 post(webhooks::create).get(webhooks::list),

@@ -15,16 +15,16 @@
 use crate::NotifyError;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 use shoal_backends::{now_millis, Database, RecvError};
 use shoal_core::Problem;
 use shoal_runtime::error::ApiResult;
-use shoal_runtime::{ApiError, AppContext, CurrentSession};
+use shoal_runtime::{ApiError, ApiJson, AppContext, CurrentSession};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -572,6 +572,24 @@ pub(crate) async fn sse(
         Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat")),
     )
         .into_response())
+}
+
+/// `POST /api/notifications/test`: publishes a `test` event whose data is
+/// the request's JSON body (at most 64 KiB) to the caller's own streams on
+/// every instance, so a client can check its stream end to end (and
+/// `bench/sse.sh` can time the fan-out). 202 with the event id.
+pub(crate) async fn test_event(
+    State(ctx): State<AppContext>,
+    CurrentSession(session): CurrentSession,
+    ApiJson(data): ApiJson<Value>,
+) -> ApiResult<Response> {
+    let id = publish_user_event(&ctx, &session.user_id, "test", data)
+        .await
+        .map_err(|e| match e {
+            NotifyError::Invalid(msg) => ApiError(Problem::validation(msg)),
+            other => ApiError::internal("publishing the test event", &other),
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
 }
 
 /// `GET /api/notifications/ws`: the same events over a WebSocket, one JSON

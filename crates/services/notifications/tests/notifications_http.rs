@@ -408,6 +408,53 @@ async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
     drop(a);
 }
 
+/// `POST /api/notifications/test` publishes to the caller's own streams,
+/// on another instance too; bad bodies are refused and publish nothing.
+#[tokio::test]
+async fn a_test_event_reaches_the_callers_stream_on_another_instance() {
+    let dir = kit::TempDir::new("notifications");
+    let s = settings(dir.path());
+    let a = start_with(s.clone(), None, false).await;
+    let b = start_with(s.clone(), Some(dir), false).await;
+    let (cookie, _) = login(&a.base, &unique_email("ping")).await;
+    let mut sse = SseReader::open(
+        &format!("{}/api/notifications/stream", b.base),
+        &cookie,
+        None,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/notifications/test", a.base);
+    let bad = http
+        .post(&url)
+        .header("cookie", &cookie)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let anonymous = http.post(&url).json(&json!({"t": 1})).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let r = http
+        .post(&url)
+        .header("cookie", &cookie)
+        .json(&json!({"t": 42}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (sse_id, event) = sse.next(Duration::from_secs(10)).await;
+    assert_eq!(sse_id.as_deref(), Some(id.as_str()), "only the good one");
+    assert_eq!(event["kind"], "test");
+    assert_eq!(event["data"]["t"], 42);
+    drop(a);
+}
+
 #[tokio::test]
 async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
     let app = start(|_| {}).await;

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# SSE benchmark (issue 5): N open Server-Sent Events streams on one
+# instance; events published on a second instance and fanned out to every
+# stream through the bus. Reports the stream-holding process's resident
+# memory per connection and the fan-out delay (publish -> arrival on every
+# stream) p50/p99, for Shoal (its default SQLite bus, and the Redis bus)
+# and a Node.js SSE server with Redis pub/sub fan-out (bench/sse/server.js),
+# in one run, with the same client (target/release/sse-fanout).
+#   bench/sse.sh                      # CONNECTIONS=10000 EVENTS=20
+#   CONNECTIONS=2000 bench/sse.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONNECTIONS=${CONNECTIONS:-10000}
+EVENTS=${EVENTS:-20}
+REDIS=${SHOAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+echo "==> building shoal and sse-fanout (release), installing the Node.js peer (npm)"
+cargo build --release -q -p shoal -p shoal-bench
+(cd bench/sse && npm ci --no-audit --no-fund --silent)
+RUN=$(mktemp -d /tmp/shoal-ssebench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$RUN"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url
+  for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "bench/sse.sh: $1 did not answer" >&2; return 1
+}
+results=()
+
+run_shoal() { # label, extra env...
+  local label=$1; shift
+  local port; port=$(free_port)
+  echo "  $label ..." >&2
+  env SHOAL_LOG__LEVEL=warn "$@" target/release/shoal up --port "$port" --instances 2 \
+    --data-dir "$RUN/$label" > "$RUN/$label.log" 2>&1 &
+  local sup=$!; PIDS+=("$sup")
+  wait_http "http://127.0.0.1:$port/readyz"
+  sleep 1
+  local creds='{"email":"sse@example.com","password":"correct horse"}'
+  curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/api/accounts/signup" -H 'content-type: application/json' -d "$creds"
+  local cookie
+  cookie=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$port/api/accounts/login" \
+    -H 'content-type: application/json' -d "$creds" | tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \([^;]*\).*/\1/p' | head -1)
+  read -r a b pid < <(python3 - "$RUN/$label/run/stack.json" <<'PY'
+import json, sys
+c = {x["name"]: x for x in json.load(open(sys.argv[1]))["children"]}
+print(c["serve-1"]["address"], c["serve-2"]["address"], c["serve-1"]["pid"])
+PY
+)
+  results+=("$(target/release/sse-fanout --label "$label" --connections "$CONNECTIONS" --events "$EVENTS" \
+    --stream-url "http://$a/api/notifications/stream" --publish-url "http://$b/api/notifications/test" \
+    --cookie "$cookie" --pid "$pid")")
+  kill -TERM "$sup"; wait "$sup" || true
+}
+
+run_shoal "shoal (SQLite bus)"
+run_shoal "shoal (Redis bus)" SHOAL_CACHE__BUS=redis SHOAL_CACHE__BUS_REDIS_URL="$REDIS"
+
+echo "  node.js ..." >&2
+p1=$(free_port); p2=$(free_port)
+export SSE_CHANNEL="sse-bench-$$"
+node bench/sse/server.js "$p1" "$REDIS" > "$RUN/node1.log" 2>&1 & n1=$!; PIDS+=("$n1")
+node bench/sse/server.js "$p2" "$REDIS" > "$RUN/node2.log" 2>&1 & n2=$!; PIDS+=("$n2")
+for p in "$p1" "$p2"; do
+  for _ in $(seq 1 100); do grep -q "sse peer" "$RUN/node$([ "$p" = "$p1" ] && echo 1 || echo 2).log" && break; sleep 0.1; done
+done
+results+=("$(target/release/sse-fanout --label "node.js $(node --version) + ioredis" --connections "$CONNECTIONS" \
+  --events "$EVENTS" --stream-url "http://127.0.0.1:$p1/stream" --publish-url "http://127.0.0.1:$p2/publish" --pid "$n1")")
+
+REPORT=bench/results/sse-latest.md
+python3 - "$REPORT" "${results[@]}" <<'PY'
+import json, sys, datetime, os
+out = sys.argv[1]
+rows = [json.loads(r) for r in sys.argv[2:]]
+node = rows[-1]
+lines = [
+    "# SSE fan-out benchmark", "",
+    f"Run: `bench/sse.sh` on {os.cpu_count()} cores, {datetime.datetime.utcnow():%Y-%m-%dT%H:%MZ}; "
+    f"{rows[0]['connections']} streams on one instance, {rows[0]['events']} events published on another.", "",
+    "| server | streams open | KiB per stream | vs Node.js | delivered | fan-out p50 | fan-out p99 | p99 vs Node.js | max |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+for r in rows:
+    mem = r["kib_per_connection"] / node["kib_per_connection"] if node["kib_per_connection"] else float("nan")
+    lat = r["p99_ms"] / node["p99_ms"] if node["p99_ms"] else float("nan")
+    lines.append(f"| {r['label']} | {r['opened']} | {r['kib_per_connection']:.1f} | {mem:.2f}x | "
+                 f"{r['delivered']}/{r['expected']} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {lat:.2f}x | {r['max_ms']:.1f} ms |")
+lines += ["", "Lower is better in the ratio columns (memory and p99 relative to the Node.js server)."]
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
