@@ -385,7 +385,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
     let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(settings.upstream_idle_per_instance)
         .build(connector);
 
     Ok(GatewayState {

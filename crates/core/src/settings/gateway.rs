@@ -29,6 +29,9 @@ pub struct GatewaySettings {
     /// First ejection period; later ones double up to 30 s.
     pub eject_base_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections kept per upstream instance (more are
+    /// closed when they fall idle; like nginx's `keepalive`).
+    pub upstream_idle_per_instance: usize,
     /// Deadline for a whole upstream request (to the end of headers).
     pub request_timeout_ms: u64,
     /// Extra attempts on other instances for a request that is safe to retry.
@@ -202,6 +205,7 @@ impl Default for GatewaySettings {
             eject_after_errors: 1,
             eject_base_ms: 2_000,
             connect_timeout_ms: 1_000,
+            upstream_idle_per_instance: 256,
             request_timeout_ms: 30_000,
             retries: 2,
             retry_buffer_bytes: 64 * 1024,
