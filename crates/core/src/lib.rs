@@ -7,6 +7,7 @@ pub mod problem;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 
 pub use problem::Problem;
 pub use settings::Settings;

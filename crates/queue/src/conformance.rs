@@ -835,6 +835,77 @@ pub async fn graceful_shutdown_leaves_nothing_running(factory: &dyn StoreFactory
     assert_eq!(s.running, 0, "nothing left running");
 }
 
+/// The trace follows the work: a job enqueued under a trace id records it
+/// (an explicit one wins), and a job enqueued by a running job's handler
+/// records that job's trace, or the job's own id when it had none.
+pub async fn trace_follows_enqueue_into_run(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    let q = queue_name();
+    let traced =
+        shoal_core::trace::scope("req-7", store.enqueue(NewJob::new(&q, "parent", json!({}))))
+            .await
+            .unwrap();
+    let explicit = shoal_core::trace::scope(
+        "req-7",
+        store.enqueue(NewJob::new(&q, "other", json!({})).trace_id("mine")),
+    )
+    .await
+    .unwrap();
+    let untraced = store
+        .enqueue(NewJob::new(&q, "parent", json!({})))
+        .await
+        .unwrap();
+    let trace_of = |id: String| {
+        let store = store.clone();
+        async move { store.get(&id).await.unwrap().unwrap().trace_id }
+    };
+    assert_eq!(trace_of(traced.id.clone()).await.as_deref(), Some("req-7"));
+    assert_eq!(trace_of(explicit.id.clone()).await.as_deref(), Some("mine"));
+    assert_eq!(trace_of(untraced.id.clone()).await, None);
+
+    // Each parent enqueues a child from its handler; the child's id is
+    // recorded under the parent's.
+    let children: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let (c, q2, st) = (children.clone(), q.clone(), factory.open().await);
+    let worker = Worker::new(factory.open().await, test_worker_options(&q, 4))
+        .register(
+            "parent",
+            handler_fn(move |ctx: JobContext| {
+                let (c, q2, st) = (c.clone(), q2.clone(), st.clone());
+                async move {
+                    let child = st
+                        .enqueue(NewJob::new(&q2, "child", json!({})))
+                        .await
+                        .map_err(JobError::retryable)?;
+                    c.lock().unwrap().insert(ctx.id().to_string(), child.id);
+                    Ok(())
+                }
+            }),
+        )
+        .register("child", handler_fn(|_ctx: JobContext| async { Ok(()) }))
+        .register("other", handler_fn(|_ctx: JobContext| async { Ok(()) }));
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    wait_until("both parents ran", Duration::from_secs(10), || {
+        let children = children.clone();
+        async move { children.lock().unwrap().len() == 2 }
+    })
+    .await;
+    stop.cancel();
+    let _ = running.await;
+    let children = children.lock().unwrap().clone();
+    assert_eq!(
+        trace_of(children[&traced.id].clone()).await.as_deref(),
+        Some("req-7"),
+        "a child carries its parent's trace"
+    );
+    assert_eq!(
+        trace_of(children[&untraced.id].clone()).await.as_deref(),
+        Some(untraced.id.as_str()),
+        "a child of an untraced job carries the parent's id"
+    );
+}
+
 /// `jobs` jobs across `workers` workers: each completes exactly once.
 pub async fn many_jobs_complete_exactly_once(
     factory: &dyn StoreFactory,

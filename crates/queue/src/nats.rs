@@ -529,7 +529,7 @@ impl JobStore for NatsJobStore {
             max_attempts: job.max_attempts,
             unique_key: job.unique_key,
             timeout_ms: ms(job.timeout),
-            trace_id: job.trace_id,
+            trace_id: job.trace_id.or_else(shoal_core::trace::current),
             progress: None,
             last_error: None,
             errors: Vec::new(),

@@ -239,7 +239,7 @@ async fn insert_job(
     .bind(job.max_attempts)
     .bind(&job.unique_key)
     .bind(job.timeout.as_millis().min(i64::MAX as u128) as i64)
-    .bind(&job.trace_id)
+    .bind(job.trace_id.clone().or_else(shoal_core::trace::current))
     .bind(now)
     .execute(&mut *conn)
     .await?;

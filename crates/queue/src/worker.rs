@@ -681,7 +681,13 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken) {
         cancel: cancel.clone(),
     };
     let handler = registered.handler.clone();
-    let run = AssertUnwindSafe(async move { handler.run(ctx).await }).catch_unwind();
+    // Jobs this one enqueues and services it calls carry its trace: the
+    // request's that enqueued it, or else its own id.
+    let trace = job.trace_id.clone().unwrap_or_else(|| job.id.clone());
+    let run = AssertUnwindSafe(shoal_core::trace::scope(trace, async move {
+        handler.run(ctx).await
+    }))
+    .catch_unwind();
     tokio::pin!(run);
     let timeout = tokio::time::sleep(Duration::from_millis(job.timeout_ms.max(1) as u64));
     tokio::pin!(timeout);

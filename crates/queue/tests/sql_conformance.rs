@@ -75,6 +75,11 @@ on_both!(
     postgres_complete_many_matches_each_lease,
     |f| { conformance::complete_many_matches_each_lease(&f).await }
 );
+on_both!(
+    sqlite_trace_follows_enqueue_into_run,
+    postgres_trace_follows_enqueue_into_run,
+    |f| { conformance::trace_follows_enqueue_into_run(&f).await }
+);
 on_both!(sqlite_unique_key, postgres_unique_key, |f| {
     conformance::unique_key(&f).await
 });

@@ -135,13 +135,16 @@ impl ServiceClient {
                 break;
             }
             let url = format!("{}{path}", self.endpoints[i].base);
-            let result = self
+            let mut request = self
                 .http
                 .get(&url)
                 .timeout(left)
-                .header("x-shoal-deadline-ms", left.as_millis().to_string())
-                .send()
-                .await;
+                .header("x-shoal-deadline-ms", left.as_millis().to_string());
+            // The caller's trace, so the callee's logs carry it.
+            if let Some(trace) = shoal_core::trace::current() {
+                request = request.header("x-request-id", trace);
+            }
+            let result = request.send().await;
             match result {
                 Ok(r) if r.status().as_u16() == 404 => {
                     self.record(i, true);

@@ -72,7 +72,8 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
         .unwrap_or_else(|| "unmatched".into());
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut response =
+        shoal_core::trace::scope(request_id.clone(), next.run(req).instrument(span.clone())).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.in_scope(|| {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 struct Stack {
+    jobs: std::sync::Arc<dyn shoal_queue::JobStore>,
     mail: std::path::PathBuf,
     base: String,
     sandbox: String,
@@ -91,6 +92,7 @@ async fn start() -> Stack {
         .await
         .unwrap();
     Stack {
+        jobs: ctx.jobs.clone(),
         mail: dir.path().join("mail"),
         base,
         sandbox: sandbox_url,
@@ -220,7 +222,14 @@ async fn checkout_is_idempotent_and_charges_once() {
     // no key: 400, and nothing created
     assert_eq!(order(&http, &s.base, None, &body).await.status(), 400);
 
-    let first = order(&http, &s.base, Some("key-1"), &body).await;
+    let first = http
+        .post(format!("{}/api/orders", s.base))
+        .header("idempotency-key", "key-1")
+        .header("x-request-id", "checkout-trace-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(first.status(), 201);
     let first: Value = first.json().await.unwrap();
     assert_eq!(first["status"], "pending_payment");
@@ -238,6 +247,17 @@ async fn checkout_is_idempotent_and_charges_once() {
 
     let id = first["id"].as_str().unwrap();
     wait_status(&http, &s.base, id, "paid").await;
+    // The payment job carries the trace of the request that created it.
+    let charges = s
+        .jobs
+        .list(&shoal_queue::JobFilter {
+            kind: Some("payments.charge".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].trace_id.as_deref(), Some("checkout-trace-1"));
     assert_eq!(charges_for(&s.sandbox, id).await, 1, "one charge");
     // The receipt goes to the buyer's address, which the orders service
     // never stored: the notifications address book, fed at signup, has it.
