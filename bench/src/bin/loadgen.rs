@@ -5,6 +5,10 @@
 //! stalled server cannot hide its queueing (no coordinated omission).
 //! `--idle N` instead opens N connections, sends one request on each, and
 //! holds them open for `--duration` (for memory per connection).
+//! `--paths FILE` takes each request's path from the file (one per line)
+//! instead of the URL's, picked with a Zipf distribution of exponent
+//! `--zipf` (0: uniform) over the lines in order, and counts responses
+//! whose `Cache-Status` says `hit` (`hits`, `hit_ratio`).
 //! Prints one JSON summary line.
 
 use bytes::Bytes;
@@ -41,6 +45,41 @@ struct Args {
     /// Warm-up seconds, not measured.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// A file of request paths, one per line (rank order for --zipf).
+    #[arg(long)]
+    paths: Option<std::path::PathBuf>,
+    /// Zipf exponent for picking from --paths; 0 picks uniformly.
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+}
+
+/// Picks indexes 0..n with P(k) ∝ 1/(k+1)^s, from a precomputed CDF.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n);
+        let mut total = 0.0;
+        for k in 0..n {
+            total += 1.0 / ((k + 1) as f64).powf(s);
+            cdf.push(total);
+        }
+        for c in &mut cdf {
+            *c /= total;
+        }
+        Zipf { cdf }
+    }
+
+    fn pick(&self, rng: &mut u64) -> usize {
+        // xorshift64*
+        *rng ^= *rng >> 12;
+        *rng ^= *rng << 25;
+        *rng ^= *rng >> 27;
+        let u = (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -83,18 +122,28 @@ async fn connect(t: &Target) -> anyhow::Result<http1::SendRequest<Empty<Bytes>>>
     Ok(sender)
 }
 
-async fn one(sender: &mut http1::SendRequest<Empty<Bytes>>, t: &Target) -> anyhow::Result<()> {
+/// Sends one request; true when the response says it was a cache hit.
+async fn one(
+    sender: &mut http1::SendRequest<Empty<Bytes>>,
+    t: &Target,
+    path: &str,
+) -> anyhow::Result<bool> {
     sender.ready().await?;
-    let req = Request::get(&t.path)
+    let req = Request::get(path)
         .header("host", &t.host)
         .body(Empty::new())?;
     let resp = sender.send_request(req).await?;
     let ok = resp.status().is_success();
+    let hit = resp
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').any(|p| p.trim() == "hit"));
     resp.into_body().collect().await?;
     if !ok {
         anyhow::bail!("status");
     }
-    Ok(())
+    Ok(hit)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -103,13 +152,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut held = Vec::with_capacity(args.idle);
         for _ in 0..args.idle {
             let mut s = connect(&target).await?;
-            one(&mut s, &target).await?;
+            one(&mut s, &target, &target.path).await?;
             held.push(s);
         }
         println!("{{\"idle_connections\":{}}}", held.len());
         tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
         return Ok(());
     }
+    let paths: Arc<Vec<String>> = Arc::new(match &args.paths {
+        Some(file) => std::fs::read_to_string(file)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => vec![target.path.clone()],
+    });
+    anyhow::ensure!(!paths.is_empty(), "--paths file has no paths");
+    let zipf = Arc::new(Zipf::new(paths.len(), args.zipf.max(0.0)));
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let histogram = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new(3)?));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now() + Duration::from_secs_f64(args.warmup);
@@ -122,7 +183,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for i in 0..args.connections {
         let (target, histogram, errors) = (target.clone(), histogram.clone(), errors.clone());
+        let (paths, zipf, hits) = (paths.clone(), zipf.clone(), hits.clone());
         tasks.push(tokio::spawn(async move {
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((i as u64 + 1) << 17);
             let mut local = hdrhistogram::Histogram::<u64>::new(3).unwrap();
             let mut sender = connect(&target).await.ok();
             // Spread open-loop senders evenly over one interval.
@@ -144,13 +207,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if sent_due >= end {
                     break;
                 }
+                let path = &paths[zipf.pick(&mut rng)];
                 let result = match sender.as_mut() {
-                    Some(s) => one(s, &target).await,
+                    Some(s) => one(s, &target, path).await,
                     None => Err(anyhow::anyhow!("no connection")),
                 };
                 let measured = sent_due >= start;
                 match result {
-                    Ok(()) => {
+                    Ok(hit) => {
+                        if measured && hit {
+                            hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if measured {
                             let us = sent_due.elapsed().as_micros() as u64;
                             let _ = local.record(us.max(1));
@@ -176,6 +243,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         errors.load(std::sync::atomic::Ordering::Relaxed),
         args.duration,
     );
-    println!("{}", serde_json::to_string(&summary)?);
+    let mut out = serde_json::to_value(&summary)?;
+    let hits = hits.load(std::sync::atomic::Ordering::Relaxed);
+    out["hits"] = hits.into();
+    out["hit_ratio"] = (hits as f64 / summary.requests.max(1) as f64).into();
+    println!("{out}");
     Ok(())
 }

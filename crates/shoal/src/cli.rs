@@ -75,6 +75,10 @@ pub struct UpArgs {
     /// How many `serve` instances to run.
     #[arg(short = 'n', long)]
     pub instances: Option<usize>,
+    /// Turn on the gateway's HTTP response cache (`gateway.cache.enabled`):
+    /// public reads (catalog) are then answered from the gateway.
+    #[arg(long)]
+    pub cache: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -241,6 +245,9 @@ impl Cli {
                 }
                 if let Some(n) = a.instances {
                     s.up.instances = n;
+                }
+                if a.cache {
+                    s.gateway.cache.enabled = true;
                 }
             }
             Command::Gateway(a) => {

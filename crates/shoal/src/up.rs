@@ -224,6 +224,9 @@ fn child_specs(
         args.push("--to".into());
         args.push(format!("http://{addr}"));
     }
+    if settings.gateway.cache.enabled {
+        args.push("--cache".into());
+    }
     args.extend(common.iter().cloned());
     specs.insert(
         0,
