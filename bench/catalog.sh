@@ -25,19 +25,8 @@ CACHE_BYTES=${CACHE_BYTES:-2097152}
 echo "==> building shoal and loadgen (release)"
 cargo build --release -q -p shoal -p shoal-bench
 BIN=target/release
-RUN=$(mktemp -d /tmp/shoal-catbench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$RUN"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-  for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "bench/catalog.sh: $1 did not answer" >&2; return 1
-}
+. bench/lib.sh
+bench_init catbench
 
 echo "==> seeding $PRODUCTS products"
 SHOAL_LOG__LEVEL=warn $BIN/shoal seed --products "$PRODUCTS" --data-dir "$RUN/data" >&2

@@ -17,19 +17,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "==> building shoal and sse-fanout (release), installing the Node.js peer (npm)"
 cargo build --release -q -p shoal -p shoal-bench
 (cd bench/sse && npm ci --no-audit --no-fund --silent)
-RUN=$(mktemp -d /tmp/shoal-ssebench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$RUN"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { # url
-  for _ in $(seq 1 300); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "bench/sse.sh: $1 did not answer" >&2; return 1
-}
+. bench/lib.sh
+bench_init ssebench
 results=()
 
 run_shoal() { # label, extra env...

@@ -128,6 +128,83 @@ impl Stack {
         }
     }
 
+    /// Signs up `email` and logs `http` in, through the gateway.
+    async fn sign_up_and_log_in(&self, http: &reqwest::Client, email: &str) {
+        let creds = json!({"email": email, "password": "correct horse"});
+        let r = http
+            .post(self.url("/api/accounts/signup"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let r = http
+            .post(self.url("/api/accounts/login"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-request-id"));
+    }
+
+    /// The id of a seeded product.
+    async fn a_product(&self, http: &reqwest::Client) -> String {
+        let products: Value = http
+            .get(self.url("/api/catalog/products?per_page=1"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        products["items"][0]["id"]
+            .as_str()
+            .expect("a seeded product")
+            .to_string()
+    }
+
+    /// Waits until order `id` is paid (failing on `failed` or the deadline).
+    async fn wait_paid(&self, http: &reqwest::Client, id: &str, deadline: Instant) {
+        loop {
+            let o: Value = http
+                .get(self.url(&format!("/api/orders/{id}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if o["status"] == "paid" {
+                return;
+            }
+            assert_ne!(o["status"], "failed", "{o}");
+            assert!(
+                Instant::now() < deadline,
+                "order not paid: {o}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Charges the stack's sandbox made for `order_id`.
+    async fn charges_for(&self, order_id: &str) -> usize {
+        let sandbox = self.addresses()["sandbox"].clone();
+        let charges: Value = reqwest::get(format!("http://{sandbox}/_sandbox/charges"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        charges["charges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["metadata"]["order_id"] == order_id)
+            .count()
+    }
+
     /// SIGTERM and wait; returns how long the stop took.
     fn stop(&mut self, limit: Duration) -> Duration {
         let started = Instant::now();
@@ -250,21 +327,7 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
     let email = format!("ada-{}@example.com", kit::unique_name());
 
     // sign up and log in through the gateway
-    let r = http
-        .post(stack.url("/api/accounts/signup"))
-        .json(&json!({"email": email, "password": "correct horse"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let r = http
-        .post(stack.url("/api/accounts/login"))
-        .json(&json!({"email": email, "password": "correct horse"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(r.headers().contains_key("x-request-id"));
+    stack.sign_up_and_log_in(&http, &email).await;
     wait_mail(&mail_dir, &email, "Welcome to Shoal", || stack.log()).await;
 
     // A webhook endpoint for order.paid, at a receiver of this test.
@@ -293,18 +356,7 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
 
     // Checkout through the gateway: the same key twice is one order, one
     // charge at the sandbox, and the order gets paid in the background.
-    let products: Value = http
-        .get(stack.url("/api/catalog/products?per_page=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let product = products["items"][0]["id"]
-        .as_str()
-        .expect("a seeded product")
-        .to_string();
+    let product = stack.a_product(&http).await;
     let body = json!({"items": [{"product_id": product, "quantity": 1}]});
     // An SSE stream straight on serve-3; the payment is settled by the
     // worker, and its event must arrive here through the bus.
@@ -329,42 +381,16 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
         ids.push(order["id"].as_str().unwrap().to_string());
     }
     assert_eq!(ids[0], ids[1], "one order for one key");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let o: Value = http
-            .get(stack.url(&format!("/api/orders/{}", ids[0])))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if o["status"] == "paid" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "order not paid: {o}; log:\n{}",
-            stack.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stack
+        .wait_paid(&http, &ids[0], Instant::now() + Duration::from_secs(30))
+        .await;
 
     // One charge at the sandbox for the order placed twice.
-    let sandbox = stack.addresses()["sandbox"].clone();
-    let charges: Value = reqwest::get(format!("http://{sandbox}/_sandbox/charges"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let charged = charges["charges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["metadata"]["order_id"] == ids[0].as_str())
-        .count();
-    assert_eq!(charged, 1, "one charge for one key: {charges}");
+    assert_eq!(
+        stack.charges_for(&ids[0]).await,
+        1,
+        "one charge for one key"
+    );
 
     // The receipt reaches the buyer's inbox; the signed webhook arrives.
     let receipt = format!("Receipt for order {}", ids[0]);
@@ -579,30 +605,8 @@ async fn a_worker_killed_during_payments_charges_each_order_once() {
     );
     stack.wait_ready(2).await;
     let http = kit::http_client();
-    let creds = json!({"email": "kill@example.com", "password": "correct horse"});
-    let r = http
-        .post(stack.url("/api/accounts/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let r = http
-        .post(stack.url("/api/accounts/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let products: Value = http
-        .get(stack.url("/api/catalog/products?per_page=1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let product = products["items"][0]["id"].as_str().unwrap().to_string();
+    stack.sign_up_and_log_in(&http, "kill@example.com").await;
+    let product = stack.a_product(&http).await;
     let body = json!({"items": [{"product_id": product, "quantity": 1}], "payment_method": "pm_card_slow"});
     let mut orders = Vec::new();
     for n in 0..ORDERS {
@@ -642,41 +646,10 @@ async fn a_worker_killed_during_payments_charges_each_order_once() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     for id in &orders {
-        loop {
-            let o: Value = http
-                .get(stack.url(&format!("/api/orders/{id}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if o["status"] == "paid" {
-                break;
-            }
-            assert_ne!(o["status"], "failed", "{o}");
-            assert!(
-                Instant::now() < deadline,
-                "order not paid after the kills: {o}; log:\n{}",
-                stack.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        stack.wait_paid(&http, id, deadline).await;
     }
-    let sandbox = stack.addresses()["sandbox"].clone();
-    let charges: Value = reqwest::get(format!("http://{sandbox}/_sandbox/charges"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     for id in &orders {
-        let n = charges["charges"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["metadata"]["order_id"] == id.as_str())
-            .count();
+        let n = stack.charges_for(id).await;
         assert_eq!(n, 1, "order {id} charged {n} times");
     }
     stack.stop(Duration::from_secs(30));
