@@ -280,6 +280,12 @@ impl Application {
             }
         };
         tokio::spawn(drainer);
+        // Deregisters on the same signal that starts the drain.
+        tokio::spawn(crate::registration::run(
+            ctx.clone(),
+            addr,
+            shutdown.clone(),
+        ));
         let stop = stop_accepting.clone();
         let server = axum::serve(
             listener,

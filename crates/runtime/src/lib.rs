@@ -10,6 +10,7 @@ pub mod context;
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod registration;
 pub mod session;
 pub mod session_cache;
 

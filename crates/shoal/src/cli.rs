@@ -96,6 +96,11 @@ pub struct GatewayArgs {
     /// Turn on the HTTP response cache (`gateway.cache.enabled`).
     #[arg(long)]
     pub cache: bool,
+    /// One pool `default` serving every path, whose instances register
+    /// themselves (`POST /_gateway/admin/register`, as `shoal serve` does
+    /// with `serve.register_at`); --to adds static ones beside them.
+    #[arg(long)]
+    pub registered: bool,
     /// Memory of the HTTP cache, e.g. 268435456, 256MiB, 1GiB, 500MB
     /// (`gateway.cache.max_bytes`; implies --cache).
     #[arg(long, value_name = "BYTES", value_parser = parse_byte_size)]
@@ -264,7 +269,7 @@ impl Cli {
                     s.gateway.cache.max_bytes = size;
                     s.gateway.cache.max_object_bytes = s.gateway.cache.max_object_bytes.min(size);
                 }
-                if !a.to.is_empty() {
+                if !a.to.is_empty() || a.registered {
                     s.gateway.pools = vec![PoolSettings {
                         name: "default".into(),
                         upstreams: a.to.clone(),

@@ -199,7 +199,12 @@ fn child_specs(
             args,
             address: Some(addr),
             ready_path: Some("/readyz"),
-            env: Vec::new(),
+            // Instances join the gateway's pool through its registration
+            // API, and leave it when they drain.
+            env: vec![(
+                "SHOAL_SERVE__REGISTER_AT".into(),
+                format!("http://{gateway_addr}"),
+            )],
         });
     }
     for i in 1..=settings.up.workers {
@@ -220,10 +225,7 @@ fn child_specs(
         "--listen".into(),
         gateway_addr.to_string(),
     ];
-    for addr in &serve_addrs {
-        args.push("--to".into());
-        args.push(format!("http://{addr}"));
-    }
+    args.push("--registered".into());
     if settings.gateway.cache.enabled {
         args.push("--cache".into());
     }
@@ -282,7 +284,7 @@ fn child_specs(
         .iter_mut()
         .filter(|s| s.role == "serve" || s.role == "worker")
     {
-        spec.env = env.clone();
+        spec.env.extend(env.iter().cloned());
     }
     Ok(specs)
 }
@@ -403,6 +405,17 @@ async fn wait_ready(specs: &[ChildSpec], limit: Duration, shutdown: &Cancellatio
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Ready through the gateway too: an instance has registered.
+    if let Some(gateway) = specs.iter().find(|s| s.role == "gateway") {
+        if let Some(addr) = gateway.address {
+            while http_status(addr, "/readyz").await != Some(200) {
+                if shutdown.is_cancelled() || started.elapsed() > limit {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     true

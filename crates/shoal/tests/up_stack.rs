@@ -323,6 +323,18 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
     };
     stack.wait_ready(3).await;
     let http = kit::http_client();
+    // The instances joined the gateway's pool through its registration API.
+    let pools: Value = http
+        .get(stack.url("/_gateway/pools"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let members = pools["pools"][0]["instances"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{pools}");
+    assert!(members.iter().all(|i| i["registered"] == true), "{pools}");
     // An address of this run only: the SMTP sink is shared.
     let email = format!("ada-{}@example.com", kit::unique_name());
 

@@ -201,6 +201,19 @@ pub struct ServeSettings {
     /// Serve `/_debug/*` routes (sleep, panic) used by fault tests. Off in
     /// production.
     pub debug_routes: bool,
+    /// A gateway to register this instance with (its base URL, e.g.
+    /// `http://127.0.0.1:8080`): the instance adds itself to
+    /// `register_pool` through `POST /_gateway/admin/register`, renews the
+    /// registration every third of `register_ttl_secs`, and deregisters
+    /// when it starts draining. Uses `gateway.admin_token` when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register_at: Option<String>,
+    pub register_pool: String,
+    pub register_ttl_secs: u64,
+    /// The URL the gateway should use for this instance; default
+    /// `http://<listen address>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
 }
 
 impl Default for ServeSettings {
@@ -214,6 +227,10 @@ impl Default for ServeSettings {
             drain_delay_ms: 0,
             shutdown_timeout_secs: 20,
             debug_routes: false,
+            register_at: None,
+            register_pool: "default".into(),
+            register_ttl_secs: 6,
+            advertise_url: None,
         }
     }
 }
@@ -395,6 +412,19 @@ impl Settings {
         }
         if self.up.instances == 0 || self.up.instances > 64 {
             return invalid("up.instances", "must be between 1 and 64");
+        }
+        if !(2..=300).contains(&self.serve.register_ttl_secs) {
+            return invalid("serve.register_ttl_secs", "must be between 2 and 300");
+        }
+        for (key, url) in [
+            ("serve.register_at", &self.serve.register_at),
+            ("serve.advertise_url", &self.serve.advertise_url),
+        ] {
+            if let Some(u) = url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return invalid(key, "must be an http:// or https:// URL");
+                }
+            }
         }
         if !(300..=3_600_000).contains(&self.worker.lease_ms) {
             return invalid(

@@ -1,0 +1,113 @@
+//! Self-registration with a gateway (`serve.register_at`): the instance
+//! adds itself to a pool through the gateway's admin API, renews the
+//! registration every third of its TTL (so one lost renewal does not drop
+//! it), and deregisters as soon as it starts draining, so the gateway stops
+//! sending it new requests before the listener closes. A gateway that
+//! restarts learns the instance again at the next renewal.
+
+use crate::context::AppContext;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The URL the gateway should use for an instance listening on `addr`.
+pub fn advertised_url(ctx: &AppContext, addr: SocketAddr) -> String {
+    if let Some(url) = &ctx.settings.serve.advertise_url {
+        return url.trim_end_matches('/').to_string();
+    }
+    let ip = if addr.ip().is_unspecified() {
+        tracing::warn!(%addr, "listening on every address; advertising 127.0.0.1 to the gateway (set serve.advertise_url)");
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Registers and renews until `shutdown`, then deregisters.
+pub async fn run(ctx: AppContext, addr: SocketAddr, shutdown: CancellationToken) {
+    let s = &ctx.settings.serve;
+    let Some(gateway) = s.register_at.as_deref().map(|g| g.trim_end_matches('/')) else {
+        return;
+    };
+    let url = advertised_url(&ctx, addr);
+    let pool = s.register_pool.clone();
+    let ttl = s.register_ttl_secs.max(2);
+    let token = ctx.settings.gateway.admin_token.clone();
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the registration client; not registering");
+            return;
+        }
+    };
+    let post = |path: &str, body: serde_json::Value| {
+        let mut req = http
+            .post(format!("{gateway}/_gateway/admin/{path}"))
+            .json(&body);
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    let renew_every = Duration::from_millis(ttl * 1000 / 3);
+    let mut registered = false;
+    let mut failures = 0u32;
+    loop {
+        let body = json!({"pool": pool, "url": url, "ttl_secs": ttl});
+        let wait = match post("register", body).await {
+            Ok(r) if r.status().is_success() => {
+                if !registered {
+                    tracing::info!(
+                        gateway,
+                        pool,
+                        url,
+                        ttl_secs = ttl,
+                        "registered with the gateway"
+                    );
+                }
+                registered = true;
+                failures = 0;
+                renew_every
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(r) => format!("the gateway answered {}", r.status()),
+                    Err(e) => e.to_string(),
+                };
+                failures += 1;
+                // The first failure, then one in ten: a gateway that is
+                // restarting should not flood the log.
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(gateway, pool, url, failures, error = %why, "registration failed; retrying in 1 s");
+                }
+                registered = false;
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    match post("deregister", json!({"pool": pool, "url": url})).await {
+        Ok(r) if r.status().is_success() => {
+            tracing::info!(gateway, pool, url, "deregistered from the gateway")
+        }
+        Ok(r) => {
+            tracing::warn!(gateway, status = %r.status(), "deregistration refused; the registration lapses after its TTL")
+        }
+        // The gateway stopped first (the whole stack is stopping): nothing
+        // left to leave.
+        Err(e) if e.is_connect() => {
+            tracing::debug!(gateway, "gateway gone; nothing to deregister from")
+        }
+        Err(e) => {
+            tracing::warn!(gateway, error = %e, "deregistration failed; the registration lapses after its TTL")
+        }
+    }
+}
