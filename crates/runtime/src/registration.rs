@@ -82,7 +82,7 @@ pub async fn run(ctx: AppContext, addr: SocketAddr, shutdown: CancellationToken)
                 failures += 1;
                 // The first failure, then one in ten: a gateway that is
                 // restarting should not flood the log.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(gateway, pool, url, failures, error = %why, "registration failed; retrying in 1 s");
                 }
                 registered = false;
