@@ -852,3 +852,32 @@ async fn bad_cache_settings_are_refused_with_their_key() {
     );
     assert!(unknown.is_err(), "unknown keys are refused");
 }
+
+/// A fresh stored response is not enough when the client asks for more:
+/// `Cache-Control: no-cache`, `max-age=0` or `Pragma: no-cache` go to the
+/// origin (the fast path for plain hits must not skip these).
+#[tokio::test]
+async fn request_directives_still_reach_the_origin_on_a_fresh_entry() {
+    let origin =
+        Origin::start(|_, n| (200, vec![h("cache-control", "max-age=60")], format!("v{n}"))).await;
+    let gw = gateway(&origin, serde_json::json!({})).await;
+    let client = TestClient::default();
+    assert_eq!(client.get(&gw.url("/d")).await.body, "v1");
+    assert_eq!(client.get(&gw.url("/d")).await.body, "v1", "a plain hit");
+    assert_eq!(origin.hits(), 1);
+    let mut expected_hits = 1;
+    for directive in [
+        ("cache-control", "no-cache"),
+        ("cache-control", "max-age=0"),
+        ("pragma", "no-cache"),
+    ] {
+        let r = get_with(&client, &gw.url("/d"), &[directive]).await;
+        expected_hits += 1;
+        assert_eq!(
+            origin.hits(),
+            expected_hits,
+            "{directive:?} went to the origin"
+        );
+        assert_eq!(r.body, format!("v{expected_hits}"), "{directive:?}");
+    }
+}

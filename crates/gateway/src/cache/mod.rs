@@ -343,6 +343,11 @@ impl<'s, 'r> Ctx<'s, 'r> {
             let now = SystemTime::now();
             let mut stale: Option<(Arc<Entry>, HeaderMap)> = None;
             let miss = match self.cache.core.store.lookup(&self.url, &self.norm.headers) {
+                Lookup::Found(e) if plainly_fresh(&e, &self.norm, now) => {
+                    count(if waited { "coalesced" } else { "hit" });
+                    let ttl = rules::signed_secs(now, e.fresh_until);
+                    return self.respond_stored(&e, now, &format!("shoal; hit; ttl={ttl}"));
+                }
                 Lookup::Found(e) => match e.policy.before_request(&self.norm, now) {
                     BeforeRequest::Fresh(_) => {
                         count(if waited { "coalesced" } else { "hit" });
@@ -614,6 +619,21 @@ impl<'s, 'r> Ctx<'s, 'r> {
         *r.headers_mut() = headers;
         finish(r, status)
     }
+}
+
+/// A hit that needs none of `CachePolicy::before_request`'s work (it
+/// rebuilds and re-parses the stored headers on every call): the entry is
+/// fresh and may be served without revalidation (no `no-cache`,
+/// `must-revalidate`, `proxy-revalidate`), the variant already matched the
+/// request's `Vary` fields in the lookup, and the request is a plain GET or
+/// HEAD with no `Cache-Control` or `Pragma` of its own. Everything else
+/// takes the full RFC 9111 path.
+fn plainly_fresh(e: &Entry, req: &request::Parts, now: SystemTime) -> bool {
+    e.may_serve_stale
+        && now < e.fresh_until
+        && (req.method == Method::GET || req.method == Method::HEAD)
+        && !req.headers.contains_key(header::CACHE_CONTROL)
+        && !req.headers.contains_key(header::PRAGMA)
 }
 
 fn client_no_cache(h: &HeaderMap) -> bool {
