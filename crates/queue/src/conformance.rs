@@ -906,6 +906,32 @@ pub async fn trace_follows_enqueue_into_run(factory: &dyn StoreFactory) {
     );
 }
 
+/// `gauges` (what workers export): depth counts jobs waiting to be
+/// claimed, oldest age how long the first of them has waited.
+pub async fn gauges_show_depth_and_oldest_age(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    let q = queue_name();
+    for n in 0..3 {
+        store.enqueue(NewJob::new(&q, "k", json!(n))).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let claimed = store
+        .claim(&q, 1, Duration::from_secs(30), "w")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let gauges = store.gauges().await.unwrap();
+    let g = gauges
+        .iter()
+        .find(|g| g.queue == q)
+        .unwrap_or_else(|| panic!("no gauges for {q}: {gauges:?}"));
+    assert_eq!(g.depth, 2, "{g:?}");
+    assert!(
+        (1000..60_000).contains(&g.oldest_age_ms),
+        "oldest waited about 1.1 s: {g:?}"
+    );
+}
+
 /// `jobs` jobs across `workers` workers: each completes exactly once.
 pub async fn many_jobs_complete_exactly_once(
     factory: &dyn StoreFactory,

@@ -284,6 +284,18 @@ pub struct QueueStats {
     pub cancelled: i64,
 }
 
+/// What a worker exports as per-queue gauges every `stats_interval`: the
+/// cheap subset of [`QueueStats`] (on NATS, read from the consumer instead
+/// of every job record).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueGauges {
+    pub queue: String,
+    pub depth: i64,
+    pub oldest_age_ms: i64,
+    /// Dead jobs, where the backend can count them cheaply.
+    pub dead: Option<i64>,
+}
+
 impl QueueStats {
     pub(crate) fn add(&mut self, state: JobState, n: i64) {
         match state {

@@ -23,7 +23,7 @@ pub use bench::{bench, BenchReport};
 pub use cron::Schedule;
 pub use job::{
     AttemptError, Enqueued, Job, JobError, JobFilter, JobState, Lease, NewJob, QueueError,
-    QueueStats,
+    QueueGauges, QueueStats,
 };
 pub use nats::{NatsJobStore, NatsJobStoreOptions};
 pub use relay::OutboxRelay;

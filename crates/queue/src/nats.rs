@@ -13,7 +13,8 @@
 //! transactions (use the outbox relay), listing and stats read every record.
 
 use crate::job::{
-    AttemptError, Enqueued, Job, JobFilter, JobState, Lease, NewJob, QueueError, QueueStats,
+    AttemptError, Enqueued, Job, JobFilter, JobState, Lease, NewJob, QueueError, QueueGauges,
+    QueueStats,
 };
 use crate::store::JobStore;
 use async_nats::jetstream::{self, consumer::pull, kv, AckKind};
@@ -839,6 +840,50 @@ impl JobStore for NatsJobStore {
             }
         }
         Ok(by_queue.into_values().collect())
+    }
+
+    /// From each queue's consumer, not the job records: depth is the
+    /// messages not yet delivered, the oldest age that of the first of
+    /// them; dead jobs are not counted (that needs the full scan `stats`
+    /// does).
+    async fn gauges(&self) -> Result<Vec<QueueGauges>, QueueError> {
+        let prefix = format!("{}.jobs.", self.options.prefix);
+        let mut names = Vec::new();
+        let mut listed = self.stream.consumer_names();
+        while let Some(name) = listed.next().await {
+            names.push(name.map_err(nats)?);
+        }
+        let now = now_millis();
+        let mut out = Vec::new();
+        for name in names {
+            let info = self.stream.consumer_info(&name).await.map_err(nats)?;
+            let Some(queue) = info.config.filter_subject.strip_prefix(&prefix) else {
+                continue;
+            };
+            let depth = info.num_pending as i64;
+            let mut oldest_age_ms = 0;
+            if depth > 0 {
+                let next = self
+                    .stream
+                    .get_first_raw_message_by_subject(
+                        &info.config.filter_subject,
+                        info.delivered.stream_sequence + 1,
+                    )
+                    .await;
+                if let Ok(msg) = next {
+                    let sent = (msg.time.unix_timestamp_nanos() / 1_000_000) as i64;
+                    oldest_age_ms = (now - sent).max(0);
+                }
+            }
+            out.push(QueueGauges {
+                queue: queue.to_string(),
+                depth,
+                oldest_age_ms,
+                dead: None,
+            });
+        }
+        out.sort_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(out)
     }
 
     async fn prune(

@@ -2,7 +2,7 @@
 //! worker runtime, the cron scheduler, the CLI and the conformance suite
 //! work the same over SQLite, PostgreSQL or NATS JetStream.
 
-use crate::job::{Enqueued, Job, JobFilter, Lease, NewJob, QueueError, QueueStats};
+use crate::job::{Enqueued, Job, JobFilter, Lease, NewJob, QueueError, QueueGauges, QueueStats};
 use async_trait::async_trait;
 use serde_json::Value;
 use std::sync::Arc;
@@ -87,6 +87,23 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
 
     /// Per-queue counts, depth and oldest age.
     async fn stats(&self) -> Result<Vec<QueueStats>, QueueError>;
+
+    /// Depth, oldest age and (where cheap) dead count per queue, for the
+    /// gauges a worker refreshes every `stats_interval`. The default takes
+    /// them from [`JobStore::stats`] (one grouped query on SQL).
+    async fn gauges(&self) -> Result<Vec<QueueGauges>, QueueError> {
+        Ok(self
+            .stats()
+            .await?
+            .into_iter()
+            .map(|s| QueueGauges {
+                queue: s.queue,
+                depth: s.depth,
+                oldest_age_ms: s.oldest_age_ms,
+                dead: Some(s.dead),
+            })
+            .collect())
+    }
 
     /// Deletes succeeded and cancelled jobs finished more than
     /// `finished_older_than` ago, and dead ones older than

@@ -855,14 +855,16 @@ async fn stats_loop(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        match shared.store.stats().await {
-            Ok(stats) => {
-                for s in stats {
-                    metrics::gauge!("shoal_jobs_queue_depth", "queue" => s.queue.clone())
-                        .set(s.depth as f64);
-                    metrics::gauge!("shoal_jobs_oldest_age_seconds", "queue" => s.queue.clone())
-                        .set(s.oldest_age_ms as f64 / 1000.0);
-                    metrics::gauge!("shoal_jobs_dead", "queue" => s.queue).set(s.dead as f64);
+        match shared.store.gauges().await {
+            Ok(gauges) => {
+                for g in gauges {
+                    metrics::gauge!("shoal_jobs_queue_depth", "queue" => g.queue.clone())
+                        .set(g.depth as f64);
+                    metrics::gauge!("shoal_jobs_oldest_age_seconds", "queue" => g.queue.clone())
+                        .set(g.oldest_age_ms as f64 / 1000.0);
+                    if let Some(dead) = g.dead {
+                        metrics::gauge!("shoal_jobs_dead", "queue" => g.queue).set(dead as f64);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "job stats failed"),

@@ -72,6 +72,9 @@ on_nats!(nats_complete_many_matches_each_lease, |f| {
 on_nats!(nats_trace_follows_enqueue_into_run, |f| {
     conformance::trace_follows_enqueue_into_run(&f).await
 });
+on_nats!(nats_gauges_show_depth_and_oldest_age, |f| {
+    conformance::gauges_show_depth_and_oldest_age(&f).await
+});
 on_nats!(nats_unique_key, |f| conformance::unique_key(&f).await);
 on_nats!(nats_delayed_job_not_claimed_early, |f| {
     conformance::delayed_job_not_claimed_early(&f).await

@@ -80,6 +80,11 @@ on_both!(
     postgres_trace_follows_enqueue_into_run,
     |f| { conformance::trace_follows_enqueue_into_run(&f).await }
 );
+on_both!(
+    sqlite_gauges_show_depth_and_oldest_age,
+    postgres_gauges_show_depth_and_oldest_age,
+    |f| { conformance::gauges_show_depth_and_oldest_age(&f).await }
+);
 on_both!(sqlite_unique_key, postgres_unique_key, |f| {
     conformance::unique_key(&f).await
 });
