@@ -378,10 +378,19 @@ impl Shared {
     }
 }
 
+/// Batch writes in flight at once: a slow or failing write (the store
+/// went away mid-request) holds one of them, not the whole worker.
+const COMPLETION_WRITERS: usize = 4;
+
 /// Writes completions in batches until every sender is gone.
 async fn completer(store: Arc<dyn JobStore>, mut rx: mpsc::Receiver<Completion>) {
-    let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
+    let writers = Arc::new(Semaphore::new(COMPLETION_WRITERS));
     while let Some(first) = rx.recv().await {
+        let Ok(writer) = writers.clone().acquire_owned().await else {
+            return;
+        };
+        // Whatever piled up while waiting for a writer goes in this batch.
+        let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
         batch.push(first);
         while batch.len() < COMPLETION_BATCH {
             match rx.try_recv() {
@@ -389,20 +398,35 @@ async fn completer(store: Arc<dyn JobStore>, mut rx: mpsc::Receiver<Completion>)
                 Err(_) => break,
             }
         }
-        let leases: Vec<Lease> = batch.iter().map(|(l, _)| l.clone()).collect();
-        metrics::histogram!("shoal_jobs_completion_batch_size").record(leases.len() as f64);
-        match with_retries(|| store.complete_many(&leases)).await {
-            Ok(done) => {
-                for ((_, reply), ok) in batch.drain(..).zip(done) {
-                    let _ = reply.send(Ok(ok));
-                }
+        let store = store.clone();
+        tokio::spawn(async move {
+            write_batch(store, batch).await;
+            drop(writer);
+        });
+    }
+}
+
+/// One batch in one write; if that fails, each completion on its own (with
+/// retries, side by side), so one bad write does not fail the others.
+async fn write_batch(store: Arc<dyn JobStore>, batch: Vec<Completion>) {
+    let leases: Vec<Lease> = batch.iter().map(|(l, _)| l.clone()).collect();
+    metrics::histogram!("shoal_jobs_completion_batch_size").record(leases.len() as f64);
+    match store.complete_many(&leases).await {
+        Ok(done) => {
+            for ((_, reply), ok) in batch.into_iter().zip(done) {
+                let _ = reply.send(Ok(ok));
             }
-            Err(e) => {
-                let e = e.to_string();
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(e.clone()));
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, jobs = leases.len(), "batched completion failed; completing one by one");
+            let each = batch.into_iter().map(|(lease, reply)| {
+                let store = store.clone();
+                async move {
+                    let result = with_retries(|| store.complete(&lease)).await;
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
                 }
-            }
+            });
+            futures_util::future::join_all(each).await;
         }
     }
 }

@@ -304,7 +304,11 @@ async fn run(backend: Backend, server: &mut dyn Server) {
          successes after the restart by pid={after:?} (workers {pids:?})\n{}: {counts}",
         backend.name, backend.name
     );
-    if !finished || counts.violations() > 0 || !crashed.is_empty() {
+    let idle: Vec<_> = pids
+        .iter()
+        .filter(|&&pid| !after.iter().any(|(p, n)| *p == pid && *n > 0))
+        .collect();
+    if !finished || counts.violations() > 0 || !crashed.is_empty() || !idle.is_empty() {
         println!("worker log tail:\n{}", workers.log_tail());
         println!("{}", backend.nats_state().await);
     }
