@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 struct Stack {
+    db: Database,
     jobs: std::sync::Arc<dyn shoal_queue::JobStore>,
     mail: std::path::PathBuf,
     base: String,
@@ -38,6 +39,11 @@ fn modules() -> Vec<Box<dyn ServiceModule>> {
 }
 
 async fn start() -> Stack {
+    start_with(true).await
+}
+
+/// `webhooks`: whether the sandbox is told where to send its webhooks.
+async fn start_with(webhooks: bool) -> Stack {
     let dir = kit::TempDir::new("checkout");
     let stop = CancellationToken::new();
     let sdb = Database::connect(
@@ -85,13 +91,16 @@ async fn start() -> Stack {
     tokio::spawn(worker.run(stop.clone()));
     tokio::spawn(app.run(stop.clone()));
     shoal_catalog::seed(&ctx.db, 3, |_| {}).await.unwrap();
-    reqwest::Client::new()
-        .post(format!("{sandbox_url}/_sandbox/webhook"))
-        .json(&json!({"url": format!("{base}/api/payments/webhooks")}))
-        .send()
-        .await
-        .unwrap();
+    if webhooks {
+        reqwest::Client::new()
+            .post(format!("{sandbox_url}/_sandbox/webhook"))
+            .json(&json!({"url": format!("{base}/api/payments/webhooks")}))
+            .send()
+            .await
+            .unwrap();
+    }
     Stack {
+        db: ctx.db.clone(),
         jobs: ctx.jobs.clone(),
         mail: dir.path().join("mail"),
         base,
@@ -392,4 +401,50 @@ async fn provider_faults_still_give_exactly_one_charge() {
         .await
         .unwrap();
     assert_eq!(forged.status(), 400);
+}
+
+/// A charge the provider answered `processing` and whose webhook never
+/// came stays pending; the reconciliation job asks the provider for its
+/// state (a replay of the charge would only repeat `processing`) and
+/// settles it: paid, one charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_settles_a_payment_whose_webhook_never_came() {
+    let s = start_with(false).await;
+    let http = login(&s.base).await;
+    let p = product(&s.base).await;
+    let body = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_processing"});
+    let r: Value = order(&http, &s.base, Some("key-rec"), &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    // The sandbox turns the intent succeeded after 500 ms, but has nowhere
+    // to send its webhook.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let o: Value = http
+        .get(format!("{}/api/orders/{id}", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(o["status"], "pending_payment", "no webhook, no settlement");
+    // Reconciliation takes payments pending for 30 s: age this one.
+    sqlx::query("UPDATE payments SET updated_at = updated_at - 60000 WHERE order_id = $1")
+        .bind(&id)
+        .execute(s.db.pool())
+        .await
+        .unwrap();
+    s.jobs
+        .enqueue(shoal_queue::NewJob::new(
+            "payments",
+            shoal_payments::RECONCILE_KIND,
+            json!({}),
+        ))
+        .await
+        .unwrap();
+    wait_status(&http, &s.base, &id, "paid").await;
+    assert_eq!(charges_for(&s.sandbox, &id).await, 1);
 }

@@ -182,7 +182,17 @@ async fn charge_and_settle(
             ("order_id".into(), order_id.clone()),
         ],
     };
-    match provider.charge(&request).await {
+    let outcome = provider.charge(&request).await;
+    apply_outcome(ctx, id, outcome).await
+}
+
+/// Settles (or keeps pending) payment `id` after the provider answered.
+async fn apply_outcome(
+    ctx: &AppContext,
+    id: &str,
+    outcome: Result<ChargeOutcome, ProviderError>,
+) -> Result<(), JobError> {
+    match outcome {
         Ok(ChargeOutcome::Succeeded { provider_id }) => {
             settle(ctx, id, true, Some(&provider_id), None).await
         }
@@ -276,21 +286,37 @@ async fn enqueue_settle(
 /// Settles payments pending for more than 30 s by asking the provider
 /// again with the same idempotency key (a lost response is replayed).
 async fn reconcile(ctx: &AppContext, provider: &dyn PaymentProvider) -> Result<(), JobError> {
-    let stale: Vec<PaymentRow> = sqlx::query_as(
-        "SELECT id, order_id, user_id, amount, currency, payment_method, status FROM payments
-         WHERE status = 'pending' AND updated_at < $1 ORDER BY updated_at LIMIT 100",
-    )
-    .bind(now_millis() - 30_000)
-    .fetch_all(ctx.db.pool())
-    .await
-    .map_err(JobError::retryable)?;
-    for payment in &stale {
-        if let Err(e) = charge_and_settle(ctx, provider, payment).await {
-            tracing::warn!(payment_id = %payment.0, error = %e, "reconciliation of a payment failed; next run retries");
+    let stale: Vec<(String, String, String, i64, String, String, String, Option<String>)> =
+        sqlx::query_as(
+            "SELECT id, order_id, user_id, amount, currency, payment_method, status, provider_id
+             FROM payments WHERE status = 'pending' AND updated_at < $1 ORDER BY updated_at LIMIT 100",
+        )
+        .bind(now_millis() - 30_000)
+        .fetch_all(ctx.db.pool())
+        .await
+        .map_err(JobError::retryable)?;
+    let count = stale.len();
+    for (id, order, user, amount, currency, method, status, provider_id) in stale {
+        // A charge the provider took (it answered `processing`): ask for
+        // its state now; a replay of the charge would only repeat the first
+        // answer. Without a provider id the charge may never have arrived,
+        // or its answer was lost: charge again with the same key.
+        let result = match provider_id {
+            Some(pid) => {
+                let outcome = provider.retrieve(&pid).await;
+                apply_outcome(ctx, &id, outcome).await
+            }
+            None => {
+                let payment = (id.clone(), order, user, amount, currency, method, status);
+                charge_and_settle(ctx, provider, &payment).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(payment_id = %id, error = %e, "reconciliation of a payment failed; next run retries");
         }
     }
-    if !stale.is_empty() {
-        tracing::info!(count = stale.len(), "reconciled pending payments");
+    if count > 0 {
+        tracing::info!(count, "reconciled pending payments");
     }
     Ok(())
 }
