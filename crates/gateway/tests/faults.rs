@@ -7,10 +7,8 @@ mod common;
 use common::*;
 use http::StatusCode;
 use serde_json::json;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const FAST_MS: u64 = 20;
 const WORKERS: usize = 8;
@@ -116,30 +114,7 @@ async fn a_rolling_restart_of_every_instance_under_load_fails_no_request() {
     let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
     let gw = TestGateway::start(settings(&urls, json!({"balancer": "p2c_peak_ewma"}))).await;
     let client = TestClient::default();
-    let failures = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let stop = CancellationToken::new();
-    let workers: Vec<_> = (0..6)
-        .map(|_| {
-            let (client, url, failures, done, stop) = (
-                client.clone(),
-                gw.url("/items"),
-                failures.clone(),
-                done.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.is_cancelled() {
-                    let r = client.get(&url).await;
-                    if r.status != StatusCode::OK {
-                        eprintln!("failed: {} {}", r.status, r.body);
-                        failures.fetch_add(1, Ordering::SeqCst);
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
+    let load = GetLoad::start(&client, gw.url("/items"), 6);
     tokio::time::sleep(Duration::from_millis(200)).await;
     for up in ups.iter_mut() {
         let (addr, name) = (up.addr, up.state.name.clone());
@@ -163,12 +138,8 @@ async fn a_rolling_restart_of_every_instance_under_load_fails_no_request() {
             "{name} takes requests again"
         );
     }
-    stop.cancel();
-    for w in workers {
-        w.await.unwrap();
-    }
-    let total = done.load(Ordering::SeqCst);
+    let (total, failed) = load.finish().await;
     eprintln!("rolling restart: {total} requests");
     assert!(total > 100, "only {total} requests");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "of {total} requests");
+    assert_eq!(failed, 0, "of {total} requests");
 }

@@ -7,8 +7,7 @@ use common::*;
 use http::StatusCode;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -105,30 +104,7 @@ async fn reloads_under_a_stream_of_requests_lose_none_and_keep_instance_state() 
     let gw = start_from_file(&config.path).await;
     let client = TestClient::default();
 
-    let failures = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let stop = CancellationToken::new();
-    let workers: Vec<_> = (0..6)
-        .map(|_| {
-            let (client, url, failures, done, stop) = (
-                client.clone(),
-                gw.url("/items"),
-                failures.clone(),
-                done.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.is_cancelled() {
-                    let r = client.get(&url).await;
-                    if r.status != StatusCode::OK {
-                        eprintln!("failed: {} {}", r.status, r.body);
-                        failures.fetch_add(1, Ordering::SeqCst);
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
+    let load = GetLoad::start(&client, gw.url("/items"), 6);
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     let b_before = gw.instance(&client, &ups[1].url()).await["requests"]
@@ -150,13 +126,9 @@ async fn reloads_under_a_stream_of_requests_lose_none_and_keep_instance_state() 
         assert_eq!(instance_urls(&client, &gw).await, want);
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    stop.cancel();
-    for w in workers {
-        w.await.unwrap();
-    }
-    let total = done.load(Ordering::SeqCst);
+    let (total, failed) = load.finish().await;
     assert!(total > 100, "only {total} requests");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "of {total} requests");
+    assert_eq!(failed, 0, "of {total} requests");
     // b stayed configured throughout: its instance (and counters) carried on.
     let b_after = gw.instance(&client, &ups[1].url()).await["requests"]
         .as_u64()

@@ -369,3 +369,59 @@ pub async fn admin(
         .send(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
         .await
 }
+
+/// `n` loops sending GETs to `url` until stopped, counting every request
+/// and every answer other than 200 (for "zero failed requests" checks).
+pub struct GetLoad {
+    stop: CancellationToken,
+    done: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl GetLoad {
+    pub fn start(client: &TestClient, url: String, n: usize) -> GetLoad {
+        let stop = CancellationToken::new();
+        let done = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let workers = (0..n)
+            .map(|_| {
+                let (client, url, failures, done, stop) = (
+                    client.clone(),
+                    url.clone(),
+                    failures.clone(),
+                    done.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.is_cancelled() {
+                        let r = client.get(&url).await;
+                        if r.status != StatusCode::OK {
+                            eprintln!("failed: {} {}", r.status, r.body);
+                            failures.fetch_add(1, Ordering::SeqCst);
+                        }
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        GetLoad {
+            stop,
+            done,
+            failures,
+            workers,
+        }
+    }
+
+    /// Stops the loops; returns (requests, failed).
+    pub async fn finish(self) -> (usize, usize) {
+        self.stop.cancel();
+        for w in self.workers {
+            w.await.unwrap();
+        }
+        (
+            self.done.load(Ordering::SeqCst),
+            self.failures.load(Ordering::SeqCst),
+        )
+    }
+}

@@ -595,6 +595,17 @@ struct Receiver {
     plan: Arc<Vec<u16>>,
 }
 
+/// `POST /api/notifications/webhooks` with `body` as the user of `cookie`.
+async fn register_webhook(base: &str, cookie: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/api/notifications/webhooks"))
+        .header("cookie", cookie)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn receiver(plan: Vec<u16>) -> (String, Receiver) {
     let r = Receiver {
         hits: Arc::default(),
@@ -637,13 +648,12 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
     let (cookie, user) = login(&app.base, &unique_email("hook")).await;
     let (url, rx) = receiver(vec![500, 204]).await;
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{}/api/notifications/webhooks", app.base))
-        .header("cookie", &cookie)
-        .json(&json!({"url": url, "event_types": ["order.paid"], "description": "shop"}))
-        .send()
-        .await
-        .unwrap();
+    let r = register_webhook(
+        &app.base,
+        &cookie,
+        &json!({"url": url, "event_types": ["order.paid"], "description": "shop"}),
+    )
+    .await;
     assert_eq!(r.status(), 201);
     let hook: Value = r.json().await.unwrap();
     let secret = hook["secret"].as_str().unwrap().to_string();
@@ -744,16 +754,15 @@ async fn an_endpoint_failing_continuously_is_disabled() {
     let (cookie, user) = login(&app.base, &unique_email("fail")).await;
     let (url, rx) = receiver(vec![503]).await;
     let http = reqwest::Client::new();
-    let hook: Value = http
-        .post(format!("{}/api/notifications/webhooks", app.base))
-        .header("cookie", &cookie)
-        .json(&json!({"url": url, "event_types": ["*"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let hook: Value = register_webhook(
+        &app.base,
+        &cookie,
+        &json!({"url": url, "event_types": ["*"]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let hook_id = hook["id"].as_str().unwrap().to_string();
     emit(&app, &user, "order.paid", json!({})).await.unwrap();
     let shown: Value = eventually("the endpoint disabled", Duration::from_secs(20), || async {
@@ -788,13 +797,12 @@ async fn loopback_and_private_webhook_targets_are_refused_without_the_setting() 
         "http://169.254.169.254/latest/meta-data",
         "http://10.0.0.1/",
     ] {
-        let r = http
-            .post(format!("{}/api/notifications/webhooks", app.base))
-            .header("cookie", &cookie)
-            .json(&json!({"url": url, "event_types": ["order.paid"]}))
-            .send()
-            .await
-            .unwrap();
+        let r = register_webhook(
+            &app.base,
+            &cookie,
+            &json!({"url": url, "event_types": ["order.paid"]}),
+        )
+        .await;
         assert_eq!(r.status(), 422, "{url}");
         let p: Value = r.json().await.unwrap();
         assert_eq!(p["errors"][0]["field"], "url", "{p}");
@@ -813,13 +821,7 @@ async fn loopback_and_private_webhook_targets_are_refused_without_the_setting() 
             "event_types",
         ),
     ] {
-        let r = http
-            .post(format!("{}/api/notifications/webhooks", app.base))
-            .header("cookie", &cookie)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = register_webhook(&app.base, &cookie, &body).await;
         assert_eq!(r.status(), 422, "{body}");
         let p: Value = r.json().await.unwrap();
         assert_eq!(p["errors"][0]["field"], field, "{p}");
@@ -883,16 +885,12 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
     // Webhook: 500 then 200, logged.
     let (url, rx) = receiver(vec![500, 200]).await;
     let http = reqwest::Client::new();
-    let hook: Value = http
-        .post(format!("{}/api/notifications/webhooks", b.base))
-        .header("cookie", &cookie)
-        .json(&json!({"url": url, "event_types": ["*"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let hook: Value =
+        register_webhook(&b.base, &cookie, &json!({"url": url, "event_types": ["*"]}))
+            .await
+            .json()
+            .await
+            .unwrap();
     let hook_id = hook["id"].as_str().unwrap().to_string();
     emit(&a, &user, "order.paid", json!({"n": 1}))
         .await

@@ -167,6 +167,16 @@ async fn order(
     r.send().await.unwrap()
 }
 
+/// Places an order with `key`; returns its id.
+async fn place(http: &reqwest::Client, base: &str, key: &str, body: &Value) -> String {
+    let r: Value = order(http, base, Some(key), body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    r["id"].as_str().expect("an order id").to_string()
+}
+
 async fn wait_status(http: &reqwest::Client, base: &str, id: &str, want: &str) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -353,12 +363,7 @@ async fn provider_faults_still_give_exactly_one_charge() {
     // The provider charges, then the response is lost (the client times
     // out at 500 ms); the job retries with the same key and is replayed.
     faults(json!({"lose_response_after_charge": 1})).await;
-    let r: Value = order(&http, &s.base, Some("lost"), &body)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = r["id"].as_str().unwrap().to_string();
+    let id = place(&http, &s.base, "lost", &body).await;
     wait_status(&http, &s.base, &id, "paid").await;
     assert_eq!(
         charges_for(&s.sandbox, &id).await,
@@ -368,12 +373,7 @@ async fn provider_faults_still_give_exactly_one_charge() {
 
     // The provider fails twice before charging; the third try charges.
     faults(json!({"fail_before_charge": 2})).await;
-    let r: Value = order(&http, &s.base, Some("flaky"), &body)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = r["id"].as_str().unwrap().to_string();
+    let id = place(&http, &s.base, "flaky", &body).await;
     wait_status(&http, &s.base, &id, "paid").await;
     assert_eq!(
         charges_for(&s.sandbox, &id).await,
@@ -383,12 +383,7 @@ async fn provider_faults_still_give_exactly_one_charge() {
 
     // Processing: settled by the signed webhook.
     let processing = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_processing"});
-    let r: Value = order(&http, &s.base, Some("webhook"), &processing)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = r["id"].as_str().unwrap().to_string();
+    let id = place(&http, &s.base, "webhook", &processing).await;
     wait_status(&http, &s.base, &id, "paid").await;
     assert_eq!(charges_for(&s.sandbox, &id).await, 1);
 
@@ -413,12 +408,7 @@ async fn reconciliation_settles_a_payment_whose_webhook_never_came() {
     let http = login(&s.base).await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_processing"});
-    let r: Value = order(&http, &s.base, Some("key-rec"), &body)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = r["id"].as_str().unwrap().to_string();
+    let id = place(&http, &s.base, "key-rec", &body).await;
     // The sandbox turns the intent succeeded after 500 ms, but has nowhere
     // to send its webhook.
     tokio::time::sleep(Duration::from_millis(1500)).await;
