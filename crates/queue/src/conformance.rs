@@ -221,10 +221,19 @@ pub async fn complete_many_matches_each_lease(factory: &dyn StoreFactory) {
         leases[2].clone(),
         leases[3].clone(),
     ];
-    assert_eq!(
-        store.complete_many(&asked).await.unwrap(),
-        vec![true, false, true, false]
-    );
+    let answers = |leases: Vec<Lease>| {
+        let store = store.clone();
+        async move {
+            store
+                .complete_many(&leases)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|answer| answer.unwrap())
+                .collect::<Vec<bool>>()
+        }
+    };
+    assert_eq!(answers(asked).await, vec![true, false, true, false]);
     let state = |id: &str| {
         let store = store.clone();
         let id = id.to_string();
@@ -233,8 +242,50 @@ pub async fn complete_many_matches_each_lease(factory: &dyn StoreFactory) {
     assert_eq!(state(&leases[0].job_id).await, JobState::Succeeded);
     assert_eq!(state(&leases[1].job_id).await, JobState::Running);
     assert_eq!(state(&leases[2].job_id).await, JobState::Succeeded);
-    assert!(store.complete_many(&[leases[1].clone()]).await.unwrap()[0]);
-    assert!(store.complete_many(&[]).await.unwrap().is_empty());
+    assert_eq!(answers(vec![leases[1].clone()]).await, vec![true]);
+    assert!(answers(Vec::new()).await.is_empty());
+}
+
+/// A claim takes attempts whose lease lapsed first, then ready jobs by
+/// priority, even when there are more of both than it asked for (SQL
+/// stores; JetStream delivers in enqueue order).
+pub async fn claim_takes_lapsed_then_priority(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    if !store.orders_by_priority() {
+        return;
+    }
+    let q = queue_name();
+    let lapsed = store
+        .enqueue(NewJob::new(&q, "k", json!("lapsed")))
+        .await
+        .unwrap();
+    let first = store
+        .claim(&q, 1, Duration::from_millis(50), "doomed")
+        .await
+        .unwrap();
+    assert_eq!(first[0].id, lapsed.id);
+    let mut ids = Vec::new();
+    for priority in [0, 3, 10, 5, 1] {
+        let e = store
+            .enqueue(NewJob::new(&q, "k", json!(priority)).priority(priority))
+            .await
+            .unwrap();
+        ids.push((priority, e.id));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = store
+        .claim(&q, 3, Duration::from_secs(30), "w")
+        .await
+        .unwrap();
+    let id_of = |p: i64| ids.iter().find(|(q, _)| *q == p).unwrap().1.clone();
+    let mut got_ids: Vec<String> = got.iter().map(|j| j.id.clone()).collect();
+    got_ids.sort();
+    let mut want = vec![lapsed.id.clone(), id_of(10), id_of(5)];
+    want.sort();
+    assert_eq!(
+        got_ids, want,
+        "the lapsed attempt, then priorities 10 and 5"
+    );
 }
 
 /// A duplicate unique key returns the existing job, even under races.

@@ -70,6 +70,17 @@ pub struct NatsJobStore {
     /// Messages of attempts claimed through this handle, by lease token.
     inflight: Arc<Mutex<HashMap<String, jetstream::Message>>>,
     wakeups: Arc<Notify>,
+    /// Enqueues that failed midway, waiting to be settled by one background
+    /// task (see [`NatsJobStore::after_failed_enqueue`]).
+    unsettled: Arc<Mutex<Unsettled>>,
+}
+
+/// Failed enqueues to settle, each with its deadline, and whether the task
+/// that settles them is running.
+#[derive(Default)]
+struct Unsettled {
+    records: std::collections::VecDeque<(Job, tokio::time::Instant)>,
+    settling: bool,
 }
 
 impl std::fmt::Debug for NatsJobStore {
@@ -153,6 +164,7 @@ impl NatsJobStore {
             consumers: Arc::default(),
             inflight: Arc::default(),
             wakeups: Arc::new(Notify::new()),
+            unsettled: Arc::default(),
         })
     }
 
@@ -404,27 +416,60 @@ impl NatsJobStore {
     /// the id and the caller was told it failed (and will likely enqueue
     /// again), so the record is taken back; a message that did arrive finds
     /// no record and is dropped.
+    ///
+    /// One task per store settles them in order, so an outage that fails
+    /// many enqueues leaves one task (not one per enqueue) retrying, and
+    /// the server is not hit by all of them at once when it comes back.
     fn after_failed_enqueue(&self, record: Job) {
+        let deadline = tokio::time::Instant::now() + self.options.duplicate_window.mul_f32(0.9);
+        {
+            let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+            unsettled.records.push_back((record, deadline));
+            if unsettled.settling {
+                return;
+            }
+            unsettled.settling = true;
+        }
         let store = self.clone();
-        tokio::spawn(async move {
-            let window = store.options.duplicate_window;
-            let deadline = tokio::time::Instant::now() + window.mul_f32(0.9);
-            while tokio::time::Instant::now() < deadline {
-                let settled = if record.unique_key.is_some() {
-                    store.store_and_send(&record).await.is_ok()
-                } else {
-                    store.jobs.purge(&record.id).await.is_ok()
-                };
-                if settled {
-                    tracing::info!(job_id = %record.id, kept = record.unique_key.is_some(),
-                        "settled a job whose enqueue failed midway");
-                    return;
+        tokio::spawn(async move { store.settle_failed_enqueues().await });
+    }
+
+    async fn settle_failed_enqueues(&self) {
+        loop {
+            let next = {
+                let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+                let next = unsettled.records.pop_front();
+                if next.is_none() {
+                    unsettled.settling = false;
                 }
+                next
+            };
+            let Some((record, deadline)) = next else {
+                return;
+            };
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(job_id = %record.id,
+                    "could not settle a job whose enqueue failed midway; it may never run");
+                continue;
+            }
+            let settled = if record.unique_key.is_some() {
+                self.store_and_send(&record).await.is_ok()
+            } else {
+                self.jobs.purge(&record.id).await.is_ok()
+            };
+            if settled {
+                tracing::info!(job_id = %record.id, kept = record.unique_key.is_some(),
+                    "settled a job whose enqueue failed midway");
+            } else {
+                // The server is still away: try again later, in order.
+                self.unsettled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .records
+                    .push_front((record, deadline));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            tracing::error!(job_id = %record.id,
-                "could not settle a job whose enqueue failed midway; it may never run");
-        });
+        }
     }
 
     async fn forget_unique_key(&self, job: &Job) {
@@ -493,6 +538,9 @@ impl JobStore for NatsJobStore {
                             // it as a duplicate if the first one arrived,
                             // and a claim ignores a message for a job that
                             // is already claimed or finished.
+                            // (Past the duplicate window a second message
+                            // does reach the stream; the claim that meets
+                            // it finds the job taken and drops it.)
                             if found.attempts == 0
                                 && matches!(found.state, JobState::Available | JobState::Scheduled)
                             {

@@ -75,8 +75,9 @@ const COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at, attemp
 /// Error messages kept per attempt are cut to this many bytes.
 const MAX_ERROR_LEN: usize = 4000;
 
-/// Completions per statement (two parameters each).
-const COMPLETE_BATCH: usize = 500;
+/// Completions per statement (two parameters each): 513 parameters, well
+/// under SQLite's and PostgreSQL's limits; a worker sends at most 256.
+const COMPLETE_BATCH: usize = 256;
 
 /// SQL that appends the JSON object `element` (an SQL text expression) to
 /// the JSON array in `errors`, with string functions both engines share.
@@ -98,6 +99,10 @@ pub struct SqlJobStore {
     wakeups: Arc<Notify>,
     /// When each queue's expired last attempts were last reaped.
     reaped: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
+    /// The claim statement for this engine, built once.
+    claim_sql: Arc<str>,
+    /// The statement that dead-letters expired last attempts, built once.
+    reap_sql: Arc<str>,
 }
 
 /// How often a claim also dead-letters the expired last attempts of its
@@ -109,10 +114,13 @@ impl SqlJobStore {
     /// [`SqlJobStore::listen`] too so idle workers wake on enqueue.
     pub async fn new(db: Database) -> Result<Self, QueueError> {
         db.migrate("jobs", MIGRATIONS).await?;
+        let claim_sql = claim_sql(db.kind()).into();
         Ok(SqlJobStore {
             db,
             wakeups: Arc::new(Notify::new()),
             reaped: Arc::default(),
+            claim_sql,
+            reap_sql: reap_sql().into(),
         })
     }
 
@@ -188,15 +196,7 @@ impl SqlJobStore {
     }
 
     async fn reap_expired_last_attempts(&self, queue: &str, now: i64) -> Result<(), QueueError> {
-        let sql = format!(
-            "UPDATE shoal_jobs SET state = 'dead', finished_at = $1, lease_token = NULL,
-                lease_until = NULL,
-                last_error = 'lease expired on the last attempt: worker ' || COALESCE(worker_id, '?') || ' stopped renewing it',
-                errors = {}
-             WHERE queue = $2 AND state = 'running' AND lease_until < $1 AND attempts >= max_attempts",
-            append_error_sql(LEASE_EXPIRED_ERROR)
-        );
-        let done = sqlx::query(&sql)
+        let done = sqlx::query(&self.reap_sql)
             .bind(now)
             .bind(queue)
             .execute(self.db.pool())
@@ -207,6 +207,56 @@ impl SqlJobStore {
         }
         Ok(())
     }
+}
+
+/// Dead-letters the running jobs of queue `$2` whose last attempt's lease
+/// lapsed before `$1`.
+fn reap_sql() -> String {
+    format!(
+        "UPDATE shoal_jobs SET state = 'dead', finished_at = $1, lease_token = NULL,
+            lease_until = NULL,
+            last_error = 'lease expired on the last attempt: worker ' || COALESCE(worker_id, '?') || ' stopped renewing it',
+            errors = {}
+         WHERE queue = $2 AND state = 'running' AND lease_until < $1 AND attempts >= max_attempts",
+        append_error_sql(LEASE_EXPIRED_ERROR)
+    )
+}
+
+/// Claims up to `$6` jobs of queue `$5` at time `$4` with token `$1`,
+/// lease until `$2`, for worker `$3`: attempts whose lease lapsed first
+/// (their worker died; they have waited longest), then ready jobs in claim
+/// order. Each side is limited and locked on its own, then the union is
+/// cut to `$6` in that same order.
+fn claim_sql(kind: DatabaseKind) -> String {
+    let lock = match kind {
+        DatabaseKind::Postgres => "FOR UPDATE SKIP LOCKED",
+        DatabaseKind::Sqlite => "",
+    };
+    format!(
+        "UPDATE shoal_jobs SET state = 'running', attempts = attempts + 1,
+            lease_token = $1, lease_until = $2, worker_id = $3, started_at = $4,
+            last_error = CASE WHEN state = 'running'
+                THEN 'lease expired: worker ' || COALESCE(worker_id, '?') || ' stopped renewing it'
+                ELSE last_error END,
+            errors = CASE WHEN state <> 'running' THEN errors ELSE {append} END
+         WHERE id IN (
+            SELECT id FROM (
+                SELECT id, 0 AS ready, priority, run_at FROM (
+                    SELECT id, priority, run_at FROM shoal_jobs
+                    WHERE state = 'running' AND lease_until < $4 AND queue = $5
+                        AND attempts < max_attempts
+                    ORDER BY lease_until LIMIT $6 {lock}) expired
+                UNION ALL
+                SELECT id, 1 AS ready, priority, run_at FROM (
+                    SELECT id, priority, run_at FROM shoal_jobs
+                    WHERE queue = $5 AND state IN ('scheduled', 'available', 'retrying')
+                        AND run_at <= $4
+                    ORDER BY priority DESC, run_at, id LIMIT $6 {lock}) ready_jobs
+            ) candidates
+            ORDER BY ready, priority DESC, run_at, id LIMIT $6)
+         RETURNING {COLUMNS}",
+        append = append_error_sql(LEASE_EXPIRED_ERROR),
+    )
 }
 
 async fn insert_job(
@@ -351,47 +401,23 @@ impl JobStore for SqlJobStore {
         let now = now_millis();
         let reap = {
             let mut reaped = self.reaped.lock().unwrap_or_else(|p| p.into_inner());
-            let last = reaped.entry(queue.to_string()).or_insert(i64::MIN);
-            let due = now.saturating_sub(*last) >= REAP_EVERY_MS;
-            if due {
-                *last = now;
+            match reaped.get_mut(queue) {
+                Some(last) if now.saturating_sub(*last) < REAP_EVERY_MS => false,
+                Some(last) => {
+                    *last = now;
+                    true
+                }
+                None => {
+                    reaped.insert(queue.to_string(), now);
+                    true
+                }
             }
-            due
         };
         if reap {
             self.reap_expired_last_attempts(queue, now).await?;
         }
-        let lock = match self.db.kind() {
-            DatabaseKind::Postgres => "FOR UPDATE SKIP LOCKED",
-            DatabaseKind::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE shoal_jobs SET state = 'running', attempts = attempts + 1,
-                lease_token = $1, lease_until = $2, worker_id = $3, started_at = $4,
-                last_error = CASE WHEN state = 'running'
-                    THEN 'lease expired: worker ' || COALESCE(worker_id, '?') || ' stopped renewing it'
-                    ELSE last_error END,
-                errors = CASE WHEN state <> 'running' THEN errors ELSE {append} END
-             WHERE id IN (
-                SELECT id FROM (
-                    SELECT id, 0 AS taken_over FROM (
-                        SELECT id FROM shoal_jobs
-                        WHERE state = 'running' AND lease_until < $4 AND queue = $5
-                            AND attempts < max_attempts
-                        ORDER BY lease_until LIMIT $6 {lock}) expired
-                    UNION ALL
-                    SELECT id, 1 AS taken_over FROM (
-                        SELECT id FROM shoal_jobs
-                        WHERE queue = $5 AND state IN ('scheduled', 'available', 'retrying')
-                            AND run_at <= $4
-                        ORDER BY priority DESC, run_at, id LIMIT $6 {lock}) ready
-                ) candidates
-                ORDER BY taken_over LIMIT $6)
-             RETURNING {COLUMNS}",
-            append = append_error_sql(LEASE_EXPIRED_ERROR),
-        );
         let token = shoal_core::ids::new_id();
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(&self.claim_sql)
             .bind(&token)
             .bind(now + ms(lease))
             .bind(worker_id)
@@ -438,44 +464,68 @@ impl JobStore for SqlJobStore {
         complete_on(&mut conn, lease).await
     }
 
-    async fn complete_many(&self, leases: &[Lease]) -> Result<Vec<bool>, QueueError> {
+    async fn complete_many(
+        &self,
+        leases: &[Lease],
+    ) -> Result<Vec<Result<bool, QueueError>>, QueueError> {
         // Two attempts of one job in a batch (a lease lapsed and the same
         // worker claimed the job again) cannot be told apart by the id the
         // statement returns: those go one by one.
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut seen = std::collections::HashSet::new();
         if !leases.iter().all(|l| seen.insert(&l.job_id)) {
             let mut done = Vec::with_capacity(leases.len());
             for lease in leases {
-                done.push(self.complete(lease).await?);
+                done.push(self.complete(lease).await);
             }
             return Ok(done);
         }
-        let mut done = Vec::with_capacity(leases.len());
-        for chunk in leases.chunks(COMPLETE_BATCH) {
-            let pairs = (0..chunk.len())
-                .map(|i| format!("(${}, ${})", 2 * i + 2, 2 * i + 3))
-                .collect::<Vec<_>>()
-                .join(", ");
-            // Each attempt is matched by job id and its own lease token, so
-            // a stale attempt never completes a job claimed again since.
-            let sql = format!(
-                "UPDATE shoal_jobs SET state = 'succeeded', finished_at = $1, lease_token = NULL,
-                    lease_until = NULL
-                 WHERE state = 'running' AND (id, lease_token) IN (VALUES {pairs})
-                 RETURNING id"
-            );
-            let mut query = sqlx::query(&sql).bind(now_millis());
-            for lease in chunk {
-                query = query.bind(&lease.job_id).bind(&lease.token);
+        if leases.len() > COMPLETE_BATCH {
+            // One statement per chunk: a chunk that fails answers for its
+            // own leases only.
+            let mut done = Vec::with_capacity(leases.len());
+            for chunk in leases.chunks(COMPLETE_BATCH) {
+                match self.complete_many(chunk).await {
+                    Ok(answers) => done.extend(answers),
+                    Err(e) => {
+                        let message = e.to_string();
+                        done.extend(
+                            chunk
+                                .iter()
+                                .map(|_| Err(QueueError::Corrupt(message.clone()))),
+                        );
+                    }
+                }
             }
-            let rows = query.fetch_all(self.db.pool()).await?;
-            let completed = rows
-                .iter()
-                .map(|r| r.try_get::<String, _>("id"))
-                .collect::<Result<std::collections::HashSet<_>, _>>()?;
-            done.extend(chunk.iter().map(|l| completed.contains(&l.job_id)));
+            return Ok(done);
         }
-        Ok(done)
+        let pairs = (0..leases.len())
+            .map(|i| format!("(${}, ${})", 2 * i + 2, 2 * i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Each attempt is matched by job id and its own lease token, so
+        // a stale attempt never completes a job claimed again since.
+        let sql = format!(
+            "UPDATE shoal_jobs SET state = 'succeeded', finished_at = $1, lease_token = NULL,
+                lease_until = NULL
+             WHERE state = 'running' AND (id, lease_token) IN (VALUES {pairs})
+             RETURNING id"
+        );
+        let mut query = sqlx::query(&sql).bind(now_millis());
+        for lease in leases {
+            query = query.bind(&lease.job_id).bind(&lease.token);
+        }
+        let rows = query.fetch_all(self.db.pool()).await?;
+        let completed = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<std::collections::HashSet<_>, _>>()?;
+        Ok(leases
+            .iter()
+            .map(|l| Ok(completed.contains(&l.job_id)))
+            .collect())
     }
 
     async fn fail(

@@ -48,13 +48,18 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// Marks several attempts succeeded at once, answering for each lease
     /// in order as [`JobStore::complete`] would. Workers send the
     /// completions that piled up while the previous write was in flight,
-    /// so a busy worker makes one write for many jobs. The default runs the
-    /// completions concurrently; the SQL store makes one statement of them.
-    async fn complete_many(&self, leases: &[Lease]) -> Result<Vec<bool>, QueueError> {
-        futures_util::future::join_all(leases.iter().map(|l| self.complete(l)))
-            .await
-            .into_iter()
-            .collect()
+    /// so a busy worker makes one write for many jobs.
+    ///
+    /// `Err` means nothing was applied (the one statement failed), so every
+    /// lease may be completed again one by one; otherwise each lease has
+    /// its own answer, and only the failed ones need another try. The
+    /// default runs the completions concurrently; the SQL store makes one
+    /// statement of them.
+    async fn complete_many(
+        &self,
+        leases: &[Lease],
+    ) -> Result<Vec<Result<bool, QueueError>>, QueueError> {
+        Ok(futures_util::future::join_all(leases.iter().map(|l| self.complete(l))).await)
     }
 
     /// Records a failed attempt: back to `retrying` at `retry_at`, or

@@ -9,7 +9,7 @@ use crate::cron::Schedule;
 use crate::job::{Job, JobError, Lease};
 use crate::store::JobStore;
 use async_trait::async_trait;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -406,29 +406,41 @@ async fn completer(store: Arc<dyn JobStore>, mut rx: mpsc::Receiver<Completion>)
     }
 }
 
-/// One batch in one write; if that fails, each completion on its own (with
-/// retries, side by side), so one bad write does not fail the others.
+/// Completions retried one by one at once, after a batch write failed.
+const COMPLETION_RETRIES_AT_ONCE: usize = 8;
+
+/// One batch in one write; the completions that failed (all of them if the
+/// one statement failed) are retried each on its own, a few at a time, so
+/// one bad write does not fail the others.
 async fn write_batch(store: Arc<dyn JobStore>, batch: Vec<Completion>) {
     let leases: Vec<Lease> = batch.iter().map(|(l, _)| l.clone()).collect();
     metrics::histogram!("shoal_jobs_completion_batch_size").record(leases.len() as f64);
+    let mut again = Vec::new();
     match store.complete_many(&leases).await {
-        Ok(done) => {
-            for ((_, reply), ok) in batch.into_iter().zip(done) {
-                let _ = reply.send(Ok(ok));
+        Ok(answers) => {
+            for ((lease, reply), answer) in batch.into_iter().zip(answers) {
+                match answer {
+                    Ok(done) => {
+                        let _ = reply.send(Ok(done));
+                    }
+                    Err(_) => again.push((lease, reply)),
+                }
             }
         }
         Err(e) => {
             tracing::debug!(error = %e, jobs = leases.len(), "batched completion failed; completing one by one");
-            let each = batch.into_iter().map(|(lease, reply)| {
-                let store = store.clone();
-                async move {
-                    let result = with_retries(|| store.complete(&lease)).await;
-                    let _ = reply.send(result.map_err(|e| e.to_string()));
-                }
-            });
-            futures_util::future::join_all(each).await;
+            again = batch;
         }
     }
+    futures_util::stream::iter(again)
+        .for_each_concurrent(COMPLETION_RETRIES_AT_ONCE, |(lease, reply)| {
+            let store = store.clone();
+            async move {
+                let result = with_retries(|| store.complete(&lease)).await;
+                let _ = reply.send(result.map_err(|e| e.to_string()));
+            }
+        })
+        .await;
 }
 
 /// A set of handlers bound to a store. Build, register, then [`Worker::run`].
@@ -756,7 +768,22 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken) {
     let kind_backoff = registered.options.backoff;
     match outcome {
         Outcome::Finished(Ok(())) => {
-            match shared.complete(&lease).await {
+            // Keep renewing the lease while the completion waits its turn
+            // and is written: a lease that lapsed here would let another
+            // worker run the job again.
+            let completion = shared.complete(&lease);
+            tokio::pin!(completion);
+            let recorded = loop {
+                tokio::select! {
+                    recorded = &mut completion => break recorded,
+                    _ = heartbeat.tick() => {
+                        if let Err(e) = store.heartbeat(&lease, lease_duration, None).await {
+                            tracing::debug!(job.id = %lease.job_id, error = %e, "heartbeat while completing failed");
+                        }
+                    }
+                }
+            };
+            match recorded {
                 Ok(true) => {
                     shared.counters.succeeded.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("shoal_jobs_succeeded_total", "queue" => queue).increment(1);

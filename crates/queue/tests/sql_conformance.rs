@@ -76,6 +76,11 @@ on_both!(
     |f| { conformance::complete_many_matches_each_lease(&f).await }
 );
 on_both!(
+    sqlite_claim_takes_lapsed_then_priority,
+    postgres_claim_takes_lapsed_then_priority,
+    |f| { conformance::claim_takes_lapsed_then_priority(&f).await }
+);
+on_both!(
     sqlite_trace_follows_enqueue_into_run,
     postgres_trace_follows_enqueue_into_run,
     |f| { conformance::trace_follows_enqueue_into_run(&f).await }

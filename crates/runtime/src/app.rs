@@ -281,7 +281,7 @@ impl Application {
         };
         tokio::spawn(drainer);
         // Deregisters on the same signal that starts the drain.
-        tokio::spawn(crate::registration::run(
+        let registration = tokio::spawn(crate::registration::run(
             ctx.clone(),
             addr,
             shutdown.clone(),
@@ -301,6 +301,14 @@ impl Application {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "in-flight requests did not finish before the deadline; closing");
                 server.abort();
             }
+        }
+        // The deregistration was sent when the drain began; wait for its
+        // answer (bounded by the client's timeout) before the process ends.
+        if tokio::time::timeout(Duration::from_secs(3), registration)
+            .await
+            .is_err()
+        {
+            tracing::warn!("deregistration did not finish; the registration lapses after its TTL");
         }
         ctx.db.close().await;
         tracing::info!("stopped");

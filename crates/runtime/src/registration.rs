@@ -59,7 +59,13 @@ pub async fn run(ctx: AppContext, addr: SocketAddr, shutdown: CancellationToken)
     let mut failures = 0u32;
     loop {
         let body = json!({"pool": pool, "url": url, "ttl_secs": ttl});
-        let wait = match post("register", body).await {
+        // A registration still in flight when the drain begins is dropped:
+        // the deregistration below follows at once.
+        let outcome = tokio::select! {
+            outcome = post("register", body) => outcome,
+            _ = shutdown.cancelled() => break,
+        };
+        let wait = match outcome {
             Ok(r) if r.status().is_success() => {
                 if !registered {
                     tracing::info!(
