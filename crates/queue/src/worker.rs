@@ -378,6 +378,9 @@ impl Shared {
     }
 }
 
+/// How long a batch waits to fill while another batch is being written.
+const COMPLETION_LINGER: Duration = Duration::from_millis(1);
+
 /// Batch writes in flight at once: a slow or failing write (the store
 /// went away mid-request) holds one of them, not the whole worker.
 const COMPLETION_WRITERS: usize = 4;
@@ -392,11 +395,22 @@ async fn completer(store: Arc<dyn JobStore>, mut rx: mpsc::Receiver<Completion>)
         // Whatever piled up while waiting for a writer goes in this batch.
         let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
         batch.push(first);
-        while batch.len() < COMPLETION_BATCH {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
+        let gather = |batch: &mut Vec<Completion>, rx: &mut mpsc::Receiver<Completion>| {
+            while batch.len() < COMPLETION_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
             }
+        };
+        gather(&mut batch, &mut rx);
+        // Busy (another write is in flight): let this batch fill for a
+        // moment rather than write a handful of completions (each write is
+        // a commit, which is what a busy database runs short of). Idle, a
+        // lone completion is written at once.
+        if writers.available_permits() < COMPLETION_WRITERS - 1 && batch.len() < COMPLETION_BATCH {
+            tokio::time::sleep(COMPLETION_LINGER).await;
+            gather(&mut batch, &mut rx);
         }
         let store = store.clone();
         tokio::spawn(async move {
@@ -550,6 +564,11 @@ async fn queue_loop(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(concurrency));
+    // A job whose handler succeeded gives its slot to the next job while
+    // its completion is written; at most `concurrency` of those wait at
+    // once, so claims and completion writes overlap without running more
+    // handlers than asked.
+    let completing = Arc::new(Semaphore::new(concurrency));
     let hand_back = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let wakeups = shared.store.wakeups();
@@ -611,13 +630,11 @@ async fn queue_loop(
                     );
                     let shared = shared.clone();
                     let hand_back = hand_back.clone();
-                    tasks.spawn(
-                        async move {
-                            run_job(shared, job, hand_back).await;
-                            drop(permit);
-                        }
-                        .instrument(span),
-                    );
+                    let slot = Slot {
+                        running: permit,
+                        completing: completing.clone(),
+                    };
+                    tasks.spawn(run_job(shared, job, hand_back, slot).instrument(span));
                 }
                 if full {
                     continue;
@@ -667,7 +684,14 @@ enum Outcome {
     Lost,
 }
 
-async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken) {
+/// A job's place in its queue's concurrency: the running slot, and where to
+/// wait for a completing one.
+struct Slot {
+    running: tokio::sync::OwnedSemaphorePermit,
+    completing: Arc<Semaphore>,
+}
+
+async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken, slot: Slot) {
     let Some(lease) = job.lease() else {
         return;
     };
@@ -768,6 +792,10 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken) {
     let kind_backoff = registered.options.backoff;
     match outcome {
         Outcome::Finished(Ok(())) => {
+            // The handler is done: hand its running slot to the next job
+            // once a completing one is free.
+            let _completing = slot.completing.clone().acquire_owned().await;
+            drop(slot.running);
             // Keep renewing the lease while the completion waits its turn
             // and is written: a lease that lapsed here would let another
             // worker run the job again.

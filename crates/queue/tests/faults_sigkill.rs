@@ -84,7 +84,11 @@ async fn run(backend: Backend) {
     let elapsed = run_start.elapsed();
     workers.kill_all();
     let counts = check(&backend, &ids).await;
-    let bound = kills * CONCURRENCY;
+    // A worker holds at most 2 x CONCURRENCY leases: CONCURRENCY jobs
+    // running, and as many whose handler returned and whose completion is
+    // being written (their slots already run the next jobs). Each of those
+    // may run again after a kill.
+    let bound = kills * 2 * CONCURRENCY;
     println!(
         "{}: finished={finished} in {elapsed:?}, kills={kills}, processes started={}, \
          in-flight bound={bound}, orphans held by killed workers={orphans_seen:?}\n{}: {counts}",
