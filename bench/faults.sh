@@ -42,6 +42,14 @@ load() {
   $BIN/loadgen --url "http://127.0.0.1:$GP/" --connections 32 --rate "$RATE" \
     --duration "$SECONDS_PER" --threads 1 --warmup 1
 }
+# slow_share URL: the share of the pool's requests that went to URL.
+slow_share() {
+  curl -s "http://127.0.0.1:$GP/_gateway/pools" | python3 -c '
+import json, sys
+p = json.load(sys.stdin)["pools"][0]["instances"]
+total = sum(i["requests"] for i in p)
+print(round(100 * sum(i["requests"] for i in p if i["url"] == sys.argv[1]) / max(1, total), 2))' "$1"
+}
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
 echo "  failover ..." >&2
@@ -75,17 +83,20 @@ stop_all
 upstreams 1 1 10
 gateway
 slow_p2c=$(load)
+share_p2c=$(slow_share "${UP_URLS[2]}")
 stop_all
 upstreams 1 1 10
 gateway SHOAL_GATEWAY__BALANCER=round_robin
 slow_rr=$(load)
+share_rr=$(slow_share "${UP_URLS[2]}")
 stop_all
 
 REPORT=bench/results/faults-latest.md
-python3 - "$REPORT" "$RATE" "$SECONDS_PER" "$ejected_ms" "$steady" "$killed" "$healthy" "$slow_p2c" "$slow_rr" <<'PY'
+python3 - "$REPORT" "$RATE" "$SECONDS_PER" "$ejected_ms" "$steady" "$killed" "$healthy" "$slow_p2c" "$slow_rr" "$share_p2c" "$share_rr" <<'PY'
 import json, sys, datetime, os
 out, rate, secs, ejected = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 steady, killed, healthy, p2c, rr = (json.loads(a) for a in sys.argv[5:10])
+share_p2c, share_rr = sys.argv[10], sys.argv[11]
 ms = lambda us: f"{us/1000:.2f} ms"
 lines = [
     "# Gateway fault scenarios", "",
@@ -98,11 +109,11 @@ lines = [
     f"| kill at 1 s | {killed['requests']} | {killed['errors']} | {ms(killed['p50_us'])} | {ms(killed['p99_us'])} | "
     f"{killed['p99_us']/max(1,steady['p99_us']):.2f}x | {ejected} ms |", "",
     "## One upstream ten times slower (10 ms vs 1 ms)", "",
-    "| run | p50 | p99 | p99 vs all healthy | failed |",
-    "|---|---|---|---|---|",
-    f"| all at 1 ms (p2c_peak_ewma) | {ms(healthy['p50_us'])} | {ms(healthy['p99_us'])} | 1.00x | {healthy['errors']} |",
-    f"| one at 10 ms, p2c_peak_ewma (default) | {ms(p2c['p50_us'])} | {ms(p2c['p99_us'])} | {p2c['p99_us']/max(1,healthy['p99_us']):.2f}x | {p2c['errors']} |",
-    f"| one at 10 ms, round_robin | {ms(rr['p50_us'])} | {ms(rr['p99_us'])} | {rr['p99_us']/max(1,healthy['p99_us']):.2f}x | {rr['errors']} |",
+    "| run | p50 | p99 | p99 vs all healthy | failed | slow one's share of requests |",
+    "|---|---|---|---|---|---|",
+    f"| all at 1 ms (p2c_peak_ewma) | {ms(healthy['p50_us'])} | {ms(healthy['p99_us'])} | 1.00x | {healthy['errors']} | - |",
+    f"| one at 10 ms, p2c_peak_ewma (default) | {ms(p2c['p50_us'])} | {ms(p2c['p99_us'])} | {p2c['p99_us']/max(1,healthy['p99_us']):.2f}x | {p2c['errors']} | {share_p2c}% |",
+    f"| one at 10 ms, round_robin | {ms(rr['p50_us'])} | {ms(rr['p99_us'])} | {rr['p99_us']/max(1,healthy['p99_us']):.2f}x | {rr['errors']} | {share_rr}% |",
 ]
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

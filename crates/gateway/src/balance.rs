@@ -289,6 +289,47 @@ mod tests {
     }
 
     #[test]
+    fn the_latency_exponent_decides_between_a_slow_idle_and_a_fast_busy_instance() {
+        // 3 ms idle versus 1 ms with 4 outstanding: by latency × (queue + 1)
+        // the slow one wins (3 < 5); with latency² it loses (9 > 5).
+        let pick_slow = |exponent: f64| {
+            let config = crate::pool::PoolConfig {
+                eject_base: std::time::Duration::from_secs(1),
+                eject_after_errors: 1,
+                max_ejection_percent: 50,
+                unhealthy_threshold: 1,
+                healthy_threshold: 1,
+                retry_budget_percent: 20.0,
+                retry_budget_min_per_sec: 10,
+                ewma_decay: std::time::Duration::from_secs(1000),
+                latency_exponent: exponent,
+            };
+            let slow = Arc::new(
+                Instance::new("http://127.0.0.1:4001", 1, None)
+                    .unwrap()
+                    .with_ewma(&config),
+            );
+            let fast = Arc::new(
+                Instance::new("http://127.0.0.1:4002", 1, None)
+                    .unwrap()
+                    .with_ewma(&config),
+            );
+            slow.observe_latency(std::time::Duration::from_millis(3));
+            fast.observe_latency(std::time::Duration::from_millis(1));
+            let _busy: Vec<_> = (0..4).map(|_| fast.start()).collect();
+            let refs = vec![&slow, &fast];
+            let headers = HeaderMap::new();
+            let ctx = PickContext {
+                headers: &headers,
+                client_ip: [127, 0, 0, 1].into(),
+            };
+            Arc::ptr_eq(Balancer::P2cPeakEwma.pick(&refs, &ctx).unwrap(), &slow)
+        };
+        assert!(pick_slow(1.0));
+        assert!(!pick_slow(2.0));
+    }
+
+    #[test]
     fn least_requests_avoids_the_busy_instance() {
         let all = instances(3);
         let _busy = [all[0].start(), all[0].start(), all[1].start()];

@@ -268,6 +268,8 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         healthy_threshold: settings.healthy_threshold,
         retry_budget_percent: settings.retry_budget_percent,
         retry_budget_min_per_sec: settings.retry_budget_min_per_sec,
+        ewma_decay: Duration::from_millis(settings.ewma_decay_ms.max(1)),
+        latency_exponent: settings.ewma_latency_exponent,
     };
     let mut pools = Vec::new();
     for (i, p) in settings.pools.iter().enumerate() {
@@ -295,7 +297,8 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
                 .copied()
                 .unwrap_or(1);
             let instance = Instance::new(url, weight, None)
-                .map_err(|m| invalid(format!("gateway.pools[{i}].upstreams[{j}]"), m))?;
+                .map_err(|m| invalid(format!("gateway.pools[{i}].upstreams[{j}]"), m))?
+                .with_ewma(&config);
             if instances
                 .iter()
                 .any(|o: &Arc<Instance>| o.url == instance.url)

@@ -12,8 +12,16 @@ use tower::retry::budget::{Budget, TpsBudget};
 /// Longest passive ejection, however often an instance fails.
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
 
-/// The peak-EWMA decay time: how long a latency peak takes to fade (~63%).
-const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// The peak-EWMA decay time unless configured (`gateway.ewma_decay_ms`):
+/// how long a latency peak (or an idle instance's estimate) takes to fade
+/// by ~63%. Finagle and linkerd use 10 s; on a loaded host that keeps a
+/// fast instance's scheduling hiccups for seconds, during which a slow
+/// instance looks as good (bench/README.md, "slow instance").
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(1);
+
+/// The latency exponent of the P2C cost unless configured
+/// (`gateway.ewma_latency_exponent`).
+pub const DEFAULT_LATENCY_EXPONENT: f64 = 2.0;
 
 /// Latency assumed for an instance with no sample yet.
 const DEFAULT_RTT_NS: f64 = 1_000_000.0;
@@ -28,6 +36,8 @@ pub struct PoolConfig {
     pub healthy_threshold: u32,
     pub retry_budget_percent: f32,
     pub retry_budget_min_per_sec: u32,
+    pub ewma_decay: Duration,
+    pub latency_exponent: f64,
 }
 
 /// Why an instance is not taking requests, for `/_gateway/pools`.
@@ -73,6 +83,10 @@ pub struct Instance {
     /// Smooth weighted round robin's running weight.
     pub(crate) wrr_current: Mutex<i64>,
     state: Mutex<InstanceState>,
+    /// Peak-EWMA decay time, in seconds.
+    ewma_decay_secs: f64,
+    /// Power of the latency in the P2C cost.
+    latency_exponent: f64,
 }
 
 /// Parses `http://host:port` (an optional trailing `/` is allowed; a path is not).
@@ -112,7 +126,16 @@ impl Instance {
                 expires,
                 ..InstanceState::default()
             }),
+            ewma_decay_secs: DEFAULT_EWMA_DECAY.as_secs_f64(),
+            latency_exponent: DEFAULT_LATENCY_EXPONENT,
         })
+    }
+
+    /// Sets the peak-EWMA decay time and latency exponent from `config`.
+    pub fn with_ewma(mut self, config: &PoolConfig) -> Instance {
+        self.ewma_decay_secs = config.ewma_decay.as_secs_f64().max(0.001);
+        self.latency_exponent = config.latency_exponent.clamp(0.0, 8.0);
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, InstanceState> {
@@ -142,7 +165,8 @@ impl Instance {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Peak-EWMA latency times (outstanding + 1): lower is better.
+    /// Peak-EWMA latency (ms) to the latency exponent, times
+    /// (outstanding + 1): lower is better.
     pub fn load_cost(&self) -> f64 {
         // An idle instance's estimate decays with time (as in tower's and
         // linkerd's PeakEwma), so an instance that was slow once, or came
@@ -152,12 +176,16 @@ impl Instance {
             match s.ewma_at {
                 Some(at) => {
                     let idle = at.elapsed().as_secs_f64();
-                    s.ewma_ns * (-idle / EWMA_DECAY.as_secs_f64()).exp()
+                    s.ewma_ns * (-idle / self.ewma_decay_secs).exp()
                 }
                 None => DEFAULT_RTT_NS,
             }
         };
-        ewma * (self.in_flight() as f64 + 1.0)
+        // In milliseconds, raised to the latency exponent: with 2, an
+        // instance three times slower must have nine times fewer requests
+        // outstanding to win, so a slow instance keeps less than its
+        // queue-length share (see `gateway.ewma_latency_exponent`).
+        (ewma / 1e6).powf(self.latency_exponent) * (self.in_flight() as f64 + 1.0)
     }
 
     /// Counts a request as outstanding until the guard drops.
@@ -170,7 +198,7 @@ impl Instance {
     }
 
     /// Folds a latency sample into the peak-EWMA: a higher sample is taken
-    /// at once, a lower one decays in over `EWMA_DECAY`.
+    /// at once, a lower one decays in over the decay time.
     pub fn observe_latency(&self, latency: Duration) {
         let sample = latency.as_nanos() as f64;
         let now = Instant::now();
@@ -178,7 +206,7 @@ impl Instance {
         match s.ewma_at {
             Some(at) if sample < s.ewma_ns => {
                 let elapsed = now.saturating_duration_since(at).as_secs_f64();
-                let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+                let w = (-elapsed / self.ewma_decay_secs).exp();
                 s.ewma_ns = s.ewma_ns * w + sample * (1.0 - w);
             }
             _ => s.ewma_ns = sample,
@@ -400,7 +428,7 @@ impl Pool {
             for url in &resolved {
                 if !next.iter().any(|i| &i.url == url) {
                     if let Ok(i) = Instance::new(url, weight, None) {
-                        next.push(Arc::new(i));
+                        next.push(Arc::new(i.with_ewma(&self.config)));
                         added += 1;
                     }
                 }
@@ -473,7 +501,7 @@ impl Pool {
     pub fn register(&self, url: &str, ttl: Duration) -> Result<bool, String> {
         let expires = Instant::now() + ttl;
         let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
-        let candidate = Instance::new(url, 1, Some(expires))?;
+        let candidate = Instance::new(url, 1, Some(expires))?.with_ewma(&self.config);
         if let Some(existing) = guard.iter().find(|i| i.url == candidate.url) {
             if !existing.registered {
                 return Err(format!(
@@ -613,6 +641,8 @@ mod tests {
             healthy_threshold: 1,
             retry_budget_percent: 20.0,
             retry_budget_min_per_sec: 10,
+            ewma_decay: DEFAULT_EWMA_DECAY,
+            latency_exponent: DEFAULT_LATENCY_EXPONENT,
         };
         let instances = urls
             .iter()
@@ -682,7 +712,11 @@ mod tests {
         let slow = Instance::new("http://127.0.0.1:1", 1, None).unwrap();
         slow.observe_latency(Duration::from_millis(500));
         let fresh = slow.load_cost();
-        assert!(fresh > 400e6, "a slow sample is taken at once: {fresh}");
+        // Cost in ms to the default exponent 2, nothing outstanding.
+        assert!(
+            fresh > 400.0 * 400.0,
+            "a slow sample is taken at once: {fresh}"
+        );
         // Pretend the last observation was 30 s ago.
         slow.state().ewma_at = Some(Instant::now() - Duration::from_secs(30));
         let later = slow.load_cost();

@@ -28,6 +28,14 @@ pub struct GatewaySettings {
     pub eject_after_errors: u32,
     /// First ejection period; later ones double up to 30 s.
     pub eject_base_ms: u64,
+    /// Peak-EWMA decay time (p2c_peak_ewma): how fast a latency peak, or
+    /// an idle instance's estimate, fades (by ~63%).
+    pub ewma_decay_ms: u64,
+    /// Power of the latency in p2c_peak_ewma's cost, latency^k ×
+    /// (outstanding + 1): 1 is Finagle's and linkerd's cost; 2 (default)
+    /// sends a consistently slower instance less traffic than its queue
+    /// length alone would.
+    pub ewma_latency_exponent: f64,
     pub connect_timeout_ms: u64,
     /// Idle keep-alive connections kept per upstream instance (more are
     /// closed when they fall idle; like nginx's `keepalive`).
@@ -204,6 +212,8 @@ impl Default for GatewaySettings {
             healthy_threshold: 1,
             eject_after_errors: 1,
             eject_base_ms: 2_000,
+            ewma_decay_ms: 1_000,
+            ewma_latency_exponent: 2.0,
             connect_timeout_ms: 1_000,
             upstream_idle_per_instance: 256,
             request_timeout_ms: 30_000,
@@ -339,6 +349,15 @@ impl GatewaySettings {
                 "gateway.retry_budget_percent".into(),
                 "must be between 0 and 1000".into(),
             );
+        }
+        if !(self.ewma_latency_exponent >= 0.0 && self.ewma_latency_exponent <= 8.0) {
+            return invalid(
+                "gateway.ewma_latency_exponent".into(),
+                "must be between 0 and 8".into(),
+            );
+        }
+        if self.ewma_decay_ms == 0 {
+            return invalid("gateway.ewma_decay_ms".into(), "must be at least 1".into());
         }
         if self.max_ejection_percent > 100 {
             return invalid(
