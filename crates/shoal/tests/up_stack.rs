@@ -650,6 +650,11 @@ async fn a_worker_killed_during_payments_charges_each_order_once() {
         }
     }
     assert_eq!(kills, 3);
+    // The new pid can show before the supervisor's log line is written.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.log().matches("child exited; restarting").count() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         stack.log().matches("child exited; restarting").count(),
         3,
