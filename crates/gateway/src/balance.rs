@@ -294,15 +294,9 @@ mod tests {
         // the slow one wins (3 < 5); with latency² it loses (9 > 5).
         let pick_slow = |exponent: f64| {
             let config = crate::pool::PoolConfig {
-                eject_base: std::time::Duration::from_secs(1),
-                eject_after_errors: 1,
-                max_ejection_percent: 50,
-                unhealthy_threshold: 1,
-                healthy_threshold: 1,
-                retry_budget_percent: 20.0,
-                retry_budget_min_per_sec: 10,
                 ewma_decay: std::time::Duration::from_secs(1000),
                 latency_exponent: exponent,
+                ..crate::pool::PoolConfig::for_tests()
             };
             let slow = Arc::new(
                 Instance::new("http://127.0.0.1:4001", 1, None)

@@ -629,11 +629,10 @@ impl Pool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pool_of(urls: &[&str]) -> Pool {
-        let config = PoolConfig {
+impl PoolConfig {
+    /// Fast ejection and single-check thresholds, for unit tests.
+    pub(crate) fn for_tests() -> PoolConfig {
+        PoolConfig {
             eject_base: Duration::from_millis(100),
             eject_after_errors: 1,
             max_ejection_percent: 50,
@@ -643,7 +642,16 @@ mod tests {
             retry_budget_min_per_sec: 10,
             ewma_decay: DEFAULT_EWMA_DECAY,
             latency_exponent: DEFAULT_LATENCY_EXPONENT,
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_of(urls: &[&str]) -> Pool {
+        let config = PoolConfig::for_tests();
         let instances = urls
             .iter()
             .map(|u| Arc::new(Instance::new(u, 1, None).unwrap()))
