@@ -335,6 +335,10 @@ pub enum QueueError {
     Nats(String),
     #[error("job store: {0}")]
     Corrupt(String),
+    /// The one statement that carried this and other requests failed; the
+    /// same cause is shared by each of them.
+    #[error("batched write failed: {0}")]
+    Batch(#[source] std::sync::Arc<QueueError>),
 }
 
 /// How a handler says an attempt failed.

@@ -490,12 +490,8 @@ impl JobStore for SqlJobStore {
                 match self.complete_many(chunk).await {
                     Ok(answers) => done.extend(answers),
                     Err(e) => {
-                        let message = e.to_string();
-                        done.extend(
-                            chunk
-                                .iter()
-                                .map(|_| Err(QueueError::Corrupt(message.clone()))),
-                        );
+                        let cause = Arc::new(e);
+                        done.extend(chunk.iter().map(|_| Err(QueueError::Batch(cause.clone()))));
                     }
                 }
             }
