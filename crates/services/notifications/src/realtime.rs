@@ -387,6 +387,9 @@ struct Feed {
     closing: CancellationToken,
     pending: VecDeque<UserEvent>,
     sent_in_replay: HashSet<String>,
+    /// The client's `Last-Event-ID` at connect: it has every event up to
+    /// this one (ids are time-ordered).
+    resumed_from: Option<String>,
     last_id: Option<String>,
     connected_at: i64,
     /// Set while a re-read of the table is owed (kept if `next` is
@@ -412,6 +415,7 @@ impl Feed {
             closing: hub.closing.clone(),
             pending: VecDeque::new(),
             sent_in_replay: HashSet::new(),
+            resumed_from: None,
             last_id: None,
             connected_at,
             needs_resync: false,
@@ -426,6 +430,7 @@ impl Feed {
             if known.is_none() {
                 feed.pending.push_back(reset_event(user_id));
             }
+            feed.resumed_from = Some(last.clone());
             feed.last_id = Some(last);
             feed.replay().await?;
         }
@@ -475,6 +480,16 @@ impl Feed {
             match item {
                 Item::Event(e) => {
                     if self.sent_in_replay.remove(&e.id) {
+                        continue;
+                    }
+                    // A bus that polls (the SQL one) can hand over, after
+                    // registration, an event published before it, which
+                    // the client already had.
+                    if self
+                        .resumed_from
+                        .as_deref()
+                        .is_some_and(|cursor| e.id.as_str() <= cursor)
+                    {
                         continue;
                     }
                     self.last_id = Some(e.id.clone());
