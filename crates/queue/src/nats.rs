@@ -3,7 +3,12 @@
 //! revision, so concurrent workers never both win a state change); a
 //! work-queue stream (`<prefix>_JOBS`, subjects `<prefix>.jobs.<queue>`)
 //! carries job ids to one durable pull consumer per queue with explicit
-//! acks. JetStream redelivers a message whose ack wait lapses (a dead
+//! acks. A message also carries its job's record as the enqueue wrote it,
+//! with that write's revision (when the record is small), and a claimed
+//! attempt remembers the record and revision it last wrote: the usual
+//! claim and completion are then one compare-and-set each, with no read
+//! first; a record that changed since fails the compare-and-set and is
+//! read again. JetStream redelivers a message whose ack wait lapses (a dead
 //! worker); running workers send in-progress acks with each heartbeat;
 //! retries are NAKs with a delay; dead letters are terminated messages
 //! whose records stay in the bucket. Unique keys are `create`s in a second
@@ -67,12 +72,59 @@ pub struct NatsJobStore {
     options: NatsJobStoreOptions,
     consumers:
         Arc<tokio::sync::Mutex<HashMap<String, jetstream::consumer::Consumer<pull::Config>>>>,
-    /// Messages of attempts claimed through this handle, by lease token.
-    inflight: Arc<Mutex<HashMap<String, jetstream::Message>>>,
+    /// Attempts claimed through this handle, by lease token.
+    inflight: Arc<Mutex<HashMap<String, InFlight>>>,
     wakeups: Arc<Notify>,
     /// Enqueues that failed midway, waiting to be settled by one background
     /// task (see [`NatsJobStore::after_failed_enqueue`]).
     unsettled: Arc<Mutex<Unsettled>>,
+}
+
+/// A claimed attempt: its message (to ack), and its record as this handle
+/// last wrote it, with that write's revision.
+struct InFlight {
+    msg: jetstream::Message,
+    known: (Job, u64),
+}
+
+/// A record and its revision as last seen, not yet checked against the
+/// bucket: a compare-and-set from it fails if the record changed since.
+type Known = Option<(Job, u64)>;
+
+/// A message carries its job's record (with the revision of the write that
+/// stored it) when the record is at most this big; bigger records are
+/// read at claim time.
+const CARRY_MAX: usize = 8 * 1024;
+
+/// What a job message carries beside the id-only form: the record as
+/// enqueued and that write's revision.
+#[derive(serde::Deserialize)]
+struct Carried {
+    rev: u64,
+    job: Job,
+}
+
+/// A job message's payload: the id alone, or `{"rev":R,"job":RECORD}`.
+fn message_payload(id: &str, record: Option<(&[u8], u64)>) -> Vec<u8> {
+    match record {
+        Some((bytes, rev)) if bytes.len() <= CARRY_MAX => {
+            let mut out = Vec::with_capacity(bytes.len() + 32);
+            out.extend_from_slice(format!("{{\"rev\":{rev},\"job\":").as_bytes());
+            out.extend_from_slice(bytes);
+            out.push(b'}');
+            out
+        }
+        _ => id.as_bytes().to_vec(),
+    }
+}
+
+/// Reads a job message's payload: the job id, and the record it carries.
+fn read_payload(payload: &[u8]) -> Result<(String, Known), QueueError> {
+    if payload.first() == Some(&b'{') {
+        let carried: Carried = serde_json::from_slice(payload)?;
+        return Ok((carried.job.id.clone(), Some((carried.job, carried.rev))));
+    }
+    Ok((String::from_utf8_lossy(payload).into_owned(), None))
 }
 
 /// Failed enqueues to settle, each with its deadline, and whether the task
@@ -222,12 +274,20 @@ impl NatsJobStore {
     /// send for JetStream's duplicate window (`duplicate_window`): a
     /// second send under the same name within it is dropped by the server,
     /// so an enqueue whose answer was lost can be sent again safely.
-    async fn publish(&self, queue: &str, id: &str, message_id: &str) -> Result<(), QueueError> {
+    /// `record` is the job's record as stored and its revision, to carry
+    /// along (see [`CARRY_MAX`]).
+    async fn publish(
+        &self,
+        queue: &str,
+        id: &str,
+        message_id: &str,
+        record: Option<(&[u8], u64)>,
+    ) -> Result<(), QueueError> {
         self.js
             .send_publish(
                 self.subject(queue),
                 jetstream::message::PublishMessage::build()
-                    .payload(id.to_string().into())
+                    .payload(message_payload(id, record).into())
                     .message_id(message_id),
             )
             .await
@@ -253,20 +313,48 @@ impl NatsJobStore {
     /// Applies `change` to the job record with compare-and-set, re-reading
     /// on conflicts. `change` returns false to leave the record alone.
     /// Returns the new record, or `None` when unknown or left alone.
-    async fn modify<F>(&self, id: &str, mut change: F) -> Result<Option<Job>, QueueError>
+    async fn modify<F>(&self, id: &str, change: F) -> Result<Option<Job>, QueueError>
+    where
+        F: FnMut(&mut Job) -> bool,
+    {
+        Ok(self
+            .modify_from(id, None, change)
+            .await?
+            .map(|(job, _)| job))
+    }
+
+    /// [`NatsJobStore::modify`] starting from `known`, a record and revision
+    /// seen earlier, instead of a read: one compare-and-set when the record
+    /// has not changed since. Anything `known` leads to (a failed
+    /// compare-and-set, or `change` declining a record that may be stale) is
+    /// decided again on a fresh read. Returns the new record and revision.
+    async fn modify_from<F>(
+        &self,
+        id: &str,
+        mut known: Known,
+        mut change: F,
+    ) -> Result<Option<(Job, u64)>, QueueError>
     where
         F: FnMut(&mut Job) -> bool,
     {
         for _ in 0..20 {
-            let Some((mut job, revision)) = self.read(id).await? else {
-                return Ok(None);
+            let unchecked = known.is_some();
+            let (mut job, revision) = match known.take() {
+                Some(k) => k,
+                None => match self.read(id).await? {
+                    Some(found) => found,
+                    None => return Ok(None),
+                },
             };
             if !change(&mut job) {
+                if unchecked {
+                    continue;
+                }
                 return Ok(None);
             }
             let bytes = serde_json::to_vec(&job)?;
             match self.jobs.update(id, bytes.into(), revision).await {
-                Ok(_) => return Ok(Some(job)),
+                Ok(revision) => return Ok(Some((job, revision))),
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                 Err(e) => return Err(nats(e)),
             }
@@ -285,12 +373,19 @@ impl NatsJobStore {
         lease: Duration,
         worker_id: &str,
     ) -> Result<Option<Job>, QueueError> {
-        let id = String::from_utf8_lossy(&msg.payload).into_owned();
+        let (id, carried) = match read_payload(&msg.payload) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::error!(queue, error = %e, "dropping a job message that cannot be read");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return Ok(None);
+            }
+        };
         let now = now_millis();
         let token = shoal_core::ids::new_id();
         let mut decision = Delivery::Drop;
         let changed = self
-            .modify(&id, |job| {
+            .modify_from(&id, carried, |job| {
                 decision = match job.state {
                     s if s.is_finished() => Delivery::Drop,
                     JobState::Running if job.lease_until.unwrap_or(0) >= now => {
@@ -334,12 +429,19 @@ impl NatsJobStore {
             })
             .await?;
         match (decision, changed) {
-            (Delivery::Claimed, Some(job)) => {
+            (Delivery::Claimed, Some((job, revision))) => {
+                let claimed = visible(job.clone(), now);
                 self.inflight
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(token, msg);
-                return Ok(Some(visible(job, now)));
+                    .insert(
+                        token,
+                        InFlight {
+                            msg,
+                            known: (job, revision),
+                        },
+                    );
+                return Ok(Some(claimed));
             }
             (Delivery::Dead, Some(_)) => {
                 metrics::counter!("shoal_jobs_dead_total", "queue" => queue.to_string())
@@ -361,6 +463,37 @@ impl NatsJobStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(token)
+            .map(|f| f.msg)
+    }
+
+    /// The record and revision this handle last wrote for an attempt.
+    fn known(&self, token: &str) -> Known {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .map(|f| f.known.clone())
+    }
+
+    /// Applies `change` to the record of the attempt `lease` (starting from
+    /// what this handle last wrote for it) and remembers the result.
+    async fn modify_attempt<F>(&self, lease: &Lease, change: F) -> Result<Option<Job>, QueueError>
+    where
+        F: FnMut(&mut Job) -> bool,
+    {
+        let known = self.known(&lease.token);
+        let Some((job, revision)) = self.modify_from(&lease.job_id, known, change).await? else {
+            return Ok(None);
+        };
+        if let Some(f) = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&lease.token)
+        {
+            f.known = (job.clone(), revision);
+        }
+        Ok(Some(job))
     }
 
     async fn ack(&self, token: &str, kind: AckKind) {
@@ -390,20 +523,23 @@ impl NatsJobStore {
     /// job's first message comes after its record is written, so a claim
     /// never meets a message whose record is still to come.
     async fn store_and_send(&self, record: &Job) -> Result<(), QueueError> {
-        match self
-            .jobs
-            .create(&record.id, serde_json::to_vec(record)?.into())
-            .await
-        {
-            Ok(_) => {}
+        let bytes = serde_json::to_vec(record)?;
+        let revision = match self.jobs.create(&record.id, bytes.clone().into()).await {
+            Ok(revision) => Some(revision),
             // Only a unique key leads two writers to one id: a retry of a
-            // failed enqueue, or the background settling of one.
+            // failed enqueue, or the background settling of one. Which
+            // revision is stored is not known here: send the id alone.
             Err(e)
                 if e.kind() == kv::CreateErrorKind::AlreadyExists
-                    && record.unique_key.is_some() => {}
+                    && record.unique_key.is_some() =>
+            {
+                None
+            }
             Err(e) => return Err(nats(e)),
-        }
-        self.publish(&record.queue, &record.id, &record.id).await
+        };
+        let carried = revision.map(|r| (bytes.as_slice(), r));
+        self.publish(&record.queue, &record.id, &record.id, carried)
+            .await
     }
 
     /// Settles an enqueue that wrote its record but could not confirm its
@@ -544,7 +680,8 @@ impl JobStore for NatsJobStore {
                             if found.attempts == 0
                                 && matches!(found.state, JobState::Available | JobState::Scheduled)
                             {
-                                self.publish(&found.queue, &existing, &existing).await?;
+                                self.publish(&found.queue, &existing, &existing, None)
+                                    .await?;
                             }
                             return Ok(Enqueued {
                                 id: existing,
@@ -668,7 +805,7 @@ impl JobStore for NatsJobStore {
     ) -> Result<bool, QueueError> {
         let now = now_millis();
         let renewed = self
-            .modify(&lease.job_id, |job| {
+            .modify_attempt(lease, |job| {
                 if job.state != JobState::Running
                     || job.lease_token.as_deref() != Some(&lease.token)
                 {
@@ -690,7 +827,7 @@ impl JobStore for NatsJobStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&lease.token)
-            .cloned();
+            .map(|f| f.msg.clone());
         if let Some(msg) = msg {
             let _ = msg.ack_with(AckKind::Progress).await;
         }
@@ -700,7 +837,7 @@ impl JobStore for NatsJobStore {
     async fn complete(&self, lease: &Lease) -> Result<bool, QueueError> {
         let now = now_millis();
         let done = self
-            .modify(&lease.job_id, |job| {
+            .modify_attempt(lease, |job| {
                 if job.state != JobState::Running
                     || job.lease_token.as_deref() != Some(&lease.token)
                 {
@@ -725,7 +862,7 @@ impl JobStore for NatsJobStore {
     ) -> Result<bool, QueueError> {
         let now = now_millis();
         let done = self
-            .modify(&lease.job_id, |job| {
+            .modify_attempt(lease, |job| {
                 if job.state != JobState::Running
                     || job.lease_token.as_deref() != Some(&lease.token)
                 {
@@ -760,7 +897,7 @@ impl JobStore for NatsJobStore {
     async fn release(&self, lease: &Lease, run_at: i64) -> Result<bool, QueueError> {
         let now = now_millis();
         let done = self
-            .modify(&lease.job_id, |job| {
+            .modify_attempt(lease, |job| {
                 if job.state != JobState::Running
                     || job.lease_token.as_deref() != Some(&lease.token)
                 {
@@ -844,7 +981,7 @@ impl JobStore for NatsJobStore {
                 // A new name for this send: the first one may still be in
                 // the duplicate window.
                 let message_id = format!("{id}.retry.{now}");
-                self.publish(&job.queue, id, &message_id).await?;
+                self.publish(&job.queue, id, &message_id, None).await?;
                 self.wakeups.notify_waiters();
                 Ok(true)
             }
@@ -970,5 +1107,57 @@ impl JobStore for NatsJobStore {
 
     fn backend_name(&self) -> &'static str {
         "nats"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: Value) -> Job {
+        Job {
+            id: "job1".into(),
+            queue: "q".into(),
+            kind: "k".into(),
+            payload,
+            priority: 0,
+            state: JobState::Available,
+            run_at: 1,
+            attempts: 0,
+            max_attempts: 3,
+            unique_key: None,
+            timeout_ms: 1000,
+            trace_id: None,
+            progress: None,
+            last_error: None,
+            errors: Vec::new(),
+            lease_token: None,
+            lease_until: None,
+            worker_id: None,
+            created_at: 1,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn a_small_record_travels_with_its_revision() {
+        let job = record(serde_json::json!({"to": "a@example.com"}));
+        let bytes = serde_json::to_vec(&job).unwrap();
+        let payload = message_payload(&job.id, Some((&bytes, 42)));
+        let (id, known) = read_payload(&payload).unwrap();
+        assert_eq!(id, "job1");
+        assert_eq!(known, Some((job, 42)));
+    }
+
+    #[test]
+    fn a_big_record_or_an_unknown_revision_sends_the_id_alone() {
+        let job = record(Value::String("x".repeat(CARRY_MAX)));
+        let bytes = serde_json::to_vec(&job).unwrap();
+        assert_eq!(message_payload(&job.id, Some((&bytes, 1))), b"job1");
+        assert_eq!(message_payload(&job.id, None), b"job1");
+        // Messages written before records were carried hold the id alone.
+        assert_eq!(read_payload(b"job1").unwrap(), ("job1".to_string(), None));
+        assert!(read_payload(b"{not json").is_err());
     }
 }
