@@ -1,5 +1,6 @@
 //! Active health checks: every `health_interval_ms` each instance of each
-//! pool gets `GET health_path` with `health_timeout_ms`; thresholds turn
+//! pool gets `GET health_path` (or, with an empty `health_path`, a TCP
+//! connect) with `health_timeout_ms`; thresholds turn
 //! results into up/down, a 503 marks an instance draining at once, and
 //! lapsed registrations are dropped.
 
@@ -19,6 +20,21 @@ pub async fn check(
     path: &str,
     timeout: Duration,
 ) -> CheckOutcome {
+    if path.is_empty() {
+        // Servers without a health endpoint: up while they accept.
+        let port = instance.authority.port_u16().unwrap_or(
+            if instance.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            },
+        );
+        let connect = tokio::net::TcpStream::connect((instance.authority.host(), port));
+        return match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(_)) => CheckOutcome::Passed,
+            _ => CheckOutcome::Failed(None),
+        };
+    }
     let uri = match Uri::builder()
         .scheme(instance.scheme.clone())
         .authority(instance.authority.clone())
@@ -26,7 +42,7 @@ pub async fn check(
         .build()
     {
         Ok(u) => u,
-        Err(_) => return CheckOutcome::Failed,
+        Err(_) => return CheckOutcome::Failed(None),
     };
     let mut req = Request::new(empty());
     *req.uri_mut() = uri;
@@ -46,7 +62,8 @@ pub async fn check(
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Some(status)) if status.is_success() => CheckOutcome::Passed,
         Ok(Some(StatusCode::SERVICE_UNAVAILABLE)) => CheckOutcome::Draining,
-        _ => CheckOutcome::Failed,
+        Ok(Some(status)) => CheckOutcome::Failed(Some(status.as_u16())),
+        _ => CheckOutcome::Failed(None),
     }
 }
 
@@ -85,6 +102,15 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
                             available = instance.is_available(Instant::now()),
                             "instance availability changed"
                         );
+                        if matches!(outcome, CheckOutcome::Failed(Some(404))) {
+                            tracing::warn!(
+                                pool = %pool.name,
+                                instance = %instance.url,
+                                "the health check path {path} answered 404: set gateway.health_path \
+                                 to a path this server answers, or to \"\" (--health-path '') \
+                                 to check TCP connects only"
+                            );
+                        }
                     }
                 });
                 futures_util::future::join_all(checks).await;

@@ -280,7 +280,7 @@ impl Instance {
                 s.checks_passed = 0;
                 s.draining = true;
             }
-            CheckOutcome::Failed => {
+            CheckOutcome::Failed(_) => {
                 s.checks_passed = 0;
                 s.checks_failed = s.checks_failed.saturating_add(1);
                 if s.checks_failed >= config.unhealthy_threshold.max(1) {
@@ -329,8 +329,9 @@ pub enum CheckOutcome {
     Passed,
     /// 503: the instance is draining and wants no new requests.
     Draining,
-    /// Anything else, a connection error or a timeout.
-    Failed,
+    /// Anything else (with the status, when there was an answer), a
+    /// connection error or a timeout.
+    Failed(Option<u16>),
 }
 
 /// Holds one outstanding request on an instance; dropping it ends it.

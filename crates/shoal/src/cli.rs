@@ -105,6 +105,11 @@ pub struct GatewayArgs {
     /// (`gateway.cache.max_bytes`; implies --cache).
     #[arg(long, value_name = "BYTES", value_parser = parse_byte_size)]
     pub cache_size: Option<u64>,
+    /// Path of the active health check (`gateway.health_path`, default
+    /// /readyz as Shoal services answer); `--health-path ''` checks that
+    /// each upstream accepts TCP connections, for servers without one.
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
 }
 
 /// `256MiB`, `1GiB`, `500MB`, `64k`, `1048576` → bytes.
@@ -264,6 +269,9 @@ impl Cli {
                 }
                 if a.cache || a.cache_size.is_some() {
                     s.gateway.cache.enabled = true;
+                }
+                if let Some(path) = &a.health_path {
+                    s.gateway.health_path = path.clone();
                 }
                 if let Some(size) = a.cache_size {
                     s.gateway.cache.max_bytes = size;

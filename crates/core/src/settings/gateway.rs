@@ -16,7 +16,9 @@ pub struct GatewaySettings {
     pub pools: Vec<PoolSettings>,
     /// Routes, matched by host (when given) and longest path prefix.
     pub routes: Vec<RouteSettings>,
-    /// Path every instance answers 200 on while it wants traffic.
+    /// Path every instance answers 200 on while it wants traffic (503
+    /// while it drains). Empty: a TCP connect check, for servers that have
+    /// no such path.
     pub health_path: String,
     pub health_interval_ms: u64,
     pub health_timeout_ms: u64,
@@ -290,6 +292,15 @@ impl GatewaySettings {
                     );
                 }
             }
+        }
+        if !(self.health_path.is_empty() || self.health_path.starts_with('/')) {
+            return invalid(
+                "gateway.health_path".into(),
+                format!(
+                    "`{}` must be a path such as /readyz, or empty for a TCP connect check",
+                    self.health_path
+                ),
+            );
         }
         for (i, route) in self.routes.iter().enumerate() {
             if !route.prefix.starts_with('/') {

@@ -63,9 +63,44 @@ struct Core {
     /// URLs whose last response was not storable: not coalesced for a while
     /// (Varnish's hit-for-pass).
     pass_marks: moka::sync::Cache<String, ()>,
-    /// Bumped by every purge and invalidation; a response fetched across a
-    /// bump is served but not stored (it may predate the purge).
+    /// Bumped by every purge (by URL, tag or all, through the admin API);
+    /// a response fetched across a bump is served but not stored (it may
+    /// predate the purge).
     epoch: AtomicU64,
+    /// Counts invalidations by unsafe methods; `invalidated` keeps, per
+    /// URL, the count at its last one. A response fetched across an
+    /// invalidation of its own URL is not stored; other URLs' writes do
+    /// not matter (a global bump here kept a site with steady writes from
+    /// storing much at all: cache-tests.fyi's parallel run found it).
+    invalidation_seq: AtomicU64,
+    invalidated: moka::sync::Cache<String, u64>,
+}
+
+/// When an origin fetch started, to tell whether a purge or an
+/// invalidation of its URL came while it was in flight.
+#[derive(Debug, Clone, Copy)]
+struct Since {
+    epoch: u64,
+    invalidation: u64,
+}
+
+impl Core {
+    fn since(&self) -> Since {
+        Since {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            invalidation: self.invalidation_seq.load(Ordering::SeqCst),
+        }
+    }
+
+    /// True when nothing since `since` may have made a response for `url`
+    /// fetched then outdated.
+    fn may_store(&self, url: &str, since: Since) -> bool {
+        self.epoch.load(Ordering::SeqCst) == since.epoch
+            && self
+                .invalidated
+                .get(url)
+                .is_none_or(|at| at <= since.invalidation)
+    }
 }
 
 /// The HTTP cache of one gateway generation (see `carry_from`).
@@ -118,6 +153,16 @@ impl HttpCache {
                 .time_to_live(settings.hit_for_pass.max(Duration::from_secs(1)))
                 .build(),
             epoch: AtomicU64::new(0),
+            invalidation_seq: AtomicU64::new(0),
+            // Kept longer than any origin fetch may take.
+            invalidated: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(
+                    Duration::from_millis(s.request_timeout_ms)
+                        .max(Duration::from_secs(60))
+                        * 2,
+                )
+                .build(),
         };
         Some(HttpCache {
             core: Arc::new(core),
@@ -142,8 +187,11 @@ impl HttpCache {
         self.core.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Drops every variant of a URL key (and its hit-for-pass mark).
+    /// Drops every variant of a URL key (and its hit-for-pass mark), and
+    /// keeps a fetch of it already in flight from storing its answer.
     fn invalidate_url(&self, url: &str) {
+        let seq = self.core.invalidation_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.core.invalidated.insert(url.to_string(), seq);
         self.core.store.purge_url(url);
         self.core.pass_marks.invalidate(url);
     }
@@ -229,7 +277,6 @@ pub(crate) async fn serve<'s>(
         let response = forward(state, client_addr, req, request_id, outcome).await;
         let s = response.status();
         if s.is_success() || s.is_redirection() {
-            cache.bump_epoch();
             cache.invalidate_url(&url);
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 if let Some(other) = response
@@ -343,17 +390,12 @@ impl<'s, 'r> Ctx<'s, 'r> {
             let now = SystemTime::now();
             let mut stale: Option<(Arc<Entry>, HeaderMap)> = None;
             let miss = match self.cache.core.store.lookup(&self.url, &self.norm.headers) {
+                // The plain case first, without the full policy check.
                 Lookup::Found(e) if plainly_fresh(&e, &self.norm, now) => {
-                    count(if waited { "coalesced" } else { "hit" });
-                    let ttl = rules::signed_secs(now, e.fresh_until);
-                    return self.respond_stored(&e, now, &format!("shoal; hit; ttl={ttl}"));
+                    return self.fresh_hit(&e, now, waited);
                 }
                 Lookup::Found(e) => match e.policy.before_request(&self.norm, now) {
-                    BeforeRequest::Fresh(_) => {
-                        count(if waited { "coalesced" } else { "hit" });
-                        let ttl = rules::signed_secs(now, e.fresh_until);
-                        return self.respond_stored(&e, now, &format!("shoal; hit; ttl={ttl}"));
-                    }
+                    BeforeRequest::Fresh(_) => return self.fresh_hit(&e, now, waited),
                     BeforeRequest::Stale { request, matches } if matches => {
                         let stale_for = now.duration_since(e.fresh_until).unwrap_or_default();
                         if e.may_serve_stale
@@ -505,7 +547,7 @@ impl<'s, 'r> Ctx<'s, 'r> {
         stale: Option<&Arc<Entry>>,
         outcome: &mut Outcome<'s>,
     ) -> Fetched {
-        let epoch = self.cache.core.epoch.load(Ordering::SeqCst);
+        let since = self.cache.core.since();
         let req = upstream_request(&self.pq, headers);
         let response = forward(self.state, self.client_addr, req, self.request_id, outcome).await;
         process(
@@ -515,7 +557,7 @@ impl<'s, 'r> Ctx<'s, 'r> {
             &self.pq,
             stale,
             response,
-            epoch,
+            since,
             self.state.settings.request_timeout_ms,
         )
         .await
@@ -550,7 +592,7 @@ impl<'s, 'r> Ctx<'s, 'r> {
                 attempts: 0,
                 cause: None,
             };
-            let epoch = core.epoch.load(Ordering::SeqCst);
+            let since = core.since();
             let req = upstream_request(&pq, headers);
             let response = forward(&state, client_addr, req, &request_id, &mut outcome).await;
             let fetched = process(
@@ -560,7 +602,7 @@ impl<'s, 'r> Ctx<'s, 'r> {
                 &pq,
                 Some(&entry),
                 response,
-                epoch,
+                since,
                 state.settings.request_timeout_ms,
             )
             .await;
@@ -582,6 +624,14 @@ impl<'s, 'r> Ctx<'s, 'r> {
 
     /// Answers from a stored entry: Age, Cache-Status, request id, HEAD
     /// without body, 304 when the client's conditional matches.
+    /// Answers from a fresh stored entry (counted as coalesced when this
+    /// request waited for another's origin fetch).
+    fn fresh_hit(&self, e: &Entry, now: SystemTime, waited: bool) -> Response<Body> {
+        count(if waited { "coalesced" } else { "hit" });
+        let ttl = rules::signed_secs(now, e.fresh_until);
+        self.respond_stored(e, now, &format!("shoal; hit; ttl={ttl}"))
+    }
+
     fn respond_stored(&self, e: &Entry, now: SystemTime, status: &str) -> Response<Body> {
         let age = e.policy.age(now).as_secs();
         self.respond(e.status, e.headers.clone(), &e.body, Some(age), status)
@@ -676,7 +726,7 @@ async fn process(
     pq: &str,
     stale: Option<&Arc<Entry>>,
     response: Response<Body>,
-    epoch: u64,
+    since: Since,
     body_timeout_ms: u64,
 ) -> Fetched {
     let core = &cache.core;
@@ -710,7 +760,7 @@ async fn process(
                     &eff,
                     now,
                 );
-                let stored = core.epoch.load(Ordering::SeqCst) == epoch;
+                let stored = core.may_store(url, since);
                 let entry = Arc::new(entry);
                 if stored {
                     core.store
@@ -790,7 +840,7 @@ async fn process(
     );
     let entry = Arc::new(entry);
     let worth_keeping = !entry.keep_for.is_zero();
-    let stored = worth_keeping && core.epoch.load(Ordering::SeqCst) == epoch;
+    let stored = worth_keeping && core.may_store(url, since);
     if stored {
         core.store.insert(&norm.headers, vary, clone_entry(&entry));
         core.pass_marks.invalidate(url);
