@@ -151,6 +151,31 @@ async fn health_check_brings_a_restarted_instance_back() {
     );
 }
 
+/// `health_path = ""`: the check is a TCP connect (for servers without a
+/// health endpoint), so an HTTP answer on /readyz means nothing and a
+/// closed port takes the instance out.
+#[tokio::test]
+async fn an_empty_health_path_checks_tcp_connects() {
+    let mut ups = [Upstream::start("a").await, Upstream::start("b").await];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let gw = TestGateway::start(settings(
+        &urls,
+        json!({"health_path": "", "health_interval_ms": 100}),
+    ))
+    .await;
+    let client = TestClient::default();
+    ups[0].state.ready.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.instance(&client, &urls[0]).await["available"], true);
+    assert_eq!(ups[0].state.health_checks.load(Ordering::SeqCst), 0);
+    ups[1].kill().await;
+    let down = eventually(Duration::from_secs(3), || async {
+        gw.instance(&client, &urls[1]).await["available"] == false
+    })
+    .await;
+    assert!(down, "{}", gw.instance(&client, &urls[1]).await);
+}
+
 #[tokio::test]
 async fn draining_instance_gets_no_new_requests() {
     let ups = [Upstream::start("a").await, Upstream::start("b").await];

@@ -36,7 +36,59 @@ pub fn effective_headers(headers: &HeaderMap) -> HeaderMap {
         out.remove(header::EXPIRES);
         out.remove(header::PRAGMA);
     }
+    lowercase_directive_names(&mut out);
+    if let Some(age) = age_for_freshness(headers) {
+        out.insert(header::AGE, HeaderValue::from(age));
+    }
     out
+}
+
+/// Cache-Control directive names are case-insensitive (RFC 9111 5.2);
+/// the policy code matches them in lowercase, so `No-Cache` must become
+/// `no-cache` before it looks. Values are left as they are.
+fn lowercase_directive_names(headers: &mut HeaderMap) {
+    let values: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    if !values
+        .iter()
+        .any(|v| v.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        return;
+    }
+    let lowered: Vec<String> = values
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|d| match d.split_once('=') {
+            Some((name, value)) => format!("{}={value}", name.trim().to_ascii_lowercase()),
+            None => d.trim().to_ascii_lowercase(),
+        })
+        .filter(|d| !d.is_empty())
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&lowered.join(", ")) {
+        headers.insert(header::CACHE_CONTROL, v);
+    }
+}
+
+/// The age to compute freshness with (RFC 9111 5.1): the first member of
+/// the `Age` field, which must be a non-negative integer (capped at 2^31);
+/// any other value makes the response stale. `None`: no `Age` field.
+pub fn age_for_freshness(headers: &HeaderMap) -> Option<u64> {
+    const MAX_AGE: u64 = 2_147_483_648;
+    let first = headers.get(header::AGE)?;
+    let member = first
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .unwrap_or("");
+    if member.is_empty() || !member.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(MAX_AGE);
+    }
+    Some(member.parse::<u64>().map_or(MAX_AGE, |a| a.min(MAX_AGE)))
 }
 
 /// Cache-Control directives as (lowercase name, value) pairs.
@@ -387,6 +439,40 @@ mod tests {
             ("cache-tag", "product:1,extra"),
         ]));
         assert_eq!(t, vec!["product:1", "products", "extra"]);
+    }
+
+    #[test]
+    fn invalid_ages_make_a_response_stale() {
+        let age = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::AGE, HeaderValue::from_str(v).unwrap());
+            }
+            age_for_freshness(&h)
+        };
+        const STALE: Option<u64> = Some(2_147_483_648);
+        assert_eq!(age(&[]), None);
+        assert_eq!(age(&["30"]), Some(30));
+        assert_eq!(age(&["0,7200"]), Some(0), "the first member counts");
+        assert_eq!(age(&["7200, 0"]), Some(7200));
+        for bad in ["abc", "-7200", "7200.0", "7200;foo=bar", ""] {
+            assert_eq!(age(&[bad]), STALE, "{bad:?}");
+        }
+        assert_eq!(age(&["99999999999999999999"]), STALE);
+    }
+
+    #[test]
+    fn directive_names_are_matched_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("No-Cache, Max-Age=60, private=\"Set-Cookie\""),
+        );
+        let e = effective_headers(&h);
+        assert_eq!(
+            e[header::CACHE_CONTROL],
+            "no-cache, max-age=60, private=\"Set-Cookie\""
+        );
     }
 
     #[test]
