@@ -463,7 +463,11 @@ async fn a_write_elsewhere_does_not_stop_an_answer_being_stored() {
         .await;
     assert_eq!(post.status, StatusCode::CREATED);
     let first = fetch.await.unwrap();
-    assert!(status_of(&first).contains("stored"), "{}", status_of(&first));
+    assert!(
+        status_of(&first).contains("stored"),
+        "{}",
+        status_of(&first)
+    );
     let again = c.get(&gw.url("/slow")).await;
     assert!(status_of(&again).contains("hit"), "{}", status_of(&again));
 }
@@ -490,11 +494,19 @@ async fn a_write_to_the_url_in_flight_keeps_its_answer_out() {
     origin.delay_ms.store(0, Ordering::SeqCst);
     let c = TestClient::default();
     let post = c
-        .send(Request::post(&url).body(Full::new(Bytes::from("x"))).unwrap())
+        .send(
+            Request::post(&url)
+                .body(Full::new(Bytes::from("x")))
+                .unwrap(),
+        )
         .await;
     assert_eq!(post.status, StatusCode::CREATED);
     let first = fetch.await.unwrap();
-    assert!(!status_of(&first).contains("stored"), "{}", status_of(&first));
+    assert!(
+        !status_of(&first).contains("stored"),
+        "{}",
+        status_of(&first)
+    );
     let again = c.get(&url).await;
     assert!(!status_of(&again).contains("hit"), "{}", status_of(&again));
 }

@@ -158,9 +158,7 @@ impl HttpCache {
             invalidated: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(
-                    Duration::from_millis(s.request_timeout_ms)
-                        .max(Duration::from_secs(60))
-                        * 2,
+                    Duration::from_millis(s.request_timeout_ms).max(Duration::from_secs(60)) * 2,
                 )
                 .build(),
         };
