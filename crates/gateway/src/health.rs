@@ -29,7 +29,13 @@ pub async fn check(
                 80
             },
         );
-        let connect = tokio::net::TcpStream::connect((instance.authority.host(), port));
+        // `[::1]` → `::1`: the resolver wants the bare address.
+        let host = instance
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let connect = tokio::net::TcpStream::connect((host, port));
         return match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(_)) => CheckOutcome::Passed,
             _ => CheckOutcome::Failed(None),
