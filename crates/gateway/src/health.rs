@@ -79,6 +79,8 @@ pub async fn check(
 /// stopping between or within rounds leaves nothing half done.
 pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
     let mut first = true;
+    // What the registrations file holds (written when a round changes it).
+    let mut saved: Vec<crate::registrations::Saved> = Vec::new();
     loop {
         let interval = Duration::from_millis(shared.load().settings.health_interval_ms);
         if !std::mem::take(&mut first) {
@@ -131,6 +133,16 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = futures_util::future::join_all(round) => {}
+        }
+        let file = &state.settings.registrations_file;
+        if !file.is_empty() {
+            let now = crate::registrations::snapshot(pools);
+            if now != saved {
+                match crate::registrations::save(std::path::Path::new(file), &now) {
+                    Ok(()) => saved = now,
+                    Err(e) => tracing::warn!(file, error = %e, "cannot save registrations"),
+                }
+            }
         }
     }
 }

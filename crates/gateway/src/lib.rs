@@ -27,6 +27,7 @@ mod limits;
 mod listener;
 mod pool;
 mod proxy;
+mod registrations;
 mod reload;
 mod routes;
 mod upgrade;
@@ -83,6 +84,12 @@ impl Gateway {
         // Install the recorder before the first metric is recorded.
         let _ = shoal_core::telemetry::prometheus();
         let state = build_state(settings)?;
+        if !state.settings.registrations_file.is_empty() {
+            registrations::load(
+                std::path::Path::new(&state.settings.registrations_file),
+                &state.pools,
+            );
+        }
         let addr = state.settings.listen;
         let listener = TcpListener::bind(addr)
             .await

@@ -295,6 +295,11 @@ impl Instance {
         self.state().admin_ejected = ejected;
     }
 
+    /// For a registered instance: when its registration lapses.
+    pub fn expires(&self) -> Option<Instant> {
+        self.state().expires
+    }
+
     pub fn renew(&self, expires: Instant) {
         self.state().expires = Some(expires);
     }

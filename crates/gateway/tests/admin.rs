@@ -127,6 +127,50 @@ async fn admin_ejects_and_restores_an_instance() {
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
+/// With `registrations_file`, a restarted gateway routes to the instances
+/// registered with its predecessor at once, before any of them renews.
+#[tokio::test]
+async fn registrations_survive_a_gateway_restart() {
+    let a = Upstream::start("a").await;
+    let dir = std::env::temp_dir().join(format!(
+        "shoal-gw-registrations-{}-{}",
+        std::process::id(),
+        a.addr.port()
+    ));
+    let file = dir.join("registrations.json");
+    let config = || {
+        settings(
+            &[],
+            json!({"registrations_file": file.display().to_string(), "health_interval_ms": 100}),
+        )
+    };
+    let client = TestClient::default();
+    let gw = TestGateway::start(config()).await;
+    let r = admin(
+        &client,
+        &gw,
+        "register",
+        json!({"pool": "default", "url": a.url(), "ttl_secs": 60}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let written = eventually(Duration::from_secs(3), || async {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&a.url()))
+    })
+    .await;
+    assert!(written, "the registration was not saved");
+    drop(gw);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let again = TestGateway::start(config()).await;
+    let reply = client.get(&again.url("/")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body, "a");
+    assert_eq!(again.instance(&client, &a.url()).await["registered"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn registered_instance_gets_traffic_until_its_ttl_lapses() {
     let a = Upstream::start("a").await;

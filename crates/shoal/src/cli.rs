@@ -273,6 +273,13 @@ impl Cli {
                 if let Some(path) = &a.health_path {
                     s.gateway.health_path = path.clone();
                 }
+                if s.gateway.registrations_file.is_empty() {
+                    s.gateway.registrations_file = s
+                        .data_dir
+                        .join("gateway-registrations.json")
+                        .display()
+                        .to_string();
+                }
                 if let Some(size) = a.cache_size {
                     s.gateway.cache.max_bytes = size;
                     s.gateway.cache.max_object_bytes = s.gateway.cache.max_object_bytes.min(size);

@@ -20,6 +20,12 @@ pub struct GatewaySettings {
     /// while it drains). Empty: a TCP connect check, for servers that have
     /// no such path.
     pub health_path: String,
+    /// Where registrations are kept so a restarted gateway routes to the
+    /// registered instances at once (they would otherwise be missing until
+    /// each renews, up to a third of its TTL). Empty: not kept. The
+    /// `gateway` role sets `<data_dir>/gateway-registrations.json` when
+    /// empty.
+    pub registrations_file: String,
     pub health_interval_ms: u64,
     pub health_timeout_ms: u64,
     /// Failed checks in a row before an instance is marked down.
@@ -208,6 +214,7 @@ impl Default for GatewaySettings {
             pools: Vec::new(),
             routes: Vec::new(),
             health_path: "/readyz".into(),
+            registrations_file: String::new(),
             health_interval_ms: 1_000,
             health_timeout_ms: 500,
             unhealthy_threshold: 2,
