@@ -131,6 +131,56 @@ pub fn http_client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// The password test accounts are made with.
+pub const PASSWORD: &str = "correct horse";
+
+/// The `name=value` part of a response's first `Set-Cookie`.
+pub fn session_cookie(resp: &reqwest::Response) -> String {
+    resp.headers()["set-cookie"]
+        .to_str()
+        .expect("set-cookie is text")
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Signs `email` up at `base` (a Shoal HTTP base URL) with [`PASSWORD`],
+/// logs in, and returns the session cookie (`name=value`) and the user id.
+pub async fn sign_up_and_log_in(base: &str, email: &str) -> (String, String) {
+    let http = reqwest::Client::new();
+    let creds = serde_json::json!({"email": email, "password": PASSWORD});
+    let r = http
+        .post(format!("{base}/api/accounts/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("signup");
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let r = http
+        .post(format!("{base}/api/accounts/login"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200);
+    let cookie = session_cookie(&r);
+    let user: serde_json::Value = r.json().await.expect("login answer");
+    let id = user["id"].as_str().expect("user id").to_string();
+    (cookie, id)
+}
+
+/// Asserts that `resp` is an `application/problem+json` answer with
+/// `status`, and returns its body.
+pub async fn problem(resp: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    resp.json().await.expect("problem body")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,15 +50,6 @@ async fn user_count(db: &shoal_backends::Database) -> i64 {
     n
 }
 
-async fn problem(resp: reqwest::Response, status: u16) -> Value {
-    assert_eq!(resp.status().as_u16(), status, "status");
-    assert_eq!(
-        resp.headers()["content-type"].to_str().unwrap(),
-        "application/problem+json"
-    );
-    resp.json().await.unwrap()
-}
-
 /// The whole accounts contract; panics on the first broken rule.
 async fn accounts_suite(app: &Running) {
     let http = kit::http_client();
@@ -83,11 +74,11 @@ async fn accounts_suite(app: &Running) {
         .send()
         .await
         .unwrap();
-    let p = problem(resp, 409).await;
+    let p = kit::problem(resp, 409).await;
     assert_eq!(p["errors"][0]["field"], "email");
 
     // me without a session is 401
-    let p = problem(http.get(url("/api/accounts/me")).send().await.unwrap(), 401).await;
+    let p = kit::problem(http.get(url("/api/accounts/me")).send().await.unwrap(), 401).await;
     assert!(p["detail"].as_str().unwrap().contains("log in"));
 
     // wrong password and unknown email give the same 401
@@ -97,14 +88,14 @@ async fn accounts_suite(app: &Running) {
         .send()
         .await
         .unwrap();
-    let wrong = problem(wrong, 401).await;
+    let wrong = kit::problem(wrong, 401).await;
     let unknown = http
         .post(url("/api/accounts/login"))
         .json(&json!({"email": "nobody@example.com", "password": "wrong password"}))
         .send()
         .await
         .unwrap();
-    let unknown = problem(unknown, 401).await;
+    let unknown = kit::problem(unknown, 401).await;
     assert_eq!(wrong["detail"], unknown["detail"]);
 
     // login sets an HttpOnly, SameSite=Lax cookie; me works
@@ -215,7 +206,7 @@ async fn accounts_suite(app: &Running) {
         .send()
         .await
         .unwrap();
-    let p = problem(resp, 401).await;
+    let p = kit::problem(resp, 401).await;
     assert!(p["detail"]
         .as_str()
         .unwrap()
@@ -229,7 +220,7 @@ async fn bad_input_suite(app: &Running) {
     let url = format!("{}/api/accounts/signup", app.base);
     let before = user_count(&app.db).await;
 
-    let p = problem(
+    let p = kit::problem(
         http.post(&url)
             .header("content-type", "application/json")
             .body("{\"email\": \"x@example.com\", \"password\": ")
@@ -244,7 +235,7 @@ async fn bad_input_suite(app: &Running) {
         "{p}"
     );
 
-    let p = problem(
+    let p = kit::problem(
         http.post(&url)
             .json(&json!({"email": "x@example.com"}))
             .send()
@@ -255,7 +246,7 @@ async fn bad_input_suite(app: &Running) {
     .await;
     assert_eq!(p["errors"][0]["field"], "password", "{p}");
 
-    let p = problem(
+    let p = kit::problem(
         http.post(&url)
             .json(&json!({"email": "not-an-email", "password": "short"}))
             .send()
@@ -272,7 +263,7 @@ async fn bad_input_suite(app: &Running) {
         .collect();
     assert_eq!(fields, vec!["email", "password"], "{p}");
 
-    let p = problem(
+    let p = kit::problem(
         http.post(&url)
             .header("content-type", "text/plain")
             .body("email=x@example.com")
@@ -296,10 +287,10 @@ async fn bad_input_suite(app: &Running) {
         .await;
     // The server may answer 413 before reading the whole body, or close.
     if let Ok(resp) = resp {
-        problem(resp, 413).await;
+        kit::problem(resp, 413).await;
     }
 
-    let p = problem(
+    let p = kit::problem(
         http.post(&url)
             .json(&json!({"email": "y@example.com", "password": "long enough", "admin": true}))
             .send()
@@ -313,7 +304,7 @@ async fn bad_input_suite(app: &Running) {
     assert_eq!(user_count(&app.db).await, before, "bad input wrote nothing");
 
     // unknown routes are problem+json too
-    problem(
+    kit::problem(
         http.get(format!("{}/nope", app.base)).send().await.unwrap(),
         404,
     )
@@ -409,7 +400,7 @@ async fn login_attempts_are_limited_per_client_address() {
         .send()
         .await
         .unwrap();
-    let p = problem(r, 429).await;
+    let p = kit::problem(r, 429).await;
     assert!(p["detail"].as_str().unwrap().contains("address"), "{p}");
     // Behind the gateway, the client address comes from X-Forwarded-For.
     let r = http
@@ -426,7 +417,7 @@ async fn login_attempts_are_limited_per_client_address() {
 async fn a_panic_is_a_500_problem_and_the_server_lives_on() {
     let app = start(Settings::default()).await;
     let http = kit::http_client();
-    let p = problem(
+    let p = kit::problem(
         http.get(format!("{}/_debug/panic", app.base))
             .send()
             .await
@@ -451,7 +442,7 @@ async fn request_timeout_and_gateway_deadline_are_enforced() {
     s.serve.request_timeout_ms = 300;
     let app = start(s).await;
     let http = kit::http_client();
-    let p = problem(
+    let p = kit::problem(
         http.get(format!("{}/_debug/sleep?ms=2000", app.base))
             .send()
             .await
@@ -460,7 +451,7 @@ async fn request_timeout_and_gateway_deadline_are_enforced() {
     )
     .await;
     assert!(p["detail"].as_str().unwrap().contains("300 ms"));
-    let p = problem(
+    let p = kit::problem(
         http.get(format!("{}/_debug/sleep?ms=250", app.base))
             .header("x-shoal-deadline-ms", "50")
             .send()

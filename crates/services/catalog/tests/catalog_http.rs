@@ -87,15 +87,6 @@ fn widget(sku: &str) -> Value {
     })
 }
 
-async fn problem(resp: reqwest::Response, status: u16) -> Value {
-    assert_eq!(resp.status().as_u16(), status, "status");
-    assert_eq!(
-        resp.headers()["content-type"].to_str().unwrap(),
-        "application/problem+json"
-    );
-    resp.json().await.unwrap()
-}
-
 fn fields(p: &Value) -> Vec<String> {
     p["errors"]
         .as_array()
@@ -115,7 +106,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
     let products = app.url("/api/catalog/products");
 
     // writes need a session, and an admin's
-    problem(
+    kit::problem(
         http.post(&products)
             .json(&widget("W-1"))
             .send()
@@ -131,7 +122,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .send()
         .await
         .unwrap();
-    problem(resp, 403).await;
+    kit::problem(resp, 403).await;
 
     // bad input: 422 naming every bad field, nothing stored
     let resp = http
@@ -144,7 +135,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .send()
         .await
         .unwrap();
-    let p = problem(resp, 422).await;
+    let p = kit::problem(resp, 422).await;
     assert_eq!(
         fields(&p),
         vec![
@@ -164,7 +155,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .send()
         .await
         .unwrap();
-    assert_eq!(fields(&problem(resp, 422).await), vec!["price_cents"]);
+    assert_eq!(fields(&kit::problem(resp, 422).await), vec!["price_cents"]);
 
     // create
     let resp = http
@@ -195,7 +186,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .send()
         .await
         .unwrap();
-    assert_eq!(fields(&problem(resp, 409).await), vec!["sku"]);
+    assert_eq!(fields(&kit::problem(resp, 409).await), vec!["sku"]);
 
     // read: CDN headers, ETag, 304
     let one = app.url(&format!("/api/catalog/products/{id}"));
@@ -240,7 +231,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
 
     // unknown id is 404, twice (the second from the negative cache)
     for _ in 0..2 {
-        let p = problem(
+        let p = kit::problem(
             http.get(app.url("/api/catalog/products/nope"))
                 .send()
                 .await
@@ -288,7 +279,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .await
         .unwrap();
     assert_eq!(found["total"], 1, "% is matched literally");
-    let p = problem(
+    let p = kit::problem(
         http.get(format!("{products}?per_page=101&page=x"))
             .send()
             .await
@@ -331,7 +322,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .send()
         .await
         .unwrap();
-    problem(resp, 404).await;
+    kit::problem(resp, 404).await;
 
     // delete
     let resp = http
@@ -341,14 +332,14 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    problem(http.get(&one).send().await.unwrap(), 404).await;
+    kit::problem(http.get(&one).send().await.unwrap(), 404).await;
     let resp = http
         .delete(&one)
         .header("cookie", &admin)
         .send()
         .await
         .unwrap();
-    problem(resp, 404).await;
+    kit::problem(resp, 404).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,13 +544,7 @@ async fn logout_on_instance_a_is_refused_on_instance_b_within_100ms() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        let cookie = resp.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let cookie = kit::session_cookie(&resp);
         let me_on_b = || {
             http.get(b.url("/api/accounts/me"))
                 .header("cookie", &cookie)

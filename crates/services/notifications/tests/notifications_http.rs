@@ -90,33 +90,6 @@ async fn start(edit: impl FnOnce(&mut Settings)) -> Running {
 }
 
 /// Signs up and logs in; returns (cookie header value, user id).
-async fn login(base: &str, email: &str) -> (String, String) {
-    let http = reqwest::Client::new();
-    let creds = json!({"email": email, "password": "correct horse"});
-    let r = http
-        .post(format!("{base}/api/accounts/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    let r = http
-        .post(format!("{base}/api/accounts/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let cookie = r.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let user: Value = r.json().await.unwrap();
-    (cookie, user["id"].as_str().unwrap().to_string())
-}
 
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -143,7 +116,7 @@ fn unique_email(label: &str) -> String {
 async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
     let app = start(|s| s.serve.debug_routes = true).await;
     let email = unique_email("ada");
-    let (cookie, _) = login(&app.base, &email).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&app.base, &email).await;
     let http = reqwest::Client::new();
     let listed: Value = eventually("the welcome .eml", Duration::from_secs(20), || async {
         let v: Value = http
@@ -176,7 +149,7 @@ async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
     // Without debug routes and not an admin: forbidden.
     let dir2 = kit::TempDir::new("notifications");
     let plain = start_with(settings(dir2.path()), Some(dir2), false).await;
-    let (cookie, _) = login(&plain.base, &unique_email("bob")).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&plain.base, &unique_email("bob")).await;
     let r = http
         .get(format!("{}/api/notifications/emails", plain.base))
         .header("cookie", &cookie)
@@ -190,7 +163,7 @@ async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
 async fn a_duplicate_signup_enqueues_no_second_welcome_email() {
     let app = start(|_| {}).await;
     let email = unique_email("dup");
-    login(&app.base, &email).await;
+    kit::sign_up_and_log_in(&app.base, &email).await;
     let r = reqwest::Client::new()
         .post(format!("{}/api/accounts/signup", app.base))
         .json(&json!({"email": email, "password": "correct horse"}))
@@ -230,7 +203,7 @@ async fn the_welcome_email_arrives_at_the_smtp_sink() {
     };
     let app = start(|s| s.notifications.smtp_url = Some(url)).await;
     let email = unique_email("smtp");
-    login(&app.base, &email).await;
+    kit::sign_up_and_log_in(&app.base, &email).await;
     let mail = eventually("the email at the sink", Duration::from_secs(20), || async {
         sink_files_with(&sink_dir, &email).pop()
     })
@@ -275,7 +248,7 @@ async fn with_smtp_down_the_email_waits_and_arrives_when_it_returns() {
     tokio::spawn(forward_later(port, target, wait));
     let app = start(|s| s.notifications.smtp_url = Some(format!("smtp://127.0.0.1:{port}"))).await;
     let email = unique_email("down");
-    login(&app.base, &email).await;
+    kit::sign_up_and_log_in(&app.base, &email).await;
 
     // The job fails and waits to retry; nothing arrives.
     let filter = JobFilter {
@@ -373,7 +346,7 @@ async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
     let worker_ctx = shoal_runtime::app::build_context(s, "worker-test".into(), &modules())
         .await
         .unwrap();
-    let (cookie, user_id) = login(&a.base, &unique_email("rt")).await;
+    let (cookie, user_id) = kit::sign_up_and_log_in(&a.base, &unique_email("rt")).await;
     let mut sse = SseReader::open(
         &format!("{}/api/notifications/stream", b.base),
         &cookie,
@@ -395,7 +368,7 @@ async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
     assert_eq!(event["id"], id.as_str());
 
     // Another user's events do not reach this stream.
-    let (_, other) = login(&a.base, &unique_email("other")).await;
+    let (_, other) = kit::sign_up_and_log_in(&a.base, &unique_email("other")).await;
     shoal_notifications::publish_user_event(&worker_ctx, &other, "order.paid", json!({}))
         .await
         .unwrap();
@@ -416,7 +389,7 @@ async fn a_test_event_reaches_the_callers_stream_on_another_instance() {
     let s = settings(dir.path());
     let a = start_with(s.clone(), None, false).await;
     let b = start_with(s.clone(), Some(dir), false).await;
-    let (cookie, _) = login(&a.base, &unique_email("ping")).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&a.base, &unique_email("ping")).await;
     let mut sse = SseReader::open(
         &format!("{}/api/notifications/stream", b.base),
         &cookie,
@@ -458,7 +431,7 @@ async fn a_test_event_reaches_the_callers_stream_on_another_instance() {
 #[tokio::test]
 async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
     let app = start(|_| {}).await;
-    let (cookie, user) = login(&app.base, &unique_email("replay")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("replay")).await;
     let mut ids = Vec::new();
     for n in 0..3 {
         ids.push(
@@ -533,7 +506,7 @@ async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
 #[tokio::test]
 async fn a_slow_consumer_is_disconnected_not_buffered() {
     let app = start(|s| s.notifications.stream_buffer = 4).await;
-    let (cookie, user) = login(&app.base, &unique_email("slow")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("slow")).await;
     let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
     // A client with a tiny receive window that does not read.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -645,7 +618,7 @@ async fn emit(app: &Running, user: &str, kind: &str, data: Value) -> Option<Stri
 #[tokio::test]
 async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
     let app = start(|_| {}).await;
-    let (cookie, user) = login(&app.base, &unique_email("hook")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("hook")).await;
     let (url, rx) = receiver(vec![500, 204]).await;
     let http = reqwest::Client::new();
     let r = register_webhook(
@@ -735,7 +708,7 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
         .unwrap();
     assert_eq!(shown["status"], "enabled");
     // Someone else cannot see it.
-    let (other, _) = login(&app.base, &unique_email("nosy")).await;
+    let (other, _) = kit::sign_up_and_log_in(&app.base, &unique_email("nosy")).await;
     let r = http
         .get(format!(
             "{}/api/notifications/webhooks/{hook_id}/attempts",
@@ -751,7 +724,7 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
 #[tokio::test]
 async fn an_endpoint_failing_continuously_is_disabled() {
     let app = start(|s| s.notifications.webhook_disable_after_secs = 1).await;
-    let (cookie, user) = login(&app.base, &unique_email("fail")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("fail")).await;
     let (url, rx) = receiver(vec![503]).await;
     let http = reqwest::Client::new();
     let hook: Value = register_webhook(
@@ -788,7 +761,7 @@ async fn an_endpoint_failing_continuously_is_disabled() {
 #[tokio::test]
 async fn loopback_and_private_webhook_targets_are_refused_without_the_setting() {
     let app = start(|s| s.notifications.allow_private_webhook_targets = false).await;
-    let (cookie, _) = login(&app.base, &unique_email("ssrf")).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&app.base, &unique_email("ssrf")).await;
     let http = reqwest::Client::new();
     for url in [
         "http://127.0.0.1:9/hook",
@@ -855,7 +828,7 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
     s.cache.redis_prefix = kit::unique_name();
     let a = start_with(s.clone(), None, true).await;
     let b = start_with(s.clone(), Some(dir), false).await;
-    let (cookie, user) = login(&a.base, &unique_email("pg")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&a.base, &unique_email("pg")).await;
 
     // Realtime: published on A (after two events, to replay one of them), read on B.
     let first = shoal_notifications::publish_user_event(&a.ctx, &user, "tick", json!({"n": 1}))
