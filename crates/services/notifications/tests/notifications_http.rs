@@ -89,8 +89,6 @@ async fn start(edit: impl FnOnce(&mut Settings)) -> Running {
     start_with(s, Some(dir), true).await
 }
 
-/// Signs up and logs in; returns (cookie header value, user id).
-
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
