@@ -68,6 +68,7 @@ pub async fn check(
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Some(status)) if status.is_success() => CheckOutcome::Passed,
         Ok(Some(StatusCode::SERVICE_UNAVAILABLE)) => CheckOutcome::Draining,
+        Ok(Some(StatusCode::NOT_FOUND)) => CheckOutcome::NoHealthPath,
         Ok(Some(status)) => CheckOutcome::Failed(Some(status.as_u16())),
         _ => CheckOutcome::Failed(None),
     }
@@ -110,15 +111,16 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
                             available = instance.is_available(Instant::now()),
                             "instance availability changed"
                         );
-                        if matches!(outcome, CheckOutcome::Failed(Some(404))) {
-                            tracing::warn!(
-                                pool = %pool.name,
-                                instance = %instance.url,
-                                "the health check path {path} answered 404: set gateway.health_path \
-                                 to a path this server answers, or to \"\" (--health-path '') \
-                                 to check TCP connects only"
-                            );
-                        }
+                    }
+                    if outcome == CheckOutcome::NoHealthPath && instance.note_missing_health_path()
+                    {
+                        tracing::warn!(
+                            pool = %pool.name,
+                            instance = %instance.url,
+                            "the health check path {path} answered 404: the instance counts as up \
+                             while it answers; set gateway.health_path to a path it answers 200 \
+                             on (503 while draining), or to \"\" (--health-path '') for TCP checks"
+                        );
                     }
                 });
                 futures_util::future::join_all(checks).await;

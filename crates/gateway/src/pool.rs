@@ -87,6 +87,8 @@ pub struct Instance {
     ewma_decay_secs: f64,
     /// Power of the latency in the P2C cost.
     latency_exponent: f64,
+    /// A 404 on the health path was logged (once per instance).
+    missing_health_path_noted: std::sync::atomic::AtomicBool,
 }
 
 /// Parses `http://host:port` (an optional trailing `/` is allowed; a path is not).
@@ -120,6 +122,7 @@ impl Instance {
             registered: expires.is_some(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            missing_health_path_noted: std::sync::atomic::AtomicBool::new(false),
             wrr_current: Mutex::new(0),
             state: Mutex::new(InstanceState {
                 healthy: true,
@@ -256,7 +259,7 @@ impl Instance {
         let mut s = self.state();
         let before = (s.healthy, s.draining, s.ejected);
         match outcome {
-            CheckOutcome::Passed => {
+            CheckOutcome::Passed | CheckOutcome::NoHealthPath => {
                 s.checks_failed = 0;
                 s.checks_passed = s.checks_passed.saturating_add(1);
                 s.draining = false;
@@ -293,6 +296,12 @@ impl Instance {
 
     pub fn set_admin_ejected(&self, ejected: bool) {
         self.state().admin_ejected = ejected;
+    }
+
+    /// True the first time it is called: to log a missing health path
+    /// once per instance.
+    pub fn note_missing_health_path(&self) -> bool {
+        !self.missing_health_path_noted.swap(true, Ordering::Relaxed)
     }
 
     /// For a registered instance: when its registration lapses.
@@ -332,6 +341,9 @@ impl Instance {
 pub enum CheckOutcome {
     /// 2xx.
     Passed,
+    /// 404: the server answers but has no such path (not a Shoal
+    /// service): up while it answers, as with a TCP connect check.
+    NoHealthPath,
     /// 503: the instance is draining and wants no new requests.
     Draining,
     /// Anything else (with the status, when there was an answer), a

@@ -176,6 +176,27 @@ async fn an_empty_health_path_checks_tcp_connects() {
     assert!(down, "{}", gw.instance(&client, &urls[1]).await);
 }
 
+/// A server without the health path (404 on it) counts as up while it
+/// answers, so `--to` fronts any server with the default settings.
+#[tokio::test]
+async fn a_404_on_the_health_path_keeps_the_instance_up() {
+    let ups = [Upstream::start("a").await];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let gw = TestGateway::start(settings(
+        &urls,
+        json!({"health_path": "/missing", "health_interval_ms": 100}),
+    ))
+    .await;
+    let client = TestClient::default();
+    let checked = eventually(Duration::from_secs(3), || async {
+        ups[0].state.health_checks.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert!(checked, "no health checks were made");
+    assert_eq!(gw.instance(&client, &urls[0]).await["available"], true);
+    assert_eq!(client.get(&gw.url("/")).await.status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn draining_instance_gets_no_new_requests() {
     let ups = [Upstream::start("a").await, Upstream::start("b").await];

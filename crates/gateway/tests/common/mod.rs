@@ -137,6 +137,14 @@ async fn answer(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
             .body(Full::new(Bytes::new()))
             .unwrap();
     }
+    if path == "/missing" {
+        // What a server without a health endpoint answers on one.
+        state.health_checks.fetch_add(1, Ordering::SeqCst);
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    }
     state.hits.fetch_add(1, Ordering::SeqCst);
     *state.last_headers.lock().unwrap() = Some(req.headers().clone());
     let delay = if path.ends_with("/slow") {
