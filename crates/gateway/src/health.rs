@@ -22,13 +22,8 @@ pub async fn check(
 ) -> CheckOutcome {
     if path.is_empty() {
         // Servers without a health endpoint: up while they accept.
-        let port = instance.authority.port_u16().unwrap_or(
-            if instance.scheme == http::uri::Scheme::HTTPS {
-                443
-            } else {
-                80
-            },
-        );
+        // Upstreams are http:// only (`parse_upstream`).
+        let port = instance.authority.port_u16().unwrap_or(80);
         // `[::1]` → `::1`: the resolver wants the bare address.
         let host = instance
             .authority
@@ -140,7 +135,7 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
         if !file.is_empty() {
             let now = crate::registrations::snapshot(pools);
             if now != saved {
-                match crate::registrations::save(std::path::Path::new(file), &now) {
+                match crate::registrations::save(std::path::Path::new(file), &now).await {
                     Ok(()) => saved = now,
                     Err(e) => tracing::warn!(file, error = %e, "cannot save registrations"),
                 }

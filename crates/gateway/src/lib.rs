@@ -88,7 +88,8 @@ impl Gateway {
             registrations::load(
                 std::path::Path::new(&state.settings.registrations_file),
                 &state.pools,
-            );
+            )
+            .await;
         }
         let addr = state.settings.listen;
         let listener = TcpListener::bind(addr)

@@ -1,7 +1,9 @@
 //! Registrations kept in a file (`registrations_file`) so that a restarted
 //! gateway routes to registered instances at once, instead of answering
 //! 503 until each renews (up to a third of its TTL later). The health
-//! loop writes the file after a round in which registrations changed;
+//! loop writes the file after a round in which registrations changed (a
+//! renewal moves an expiry, so while instances renew that is about once a
+//! round: a small file, written off the runtime threads);
 //! `Gateway::bind` reads it and registers what has not lapsed. The
 //! instances renew as usual; a dead one is taken out by the first health
 //! round, as any other.
@@ -33,15 +35,16 @@ pub fn snapshot(pools: &[Arc<Pool>]) -> Vec<Saved> {
         .flat_map(|pool| {
             pool.instances()
                 .iter()
-                .filter_map(|i| {
-                    let left = i.expires()?.checked_duration_since(now)?;
-                    Some(Saved {
-                        pool: pool.name.clone(),
-                        url: i.url.clone(),
-                        expires_unix_ms: unix_ms(wall + left),
-                    })
-                })
+                .map(|i| (pool, i.clone()))
                 .collect::<Vec<_>>()
+        })
+        .filter_map(|(pool, i)| {
+            let left = i.expires()?.checked_duration_since(now)?;
+            Some(Saved {
+                pool: pool.name.clone(),
+                url: i.url.clone(),
+                expires_unix_ms: unix_ms(wall + left),
+            })
         })
         .collect();
     out.sort_by(|a, b| (&a.pool, &a.url).cmp(&(&b.pool, &b.url)));
@@ -49,21 +52,22 @@ pub fn snapshot(pools: &[Arc<Pool>]) -> Vec<Saved> {
 }
 
 /// Writes `saved` to `path` (a new file renamed over the old one, so a
-/// crash mid-write leaves the previous file).
-pub fn save(path: &Path, saved: &[Saved]) -> std::io::Result<()> {
+/// crash mid-write leaves the previous file). File work runs on tokio's
+/// blocking pool, not on the runtime threads.
+pub async fn save(path: &Path, saved: &[Saved]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        tokio::fs::create_dir_all(dir).await?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(saved)?)?;
-    std::fs::rename(&tmp, path)
+    tokio::fs::write(&tmp, serde_json::to_vec_pretty(saved)?).await?;
+    tokio::fs::rename(&tmp, path).await
 }
 
 /// Registers the unexpired registrations of `path` in `pools`; returns how
 /// many. A missing file is no registrations; an unreadable one is logged
 /// and skipped (the instances register again within their TTL).
-pub fn load(path: &Path, pools: &[Arc<Pool>]) -> usize {
-    let bytes = match std::fs::read(path) {
+pub async fn load(path: &Path, pools: &[Arc<Pool>]) -> usize {
+    let bytes = match tokio::fs::read(path).await {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
         Err(e) => {

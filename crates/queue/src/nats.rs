@@ -523,8 +523,9 @@ impl NatsJobStore {
     /// job's first message comes after its record is written, so a claim
     /// never meets a message whose record is still to come.
     async fn store_and_send(&self, record: &Job) -> Result<(), QueueError> {
-        let bytes = serde_json::to_vec(record)?;
-        let revision = match self.jobs.create(&record.id, bytes.clone().into()).await {
+        // Shared, not copied, between the record and the message.
+        let bytes = bytes::Bytes::from(serde_json::to_vec(record)?);
+        let revision = match self.jobs.create(&record.id, bytes.clone()).await {
             Ok(revision) => Some(revision),
             // Only a unique key leads two writers to one id: a retry of a
             // failed enqueue, or the background settling of one. Which
@@ -537,7 +538,7 @@ impl NatsJobStore {
             }
             Err(e) => return Err(nats(e)),
         };
-        let carried = revision.map(|r| (bytes.as_slice(), r));
+        let carried = revision.map(|r| (&bytes[..], r));
         self.publish(&record.queue, &record.id, &record.id, carried)
             .await
     }

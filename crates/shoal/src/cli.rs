@@ -106,8 +106,9 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_byte_size)]
     pub cache_size: Option<u64>,
     /// Path of the active health check (`gateway.health_path`, default
-    /// /readyz as Shoal services answer); `--health-path ''` checks that
-    /// each upstream accepts TCP connections, for servers without one.
+    /// /readyz as Shoal services answer; a 404 there counts as up);
+    /// `--health-path ''` checks only that each upstream accepts TCP
+    /// connections.
     #[arg(long, value_name = "PATH")]
     pub health_path: Option<String>,
 }

@@ -148,7 +148,7 @@ pub fn session_cookie(resp: &reqwest::Response) -> String {
 /// Signs `email` up at `base` (a Shoal HTTP base URL) with [`PASSWORD`],
 /// logs in, and returns the session cookie (`name=value`) and the user id.
 pub async fn sign_up_and_log_in(base: &str, email: &str) -> (String, String) {
-    let http = reqwest::Client::new();
+    let http = http_client();
     let creds = serde_json::json!({"email": email, "password": PASSWORD});
     let r = http
         .post(format!("{base}/api/accounts/signup"))

@@ -47,20 +47,16 @@ pub fn effective_headers(headers: &HeaderMap) -> HeaderMap {
 /// the policy code matches them in lowercase, so `No-Cache` must become
 /// `no-cache` before it looks. Values are left as they are.
 fn lowercase_directive_names(headers: &mut HeaderMap) {
-    let values: Vec<String> = headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
+    let values = headers.get_all(header::CACHE_CONTROL);
     if !values
         .iter()
-        .any(|v| v.bytes().any(|b| b.is_ascii_uppercase()))
+        .any(|v| v.as_bytes().iter().any(u8::is_ascii_uppercase))
     {
         return;
     }
     let lowered: Vec<String> = values
         .iter()
+        .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|d| match d.split_once('=') {
             Some((name, value)) => format!("{}={value}", name.trim().to_ascii_lowercase()),
