@@ -522,7 +522,9 @@ impl NatsJobStore {
     /// Writes a new job's record, then sends its message. Every send of a
     /// job's first message comes after its record is written, so a claim
     /// never meets a message whose record is still to come.
-    async fn store_and_send(&self, record: &Job) -> Result<(), QueueError> {
+    /// True when this call wrote the record: of several enqueues racing on
+    /// one unique key, only that one reports the job as created.
+    async fn store_and_send(&self, record: &Job) -> Result<bool, QueueError> {
         // Shared, not copied, between the record and the message.
         let bytes = bytes::Bytes::from(serde_json::to_vec(record)?);
         let revision = match self.jobs.create(&record.id, bytes.clone()).await {
@@ -540,7 +542,8 @@ impl NatsJobStore {
         };
         let carried = revision.map(|r| (&bytes[..], r));
         self.publish(&record.queue, &record.id, &record.id, carried)
-            .await
+            .await?;
+        Ok(revision.is_some())
     }
 
     /// Settles an enqueue that wrote its record but could not confirm its
@@ -692,7 +695,8 @@ impl JobStore for NatsJobStore {
                         // The key outlived an enqueue that failed before its
                         // record was written, or a concurrent enqueue of the
                         // same key is writing it now: finish that enqueue
-                        // under the same id (both writers agree on it).
+                        // under the same id (both writers agree on it; the
+                        // one whose record write lands reports it created).
                         None => id = existing,
                     }
                 }
@@ -727,13 +731,18 @@ impl JobStore for NatsJobStore {
             started_at: None,
             finished_at: None,
         };
-        if let Err(e) = self.store_and_send(&record).await {
-            self.after_failed_enqueue(record);
-            return Err(e);
+        let created = match self.store_and_send(&record).await {
+            Ok(created) => created,
+            Err(e) => {
+                self.after_failed_enqueue(record);
+                return Err(e);
+            }
+        };
+        if created {
+            metrics::counter!("shoal_jobs_enqueued_total", "queue" => job.queue).increment(1);
         }
-        metrics::counter!("shoal_jobs_enqueued_total", "queue" => job.queue).increment(1);
         self.wakeups.notify_waiters();
-        Ok(Enqueued { id, created: true })
+        Ok(Enqueued { id, created })
     }
 
     async fn claim(
