@@ -31,6 +31,7 @@ mod registrations;
 mod reload;
 mod routes;
 mod upgrade;
+mod workers;
 
 pub use reload::SettingsLoader;
 
@@ -154,7 +155,11 @@ impl Gateway {
         let mut listen_config = listener::ListenConfig::new(&state);
         let connections = Arc::new(listener::Connections::default());
         let close_all = CancellationToken::new();
-        tracing::info!(addr = %local_addr, pools = state.pools.len(), "gateway serving");
+        let grace = Duration::from_secs(settings.shutdown_timeout_secs);
+        let threads = workers::count(settings.workers);
+        let workers = workers::start(threads - 1, &settings, Arc::clone(&connections), grace);
+        let mut next_worker = 0usize;
+        tracing::info!(addr = %local_addr, pools = state.pools.len(), threads, "gateway serving");
         drop(state);
 
         loop {
@@ -201,22 +206,30 @@ impl Gateway {
                     }
                 })
             };
-            tokio::spawn(listener::serve(
+            let serve = listener::serve(
                 Arc::clone(&listen_config.builder),
-                stream,
                 client_addr,
                 service,
                 activity,
                 listen_config.limits.idle_timeout,
                 conn,
-            ));
+            );
+            // Connections go round the threads: this one, then each
+            // worker thread, which serves it on its own runtime.
+            next_worker = (next_worker + 1) % threads;
+            match next_worker.checked_sub(1).and_then(|i| workers.get(i)) {
+                None => {
+                    tokio::spawn(serve(stream));
+                }
+                Some(worker) => worker.hand_over(stream, serve),
+            }
         }
+        drop(workers);
 
         shared.load().draining.store(true, Ordering::Relaxed);
         drop(listener);
         tracing::info!(connections = connections.open(), "gateway draining");
         close_all.cancel();
-        let grace = Duration::from_secs(settings.shutdown_timeout_secs);
         if tokio::time::timeout(grace, connections.all_closed())
             .await
             .is_err()
@@ -263,6 +276,21 @@ async fn handle(
         return admission.hold(upgrade::proxy(state, client_addr, req, request_id).await);
     }
     admission.hold(proxy::proxy(state, client_addr, req, request_id, started).await)
+}
+
+/// An upstream client (keep-alive pool) with the settings' connect timeout
+/// and idle connections per instance.
+pub(crate) fn upstream_client(settings: &GatewaySettings) -> proxy::UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_millis(
+        settings.connect_timeout_ms.max(1),
+    )));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(settings.upstream_idle_per_instance)
+        .build(connector)
 }
 
 /// Builds the client, pools and routes from validated settings.
@@ -388,17 +416,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         ));
     }
 
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(
-        settings.connect_timeout_ms.max(1),
-    )));
-    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(settings.upstream_idle_per_instance)
-        .build(connector);
-
+    let client = upstream_client(&settings);
     Ok(GatewayState {
         cache: cache::HttpCache::from_settings(&settings),
         limits: limits::Limits::new(&settings),

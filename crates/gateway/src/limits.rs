@@ -222,9 +222,8 @@ pub fn admit<B>(
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    let route = state.router.find(host.as_deref(), req.uri().path());
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let route = state.router.find(host, req.uri().path());
     let pool_name = route.map(|r| r.pool.name.as_str()).unwrap_or("-");
     let reject = |problem: Problem, what: &'static str| {
         metrics::counter!(what, "pool" => pool_name.to_string()).increment(1);
@@ -249,6 +248,7 @@ pub fn admit<B>(
     };
 
     let limiter = route
+        .filter(|_| !limits.route_rate.is_empty())
         .and_then(|r| limits.route_rate.get(&(r.host.clone(), r.prefix.clone())))
         .or(limits.global_rate.as_ref());
     if let Some(limiter) = limiter {

@@ -203,8 +203,42 @@ impl Drop for ActivityGuard {
 }
 
 /// Serves one connection until it ends, closing it gracefully when it has
-/// been idle for `idle_timeout` or when `shutdown` is cancelled.
-pub async fn serve<S>(
+/// been idle for `idle_timeout` or when `shutdown` is cancelled. Returns
+/// the function to call with the stream, on the runtime that is to serve
+/// it (`workers.rs`).
+pub fn serve<S>(
+    builder: Arc<Builder<TokioExecutor>>,
+    client: SocketAddr,
+    service: S,
+    activity: Arc<Activity>,
+    idle_timeout: Option<Duration>,
+    info: ConnInfo,
+) -> impl FnOnce(TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+       + Send
+       + 'static
+where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    move |stream| {
+        Box::pin(serve_stream(
+            builder,
+            stream,
+            client,
+            service,
+            activity,
+            idle_timeout,
+            info,
+        ))
+    }
+}
+
+async fn serve_stream<S>(
     builder: Arc<Builder<TokioExecutor>>,
     stream: TcpStream,
     client: SocketAddr,

@@ -5,9 +5,56 @@
 use crate::balance::{Balancer, PickContext};
 use http::uri::{Authority, Scheme};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 use tower::retry::budget::{Budget, TpsBudget};
+
+/// The per-request metric handles of one pool, looked up once each: a
+/// labelled `metrics::counter!` call formats, hashes and looks up its
+/// labels on every request. Lazy, so a recorder installed after the pool
+/// was built is still the one used.
+pub struct PoolMetrics {
+    duration: OnceLock<metrics::Histogram>,
+    /// `shoal_gateway_requests_total` by status, index `status - 100`.
+    by_status: [OnceLock<metrics::Counter>; 500],
+}
+
+impl Default for PoolMetrics {
+    fn default() -> Self {
+        PoolMetrics {
+            duration: OnceLock::new(),
+            by_status: [const { OnceLock::new() }; 500],
+        }
+    }
+}
+
+impl PoolMetrics {
+    /// Counts one answered request and records its duration.
+    pub fn record(&self, pool: &str, status: u16, elapsed: Duration) {
+        let counter = match status
+            .checked_sub(100)
+            .and_then(|i| self.by_status.get(usize::from(i)))
+        {
+            Some(slot) => slot.get_or_init(|| requests_counter(pool, status)),
+            None => &requests_counter(pool, status),
+        };
+        counter.increment(1);
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => pool.to_string())
+            })
+            .record(elapsed.as_secs_f64());
+    }
+}
+
+/// `shoal_gateway_requests_total{pool, status}`.
+pub fn requests_counter(pool: &str, status: u16) -> metrics::Counter {
+    metrics::counter!(
+        "shoal_gateway_requests_total",
+        "pool" => pool.to_string(),
+        "status" => status.to_string()
+    )
+}
 
 /// Longest passive ejection, however often an instance fails.
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
@@ -373,6 +420,7 @@ pub struct Pool {
     /// DNS membership (`dns.rs`): configured name URL → the instance URLs
     /// its last resolution gave.
     dns: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    pub metrics: PoolMetrics,
 }
 
 impl std::fmt::Debug for Pool {
@@ -403,6 +451,7 @@ impl Pool {
             instances: RwLock::new(Arc::new(instances)),
             budget,
             dns: Mutex::default(),
+            metrics: PoolMetrics::default(),
         }
     }
 

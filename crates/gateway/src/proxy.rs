@@ -237,6 +237,16 @@ pub(crate) struct Outcome<'a> {
     pub(crate) cause: Option<String>,
 }
 
+/// The request's host: its `Host` header, else the authority of its target
+/// (HTTP/2's `:authority`).
+pub(crate) fn request_host(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+}
+
 /// Handles one proxied request (everything outside `/_gateway/`).
 pub async fn proxy(
     state: Arc<GatewayState>,
@@ -264,14 +274,14 @@ pub async fn proxy(
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    metrics::counter!(
-        "shoal_gateway_requests_total",
-        "pool" => outcome.pool.to_string(),
-        "status" => status.to_string()
-    )
-    .increment(1);
-    metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => outcome.pool.to_string())
-        .record(elapsed.as_secs_f64());
+    match state.pool(outcome.pool) {
+        Some(pool) => pool.metrics.record(&pool.name, status, elapsed),
+        None => {
+            crate::pool::requests_counter(outcome.pool, status).increment(1);
+            metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => outcome.pool.to_string())
+                .record(elapsed.as_secs_f64());
+        }
+    }
     tracing::info!(
         target: "shoal_gateway::access",
         method = %method,
@@ -296,18 +306,14 @@ pub(crate) async fn forward<'s>(
     request_id: &str,
     outcome: &mut Outcome<'s>,
 ) -> Response<Body> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    let Some(route) = state.router.find(host.as_deref(), req.uri().path()) else {
+    let (parts, body) = req.into_parts();
+    let host = request_host(&parts);
+    let Some(route) = state.router.find(host, parts.uri.path()) else {
         return problem_response(
             &Problem::not_found(format!(
                 "no route matches host `{}` and path `{}`",
-                host.as_deref().unwrap_or(""),
-                req.uri().path()
+                host.unwrap_or(""),
+                parts.uri.path()
             )),
             request_id,
         );
@@ -315,8 +321,8 @@ pub(crate) async fn forward<'s>(
     let pool = &route.pool;
     outcome.pool = &pool.name;
 
-    let content_length = req
-        .headers()
+    let content_length = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
@@ -324,14 +330,13 @@ pub(crate) async fn forward<'s>(
         return too_large(route, request_id);
     }
 
-    let (parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method, &parts.headers);
-    let headers = upstream_headers(&parts.headers, host.as_deref(), client_addr, request_id);
+    let headers = upstream_headers(&parts.headers, host, client_addr, request_id);
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|pq| pq.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     let no_body = content_length == Some(0) || http_body::Body::is_end_stream(&body);
     let mut outgoing = if no_body {
@@ -400,12 +405,11 @@ pub(crate) async fn forward<'s>(
             OutgoingBody::Buffered(bytes) => full(bytes.clone()),
             OutgoingBody::Streaming(body) => body.take().unwrap_or_else(empty),
         };
-        let uri = Uri::builder()
-            .scheme(instance.scheme.clone())
-            .authority(instance.authority.clone())
-            .path_and_query(path_and_query.as_str())
-            .build();
-        let uri = match uri {
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(instance.scheme.clone());
+        target.authority = Some(instance.authority.clone());
+        target.path_and_query = Some(path_and_query.clone());
+        let uri = match Uri::from_parts(target) {
             Ok(u) => u,
             Err(e) => {
                 return problem_response(
@@ -422,8 +426,11 @@ pub(crate) async fn forward<'s>(
 
         let guard = instance.start();
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(route.request_timeout, state.client.request(upstream_req)).await;
+        let result = tokio::time::timeout(
+            route.request_timeout,
+            crate::workers::request(&state.client, upstream_req),
+        )
+        .await;
         match result {
             Ok(Ok(response)) => {
                 instance.observe_latency(sent.elapsed());

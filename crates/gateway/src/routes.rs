@@ -44,6 +44,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Router {
     routes: Vec<Route>,
+    /// Some route names a host (else the request's host is not looked at).
+    any_host: bool,
 }
 
 impl Router {
@@ -56,12 +58,13 @@ impl Router {
                     .cmp(&a.prefix.trim_end_matches('/').len()),
             )
         });
-        Router { routes }
+        let any_host = routes.iter().any(|r| r.host.is_some());
+        Router { routes, any_host }
     }
 
     /// The route for a request's host (any case, port ignored) and path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        let host = host.map(normalize_host);
+        let host = host.filter(|_| self.any_host).map(normalize_host);
         self.routes
             .iter()
             .find(|r| r.matches(host.as_deref(), path))

@@ -102,7 +102,11 @@ pub async fn proxy(
         *upstream_req.headers_mut() = headers.clone();
         let guard = instance.start();
         let sent = Instant::now();
-        match tokio::time::timeout(route.request_timeout, state.client.request(upstream_req)).await
+        match tokio::time::timeout(
+            route.request_timeout,
+            crate::workers::request(&state.client, upstream_req),
+        )
+        .await
         {
             Err(_) => {
                 return problem_response(

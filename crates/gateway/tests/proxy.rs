@@ -493,3 +493,31 @@ async fn shutdown_lets_in_flight_requests_finish() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test]
+async fn connections_on_every_worker_thread_are_served_and_drained() {
+    // Three threads: connections go round them, so of six concurrent
+    // requests (six connections) four are served by the two worker
+    // threads' own runtimes and upstream clients.
+    let up = Upstream::start("a").await;
+    up.state.delay_ms.store(300, Ordering::SeqCst);
+    let gw = TestGateway::start(settings(&[up.url()], json!({"workers": 3}))).await;
+    let client = TestClient::default();
+    let in_flight: Vec<_> = (0..6)
+        .map(|i| {
+            let client = client.clone();
+            let url = gw.url(&format!("/work/{i}"));
+            tokio::spawn(async move { client.get(&url).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.stop.cancel();
+    for r in in_flight {
+        let r = r.await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "a"));
+    }
+    let mut gw = gw;
+    let stopped = tokio::time::timeout(Duration::from_secs(3), &mut gw.task).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+    assert_eq!(up.state.hits.load(Ordering::SeqCst), 6);
+}

@@ -90,7 +90,8 @@ pub struct GatewayArgs {
     /// `default` that serves every path.
     #[arg(long = "to", value_name = "URL")]
     pub to: Vec<String>,
-    /// Runtime worker threads (default: one per core).
+    /// Threads serving connections, each with its own event loop and
+    /// upstream connection pool (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Turn on the HTTP response cache (`gateway.cache.enabled`).

@@ -9,6 +9,12 @@ mod up;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's malloc: the gateway's proxy path spent 8% of
+/// its CPU in glibc malloc/free (perf, bench/gateway.sh load); see
+/// ARCHITECTURE.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let settings = match cli.settings() {
@@ -23,15 +29,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     shoal_core::telemetry::init_logging(&settings.log);
-    let workers = match &cli.command {
-        cli::Command::Gateway(_) if settings.gateway.workers > 0 => Some(settings.gateway.workers),
-        _ => None,
+    // The gateway runs one single-threaded runtime per worker thread
+    // (`shoal_gateway::Gateway::run`); this one accepts and runs its share.
+    let mut builder = match &cli.command {
+        cli::Command::Gateway(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Some(n) = workers {
-        builder.worker_threads(n);
-    }
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {

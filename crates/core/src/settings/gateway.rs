@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     pub listen: SocketAddr,
-    /// Runtime worker threads; 0 means one per core.
+    /// Threads serving connections, each with its own single-threaded
+    /// runtime and upstream pool; 0 means one per core.
     pub workers: usize,
     /// Named pools of upstream instances.
     pub pools: Vec<PoolSettings>,

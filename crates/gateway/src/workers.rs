@@ -1,0 +1,137 @@
+//! Thread per core: the gateway serves its connections on `workers`
+//! threads, each with its own single-threaded tokio runtime and its own
+//! upstream keep-alive pool, as nginx and HAProxy run one event loop per
+//! worker. The thread that runs [`Gateway::run`](crate::Gateway::run)
+//! accepts, runs the health checks and the other background tasks, and
+//! serves its share of the connections too; the others get theirs handed
+//! over, round robin, and serve them to the end.
+//!
+//! Why not one multi-threaded runtime: a proxied request wakes the client
+//! connection's task, the upstream connection's task and the response
+//! path in turn; with work stealing those hops cross threads (and the
+//! pooled upstream connection may live on another thread than the client
+//! connection), which cost 20–25% of the throughput at one thread and made
+//! two threads slower than one (bench/README.md, "Gateway").
+
+use crate::listener::Connections;
+use crate::proxy::UpstreamClient;
+use shoal_core::settings::GatewaySettings;
+use std::cell::OnceCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+thread_local! {
+    /// A worker thread's own upstream client: its connections are made,
+    /// pooled and driven on this thread's runtime. Unset on the accepting
+    /// thread, which uses the state's client.
+    static LOCAL_CLIENT: OnceCell<UpstreamClient> = const { OnceCell::new() };
+}
+
+/// Sends `req` upstream through this thread's client, else `shared`.
+pub(crate) fn request(
+    shared: &UpstreamClient,
+    req: http::Request<crate::body::Body>,
+) -> hyper_util::client::legacy::ResponseFuture {
+    LOCAL_CLIENT.with(|local| local.get().unwrap_or(shared).request(req))
+}
+
+/// The threads that serve connections: `workers`, or one per core for 0.
+pub(crate) fn count(workers: usize) -> usize {
+    match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+type ServeFn = Box<dyn FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A worker thread, fed accepted connections through a channel. Dropping
+/// every handle ends its intake; it then waits for the open connections
+/// (at most the shutdown grace period) and stops.
+pub(crate) struct Worker {
+    tx: mpsc::UnboundedSender<(std::net::TcpStream, ServeFn)>,
+}
+
+impl Worker {
+    /// Moves `stream` to this worker's runtime and serves it there.
+    pub(crate) fn hand_over<F>(&self, stream: TcpStream, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static,
+    {
+        // A tokio stream belongs to the runtime that registered it: hand
+        // over the bare socket and register it again over there.
+        match stream.into_std() {
+            Ok(std) => {
+                if self.tx.send((std, Box::new(serve))).is_err() {
+                    tracing::warn!("a gateway worker thread is gone; connection dropped");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
+        }
+    }
+}
+
+/// Starts `extra` worker threads.
+pub(crate) fn start(
+    extra: usize,
+    settings: &GatewaySettings,
+    connections: Arc<Connections>,
+    grace: Duration,
+) -> Vec<Worker> {
+    let mut workers = Vec::with_capacity(extra);
+    for i in 1..=extra {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = crate::upstream_client(settings);
+        let connections = Arc::clone(&connections);
+        let spawned = std::thread::Builder::new()
+            .name(format!("shoal-gw-{i}"))
+            .spawn(move || run(rx, client, connections, grace));
+        match spawned {
+            Ok(_) => workers.push(Worker { tx }),
+            Err(e) => {
+                // Serve on fewer threads rather than not at all.
+                tracing::error!(error = %e, "cannot start a gateway worker thread");
+                break;
+            }
+        }
+    }
+    workers
+}
+
+fn run(
+    mut rx: mpsc::UnboundedReceiver<(std::net::TcpStream, ServeFn)>,
+    client: UpstreamClient,
+    connections: Arc<Connections>,
+    grace: Duration,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a gateway worker runtime");
+            return;
+        }
+    };
+    LOCAL_CLIENT.with(|local| {
+        let _ = local.set(client);
+    });
+    runtime.block_on(async move {
+        while let Some((std, serve)) = rx.recv().await {
+            match TcpStream::from_std(std) {
+                Ok(stream) => {
+                    tokio::spawn(serve(stream));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot serve a handed-over connection"),
+            }
+        }
+        // Intake ended (the gateway is stopping): let open connections
+        // finish, as the accepting thread does.
+        let _ = tokio::time::timeout(grace, connections.all_closed()).await;
+    });
+}
