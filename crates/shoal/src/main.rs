@@ -10,8 +10,9 @@ use clap::Parser;
 use std::process::ExitCode;
 
 /// mimalloc instead of glibc's malloc: the gateway's proxy path spent 8% of
-/// its CPU in glibc malloc/free (perf, bench/gateway.sh load); see
-/// ARCHITECTURE.md.
+/// its CPU in glibc malloc/free (perf, bench/gateway.sh load). It costs
+/// memory; `--features system-alloc` keeps glibc's. See ARCHITECTURE.md.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
