@@ -23,6 +23,10 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// The request-id header, set on every upstream request and response.
 pub const X_REQUEST_ID: &str = "x-request-id";
 
+/// Milliseconds left of the request's deadline, sent upstream (and read
+/// from callers); Shoal's runtime honours it (`shoal_runtime::middleware`).
+pub const X_SHOAL_DEADLINE_MS: &str = "x-shoal-deadline-ms";
+
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})

@@ -3,7 +3,9 @@
 //! that is safe, timeouts, and the access log and metrics.
 
 use crate::balance::PickContext;
-use crate::body::{empty, full, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID};
+use crate::body::{
+    empty, full, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID, X_SHOAL_DEADLINE_MS,
+};
 use crate::pool::{Instance, Pool};
 use crate::routes::{Route, Router};
 use bytes::{Bytes, BytesMut};
@@ -331,6 +333,13 @@ pub(crate) async fn forward<'s>(
     }
 
     let idempotent = is_idempotent(&parts.method, &parts.headers);
+    // The whole request's time: the route's timeout, or less when the
+    // caller sent a shorter deadline of its own. What is left of it goes
+    // upstream with every attempt (`x-shoal-deadline-ms`, which Shoal's
+    // runtime honours).
+    let budget = caller_deadline(&parts.headers)
+        .map_or(route.request_timeout, |d| d.min(route.request_timeout));
+    let deadline = Instant::now() + budget;
     let headers = upstream_headers(&parts.headers, host, client_addr, request_id);
     let path_and_query = parts
         .uri
@@ -348,7 +357,7 @@ pub(crate) async fn forward<'s>(
             content_length,
             state.settings.retry_buffer_bytes,
             route.max_body_bytes,
-            route.request_timeout,
+            budget,
         )
         .await
         {
@@ -423,14 +432,18 @@ pub(crate) async fn forward<'s>(
         *upstream_req.uri_mut() = uri;
         *upstream_req.version_mut() = Version::HTTP_11;
         *upstream_req.headers_mut() = headers.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
+        }
+        upstream_req
+            .headers_mut()
+            .insert(X_SHOAL_DEADLINE_MS, HeaderValue::from(left.as_millis().max(1) as u64));
 
         let guard = instance.start();
         let sent = Instant::now();
-        let result = tokio::time::timeout(
-            route.request_timeout,
-            crate::workers::request(&state.client, upstream_req),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(left, crate::workers::request(&state.client, upstream_req)).await;
         match result {
             Ok(Ok(response)) => {
                 instance.observe_latency(sent.elapsed());
@@ -445,20 +458,9 @@ pub(crate) async fn forward<'s>(
                 return Response::from_parts(rparts, body);
             }
             Err(_elapsed) => {
-                instance.observe_latency(route.request_timeout);
+                instance.observe_latency(sent.elapsed());
                 drop(guard);
-                outcome.cause = Some(format!(
-                    "no response headers from {} within {} ms",
-                    instance.url,
-                    route.request_timeout.as_millis()
-                ));
-                return problem_response(
-                    &Problem::gateway_timeout(format!(
-                        "the upstream did not answer within {} ms",
-                        route.request_timeout.as_millis()
-                    )),
-                    request_id,
-                );
+                return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
             }
             Ok(Err(e)) => {
                 drop(guard);
@@ -497,6 +499,35 @@ pub(crate) async fn forward<'s>(
             }
         }
     }
+}
+
+/// The request's own deadline in `x-shoal-deadline-ms`, if it sent one.
+fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(X_SHOAL_DEADLINE_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+}
+
+/// 504: no response headers before the request's deadline.
+fn deadline_passed(
+    upstream: &str,
+    budget: Duration,
+    outcome: &mut Outcome<'_>,
+    request_id: &str,
+) -> Response<Body> {
+    outcome.cause = Some(format!(
+        "no response headers from {upstream} within {} ms",
+        budget.as_millis()
+    ));
+    problem_response(
+        &Problem::gateway_timeout(format!(
+            "the upstream did not answer within {} ms",
+            budget.as_millis()
+        )),
+        request_id,
+    )
 }
 
 fn too_large(route: &Route, request_id: &str) -> Response<Body> {

@@ -521,3 +521,34 @@ async fn connections_on_every_worker_thread_are_served_and_drained() {
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
     assert_eq!(up.state.hits.load(Ordering::SeqCst), 6);
 }
+
+#[tokio::test]
+async fn the_remaining_deadline_goes_upstream_and_a_callers_shorter_one_counts() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(&[up.url()], json!({"request_timeout_ms": 5000}))).await;
+    let client = TestClient::default();
+    let r = client.get(&gw.url("/fast")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    let left: u64 = seen["x-shoal-deadline-ms"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5000).contains(&left), "deadline sent upstream: {left}");
+    assert!(left > 4000, "little of the 5 s was spent before sending: {left}");
+
+    // A caller's own deadline of 250 ms is shorter than the route's 5 s:
+    // the upstream is told so, and the gateway gives up at it.
+    let req = Request::get(gw.url("/slow"))
+        .header("x-shoal-deadline-ms", "250")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = client.send(req).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    let left: u64 = seen["x-shoal-deadline-ms"].to_str().unwrap().parse().unwrap();
+    assert!((1..=250).contains(&left), "caller's deadline sent upstream: {left}");
+}
