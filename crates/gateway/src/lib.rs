@@ -376,6 +376,8 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
                 pool: Arc::clone(only),
                 request_timeout: default_timeout,
                 max_body_bytes: settings.max_body_bytes,
+                request_headers: routes::HeaderEdits::default(),
+                response_headers: routes::HeaderEdits::default(),
             }),
             _ => {
                 return Err(invalid(
@@ -398,7 +400,15 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
                 "must be at least 1".into(),
             ));
         }
+        let edits = |rules, field: &str| {
+            routes::HeaderEdits::new(rules, &format!("gateway.routes[{i}].{field}"))
+                .map_err(|(key, message)| invalid(key, message))
+        };
+        let request_headers = edits(&r.request_headers, "request_headers")?;
+        let response_headers = edits(&r.response_headers, "response_headers")?;
         routes.push(Route {
+            request_headers,
+            response_headers,
             prefix: r.prefix.clone(),
             host: r.host.as_deref().map(routes::normalize_host),
             pool: Arc::clone(pool),

@@ -340,7 +340,8 @@ pub(crate) async fn forward<'s>(
     let budget = caller_deadline(&parts.headers)
         .map_or(route.request_timeout, |d| d.min(route.request_timeout));
     let deadline = Instant::now() + budget;
-    let headers = upstream_headers(&parts.headers, host, client_addr, request_id);
+    let mut headers = upstream_headers(&parts.headers, host, client_addr, request_id);
+    route.request_headers.apply(&mut headers);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -436,9 +437,10 @@ pub(crate) async fn forward<'s>(
         if left.is_zero() {
             return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
         }
-        upstream_req
-            .headers_mut()
-            .insert(X_SHOAL_DEADLINE_MS, HeaderValue::from(left.as_millis().max(1) as u64));
+        upstream_req.headers_mut().insert(
+            X_SHOAL_DEADLINE_MS,
+            HeaderValue::from(left.as_millis().max(1) as u64),
+        );
 
         let guard = instance.start();
         let sent = Instant::now();
@@ -450,6 +452,7 @@ pub(crate) async fn forward<'s>(
                 instance.record_success();
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                route.response_headers.apply(&mut rparts.headers);
                 if let Ok(v) = HeaderValue::from_str(request_id) {
                     rparts.headers.insert(X_REQUEST_ID, v);
                 }

@@ -2,6 +2,8 @@
 //! route with a host beats one without) and whose path prefix is longest.
 
 use crate::pool::Pool;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use shoal_core::settings::HeaderRules;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +16,48 @@ pub struct Route {
     pub pool: Arc<Pool>,
     pub request_timeout: Duration,
     pub max_body_bytes: u64,
+    /// Header rules for requests sent upstream.
+    pub request_headers: HeaderEdits,
+    /// Header rules for responses to clients.
+    pub response_headers: HeaderEdits,
+}
+
+/// A route's header rules, checked and ready to apply.
+#[derive(Debug, Default)]
+pub struct HeaderEdits {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderEdits {
+    /// Checks `rules`; the error names the bad entry under `key`.
+    pub fn new(rules: &HeaderRules, key: &str) -> Result<HeaderEdits, (String, String)> {
+        let name = |n: &str, key: String| {
+            HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| (key, format!("`{n}` is not a valid header name")))
+        };
+        let mut edits = HeaderEdits::default();
+        for (i, n) in rules.remove.iter().enumerate() {
+            edits.remove.push(name(n, format!("{key}.remove[{i}]"))?);
+        }
+        for (n, v) in &rules.set {
+            let entry = format!("{key}.set.{n}");
+            let header = name(n, entry.clone())?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| (entry, format!("`{v}` is not a valid header value")))?;
+            edits.set.push((header, value));
+        }
+        Ok(edits)
+    }
+
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 impl Route {

@@ -62,6 +62,7 @@ pub async fn proxy(
     let (parts, _body) = req.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
     let mut headers = upstream_headers(&parts.headers, host.as_deref(), client_addr, &request_id);
+    route.request_headers.apply(&mut headers);
     if let Some(p) = protocol {
         headers.insert(header::UPGRADE, p);
     }
@@ -166,6 +167,7 @@ pub async fn proxy(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
+        route.response_headers.apply(&mut rparts.headers);
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             rparts.headers.insert(X_REQUEST_ID, v);
         }
@@ -179,6 +181,7 @@ pub async fn proxy(
     let mut out = response.headers().clone();
     let accepted = out.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut out);
+    route.response_headers.apply(&mut out);
     if let Some(p) = accepted {
         out.insert(header::UPGRADE, p);
     }

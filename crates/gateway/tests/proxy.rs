@@ -530,9 +530,16 @@ async fn the_remaining_deadline_goes_upstream_and_a_callers_shorter_one_counts()
     let r = client.get(&gw.url("/fast")).await;
     assert_eq!(r.status, StatusCode::OK);
     let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
-    let left: u64 = seen["x-shoal-deadline-ms"].to_str().unwrap().parse().unwrap();
+    let left: u64 = seen["x-shoal-deadline-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=5000).contains(&left), "deadline sent upstream: {left}");
-    assert!(left > 4000, "little of the 5 s was spent before sending: {left}");
+    assert!(
+        left > 4000,
+        "little of the 5 s was spent before sending: {left}"
+    );
 
     // A caller's own deadline of 250 ms is shorter than the route's 5 s:
     // the upstream is told so, and the gateway gives up at it.
@@ -549,6 +556,74 @@ async fn the_remaining_deadline_goes_upstream_and_a_callers_shorter_one_counts()
         started.elapsed()
     );
     let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
-    let left: u64 = seen["x-shoal-deadline-ms"].to_str().unwrap().parse().unwrap();
-    assert!((1..=250).contains(&left), "caller's deadline sent upstream: {left}");
+    let left: u64 = seen["x-shoal-deadline-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=250).contains(&left),
+        "caller's deadline sent upstream: {left}"
+    );
+}
+
+#[tokio::test]
+async fn route_header_rules_edit_requests_and_responses() {
+    let up = Upstream::start("a").await;
+    let rules = json!({"routes": [
+        {"prefix": "/api/", "pool": "default",
+         "request_headers": {"set": {"x-env": "prod"}, "remove": ["x-debug"]},
+         "response_headers": {"set": {"strict-transport-security": "max-age=63072000"},
+                              "remove": ["x-upstream"]}},
+        {"prefix": "/", "pool": "default"}
+    ]});
+    let gw = TestGateway::start(settings(&[up.url()], rules)).await;
+    let client = TestClient::default();
+    let send = |path: &str| {
+        Request::get(gw.url(path))
+            .header("x-debug", "1")
+            .header("x-env", "dev")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+
+    let r = client.send(send("/api/items")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers["strict-transport-security"], "max-age=63072000");
+    assert!(
+        r.headers.get("x-upstream").is_none(),
+        "removed from the response"
+    );
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-env"], "prod", "set replaces the client's value");
+    assert!(seen.get("x-debug").is_none(), "removed from the request");
+
+    // Another route: untouched.
+    let r = client.send(send("/other")).await;
+    assert_eq!(r.headers["x-upstream"], "a");
+    assert!(r.headers.get("strict-transport-security").is_none());
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        (
+            seen["x-env"].to_str().unwrap(),
+            seen["x-debug"].to_str().unwrap()
+        ),
+        ("dev", "1")
+    );
+}
+
+#[tokio::test]
+async fn a_bad_header_rule_is_refused_with_its_key() {
+    let bad = json!({"routes": [
+        {"prefix": "/", "pool": "default",
+         "response_headers": {"set": {"bad header": "x"}}}
+    ]});
+    let err = shoal_gateway::Gateway::bind(settings(&["http://127.0.0.1:9".into()], bad))
+        .await
+        .expect_err("a header name with a space is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("gateway.routes[0].response_headers.set.bad header"),
+        "{text}"
+    );
 }
