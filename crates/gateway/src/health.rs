@@ -86,7 +86,7 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
             }
         }
         let state = shared.load();
-        let client: &UpstreamClient = &state.client;
+        let clients = &state.client;
         let pools: &[Arc<Pool>] = &state.pools;
         let path = state.settings.health_path.clone();
         let timeout = Duration::from_millis(state.settings.health_timeout_ms);
@@ -97,7 +97,7 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
                 pool.expire_registrations(now);
                 let instances = pool.instances();
                 let checks = instances.iter().map(|instance| async move {
-                    let outcome = check(client, instance, path, timeout).await;
+                    let outcome = check(clients.for_pool(pool), instance, path, timeout).await;
                     if instance.record_check(outcome, &pool.config, Instant::now()) {
                         tracing::info!(
                             pool = %pool.name,

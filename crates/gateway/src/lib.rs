@@ -278,19 +278,28 @@ async fn handle(
     admission.hold(proxy::proxy(state, client_addr, req, request_id, started).await)
 }
 
-/// An upstream client (keep-alive pool) with the settings' connect timeout
-/// and idle connections per instance.
-pub(crate) fn upstream_client(settings: &GatewaySettings) -> proxy::UpstreamClient {
+/// The upstream clients (keep-alive pools) with the settings' connect
+/// timeout and idle connections per instance: HTTP/1.1, and HTTP/2 with
+/// prior knowledge for `protocol = "h2c"` pools.
+pub(crate) fn upstream_clients(settings: &GatewaySettings) -> proxy::UpstreamClients {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_millis(
         settings.connect_timeout_ms.max(1),
     )));
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(settings.upstream_idle_per_instance)
-        .build(connector)
+    let client = |h2c: bool| {
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(settings.upstream_idle_per_instance)
+            .http2_only(h2c)
+            .timer(TokioTimer::new())
+            .build(connector.clone())
+    };
+    proxy::UpstreamClients {
+        http1: client(false),
+        h2c: client(true),
+    }
 }
 
 /// Builds the client, pools and routes from validated settings.
@@ -357,12 +366,9 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
                 }
             }
         }
-        pools.push(Arc::new(Pool::new(
-            p.name.clone(),
-            balancer,
-            config.clone(),
-            instances,
-        )));
+        let mut pool = Pool::new(p.name.clone(), balancer, config.clone(), instances);
+        pool.h2c = p.protocol == shoal_core::settings::UpstreamProtocol::H2c;
+        pools.push(Arc::new(pool));
     }
 
     let default_timeout = Duration::from_millis(settings.request_timeout_ms);
@@ -426,7 +432,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         ));
     }
 
-    let client = upstream_client(&settings);
+    let client = upstream_clients(&settings);
     Ok(GatewayState {
         cache: cache::HttpCache::from_settings(&settings),
         limits: limits::Limits::new(&settings),

@@ -421,6 +421,8 @@ pub struct Pool {
     /// its last resolution gave.
     dns: Mutex<std::collections::HashMap<String, Vec<String>>>,
     pub metrics: PoolMetrics,
+    /// Instances speak HTTP/2 with prior knowledge (`protocol = "h2c"`).
+    pub h2c: bool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -452,6 +454,7 @@ impl Pool {
             budget,
             dns: Mutex::default(),
             metrics: PoolMetrics::default(),
+            h2c: false,
         }
     }
 

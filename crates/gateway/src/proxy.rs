@@ -24,13 +24,31 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The upstream HTTP client: one keep-alive pool shared by every pool.
+/// An upstream HTTP client: a keep-alive pool shared by every pool.
 pub type UpstreamClient = Client<HttpConnector, Body>;
+
+/// The upstream clients of one thread (`workers.rs`) or of the state.
+#[derive(Clone)]
+pub struct UpstreamClients {
+    pub http1: UpstreamClient,
+    /// HTTP/2 with prior knowledge, for `protocol = "h2c"` pools.
+    pub h2c: UpstreamClient,
+}
+
+impl UpstreamClients {
+    pub fn for_pool(&self, pool: &Pool) -> &UpstreamClient {
+        if pool.h2c {
+            &self.h2c
+        } else {
+            &self.http1
+        }
+    }
+}
 
 /// Everything a request needs, shared by every connection.
 pub struct GatewayState {
     pub settings: GatewaySettings,
-    pub client: UpstreamClient,
+    pub client: UpstreamClients,
     pub router: Router,
     pub pools: Vec<Arc<Pool>>,
     /// Set when shutdown began: `/_gateway/readyz` answers 503. Shared by
@@ -444,8 +462,11 @@ pub(crate) async fn forward<'s>(
 
         let guard = instance.start();
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(left, crate::workers::request(&state.client, upstream_req)).await;
+        let result = tokio::time::timeout(
+            left,
+            crate::workers::request(&state.client, pool, upstream_req),
+        )
+        .await;
         match result {
             Ok(Ok(response)) => {
                 instance.observe_latency(sent.elapsed());

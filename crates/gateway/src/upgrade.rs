@@ -105,7 +105,7 @@ pub async fn proxy(
         let sent = Instant::now();
         match tokio::time::timeout(
             route.request_timeout,
-            crate::workers::request(&state.client, upstream_req),
+            crate::workers::request(&state.client, &pool, upstream_req),
         )
         .await
         {

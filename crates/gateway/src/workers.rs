@@ -14,7 +14,8 @@
 //! two threads slower than one (bench/README.md, "Gateway").
 
 use crate::listener::Connections;
-use crate::proxy::UpstreamClient;
+use crate::pool::Pool;
+use crate::proxy::UpstreamClients;
 use shoal_core::settings::GatewaySettings;
 use std::cell::OnceCell;
 use std::future::Future;
@@ -28,15 +29,17 @@ thread_local! {
     /// A worker thread's own upstream client: its connections are made,
     /// pooled and driven on this thread's runtime. Unset on the accepting
     /// thread, which uses the state's client.
-    static LOCAL_CLIENT: OnceCell<UpstreamClient> = const { OnceCell::new() };
+    static LOCAL_CLIENT: OnceCell<UpstreamClients> = const { OnceCell::new() };
 }
 
-/// Sends `req` upstream through this thread's client, else `shared`.
+/// Sends `req` to an instance of `pool` through this thread's clients,
+/// else `shared`.
 pub(crate) fn request(
-    shared: &UpstreamClient,
+    shared: &UpstreamClients,
+    pool: &Pool,
     req: http::Request<crate::body::Body>,
 ) -> hyper_util::client::legacy::ResponseFuture {
-    LOCAL_CLIENT.with(|local| local.get().unwrap_or(shared).request(req))
+    LOCAL_CLIENT.with(|local| local.get().unwrap_or(shared).for_pool(pool).request(req))
 }
 
 /// The threads that serve connections: `workers`, or one per core for 0.
@@ -85,7 +88,7 @@ pub(crate) fn start(
     let mut workers = Vec::with_capacity(extra);
     for i in 1..=extra {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = crate::upstream_client(settings);
+        let client = crate::upstream_clients(settings);
         let connections = Arc::clone(&connections);
         let spawned = std::thread::Builder::new()
             .name(format!("shoal-gw-{i}"))
@@ -104,7 +107,7 @@ pub(crate) fn start(
 
 fn run(
     mut rx: mpsc::UnboundedReceiver<(std::net::TcpStream, ServeFn)>,
-    client: UpstreamClient,
+    client: UpstreamClients,
     connections: Arc<Connections>,
     grace: Duration,
 ) {

@@ -627,3 +627,33 @@ async fn a_bad_header_rule_is_refused_with_its_key() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_h2c_pool_is_spoken_to_in_http2() {
+    let up = Upstream::start("a").await;
+    let pools = json!({"pools": [{"name": "default", "upstreams": [up.url()], "protocol": "h2c"}]});
+    let gw = TestGateway::start(settings(&[], pools)).await;
+    let client = TestClient::default();
+    let replies = futures_util::future::join_all((0..8).map(|i| {
+        let client = client.clone();
+        let url = gw.url(&format!("/h2/{i}"));
+        async move { client.get(&url).await }
+    }))
+    .await;
+    for r in replies {
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "a"));
+        assert_eq!(r.headers["x-upstream"], "a");
+    }
+    assert_eq!(
+        *up.state.last_version.lock().unwrap(),
+        Some(http::Version::HTTP_2)
+    );
+    // And an HTTP/1.1 pool stays HTTP/1.1.
+    let up1 = Upstream::start("b").await;
+    let gw1 = TestGateway::start(settings(&[up1.url()], json!({}))).await;
+    assert_eq!(client.get(&gw1.url("/h1")).await.status, StatusCode::OK);
+    assert_eq!(
+        *up1.state.last_version.lock().unwrap(),
+        Some(http::Version::HTTP_11)
+    );
+}

@@ -257,6 +257,26 @@ pub struct PoolSettings {
     pub name: String,
     /// Upstream base URLs such as `http://127.0.0.1:3001`.
     pub upstreams: Vec<String>,
+    /// How to talk to the instances: HTTP/1.1 (default) or HTTP/2 over
+    /// cleartext with prior knowledge (`h2c`), one multiplexed connection
+    /// per instance and thread.
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub protocol: UpstreamProtocol,
+}
+
+/// The protocol a pool's instances are spoken to in.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+impl UpstreamProtocol {
+    pub fn is_default(&self) -> bool {
+        *self == UpstreamProtocol::Http1
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -11,7 +11,9 @@ mod notifications;
 mod payments;
 
 pub use cache::{BusBackend, CacheSettings, CatalogSettings};
-pub use gateway::{GatewaySettings, HeaderRules, PoolSettings, RateLimitSettings, RouteSettings};
+pub use gateway::{
+    GatewaySettings, HeaderRules, PoolSettings, RateLimitSettings, RouteSettings, UpstreamProtocol,
+};
 pub use load::{load, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};
 pub use notifications::NotificationsSettings;

@@ -165,7 +165,7 @@ async fn fan_out(state: &GatewayState, cache: &HttpCache, body: &Bytes) -> Vec<s
         let mut req = Request::new(full(body.clone()));
         *req.method_mut() = Method::POST;
         let uri = url.parse::<http::Uri>();
-        let client = state.client.clone();
+        let client = state.client.http1.clone();
         let token = cache.settings.admin_token.clone();
         let timeout = cache.settings.purge_peer_timeout;
         async move {

@@ -34,6 +34,8 @@ pub struct UpstreamState {
     pub delay_ms: AtomicU64,
     /// Headers of the last ordinary request.
     pub last_headers: Mutex<Option<HeaderMap>>,
+    /// HTTP version of the last ordinary request.
+    pub last_version: Mutex<Option<http::Version>>,
 }
 
 /// An HTTP upstream on 127.0.0.1.
@@ -79,8 +81,11 @@ impl Upstream {
                             let state = Arc::clone(&state);
                             async move { Ok::<_, Infallible>(answer(state, req).await) }
                         });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service);
+                        // HTTP/1.1, or HTTP/2 with prior knowledge (h2c pools).
+                        let builder = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        );
+                        let conn = builder.serve_connection(TokioIo::new(stream), service);
                         tokio::select! {
                             // Dropping the connection closes the socket, as a killed process would.
                             _ = stop.cancelled() => {}
@@ -147,6 +152,7 @@ async fn answer(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
     }
     state.hits.fetch_add(1, Ordering::SeqCst);
     *state.last_headers.lock().unwrap() = Some(req.headers().clone());
+    *state.last_version.lock().unwrap() = Some(req.version());
     let delay = if path.ends_with("/slow") {
         3_000
     } else {
