@@ -226,61 +226,35 @@ where
     S::Future: Send + 'static,
 {
     move |stream| {
-        Box::pin(serve_stream(
-            builder,
-            stream,
-            client,
-            service,
-            activity,
-            idle_timeout,
-            info,
-        ))
-    }
-}
-
-async fn serve_stream<S>(
-    builder: Arc<Builder<TokioExecutor>>,
-    stream: TcpStream,
-    client: SocketAddr,
-    service: S,
-    activity: Arc<Activity>,
-    idle_timeout: Option<Duration>,
-    info: ConnInfo,
-) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::body::Body>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let mut closing = false;
-    let check_every = idle_timeout
-        .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
-        .unwrap_or(Duration::from_secs(3600));
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(client = %client, error = %e, "client connection ended with an error");
-                }
-                return;
-            }
-            _ = info.closing.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
-                let limit = idle_timeout.unwrap_or_default();
-                if activity.idle_for().is_some_and(|idle| idle >= limit) {
-                    tracing::debug!(client = %client, "closing an idle client connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+        Box::pin(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let mut closing = false;
+            let check_every = idle_timeout
+                .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+                .unwrap_or(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(client = %client, error = %e, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = info.closing.cancelled(), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
+                        let limit = idle_timeout.unwrap_or_default();
+                        if activity.idle_for().is_some_and(|idle| idle >= limit) {
+                            tracing::debug!(client = %client, "closing an idle client connection");
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
                 }
             }
-        }
+        })
     }
 }
