@@ -290,6 +290,7 @@ impl Cli {
                     s.gateway.pools = vec![PoolSettings {
                         name: "default".into(),
                         upstreams: a.to.clone(),
+                        protocol: Default::default(),
                     }];
                     s.gateway.routes.clear();
                 }
