@@ -16,6 +16,32 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The gateway runs one single-threaded runtime per thread of its own
+/// (`shoal_gateway::Gateway::run`); this one accepts and serves its share.
+/// Workers and `shoal jobs` run one single-threaded event loop unless
+/// `worker.threads` says otherwise: on 2 cores `shoal jobs bench` drained
+/// SQLite 2.1x and PostgreSQL 1.4x faster than on the work-stealing
+/// runtime (ARCHITECTURE.md). Services keep the work-stealing runtime.
+fn runtime_for(
+    command: &cli::Command,
+    settings: &shoal_core::settings::Settings,
+) -> tokio::runtime::Builder {
+    match command {
+        cli::Command::Gateway(_) => tokio::runtime::Builder::new_current_thread(),
+        cli::Command::Worker(_) | cli::Command::Jobs(_) => match settings.worker.threads {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                if n > 0 {
+                    b.worker_threads(n);
+                }
+                b
+            }
+        },
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let settings = match cli.settings() {
@@ -30,12 +56,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     shoal_core::telemetry::init_logging(&settings.log);
-    // The gateway runs one single-threaded runtime per worker thread
-    // (`shoal_gateway::Gateway::run`); this one accepts and runs its share.
-    let mut builder = match &cli.command {
-        cli::Command::Gateway(_) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
+    let mut builder = runtime_for(&cli.command, &settings);
     builder.enable_all();
     let runtime = match builder.build() {
         Ok(r) => r,

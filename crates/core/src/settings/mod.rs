@@ -254,6 +254,11 @@ pub struct WorkerSettings {
     pub shutdown_timeout_secs: u64,
     /// Address of the worker's health and metrics endpoint. Port 0 picks one.
     pub listen: SocketAddr,
+    /// Runtime threads of a worker process (and of `shoal jobs`): 1, the
+    /// default, is one single-threaded event loop, the fastest per core
+    /// (run more worker processes to use more cores); more is a
+    /// work-stealing runtime with that many threads; 0 is one per core.
+    pub threads: usize,
 }
 
 impl Default for WorkerSettings {
@@ -272,6 +277,7 @@ impl Default for WorkerSettings {
             housekeeping_interval_secs: 60,
             shutdown_timeout_secs: 20,
             listen: "127.0.0.1:0".parse().unwrap(),
+            threads: 1,
         }
     }
 }
