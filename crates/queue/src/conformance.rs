@@ -1109,3 +1109,66 @@ pub async fn idle_worker_wakes_on_enqueue_elsewhere(factory: &dyn StoreFactory) 
         lat[2]
     );
 }
+
+/// A batch enqueue answers for each job in order (a unique key already
+/// taken answers with the existing job), every created job can be
+/// claimed, and a batch with one invalid job enqueues nothing.
+pub async fn enqueue_many_answers_each_job(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    let q = queue_name();
+    let key = format!("key-{q}");
+    let first = store
+        .enqueue(NewJob::new(&q, "noop", json!(0)).unique_key(&key))
+        .await
+        .expect("enqueue");
+    let batch: Vec<NewJob> = (1..=5)
+        .map(|i| NewJob::new(&q, "noop", json!(i)))
+        .chain([NewJob::new(&q, "noop", json!(6)).unique_key(&key)])
+        .collect();
+    let out = store.enqueue_many(batch).await.expect("enqueue_many");
+    assert_eq!(out.len(), 6, "one answer per job");
+    assert!(out[..5].iter().all(|e| e.created), "{out:?}");
+    assert_eq!(
+        (out[5].id.as_str(), out[5].created),
+        (first.id.as_str(), false),
+        "a taken unique key answers with the existing job"
+    );
+    for (i, e) in out[..5].iter().enumerate() {
+        let job = store.get(&e.id).await.unwrap().expect("stored");
+        assert_eq!(
+            job.payload,
+            json!(i + 1),
+            "answers are in the batch's order"
+        );
+    }
+    let mut claimed = Vec::new();
+    let started = Instant::now();
+    while claimed.len() < 6 && started.elapsed() < Duration::from_secs(10) {
+        let got = store
+            .claim(&q, 10, Duration::from_secs(30), "w")
+            .await
+            .unwrap();
+        if got.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        claimed.extend(got);
+    }
+    assert_eq!(claimed.len(), 6, "the first job and five new ones");
+
+    let bad = vec![
+        NewJob::new(&q, "noop", json!(7)),
+        NewJob::new("not a queue name", "noop", json!(8)),
+    ];
+    assert!(
+        store.enqueue_many(bad).await.is_err(),
+        "an invalid job fails the batch"
+    );
+    let stats = store.stats().await.unwrap();
+    let s = stats
+        .iter()
+        .find(|s| s.queue == q)
+        .expect("the queue's stats");
+    let total =
+        s.scheduled + s.available + s.running + s.retrying + s.succeeded + s.dead + s.cancelled;
+    assert_eq!(total, 6, "and nothing of it was enqueued: {s:?}");
+}

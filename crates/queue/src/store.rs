@@ -19,6 +19,23 @@ pub trait JobStore: Send + Sync + std::fmt::Debug {
     /// Stores a new job (or finds the one with the same unique key).
     async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError>;
 
+    /// Enqueues several jobs, answering for each in order as
+    /// [`JobStore::enqueue`] would. Every job is checked first: one invalid
+    /// job fails the call and enqueues nothing. The SQL store writes them
+    /// in one transaction (all or none); the default, used by NATS, sends
+    /// them 64 at a time and is not atomic: an error may leave some
+    /// enqueued, so give jobs unique keys to make a retry of the batch safe.
+    async fn enqueue_many(&self, jobs: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
+        use futures_util::{StreamExt, TryStreamExt};
+        for job in &jobs {
+            job.validate()?;
+        }
+        futures_util::stream::iter(jobs.into_iter().map(|job| self.enqueue(job)))
+            .buffered(64)
+            .try_collect()
+            .await
+    }
+
     /// Claims up to `max` runnable jobs of `queue`, highest priority and
     /// earliest `run_at` first, each with a fresh lease until now + `lease`.
     /// Jobs whose lease has expired (their worker died) are claimed again;

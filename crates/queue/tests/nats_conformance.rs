@@ -69,6 +69,9 @@ on_nats!(nats_enqueue_claim_complete, |f| {
 on_nats!(nats_complete_many_matches_each_lease, |f| {
     conformance::complete_many_matches_each_lease(&f).await
 });
+on_nats!(nats_enqueue_many_answers_each_job, |f| {
+    conformance::enqueue_many_answers_each_job(&f).await
+});
 on_nats!(nats_trace_follows_enqueue_into_run, |f| {
     conformance::trace_follows_enqueue_into_run(&f).await
 });

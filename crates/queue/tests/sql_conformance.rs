@@ -76,6 +76,11 @@ on_both!(
     |f| { conformance::complete_many_matches_each_lease(&f).await }
 );
 on_both!(
+    sqlite_enqueue_many_answers_each_job,
+    postgres_enqueue_many_answers_each_job,
+    |f| { conformance::enqueue_many_answers_each_job(&f).await }
+);
+on_both!(
     sqlite_claim_takes_lapsed_then_priority,
     postgres_claim_takes_lapsed_then_priority,
     |f| { conformance::claim_takes_lapsed_then_priority(&f).await }

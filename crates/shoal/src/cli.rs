@@ -221,8 +221,9 @@ pub enum JobsCommand {
     Cancel { id: String },
     /// Per-queue depth, oldest age and counts by state.
     Stats,
-    /// Enqueue N no-op jobs, run them, and print enqueue and completion
-    /// rates and enqueue-to-start latency.
+    /// Enqueue N no-op jobs (in batches of 1,000), run them with one
+    /// worker of C slots, and print enqueue and completion rates and
+    /// enqueue-to-start latency.
     Bench {
         /// sqlite, postgres (uses database.url) or nats.
         #[arg(long, default_value = "sqlite")]
