@@ -1121,17 +1121,33 @@ pub async fn enqueue_many_answers_each_job(factory: &dyn StoreFactory) {
         .enqueue(NewJob::new(&q, "noop", json!(0)).unique_key(&key))
         .await
         .expect("enqueue");
+    let key2 = format!("key2-{q}");
     let batch: Vec<NewJob> = (1..=5)
         .map(|i| NewJob::new(&q, "noop", json!(i)))
-        .chain([NewJob::new(&q, "noop", json!(6)).unique_key(&key)])
+        .chain([
+            NewJob::new(&q, "noop", json!(6)).unique_key(&key),
+            NewJob::new(&q, "noop", json!(7)).unique_key(&key2),
+            NewJob::new(&q, "noop", json!(8)).unique_key(&key2),
+            NewJob::new(&q, "noop", json!(9)).delay(Duration::from_secs(600)),
+        ])
         .collect();
     let out = store.enqueue_many(batch).await.expect("enqueue_many");
-    assert_eq!(out.len(), 6, "one answer per job");
+    assert_eq!(out.len(), 9, "one answer per job");
     assert!(out[..5].iter().all(|e| e.created), "{out:?}");
     assert_eq!(
         (out[5].id.as_str(), out[5].created),
         (first.id.as_str(), false),
         "a taken unique key answers with the existing job"
+    );
+    // A key twice in one batch: one job, created once (which of the two
+    // creates it is not defined where the default sends them at once).
+    assert_eq!(out[6].id, out[7].id, "{out:?}");
+    assert!(out[6].created != out[7].created, "{out:?}");
+    assert!(out[8].created);
+    assert_eq!(
+        state_of(&*store, &out[8].id).await,
+        Some(JobState::Scheduled),
+        "a delayed job in a batch is scheduled"
     );
     for (i, e) in out[..5].iter().enumerate() {
         let job = store.get(&e.id).await.unwrap().expect("stored");
@@ -1143,7 +1159,7 @@ pub async fn enqueue_many_answers_each_job(factory: &dyn StoreFactory) {
     }
     let mut claimed = Vec::new();
     let started = Instant::now();
-    while claimed.len() < 6 && started.elapsed() < Duration::from_secs(10) {
+    while claimed.len() < 7 && started.elapsed() < Duration::from_secs(10) {
         let got = store
             .claim(&q, 10, Duration::from_secs(30), "w")
             .await
@@ -1153,7 +1169,11 @@ pub async fn enqueue_many_answers_each_job(factory: &dyn StoreFactory) {
         }
         claimed.extend(got);
     }
-    assert_eq!(claimed.len(), 6, "the first job and five new ones");
+    assert_eq!(
+        claimed.len(),
+        7,
+        "the first job, five new ones and the keyed one"
+    );
 
     let bad = vec![
         NewJob::new(&q, "noop", json!(7)),
@@ -1170,5 +1190,5 @@ pub async fn enqueue_many_answers_each_job(factory: &dyn StoreFactory) {
         .expect("the queue's stats");
     let total =
         s.scheduled + s.available + s.running + s.retrying + s.succeeded + s.dead + s.cancelled;
-    assert_eq!(total, 6, "and nothing of it was enqueued: {s:?}");
+    assert_eq!(total, 8, "and nothing of it was enqueued: {s:?}");
 }
