@@ -325,6 +325,18 @@ const INSERT_JOB: &str = "INSERT INTO shoal_jobs (id, queue, kind, payload, prio
      VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, '[]', $12)
      ON CONFLICT (unique_key) DO NOTHING";
 
+/// A new job's run-at time and first state: scheduled when it is to run
+/// later than `now`.
+fn start_of(job: &NewJob, now: i64) -> (i64, JobState) {
+    let run_at = job.run_at.unwrap_or(now);
+    let state = if run_at > now {
+        JobState::Scheduled
+    } else {
+        JobState::Available
+    };
+    (run_at, state)
+}
+
 async fn insert_job(
     kind: DatabaseKind,
     conn: &mut AnyConnection,
@@ -332,12 +344,7 @@ async fn insert_job(
 ) -> Result<Enqueued, QueueError> {
     job.validate()?;
     let now = now_millis();
-    let run_at = job.run_at.unwrap_or(now);
-    let state = if run_at > now {
-        JobState::Scheduled
-    } else {
-        JobState::Available
-    };
+    let (run_at, state) = start_of(&job, now);
     let id = shoal_core::ids::new_id();
     let inserted = sqlx::query(INSERT_JOB)
         .bind(&id)
@@ -394,12 +401,7 @@ async fn insert_jobs(
     let mut ids = Vec::with_capacity(jobs.len());
     let mut rows = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let run_at = job.run_at.unwrap_or(now);
-        let state = if run_at > now {
-            JobState::Scheduled
-        } else {
-            JobState::Available
-        };
+        let (run_at, state) = start_of(job, now);
         let id = shoal_core::ids::new_id();
         rows.push(serde_json::json!([
             id,
