@@ -60,7 +60,9 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Moves `stream` to this worker's runtime and serves it there.
+    /// Moves `stream` to this worker's runtime and serves it there; if the
+    /// worker is gone (its runtime could not start), serves it on the
+    /// calling thread instead.
     pub(crate) fn hand_over<F>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static,
@@ -69,8 +71,16 @@ impl Worker {
         // over the bare socket and register it again over there.
         match stream.into_std() {
             Ok(std) => {
-                if self.tx.send((std, Box::new(serve))).is_err() {
-                    tracing::warn!("a gateway worker thread is gone; connection dropped");
+                if let Err(mpsc::error::SendError((std, serve))) =
+                    self.tx.send((std, Box::new(serve)))
+                {
+                    tracing::warn!("a gateway worker thread is gone; serving here");
+                    match TcpStream::from_std(std) {
+                        Ok(stream) => {
+                            tokio::spawn(serve(stream));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot serve a connection"),
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
