@@ -89,6 +89,12 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a
+    // hashed removal of each of the nine.
+    let any = headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str()));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -358,8 +364,12 @@ pub(crate) async fn forward<'s>(
     let budget = caller_deadline(&parts.headers)
         .map_or(route.request_timeout, |d| d.min(route.request_timeout));
     let deadline = Instant::now() + budget;
-    let mut headers = upstream_headers(&parts.headers, host, client_addr, request_id);
-    route.request_headers.apply(&mut headers);
+    let headers_for_upstream = || {
+        let mut h = upstream_headers(&parts.headers, host, client_addr, request_id);
+        route.request_headers.apply(&mut h);
+        h
+    };
+    let mut headers = headers_for_upstream();
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -450,7 +460,13 @@ pub(crate) async fn forward<'s>(
         *upstream_req.method_mut() = parts.method.clone();
         *upstream_req.uri_mut() = uri;
         *upstream_req.version_mut() = Version::HTTP_11;
-        *upstream_req.headers_mut() = headers.clone();
+        // The first attempt takes the headers; a retry (rare) builds
+        // them again.
+        *upstream_req.headers_mut() = if outcome.attempts == 1 {
+            std::mem::take(&mut headers)
+        } else {
+            headers_for_upstream()
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return deadline_passed(instance.url.as_str(), budget, outcome, request_id);

@@ -284,6 +284,11 @@ async fn post_is_retried_when_the_connection_never_opened() {
     let client = TestClient::default();
     let r = client.send(post(&gw.url("/echo"), None)).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "{\"n\":1}"));
+    // The replay carries the same forwarding headers as a first attempt.
+    let seen = good.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-request-id"], r.headers["x-request-id"]);
+    assert!(seen.contains_key("x-shoal-deadline-ms"));
 }
 
 #[tokio::test]
