@@ -257,7 +257,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// What the access log and the metrics record about one request.
 pub(crate) struct Outcome<'a> {
-    pub(crate) pool: &'a str,
+    /// The routed pool; `None` before routing or when no route matched.
+    pub(crate) pool: Option<&'a Pool>,
     pub(crate) upstream: Option<String>,
     pub(crate) attempts: u32,
     pub(crate) cause: Option<String>,
@@ -282,9 +283,9 @@ pub async fn proxy(
     started: Instant,
 ) -> Response<Body> {
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let uri = req.uri().clone();
     let mut outcome = Outcome {
-        pool: "-",
+        pool: None,
         upstream: None,
         attempts: 0,
         cause: None,
@@ -300,20 +301,21 @@ pub async fn proxy(
     };
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    match state.pool(outcome.pool) {
+    let pool_name = outcome.pool.map_or("-", |p| p.name.as_str());
+    match outcome.pool {
         Some(pool) => pool.metrics.record(&pool.name, status, elapsed),
         None => {
-            crate::pool::requests_counter(outcome.pool, status).increment(1);
-            metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => outcome.pool.to_string())
+            crate::pool::requests_counter(pool_name, status).increment(1);
+            metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => pool_name.to_string())
                 .record(elapsed.as_secs_f64());
         }
     }
     tracing::info!(
         target: "shoal_gateway::access",
         method = %method,
-        path = %path,
+        path = uri.path(),
         status,
-        pool = outcome.pool,
+        pool = pool_name,
         upstream = outcome.upstream.as_deref().unwrap_or("-"),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         request_id = %request_id,
@@ -345,7 +347,7 @@ pub(crate) async fn forward<'s>(
         );
     };
     let pool = &route.pool;
-    outcome.pool = &pool.name;
+    outcome.pool = Some(pool);
 
     let content_length = parts
         .headers

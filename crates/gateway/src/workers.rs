@@ -10,7 +10,7 @@
 //! connection's task, the upstream connection's task and the response
 //! path in turn; with work stealing those hops cross threads (and the
 //! pooled upstream connection may live on another thread than the client
-//! connection), which cost 20–25% of the throughput at one thread and made
+//! connection), which cost 16–22% of the throughput at one thread and made
 //! two threads slower than one (bench/README.md, "Gateway").
 
 use crate::listener::Connections;
@@ -52,8 +52,10 @@ pub(crate) fn count(workers: usize) -> usize {
 
 type ServeFn = Box<dyn FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// A worker thread, fed accepted connections through a channel. Dropping
-/// every handle ends its intake; it then waits for the open connections
+/// A worker thread, fed accepted connections through a channel. The
+/// channel has no bound of its own, but each connection in it already
+/// holds its place in the connection count, so at most `max_connections`
+/// wait there. Dropping every handle ends its intake; it then waits for the open connections
 /// (at most the shutdown grace period) and stops.
 pub(crate) struct Worker {
     tx: mpsc::UnboundedSender<(std::net::TcpStream, ServeFn)>,

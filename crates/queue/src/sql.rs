@@ -567,7 +567,12 @@ impl JobStore for SqlJobStore {
         }
         let queues: Vec<String> = jobs.iter().map(|j| j.queue.clone()).collect();
         let mut tx = self.db.pool().begin().await?;
-        let out = insert_jobs(self.db.kind(), &mut tx, &jobs).await?;
+        // Statements of at most 1,000 rows, however large the batch: the
+        // rows travel as one JSON parameter.
+        let mut out = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(1000) {
+            out.extend(insert_jobs(self.db.kind(), &mut tx, chunk).await?);
+        }
         tx.commit().await?;
         let mut created: std::collections::BTreeMap<&str, u64> = Default::default();
         for (queue, e) in queues.iter().zip(&out) {

@@ -308,7 +308,7 @@ pub(crate) async fn serve<'s>(
         return finish(r, "shoal; fwd=request; detail=range");
     }
     if let Some(route) = state.router.find(Some(&host), &path) {
-        outcome.pool = &route.pool.name;
+        outcome.pool = Some(&route.pool);
     }
 
     let (parts, _no_body) = req.into_parts();
@@ -585,7 +585,7 @@ impl<'s, 'r> Ctx<'s, 'r> {
             // The generation of the request; carry_from shares the core.
             debug_assert!(Arc::ptr_eq(&cache.core, &core));
             let mut outcome = Outcome {
-                pool: "-",
+                pool: None,
                 upstream: None,
                 attempts: 0,
                 cause: None,
