@@ -7,8 +7,6 @@ use crate::proxy::GatewayState;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use shoal_core::Problem;
 use std::net::SocketAddr;
@@ -22,7 +20,7 @@ const ADMIN_BODY_LIMIT: usize = 16 * 1024;
 pub async fn handle(
     state: Arc<GatewayState>,
     client_addr: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<Body>,
     request_id: &str,
 ) -> Response<Body> {
     let path = req.uri().path().trim_start_matches("/_gateway").to_string();
@@ -116,10 +114,10 @@ fn method_not_allowed(allow: &'static str, request_id: &str) -> Response<Body> {
 
 /// With `admin_token` set, a matching bearer token is required; without
 /// it, only loopback clients may use the admin API.
-pub(crate) fn authorize(
+pub(crate) fn authorize<B>(
     state: &GatewayState,
     client_addr: SocketAddr,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     request_id: &str,
 ) -> Option<Response<Body>> {
     match &state.settings.admin_token {
@@ -164,17 +162,22 @@ struct AdminRequest {
     ttl_secs: Option<u64>,
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Problem> {
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Body>) -> Result<T, Problem> {
     let collected = tokio::time::timeout(
         Duration::from_secs(10),
-        Limited::new(req.into_body(), ADMIN_BODY_LIMIT).collect(),
+        crate::body::read_to_limit(req.into_body(), ADMIN_BODY_LIMIT),
     )
     .await
     .map_err(|_| Problem::bad_request("the request body did not arrive in time"))?
-    .map_err(|_| {
-        Problem::payload_too_large(format!("admin bodies are at most {ADMIN_BODY_LIMIT} bytes"))
+    .map_err(|e| match e {
+        crate::body::ReadError::TooLarge => {
+            Problem::payload_too_large(format!("admin bodies are at most {ADMIN_BODY_LIMIT} bytes"))
+        }
+        crate::body::ReadError::Failed(e) => {
+            Problem::bad_request(format!("the request body could not be read: {e}"))
+        }
     })?;
-    let bytes: Bytes = collected.to_bytes();
+    let bytes: Bytes = collected;
     serde_json::from_slice(&bytes).map_err(|e| {
         Problem::validation(format!(
             "body must be JSON like {{\"pool\":\"default\",\"url\":\"http://127.0.0.1:3001\",\"ttl_secs\":30}}: {e}"

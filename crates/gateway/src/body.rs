@@ -110,3 +110,30 @@ impl<B: HttpBody> HttpBody for GuardedBody<B> {
         self.inner.size_hint()
     }
 }
+
+/// Why [`read_to_limit`] gave up.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Longer than the limit.
+    TooLarge,
+    /// The body broke.
+    Failed(BoxError),
+}
+
+/// Reads a whole body of at most `limit` bytes. (Written out rather than
+/// `Limited::collect`, whose error conversion rustc cannot prove `Send`
+/// inside the boxed futures of `stack.rs`.)
+pub async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, ReadError> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Failed)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(ReadError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}

@@ -3,17 +3,19 @@
 //! health-checks, ejects, retries where safe, and serves its own
 //! `/_gateway/` endpoints. See `docs/gateway.md`.
 //!
-//! The request path, in order: [`Gateway::run`] accepts a connection and
-//! serves it with hyper-util's auto builder; each request goes to
-//! `admin::handle` (under `/_gateway/`) or `proxy::proxy`, which routes
-//! (`routes`), picks an instance (`pool`, `balance`), forwards it through
-//! the shared upstream client and retries on another instance when that is
-//! safe. `health` runs beside it.
+//! The request path: [`Gateway::run`] accepts a connection, hands it to a
+//! worker thread (`workers`) and serves it with hyper-util's auto builder
+//! (`listener`: connection cap, head limits, idle timeout). Each request
+//! then goes through the tower layers that `stack` assembles in one place:
+//! connection bookkeeping, request context, the `/_gateway/` endpoints
+//! (`admin`), the access log, rate limits and load shedding (`limits`),
+//! WebSocket tunnels (`upgrade`), the HTTP cache (`cache`) and the proxy
+//! (`proxy`), which routes (`routes`), picks an instance (`pool`,
+//! `balance`), forwards it and retries on another instance when that is
+//! safe.
 //!
-//! Around it: `listener` (connection cap, head limits, idle timeout),
-//! `limits` (rate limits and load shedding before a request is routed on),
-//! `upgrade` (WebSocket tunnels), `reload` (the current generation of
-//! routes and pools behind an `ArcSwap`, swapped on SIGHUP or
+//! Beside it: `health` (active checks), `reload` (the current generation
+//! of routes and pools behind an `ArcSwap`, swapped on SIGHUP or
 //! `POST /_gateway/admin/reload`) and `dns` (pools following A/AAAA
 //! records).
 
@@ -30,14 +32,12 @@ mod proxy;
 mod registrations;
 mod reload;
 mod routes;
+mod stack;
 mod upgrade;
 mod workers;
 
 pub use reload::SettingsLoader;
 
-use body::Body;
-use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -45,11 +45,10 @@ use pool::{Instance, Pool, PoolConfig};
 use proxy::GatewayState;
 use routes::{Route, Router};
 use shoal_core::settings::GatewaySettings;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -188,24 +187,13 @@ impl Gateway {
                 _guard: Arc::new(conn_guard),
                 closing: close_all.clone(),
             };
-            let service = {
-                let shared = Arc::clone(&shared);
-                let activity = Arc::clone(&activity);
-                let conn = conn.clone();
-                hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                    // An upgraded tunnel keeps the connection counted.
-                    req.extensions_mut().insert(conn.clone());
-                    let shared = Arc::clone(&shared);
-                    let busy = activity.begin();
-                    async move {
-                        let response = handle(shared, client_addr, req).await;
-                        let (parts, body) = response.into_parts();
-                        let body: Body =
-                            http_body_util::BodyExt::boxed_unsync(limits::Holding::new(body, busy));
-                        Ok::<_, Infallible>(Response::from_parts(parts, body))
-                    }
-                })
-            };
+            // The request path: `stack.rs`, as tower layers.
+            let service = hyper_util::service::TowerToHyperService::new(stack::stack(
+                Arc::clone(&shared),
+                client_addr,
+                Arc::clone(&activity),
+                conn.clone(),
+            ));
             let serve = listener::serve(
                 Arc::clone(&listen_config.builder),
                 client_addr,
@@ -244,38 +232,6 @@ impl Gateway {
         tracing::info!("gateway stopped");
         Ok(())
     }
-}
-
-/// Every request: the gateway's own endpoints or the proxy.
-async fn handle(
-    shared: Arc<reload::Shared>,
-    client_addr: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Body> {
-    let state = shared.load();
-    let started = Instant::now();
-    let request_id = shoal_core::ids::request_id_or_new(
-        req.headers()
-            .get(body::X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok()),
-    );
-    if req.uri().path().starts_with("/_gateway/") {
-        if req.uri().path() == "/_gateway/admin/reload" {
-            return match admin::authorize(&state, client_addr, &req, &request_id) {
-                Some(denied) => denied,
-                None => reload::admin(&shared, &req, &request_id).await,
-            };
-        }
-        return admin::handle(state, client_addr, req, &request_id).await;
-    }
-    let admission = match limits::admit(&state, client_addr, &req, &request_id) {
-        Ok(a) => a,
-        Err(rejected) => return rejected,
-    };
-    if upgrade::is_upgrade(&req) {
-        return admission.hold(upgrade::proxy(state, client_addr, req, request_id).await);
-    }
-    admission.hold(proxy::proxy(state, client_addr, req, request_id, started).await)
 }
 
 /// The upstream clients (keep-alive pools) with the settings' connect

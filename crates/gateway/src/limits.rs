@@ -11,7 +11,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{header, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::BodyExt;
+
 use shoal_core::settings::{GatewaySettings, RateLimitSettings};
 use shoal_core::Problem;
 use std::collections::HashMap;
@@ -199,18 +199,15 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Keeps the permits until `response`'s body ends or is dropped.
-    pub fn hold(self, response: Response<Body>) -> Response<Body> {
-        if self.gateway.is_none() && self.pool.is_none() {
-            return response;
-        }
-        let (parts, body) = response.into_parts();
-        Response::from_parts(parts, Holding::new(body, self).boxed_unsync())
+    /// Holds a permit (else there is nothing to keep until the response
+    /// body ends).
+    pub fn holds_anything(&self) -> bool {
+        self.gateway.is_some() || self.pool.is_some()
     }
 }
 
 /// Rate limit, then concurrency caps, for a proxied request. `Err` is the
-/// 429 or 503 to answer at once.
+/// 429 or 503 to answer at once, with the routed pool in its `Outcome`.
 pub fn admit<B>(
     state: &GatewayState,
     client_addr: SocketAddr,
@@ -225,26 +222,17 @@ pub fn admit<B>(
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     let route = state.router.find(host, req.uri().path());
     let pool_name = route.map(|r| r.pool.name.as_str()).unwrap_or("-");
+    // The access log and the request metrics (`stack::AccessLog`) count
+    // the rejection; this counts why.
     let reject = |problem: Problem, what: &'static str| {
         metrics::counter!(what, "pool" => pool_name.to_string()).increment(1);
-        metrics::counter!(
-            "shoal_gateway_requests_total",
-            "pool" => pool_name.to_string(),
-            "status" => problem.status.to_string()
-        )
-        .increment(1);
-        tracing::info!(
-            target: "shoal_gateway::access",
-            method = %req.method(),
-            path = %req.uri().path(),
-            status = problem.status,
-            pool = pool_name,
-            request_id = %request_id,
-            client = %client_addr.ip(),
-            cause = problem.detail.as_deref().unwrap_or(""),
-            "request"
-        );
-        problem_response(&problem, request_id)
+        let mut response = problem_response(&problem, request_id);
+        response.extensions_mut().insert(crate::proxy::Outcome {
+            pool: route.map(|r| Arc::clone(&r.pool)),
+            cause: problem.detail.clone(),
+            ..Default::default()
+        });
+        response
     };
 
     let limiter = route

@@ -14,7 +14,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use shoal_core::settings::GatewaySettings;
@@ -255,12 +254,18 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// What the access log and the metrics record about one request.
-pub(crate) struct Outcome<'a> {
+/// What the proxy learned about one request, handed back in the
+/// response's extensions for the access log and the metrics
+/// (`stack::AccessLog`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outcome {
     /// The routed pool; `None` before routing or when no route matched.
-    pub(crate) pool: Option<&'a Pool>,
-    pub(crate) upstream: Option<String>,
+    pub(crate) pool: Option<Arc<Pool>>,
+    /// The instance of the last attempt.
+    pub(crate) upstream: Option<Arc<Instance>>,
     pub(crate) attempts: u32,
+    /// Switched protocols (a WebSocket tunnel).
+    pub(crate) upgrade: bool,
     pub(crate) cause: Option<String>,
 }
 
@@ -274,65 +279,15 @@ pub(crate) fn request_host(parts: &http::request::Parts) -> Option<&str> {
         .or_else(|| parts.uri.authority().map(|a| a.as_str()))
 }
 
-/// Handles one proxied request (everything outside `/_gateway/`).
-pub async fn proxy(
-    state: Arc<GatewayState>,
-    client_addr: SocketAddr,
-    req: Request<Incoming>,
-    request_id: String,
-    started: Instant,
-) -> Response<Body> {
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let mut outcome = Outcome {
-        pool: None,
-        upstream: None,
-        attempts: 0,
-        cause: None,
-    };
-    let response = match &state.cache {
-        Some(cache) => {
-            crate::cache::serve(&state, cache, client_addr, req, &request_id, &mut outcome).await
-        }
-        None => {
-            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
-            forward(&state, client_addr, req, &request_id, &mut outcome).await
-        }
-    };
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    let pool_name = outcome.pool.map_or("-", |p| p.name.as_str());
-    match outcome.pool {
-        Some(pool) => pool.metrics.record(&pool.name, status, elapsed),
-        None => {
-            crate::pool::requests_counter(pool_name, status).increment(1);
-            metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => pool_name.to_string())
-                .record(elapsed.as_secs_f64());
-        }
-    }
-    tracing::info!(
-        target: "shoal_gateway::access",
-        method = %method,
-        path = uri.path(),
-        status,
-        pool = pool_name,
-        upstream = outcome.upstream.as_deref().unwrap_or("-"),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        request_id = %request_id,
-        attempts = outcome.attempts,
-        client = %client_addr.ip(),
-        cause = outcome.cause.as_deref(),
-        "request"
-    );
-    response
-}
-
-pub(crate) async fn forward<'s>(
-    state: &'s GatewayState,
+/// Forwards one request to an instance of the pool its route names:
+/// body buffering for replay, instance choice, retries on another instance
+/// when that is safe, the deadline. Records what happened in `outcome`.
+pub(crate) async fn forward(
+    state: &GatewayState,
     client_addr: SocketAddr,
     req: Request<Body>,
     request_id: &str,
-    outcome: &mut Outcome<'s>,
+    outcome: &mut Outcome,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let host = request_host(&parts);
@@ -347,7 +302,7 @@ pub(crate) async fn forward<'s>(
         );
     };
     let pool = &route.pool;
-    outcome.pool = Some(pool);
+    outcome.pool = Some(Arc::clone(pool));
 
     let content_length = parts
         .headers
@@ -437,7 +392,7 @@ pub(crate) async fn forward<'s>(
             };
         };
         outcome.attempts += 1;
-        outcome.upstream = Some(instance.url.clone());
+        outcome.upstream = Some(Arc::clone(&instance));
         tried.push(Arc::clone(&instance));
 
         let body = match &mut outgoing {
@@ -556,7 +511,7 @@ fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
 fn deadline_passed(
     upstream: &str,
     budget: Duration,
-    outcome: &mut Outcome<'_>,
+    outcome: &mut Outcome,
     request_id: &str,
 ) -> Response<Body> {
     outcome.cause = Some(format!(
@@ -585,7 +540,7 @@ fn too_large(route: &Route, request_id: &str) -> Response<Body> {
 fn bad_gateway(
     pool: &Pool,
     cause: String,
-    outcome: &mut Outcome<'_>,
+    outcome: &mut Outcome,
     request_id: &str,
 ) -> Response<Body> {
     let detail = format!(

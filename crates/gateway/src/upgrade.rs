@@ -7,14 +7,13 @@
 
 use crate::balance::PickContext;
 use crate::body::{empty, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID};
-use crate::proxy::{strip_hop_by_hop, upstream_headers, GatewayState};
+use crate::proxy::{strip_hop_by_hop, upstream_headers, Outcome};
+use crate::stack::Ctx;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use shoal_core::Problem;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,13 +33,26 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// Proxies an upgrade request. Only a failed connect is retried (on
 /// another instance); the handshake is not replayed once sent.
-pub async fn proxy(
-    state: Arc<GatewayState>,
-    client_addr: SocketAddr,
-    mut req: Request<Incoming>,
-    request_id: String,
-) -> Response<Body> {
-    let started = Instant::now();
+pub async fn proxy(req: Request<Body>) -> Response<Body> {
+    let mut outcome = Outcome {
+        upgrade: true,
+        ..Outcome::default()
+    };
+    let mut response = tunnel(req, &mut outcome).await;
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body> {
+    let Some(Ctx {
+        state,
+        client_addr,
+        request_id,
+        ..
+    }) = req.extensions_mut().remove::<Ctx>()
+    else {
+        return problem_response(&Problem::internal("the request lost its context"), "-");
+    };
     let host = req
         .headers()
         .get(header::HOST)
@@ -57,6 +69,7 @@ pub async fn proxy(
         );
     };
     let pool = Arc::clone(&route.pool);
+    outcome.pool = Some(Arc::clone(&pool));
     let client_upgrade = hyper::upgrade::on(&mut req);
     let conn = req.extensions_mut().remove::<crate::listener::ConnInfo>();
     let (parts, _body) = req.into_parts();
@@ -89,6 +102,8 @@ pub async fn proxy(
             return problem_response(&Problem::unavailable(detail, 1), &request_id);
         };
         tried.push(Arc::clone(&instance));
+        outcome.attempts += 1;
+        outcome.upstream = Some(Arc::clone(&instance));
         let uri = Uri::builder()
             .scheme(instance.scheme.clone())
             .authority(instance.authority.clone())
@@ -129,6 +144,7 @@ pub async fn proxy(
                     pool.on_connection_error(&instance);
                 }
                 last_error = Some(format!("{}: {e}", instance.url));
+                outcome.cause = last_error.clone();
                 if e.is_connect() && tried.len() < attempts as usize {
                     continue;
                 }
@@ -143,26 +159,6 @@ pub async fn proxy(
             }
         }
     };
-
-    tracing::info!(
-        target: "shoal_gateway::access",
-        method = %parts.method,
-        path = %parts.uri.path(),
-        status = response.status().as_u16(),
-        pool = %pool.name,
-        upstream = %instance.url,
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        request_id = %request_id,
-        client = %client_addr.ip(),
-        upgrade = true,
-        "request"
-    );
-    metrics::counter!(
-        "shoal_gateway_requests_total",
-        "pool" => pool.name.clone(),
-        "status" => response.status().as_u16().to_string()
-    )
-    .increment(1);
 
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (mut rparts, rbody) = response.into_parts();

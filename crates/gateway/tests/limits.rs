@@ -54,6 +54,34 @@ async fn a_global_rate_limit_per_client_address_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_rejected_request_is_counted_under_its_pool_by_the_access_log_layer() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({
+            "pools": [{ "name": "rejections-counted", "upstreams": [up.url()] }],
+            "rate_limit": {"requests_per_sec": 0.5, "burst": 1},
+        }),
+    ))
+    .await;
+    let client = TestClient::default();
+    assert_eq!(client.get(&gw.url("/x")).await.status, StatusCode::OK);
+    let r = client.get(&gw.url("/x")).await;
+    assert_problem(&r, StatusCode::TOO_MANY_REQUESTS);
+    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let counted = |status: &str| {
+        m.body.lines().any(|l| {
+            l.starts_with("shoal_gateway_requests_total{")
+                && l.contains(r#"pool="rejections-counted""#)
+                && l.contains(&format!(r#"status="{status}""#))
+                && l.ends_with(" 1")
+        })
+    };
+    assert!(counted("200"), "{}", m.body);
+    assert!(counted("429"), "{}", m.body);
+}
+
+#[tokio::test]
 async fn a_route_rate_limit_keyed_by_api_key_header_limits_each_key_apart() {
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(settings(

@@ -20,7 +20,8 @@ pub mod rules;
 pub mod store;
 
 use crate::body::{empty, full, problem_response, Body, BoxError, X_REQUEST_ID};
-use crate::proxy::{forward, GatewayState, Outcome};
+use crate::proxy::{GatewayState, Outcome};
+use crate::stack::Next;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -28,12 +29,10 @@ use http::{request, response, Method, Request, Response, StatusCode, Uri};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy};
-use hyper::body::Incoming;
 use rules::{CACHE_STATUS, SHOAL_CACHE_CONTROL};
 use shoal_core::settings::GatewaySettings;
 use shoal_core::Problem;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -241,16 +240,49 @@ fn finish(mut response: Response<Body>, status: &str) -> Response<Body> {
     response
 }
 
-/// Handles one proxied request when the gateway has a cache.
-pub(crate) async fn serve<'s>(
-    state: &'s Arc<GatewayState>,
-    cache: &'s HttpCache,
-    client_addr: SocketAddr,
-    req: Request<Incoming>,
-    request_id: &str,
-    outcome: &mut Outcome<'s>,
+/// Sends `req` down the rest of the stack (the proxy) under the
+/// request's context, and takes what the proxy learned into `outcome`.
+async fn forward(
+    next: &Next,
+    rctx: &crate::stack::Ctx,
+    mut req: Request<Body>,
+    outcome: &mut Outcome,
 ) -> Response<Body> {
-    let req: Request<Body> = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+    req.extensions_mut().insert(rctx.clone());
+    let mut response = match crate::stack::call(next, req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    if let Some(learned) = response.extensions_mut().remove::<Outcome>() {
+        *outcome = learned;
+    }
+    response
+}
+
+/// Handles one proxied request when the gateway has a cache; `next` is
+/// the rest of the stack. The response carries the request's `Outcome`.
+pub(crate) async fn serve(next: Next, req: Request<Body>) -> Response<Body> {
+    let Some(rctx) = req.extensions().get::<crate::stack::Ctx>().cloned() else {
+        return problem_response(&Problem::internal("the request lost its context"), "-");
+    };
+    let mut outcome = Outcome::default();
+    let mut response = match rctx.state.cache.as_ref() {
+        Some(cache) => cached(&next, &rctx, cache, req, &mut outcome).await,
+        None => forward(&next, &rctx, req, &mut outcome).await,
+    };
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+async fn cached<'s>(
+    next: &'s Next,
+    rctx: &'s crate::stack::Ctx,
+    cache: &'s HttpCache,
+    req: Request<Body>,
+    outcome: &mut Outcome,
+) -> Response<Body> {
+    let state = &rctx.state;
+    let request_id = rctx.request_id.as_str();
     let host = req
         .headers()
         .get(header::HOST)
@@ -258,7 +290,7 @@ pub(crate) async fn serve<'s>(
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let Some(host) = host else {
-        return forward(state, client_addr, req, request_id, outcome).await;
+        return forward(next, rctx, req, outcome).await;
     };
     let path = req.uri().path().to_string();
     let pq = req
@@ -272,7 +304,7 @@ pub(crate) async fn serve<'s>(
     let enabled = route_enabled(state, cache, Some(&host), &path);
 
     if rules::is_unsafe(&method) {
-        let response = forward(state, client_addr, req, request_id, outcome).await;
+        let response = forward(next, rctx, req, outcome).await;
         let s = response.status();
         if s.is_success() || s.is_redirection() {
             cache.invalidate_url(&url);
@@ -295,27 +327,28 @@ pub(crate) async fn serve<'s>(
         return finish(response, "shoal; fwd=method");
     }
     if !enabled {
-        return forward(state, client_addr, req, request_id, outcome).await;
+        return forward(next, rctx, req, outcome).await;
     }
     if method != Method::GET && method != Method::HEAD {
         count("pass");
-        let r = forward(state, client_addr, req, request_id, outcome).await;
+        let r = forward(next, rctx, req, outcome).await;
         return finish(r, "shoal; fwd=method");
     }
     if req.headers().contains_key(header::RANGE) {
         count("pass");
-        let r = forward(state, client_addr, req, request_id, outcome).await;
+        let r = forward(next, rctx, req, outcome).await;
         return finish(r, "shoal; fwd=request; detail=range");
     }
     if let Some(route) = state.router.find(Some(&host), &path) {
-        outcome.pool = Some(&route.pool);
+        outcome.pool = Some(Arc::clone(&route.pool));
     }
 
     let (parts, _no_body) = req.into_parts();
     let ctx = Ctx {
+        next,
+        rctx,
         state,
         cache,
-        client_addr,
         request_id,
         head: parts.method == Method::HEAD,
         client: parts.headers.clone(),
@@ -346,9 +379,10 @@ fn normalized(parts: &request::Parts, url: &str, host: &str) -> request::Parts {
 
 /// One cached request's context.
 struct Ctx<'s, 'r> {
+    next: &'s Next,
+    rctx: &'s crate::stack::Ctx,
     state: &'s Arc<GatewayState>,
     cache: &'s HttpCache,
-    client_addr: SocketAddr,
     request_id: &'r str,
     head: bool,
     /// The client's headers as sent (for its own conditionals).
@@ -381,7 +415,7 @@ enum Fetched {
 }
 
 impl<'s, 'r> Ctx<'s, 'r> {
-    async fn run(&self, outcome: &mut Outcome<'s>) -> Response<Body> {
+    async fn run(&self, outcome: &mut Outcome) -> Response<Body> {
         let mut waited = false;
         let mut leader: Option<FlightGuard> = None;
         loop {
@@ -449,7 +483,7 @@ impl<'s, 'r> Ctx<'s, 'r> {
         &self,
         stale: Option<(Arc<Entry>, HeaderMap)>,
         miss: &'static str,
-        outcome: &mut Outcome<'s>,
+        outcome: &mut Outcome,
     ) -> Response<Body> {
         let fwd = if stale.is_some() { "stale" } else { miss };
         let (stale_entry, headers) = match stale {
@@ -543,11 +577,11 @@ impl<'s, 'r> Ctx<'s, 'r> {
         &self,
         headers: HeaderMap,
         stale: Option<&Arc<Entry>>,
-        outcome: &mut Outcome<'s>,
+        outcome: &mut Outcome,
     ) -> Fetched {
         let since = self.cache.core.since();
         let req = upstream_request(&self.pq, headers);
-        let response = forward(self.state, self.client_addr, req, self.request_id, outcome).await;
+        let response = forward(self.next, self.rctx, req, outcome).await;
         process(
             self.cache,
             &self.norm,
@@ -576,23 +610,23 @@ impl<'s, 'r> Ctx<'s, 'r> {
         let norm = clone_parts(&self.norm);
         let url = self.url.clone();
         let pq = self.pq.clone();
-        let client_addr = self.client_addr;
-        let request_id = shoal_core::ids::request_id_or_new(None);
+        let next = self.next.clone();
+        // The refresh is a request of its own, with its own id.
+        let rctx = crate::stack::Ctx {
+            request_id: shoal_core::ids::request_id_or_new(None),
+            started: std::time::Instant::now(),
+            ..self.rctx.clone()
+        };
         tokio::spawn(async move {
             let Some(cache) = state.cache.as_ref() else {
                 return;
             };
             // The generation of the request; carry_from shares the core.
             debug_assert!(Arc::ptr_eq(&cache.core, &core));
-            let mut outcome = Outcome {
-                pool: None,
-                upstream: None,
-                attempts: 0,
-                cause: None,
-            };
+            let mut outcome = Outcome::default();
             let since = core.since();
             let req = upstream_request(&pq, headers);
-            let response = forward(&state, client_addr, req, &request_id, &mut outcome).await;
+            let response = forward(&next, &rctx, req, &mut outcome).await;
             let fetched = process(
                 cache,
                 &norm,

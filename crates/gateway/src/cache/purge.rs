@@ -11,8 +11,6 @@ use crate::proxy::GatewayState;
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use shoal_core::Problem;
 use std::sync::Arc;
@@ -36,13 +34,13 @@ pub struct PurgeRequest {
 
 pub async fn handle(
     state: &Arc<GatewayState>,
-    req: Request<Incoming>,
+    req: Request<Body>,
     request_id: &str,
 ) -> Response<Body> {
     let relayed = req.headers().contains_key(RELAYED);
     let collected = tokio::time::timeout(
         Duration::from_secs(10),
-        Limited::new(req.into_body(), BODY_LIMIT).collect(),
+        crate::body::read_to_limit(req.into_body(), BODY_LIMIT),
     )
     .await;
     let bytes: Bytes = match collected {
@@ -52,13 +50,19 @@ pub async fn handle(
                 request_id,
             )
         }
-        Ok(Err(_)) => {
+        Ok(Err(crate::body::ReadError::TooLarge)) => {
             return problem_response(
                 &Problem::payload_too_large(format!("purge bodies are at most {BODY_LIMIT} bytes")),
                 request_id,
             )
         }
-        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(crate::body::ReadError::Failed(e))) => {
+            return problem_response(
+                &Problem::bad_request(format!("the request body could not be read: {e}")),
+                request_id,
+            )
+        }
+        Ok(Ok(bytes)) => bytes,
     };
     let body: PurgeRequest = match serde_json::from_slice(&bytes) {
         Ok(b) => b,

@@ -1,0 +1,590 @@
+//! The request path as tower layers, assembled in one place: [`stack`]
+//! lists, top to bottom, what every request of a client connection goes
+//! through. Each layer is a `tower::Service` over `http::Request<Body>`;
+//! what the request knows of itself (the settings generation it runs
+//! under, its id, client and start) travels in its extensions as a
+//! [`Ctx`], and what the proxy learned (pool, instance, attempts, cause)
+//! comes back in the response's extensions as an [`Outcome`] for the
+//! access log.
+//!
+//! The layers in the common case (a proxied GET) box no future of their
+//! own: pass-through layers return their inner future, layers that may
+//! answer early return `Either` of it, and only the handlers that do real
+//! async work (admin, upgrade, cache, proxy) are boxed.
+
+use crate::body::{problem_response, Body, BoxError, X_REQUEST_ID};
+use crate::limits::Holding;
+use crate::listener::{Activity, ConnInfo};
+use crate::proxy::{GatewayState, Outcome};
+use crate::reload::Shared;
+use futures_util::future::{BoxFuture, Either, Ready};
+use http::{Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use shoal_core::Problem;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceBuilder};
+
+/// The request path of one client connection, outermost layer first.
+pub(crate) fn stack(
+    shared: Arc<Shared>,
+    client_addr: SocketAddr,
+    activity: Arc<Activity>,
+    conn: ConnInfo,
+) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
+       + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        // The connection: a request is in flight until its response body
+        // ends (for the idle timeout); an upgrade keeps the connection
+        // counted (`listener.rs`).
+        .layer(ConnectionLayer { activity, conn })
+        // The request: the current settings generation (`reload.rs`), its
+        // id (the client's `x-request-id` or a new one) and start.
+        .layer(ContextLayer {
+            shared: Arc::clone(&shared),
+            client_addr,
+        })
+        // `/_gateway/*`: health, metrics, pools, admin API (`admin.rs`).
+        // Answered here; not traffic, so not in the access log.
+        .layer(EndpointsLayer { shared })
+        // One access-log line and the request metrics for all below.
+        .layer(AccessLogLayer)
+        // Rate limits (429) and load shedding (503) (`limits.rs`).
+        .layer(AdmissionLayer)
+        // WebSocket and other upgrades, tunnelled (`upgrade.rs`).
+        .layer(UpgradeLayer)
+        // The RFC 9111 cache, where configured (`cache/`).
+        .layer(CacheLayer)
+        // Route, balance, retry where safe, time out (`proxy.rs`).
+        .service(Proxy)
+}
+
+/// What a request knows of itself, in its extensions.
+#[derive(Clone, Debug)]
+pub(crate) struct Ctx {
+    pub(crate) state: Arc<GatewayState>,
+    pub(crate) client_addr: SocketAddr,
+    pub(crate) request_id: String,
+    pub(crate) started: Instant,
+}
+
+/// The answer when a layer finds no [`Ctx`]: the stack was assembled
+/// without [`ContextLayer`] (a bug, never the client's fault).
+fn no_context() -> Response<Body> {
+    tracing::error!("a request reached the gateway's handlers without its context");
+    problem_response(&Problem::internal("the request lost its context"), "-")
+}
+
+type Answer = Result<Response<Body>, Infallible>;
+
+fn answered(r: Answer) -> Response<Body> {
+    match r {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner future, whose response body then holds `held` until it
+    /// ends or is dropped.
+    pub(crate) struct HoldBody<F, G> {
+        #[pin]
+        inner: F,
+        held: Option<G>,
+    }
+}
+
+impl<F, G> Future for HoldBody<F, G>
+where
+    F: Future<Output = Answer>,
+    G: Send + 'static,
+{
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let this = self.project();
+        let response = answered(std::task::ready!(this.inner.poll(cx)));
+        Poll::Ready(Ok(match this.held.take() {
+            None => response,
+            Some(held) => {
+                let (parts, body) = response.into_parts();
+                Response::from_parts(parts, Holding::new(body, held).boxed_unsync())
+            }
+        }))
+    }
+}
+
+// ---- connection --------------------------------------------------------
+
+#[derive(Clone)]
+pub(crate) struct ConnectionLayer {
+    activity: Arc<Activity>,
+    conn: ConnInfo,
+}
+
+impl<S> Layer<S> for ConnectionLayer {
+    type Service = Connection<S>;
+    fn layer(&self, inner: S) -> Connection<S> {
+        Connection {
+            inner,
+            activity: Arc::clone(&self.activity),
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Connection<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    conn: ConnInfo,
+}
+
+impl<S> Service<Request<Incoming>> for Connection<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = HoldBody<S::Future, crate::listener::ActivityGuard>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.conn.clone());
+        let busy = self.activity.begin();
+        let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+        HoldBody {
+            inner: self.inner.call(req),
+            held: Some(busy),
+        }
+    }
+}
+
+// ---- request context ---------------------------------------------------
+
+#[derive(Clone)]
+pub(crate) struct ContextLayer {
+    shared: Arc<Shared>,
+    client_addr: SocketAddr,
+}
+
+impl<S> Layer<S> for ContextLayer {
+    type Service = WithContext<S>;
+    fn layer(&self, inner: S) -> WithContext<S> {
+        WithContext {
+            inner,
+            shared: Arc::clone(&self.shared),
+            client_addr: self.client_addr,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct WithContext<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    client_addr: SocketAddr,
+}
+
+impl<S> Service<Request<Body>> for WithContext<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> S::Future {
+        let started = Instant::now();
+        let request_id = shoal_core::ids::request_id_or_new(
+            req.headers()
+                .get(X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok()),
+        );
+        req.extensions_mut().insert(Ctx {
+            state: self.shared.load(),
+            client_addr: self.client_addr,
+            request_id,
+            started,
+        });
+        self.inner.call(req)
+    }
+}
+
+// ---- the gateway's own endpoints --------------------------------------
+
+#[derive(Clone)]
+pub(crate) struct EndpointsLayer {
+    shared: Arc<Shared>,
+}
+
+impl<S> Layer<S> for EndpointsLayer {
+    type Service = Endpoints<S>;
+    fn layer(&self, inner: S) -> Endpoints<S> {
+        Endpoints {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Endpoints<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Request<Body>> for Endpoints<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture<'static, Answer>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if !req.uri().path().starts_with("/_gateway/") {
+            return Either::Left(self.inner.call(req));
+        }
+        let shared = Arc::clone(&self.shared);
+        Either::Right(Box::pin(async move {
+            let Some(ctx) = req.extensions().get::<Ctx>().cloned() else {
+                return Ok(no_context());
+            };
+            if req.uri().path() == "/_gateway/admin/reload" {
+                // The head only: a body is not `Sync`, to be held across
+                // the reload.
+                let head = Request::from_parts(req.into_parts().0, ());
+                return Ok(
+                    match crate::admin::authorize(
+                        &ctx.state,
+                        ctx.client_addr,
+                        &head,
+                        &ctx.request_id,
+                    ) {
+                        Some(denied) => denied,
+                        None => crate::reload::admin(&shared, &head, &ctx.request_id).await,
+                    },
+                );
+            }
+            Ok(crate::admin::handle(ctx.state, ctx.client_addr, req, &ctx.request_id).await)
+        }))
+    }
+}
+
+// ---- access log and metrics -------------------------------------------
+
+#[derive(Clone, Copy)]
+pub(crate) struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct AccessLog<S> {
+    inner: S,
+}
+
+/// What the log line needs of the request, kept while it is served.
+struct Seen {
+    method: Method,
+    uri: Uri,
+    client_addr: SocketAddr,
+    request_id: String,
+    started: Instant,
+}
+
+pin_project_lite::pin_project! {
+    pub(crate) struct Logged<F> {
+        #[pin]
+        inner: F,
+        seen: Option<Seen>,
+    }
+}
+
+impl<F: Future<Output = Answer>> Future for Logged<F> {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let this = self.project();
+        let mut response = answered(std::task::ready!(this.inner.poll(cx)));
+        if let Some(seen) = this.seen.take() {
+            let outcome = response
+                .extensions_mut()
+                .remove::<Outcome>()
+                .unwrap_or_default();
+            log(&seen, &outcome, response.status().as_u16());
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Counts the request in the metrics and writes its access-log line.
+fn log(seen: &Seen, outcome: &Outcome, status: u16) {
+    let elapsed = seen.started.elapsed();
+    let pool_name = outcome.pool.as_ref().map_or("-", |p| p.name.as_str());
+    match &outcome.pool {
+        Some(pool) => pool.metrics.record(&pool.name, status, elapsed),
+        None => {
+            crate::pool::requests_counter(pool_name, status).increment(1);
+            metrics::histogram!("shoal_gateway_request_duration_seconds", "pool" => pool_name.to_string())
+                .record(elapsed.as_secs_f64());
+        }
+    }
+    tracing::info!(
+        target: "shoal_gateway::access",
+        method = %seen.method,
+        path = seen.uri.path(),
+        status,
+        pool = pool_name,
+        upstream = outcome.upstream.as_ref().map_or("-", |i| i.url.as_str()),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        request_id = %seen.request_id,
+        attempts = outcome.attempts,
+        client = %seen.client_addr.ip(),
+        upgrade = outcome.upgrade,
+        cause = outcome.cause.as_deref(),
+        "request"
+    );
+}
+
+impl<S> Service<Request<Body>> for AccessLog<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Logged<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let seen = req.extensions().get::<Ctx>().map(|ctx| Seen {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            client_addr: ctx.client_addr,
+            request_id: ctx.request_id.clone(),
+            started: ctx.started,
+        });
+        Logged {
+            inner: self.inner.call(req),
+            seen,
+        }
+    }
+}
+
+// ---- admission: rate limits and load shedding ------------------------
+
+#[derive(Clone, Copy)]
+pub(crate) struct AdmissionLayer;
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+    fn layer(&self, inner: S) -> Admission<S> {
+        Admission { inner }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Admission<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Admission<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Answer>, HoldBody<S::Future, crate::limits::Admission>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let admitted = match req.extensions().get::<Ctx>() {
+            None => Err(no_context()),
+            Some(ctx) => crate::limits::admit(&ctx.state, ctx.client_addr, &req, &ctx.request_id),
+        };
+        match admitted {
+            Err(rejected) => Either::Left(futures_util::future::ready(Ok(rejected))),
+            Ok(admission) => Either::Right(HoldBody {
+                inner: self.inner.call(req),
+                held: admission.holds_anything().then_some(admission),
+            }),
+        }
+    }
+}
+
+// ---- upgrades ----------------------------------------------------------
+
+#[derive(Clone, Copy)]
+pub(crate) struct UpgradeLayer;
+
+impl<S> Layer<S> for UpgradeLayer {
+    type Service = Upgrade<S>;
+    fn layer(&self, inner: S) -> Upgrade<S> {
+        Upgrade { inner }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Upgrade<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Upgrade<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture<'static, Answer>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        if !crate::upgrade::is_upgrade(&req) {
+            return Either::Left(self.inner.call(req));
+        }
+        Either::Right(Box::pin(
+            async move { Ok(crate::upgrade::proxy(req).await) },
+        ))
+    }
+}
+
+// ---- cache -------------------------------------------------------------
+
+/// The rest of the stack below the cache, type-erased so the cache can
+/// call it several times and from background refreshes.
+pub(crate) type Next = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Sends `req` through `next` (readiness first, as tower asks). A plain
+/// boxed future, so that async code holding it need not prove `Send`
+/// through the service's generic bounds (which rustc cannot do for the
+/// boxed error type's elided lifetimes).
+pub(crate) fn call(next: &Next, req: Request<Body>) -> BoxFuture<'static, Answer> {
+    let mut svc = next.clone();
+    Box::pin(async move {
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await?;
+        svc.call(req).await
+    })
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct CacheLayer;
+
+impl<S> Layer<S> for CacheLayer
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = Cache<S>;
+    fn layer(&self, inner: S) -> Cache<S> {
+        Cache {
+            next: BoxCloneSyncService::new(inner.clone()),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Cache<S> {
+    inner: S,
+    next: Next,
+}
+
+impl<S> Service<Request<Body>> for Cache<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture<'static, Answer>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let cached = req
+            .extensions()
+            .get::<Ctx>()
+            .is_some_and(|ctx| ctx.state.cache.is_some());
+        if !cached {
+            return Either::Left(self.inner.call(req));
+        }
+        let next = self.next.clone();
+        Either::Right(Box::pin(
+            async move { Ok(crate::cache::serve(next, req).await) },
+        ))
+    }
+}
+
+// ---- the proxy ---------------------------------------------------------
+
+/// The innermost service: forwards to an instance of the routed pool.
+#[derive(Clone, Copy)]
+pub(crate) struct Proxy;
+
+impl Service<Request<Body>> for Proxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Answer>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        Box::pin(async move {
+            let Some(ctx) = req.extensions_mut().remove::<Ctx>() else {
+                return Ok(no_context());
+            };
+            let mut outcome = Outcome::default();
+            let mut response = crate::proxy::forward(
+                &ctx.state,
+                ctx.client_addr,
+                req,
+                &ctx.request_id,
+                &mut outcome,
+            )
+            .await;
+            response.extensions_mut().insert(outcome);
+            Ok(response)
+        })
+    }
+}
