@@ -196,8 +196,9 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 /// How an upstream attempt failed, and what that allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
-    /// The request never left: connect refused or timed out, or a pooled
-    /// connection closed before the request was written. Safe to retry.
+    /// The request never left: connect refused or timed out, a pooled
+    /// connection closed before the request was written, or an HTTP/2
+    /// instance refused the stream. Safe to retry.
     NotSent,
     /// The connection broke after the request may have reached the
     /// instance, before any response. Retry only idempotent requests.
@@ -216,6 +217,18 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
     while let Some(err) = cur {
         if err.is::<http_body_util::LengthLimitError>() {
             return Failure::ClientBody;
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            // HTTP/2 (h2c pools). REFUSED_STREAM promises that the
+            // instance did not process the stream (RFC 9113 8.7); any
+            // other reset, a GOAWAY or a broken connection before the
+            // response is a reset like HTTP/1.1's.
+            if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Failure::NotSent;
+            }
+            if h2.is_reset() || h2.is_go_away() || h2.is_io() {
+                return Failure::ConnectionLost;
+            }
         }
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
             if h.is_canceled() {

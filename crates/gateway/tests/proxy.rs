@@ -662,3 +662,98 @@ async fn an_h2c_pool_is_spoken_to_in_http2() {
         Some(http::Version::HTTP_11)
     );
 }
+
+/// An h2c instance that resets every stream with `reason`, counting them.
+async fn resetting_h2c_instance(reason: h2::Reason) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let streams = Arc::new(AtomicUsize::new(0));
+    let counted = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                // TCP health checks connect and leave without a preface.
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(reason);
+                }
+            });
+        }
+    });
+    (url, streams)
+}
+
+fn h2c_pool(upstreams: &[String]) -> serde_json::Value {
+    json!({
+        "pools": [{"name": "default", "upstreams": upstreams, "protocol": "h2c"}],
+        // A TCP connect: the resetting instance stays healthy, so every
+        // round-robin turn reaches it.
+        "health_path": "",
+        "eject_after_errors": 100,
+    })
+}
+
+#[tokio::test]
+async fn an_h2c_stream_refused_by_an_instance_is_retried_elsewhere_whatever_its_method() {
+    let (refusing, refused) = resetting_h2c_instance(h2::Reason::REFUSED_STREAM).await;
+    let good = Upstream::start("good").await;
+    let gw = TestGateway::start(settings(&[], h2c_pool(&[refusing, good.url()]))).await;
+    let client = TestClient::default();
+    for i in 0..6 {
+        let req = Request::post(gw.url(&format!("/orders/{i}")))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let r = client.send(req).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, "good"),
+            "POST {i}"
+        );
+    }
+    assert!(
+        refused.load(Ordering::SeqCst) >= 3,
+        "round robin sent half the first attempts to the refusing instance"
+    );
+}
+
+#[tokio::test]
+async fn an_h2c_stream_reset_after_it_was_sent_is_retried_only_when_idempotent() {
+    let (resetting, resets) = resetting_h2c_instance(h2::Reason::INTERNAL_ERROR).await;
+    let good = Upstream::start("good").await;
+    let gw = TestGateway::start(settings(&[], h2c_pool(&[resetting, good.url()]))).await;
+    let client = TestClient::default();
+    let mut bad_gateway = 0;
+    for i in 0..4 {
+        let req = Request::post(gw.url(&format!("/orders/{i}")))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let r = client.send(req).await;
+        match r.status {
+            StatusCode::OK => assert_eq!(r.body, "good"),
+            StatusCode::BAD_GATEWAY => bad_gateway += 1,
+            other => panic!("POST {i}: {other} {}", r.body),
+        }
+    }
+    assert_eq!(
+        bad_gateway, 2,
+        "a POST reset by the instance is not replayed"
+    );
+    assert_eq!(resets.load(Ordering::SeqCst), 2);
+    for i in 0..4 {
+        let r = client.get(&gw.url(&format!("/items/{i}"))).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, "good"),
+            "GET {i}"
+        );
+    }
+    assert_eq!(
+        resets.load(Ordering::SeqCst),
+        4,
+        "half the GETs were reset, then retried"
+    );
+}
