@@ -55,6 +55,10 @@ pub async fn handle(
                 StatusCode::OK,
                 &serde_json::json!({
                     "draining": state.draining.load(std::sync::atomic::Ordering::Relaxed),
+                    "upstream_client": {
+                        "connect_timeout_ms": state.client.settings.connect_timeout_ms,
+                        "idle_per_instance": state.client.settings.idle_per_instance,
+                    },
                     "pools": state.pools.iter().map(|p| p.status_json()).collect::<Vec<_>>(),
                     "routes": state.router.routes().iter().map(|r| serde_json::json!({
                         "prefix": r.prefix,

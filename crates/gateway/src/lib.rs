@@ -234,25 +234,42 @@ impl Gateway {
     }
 }
 
+/// The settings the upstream clients are built from: a reload that
+/// changes them builds new clients (`reload.rs`, and each worker thread's
+/// own in `workers.rs`); one that does not keeps the pooled connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClientSettings {
+    pub(crate) connect_timeout_ms: u64,
+    pub(crate) idle_per_instance: usize,
+}
+
+impl ClientSettings {
+    pub(crate) fn of(settings: &GatewaySettings) -> ClientSettings {
+        ClientSettings {
+            connect_timeout_ms: settings.connect_timeout_ms.max(1),
+            idle_per_instance: settings.upstream_idle_per_instance,
+        }
+    }
+}
+
 /// The upstream clients (keep-alive pools) with the settings' connect
 /// timeout and idle connections per instance: HTTP/1.1, and HTTP/2 with
 /// prior knowledge for `protocol = "h2c"` pools.
-pub(crate) fn upstream_clients(settings: &GatewaySettings) -> proxy::UpstreamClients {
+pub(crate) fn upstream_clients(settings: ClientSettings) -> proxy::UpstreamClients {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_millis(
-        settings.connect_timeout_ms.max(1),
-    )));
+    connector.set_connect_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)));
     let client = |h2c: bool| {
         Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(settings.upstream_idle_per_instance)
+            .pool_max_idle_per_host(settings.idle_per_instance)
             .http2_only(h2c)
             .timer(TokioTimer::new())
             .build(connector.clone())
     };
     proxy::UpstreamClients {
+        settings,
         http1: client(false),
         h2c: client(true),
     }
@@ -388,7 +405,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         ));
     }
 
-    let client = upstream_clients(&settings);
+    let client = upstream_clients(ClientSettings::of(&settings));
     Ok(GatewayState {
         cache: cache::HttpCache::from_settings(&settings),
         limits: limits::Limits::new(&settings),

@@ -29,6 +29,8 @@ pub type UpstreamClient = Client<HttpConnector, Body>;
 /// The upstream clients of one thread (`workers.rs`) or of the state.
 #[derive(Clone)]
 pub struct UpstreamClients {
+    /// What they were built from.
+    pub(crate) settings: crate::ClientSettings,
     pub http1: UpstreamClient,
     /// HTTP/2 with prior knowledge, for `protocol = "h2c"` pools.
     pub h2c: UpstreamClient,

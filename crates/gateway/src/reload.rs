@@ -114,7 +114,18 @@ pub async fn reload(shared: &Shared) -> Result<ReloadSummary, String> {
     let mut next = crate::build_state(settings).map_err(|e| e.to_string())?;
     // Carry over what must outlive a generation. (Anything else built by
     // `build_state` that holds state, such as a cache, belongs here too.)
-    next.client = old.client.clone();
+    // The upstream clients hold the pooled connections: kept unless
+    // their own settings changed (then connections already open finish
+    // their requests on the old clients and close with them).
+    if next.client.settings == old.client.settings {
+        next.client = old.client.clone();
+    } else {
+        tracing::info!(
+            old = ?old.client.settings,
+            new = ?next.client.settings,
+            "upstream client settings changed: new upstream connections use them"
+        );
+    }
     next.draining = Arc::clone(&old.draining);
     next.limits.carry_from(&old.limits);
     if let (Some(new), Some(old)) = (next.cache.as_mut(), old.cache.as_ref()) {

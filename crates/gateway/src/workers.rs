@@ -17,7 +17,7 @@ use crate::listener::Connections;
 use crate::pool::Pool;
 use crate::proxy::UpstreamClients;
 use shoal_core::settings::GatewaySettings;
-use std::cell::OnceCell;
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,17 +29,29 @@ thread_local! {
     /// A worker thread's own upstream client: its connections are made,
     /// pooled and driven on this thread's runtime. Unset on the accepting
     /// thread, which uses the state's client.
-    static LOCAL_CLIENT: OnceCell<UpstreamClients> = const { OnceCell::new() };
+    static LOCAL_CLIENT: RefCell<Option<UpstreamClients>> = const { RefCell::new(None) };
 }
 
 /// Sends `req` to an instance of `pool` through this thread's clients,
-/// else `shared`.
+/// else `shared` (the current settings generation's). A worker thread
+/// builds its clients again when a reload changed their settings.
 pub(crate) fn request(
     shared: &UpstreamClients,
     pool: &Pool,
     req: http::Request<crate::body::Body>,
 ) -> hyper_util::client::legacy::ResponseFuture {
-    LOCAL_CLIENT.with(|local| local.get().unwrap_or(shared).for_pool(pool).request(req))
+    LOCAL_CLIENT.with(|local| {
+        let mut local = local.borrow_mut();
+        match local.as_mut() {
+            None => shared.for_pool(pool).request(req),
+            Some(own) => {
+                if own.settings != shared.settings {
+                    *own = crate::upstream_clients(shared.settings);
+                }
+                own.for_pool(pool).request(req)
+            }
+        }
+    })
 }
 
 /// The threads that serve connections: `workers`, or one per core for 0.
@@ -100,7 +112,7 @@ pub(crate) fn start(
     let mut workers = Vec::with_capacity(extra);
     for i in 1..=extra {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = crate::upstream_clients(settings);
+        let client = crate::upstream_clients(crate::ClientSettings::of(settings));
         let connections = Arc::clone(&connections);
         let spawned = std::thread::Builder::new()
             .name(format!("shoal-gw-{i}"))
@@ -134,7 +146,7 @@ fn run(
         }
     };
     LOCAL_CLIENT.with(|local| {
-        let _ = local.set(client);
+        *local.borrow_mut() = Some(client);
     });
     runtime.block_on(async move {
         while let Some((std, serve)) = rx.recv().await {

@@ -298,3 +298,56 @@ async fn connection_limits_follow_a_reload_for_new_connections() {
     let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
 }
+
+/// Sends `n` GETs one after another on one new client connection.
+async fn requests_on_one_connection(gw: &TestGateway, n: usize) {
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    for i in 0..n {
+        let req = format!("GET /r/{i} HTTP/1.1\r\nHost: x\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut conn, req.as_bytes())
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::io::AsyncReadExt::read(&mut conn, &mut buf),
+        )
+        .await
+        .expect("answered")
+        .unwrap();
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_connection_settings_follow_a_reload_on_every_thread() {
+    let up = Upstream::start("a").await;
+    let config = ConfigFile::new("clientsettings");
+    // Two threads: client connections alternate between them, each with
+    // its own upstream client.
+    config.write(&[up.url()], "workers = 2");
+    let gw = start_from_file(&config.path).await;
+    let client = TestClient::default();
+    for _ in 0..2 {
+        requests_on_one_connection(&gw, 3).await;
+    }
+    let reused = up.state.peers.lock().unwrap().len();
+    assert!(
+        reused <= 2,
+        "keep-alive: one upstream connection per thread, saw {reused}"
+    );
+
+    // No idle upstream connections: every request opens its own.
+    config.write(&[up.url()], "workers = 2\nupstream_idle_per_instance = 0");
+    let r = reload(&client, &gw).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let pools = gw.pools(&client).await;
+    assert_eq!(pools["upstream_client"]["idle_per_instance"], 0);
+    up.state.peers.lock().unwrap().clear();
+    for _ in 0..2 {
+        requests_on_one_connection(&gw, 3).await;
+    }
+    let fresh = up.state.peers.lock().unwrap().len();
+    assert_eq!(fresh, 6, "both threads' clients follow the reload");
+}

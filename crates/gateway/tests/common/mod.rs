@@ -36,6 +36,9 @@ pub struct UpstreamState {
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// HTTP version of the last ordinary request.
     pub last_version: Mutex<Option<http::Version>>,
+    /// The gateway's addresses (one per upstream connection) that sent
+    /// ordinary requests.
+    pub peers: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 /// An HTTP upstream on 127.0.0.1.
@@ -70,17 +73,19 @@ impl Upstream {
             let state = Arc::clone(&state);
             async move {
                 loop {
-                    let (stream, _) = tokio::select! {
+                    let (stream, peer) = tokio::select! {
                         _ = stop.cancelled() => return,
                         a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     };
                     let state = Arc::clone(&state);
                     let stop = stop.clone();
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let state = Arc::clone(&state);
-                            async move { Ok::<_, Infallible>(answer(state, req).await) }
-                        });
+                        let service =
+                            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                                let state = Arc::clone(&state);
+                                req.extensions_mut().insert(peer);
+                                async move { Ok::<_, Infallible>(answer(state, req).await) }
+                            });
                         // HTTP/1.1, or HTTP/2 with prior knowledge (h2c pools).
                         let builder = hyper_util::server::conn::auto::Builder::new(
                             hyper_util::rt::TokioExecutor::new(),
@@ -151,6 +156,9 @@ async fn answer(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
             .unwrap();
     }
     state.hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(peer) = req.extensions().get::<SocketAddr>() {
+        state.peers.lock().unwrap().insert(*peer);
+    }
     *state.last_headers.lock().unwrap() = Some(req.headers().clone());
     *state.last_version.lock().unwrap() = Some(req.version());
     let delay = if path.ends_with("/slow") {
