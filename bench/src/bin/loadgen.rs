@@ -1,8 +1,11 @@
 //! HTTP/1.1 keep-alive load generator. Closed loop (`--rate 0`: each
 //! connection sends the next request when the last one is answered: the
 //! maximum rate), or open loop at a fixed total rate, where latency is
-//! measured from when each request was due, not when it was sent, so a
-//! stalled server cannot hide its queueing (no coordinated omission).
+//! measured from when each request was due whenever the server made it
+//! late (the previous response on the connection came after it was due),
+//! so a stalled server cannot hide its queueing (no coordinated omission);
+//! a send late only because the generator's millisecond timer woke late
+//! counts from the send.
 //! `--idle N` instead opens N connections, sends one request on each, and
 //! holds them open for `--duration` (for memory per connection).
 //! `--paths FILE` takes each request's path from the file (one per line)
@@ -193,16 +196,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 + per_conn_interval
                     .map(|iv| iv.mul_f64(i as f64 / args.connections as f64))
                     .unwrap_or_default();
+            // When the previous response on this connection ended.
+            let mut free_at = Instant::now();
             loop {
-                // `sent_due` is when this request was due: latency counts
-                // from then, so a late send (the server stalled us) counts.
-                let sent_due = if let Some(iv) = per_conn_interval {
+                // `sent_due` is when this request was due. Latency counts
+                // from then when the send was late because the previous
+                // response came after it (the server stalled us: no
+                // coordinated omission). When the connection was free in
+                // time and only the timer woke late (tokio's timers tick
+                // in milliseconds), it counts from the send: that delay is
+                // the generator's, the same for every server measured.
+                let (sent_due, from) = if let Some(iv) = per_conn_interval {
                     tokio::time::sleep_until(due.into()).await;
                     let this = due;
                     due += iv;
-                    this
+                    (this, if free_at > this { this } else { Instant::now() })
                 } else {
-                    Instant::now()
+                    let now = Instant::now();
+                    (now, now)
                 };
                 if sent_due >= end {
                     break;
@@ -213,13 +224,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     None => Err(anyhow::anyhow!("no connection")),
                 };
                 let measured = sent_due >= start;
+                free_at = Instant::now();
                 match result {
                     Ok(hit) => {
                         if measured && hit {
                             hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         if measured {
-                            let us = sent_due.elapsed().as_micros() as u64;
+                            let us = from.elapsed().as_micros() as u64;
                             let _ = local.record(us.max(1));
                         }
                     }

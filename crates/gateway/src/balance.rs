@@ -113,6 +113,7 @@ impl Balancer {
         &self,
         candidates: &[&'c Arc<Instance>],
         ctx: &PickContext<'_>,
+        now: std::time::Instant,
     ) -> Option<&'c Arc<Instance>> {
         match candidates.len() {
             0 => return None,
@@ -132,7 +133,7 @@ impl Balancer {
                     b += 1;
                 }
                 let (ia, ib) = (candidates[a], candidates[b]);
-                Some(if ib.load_cost() < ia.load_cost() {
+                Some(if ib.load_cost(now) < ia.load_cost(now) {
                     ib
                 } else {
                     ia
@@ -234,8 +235,12 @@ mod tests {
                 headers: &headers,
                 client_ip: [127, 0, 0, 1].into(),
             };
-            let before = balancer.pick(&refs, &ctx).unwrap();
-            let after = balancer.pick(&without_last, &ctx).unwrap();
+            let before = balancer
+                .pick(&refs, &ctx, std::time::Instant::now())
+                .unwrap();
+            let after = balancer
+                .pick(&without_last, &ctx, std::time::Instant::now())
+                .unwrap();
             *spread.entry(before.url.clone()).or_insert(0) += 1;
             if !Arc::ptr_eq(before, &all[4]) {
                 assert!(Arc::ptr_eq(before, after), "a key of a kept instance moved");
@@ -262,7 +267,14 @@ mod tests {
             client_ip: [127, 0, 0, 1].into(),
         };
         let picks: Vec<bool> = (0..8)
-            .map(|_| Arc::ptr_eq(balancer.pick(&refs, &ctx).unwrap(), &a))
+            .map(|_| {
+                Arc::ptr_eq(
+                    balancer
+                        .pick(&refs, &ctx, std::time::Instant::now())
+                        .unwrap(),
+                    &a,
+                )
+            })
             .collect();
         assert_eq!(picks.iter().filter(|x| **x).count(), 6);
         // Smooth: b is never picked twice in a row.
@@ -282,7 +294,9 @@ mod tests {
         };
         for _ in 0..50 {
             assert!(Arc::ptr_eq(
-                Balancer::P2cPeakEwma.pick(&refs, &ctx).unwrap(),
+                Balancer::P2cPeakEwma
+                    .pick(&refs, &ctx, std::time::Instant::now())
+                    .unwrap(),
                 &all[1]
             ));
         }
@@ -317,7 +331,12 @@ mod tests {
                 headers: &headers,
                 client_ip: [127, 0, 0, 1].into(),
             };
-            Arc::ptr_eq(Balancer::P2cPeakEwma.pick(&refs, &ctx).unwrap(), &slow)
+            Arc::ptr_eq(
+                Balancer::P2cPeakEwma
+                    .pick(&refs, &ctx, std::time::Instant::now())
+                    .unwrap(),
+                &slow,
+            )
         };
         assert!(pick_slow(1.0));
         assert!(!pick_slow(2.0));
@@ -335,7 +354,12 @@ mod tests {
         };
         let balancer = Balancer::LeastRequests(AtomicUsize::new(0));
         for _ in 0..10 {
-            assert!(Arc::ptr_eq(balancer.pick(&refs, &ctx).unwrap(), &all[2]));
+            assert!(Arc::ptr_eq(
+                balancer
+                    .pick(&refs, &ctx, std::time::Instant::now())
+                    .unwrap(),
+                &all[2]
+            ));
         }
     }
 }

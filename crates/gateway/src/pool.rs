@@ -3,11 +3,13 @@
 //! the pool's choice of an instance through its balancer.
 
 use crate::balance::{Balancer, PickContext};
+use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use smallvec::SmallVec;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tower::retry::budget::{Budget, TpsBudget};
 
 /// The per-request metric handles of one pool, looked up once each: a
 /// labelled `metrics::counter!` call formats, hashes and looks up its
@@ -54,6 +56,104 @@ pub fn requests_counter(pool: &str, status: u16) -> metrics::Counter {
         "pool" => pool.to_string(),
         "status" => status.to_string()
     )
+}
+
+/// Seconds a retry budget looks back over.
+const BUDGET_WINDOW_SECS: usize = 10;
+/// Counter shards of a retry budget: threads take them in turn.
+const BUDGET_SHARDS: usize = 8;
+
+/// A pool's retry budget, as tower's `TpsBudget` (and Finagle's): over
+/// the last ten seconds, retries may number `min_per_sec` per second plus
+/// `ratio` of the requests. Counted per second in a ring, in one shard
+/// per thread (on its own cache line), so the threads serving requests
+/// neither wait for a lock nor fight over one counter; a withdrawal
+/// (rare: only a failed attempt asks) sums the shards.
+struct RetryBudget {
+    min_per_sec: u32,
+    ratio: f32,
+    shards: Box<[BudgetShard]>,
+}
+
+#[repr(align(64))]
+#[derive(Default)]
+struct BudgetShard {
+    slots: [BudgetSlot; BUDGET_WINDOW_SECS],
+}
+
+#[derive(Default)]
+struct BudgetSlot {
+    /// Which second (since `epoch`, plus one) the counts are of.
+    second: AtomicU64,
+    deposits: AtomicU64,
+    withdrawals: AtomicU64,
+}
+
+thread_local! {
+    /// This thread's budget shard.
+    static BUDGET_SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+fn budget_shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    BUDGET_SHARD.with(|shard| match shard.get() {
+        Some(i) => i,
+        None => {
+            let i = NEXT.fetch_add(1, Ordering::Relaxed) % BUDGET_SHARDS;
+            shard.set(Some(i));
+            i
+        }
+    })
+}
+
+impl RetryBudget {
+    fn new(min_per_sec: u32, ratio: f32) -> RetryBudget {
+        RetryBudget {
+            min_per_sec,
+            ratio: ratio.max(0.0),
+            shards: (0..BUDGET_SHARDS).map(|_| BudgetShard::default()).collect(),
+        }
+    }
+
+    /// This thread's slot for the second of `now`, emptied if it still
+    /// held an older second. (Threads beyond the shard count share
+    /// shards; a race there may lose a count, which a budget can afford.)
+    fn slot(&self, now: Instant) -> (&BudgetSlot, u64) {
+        let second = to_ns(now) / 1_000_000_000 + 1;
+        let slot = &self.shards[budget_shard()].slots[(second as usize) % BUDGET_WINDOW_SECS];
+        if slot.second.load(Ordering::Relaxed) != second {
+            slot.deposits.store(0, Ordering::Relaxed);
+            slot.withdrawals.store(0, Ordering::Relaxed);
+            slot.second.store(second, Ordering::Relaxed);
+        }
+        (slot, second)
+    }
+
+    fn deposit(&self, now: Instant) {
+        self.slot(now).0.deposits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn withdraw(&self, now: Instant) -> bool {
+        let (slot, second) = self.slot(now);
+        let (mut deposits, mut withdrawals) = (0u64, 0u64);
+        for shard in self.shards.iter() {
+            for s in &shard.slots {
+                let at = s.second.load(Ordering::Relaxed);
+                if at + (BUDGET_WINDOW_SECS as u64) > second && at <= second {
+                    deposits += s.deposits.load(Ordering::Relaxed);
+                    withdrawals += s.withdrawals.load(Ordering::Relaxed);
+                }
+            }
+        }
+        let allowed = f64::from(self.min_per_sec) * BUDGET_WINDOW_SECS as f64
+            + f64::from(self.ratio) * deposits as f64;
+        if (withdrawals + 1) as f64 <= allowed {
+            slot.withdrawals.fetch_add(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Longest passive ejection, however often an instance fails.
@@ -103,15 +203,33 @@ struct InstanceState {
     last_ejected: Option<Instant>,
     /// Taken out by an operator through the admin API.
     admin_ejected: bool,
-    /// Connection errors in a row since the last success.
-    connect_errors: u32,
     checks_passed: u32,
     checks_failed: u32,
-    /// For registered instances: when the registration lapses.
-    expires: Option<Instant>,
-    /// Peak-EWMA latency in nanoseconds, and when it was last updated.
-    ewma_ns: f64,
-    ewma_at: Option<Instant>,
+}
+
+impl InstanceState {
+    /// Takes requests as far as this state goes (registration expiry
+    /// aside).
+    fn up(&self) -> bool {
+        self.healthy && !self.draining && !self.ejected && !self.admin_ejected
+    }
+}
+
+/// The zero of the instants kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `t` as nanoseconds since [`epoch`], plus one: 0 stands for "none".
+fn to_ns(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
+}
+
+fn from_ns(ns: u64) -> Option<Instant> {
+    (ns != 0).then(|| epoch() + Duration::from_nanos(ns - 1))
 }
 
 /// One upstream instance of a pool.
@@ -129,13 +247,25 @@ pub struct Instance {
     requests: AtomicU64,
     /// Smooth weighted round robin's running weight.
     pub(crate) wrr_current: Mutex<i64>,
+    /// What every request reads, kept in atomics so that the threads
+    /// serving requests never wait on one another (nor bounce a lock
+    /// between cores): `state.up()`, published by whoever changes `state`;
+    /// the registration's expiry (`to_ns`, 0 = none); the peak-EWMA
+    /// latency (f64 bits, nanoseconds) and when it was last updated
+    /// (`to_ns`, 0 = no sample); connection errors in a row.
+    up: AtomicBool,
+    expires_ns: AtomicU64,
+    ewma_ns: AtomicU64,
+    ewma_at_ns: AtomicU64,
+    connect_errors: AtomicU32,
+    /// The rest, changed by health checks, ejections and the admin API.
     state: Mutex<InstanceState>,
     /// Peak-EWMA decay time, in seconds.
     ewma_decay_secs: f64,
     /// Power of the latency in the P2C cost.
     latency_exponent: f64,
     /// A 404 on the health path was logged (once per instance).
-    missing_health_path_noted: std::sync::atomic::AtomicBool,
+    missing_health_path_noted: AtomicBool,
 }
 
 /// Parses `http://host:port` (an optional trailing `/` is allowed; a path is not).
@@ -169,11 +299,15 @@ impl Instance {
             registered: expires.is_some(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            missing_health_path_noted: std::sync::atomic::AtomicBool::new(false),
+            missing_health_path_noted: AtomicBool::new(false),
             wrr_current: Mutex::new(0),
+            up: AtomicBool::new(true),
+            expires_ns: AtomicU64::new(expires.map_or(0, to_ns)),
+            ewma_ns: AtomicU64::new(0),
+            ewma_at_ns: AtomicU64::new(0),
+            connect_errors: AtomicU32::new(0),
             state: Mutex::new(InstanceState {
                 healthy: true,
-                expires,
                 ..InstanceState::default()
             }),
             ewma_decay_secs: DEFAULT_EWMA_DECAY.as_secs_f64(),
@@ -192,18 +326,25 @@ impl Instance {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells this instance apart from the others while it lives (its
+    /// address), for lists of instances tried.
+    pub fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// Publishes what `s` says of availability; call after changing it.
+    fn publish(&self, s: &InstanceState) {
+        self.up.store(s.up(), Ordering::Release);
+    }
+
     /// Takes requests now: healthy, not draining, not ejected, not expired.
     pub fn is_available(&self, now: Instant) -> bool {
-        let s = self.state();
-        s.healthy
-            && !s.draining
-            && !s.ejected
-            && !s.admin_ejected
-            && s.expires.is_none_or(|e| now < e)
+        self.up.load(Ordering::Acquire) && !self.is_expired(now)
     }
 
     pub fn is_expired(&self, now: Instant) -> bool {
-        self.state().expires.is_some_and(|e| now >= e)
+        let expires = self.expires_ns.load(Ordering::Relaxed);
+        expires != 0 && to_ns(now) >= expires
     }
 
     pub fn in_flight(&self) -> usize {
@@ -217,25 +358,29 @@ impl Instance {
 
     /// Peak-EWMA latency (ms) to the latency exponent, times
     /// (outstanding + 1): lower is better.
-    pub fn load_cost(&self) -> f64 {
+    pub fn load_cost(&self, now: Instant) -> f64 {
         // An idle instance's estimate decays with time (as in tower's and
         // linkerd's PeakEwma), so an instance that was slow once, or came
         // back after a restart, is probed again instead of starved by P2C.
-        let ewma = {
-            let s = self.state();
-            match s.ewma_at {
-                Some(at) => {
-                    let idle = at.elapsed().as_secs_f64();
-                    s.ewma_ns * (-idle / self.ewma_decay_secs).exp()
-                }
-                None => DEFAULT_RTT_NS,
+        let ewma = match self.ewma_at_ns.load(Ordering::Relaxed) {
+            0 => DEFAULT_RTT_NS,
+            at => {
+                let idle = to_ns(now).saturating_sub(at) as f64 / 1e9;
+                f64::from_bits(self.ewma_ns.load(Ordering::Relaxed))
+                    * (-idle / self.ewma_decay_secs).exp()
             }
         };
         // In milliseconds, raised to the latency exponent: with 2, an
         // instance three times slower must have nine times fewer requests
         // outstanding to win, so a slow instance keeps less than its
         // queue-length share (see `gateway.ewma_latency_exponent`).
-        (ewma / 1e6).powf(self.latency_exponent) * (self.in_flight() as f64 + 1.0)
+        let ms = ewma / 1e6;
+        let weighted = if self.latency_exponent == 2.0 {
+            ms * ms
+        } else {
+            ms.powf(self.latency_exponent)
+        };
+        weighted * (self.in_flight() as f64 + 1.0)
     }
 
     /// Counts a request as outstanding until the guard drops.
@@ -249,31 +394,43 @@ impl Instance {
 
     /// Folds a latency sample into the peak-EWMA: a higher sample is taken
     /// at once, a lower one decays in over the decay time.
+    ///
+    /// Two threads folding samples at once may lose one of them: a
+    /// latency estimate can afford that, a lock on every response cannot.
     pub fn observe_latency(&self, latency: Duration) {
         let sample = latency.as_nanos() as f64;
-        let now = Instant::now();
-        let mut s = self.state();
-        match s.ewma_at {
-            Some(at) if sample < s.ewma_ns => {
-                let elapsed = now.saturating_duration_since(at).as_secs_f64();
-                let w = (-elapsed / self.ewma_decay_secs).exp();
-                s.ewma_ns = s.ewma_ns * w + sample * (1.0 - w);
-            }
-            _ => s.ewma_ns = sample,
-        }
-        s.ewma_at = Some(now);
+        let now = to_ns(Instant::now());
+        let at = self.ewma_at_ns.load(Ordering::Relaxed);
+        let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let next = if at != 0 && sample < ewma {
+            let elapsed = now.saturating_sub(at) as f64 / 1e9;
+            let w = (-elapsed / self.ewma_decay_secs).exp();
+            ewma * w + sample * (1.0 - w)
+        } else {
+            sample
+        };
+        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.ewma_at_ns.store(now, Ordering::Relaxed);
+    }
+
+    /// Forgets the latency learnt so far (back from being down).
+    fn reset_latency(&self) {
+        self.ewma_at_ns.store(0, Ordering::Relaxed);
     }
 
     pub fn record_success(&self) {
-        self.state().connect_errors = 0;
+        // Read first: most responses find no errors to reset, and a store
+        // would take the cache line from the other threads.
+        if self.connect_errors.load(Ordering::Relaxed) != 0 {
+            self.connect_errors.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Counts a connection error; true when it reached the threshold and the
     /// instance should be ejected.
     fn count_connection_error(&self, threshold: u32) -> bool {
-        let mut s = self.state();
-        s.connect_errors += 1;
-        !s.ejected && s.connect_errors >= threshold.max(1)
+        let errors = self.connect_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        !self.state().ejected && errors >= threshold.max(1)
     }
 
     fn is_ejected(&self) -> bool {
@@ -296,7 +453,8 @@ impl Instance {
         s.ejected_until = Some(now + period);
         s.last_ejected = Some(now);
         s.checks_passed = 0;
-        s.connect_errors = 0;
+        self.publish(&s);
+        self.connect_errors.store(0, Ordering::Relaxed);
         period
     }
 
@@ -314,7 +472,7 @@ impl Instance {
                     if !s.healthy {
                         // Back from being down: start from the default
                         // latency, not what its failures taught us.
-                        s.ewma_at = None;
+                        self.reset_latency();
                     }
                     s.healthy = true;
                     if s.ejected && s.ejected_until.is_none_or(|t| now >= t) {
@@ -322,7 +480,7 @@ impl Instance {
                         s.ejected_until = None;
                         // Back from an ejection: forget the latency learnt
                         // from its failures and start from the default.
-                        s.ewma_at = None;
+                        self.reset_latency();
                     }
                 }
             }
@@ -338,11 +496,14 @@ impl Instance {
                 }
             }
         }
+        self.publish(&s);
         before != (s.healthy, s.draining, s.ejected)
     }
 
     pub fn set_admin_ejected(&self, ejected: bool) {
-        self.state().admin_ejected = ejected;
+        let mut s = self.state();
+        s.admin_ejected = ejected;
+        self.publish(&s);
     }
 
     /// True the first time it is called: to log a missing health path
@@ -353,11 +514,11 @@ impl Instance {
 
     /// For a registered instance: when its registration lapses.
     pub fn expires(&self) -> Option<Instant> {
-        self.state().expires
+        from_ns(self.expires_ns.load(Ordering::Relaxed))
     }
 
     pub fn renew(&self, expires: Instant) {
-        self.state().expires = Some(expires);
+        self.expires_ns.store(to_ns(expires), Ordering::Relaxed);
     }
 
     /// A JSON view for `/_gateway/pools`.
@@ -374,11 +535,12 @@ impl Instance {
             "ejections": s.ejections,
             "admin_ejected": s.admin_ejected,
             "registered": self.registered,
-            "expires_in_ms": s.expires.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+            "expires_in_ms": self.expires().map(|t| t.saturating_duration_since(now).as_millis() as u64),
             "in_flight": self.in_flight(),
             "requests": self.requests(),
             "weight": self.weight,
-            "ewma_ms": s.ewma_at.map(|_| s.ewma_ns / 1e6),
+            "ewma_ms": (self.ewma_at_ns.load(Ordering::Relaxed) != 0)
+                .then(|| f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) / 1e6),
         })
     }
 }
@@ -415,8 +577,11 @@ pub struct Pool {
     pub name: String,
     pub balancer: Balancer,
     pub config: PoolConfig,
-    instances: RwLock<Arc<Vec<Arc<Instance>>>>,
-    budget: TpsBudget,
+    /// Read by every request without a lock; changed (rarely) under
+    /// `changing`, one writer at a time.
+    instances: ArcSwap<Vec<Arc<Instance>>>,
+    changing: Mutex<()>,
+    budget: RetryBudget,
     /// DNS membership (`dns.rs`): configured name URL → the instance URLs
     /// its last resolution gave.
     dns: Mutex<std::collections::HashMap<String, Vec<String>>>,
@@ -441,8 +606,7 @@ impl Pool {
         config: PoolConfig,
         instances: Vec<Arc<Instance>>,
     ) -> Pool {
-        let budget = TpsBudget::new(
-            Duration::from_secs(10),
+        let budget = RetryBudget::new(
             config.retry_budget_min_per_sec,
             config.retry_budget_percent / 100.0,
         );
@@ -450,7 +614,8 @@ impl Pool {
             name,
             balancer,
             config,
-            instances: RwLock::new(Arc::new(instances)),
+            instances: ArcSwap::from_pointee(instances),
+            changing: Mutex::new(()),
             budget,
             dns: Mutex::default(),
             metrics: PoolMetrics::default(),
@@ -460,9 +625,9 @@ impl Pool {
 
     /// Replaces the instance list with what `f` makes of the current one.
     pub fn update_instances(&self, f: impl FnOnce(&[Arc<Instance>]) -> Vec<Arc<Instance>>) {
-        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
-        let next = f(&guard);
-        *guard = Arc::new(next);
+        let _one_writer = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let next = f(&self.instances.load());
+        self.instances.store(Arc::new(next));
     }
 
     /// Makes the instances of the configured upstream `name_url` those at
@@ -557,7 +722,7 @@ impl Pool {
 
     /// A snapshot of the instances.
     pub fn instances(&self) -> Arc<Vec<Arc<Instance>>> {
-        Arc::clone(&self.instances.read().unwrap_or_else(|p| p.into_inner()))
+        self.instances.load_full()
     }
 
     pub fn find(&self, url: &str) -> Option<Arc<Instance>> {
@@ -570,7 +735,8 @@ impl Pool {
     /// in place only if it was registered.
     pub fn register(&self, url: &str, ttl: Duration) -> Result<bool, String> {
         let expires = Instant::now() + ttl;
-        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        let _one_writer = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.instances.load();
         let candidate = Instance::new(url, 1, Some(expires))?.with_ewma(&self.config);
         if let Some(existing) = guard.iter().find(|i| i.url == candidate.url) {
             if !existing.registered {
@@ -584,14 +750,15 @@ impl Pool {
         }
         let mut next = Vec::clone(&guard);
         next.push(Arc::new(candidate));
-        *guard = Arc::new(next);
+        self.instances.store(Arc::new(next));
         Ok(true)
     }
 
     /// Removes a registered instance. Returns false when none had that URL.
     pub fn deregister(&self, url: &str) -> Result<bool, String> {
         let url = url.trim_end_matches('/');
-        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        let _one_writer = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.instances.load();
         match guard.iter().find(|i| i.url == url) {
             None => Ok(false),
             Some(i) if !i.registered => Err(format!(
@@ -599,7 +766,7 @@ impl Pool {
             )),
             Some(_) => {
                 let next: Vec<_> = guard.iter().filter(|i| i.url != url).cloned().collect();
-                *guard = Arc::new(next);
+                self.instances.store(Arc::new(next));
                 Ok(true)
             }
         }
@@ -610,7 +777,8 @@ impl Pool {
         if !self.instances().iter().any(|i| i.is_expired(now)) {
             return;
         }
-        let mut guard = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        let _one_writer = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.instances.load();
         let next: Vec<_> = guard
             .iter()
             .filter(|i| !i.is_expired(now))
@@ -619,29 +787,32 @@ impl Pool {
         for gone in guard.iter().filter(|i| i.is_expired(now)) {
             tracing::info!(pool = %self.name, instance = %gone.url, "registration expired");
         }
-        *guard = Arc::new(next);
+        self.instances.store(Arc::new(next));
     }
 
-    /// Picks an available instance not in `tried`; when every available one
-    /// was tried, any available one (a fresh connection may still work).
-    pub fn pick(&self, ctx: &PickContext<'_>, tried: &[Arc<Instance>]) -> Option<Arc<Instance>> {
+    /// Picks an available instance not in `tried` (instances already
+    /// tried, by [`Instance::id`]); when every available one was tried,
+    /// any available one (a fresh connection may still work). Takes no
+    /// lock and, for pools of up to 16 instances, allocates nothing.
+    pub fn pick(&self, ctx: &PickContext<'_>, tried: &[usize]) -> Option<Arc<Instance>> {
         let now = Instant::now();
-        let all = self.instances();
-        let available: Vec<&Arc<Instance>> = all.iter().filter(|i| i.is_available(now)).collect();
+        let all = self.instances.load();
+        let mut available: SmallVec<[&Arc<Instance>; 16]> =
+            all.iter().filter(|i| i.is_available(now)).collect();
         if available.is_empty() {
             return None;
         }
-        let untried: Vec<&Arc<Instance>> = available
-            .iter()
-            .copied()
-            .filter(|i| !tried.iter().any(|t| Arc::ptr_eq(t, i)))
-            .collect();
-        let candidates = if untried.is_empty() {
-            available
-        } else {
-            untried
-        };
-        self.balancer.pick(&candidates, ctx).cloned()
+        if !tried.is_empty() {
+            let untried: SmallVec<[&Arc<Instance>; 16]> = available
+                .iter()
+                .copied()
+                .filter(|i| !tried.contains(&i.id()))
+                .collect();
+            if !untried.is_empty() {
+                available = untried;
+            }
+        }
+        self.balancer.pick(&available, ctx, now).cloned()
     }
 
     /// Counts a connection error against `instance` and ejects it when the
@@ -677,13 +848,13 @@ impl Pool {
     }
 
     /// Counts a request into the retry budget.
-    pub fn deposit(&self) {
-        self.budget.deposit();
+    pub fn deposit(&self, now: Instant) {
+        self.budget.deposit(now);
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn withdraw_retry(&self) -> bool {
-        self.budget.withdraw()
+        self.budget.withdraw(Instant::now())
     }
 
     pub fn status_json(&self) -> serde_json::Value {
@@ -786,18 +957,48 @@ mod tests {
     }
 
     #[test]
+    fn the_retry_budget_allows_a_floor_plus_a_share_of_recent_requests() {
+        let t0 = Instant::now();
+        // 1 retry/s over 10 s, plus 20% of the requests.
+        let budget = RetryBudget::new(1, 0.2);
+        let granted = (0..30).filter(|_| budget.withdraw(t0)).count();
+        assert_eq!(granted, 10, "the floor: 1/s over the 10 s window");
+        for _ in 0..100 {
+            budget.deposit(t0);
+        }
+        let granted = (0..30).filter(|_| budget.withdraw(t0)).count();
+        assert_eq!(granted, 20, "20% of 100 requests");
+        // Eleven seconds on, the window holds none of that.
+        let later = t0 + Duration::from_secs(11);
+        let granted = (0..30).filter(|_| budget.withdraw(later)).count();
+        assert_eq!(granted, 10, "only the floor again");
+        // Counts from other threads (other shards) are summed.
+        let budget = Arc::new(RetryBudget::new(0, 0.5));
+        let other = Arc::clone(&budget);
+        std::thread::spawn(move || {
+            for _ in 0..10 {
+                other.deposit(t0);
+            }
+        })
+        .join()
+        .unwrap();
+        let granted = (0..30).filter(|_| budget.withdraw(t0)).count();
+        assert_eq!(granted, 5, "half of another thread's 10 requests");
+    }
+
+    #[test]
     fn an_idle_instances_latency_estimate_decays_so_it_is_probed_again() {
         let slow = Instance::new("http://127.0.0.1:1", 1, None).unwrap();
         slow.observe_latency(Duration::from_millis(500));
-        let fresh = slow.load_cost();
+        let now = Instant::now();
+        let fresh = slow.load_cost(now);
         // Cost in ms to the default exponent 2, nothing outstanding.
         assert!(
             fresh > 400.0 * 400.0,
             "a slow sample is taken at once: {fresh}"
         );
-        // Pretend the last observation was 30 s ago.
-        slow.state().ewma_at = Some(Instant::now() - Duration::from_secs(30));
-        let later = slow.load_cost();
+        // 30 s without a sample.
+        let later = slow.load_cost(now + Duration::from_secs(30));
         assert!(
             later < fresh / 10.0,
             "idle estimate decays: {fresh} -> {later}"

@@ -335,7 +335,8 @@ pub(crate) async fn forward(
     // runtime honours).
     let budget = caller_deadline(&parts.headers)
         .map_or(route.request_timeout, |d| d.min(route.request_timeout));
-    let deadline = Instant::now() + budget;
+    let now = Instant::now();
+    let deadline = now + budget;
     let headers_for_upstream = || {
         let mut h = upstream_headers(&parts.headers, host, client_addr, request_id);
         route.request_headers.apply(&mut h);
@@ -385,12 +386,12 @@ pub(crate) async fn forward(
         }
     };
 
-    pool.deposit();
+    pool.deposit(now);
     let ctx = PickContext {
         headers: &parts.headers,
         client_ip: client_addr.ip(),
     };
-    let mut tried: Vec<Arc<Instance>> = Vec::new();
+    let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     let max_attempts = state.settings.retries.saturating_add(1);
     let mut last_error: Option<String> = None;
     loop {
@@ -408,7 +409,7 @@ pub(crate) async fn forward(
         };
         outcome.attempts += 1;
         outcome.upstream = Some(Arc::clone(&instance));
-        tried.push(Arc::clone(&instance));
+        tried.push(instance.id());
 
         let body = match &mut outgoing {
             OutgoingBody::Buffered(bytes) if bytes.is_empty() => empty(),

@@ -162,7 +162,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.conn.clone());
+        if crate::upgrade::is_upgrade(&req) {
+            // Only a tunnel needs the connection's handle (cloning it
+            // takes a lock shared by every connection).
+            req.extensions_mut().insert(self.conn.clone());
+        }
         let busy = self.activity.begin();
         let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
         HoldBody {

@@ -90,7 +90,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         headers: &parts.headers,
         client_ip: client_addr.ip(),
     };
-    let mut tried = Vec::new();
+    let mut tried: Vec<usize> = Vec::new();
     let attempts = state.settings.retries.saturating_add(1);
     let mut last_error = None;
     let (instance, guard, mut response) = loop {
@@ -101,7 +101,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
             };
             return problem_response(&Problem::unavailable(detail, 1), &request_id);
         };
-        tried.push(Arc::clone(&instance));
+        tried.push(instance.id());
         outcome.attempts += 1;
         outcome.upstream = Some(Arc::clone(&instance));
         let uri = Uri::builder()
