@@ -34,6 +34,7 @@ mod reload;
 mod routes;
 mod stack;
 mod upgrade;
+mod upstream;
 mod workers;
 
 pub use reload::SettingsLoader;

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 /// was built is still the one used.
 pub struct PoolMetrics {
     duration: OnceLock<metrics::Histogram>,
+    /// `shoal_gateway_upstream_connections_total{pool, reused}`: upstream
+    /// requests sent on a new connection (`false`) or a kept-alive one.
+    connections: [OnceLock<metrics::Counter>; 2],
     /// `shoal_gateway_requests_total` by status, index `status - 100`.
     by_status: [OnceLock<metrics::Counter>; 500],
 }
@@ -25,12 +28,27 @@ impl Default for PoolMetrics {
     fn default() -> Self {
         PoolMetrics {
             duration: OnceLock::new(),
+            connections: [const { OnceLock::new() }; 2],
             by_status: [const { OnceLock::new() }; 500],
         }
     }
 }
 
 impl PoolMetrics {
+    /// Counts an upstream request on a new (`reused = false`) or a
+    /// kept-alive connection.
+    pub fn connection(&self, pool: &str, reused: bool) {
+        self.connections[usize::from(reused)]
+            .get_or_init(|| {
+                metrics::counter!(
+                    "shoal_gateway_upstream_connections_total",
+                    "pool" => pool.to_string(),
+                    "reused" => if reused { "true" } else { "false" }
+                )
+            })
+            .increment(1);
+    }
+
     /// Counts one answered request and records its duration.
     pub fn record(&self, pool: &str, status: u16, elapsed: Duration) {
         let counter = match status

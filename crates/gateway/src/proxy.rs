@@ -211,11 +211,14 @@ enum Failure {
     Other,
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    if e.is_connect() {
-        return Failure::NotSent;
-    }
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+fn classify(e: &crate::upstream::UpstreamError) -> Failure {
+    use crate::upstream::UpstreamError;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = match e {
+        UpstreamError::Connect { .. } => return Failure::NotSent,
+        UpstreamError::Pooled(e) if e.is_connect() => return Failure::NotSent,
+        UpstreamError::Pooled(e) => std::error::Error::source(e),
+        UpstreamError::Http(e) => Some(e),
+    };
     while let Some(err) = cur {
         if err.is::<http_body_util::LengthLimitError>() {
             return Failure::ClientBody;
@@ -453,7 +456,7 @@ pub(crate) async fn forward(
         let sent = Instant::now();
         let result = tokio::time::timeout(
             left,
-            crate::workers::request(&state.client, pool, upstream_req),
+            crate::upstream::request(&state.client, pool, &instance, upstream_req),
         )
         .await;
         match result {

@@ -757,3 +757,112 @@ async fn an_h2c_stream_reset_after_it_was_sent_is_retried_only_when_idempotent()
         "half the GETs were reset, then retried"
     );
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_counted_per_pool() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[],
+        json!({"pools": [{"name": "reuse-counted", "upstreams": [up.url()]}]}),
+    ))
+    .await;
+    let client = TestClient::default();
+    for i in 0..20 {
+        let r = client.get(&gw.url(&format!("/r/{i}"))).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let opened = up.state.peers.lock().unwrap().len();
+    assert!(
+        opened <= 2,
+        "20 requests, one after another: {opened} connections"
+    );
+    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let count = |reused: &str| -> u64 {
+        m.body
+            .lines()
+            .find(|l| {
+                l.starts_with("shoal_gateway_upstream_connections_total{")
+                    && l.contains(r#"pool="reuse-counted""#)
+                    && l.contains(&format!(r#"reused="{reused}""#))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("false") + count("true"), 20, "{}", m.body);
+    assert!(count("true") >= 18, "{}", m.body);
+}
+
+/// An upstream that answers one request per connection with keep-alive
+/// promised, then closes the connection after `linger`: a keep-alive
+/// connection that dies while idle in the gateway's pool.
+async fn closes_idle_connections(linger: Duration) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicUsize::new(0));
+    let counted = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                // The head, then the body its Content-Length announces.
+                loop {
+                    let Ok(n) = socket.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nkeep-alive: timeout=60\r\n\r\nok",
+                    )
+                    .await;
+                tokio::time::sleep(linger).await;
+            });
+        }
+    });
+    (url, served)
+}
+
+#[tokio::test]
+async fn a_post_on_a_pooled_connection_the_instance_closed_is_sent_on_a_new_one() {
+    let (url, served) = closes_idle_connections(Duration::from_millis(30)).await;
+    let gw = TestGateway::start(settings(&[url], json!({"health_path": ""}))).await;
+    let client = TestClient::default();
+    for i in 0..5 {
+        let req = Request::post(gw.url(&format!("/orders/{i}")))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let r = client.send(req).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, "ok"),
+            "POST {i}"
+        );
+        // Long enough for the instance to close the connection.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        5,
+        "each POST reached it once"
+    );
+}
