@@ -4,7 +4,7 @@
 
 use crate::pool::InFlightGuard;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -21,11 +21,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The request-id header, set on every upstream request and response.
-pub const X_REQUEST_ID: &str = "x-request-id";
+/// (Header names are constants, so no request parses them.)
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Milliseconds left of the request's deadline, sent upstream (and read
 /// from callers); Shoal's runtime honours it (`shoal_runtime::middleware`).
-pub const X_SHOAL_DEADLINE_MS: &str = "x-shoal-deadline-ms";
+pub const X_SHOAL_DEADLINE_MS: HeaderName = HeaderName::from_static("x-shoal-deadline-ms");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

@@ -4,7 +4,8 @@
 
 use crate::balance::PickContext;
 use crate::body::{
-    empty, full, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID, X_SHOAL_DEADLINE_MS,
+    empty, full, problem_response, Body, BoxError, GuardedBody, IDEMPOTENCY_KEY, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, X_SHOAL_DEADLINE_MS,
 };
 use crate::pool::{Instance, Pool};
 use crate::routes::{Route, Router};
@@ -116,7 +117,7 @@ fn is_idempotent(method: &Method, headers: &HeaderMap) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    ) || headers.contains_key("idempotency-key")
+    ) || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 /// A request body ready to send, once or several times.
@@ -580,25 +581,28 @@ pub(crate) fn upstream_headers(
 ) -> HeaderMap {
     let mut headers = incoming.clone();
     strip_hop_by_hop(&mut headers);
-    let client_ip = client_addr.ip().to_string();
-    let prior: Vec<&str> = incoming
-        .get_all("x-forwarded-for")
+    // One string, handed to the header without a copy.
+    let mut forwarded_for = String::with_capacity(48);
+    for prior in incoming
+        .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .collect();
-    let forwarded_for = if prior.is_empty() {
-        client_ip
-    } else {
-        format!("{}, {client_ip}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+    {
+        forwarded_for.push_str(prior);
+        forwarded_for.push_str(", ");
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    {
+        use std::fmt::Write;
+        let _ = write!(forwarded_for, "{}", client_addr.ip());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert("x-forwarded-host", v.clone());
+        headers.insert(X_FORWARDED_HOST, v.clone());
         // HTTP/2 clients send :authority instead of Host.
         headers.entry(header::HOST).or_insert(v);
     }

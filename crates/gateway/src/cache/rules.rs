@@ -220,7 +220,7 @@ pub fn merge_304(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
             || name.as_str() == SHOAL_CACHE_CONTROL
             || name == header::AGE
             || name.as_str() == CACHE_STATUS
-            || name.as_str() == crate::body::X_REQUEST_ID
+            || *name == crate::body::X_REQUEST_ID
         {
             continue;
         }
