@@ -1,9 +1,16 @@
 //! Identifiers: request ids and entity ids (UUIDv7, time-ordered, so they
 //! index well in B-trees and sort by creation time).
 
-/// A new time-ordered id as a lowercase hyphenated string.
+thread_local! {
+    /// Each thread's UUIDv7 clock: `Uuid::now_v7` shares one behind a
+    /// mutex, which every request of every thread would take.
+    static V7_CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
+}
+
+/// A new time-ordered id as a lowercase hyphenated string: ordered by
+/// millisecond everywhere, and within a millisecond on the same thread.
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    V7_CONTEXT.with(|ctx| uuid::Uuid::new_v7(uuid::Timestamp::now(ctx)).to_string())
 }
 
 /// A request id: accepts a caller's id when it is short and printable,

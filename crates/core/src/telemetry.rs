@@ -40,6 +40,19 @@ pub fn prometheus() -> PrometheusHandle {
             let handle = recorder.handle();
             // In tests several apps share a process; only the first installs.
             let _ = metrics::set_global_recorder(recorder);
+            // Histogram samples wait in per-histogram buckets until a
+            // scrape or an upkeep folds them into the bucket counts: with
+            // nobody scraping, memory would grow with every request.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("shoal-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms grow until scraped");
+            }
             handle
         })
         .clone()

@@ -420,18 +420,24 @@ pub(crate) async fn forward(
             OutgoingBody::Buffered(bytes) => full(bytes.clone()),
             OutgoingBody::Streaming(body) => body.take().unwrap_or_else(empty),
         };
-        let mut target = http::uri::Parts::default();
-        target.scheme = Some(instance.scheme.clone());
-        target.authority = Some(instance.authority.clone());
-        target.path_and_query = Some(path_and_query.clone());
-        let uri = match Uri::from_parts(target) {
-            Ok(u) => u,
-            Err(e) => {
-                return problem_response(
-                    &Problem::bad_request(format!("bad request target: {e}")),
-                    request_id,
-                )
+        let uri = if pool.h2c {
+            // hyper-util's client wants the absolute form.
+            let mut target = http::uri::Parts::default();
+            target.scheme = Some(instance.scheme.clone());
+            target.authority = Some(instance.authority.clone());
+            target.path_and_query = Some(path_and_query.clone());
+            match Uri::from_parts(target) {
+                Ok(u) => u,
+                Err(e) => {
+                    return problem_response(
+                        &Problem::bad_request(format!("bad request target: {e}")),
+                        request_id,
+                    )
+                }
             }
+        } else {
+            // An HTTP/1.1 connection to the instance: the origin form.
+            Uri::from(path_and_query.clone())
         };
         let mut upstream_req = Request::new(body);
         *upstream_req.method_mut() = parts.method.clone();

@@ -18,6 +18,7 @@ use crate::body::Body;
 use crate::pool::Instance;
 use crate::ClientSettings;
 use http::header::{HeaderValue, HOST};
+use http::uri::Authority;
 use http::{Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -51,27 +52,52 @@ pub enum UpstreamError {
     Pooled(#[from] hyper_util::client::legacy::Error),
 }
 
-struct Idle {
+/// A connection to one instance, with the instance's address (moved
+/// along with it, never cloned per request: an `Authority` is a shared
+/// buffer whose count every thread would bump).
+struct Conn {
     sender: http1::SendRequest<Body>,
+    authority: Authority,
+}
+
+struct Idle {
+    conn: Conn,
     since: Instant,
 }
 
-/// One thread's idle connections, by instance address.
+/// A hasher for instance ids (addresses): no need for SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// One thread's idle connections, by [`Instance::id`]. An id can be
+/// taken by a later instance once the first is gone, so a connection is
+/// used only when its address is the instance's.
 struct Connections {
     settings: ClientSettings,
-    idle: HashMap<http::uri::Authority, Vec<Idle>>,
+    idle: HashMap<usize, Vec<Idle>, std::hash::BuildHasherDefault<IdHasher>>,
 }
 
 thread_local! {
     static POOL: RefCell<Option<Connections>> = const { RefCell::new(None) };
 }
 
-/// Takes an idle connection to `authority` that is not known to be
-/// closed, dropping stale ones.
-fn take(
-    settings: ClientSettings,
-    authority: &http::uri::Authority,
-) -> Option<http1::SendRequest<Body>> {
+/// Takes an idle connection to `instance` that is not known to be closed,
+/// dropping stale ones.
+fn take(settings: ClientSettings, instance: &Instance) -> Option<Conn> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let pool = match pool.as_mut() {
@@ -80,27 +106,26 @@ fn take(
             // connections made under the old ones are dropped.
             _ => pool.insert(Connections {
                 settings,
-                idle: HashMap::new(),
+                idle: HashMap::default(),
             }),
         };
-        let list = pool.idle.get_mut(authority)?;
+        let list = pool.idle.get_mut(&instance.id())?;
         let now = Instant::now();
         while let Some(idle) = list.pop() {
-            if !idle.sender.is_closed() && now.duration_since(idle.since) < IDLE_TIMEOUT {
-                return Some(idle.sender);
+            if !idle.conn.sender.is_closed()
+                && now.duration_since(idle.since) < IDLE_TIMEOUT
+                && idle.conn.authority == instance.authority
+            {
+                return Some(idle.conn);
             }
         }
         None
     })
 }
 
-/// Puts a connection whose response ended back for reuse.
-fn put_back(
-    settings: ClientSettings,
-    authority: http::uri::Authority,
-    sender: http1::SendRequest<Body>,
-) {
-    if sender.is_closed() || settings.idle_per_instance == 0 {
+/// Puts a connection to instance `id` whose response ended back for reuse.
+fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
+    if conn.sender.is_closed() || settings.idle_per_instance == 0 {
         return;
     }
     POOL.with(|pool| {
@@ -109,7 +134,7 @@ fn put_back(
             return;
         };
         let now = Instant::now();
-        let list = pool.idle.entry(authority).or_default();
+        let list = pool.idle.entry(id).or_default();
         // The oldest first: expired ones go, then any over the cap.
         let expired = list
             .iter()
@@ -119,14 +144,11 @@ fn put_back(
         if list.len() >= settings.idle_per_instance {
             list.remove(0);
         }
-        list.push(Idle { sender, since: now });
+        list.push(Idle { conn, since: now });
     });
 }
 
-async fn connect(
-    settings: ClientSettings,
-    authority: &http::uri::Authority,
-) -> Result<http1::SendRequest<Body>, UpstreamError> {
+async fn connect(settings: ClientSettings, authority: &Authority) -> Result<Conn, UpstreamError> {
     let failed = |source| UpstreamError::Connect {
         authority: authority.to_string(),
         source,
@@ -158,7 +180,10 @@ async fn connect(
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(Conn {
+        sender,
+        authority: authority.clone(),
+    })
 }
 
 /// Sends `req` (absolute URI) to `instance` of `pool`: HTTP/1.1 over this
@@ -176,8 +201,8 @@ pub(crate) async fn request(
     send(clients.settings, pool, instance, req).await
 }
 
-/// Sends `req` (absolute URI) to `instance` over a pooled connection of
-/// this thread, or a new one. A request that a pooled connection could
+/// Sends `req` to `instance` over a pooled connection of this thread, or a
+/// new one. A request that a pooled connection could
 /// not take (it closed before the request was written) goes on the next
 /// one, then on a new connection: it never left.
 pub(crate) async fn send(
@@ -187,38 +212,38 @@ pub(crate) async fn send(
     mut req: Request<Body>,
 ) -> Result<Response<ResponseBody>, UpstreamError> {
     // HTTP/1.1 to an origin: the path and query, with a Host header.
-    let origin_form = req
-        .uri()
-        .path_and_query()
-        .map(|pq| Uri::from(pq.clone()))
-        .unwrap_or_else(|| Uri::from_static("/"));
-    *req.uri_mut() = origin_form;
+    if req.uri().authority().is_some() {
+        let origin_form = req
+            .uri()
+            .path_and_query()
+            .map(|pq| Uri::from(pq.clone()))
+            .unwrap_or_else(|| Uri::from_static("/"));
+        *req.uri_mut() = origin_form;
+    }
     if !req.headers().contains_key(HOST) {
         if let Ok(v) = HeaderValue::from_str(instance.authority.as_str()) {
             req.headers_mut().insert(HOST, v);
         }
     }
-    let authority = &instance.authority;
-    let mut req = req;
     loop {
-        let (mut sender, reused) = match take(settings, authority) {
-            Some(sender) => (sender, true),
-            None => (connect(settings, authority).await?, false),
+        let (mut conn, reused) = match take(settings, instance) {
+            Some(conn) => (conn, true),
+            None => (connect(settings, &instance.authority).await?, false),
         };
         if reused {
             // Its last response ended; the connection may not have
             // noticed yet. An error means it closed meanwhile.
-            if sender.ready().await.is_err() {
+            if conn.sender.ready().await.is_err() {
                 continue;
             }
         }
         pool.metrics.connection(&pool.name, reused);
-        match sender.try_send_request(req).await {
+        match conn.sender.try_send_request(req).await {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
                 let body = ResponseBody {
                     inner: body,
-                    back: Some((settings, authority.clone(), sender)),
+                    back: Some((settings, instance.id(), conn)),
                 };
                 return Ok(Response::from_parts(parts, body.returned_if_done()));
             }
@@ -237,7 +262,7 @@ pin_project_lite::pin_project! {
     pub(crate) struct ResponseBody {
         #[pin]
         inner: Incoming,
-        back: Option<(ClientSettings, http::uri::Authority, http1::SendRequest<Body>)>,
+        back: Option<(ClientSettings, usize, Conn)>,
     }
 }
 
@@ -246,8 +271,8 @@ impl ResponseBody {
     /// connection at once.
     fn returned_if_done(mut self) -> Self {
         if self.inner.is_end_stream() {
-            if let Some((settings, authority, sender)) = self.back.take() {
-                put_back(settings, authority, sender);
+            if let Some((settings, id, conn)) = self.back.take() {
+                put_back(settings, id, conn);
             }
         }
         self
@@ -276,8 +301,8 @@ impl HttpBody for ResponseBody {
             Poll::Pending => false,
         };
         if ended {
-            if let Some((settings, authority, sender)) = this.back.take() {
-                put_back(settings, authority, sender);
+            if let Some((settings, id, conn)) = this.back.take() {
+                put_back(settings, id, conn);
             }
         }
         polled
