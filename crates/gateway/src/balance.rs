@@ -324,7 +324,7 @@ mod tests {
             );
             slow.observe_latency(std::time::Duration::from_millis(3));
             fast.observe_latency(std::time::Duration::from_millis(1));
-            let _busy: Vec<_> = (0..4).map(|_| fast.start()).collect();
+            let _busy: Vec<_> = (0..4).map(|_| Arc::clone(&fast).start()).collect();
             let refs = vec![&slow, &fast];
             let headers = HeaderMap::new();
             let ctx = PickContext {
@@ -345,7 +345,11 @@ mod tests {
     #[test]
     fn least_requests_avoids_the_busy_instance() {
         let all = instances(3);
-        let _busy = [all[0].start(), all[0].start(), all[1].start()];
+        let _busy = [
+            Arc::clone(&all[0]).start(),
+            Arc::clone(&all[0]).start(),
+            Arc::clone(&all[1]).start(),
+        ];
         let refs: Vec<&Arc<Instance>> = all.iter().collect();
         let headers = HeaderMap::new();
         let ctx = PickContext {

@@ -261,21 +261,18 @@ pub struct Instance {
     pub weight: u32,
     /// Registered through the admin API (versus configured).
     pub registered: bool,
-    in_flight: AtomicUsize,
-    requests: AtomicU64,
+    /// What every response writes, on a cache line of its own so that
+    /// those writes do not evict what `pick` reads on other threads (nor
+    /// the reference counts in front of the instance).
+    hot: Hot,
     /// Smooth weighted round robin's running weight.
     pub(crate) wrr_current: Mutex<i64>,
     /// What every request reads, kept in atomics so that the threads
     /// serving requests never wait on one another (nor bounce a lock
     /// between cores): `state.up()`, published by whoever changes `state`;
-    /// the registration's expiry (`to_ns`, 0 = none); the peak-EWMA
-    /// latency (f64 bits, nanoseconds) and when it was last updated
-    /// (`to_ns`, 0 = no sample); connection errors in a row.
+    /// the registration's expiry (`to_ns`, 0 = none).
     up: AtomicBool,
     expires_ns: AtomicU64,
-    ewma_ns: AtomicU64,
-    ewma_at_ns: AtomicU64,
-    connect_errors: AtomicU32,
     /// The rest, changed by health checks, ejections and the admin API.
     state: Mutex<InstanceState>,
     /// Peak-EWMA decay time, in seconds.
@@ -284,6 +281,20 @@ pub struct Instance {
     latency_exponent: f64,
     /// A 404 on the health path was logged (once per instance).
     missing_health_path_noted: AtomicBool,
+}
+
+/// An instance's counters that change with every request: outstanding
+/// and total requests, the peak-EWMA latency (f64 bits, nanoseconds) and
+/// when it was last updated (`to_ns`, 0 = no sample), connection errors
+/// in a row (read on every response, written on errors).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Hot {
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    ewma_ns: AtomicU64,
+    ewma_at_ns: AtomicU64,
+    connect_errors: AtomicU32,
 }
 
 /// Parses `http://host:port` (an optional trailing `/` is allowed; a path is not).
@@ -315,15 +326,11 @@ impl Instance {
             authority,
             weight: weight.max(1),
             registered: expires.is_some(),
-            in_flight: AtomicUsize::new(0),
-            requests: AtomicU64::new(0),
+            hot: Hot::default(),
             missing_health_path_noted: AtomicBool::new(false),
             wrr_current: Mutex::new(0),
             up: AtomicBool::new(true),
             expires_ns: AtomicU64::new(expires.map_or(0, to_ns)),
-            ewma_ns: AtomicU64::new(0),
-            ewma_at_ns: AtomicU64::new(0),
-            connect_errors: AtomicU32::new(0),
             state: Mutex::new(InstanceState {
                 healthy: true,
                 ..InstanceState::default()
@@ -366,12 +373,12 @@ impl Instance {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.hot.in_flight.load(Ordering::Relaxed)
     }
 
     /// Requests sent to this instance since start.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        self.hot.requests.load(Ordering::Relaxed)
     }
 
     /// Peak-EWMA latency (ms) to the latency exponent, times
@@ -380,11 +387,11 @@ impl Instance {
         // An idle instance's estimate decays with time (as in tower's and
         // linkerd's PeakEwma), so an instance that was slow once, or came
         // back after a restart, is probed again instead of starved by P2C.
-        let ewma = match self.ewma_at_ns.load(Ordering::Relaxed) {
+        let ewma = match self.hot.ewma_at_ns.load(Ordering::Relaxed) {
             0 => DEFAULT_RTT_NS,
             at => {
                 let idle = to_ns(now).saturating_sub(at) as f64 / 1e9;
-                f64::from_bits(self.ewma_ns.load(Ordering::Relaxed))
+                f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed))
                     * (-idle / self.ewma_decay_secs).exp()
             }
         };
@@ -401,13 +408,12 @@ impl Instance {
         weighted * (self.in_flight() as f64 + 1.0)
     }
 
-    /// Counts a request as outstanding until the guard drops.
-    pub fn start(self: &Arc<Self>) -> InFlightGuard {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard {
-            instance: Arc::clone(self),
-        }
+    /// Counts a request as outstanding until the guard, which keeps the
+    /// instance (reach it through [`InFlightGuard::instance`]), drops.
+    pub fn start(self: Arc<Self>) -> InFlightGuard {
+        self.hot.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.hot.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard { instance: self }
     }
 
     /// Folds a latency sample into the peak-EWMA: a higher sample is taken
@@ -418,8 +424,8 @@ impl Instance {
     pub fn observe_latency(&self, latency: Duration) {
         let sample = latency.as_nanos() as f64;
         let now = to_ns(Instant::now());
-        let at = self.ewma_at_ns.load(Ordering::Relaxed);
-        let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let at = self.hot.ewma_at_ns.load(Ordering::Relaxed);
+        let ewma = f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed));
         let next = if at != 0 && sample < ewma {
             let elapsed = now.saturating_sub(at) as f64 / 1e9;
             let w = (-elapsed / self.ewma_decay_secs).exp();
@@ -427,27 +433,27 @@ impl Instance {
         } else {
             sample
         };
-        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
-        self.ewma_at_ns.store(now, Ordering::Relaxed);
+        self.hot.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.hot.ewma_at_ns.store(now, Ordering::Relaxed);
     }
 
     /// Forgets the latency learnt so far (back from being down).
     fn reset_latency(&self) {
-        self.ewma_at_ns.store(0, Ordering::Relaxed);
+        self.hot.ewma_at_ns.store(0, Ordering::Relaxed);
     }
 
     pub fn record_success(&self) {
         // Read first: most responses find no errors to reset, and a store
         // would take the cache line from the other threads.
-        if self.connect_errors.load(Ordering::Relaxed) != 0 {
-            self.connect_errors.store(0, Ordering::Relaxed);
+        if self.hot.connect_errors.load(Ordering::Relaxed) != 0 {
+            self.hot.connect_errors.store(0, Ordering::Relaxed);
         }
     }
 
     /// Counts a connection error; true when it reached the threshold and the
     /// instance should be ejected.
     fn count_connection_error(&self, threshold: u32) -> bool {
-        let errors = self.connect_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let errors = self.hot.connect_errors.fetch_add(1, Ordering::Relaxed) + 1;
         !self.state().ejected && errors >= threshold.max(1)
     }
 
@@ -472,7 +478,7 @@ impl Instance {
         s.last_ejected = Some(now);
         s.checks_passed = 0;
         self.publish(&s);
-        self.connect_errors.store(0, Ordering::Relaxed);
+        self.hot.connect_errors.store(0, Ordering::Relaxed);
         period
     }
 
@@ -557,8 +563,8 @@ impl Instance {
             "in_flight": self.in_flight(),
             "requests": self.requests(),
             "weight": self.weight,
-            "ewma_ms": (self.ewma_at_ns.load(Ordering::Relaxed) != 0)
-                .then(|| f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) / 1e6),
+            "ewma_ms": (self.hot.ewma_at_ns.load(Ordering::Relaxed) != 0)
+                .then(|| f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed)) / 1e6),
         })
     }
 }
@@ -584,9 +590,15 @@ pub struct InFlightGuard {
     instance: Arc<Instance>,
 }
 
+impl InFlightGuard {
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.instance.hot.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -412,7 +412,11 @@ pub(crate) async fn forward(
             };
         };
         outcome.attempts += 1;
-        outcome.upstream = Some(Arc::clone(&instance));
+        if crate::stack::access_log_on() {
+            // For the log line only: each clone bumps a count that every
+            // thread shares.
+            outcome.upstream = Some(Arc::clone(&instance));
+        }
         tried.push(instance.id());
 
         let body = match &mut outgoing {
@@ -459,11 +463,14 @@ pub(crate) async fn forward(
             HeaderValue::from(left.as_millis().max(1) as u64),
         );
 
+        // The guard keeps the instance (and its in-flight count) until the
+        // response body ends, or this attempt ends.
         let guard = instance.start();
+        let instance = guard.instance();
         let sent = Instant::now();
         let result = tokio::time::timeout(
             left,
-            crate::upstream::request(&state.client, pool, &instance, upstream_req),
+            crate::upstream::request(&state.client, pool, instance, upstream_req),
         )
         .await;
         match result {
@@ -482,11 +489,9 @@ pub(crate) async fn forward(
             }
             Err(_elapsed) => {
                 instance.observe_latency(sent.elapsed());
-                drop(guard);
                 return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
             }
             Ok(Err(e)) => {
-                drop(guard);
                 let failure = classify(&e);
                 let cause = format!("{}: {}", instance.url, chain(&e));
                 tracing::debug!(pool = %pool.name, instance = %instance.url, ?failure, cause = %cause, "upstream attempt failed");
@@ -501,7 +506,7 @@ pub(crate) async fn forward(
                     );
                 }
                 if matches!(failure, Failure::NotSent | Failure::ConnectionLost) {
-                    pool.on_connection_error(&instance);
+                    pool.on_connection_error(instance);
                 }
                 let replayable = matches!(outgoing, OutgoingBody::Buffered(_));
                 let safe = match failure {

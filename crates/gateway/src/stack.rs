@@ -347,6 +347,12 @@ impl<F: Future<Output = Answer>> Future for Logged<F> {
     }
 }
 
+/// Whether access-log lines are written (the `shoal_gateway::access`
+/// target at info): what only the line needs is not gathered otherwise.
+pub(crate) fn access_log_on() -> bool {
+    tracing::enabled!(target: "shoal_gateway::access", tracing::Level::INFO)
+}
+
 /// Counts the request in the metrics and writes its access-log line.
 fn log(seen: &Seen, outcome: &Outcome, status: u16) {
     let elapsed = seen.started.elapsed();

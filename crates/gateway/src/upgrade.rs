@@ -116,7 +116,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         *upstream_req.method_mut() = parts.method.clone();
         *upstream_req.uri_mut() = uri;
         *upstream_req.headers_mut() = headers.clone();
-        let guard = instance.start();
+        let guard = Arc::clone(&instance).start();
         let sent = Instant::now();
         match tokio::time::timeout(
             route.request_timeout,
