@@ -93,6 +93,37 @@ fn answered(r: Answer) -> Response<Body> {
     }
 }
 
+/// A layer that holds nothing but its inner service: the `Layer`, and the
+/// service struct whose `call` the layer's section writes.
+macro_rules! plain_layer {
+    ($(#[$doc:meta])* $layer:ident => $service:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy)]
+        pub(crate) struct $layer;
+
+        impl<S> Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service { inner }
+            }
+        }
+
+        #[derive(Clone)]
+        pub(crate) struct $service<S> {
+            inner: S,
+        }
+    };
+}
+
+/// `poll_ready` of a layer: ready when the inner service is.
+macro_rules! ready_when_inner_is {
+    () => {
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            self.inner.poll_ready(cx)
+        }
+    };
+}
+
 pin_project_lite::pin_project! {
     /// The inner future, whose response body then holds `held` until it
     /// ends or is dropped.
@@ -157,9 +188,7 @@ where
     type Error = Infallible;
     type Future = HoldBody<S::Future, crate::listener::ActivityGuard>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         if crate::upgrade::is_upgrade(&req) {
@@ -210,9 +239,7 @@ where
     type Error = Infallible;
     type Future = S::Future;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, mut req: Request<Body>) -> S::Future {
         let started = Instant::now();
@@ -262,9 +289,7 @@ where
     type Error = Infallible;
     type Future = Either<S::Future, BoxFuture<'static, Answer>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if !req.uri().path().starts_with("/_gateway/") {
@@ -298,20 +323,7 @@ where
 
 // ---- access log and metrics -------------------------------------------
 
-#[derive(Clone, Copy)]
-pub(crate) struct AccessLogLayer;
-
-impl<S> Layer<S> for AccessLogLayer {
-    type Service = AccessLog<S>;
-    fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog { inner }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct AccessLog<S> {
-    inner: S,
-}
+plain_layer!(AccessLogLayer => AccessLog);
 
 /// What the log line needs of the request, kept while it is served.
 struct Seen {
@@ -390,9 +402,7 @@ where
     type Error = Infallible;
     type Future = Logged<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let seen = req.extensions().get::<Ctx>().map(|ctx| Seen {
@@ -411,20 +421,7 @@ where
 
 // ---- admission: rate limits and load shedding ------------------------
 
-#[derive(Clone, Copy)]
-pub(crate) struct AdmissionLayer;
-
-impl<S> Layer<S> for AdmissionLayer {
-    type Service = Admission<S>;
-    fn layer(&self, inner: S) -> Admission<S> {
-        Admission { inner }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Admission<S> {
-    inner: S,
-}
+plain_layer!(AdmissionLayer => Admission);
 
 impl<S> Service<Request<Body>> for Admission<S>
 where
@@ -434,9 +431,7 @@ where
     type Error = Infallible;
     type Future = Either<Ready<Answer>, HoldBody<S::Future, crate::limits::Admission>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let admitted = match req.extensions().get::<Ctx>() {
@@ -455,20 +450,7 @@ where
 
 // ---- upgrades ----------------------------------------------------------
 
-#[derive(Clone, Copy)]
-pub(crate) struct UpgradeLayer;
-
-impl<S> Layer<S> for UpgradeLayer {
-    type Service = Upgrade<S>;
-    fn layer(&self, inner: S) -> Upgrade<S> {
-        Upgrade { inner }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Upgrade<S> {
-    inner: S,
-}
+plain_layer!(UpgradeLayer => Upgrade);
 
 impl<S> Service<Request<Body>> for Upgrade<S>
 where
@@ -478,9 +460,7 @@ where
     type Error = Infallible;
     type Future = Either<S::Future, BoxFuture<'static, Answer>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         if !crate::upgrade::is_upgrade(&req) {
@@ -545,9 +525,7 @@ where
     type Error = Infallible;
     type Future = Either<S::Future, BoxFuture<'static, Answer>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
+    ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let cached = req

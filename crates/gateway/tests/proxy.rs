@@ -704,10 +704,7 @@ async fn an_h2c_stream_refused_by_an_instance_is_retried_elsewhere_whatever_its_
     let gw = TestGateway::start(settings(&[], h2c_pool(&[refusing, good.url()]))).await;
     let client = TestClient::default();
     for i in 0..6 {
-        let req = Request::post(gw.url(&format!("/orders/{i}")))
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap();
-        let r = client.send(req).await;
+        let r = client.post_json(&gw.url(&format!("/orders/{i}"))).await;
         assert_eq!(
             (r.status, r.body.as_str()),
             (StatusCode::OK, "good"),
@@ -728,10 +725,7 @@ async fn an_h2c_stream_reset_after_it_was_sent_is_retried_only_when_idempotent()
     let client = TestClient::default();
     let mut bad_gateway = 0;
     for i in 0..4 {
-        let req = Request::post(gw.url(&format!("/orders/{i}")))
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap();
-        let r = client.send(req).await;
+        let r = client.post_json(&gw.url(&format!("/orders/{i}"))).await;
         match r.status {
             StatusCode::OK => assert_eq!(r.body, "good"),
             StatusCode::BAD_GATEWAY => bad_gateway += 1,
@@ -848,10 +842,7 @@ async fn a_post_on_a_pooled_connection_the_instance_closed_is_sent_on_a_new_one(
     let gw = TestGateway::start(settings(&[url], json!({"health_path": ""}))).await;
     let client = TestClient::default();
     for i in 0..5 {
-        let req = Request::post(gw.url(&format!("/orders/{i}")))
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap();
-        let r = client.send(req).await;
+        let r = client.post_json(&gw.url(&format!("/orders/{i}"))).await;
         assert_eq!(
             (r.status, r.body.as_str()),
             (StatusCode::OK, "ok"),

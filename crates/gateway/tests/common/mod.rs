@@ -341,6 +341,15 @@ impl TestClient {
             .await
     }
 
+    /// POSTs a small JSON body.
+    pub async fn post_json(&self, url: &str) -> Reply {
+        let req = Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        self.send(req).await
+    }
+
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
         let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
