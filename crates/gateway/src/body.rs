@@ -71,27 +71,31 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     response
 }
 
+/// A response body whose instance counts it as outstanding until it ends,
+/// fails or is dropped (so "outstanding requests" counts streaming
+/// responses too).
+pub type GuardedBody<B> = Holding<B, InFlightGuard>;
+
 pin_project_lite::pin_project! {
-    /// A response body that holds an instance's in-flight guard until the
-    /// body ends, fails or is dropped, so "outstanding requests" counts
-    /// streaming responses too.
-    pub struct GuardedBody<B> {
+    /// A body that holds a value (permits, guards) until it ends, fails or
+    /// is dropped.
+    pub struct Holding<B, G> {
         #[pin]
         inner: B,
-        guard: Option<InFlightGuard>,
+        held: Option<G>,
     }
 }
 
-impl<B> GuardedBody<B> {
-    pub fn new(inner: B, guard: InFlightGuard) -> Self {
-        GuardedBody {
+impl<B, G> Holding<B, G> {
+    pub fn new(inner: B, held: G) -> Self {
+        Holding {
             inner,
-            guard: Some(guard),
+            held: Some(held),
         }
     }
 }
 
-impl<B: HttpBody> HttpBody for GuardedBody<B> {
+impl<B: HttpBody, G> HttpBody for Holding<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -102,7 +106,7 @@ impl<B: HttpBody> HttpBody for GuardedBody<B> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guard.take();
+            this.held.take();
         }
         polled
     }

@@ -10,17 +10,14 @@ use crate::proxy::GatewayState;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{header, Request, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use shoal_core::settings::{GatewaySettings, RateLimitSettings};
 use shoal_core::Problem;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Forget keys idle for a while every this many checks, so a limiter keyed
@@ -290,48 +287,4 @@ pub fn admit<B>(
         },
     };
     Ok(Admission { gateway, pool })
-}
-
-pin_project_lite::pin_project! {
-    /// A body that holds a value (permits, guards) until it ends, fails or
-    /// is dropped.
-    pub struct Holding<B, G> {
-        #[pin]
-        inner: B,
-        held: Option<G>,
-    }
-}
-
-impl<B, G> Holding<B, G> {
-    pub fn new(inner: B, held: G) -> Self {
-        Holding {
-            inner,
-            held: Some(held),
-        }
-    }
-}
-
-impl<B: HttpBody, G> HttpBody for Holding<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.held.take();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

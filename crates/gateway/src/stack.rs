@@ -12,8 +12,8 @@
 //! answer early return `Either` of it, and only the handlers that do real
 //! async work (admin, upgrade, cache, proxy) are boxed.
 
+use crate::body::Holding;
 use crate::body::{problem_response, Body, BoxError, X_REQUEST_ID};
-use crate::limits::Holding;
 use crate::listener::{Activity, ConnInfo};
 use crate::proxy::{GatewayState, Outcome};
 use crate::reload::Shared;
