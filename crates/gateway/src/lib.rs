@@ -24,6 +24,7 @@ mod balance;
 mod body;
 mod cache;
 mod dns;
+mod h1;
 mod health;
 mod limits;
 mod listener;

@@ -4,9 +4,10 @@
 
 use crate::balance::PickContext;
 use crate::body::{
-    empty, full, problem_response, Body, BoxError, GuardedBody, IDEMPOTENCY_KEY, X_FORWARDED_FOR,
+    problem_response, Body, BoxError, GuardedBody, IDEMPOTENCY_KEY, X_FORWARDED_FOR,
     X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, X_SHOAL_DEADLINE_MS,
 };
+use crate::h1::{H1Error, ReqBody, ReqHead};
 use crate::pool::{Instance, Pool};
 use crate::routes::{Route, Router};
 use bytes::{Bytes, BytesMut};
@@ -218,7 +219,14 @@ fn classify(e: &crate::upstream::UpstreamError) -> Failure {
         UpstreamError::Connect { .. } => return Failure::NotSent,
         UpstreamError::Pooled(e) if e.is_connect() => return Failure::NotSent,
         UpstreamError::Pooled(e) => std::error::Error::source(e),
-        UpstreamError::Http(e) => Some(e),
+        UpstreamError::H1(e) => {
+            return match e {
+                H1Error::NotWritten(_) => Failure::NotSent,
+                H1Error::Closed | H1Error::Io(_) => Failure::ConnectionLost,
+                H1Error::Body(_) => Failure::ClientBody,
+                H1Error::Invalid(_) => Failure::Other,
+            }
+        }
     };
     while let Some(err) = cur {
         if err.is::<http_body_util::LengthLimitError>() {
@@ -346,7 +354,17 @@ pub(crate) async fn forward(
         route.request_headers.apply(&mut h);
         h
     };
-    let mut headers = headers_for_upstream();
+    // HTTP/1.1 instances get the header lines written once, straight from
+    // the client's headers; h2c ones a header map per attempt.
+    let fields = (!pool.h2c).then(|| {
+        upstream_fields(
+            &parts.headers,
+            host,
+            client_addr,
+            request_id,
+            &route.request_headers,
+        )
+    });
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -420,59 +438,58 @@ pub(crate) async fn forward(
         tried.push(instance.id());
 
         let body = match &mut outgoing {
-            OutgoingBody::Buffered(bytes) if bytes.is_empty() => empty(),
-            OutgoingBody::Buffered(bytes) => full(bytes.clone()),
-            OutgoingBody::Streaming(body) => body.take().unwrap_or_else(empty),
-        };
-        let uri = if pool.h2c {
-            // hyper-util's client wants the absolute form.
-            let mut target = http::uri::Parts::default();
-            target.scheme = Some(instance.scheme.clone());
-            target.authority = Some(instance.authority.clone());
-            target.path_and_query = Some(path_and_query.clone());
-            match Uri::from_parts(target) {
-                Ok(u) => u,
-                Err(e) => {
-                    return problem_response(
-                        &Problem::bad_request(format!("bad request target: {e}")),
-                        request_id,
-                    )
-                }
-            }
-        } else {
-            // An HTTP/1.1 connection to the instance: the origin form.
-            Uri::from(path_and_query.clone())
-        };
-        let mut upstream_req = Request::new(body);
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = uri;
-        *upstream_req.version_mut() = Version::HTTP_11;
-        // The first attempt takes the headers; a retry (rare) builds
-        // them again.
-        *upstream_req.headers_mut() = if outcome.attempts == 1 {
-            std::mem::take(&mut headers)
-        } else {
-            headers_for_upstream()
+            OutgoingBody::Buffered(bytes) => ReqBody::Bytes(bytes.clone()),
+            OutgoingBody::Streaming(body) => match body.take() {
+                Some(body) => ReqBody::Stream(body),
+                None => ReqBody::Bytes(Bytes::new()),
+            },
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
         }
-        upstream_req.headers_mut().insert(
-            X_SHOAL_DEADLINE_MS,
-            HeaderValue::from(left.as_millis().max(1) as u64),
-        );
+        let deadline_ms = left.as_millis().max(1) as u64;
 
         // The guard keeps the instance (and its in-flight count) until the
         // response body ends, or this attempt ends.
         let guard = instance.start();
         let instance = guard.instance();
         let sent = Instant::now();
-        let result = tokio::time::timeout(
-            left,
-            crate::upstream::request(&state.client, pool, instance, upstream_req),
-        )
-        .await;
+        let attempt = match &fields {
+            Some(fields) => Ok((fields, body)),
+            None => match h2c_request(
+                &parts.method,
+                instance,
+                &path_and_query,
+                headers_for_upstream(),
+                deadline_ms,
+                body,
+            ) {
+                Ok(req) => Err(req),
+                Err(e) => {
+                    return problem_response(
+                        &Problem::bad_request(format!("bad request target: {e}")),
+                        request_id,
+                    )
+                }
+            },
+        };
+        let exchange = async {
+            match attempt {
+                Ok((fields, body)) => {
+                    let head = ReqHead {
+                        method: &parts.method,
+                        target: path_and_query.as_str(),
+                        fields,
+                        deadline_ms,
+                        declared_length: content_length,
+                    };
+                    crate::upstream::send(state.client.settings, pool, instance, &head, body).await
+                }
+                Err(req) => crate::upstream::h2c(&state.client, pool, req).await,
+            }
+        };
+        let result = tokio::time::timeout(left, exchange).await;
         match result {
             Ok(Ok(response)) => {
                 instance.observe_latency(sent.elapsed());
@@ -483,8 +500,7 @@ pub(crate) async fn forward(
                 if let Ok(v) = HeaderValue::from_str(request_id) {
                     rparts.headers.insert(X_REQUEST_ID, v);
                 }
-                let body: Body =
-                    GuardedBody::new(rbody.map_err(BoxError::from), guard).boxed_unsync();
+                let body: Body = GuardedBody::new(rbody, guard).boxed_unsync();
                 return Response::from_parts(rparts, body);
             }
             Err(_elapsed) => {
@@ -527,6 +543,35 @@ pub(crate) async fn forward(
             }
         }
     }
+}
+
+/// A request to an h2c instance: the absolute form of the target, as
+/// hyper-util's client wants it.
+fn h2c_request(
+    method: &Method,
+    instance: &Instance,
+    path_and_query: &http::uri::PathAndQuery,
+    mut headers: HeaderMap,
+    deadline_ms: u64,
+    body: ReqBody,
+) -> Result<Request<Body>, http::uri::InvalidUriParts> {
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(instance.scheme.clone());
+    target.authority = Some(instance.authority.clone());
+    target.path_and_query = Some(path_and_query.clone());
+    let uri = Uri::from_parts(target)?;
+    headers.insert(X_SHOAL_DEADLINE_MS, HeaderValue::from(deadline_ms));
+    let body = match body {
+        ReqBody::Bytes(b) if b.is_empty() => crate::body::empty(),
+        ReqBody::Bytes(b) => crate::body::full(b),
+        ReqBody::Stream(s) => s,
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Ok(req)
 }
 
 /// The request's own deadline in `x-shoal-deadline-ms`, if it sent one.
@@ -580,6 +625,87 @@ fn bad_gateway(
     );
     outcome.cause = Some(cause);
     problem_response(&Problem::bad_gateway(detail), request_id)
+}
+
+/// Headers the gateway writes itself on the way upstream: a client's
+/// are dropped (`x-forwarded-for` is extended instead).
+const GATEWAY_SET: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
+    X_SHOAL_DEADLINE_MS,
+];
+
+/// The header lines of a request to an HTTP/1.1 instance, written once
+/// from the client's headers, with the same result as [`upstream_headers`]
+/// followed by the route's rules, without building a second header map:
+/// hop-by-hop headers (and those `Connection` names), the body's framing
+/// (the codec writes its own) and the gateway's own headers are left out,
+/// then X-Forwarded-For (extended), -Proto, -Host, X-Request-Id and the
+/// route's `set` headers are written. `Host` is kept; an HTTP/2 client's
+/// `:authority` stands in for it. (`h1.rs` adds the deadline and, when
+/// no line here is `host`, the instance's address.)
+pub(crate) fn upstream_fields(
+    incoming: &HeaderMap,
+    host: Option<&str>,
+    client_addr: SocketAddr,
+    request_id: &str,
+    edits: &crate::routes::HeaderEdits,
+) -> crate::h1::Fields {
+    let named_in_connection: Vec<HeaderName> = incoming
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut fields = crate::h1::Fields::with_capacity(512);
+    let mut forwarded_for = String::new();
+    let mut has_host = false;
+    for (name, value) in incoming {
+        if *name == X_FORWARDED_FOR {
+            if let Some(v) = value.to_str().ok().map(str::trim).filter(|v| !v.is_empty()) {
+                forwarded_for.push_str(v);
+                forwarded_for.push_str(", ");
+            }
+            continue;
+        }
+        if *name == header::CONTENT_LENGTH
+            || HOP_BY_HOP.contains(&name.as_str())
+            || GATEWAY_SET.contains(name)
+            || named_in_connection.contains(name)
+            || edits.touches(name)
+        {
+            continue;
+        }
+        has_host |= *name == header::HOST;
+        fields.push(name, value.as_bytes());
+    }
+    {
+        use std::fmt::Write;
+        let _ = write!(forwarded_for, "{}", client_addr.ip());
+    }
+    let mut ours = |name: &HeaderName, value: &[u8]| {
+        if !edits.touches(name) {
+            fields.push(name, value);
+        }
+    };
+    ours(&X_FORWARDED_FOR, forwarded_for.as_bytes());
+    ours(&X_FORWARDED_PROTO, b"http");
+    if let Some(h) = host.filter(|h| HeaderValue::from_str(h).is_ok()) {
+        ours(&X_FORWARDED_HOST, h.as_bytes());
+        if !has_host {
+            ours(&header::HOST, h.as_bytes());
+        }
+    }
+    if HeaderValue::from_str(request_id).is_ok() {
+        ours(&X_REQUEST_ID, request_id.as_bytes());
+    }
+    for (name, value) in edits.sets() {
+        fields.push(name, value.as_bytes());
+    }
+    fields
 }
 
 /// The headers sent upstream: the client's minus hop-by-hop ones, plus

@@ -50,6 +50,16 @@ impl HeaderEdits {
         Ok(edits)
     }
 
+    /// Whether a rule removes or sets `name`.
+    pub fn touches(&self, name: &HeaderName) -> bool {
+        self.remove.contains(name) || self.set.iter().any(|(n, _)| n == name)
+    }
+
+    /// The headers the rules set.
+    pub fn sets(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.set.iter().map(|(n, v)| (n, v))
+    }
+
     pub fn apply(&self, headers: &mut HeaderMap) {
         for name in &self.remove {
             headers.remove(name);

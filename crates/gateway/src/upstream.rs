@@ -1,29 +1,29 @@
-//! HTTP/1.1 keep-alive connections to instances, one pool per thread,
-//! on hyper's connection-level client (`hyper::client::conn::http1`).
+//! Upstream connections: HTTP/1.1 keep-alive connections to instances,
+//! one pool per thread, spoken by the gateway's own codec (`h1.rs`) in
+//! the request's task; h2c pools go through hyper-util's client.
 //!
-//! Why not hyper-util's pooled client, which the gateway used before (and
-//! still uses for h2c pools, upgrades and health checks): per request it
-//! builds a connect future it seldom needs, races it against the pool
-//! checkout, hashes the pool key under a lock and spawns a task to put the
-//! connection back once the response body ends. Here a thread takes an
-//! idle connection from its own pool without a lock, and the response
-//! body puts the connection back when it ends.
+//! Why not hyper-util's pooled client for HTTP/1.1, which the gateway
+//! used first (and still uses for h2c pools, upgrades and health checks):
+//! per request it builds a connect future it seldom needs, races it
+//! against the pool checkout, hashes the pool key under a lock and spawns
+//! a task to put the connection back once the response body ends. Here a
+//! thread takes an idle connection from its own pool without a lock, and
+//! the response body puts the connection back when it ends.
 //!
 //! A connection goes back only after its response body was read to the
-//! end; a body dropped half-read closes it (hyper does). Idle connections
-//! past `upstream_idle_per_instance` are closed, as are those idle for
-//! [`IDLE_TIMEOUT`] (checked when the pool is used).
+//! end; a body dropped half-read closes it. Idle connections past
+//! `upstream_idle_per_instance` are closed, as are those idle for
+//! [`IDLE_TIMEOUT`] (checked when the pool is used) and those the
+//! instance closed meanwhile (seen when they are taken).
 
-use crate::body::Body;
+use crate::h1::{Conn, H1Body, H1Error, ReqBody, ReqHead};
 use crate::pool::Instance;
 use crate::ClientSettings;
-use http::header::{HeaderValue, HOST};
+use bytes::Bytes;
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -44,20 +44,12 @@ pub enum UpstreamError {
         #[source]
         source: std::io::Error,
     },
-    /// From the connection (hyper's error says whether it was sent).
+    /// From an HTTP/1.1 connection (the error says whether it was sent).
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    H1(#[from] H1Error),
     /// From hyper-util's pooled client (h2c pools).
     #[error(transparent)]
     Pooled(#[from] hyper_util::client::legacy::Error),
-}
-
-/// A connection to one instance, with the instance's address (moved
-/// along with it, never cloned per request: an `Authority` is a shared
-/// buffer whose count every thread would bump).
-struct Conn {
-    sender: http1::SendRequest<Body>,
-    authority: Authority,
 }
 
 struct Idle {
@@ -112,9 +104,9 @@ fn take(settings: ClientSettings, instance: &Instance) -> Option<Conn> {
         let list = pool.idle.get_mut(&instance.id())?;
         let now = Instant::now();
         while let Some(idle) = list.pop() {
-            if !idle.conn.sender.is_closed()
-                && now.duration_since(idle.since) < IDLE_TIMEOUT
+            if now.duration_since(idle.since) < IDLE_TIMEOUT
                 && idle.conn.authority == instance.authority
+                && idle.conn.is_usable()
             {
                 return Some(idle.conn);
             }
@@ -124,8 +116,8 @@ fn take(settings: ClientSettings, instance: &Instance) -> Option<Conn> {
 }
 
 /// Puts a connection to instance `id` whose response ended back for reuse.
-fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
-    if conn.sender.is_closed() || settings.idle_per_instance == 0 {
+pub(crate) fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
+    if settings.idle_per_instance == 0 {
         return;
     }
     POOL.with(|pool| {
@@ -172,147 +164,86 @@ async fn connect(settings: ClientSettings, authority: &Authority) -> Result<Conn
             }
         };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(Conn {
-        sender,
-        authority: authority.clone(),
-    })
+    Ok(Conn::new(stream, authority.clone()))
 }
 
-/// Sends `req` (absolute URI) to `instance` of `pool`: HTTP/1.1 over this
-/// thread's connections ([`send`]), h2c through hyper-util's client.
-pub(crate) async fn request(
+/// Sends `req` (absolute-form target) to an instance of an h2c pool
+/// through hyper-util's client.
+pub(crate) async fn h2c(
     clients: &crate::proxy::UpstreamClients,
     pool: &crate::pool::Pool,
-    instance: &Instance,
-    req: Request<Body>,
+    req: Request<crate::body::Body>,
 ) -> Result<Response<ResponseBody>, UpstreamError> {
-    if pool.h2c {
-        let response = crate::workers::request(clients, pool, req).await?;
-        return Ok(response.map(|inner| ResponseBody { inner, back: None }));
-    }
-    send(clients.settings, pool, instance, req).await
+    let response = crate::workers::request(clients, pool, req).await?;
+    Ok(response.map(ResponseBody::Pooled))
 }
 
-/// Sends `req` to `instance` over a pooled connection of this thread, or a
-/// new one. A request that a pooled connection could
-/// not take (it closed before the request was written) goes on the next
-/// one, then on a new connection: it never left.
+/// Sends a request to `instance` over a pooled HTTP/1.1 connection of
+/// this thread, or a new one. A request that a pooled connection could
+/// not take (the first write failed) goes on the next one, then on a new
+/// connection: it never left.
 pub(crate) async fn send(
     settings: ClientSettings,
     pool: &crate::pool::Pool,
     instance: &Instance,
-    mut req: Request<Body>,
+    head: &ReqHead<'_>,
+    mut body: ReqBody,
 ) -> Result<Response<ResponseBody>, UpstreamError> {
-    // HTTP/1.1 to an origin: the path and query, with a Host header.
-    if req.uri().authority().is_some() {
-        let origin_form = req
-            .uri()
-            .path_and_query()
-            .map(|pq| Uri::from(pq.clone()))
-            .unwrap_or_else(|| Uri::from_static("/"));
-        *req.uri_mut() = origin_form;
-    }
-    if !req.headers().contains_key(HOST) {
-        if let Ok(v) = HeaderValue::from_str(instance.authority.as_str()) {
-            req.headers_mut().insert(HOST, v);
-        }
-    }
     loop {
         let (mut conn, reused) = match take(settings, instance) {
             Some(conn) => (conn, true),
             None => (connect(settings, &instance.authority).await?, false),
         };
-        if reused {
-            // Its last response ended; the connection may not have
-            // noticed yet. An error means it closed meanwhile.
-            if conn.sender.ready().await.is_err() {
-                continue;
-            }
-        }
         pool.metrics.connection(&pool.name, reused);
-        match conn.sender.try_send_request(req).await {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                let body = ResponseBody {
-                    inner: body,
-                    back: Some((settings, instance.id(), conn)),
-                };
-                return Ok(Response::from_parts(parts, body.returned_if_done()));
-            }
-            Err(mut e) => match e.take_message() {
+        if let Err((e, back)) = conn.write_request(head, body).await {
+            match (e, back) {
                 // Not written: safe on another connection.
-                Some(back) if reused => req = back,
-                _ => return Err(UpstreamError::Http(e.into_error())),
-            },
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A response body that puts its connection back in the thread's pool
-    /// when it ends.
-    pub(crate) struct ResponseBody {
-        #[pin]
-        inner: Incoming,
-        back: Option<(ClientSettings, usize, Conn)>,
-    }
-}
-
-impl ResponseBody {
-    /// A response without a body (204, 304, `Content-Length: 0`) frees its
-    /// connection at once.
-    fn returned_if_done(mut self) -> Self {
-        if self.inner.is_end_stream() {
-            if let Some((settings, id, conn)) = self.back.take() {
-                put_back(settings, id, conn);
+                (H1Error::NotWritten(_), Some(back)) if reused => {
+                    body = back;
+                    continue;
+                }
+                (e, _) => return Err(e.into()),
             }
         }
-        self
+        let (rparts, framing, keep_alive) = conn.read_head(head.method).await?;
+        let rbody = H1Body::new(conn, framing, keep_alive, (settings, instance.id()));
+        return Ok(Response::from_parts(rparts, ResponseBody::H1(rbody)));
     }
+}
+
+/// A response body: from this thread's HTTP/1.1 connection (which it puts
+/// back in the pool when it ends), or from hyper-util's client.
+pub(crate) enum ResponseBody {
+    H1(H1Body),
+    Pooled(Incoming),
 }
 
 impl HttpBody for ResponseBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            // hyper stops polling a body that says it ended after its
-            // last frame, so the connection goes back then.
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            Poll::Ready(Some(Err(_))) => {
-                this.back.take();
-                false
-            }
-            Poll::Pending => false,
-        };
-        if ended {
-            if let Some((settings, id, conn)) = this.back.take() {
-                put_back(settings, id, conn);
-            }
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        // Both are `Unpin`.
+        match self.get_mut() {
+            ResponseBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            ResponseBody::H1(b) => b.is_end_stream(),
+            ResponseBody::Pooled(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            ResponseBody::H1(b) => b.size_hint(),
+            ResponseBody::Pooled(b) => b.size_hint(),
+        }
     }
 }
