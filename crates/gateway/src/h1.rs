@@ -77,6 +77,8 @@ pub(crate) struct Conn {
     /// The instance's address (moved along with the connection, never
     /// cloned per request).
     pub(crate) authority: Authority,
+    /// When it was made or last taken from the pool.
+    pub(crate) taken_at: std::time::Instant,
 }
 
 /// A request's header lines (`name: value\r\n`), written once and sent
@@ -118,11 +120,12 @@ pub(crate) struct ReqHead<'a> {
 }
 
 impl Conn {
-    pub(crate) fn new(io: TcpStream, authority: Authority) -> Conn {
+    pub(crate) fn new(io: TcpStream, authority: Authority, now: std::time::Instant) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
             authority,
+            taken_at: now,
         }
     }
 
@@ -166,10 +169,10 @@ impl Conn {
             out.extend_from_slice(self.authority.as_str().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        {
-            use std::fmt::Write;
-            let _ = write!(out, "{}: {}\r\n", X_SHOAL_DEADLINE_MS, head.deadline_ms);
-        }
+        out.extend_from_slice(X_SHOAL_DEADLINE_MS.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        push_decimal(&mut out, head.deadline_ms);
+        out.extend_from_slice(b"\r\n");
         let declared = head.declared_length;
         // What follows the head: the framing, and a small body inline.
         let framing = match &body {
@@ -185,8 +188,9 @@ impl Conn {
         let chunked = matches!(body, ReqBody::Stream(_)) && framing.is_none();
         match framing {
             Some(n) => {
-                use std::fmt::Write;
-                let _ = write!(out, "content-length: {n}\r\n\r\n");
+                out.extend_from_slice(b"content-length: ");
+                push_decimal(&mut out, n);
+                out.extend_from_slice(b"\r\n\r\n");
             }
             None if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n"),
             None => out.extend_from_slice(b"\r\n"),
@@ -334,25 +338,22 @@ impl Conn {
         }
         let http10 = res.version == Some(0);
         let base = self.buf.as_ptr() as usize;
-        let mut spans: smallvec::SmallVec<[(HeaderName, usize, usize); 24]> =
-            smallvec::SmallVec::new();
+        // Where each name and value lies in the head, to be cut from it
+        // once it is split off the buffer (values share its memory).
+        let mut spans: smallvec::SmallVec<[[u32; 4]; 24]> = smallvec::SmallVec::new();
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut encoded = false;
         let mut close = http10;
         for h in res.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| H1Error::Invalid("invalid header name"))?;
-            if name == CONTENT_LENGTH {
-                let n = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(H1Error::Invalid("invalid Content-Length"))?;
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(h.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
                 if length.is_some_and(|m| m != n) {
                     return Err(H1Error::Invalid("conflicting Content-Length values"));
                 }
                 length = Some(n);
-            } else if name == TRANSFER_ENCODING {
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 encoded = true;
                 // Only the last coding counts (RFC 9112 6.3).
                 chunked = h
@@ -360,7 +361,7 @@ impl Conn {
                     .rsplit(|b| *b == b',')
                     .next()
                     .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name == http::header::CONNECTION {
+            } else if name.eq_ignore_ascii_case(b"connection") {
                 for token in h.value.split(|b| *b == b',') {
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
@@ -370,13 +371,22 @@ impl Conn {
                     }
                 }
             }
-            let start = h.value.as_ptr() as usize - base;
-            spans.push((name, start, start + h.value.len()));
+            // Within MAX_HEAD, so the offsets fit.
+            let at = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
+            spans.push([
+                at(name),
+                name.len() as u32,
+                at(h.value),
+                h.value.len() as u32,
+            ]);
         }
         let head = self.buf.split_to(len).freeze();
         let mut map = HeaderMap::with_capacity(spans.len());
-        for (name, start, end) in spans {
-            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+        for span in spans {
+            let [name_at, name_len, value_at, value_len] = span.map(|n| n as usize);
+            let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
+                .map_err(|_| H1Error::Invalid("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| H1Error::Invalid("invalid header value"))?;
             map.append(name, value);
         }
@@ -411,6 +421,30 @@ impl Conn {
         parts.headers = map;
         Ok(Some(Some((parts, framing, !close))))
     }
+}
+
+/// Appends `n` in decimal (without the formatting machinery).
+fn push_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Parses a `Content-Length` value: ASCII digits only (RFC 9110 8.6).
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Methods whose requests carry a body by definition: an empty one is
@@ -799,7 +833,11 @@ mod tests {
             let io = TcpStream::connect(listener.local_addr().unwrap())
                 .await
                 .unwrap();
-            let mut conn = Conn::new(io, Authority::from_static("127.0.0.1"));
+            let mut conn = Conn::new(
+                io,
+                Authority::from_static("127.0.0.1"),
+                std::time::Instant::now(),
+            );
             conn.buf.extend_from_slice(wire.as_bytes());
             loop {
                 match conn.parse_head(&method)? {

@@ -151,44 +151,36 @@ pub fn refuse(mut stream: TcpStream, client: SocketAddr) {
     });
 }
 
-/// When the connection last had no request in flight, and how many it has.
-#[derive(Debug)]
+/// What a connection is doing, for the idle timeout: how many requests
+/// are in flight, and a count of request starts and ends. No clock is
+/// read per request; the connection's idle check (every quarter of the
+/// timeout) sees whether the count moved since its last look.
+#[derive(Debug, Default)]
 pub struct Activity {
     in_flight: AtomicUsize,
-    /// Milliseconds since `epoch` of the last request start or end.
-    last_ms: AtomicU64,
-    epoch: Instant,
+    events: AtomicU64,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            in_flight: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        })
-    }
-
-    fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        Arc::new(Activity::default())
     }
 
     /// A request started; the returned guard ends it (hold it in the
     /// response body).
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.touch();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(1, Ordering::Relaxed);
         ActivityGuard(Arc::clone(self))
     }
 
-    /// How long the connection has been idle, or `None` while busy.
-    fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
+    /// The count of starts and ends while nothing is in flight, else
+    /// `None` (busy).
+    fn quiet(&self) -> Option<u64> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        Some(self.epoch.elapsed().saturating_sub(last))
+        Some(self.events.load(Ordering::Relaxed))
     }
 }
 
@@ -197,13 +189,37 @@ pub struct ActivityGuard(Arc<Activity>);
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Tracks how long a connection has been idle from looks at its
+/// [`Activity`].
+struct IdleWatch {
+    seen: Option<u64>,
+    since: Instant,
+}
+
+impl IdleWatch {
+    /// How long the connection has been idle at `now`: since the first
+    /// look that found it quiet with the same count.
+    fn idle_for(&mut self, activity: &Activity, now: Instant) -> Duration {
+        let quiet = activity.quiet();
+        if quiet.is_none() || quiet != self.seen {
+            self.seen = quiet;
+            self.since = now;
+        }
+        match quiet {
+            None => Duration::ZERO,
+            Some(_) => now.saturating_duration_since(self.since),
+        }
     }
 }
 
 /// Serves one connection until it ends, closing it gracefully when it has
-/// been idle for `idle_timeout` or when `shutdown` is cancelled. Returns
+/// been idle for `idle_timeout` (noticed within a quarter of it) or when
+/// `shutdown` is cancelled. Returns
 /// the function to call with the stream, on the runtime that is to serve
 /// it (`workers.rs`).
 pub fn serve<S>(
@@ -230,6 +246,10 @@ where
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let mut closing = false;
+            let mut watch = IdleWatch {
+                seen: activity.quiet(),
+                since: Instant::now(),
+            };
             let check_every = idle_timeout
                 .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
                 .unwrap_or(Duration::from_secs(3600));
@@ -247,7 +267,7 @@ where
                     }
                     _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
                         let limit = idle_timeout.unwrap_or_default();
-                        if activity.idle_for().is_some_and(|idle| idle >= limit) {
+                        if watch.idle_for(&activity, Instant::now()) >= limit {
                             tracing::debug!(client = %client, "closing an idle client connection");
                             conn.as_mut().graceful_shutdown();
                             closing = true;
@@ -256,5 +276,33 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_time_counts_from_the_first_quiet_look_and_restarts_on_any_request() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let activity = Activity::new();
+        let mut watch = IdleWatch {
+            seen: activity.quiet(),
+            since: t0,
+        };
+        assert_eq!(watch.idle_for(&activity, t0 + s), s);
+        // A request in flight: busy, however long it takes.
+        let busy = activity.begin();
+        assert_eq!(watch.idle_for(&activity, t0 + 5 * s), Duration::ZERO);
+        drop(busy);
+        // Quiet again: counted from this look, not from the start.
+        assert_eq!(watch.idle_for(&activity, t0 + 6 * s), Duration::ZERO);
+        assert_eq!(watch.idle_for(&activity, t0 + 8 * s), 2 * s);
+        // A whole request between two looks also restarts the count.
+        drop(activity.begin());
+        assert_eq!(watch.idle_for(&activity, t0 + 9 * s), Duration::ZERO);
+        assert_eq!(watch.idle_for(&activity, t0 + 10 * s), s);
     }
 }

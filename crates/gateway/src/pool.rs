@@ -422,8 +422,14 @@ impl Instance {
     /// Two threads folding samples at once may lose one of them: a
     /// latency estimate can afford that, a lock on every response cannot.
     pub fn observe_latency(&self, latency: Duration) {
+        self.observe_latency_at(latency, Instant::now());
+    }
+
+    /// [`Instance::observe_latency`] with the time it ended, when the
+    /// caller has read the clock already.
+    pub fn observe_latency_at(&self, latency: Duration, now: Instant) {
         let sample = latency.as_nanos() as f64;
-        let now = to_ns(Instant::now());
+        let now = to_ns(now);
         let at = self.hot.ewma_at_ns.load(Ordering::Relaxed);
         let ewma = f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed));
         let next = if at != 0 && sample < ewma {
@@ -825,7 +831,16 @@ impl Pool {
     /// any available one (a fresh connection may still work). Takes no
     /// lock and, for pools of up to 16 instances, allocates nothing.
     pub fn pick(&self, ctx: &PickContext<'_>, tried: &[usize]) -> Option<Arc<Instance>> {
-        let now = Instant::now();
+        self.pick_at(ctx, tried, Instant::now())
+    }
+
+    /// [`Pool::pick`] at `now`, when the caller has read the clock already.
+    pub fn pick_at(
+        &self,
+        ctx: &PickContext<'_>,
+        tried: &[usize],
+        now: Instant,
+    ) -> Option<Arc<Instance>> {
         let all = self.instances.load();
         let mut available: SmallVec<[&Arc<Instance>; 16]> =
             all.iter().filter(|i| i.is_available(now)).collect();

@@ -568,6 +568,7 @@ impl Service<Request<Body>> for Proxy {
                 ctx.client_addr,
                 req,
                 &ctx.request_id,
+                ctx.started,
                 &mut outcome,
             )
             .await;

@@ -89,7 +89,7 @@ thread_local! {
 
 /// Takes an idle connection to `instance` that is not known to be closed,
 /// dropping stale ones.
-fn take(settings: ClientSettings, instance: &Instance) -> Option<Conn> {
+fn take(settings: ClientSettings, instance: &Instance, now: Instant) -> Option<Conn> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let pool = match pool.as_mut() {
@@ -102,13 +102,14 @@ fn take(settings: ClientSettings, instance: &Instance) -> Option<Conn> {
             }),
         };
         let list = pool.idle.get_mut(&instance.id())?;
-        let now = Instant::now();
         while let Some(idle) = list.pop() {
-            if now.duration_since(idle.since) < IDLE_TIMEOUT
+            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
                 && idle.conn.authority == instance.authority
                 && idle.conn.is_usable()
             {
-                return Some(idle.conn);
+                let mut conn = idle.conn;
+                conn.taken_at = now;
+                return Some(conn);
             }
         }
         None
@@ -125,12 +126,14 @@ pub(crate) fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
         let Some(pool) = pool.as_mut().filter(|p| p.settings == settings) else {
             return;
         };
-        let now = Instant::now();
+        // When the connection was taken, not now: one clock reading less
+        // per request, and an idle time at most one response too long.
+        let now = conn.taken_at;
         let list = pool.idle.entry(id).or_default();
         // The oldest first: expired ones go, then any over the cap.
         let expired = list
             .iter()
-            .take_while(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+            .take_while(|i| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT)
             .count();
         list.drain(..expired);
         if list.len() >= settings.idle_per_instance {
@@ -140,7 +143,11 @@ pub(crate) fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
     });
 }
 
-async fn connect(settings: ClientSettings, authority: &Authority) -> Result<Conn, UpstreamError> {
+async fn connect(
+    settings: ClientSettings,
+    authority: &Authority,
+    now: Instant,
+) -> Result<Conn, UpstreamError> {
     let failed = |source| UpstreamError::Connect {
         authority: authority.to_string(),
         source,
@@ -164,7 +171,7 @@ async fn connect(settings: ClientSettings, authority: &Authority) -> Result<Conn
             }
         };
     let _ = stream.set_nodelay(true);
-    Ok(Conn::new(stream, authority.clone()))
+    Ok(Conn::new(stream, authority.clone(), now))
 }
 
 /// Sends `req` (absolute-form target) to an instance of an h2c pool
@@ -188,11 +195,12 @@ pub(crate) async fn send(
     instance: &Instance,
     head: &ReqHead<'_>,
     mut body: ReqBody,
+    now: Instant,
 ) -> Result<Response<ResponseBody>, UpstreamError> {
     loop {
-        let (mut conn, reused) = match take(settings, instance) {
+        let (mut conn, reused) = match take(settings, instance, now) {
             Some(conn) => (conn, true),
-            None => (connect(settings, &instance.authority).await?, false),
+            None => (connect(settings, &instance.authority, now).await?, false),
         };
         pool.metrics.connection(&pool.name, reused);
         if let Err((e, back)) = conn.write_request(head, body).await {
