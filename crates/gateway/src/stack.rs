@@ -325,13 +325,19 @@ where
 
 plain_layer!(AccessLogLayer => AccessLog);
 
-/// What the log line needs of the request, kept while it is served.
+/// What the metrics and the log line need of the request, kept while it
+/// is served.
 struct Seen {
+    started: Instant,
+    /// For the log line; not gathered when it is not written.
+    line: Option<LineParts>,
+}
+
+struct LineParts {
     method: Method,
     uri: Uri,
     client_addr: SocketAddr,
     request_id: String,
-    started: Instant,
 }
 
 pin_project_lite::pin_project! {
@@ -377,17 +383,20 @@ fn log(seen: &Seen, outcome: &Outcome, status: u16) {
                 .record(elapsed.as_secs_f64());
         }
     }
+    let Some(line) = &seen.line else {
+        return;
+    };
     tracing::info!(
         target: "shoal_gateway::access",
-        method = %seen.method,
-        path = seen.uri.path(),
+        method = %line.method,
+        path = line.uri.path(),
         status,
         pool = pool_name,
         upstream = outcome.upstream.as_ref().map_or("-", |i| i.url.as_str()),
         duration_ms = elapsed.as_secs_f64() * 1000.0,
-        request_id = %seen.request_id,
+        request_id = %line.request_id,
         attempts = outcome.attempts,
-        client = %seen.client_addr.ip(),
+        client = %line.client_addr.ip(),
         upgrade = outcome.upgrade,
         cause = outcome.cause.as_deref(),
         "request"
@@ -406,11 +415,13 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let seen = req.extensions().get::<Ctx>().map(|ctx| Seen {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            client_addr: ctx.client_addr,
-            request_id: ctx.request_id.clone(),
             started: ctx.started,
+            line: access_log_on().then(|| LineParts {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                client_addr: ctx.client_addr,
+                request_id: ctx.request_id.clone(),
+            }),
         });
         Logged {
             inner: self.inner.call(req),

@@ -857,3 +857,125 @@ async fn a_post_on_a_pooled_connection_the_instance_closed_is_sent_on_a_new_one(
         "each POST reached it once"
     );
 }
+
+/// A raw HTTP/1.1 instance: answers each request on a connection with the
+/// next of `answers` (written in pieces, with pauses between them, as a
+/// slow instance would), and counts the connections that carried a
+/// request (TCP health checks connect and leave).
+async fn scripted_instance(answers: Vec<Vec<&'static [u8]>>) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let answers = Arc::new(answers);
+    let next = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (answers, next, counted) = (answers.clone(), next.clone(), counted.clone());
+            tokio::spawn(async move {
+                let mut first = true;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request head (the tests send no bodies).
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    if std::mem::take(&mut first) {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if head.starts_with("GET /health") {
+                        let _ = socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        continue;
+                    }
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(pieces) = answers.get(i) else { return };
+                    for piece in pieces {
+                        if socket.write_all(piece).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if pieces.last().is_some_and(|p| p.is_empty()) {
+                        // An empty last piece: the answer ends with the connection.
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn responses_framed_by_chunks_length_or_close_arrive_whole_and_only_clean_ends_reuse_the_connection(
+) {
+    let (url, accepted) = scripted_instance(vec![
+        // Chunked, split inside the size line, the data and the trailers,
+        // after an interim 100.
+        vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"5\r\nhel",
+            b"lo\r\n1",
+            b"0;ext=1\r\n, chunked world!\r\n0\r\nx-tr",
+            b"ailer: 1\r\n\r\n",
+        ],
+        // Content-Length, the body in two writes.
+        vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello",
+            b" world",
+        ],
+        // No length: the body ends with the connection.
+        vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end", b""],
+        // A fresh connection after that.
+        vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+    ])
+    .await;
+    // One thread, so every request uses the same upstream pool whichever
+    // client connection it comes on.
+    let gw = TestGateway::start(settings(&[url], json!({"health_path": "", "workers": 1}))).await;
+    let client = TestClient::default();
+    let r = client.get(&gw.url("/a")).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "hello, chunked world!")
+    );
+    let r = client.get(&gw.url("/b")).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "hello world"));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "a chunked body read to its end leaves the connection for reuse"
+    );
+    let r = client.get(&gw.url("/c")).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "until the end")
+    );
+    let r = client.get(&gw.url("/d")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a body delimited by the connection's end is not followed by reuse"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_response_is_a_502_with_the_reason() {
+    let (url, _) =
+        scripted_instance(vec![vec![b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"]]).await;
+    let gw = TestGateway::start(settings(&[url], json!({"health_path": ""}))).await;
+    let r = TestClient::default().get(&gw.url("/a")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(r.body.contains("invalid Content-Length"), "{}", r.body);
+}
