@@ -861,63 +861,71 @@ mod tests {
             Method::GET,
         )
         .unwrap()
-        .unwrap();
+        .expect("a whole head");
         assert_eq!(p.status, 200);
         assert_eq!(p.headers["x-a"], "b");
         assert_eq!((f, keep), (Framing::Length(5), true));
-        let (_, f, keep) = head(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n",
-            Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((f, keep), (Framing::Chunked(Chunk::Size), false));
-        let (_, f, keep) = head("HTTP/1.1 200 OK\r\n\r\n", Method::GET)
-            .unwrap()
-            .unwrap();
-        assert_eq!((f, keep), (Framing::Close, false));
-        let (_, f, keep) = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD)
-            .unwrap()
-            .unwrap();
-        assert_eq!((f, keep), (Framing::Length(0), true));
-        let (_, f, _) = head(
-            "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n",
-            Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(f, Framing::Length(0));
-        let (_, _, keep) = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", Method::GET)
-            .unwrap()
-            .unwrap();
-        assert!(!keep);
-        let (_, _, keep) = head(
-            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
-            Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert!(keep);
-        let (_, _, keep) = head(
-            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
-            Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert!(!keep);
+        // (head, request method) → (framing, connection kept)
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 5\r\n\r\n",
+                Method::GET,
+                Framing::Chunked(Chunk::Size),
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                Method::GET,
+                Framing::Close,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Method::HEAD,
+                Framing::Length(0),
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n",
+                Method::GET,
+                Framing::Length(0),
+                true,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                Method::GET,
+                Framing::Length(1),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
+                Method::GET,
+                Framing::Length(1),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                Method::GET,
+                Framing::Length(1),
+                false,
+            ),
+        ];
+        for (wire, method, framing, kept) in cases {
+            let (_, f, keep) = head(wire, method).unwrap().expect("a whole head");
+            assert_eq!((f, keep), (framing, kept), "{wire:?}");
+        }
         assert!(head("HTTP/1.1 200 OK\r\ncontent-le", Method::GET)
             .unwrap()
             .is_none());
-        assert!(matches!(
-            head(
-                "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
-                Method::GET
-            ),
-            Err(H1Error::Invalid(_))
-        ));
-        assert!(matches!(
-            head("SMTP hello\r\n\r\n", Method::GET),
-            Err(H1Error::Invalid(_))
-        ));
+        for bad in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "SMTP hello\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(bad, Method::GET), Err(H1Error::Invalid(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

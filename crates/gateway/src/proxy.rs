@@ -90,6 +90,17 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authorization",
 ];
 
+/// The headers a message's `Connection` header names (hop-by-hop too).
+fn named_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of a
@@ -98,14 +109,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in named_in_connection(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
@@ -459,7 +463,7 @@ pub(crate) async fn forward(
         let instance = guard.instance();
         let sent = now;
         let attempt = match &fields {
-            Some(fields) => Ok((fields, body)),
+            Some(fields) => Attempt::H1(fields, body),
             None => match h2c_request(
                 &parts.method,
                 instance,
@@ -468,7 +472,7 @@ pub(crate) async fn forward(
                 deadline_ms,
                 body,
             ) {
-                Ok(req) => Err(req),
+                Ok(req) => Attempt::H2c(req),
                 Err(e) => {
                     return problem_response(
                         &Problem::bad_request(format!("bad request target: {e}")),
@@ -479,7 +483,7 @@ pub(crate) async fn forward(
         };
         let exchange = async {
             match attempt {
-                Ok((fields, body)) => {
+                Attempt::H1(fields, body) => {
                     let head = ReqHead {
                         method: &parts.method,
                         target: path_and_query.as_str(),
@@ -490,7 +494,7 @@ pub(crate) async fn forward(
                     crate::upstream::send(state.client.settings, pool, instance, &head, body, now)
                         .await
                 }
-                Err(req) => crate::upstream::h2c(&state.client, pool, req).await,
+                Attempt::H2c(req) => crate::upstream::h2c(&state.client, pool, req).await,
             }
         };
         let result = tokio::time::timeout(left, exchange).await;
@@ -549,6 +553,13 @@ pub(crate) async fn forward(
             }
         }
     }
+}
+
+/// One attempt's request: for an HTTP/1.1 pool the header lines written
+/// once and the body; for an h2c pool a whole request.
+enum Attempt<'a> {
+    H1(&'a crate::h1::Fields, ReqBody),
+    H2c(Request<Body>),
 }
 
 /// A request to an h2c instance: the absolute form of the target, as
@@ -659,13 +670,7 @@ pub(crate) fn upstream_fields(
     request_id: &str,
     edits: &crate::routes::HeaderEdits,
 ) -> crate::h1::Fields {
-    let named_in_connection: Vec<HeaderName> = incoming
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    let named_in_connection = named_in_connection(incoming);
     let mut fields = crate::h1::Fields::with_capacity(512);
     let mut forwarded_for = String::new();
     let mut has_host = false;

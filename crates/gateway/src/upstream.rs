@@ -130,7 +130,9 @@ pub(crate) fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
         // per request, and an idle time at most one response too long.
         let now = conn.taken_at;
         let list = pool.idle.entry(id).or_default();
-        // The oldest first: expired ones go, then any over the cap.
+        // Roughly the oldest first (stamps are when each was taken, and
+        // a long response comes back late): expired ones at the front go,
+        // then the first over the cap. `take` checks each one's age too.
         let expired = list
             .iter()
             .take_while(|i| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT)
