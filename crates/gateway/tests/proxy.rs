@@ -420,16 +420,23 @@ async fn chunked_body_over_the_limit_gets_413() {
     ))
     .await;
     // A raw chunked request, so no Content-Length announces the size.
+    let out = chunked_echo(gw.addr, &"z".repeat(600)).await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+}
+
+/// POSTs `chunk` twice to `/echo` as a raw chunked request (no length
+/// announced) on a connection of its own; the whole answer, as text.
+async fn chunked_echo(gateway: std::net::SocketAddr, chunk: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let chunk = "z".repeat(600);
+    let mut s = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let size = format!("{:x}", chunk.len());
     let req = format!(
-        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{size}\r\n{chunk}\r\n{size}\r\n{chunk}\r\n0\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
-    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    out
 }
 
 #[tokio::test]
@@ -1005,15 +1012,7 @@ async fn large_and_chunked_bodies_stream_through_both_ways_intact() {
         "the body came back changed"
     );
     // A chunked upload without a length goes upstream chunked.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let chunk = "q".repeat(1500);
-    let req = format!(
-        "POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5dc\r\n{chunk}\r\n5dc\r\n{chunk}\r\n0\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    let out = chunked_echo(gw.addr, &"q".repeat(1500)).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(
         out.ends_with(&"q".repeat(3000)),
