@@ -49,14 +49,14 @@ const INLINE_BODY: usize = 16 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
     /// The first write failed: not a byte of the request left.
-    #[error("the connection failed before the request was written: {0}")]
+    #[error("the connection failed before the request was written")]
     NotWritten(#[source] io::Error),
     /// The instance closed the connection before a whole response head
     /// (the request may have reached it).
     #[error("the connection closed before a response arrived")]
     Closed,
     /// The connection broke after the request was (partly) written.
-    #[error("the connection broke: {0}")]
+    #[error("the connection broke")]
     Io(#[source] io::Error),
     /// The request body (the client's) failed or broke its own length.
     #[error("the request body failed")]

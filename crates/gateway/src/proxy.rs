@@ -672,16 +672,8 @@ pub(crate) fn upstream_fields(
 ) -> crate::h1::Fields {
     let named_in_connection = named_in_connection(incoming);
     let mut fields = crate::h1::Fields::with_capacity(512);
-    let mut forwarded_for = String::new();
     let mut has_host = false;
     for (name, value) in incoming {
-        if *name == X_FORWARDED_FOR {
-            if let Some(v) = value.to_str().ok().map(str::trim).filter(|v| !v.is_empty()) {
-                forwarded_for.push_str(v);
-                forwarded_for.push_str(", ");
-            }
-            continue;
-        }
         if *name == header::CONTENT_LENGTH
             || HOP_BY_HOP.contains(&name.as_str())
             || GATEWAY_SET.contains(name)
@@ -693,7 +685,7 @@ pub(crate) fn upstream_fields(
         has_host |= *name == header::HOST;
         fields.push(name, value.as_bytes());
     }
-    push_ip(&mut forwarded_for, client_addr.ip());
+    let forwarded_for = forwarded_for(incoming, client_addr.ip());
     let mut ours = |name: &HeaderName, value: &[u8]| {
         if !edits.touches(name) {
             fields.push(name, value);
@@ -714,6 +706,24 @@ pub(crate) fn upstream_fields(
         fields.push(name, value.as_bytes());
     }
     fields
+}
+
+/// X-Forwarded-For for the next hop: the client's values (all of its
+/// X-Forwarded-For lines, in order), then the client's address.
+fn forwarded_for(incoming: &HeaderMap, client_ip: std::net::IpAddr) -> String {
+    let mut out = String::with_capacity(48);
+    for prior in incoming
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        out.push_str(prior);
+        out.push_str(", ");
+    }
+    push_ip(&mut out, client_ip);
+    out
 }
 
 /// Appends `ip` in its usual text form; IPv4 (by far the most common)
@@ -753,21 +763,7 @@ pub(crate) fn upstream_headers(
     let mut headers = incoming.clone();
     strip_hop_by_hop(&mut headers);
     // One string, handed to the header without a copy.
-    let mut forwarded_for = String::with_capacity(48);
-    for prior in incoming
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-    {
-        forwarded_for.push_str(prior);
-        forwarded_for.push_str(", ");
-    }
-    {
-        use std::fmt::Write;
-        let _ = write!(forwarded_for, "{}", client_addr.ip());
-    }
+    let forwarded_for = forwarded_for(incoming, client_addr.ip());
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
         headers.insert(X_FORWARDED_FOR, v);
     }

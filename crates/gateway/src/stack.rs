@@ -79,7 +79,7 @@ pub(crate) struct Ctx {
 
 /// The answer when a layer finds no [`Ctx`]: the stack was assembled
 /// without [`ContextLayer`] (a bug, never the client's fault).
-fn no_context() -> Response<Body> {
+pub(crate) fn no_context() -> Response<Body> {
     tracing::error!("a request reached the gateway's handlers without its context");
     problem_response(&Problem::internal("the request lost its context"), "-")
 }
@@ -93,8 +93,9 @@ fn answered(r: Answer) -> Response<Body> {
     }
 }
 
-/// A layer that holds nothing but its inner service: the `Layer`, and the
-/// service struct whose `call` the layer's section writes.
+/// A layer and its service: the `Layer` (cloning the layer's fields into
+/// each service it makes) and the service struct (the inner service plus
+/// those fields), whose `call` the layer's section writes.
 macro_rules! plain_layer {
     ($(#[$doc:meta])* $layer:ident => $service:ident) => {
         $(#[$doc])*
@@ -111,6 +112,29 @@ macro_rules! plain_layer {
         #[derive(Clone)]
         pub(crate) struct $service<S> {
             inner: S,
+        }
+    };
+    ($(#[$doc:meta])* $layer:ident { $($field:ident: $ty:ty),* $(,)? } => $service:ident) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub(crate) struct $layer {
+            $($field: $ty),*
+        }
+
+        impl<S> Layer<S> for $layer {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service {
+                    inner,
+                    $($field: self.$field.clone()),*
+                }
+            }
+        }
+
+        #[derive(Clone)]
+        pub(crate) struct $service<S> {
+            inner: S,
+            $($field: $ty),*
         }
     };
 }
@@ -156,29 +180,7 @@ where
 
 // ---- connection --------------------------------------------------------
 
-#[derive(Clone)]
-pub(crate) struct ConnectionLayer {
-    activity: Arc<Activity>,
-    conn: ConnInfo,
-}
-
-impl<S> Layer<S> for ConnectionLayer {
-    type Service = Connection<S>;
-    fn layer(&self, inner: S) -> Connection<S> {
-        Connection {
-            inner,
-            activity: Arc::clone(&self.activity),
-            conn: self.conn.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Connection<S> {
-    inner: S,
-    activity: Arc<Activity>,
-    conn: ConnInfo,
-}
+plain_layer!(ConnectionLayer { activity: Arc<Activity>, conn: ConnInfo } => Connection);
 
 impl<S> Service<Request<Incoming>> for Connection<S>
 where
@@ -207,29 +209,7 @@ where
 
 // ---- request context ---------------------------------------------------
 
-#[derive(Clone)]
-pub(crate) struct ContextLayer {
-    shared: Arc<Shared>,
-    client_addr: SocketAddr,
-}
-
-impl<S> Layer<S> for ContextLayer {
-    type Service = WithContext<S>;
-    fn layer(&self, inner: S) -> WithContext<S> {
-        WithContext {
-            inner,
-            shared: Arc::clone(&self.shared),
-            client_addr: self.client_addr,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct WithContext<S> {
-    inner: S,
-    shared: Arc<Shared>,
-    client_addr: SocketAddr,
-}
+plain_layer!(ContextLayer { shared: Arc<Shared>, client_addr: SocketAddr } => WithContext);
 
 impl<S> Service<Request<Body>> for WithContext<S>
 where
@@ -260,26 +240,7 @@ where
 
 // ---- the gateway's own endpoints --------------------------------------
 
-#[derive(Clone)]
-pub(crate) struct EndpointsLayer {
-    shared: Arc<Shared>,
-}
-
-impl<S> Layer<S> for EndpointsLayer {
-    type Service = Endpoints<S>;
-    fn layer(&self, inner: S) -> Endpoints<S> {
-        Endpoints {
-            inner,
-            shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Endpoints<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
+plain_layer!(EndpointsLayer { shared: Arc<Shared> } => Endpoints);
 
 impl<S> Service<Request<Body>> for Endpoints<S>
 where

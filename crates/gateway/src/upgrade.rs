@@ -51,7 +51,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         ..
     }) = req.extensions_mut().remove::<Ctx>()
     else {
-        return problem_response(&Problem::internal("the request lost its context"), "-");
+        return crate::stack::no_context();
     };
     let host = req
         .headers()
