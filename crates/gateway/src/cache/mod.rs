@@ -263,7 +263,7 @@ async fn forward(
 /// the rest of the stack. The response carries the request's `Outcome`.
 pub(crate) async fn serve(next: Next, req: Request<Body>) -> Response<Body> {
     let Some(rctx) = req.extensions().get::<crate::stack::Ctx>().cloned() else {
-        return problem_response(&Problem::internal("the request lost its context"), "-");
+        return crate::stack::no_context();
     };
     let mut outcome = Outcome::default();
     let mut response = match rctx.state.cache.as_ref() {
