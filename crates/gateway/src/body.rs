@@ -146,3 +146,94 @@ pub async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, ReadEr
     }
     Ok(buf.freeze())
 }
+
+pin_project_lite::pin_project! {
+    /// A response body from an instance that fails when the instance
+    /// sends nothing for `limit` while the body has more to come (nginx's
+    /// `proxy_read_timeout`), so a stalled instance cannot hold a client
+    /// connection forever. The timer is made the first time the body
+    /// waits and moved only when it waits again after progress, so a body
+    /// already read (the common small response) never touches the clock.
+    pub struct ReadTimeout<B> {
+        #[pin]
+        inner: GuardedBody<B>,
+        limit: std::time::Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        progressed: bool,
+    }
+}
+
+impl<B> ReadTimeout<B> {
+    pub fn new(inner: GuardedBody<B>, limit: std::time::Duration) -> Self {
+        ReadTimeout {
+            inner,
+            limit,
+            timer: None,
+            progressed: false,
+        }
+    }
+}
+
+/// The error of a [`ReadTimeout`] body.
+#[derive(Debug, thiserror::Error)]
+#[error("the instance sent nothing for {0} ms in the middle of the response body")]
+pub struct ReadTimedOut(pub u128);
+
+impl<B> HttpBody for ReadTimeout<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.progressed = true;
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            }
+            Poll::Pending => {}
+        }
+        let limit = *this.limit;
+        let deadline = move || tokio::time::Instant::now() + limit;
+        let timer = match this.timer {
+            Some(timer) => {
+                if std::mem::take(this.progressed) {
+                    timer.as_mut().reset(deadline());
+                }
+                timer
+            }
+            None => {
+                *this.progressed = false;
+                this.timer
+                    .insert(Box::pin(tokio::time::sleep_until(deadline())))
+            }
+        };
+        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        let url = this.inner.as_ref().get_ref().held.as_ref();
+        tracing::warn!(
+            instance = url.map_or("-", |g| g.instance().url.as_str()),
+            timeout_ms = limit.as_millis() as u64,
+            "response cut off: the instance sent nothing in the middle of its body for upstream_read_timeout_ms"
+        );
+        metrics::counter!("shoal_gateway_upstream_read_timeouts_total").increment(1);
+        // Ends the instance's in-flight count with the body.
+        this.inner.project().held.take();
+        Poll::Ready(Some(Err(ReadTimedOut(limit.as_millis()).into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

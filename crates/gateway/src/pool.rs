@@ -188,6 +188,16 @@ pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(1);
 /// (`gateway.ewma_latency_exponent`).
 pub const DEFAULT_LATENCY_EXPONENT: f64 = 2.0;
 
+/// The most weight the estimate keeps against one lower sample: a peak
+/// fades within the decay time, or within about sixteen faster answers
+/// if those come sooner. A busy instance answers hundreds of times in a
+/// decay time, and a peak that one stall of the gateway's own thread put
+/// on every request then in flight (a loaded host) would otherwise make
+/// it look as slow as a truly slow instance for most of a second
+/// (bench/README.md, "slow instance"). A truly slow instance sends no
+/// faster answers, so it keeps its estimate.
+const PEAK_FORGET_WEIGHT: f64 = 1.0 - 1.0 / 16.0;
+
 /// Latency assumed for an instance with no sample yet.
 const DEFAULT_RTT_NS: f64 = 1_000_000.0;
 
@@ -387,12 +397,22 @@ impl Instance {
         // An idle instance's estimate decays with time (as in tower's and
         // linkerd's PeakEwma), so an instance that was slow once, or came
         // back after a restart, is probed again instead of starved by P2C.
+        // Unlike theirs, only while nothing is outstanding: once a probe
+        // is on its way the instance costs its full estimate again, so a
+        // slow instance gets one probe, not every request of the time its
+        // answer takes; and an instance whose requests hang does not look
+        // better the longer they hang.
+        let in_flight = self.in_flight();
         let ewma = match self.hot.ewma_at_ns.load(Ordering::Relaxed) {
             0 => DEFAULT_RTT_NS,
             at => {
-                let idle = to_ns(now).saturating_sub(at) as f64 / 1e9;
-                f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed))
-                    * (-idle / self.ewma_decay_secs).exp()
+                let estimate = f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed));
+                if in_flight == 0 {
+                    let idle = to_ns(now).saturating_sub(at) as f64 / 1e9;
+                    estimate * (-idle / self.ewma_decay_secs).exp()
+                } else {
+                    estimate
+                }
             }
         };
         // In milliseconds, raised to the latency exponent: with 2, an
@@ -405,7 +425,7 @@ impl Instance {
         } else {
             ms.powf(self.latency_exponent)
         };
-        weighted * (self.in_flight() as f64 + 1.0)
+        weighted * (in_flight as f64 + 1.0)
     }
 
     /// Counts a request as outstanding until the guard, which keeps the
@@ -434,7 +454,9 @@ impl Instance {
         let ewma = f64::from_bits(self.hot.ewma_ns.load(Ordering::Relaxed));
         let next = if at != 0 && sample < ewma {
             let elapsed = now.saturating_sub(at) as f64 / 1e9;
-            let w = (-elapsed / self.ewma_decay_secs).exp();
+            let w = (-elapsed / self.ewma_decay_secs)
+                .exp()
+                .min(PEAK_FORGET_WEIGHT);
             ewma * w + sample * (1.0 - w)
         } else {
             sample
@@ -1048,5 +1070,50 @@ mod tests {
             later < fresh / 10.0,
             "idle estimate decays: {fresh} -> {later}"
         );
+    }
+
+    #[test]
+    fn an_instance_with_requests_outstanding_keeps_its_estimate() {
+        let slow = Arc::new(Instance::new("http://127.0.0.1:1", 1, None).unwrap());
+        slow.observe_latency(Duration::from_millis(10));
+        let probe = Arc::clone(&slow).start();
+        let now = Instant::now() + Duration::from_secs(30);
+        // 10 ms squared, times (1 outstanding + 1): the probe's time out
+        // does not make the instance look faster.
+        let cost = slow.load_cost(now);
+        assert!(cost > 190.0, "no decay while a request is out: {cost}");
+        drop(probe);
+        assert!(slow.load_cost(now) < 1.0, "idle again: decays");
+    }
+
+    #[test]
+    fn a_peak_fades_after_some_faster_answers_well_within_the_decay_time() {
+        let fast = Instance::new("http://127.0.0.1:1", 1, None).unwrap();
+        let t0 = Instant::now();
+        fast.observe_latency_at(Duration::from_millis(1), t0);
+        // One stall: every answer then in flight looks 8 ms slow.
+        fast.observe_latency_at(Duration::from_millis(8), t0 + Duration::from_millis(1));
+        let ms = |i: &Instance, at| i.load_cost(at).sqrt();
+        let peak = ms(&fast, t0 + Duration::from_millis(1));
+        assert!((peak - 8.0).abs() < 0.01, "a peak is taken at once: {peak}");
+        // 48 answers at 1 ms, one every millisecond: 48 ms, a twentieth
+        // of the decay time.
+        let mut at = t0 + Duration::from_millis(1);
+        for _ in 0..48 {
+            at += Duration::from_millis(1);
+            fast.observe_latency_at(Duration::from_millis(1), at);
+        }
+        let after = ms(&fast, at);
+        assert!(after < 1.5, "the peak faded: {peak} ms -> {after} ms");
+        // A slow instance's own answers keep it slow.
+        let slow = Instance::new("http://127.0.0.1:2", 1, None).unwrap();
+        for k in 0..48 {
+            slow.observe_latency_at(
+                Duration::from_millis(10),
+                t0 + Duration::from_millis(k * 10),
+            );
+        }
+        let kept = ms(&slow, t0 + Duration::from_millis(470));
+        assert!(kept > 9.9, "{kept}");
     }
 }

@@ -988,6 +988,47 @@ async fn a_malformed_response_is_a_502_with_the_reason() {
 }
 
 #[tokio::test]
+async fn an_instance_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Ten bytes of a hundred, then silence with the connection open.
+    let (url, _) = scripted_instance(vec![vec![
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nfirst ten!",
+    ]])
+    .await;
+    let gw = TestGateway::start(settings(
+        std::slice::from_ref(&url),
+        json!({"health_path": "", "upstream_read_timeout_ms": 300}),
+    ))
+    .await;
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    socket
+        .write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(read.is_ok(), "the client connection stays open: {got}");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.ends_with("first ten!"),
+        "the bytes sent are passed on: {got}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "cut off after the read timeout, not before: {took:?}"
+    );
+    let client = TestClient::default();
+    assert_eq!(
+        gw.instance(&client, &url).await["in_flight"],
+        0,
+        "the cut-off request no longer counts as outstanding"
+    );
+}
+
+#[tokio::test]
 async fn large_and_chunked_bodies_stream_through_both_ways_intact() {
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(settings(

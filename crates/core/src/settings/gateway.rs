@@ -51,6 +51,10 @@ pub struct GatewaySettings {
     pub upstream_idle_per_instance: usize,
     /// Deadline for a whole upstream request (to the end of headers).
     pub request_timeout_ms: u64,
+    /// Longest wait for the next bytes of a response body from an
+    /// instance (nginx's `proxy_read_timeout`); past it the response is
+    /// cut off and its client connection closed. 0 = no limit.
+    pub upstream_read_timeout_ms: u64,
     /// Extra attempts on other instances for a request that is safe to retry.
     pub retries: u32,
     /// Request bodies up to this size are buffered so they can be retried;
@@ -227,6 +231,7 @@ impl Default for GatewaySettings {
             connect_timeout_ms: 1_000,
             upstream_idle_per_instance: 256,
             request_timeout_ms: 30_000,
+            upstream_read_timeout_ms: 60_000,
             retries: 2,
             retry_buffer_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
