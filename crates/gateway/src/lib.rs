@@ -201,7 +201,7 @@ impl Gateway {
                 client_addr,
                 service,
                 activity,
-                listen_config.limits.idle_timeout,
+                &listen_config.limits,
                 conn,
             );
             // Connections go round the threads: this one, then each

@@ -1,17 +1,20 @@
 //! Client connections: the cap on open connections (past it a new
 //! connection gets a short 503 and is closed), hyper's limits on request
 //! heads (size, read timeout against slowloris), the idle keep-alive
-//! timeout, WebSocket upgrades, and the graceful close of every connection
-//! at shutdown.
+//! timeout, the send timeout for clients that stop reading, WebSocket
+//! upgrades, and the graceful close of every connection at shutdown.
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use shoal_core::settings::GatewaySettings;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub struct ConnLimits {
     pub max_connections: usize,
     pub idle_timeout: Option<Duration>,
+    pub send_timeout: Option<Duration>,
 }
 
 impl ConnLimits {
@@ -29,7 +33,125 @@ impl ConnLimits {
             max_connections: s.max_connections,
             idle_timeout: (s.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(s.idle_timeout_secs)),
+            send_timeout: (s.send_timeout_ms > 0).then(|| Duration::from_millis(s.send_timeout_ms)),
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection whose writes fail with `TimedOut` once the
+    /// client has left one waiting for `limit` (nginx's `send_timeout`):
+    /// a client that stops reading cannot hold the connection, and the
+    /// response it stopped reading, forever. hyper then closes the
+    /// connection. The timer is made the first time a write waits and
+    /// moved only when a write waits again after progress, so a
+    /// connection whose writes never wait never reads the clock for it.
+    pub struct SendTimeout<T> {
+        #[pin]
+        io: T,
+        limit: Option<Duration>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        progressed: bool,
+    }
+}
+
+impl<T> SendTimeout<T> {
+    pub fn new(io: T, limit: Option<Duration>) -> Self {
+        SendTimeout {
+            io,
+            limit,
+            timer: None,
+            progressed: false,
+        }
+    }
+}
+
+impl<T: AsyncWrite> SendTimeout<T> {
+    /// A write's result, with the timer run while it waits.
+    fn timed<R>(
+        progressed: &mut bool,
+        timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+        limit: Option<Duration>,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        let Some(limit) = limit else { return polled };
+        if polled.is_ready() {
+            *progressed = true;
+            return polled;
+        }
+        let deadline = move || tokio::time::Instant::now() + limit;
+        let timer = match timer {
+            Some(timer) => {
+                if std::mem::take(progressed) {
+                    timer.as_mut().reset(deadline());
+                }
+                timer
+            }
+            None => {
+                *progressed = false;
+                timer.insert(Box::pin(tokio::time::sleep_until(deadline())))
+            }
+        };
+        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        metrics::counter!("shoal_gateway_send_timeouts_total").increment(1);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client read nothing for {} ms (send_timeout_ms)",
+                limit.as_millis()
+            ),
+        )))
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for SendTimeout<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write(cx, buf);
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let polled = this.io.poll_flush(cx);
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let polled = this.io.poll_shutdown(cx);
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
     }
 }
 
@@ -219,7 +341,8 @@ impl IdleWatch {
 
 /// Serves one connection until it ends, closing it gracefully when it has
 /// been idle for `idle_timeout` (noticed within a quarter of it) or when
-/// `shutdown` is cancelled. Returns
+/// `shutdown` is cancelled, and at once when the client leaves a write
+/// waiting for `send_timeout`. Returns
 /// the function to call with the stream, on the runtime that is to serve
 /// it (`workers.rs`).
 pub fn serve<S>(
@@ -227,7 +350,7 @@ pub fn serve<S>(
     client: SocketAddr,
     service: S,
     activity: Arc<Activity>,
-    idle_timeout: Option<Duration>,
+    limits: &ConnLimits,
     info: ConnInfo,
 ) -> impl FnOnce(TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
        + Send
@@ -241,9 +364,11 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let (idle_timeout, send_timeout) = (limits.idle_timeout, limits.send_timeout);
     move |stream| {
         Box::pin(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
+            let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             let mut closing = false;
             let mut watch = IdleWatch {

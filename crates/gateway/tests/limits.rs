@@ -256,6 +256,52 @@ async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_its_response_is_disconnected_after_send_timeout() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"send_timeout_ms": 300, "max_body_bytes": 64 << 20}),
+    ))
+    .await;
+    // 32 MiB echoed back: more than the socket buffers between the
+    // gateway and a client that reads none of it.
+    let size = 32usize << 20;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            format!("POST /echo HTTP/1.1\r\nHost: x\r\ncontent-length: {size}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    client.write_all(&vec![b'x'; size]).await.unwrap();
+    let admin = TestClient::default();
+    // The response is cut off: the instance no longer counts it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.instance(&admin, &up.url()).await["in_flight"] == 0 && up.hits() == 1
+        })
+        .await,
+        "the stalled response was dropped"
+    );
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was closed");
+    assert!(
+        got < size,
+        "only what was in the buffers arrived: {got} bytes"
+    );
+}
+
+#[tokio::test]
 async fn request_heads_larger_than_max_header_bytes_are_refused() {
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(settings(&[up.url()], json!({"max_header_bytes": 8192}))).await;

@@ -95,6 +95,11 @@ pub struct GatewaySettings {
     /// A client connection with no request in flight for this long is
     /// closed. 0 = never.
     pub idle_timeout_secs: u64,
+    /// Longest a client may leave the gateway's writes to it waiting
+    /// (nginx's `send_timeout`): a client that stops reading a response
+    /// is disconnected past it, so it cannot hold the connection and the
+    /// upstream's response forever. 0 = no limit.
+    pub send_timeout_ms: u64,
     /// Proxied requests in flight through the whole gateway at most; past
     /// it, 503 + Retry-After (load shedding). 0 = no cap.
     pub max_concurrent_requests: usize,
@@ -247,6 +252,7 @@ impl Default for GatewaySettings {
             max_header_bytes: 64 * 1024,
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 60,
+            send_timeout_ms: 60_000,
             max_concurrent_requests: 0,
             pool_max_concurrent_requests: BTreeMap::new(),
             rate_limit: None,
