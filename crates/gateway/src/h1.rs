@@ -19,10 +19,12 @@
 //! connection is kept for reuse only when its response ended cleanly,
 //! nothing followed it, and neither side asked to close.
 //!
-//! Known limit: the request body is written before the response is read,
-//! so an instance that answers early (a 413 before the whole upload) and
-//! closes is seen as a broken connection (502), where hyper's client
-//! would have passed its answer on.
+//! The request body is written before the response is read. An instance
+//! that answers early (a 413 before the whole upload) and closes makes a
+//! write fail; the response is then read from what the connection holds
+//! and passed on (`upstream::send`). Known limit: one that answers early
+//! and neither reads on nor closes holds the upload until the request
+//! timeout (504).
 
 use crate::body::{BoxError, X_SHOAL_DEADLINE_MS};
 use bytes::{Buf, Bytes, BytesMut};

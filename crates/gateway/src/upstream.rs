@@ -205,17 +205,23 @@ pub(crate) async fn send(
             None => (connect(settings, &instance.authority, now).await?, false),
         };
         pool.metrics.connection(&pool.name, reused);
-        if let Err((e, back)) = conn.write_request(head, body).await {
-            match (e, back) {
-                // Not written: safe on another connection.
-                (H1Error::NotWritten(_), Some(back)) if reused => {
-                    body = back;
-                    continue;
-                }
-                (e, _) => return Err(e.into()),
+        let (rparts, framing, keep_alive) = match conn.write_request(head, body).await {
+            Ok(()) => conn.read_head(head.method).await?,
+            // Not written: safe on another connection.
+            Err((H1Error::NotWritten(_), Some(back))) if reused => {
+                body = back;
+                continue;
             }
-        }
-        let (rparts, framing, keep_alive) = conn.read_head(head.method).await?;
+            // The instance stopped taking the request: it may have
+            // answered first (a 413 in the middle of an upload, then
+            // close), and that answer is the client's. The connection
+            // is not reused: the request was cut short.
+            Err((H1Error::Io(e), _)) => match conn.read_head(head.method).await {
+                Ok((rparts, framing, _)) => (rparts, framing, false),
+                Err(_) => return Err(H1Error::Io(e).into()),
+            },
+            Err((e, _)) => return Err(e.into()),
+        };
         let rbody = H1Body::new(conn, framing, keep_alive, (settings, instance.id()));
         return Ok(Response::from_parts(rparts, ResponseBody::H1(rbody)));
     }

@@ -988,6 +988,63 @@ async fn a_malformed_response_is_a_502_with_the_reason() {
 }
 
 #[tokio::test]
+async fn an_instance_that_answers_in_the_middle_of_an_upload_and_closes_is_heard() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An instance that refuses uploads after reading the head: 413, then
+    // it closes with the body unread (so its kernel resets).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = socket
+                    .write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\ntoo large")
+                    .await;
+            });
+        }
+    });
+    let gw = TestGateway::start(settings(&[url], json!({"health_path": ""}))).await;
+    let size = 8usize << 20;
+    let socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut rd, mut wr) = socket.into_split();
+    let upload = tokio::spawn(async move {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let piece = vec![b'x'; 64 << 10];
+        for _ in 0..size / piece.len() {
+            wr.write_all(&piece).await?;
+        }
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&got).contains("too large") {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    upload.abort();
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 413"),
+        "the instance's answer, not a 502: {got}"
+    );
+    assert!(got.ends_with("too large"), "{got}");
+}
+
+#[tokio::test]
 async fn an_instance_that_stalls_mid_body_is_cut_off_after_the_read_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Ten bytes of a hundred, then silence with the connection open.
