@@ -196,14 +196,7 @@ impl Gateway {
                 Arc::clone(&activity),
                 conn.clone(),
             ));
-            let serve = listener::serve(
-                Arc::clone(&listen_config.builder),
-                client_addr,
-                service,
-                activity,
-                &listen_config.limits,
-                conn,
-            );
+            let serve = listener::serve(&listen_config, client_addr, service, activity, conn);
             // Connections go round the threads: this one, then each
             // worker thread, which serves it on its own runtime.
             next_worker = (next_worker + 1) % threads;
@@ -409,6 +402,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
 
     let client = upstream_clients(ClientSettings::of(&settings));
     Ok(GatewayState {
+        tls: listener::tls_acceptor(&settings)?,
         cache: cache::HttpCache::from_settings(&settings),
         limits: limits::Limits::new(&settings),
         settings,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// Connection-level settings, fixed at start.
@@ -25,6 +26,8 @@ pub struct ConnLimits {
     pub max_connections: usize,
     pub idle_timeout: Option<Duration>,
     pub send_timeout: Option<Duration>,
+    /// Time for a TLS handshake (the header read timeout's).
+    pub handshake_timeout: Duration,
 }
 
 impl ConnLimits {
@@ -34,6 +37,7 @@ impl ConnLimits {
             idle_timeout: (s.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(s.idle_timeout_secs)),
             send_timeout: (s.send_timeout_ms > 0).then(|| Duration::from_millis(s.send_timeout_ms)),
+            handshake_timeout: Duration::from_millis(s.header_read_timeout_ms),
         }
     }
 }
@@ -161,6 +165,7 @@ pub struct ListenConfig {
     generation: usize,
     pub limits: ConnLimits,
     pub builder: Arc<Builder<TokioExecutor>>,
+    pub tls: Option<TlsAcceptor>,
 }
 
 impl ListenConfig {
@@ -169,6 +174,7 @@ impl ListenConfig {
             generation: Arc::as_ptr(state) as usize,
             limits: ConnLimits::new(&state.settings),
             builder: Arc::new(builder(&state.settings)),
+            tls: state.tls.clone(),
         }
     }
 
@@ -187,6 +193,60 @@ impl ListenConfig {
 pub struct ConnInfo {
     pub _guard: Arc<ConnGuard>,
     pub closing: CancellationToken,
+}
+
+/// The TLS acceptor of `s` when it names a certificate: the chain and key
+/// read from their PEM files, HTTP/2 and HTTP/1.1 offered by ALPN, TLS 1.2
+/// and 1.3 (rustls with *ring*). An unreadable file, an empty chain or a
+/// key that does not fit is an error naming the setting, so a bad file
+/// stops the start or is refused by a reload.
+pub(crate) fn tls_acceptor(
+    s: &GatewaySettings,
+) -> Result<Option<TlsAcceptor>, crate::GatewayError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    if !s.tls() {
+        return Ok(None);
+    }
+    let invalid = |key: &str, message: String| crate::GatewayError::Invalid {
+        key: key.into(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(&s.tls_cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            invalid(
+                "gateway.tls_cert_file",
+                format!("cannot read certificates from `{}`: {e}", s.tls_cert_file),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "gateway.tls_cert_file",
+            format!("`{}` holds no PEM certificate", s.tls_cert_file),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&s.tls_key_file).map_err(|e| {
+        invalid(
+            "gateway.tls_key_file",
+            format!("cannot read a private key from `{}`: {e}", s.tls_key_file),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("gateway.tls_cert_file", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            invalid(
+                "gateway.tls_key_file",
+                format!("the key does not go with the certificate: {e}"),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
 /// hyper's server builder with the head limits and timers.
@@ -342,15 +402,14 @@ impl IdleWatch {
 /// Serves one connection until it ends, closing it gracefully when it has
 /// been idle for `idle_timeout` (noticed within a quarter of it) or when
 /// `shutdown` is cancelled, and at once when the client leaves a write
-/// waiting for `send_timeout`. Returns
-/// the function to call with the stream, on the runtime that is to serve
-/// it (`workers.rs`).
+/// waiting for `send_timeout`. With `tls`, the handshake comes first,
+/// within `handshake_timeout`. Returns the function to call with the
+/// stream, on the runtime that is to serve it (`workers.rs`).
 pub fn serve<S>(
-    builder: Arc<Builder<TokioExecutor>>,
+    config: &ListenConfig,
     client: SocketAddr,
     service: S,
     activity: Arc<Activity>,
-    limits: &ConnLimits,
     info: ConnInfo,
 ) -> impl FnOnce(TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
        + Send
@@ -364,43 +423,84 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let (idle_timeout, send_timeout) = (limits.idle_timeout, limits.send_timeout);
+    let builder = Arc::clone(&config.builder);
+    let limits = config.limits.clone();
+    let tls = config.tls.clone();
     move |stream| {
         Box::pin(async move {
-            let io = TokioIo::new(SendTimeout::new(stream, send_timeout));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            tokio::pin!(conn);
-            let mut closing = false;
-            let mut watch = IdleWatch {
-                seen: activity.quiet(),
-                since: Instant::now(),
+            let Some(acceptor) = tls else {
+                let io = SendTimeout::new(stream, limits.send_timeout);
+                return serve_io(builder, client, service, activity, &limits, info, io).await;
             };
-            let check_every = idle_timeout
-                .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
-                .unwrap_or(Duration::from_secs(3600));
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(client = %client, error = %e, "client connection ended with an error");
-                        }
-                        return;
-                    }
-                    _ = info.closing.cancelled(), if !closing => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
-                        let limit = idle_timeout.unwrap_or_default();
-                        if watch.idle_for(&activity, Instant::now()) >= limit {
-                            tracing::debug!(client = %client, "closing an idle client connection");
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                    }
+            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let io = SendTimeout::new(stream, limits.send_timeout);
+                    serve_io(builder, client, service, activity, &limits, info, io).await
+                }
+                Ok(Err(e)) => {
+                    metrics::counter!("shoal_gateway_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics::counter!("shoal_gateway_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(client = %client, "TLS handshake timed out");
                 }
             }
         })
+    }
+}
+
+/// Serves one (plain or TLS) connection: see [`serve`].
+async fn serve_io<S, I>(
+    builder: Arc<Builder<TokioExecutor>>,
+    client: SocketAddr,
+    service: S,
+    activity: Arc<Activity>,
+    limits: &ConnLimits,
+    info: ConnInfo,
+    io: I,
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let idle_timeout = limits.idle_timeout;
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    let mut watch = IdleWatch {
+        seen: activity.quiet(),
+        since: Instant::now(),
+    };
+    let check_every = idle_timeout
+        .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+        .unwrap_or(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(client = %client, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = info.closing.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
+                let limit = idle_timeout.unwrap_or_default();
+                if watch.idle_for(&activity, Instant::now()) >= limit {
+                    tracing::debug!(client = %client, "closing an idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
     }
 }
 

@@ -61,6 +61,8 @@ pub struct GatewayState {
     pub limits: crate::limits::Limits,
     /// The HTTP cache (`cache/`); `None` when caching is off everywhere.
     pub cache: Option<crate::cache::HttpCache>,
+    /// The listener's TLS, when `tls_cert_file` is set (`listener.rs`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for GatewayState {
@@ -353,8 +355,9 @@ pub(crate) async fn forward(
     let budget = caller_deadline(&parts.headers)
         .map_or(route.request_timeout, |d| d.min(route.request_timeout));
     let deadline = started + budget;
+    let https = state.settings.tls();
     let headers_for_upstream = || {
-        let mut h = upstream_headers(&parts.headers, host, client_addr, request_id);
+        let mut h = upstream_headers(&parts.headers, host, client_addr, https, request_id);
         route.request_headers.apply(&mut h);
         h
     };
@@ -365,6 +368,7 @@ pub(crate) async fn forward(
             &parts.headers,
             host,
             client_addr,
+            https,
             request_id,
             &route.request_headers,
         )
@@ -671,6 +675,7 @@ pub(crate) fn upstream_fields(
     incoming: &HeaderMap,
     host: Option<&str>,
     client_addr: SocketAddr,
+    https: bool,
     request_id: &str,
     edits: &crate::routes::HeaderEdits,
 ) -> crate::h1::Fields {
@@ -696,7 +701,7 @@ pub(crate) fn upstream_fields(
         }
     };
     ours(&X_FORWARDED_FOR, forwarded_for.as_bytes());
-    ours(&X_FORWARDED_PROTO, b"http");
+    ours(&X_FORWARDED_PROTO, if https { b"https" } else { b"http" });
     if let Some(h) = host.filter(|h| HeaderValue::from_str(h).is_ok()) {
         ours(&X_FORWARDED_HOST, h.as_bytes());
         if !has_host {
@@ -762,6 +767,7 @@ pub(crate) fn upstream_headers(
     incoming: &HeaderMap,
     host: Option<&str>,
     client_addr: SocketAddr,
+    https: bool,
     request_id: &str,
 ) -> HeaderMap {
     let mut headers = incoming.clone();
@@ -771,7 +777,10 @@ pub(crate) fn upstream_headers(
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert(X_FORWARDED_HOST, v.clone());
         // HTTP/2 clients send :authority instead of Host.

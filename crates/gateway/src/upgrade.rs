@@ -74,7 +74,13 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
     let conn = req.extensions_mut().remove::<crate::listener::ConnInfo>();
     let (parts, _body) = req.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
-    let mut headers = upstream_headers(&parts.headers, host.as_deref(), client_addr, &request_id);
+    let mut headers = upstream_headers(
+        &parts.headers,
+        host.as_deref(),
+        client_addr,
+        state.settings.tls(),
+        &request_id,
+    );
     route.request_headers.apply(&mut headers);
     if let Some(p) = protocol {
         headers.insert(header::UPGRADE, p);

@@ -112,6 +112,13 @@ pub struct GatewayArgs {
     /// connections.
     #[arg(long, value_name = "PATH")]
     pub health_path: Option<String>,
+    /// Serve TLS with this PEM certificate chain (`gateway.tls_cert_file`;
+    /// needs --tls-key). Clients then get HTTP/2 or HTTP/1.1 by ALPN.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The PEM private key of --tls-cert (`gateway.tls_key_file`).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<String>,
 }
 
 /// `256MiB`, `1GiB`, `500MB`, `64k`, `1048576` → bytes.
@@ -275,6 +282,10 @@ impl Cli {
                 }
                 if let Some(path) = &a.health_path {
                     s.gateway.health_path = path.clone();
+                }
+                if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+                    s.gateway.tls_cert_file = cert.clone();
+                    s.gateway.tls_key_file = key.clone();
                 }
                 if s.gateway.registrations_file.is_empty() {
                     s.gateway.registrations_file = s

@@ -10,6 +10,13 @@ use std::net::SocketAddr;
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     pub listen: SocketAddr,
+    /// PEM certificate chain (leaf first): when set with `tls_key_file`,
+    /// the listener speaks TLS only (HTTP/2 or HTTP/1.1 by ALPN). Read at
+    /// start and on every reload, so a renewed certificate is taken up by
+    /// a reload.
+    pub tls_cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
+    pub tls_key_file: String,
     /// Threads serving connections, each with its own single-threaded
     /// runtime and upstream pool; 0 means one per core.
     pub workers: usize,
@@ -220,6 +227,8 @@ impl Default for GatewaySettings {
     fn default() -> Self {
         GatewaySettings {
             listen: "127.0.0.1:8080".parse().unwrap(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
             workers: 0,
             pools: Vec::new(),
             routes: Vec::new(),
@@ -337,6 +346,11 @@ impl HeaderRules {
 }
 
 impl GatewaySettings {
+    /// Whether the listener speaks TLS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert_file.is_empty()
+    }
+
     pub fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |key: String, message: String| Err(SettingsError::Invalid { key, message });
         for (i, pool) in self.pools.iter().enumerate() {
@@ -470,6 +484,17 @@ impl GatewaySettings {
             return invalid(
                 "gateway.header_read_timeout_ms".into(),
                 "must be at least 1".into(),
+            );
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            let missing = if self.tls_cert_file.is_empty() {
+                "gateway.tls_cert_file"
+            } else {
+                "gateway.tls_key_file"
+            };
+            return invalid(
+                missing.into(),
+                "TLS needs both tls_cert_file and tls_key_file".into(),
             );
         }
         self.cache.validate()?;

@@ -1,0 +1,244 @@
+//! TLS on the client side: HTTP/2 and HTTP/1.1 chosen by ALPN, the
+//! upstream told `x-forwarded-proto: https`, a client that does not speak
+//! TLS dropped, and bad certificate settings refused with their key.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const CERT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-cert.pem");
+const KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-key.pem");
+const CERT_2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/test-cert-2.pem"
+);
+const KEY_2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-key-2.pem");
+
+fn tls_settings(upstream: &str, extra: serde_json::Value) -> shoal_core::settings::GatewaySettings {
+    let mut overrides = json!({"tls_cert_file": CERT, "tls_key_file": KEY});
+    for (k, v) in extra.as_object().unwrap() {
+        overrides[k] = v.clone();
+    }
+    settings(&[upstream.to_string()], overrides)
+}
+
+fn der(file: &str) -> rustls_pki_types::CertificateDer<'static> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(file).unwrap()
+}
+
+/// A TLS connection to the gateway that trusts the test certificate and
+/// offers `alpn`.
+async fn connect(
+    addr: std::net::SocketAddr,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for file in [CERT, CERT_2] {
+        roots.add(der(file)).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.expect("TLS handshake")
+}
+
+#[tokio::test]
+async fn http2_and_http1_over_tls_are_chosen_by_alpn_and_the_upstream_hears_https() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(tls_settings(&up.url(), json!({}))).await;
+
+    // HTTP/2, as a browser would ask for it.
+    let tls = connect(gw.addr, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://localhost/x")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = send.send_request(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(!body.is_empty());
+    let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+
+    // HTTP/1.1 when the client offers only that.
+    let tls = connect(gw.addr, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/y")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = send.send_request(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), Version::HTTP_11);
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_plain_http_client_on_a_tls_listener_is_dropped_without_reaching_an_upstream() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(tls_settings(&up.url(), json!({}))).await;
+    let mut plain = TcpStream::connect(gw.addr).await.unwrap();
+    plain
+        .write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "the connection is closed, not left hanging");
+    assert!(
+        !String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "no HTTP answer in the clear"
+    );
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_is_dropped_after_the_header_read_timeout() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(tls_settings(
+        &up.url(),
+        json!({"header_read_timeout_ms": 300}),
+    ))
+    .await;
+    let mut silent = TcpStream::connect(gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "the connection is closed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn bad_tls_settings_are_refused_with_their_key() {
+    let cases = [
+        (json!({"tls_cert_file": CERT}), "gateway.tls_key_file"),
+        (json!({"tls_key_file": KEY}), "gateway.tls_cert_file"),
+        (
+            json!({"tls_cert_file": "/nonexistent/cert.pem", "tls_key_file": KEY}),
+            "gateway.tls_cert_file",
+        ),
+        // A key file that holds a certificate, not a key.
+        (
+            json!({"tls_cert_file": CERT, "tls_key_file": CERT}),
+            "gateway.tls_key_file",
+        ),
+    ];
+    for (overrides, key) in cases {
+        let s = settings(&["http://127.0.0.1:9".to_string()], overrides.clone());
+        let err = shoal_gateway::Gateway::bind(s)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{overrides} was accepted"));
+        assert!(err.to_string().contains(key), "{overrides}: {err}");
+    }
+}
+
+/// POSTs to `path` over a new HTTP/1.1 TLS connection; returns the status
+/// and the certificate the gateway showed.
+async fn post_over_tls(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (StatusCode, rustls_pki_types::CertificateDer<'static>) {
+    let tls = connect(addr, &[b"http/1.1"]).await;
+    let shown = tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(path)
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    (send.send_request(req).await.unwrap().status(), shown)
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_taken_up_by_a_reload_and_a_bad_one_refused() {
+    let up = Upstream::start("a").await;
+    let dir = std::env::temp_dir().join(format!("shoal-gateway-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::copy(CERT, &cert).unwrap();
+    std::fs::copy(KEY, &key).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             [[gateway.pools]]\nname = \"default\"\nupstreams = [\"{}\"]\n",
+            cert.display(),
+            key.display(),
+            up.url()
+        ),
+    )
+    .unwrap();
+    let settings = shoal_core::settings::load(Some(&config), Vec::<(String, String)>::new())
+        .unwrap()
+        .gateway;
+    let gateway = shoal_gateway::Gateway::bind(settings)
+        .await
+        .unwrap()
+        .with_config_path(config.clone());
+    let addr = gateway.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(gateway.run(stop.clone()));
+
+    let (_, shown) = post_over_tls(addr, "/x").await;
+    assert_eq!(shown, der(CERT));
+    // Renewed: the files swapped, then a reload.
+    std::fs::copy(CERT_2, &cert).unwrap();
+    std::fs::copy(KEY_2, &key).unwrap();
+    let (status, _) = post_over_tls(addr, "/_gateway/admin/reload").await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, shown) = post_over_tls(addr, "/x").await;
+    assert_eq!(
+        shown,
+        der(CERT_2),
+        "new connections get the renewed certificate"
+    );
+    // A key that does not go with the certificate: refused, the running
+    // certificate stays.
+    std::fs::copy(KEY, &key).unwrap();
+    let (status, _) = post_over_tls(addr, "/_gateway/admin/reload").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, shown) = post_over_tls(addr, "/x").await;
+    assert_eq!((status, shown), (StatusCode::OK, der(CERT_2)));
+
+    stop.cancel();
+    let _ = task.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
