@@ -2,7 +2,8 @@
 //! request goes to an instance with its `Upgrade` and `Connection: upgrade`
 //! headers; when the instance answers 101, the client gets the 101 and the
 //! gateway then copies bytes both ways between the two upgraded
-//! connections until either side closes. Any other answer is passed on as
+//! connections until either side closes, the tunnel has been idle for
+//! `tunnel_idle_timeout_ms`, or the gateway shuts down. Any other answer is passed on as
 //! an ordinary response.
 
 use crate::balance::PickContext;
@@ -14,8 +15,12 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use shoal_core::Problem;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade`
 /// and an `Upgrade` header).
@@ -194,6 +199,10 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
     *client_response.headers_mut() = out;
 
     let url = instance.url.clone();
+    let idle_limit = match state.settings.tunnel_idle_timeout_ms {
+        0 => None,
+        ms => Some(std::time::Duration::from_millis(ms)),
+    };
     tokio::spawn(async move {
         // The instance counts the tunnel as outstanding while it is open,
         // and the listener counts it as an open connection.
@@ -207,8 +216,9 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
+        let moved = Arc::new(AtomicU64::new(0));
+        let mut client = Counted::new(TokioIo::new(client), &moved);
+        let mut upstream = Counted::new(TokioIo::new(upstream), &moved);
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
                 Ok((up, down)) => {
@@ -219,7 +229,88 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
             _ = closing.cancelled() => {
                 tracing::debug!(upstream = %url, "closing an upgraded connection at shutdown");
             }
+            _ = idle(&moved, idle_limit) => {
+                metrics::counter!("shoal_gateway_tunnel_idle_closes_total").increment(1);
+                tracing::debug!(upstream = %url, "closing an idle upgraded connection (tunnel_idle_timeout_ms)");
+            }
         }
     });
     client_response
+}
+
+/// Ends once a tunnel has moved no byte for `limit` (never without one),
+/// noticed within a quarter of it: the count of bytes read on either side
+/// is looked at, no clock is read per read.
+async fn idle(moved: &AtomicU64, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut seen = moved.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        } else if since.elapsed() >= limit {
+            return;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One side of a tunnel, counting the bytes read from it into a
+    /// count shared by both sides (every byte written was read from the
+    /// other side first).
+    struct Counted<T> {
+        #[pin]
+        io: T,
+        moved: Arc<AtomicU64>,
+    }
+}
+
+impl<T> Counted<T> {
+    fn new(io: T, moved: &Arc<AtomicU64>) -> Self {
+        Counted {
+            io,
+            moved: Arc::clone(moved),
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            this.moved.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
 }

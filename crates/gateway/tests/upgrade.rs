@@ -315,3 +315,36 @@ async fn an_open_tunnel_counts_as_a_connection_and_closes_at_shutdown() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_tunnel_that_carries_nothing_for_tunnel_idle_timeout_ms_is_closed() {
+    let up = special_upstream().await;
+    let gw = TestGateway::start(settings(
+        &[format!("http://{}", up.addr)],
+        json!({"tunnel_idle_timeout_ms": 400}),
+    ))
+    .await;
+    let (mut tunnel, mut pending) = open_tunnel(&gw).await;
+    // Traffic every 150 ms keeps it open well past the limit.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tunnel
+            .write_all(format!("ping{i}").as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut tunnel, &mut pending, format!("PING{i}").as_bytes()).await;
+    }
+    // Then silence: closed after about the limit.
+    let quiet = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf))
+        .await
+        .expect("the idle tunnel was closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let took = quiet.elapsed();
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}

@@ -107,6 +107,10 @@ pub struct GatewaySettings {
     /// is disconnected past it, so it cannot hold the connection and the
     /// upstream's response forever. 0 = no limit.
     pub send_timeout_ms: u64,
+    /// An upgraded connection (WebSocket tunnel) that carries no byte
+    /// either way for this long is closed (HAProxy's `timeout tunnel`).
+    /// 0 = never.
+    pub tunnel_idle_timeout_ms: u64,
     /// Proxied requests in flight through the whole gateway at most; past
     /// it, 503 + Retry-After (load shedding). 0 = no cap.
     pub max_concurrent_requests: usize,
@@ -262,6 +266,7 @@ impl Default for GatewaySettings {
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 60,
             send_timeout_ms: 60_000,
+            tunnel_idle_timeout_ms: 3_600_000,
             max_concurrent_requests: 0,
             pool_max_concurrent_requests: BTreeMap::new(),
             rate_limit: None,
