@@ -71,17 +71,23 @@ impl<T> SendTimeout<T> {
 }
 
 impl<T: AsyncWrite> SendTimeout<T> {
-    /// A write's result, with the timer run while it waits.
+    /// A write's result, with the timer run while it waits. Progress is
+    /// bytes taken by a write; a flush that ends does not count (on TCP
+    /// it moves nothing), so a stalled client cannot be mistaken for a
+    /// reading one.
     fn timed<R>(
         progressed: &mut bool,
         timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
         limit: Option<Duration>,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<R>>,
+        wrote: impl FnOnce(&R) -> bool,
     ) -> Poll<io::Result<R>> {
         let Some(limit) = limit else { return polled };
-        if polled.is_ready() {
-            *progressed = true;
+        if let Poll::Ready(result) = &polled {
+            if result.as_ref().is_ok_and(wrote) {
+                *progressed = true;
+            }
             return polled;
         }
         let deadline = move || tokio::time::Instant::now() + limit;
@@ -129,7 +135,9 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.io.poll_write(cx, buf);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |n| {
+            *n > 0
+        })
     }
 
     fn poll_write_vectored(
@@ -139,7 +147,9 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.io.poll_write_vectored(cx, bufs);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |n| {
+            *n > 0
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -149,13 +159,17 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let polled = this.io.poll_flush(cx);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |_| {
+            false
+        })
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let polled = this.io.poll_shutdown(cx);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled)
+        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |_| {
+            false
+        })
     }
 }
 
@@ -507,6 +521,28 @@ async fn serve_io<S, I>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_write_left_waiting_past_the_send_timeout_fails_whatever_flushes_do() {
+        use tokio::io::AsyncWriteExt;
+        let (pipe, _reader_that_reads_nothing) = tokio::io::duplex(64);
+        let mut io = SendTimeout::new(pipe, Some(Duration::from_millis(300)));
+        io.write_all(&[0u8; 64]).await.unwrap();
+        let started = Instant::now();
+        let err = loop {
+            // A flush ends at once on a pipe (as on TCP): not progress.
+            io.flush().await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(50), io.write(&[1u8; 8])).await {
+                Ok(Ok(_)) => panic!("the pipe is full"),
+                Ok(Err(e)) => break e,
+                Err(_) if started.elapsed() > Duration::from_secs(5) => panic!("never timed out"),
+                Err(_) => continue,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    }
 
     #[test]
     fn idle_time_counts_from_the_first_quiet_look_and_restarts_on_any_request() {
