@@ -446,20 +446,17 @@ where
                 let io = SendTimeout::new(stream, limits.send_timeout);
                 return serve_io(builder, client, service, activity, &limits, info, io).await;
             };
-            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
+            let failed = match handshake.await {
                 Ok(Ok(stream)) => {
                     let io = SendTimeout::new(stream, limits.send_timeout);
-                    serve_io(builder, client, service, activity, &limits, info, io).await
+                    return serve_io(builder, client, service, activity, &limits, info, io).await;
                 }
-                Ok(Err(e)) => {
-                    metrics::counter!("shoal_gateway_tls_handshake_failures_total").increment(1);
-                    tracing::debug!(client = %client, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics::counter!("shoal_gateway_tls_handshake_failures_total").increment(1);
-                    tracing::debug!(client = %client, "TLS handshake timed out");
-                }
-            }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out (header_read_timeout_ms)".to_string(),
+            };
+            metrics::counter!("shoal_gateway_tls_handshake_failures_total").increment(1);
+            tracing::debug!(client = %client, error = %failed, "TLS handshake failed");
         })
     }
 }
