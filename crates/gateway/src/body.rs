@@ -174,6 +174,21 @@ impl<B> ReadTimeout<B> {
     }
 }
 
+/// A response body from an instance, counted as outstanding on it until
+/// it ends, and cut off when the instance sends nothing for
+/// `read_timeout_ms` (`gateway.upstream_read_timeout_ms`; 0 = never).
+pub fn from_upstream<B>(body: B, guard: InFlightGuard, read_timeout_ms: u64) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let body = GuardedBody::new(body, guard);
+    match read_timeout_ms {
+        0 => body.map_err(Into::into).boxed_unsync(),
+        ms => ReadTimeout::new(body, std::time::Duration::from_millis(ms)).boxed_unsync(),
+    }
+}
+
 /// The error of a [`ReadTimeout`] body.
 #[derive(Debug, thiserror::Error)]
 #[error("the instance sent nothing for {0} ms in the middle of the response body")]

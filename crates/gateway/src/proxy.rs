@@ -4,7 +4,7 @@
 
 use crate::balance::PickContext;
 use crate::body::{
-    problem_response, Body, BoxError, GuardedBody, ReadTimeout, IDEMPOTENCY_KEY, X_FORWARDED_FOR,
+    from_upstream, problem_response, Body, BoxError, IDEMPOTENCY_KEY, X_FORWARDED_FOR,
     X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, X_SHOAL_DEADLINE_MS,
 };
 use crate::h1::{H1Error, ReqBody, ReqHead};
@@ -513,11 +513,7 @@ pub(crate) async fn forward(
                 if let Ok(v) = HeaderValue::from_str(request_id) {
                     rparts.headers.insert(X_REQUEST_ID, v);
                 }
-                let body = GuardedBody::new(rbody, guard);
-                let body: Body = match state.settings.upstream_read_timeout_ms {
-                    0 => body.boxed_unsync(),
-                    ms => ReadTimeout::new(body, Duration::from_millis(ms)).boxed_unsync(),
-                };
+                let body = from_upstream(rbody, guard, state.settings.upstream_read_timeout_ms);
                 return Response::from_parts(rparts, body);
             }
             Err(_elapsed) => {

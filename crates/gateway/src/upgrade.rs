@@ -7,12 +7,11 @@
 //! an ordinary response.
 
 use crate::balance::PickContext;
-use crate::body::{empty, problem_response, Body, BoxError, GuardedBody, X_REQUEST_ID};
+use crate::body::{empty, from_upstream, problem_response, Body, X_REQUEST_ID};
 use crate::proxy::{strip_hop_by_hop, upstream_headers, Outcome};
 use crate::stack::Ctx;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use shoal_core::Problem;
 use std::pin::Pin;
@@ -178,7 +177,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             rparts.headers.insert(X_REQUEST_ID, v);
         }
-        let body = GuardedBody::new(rbody.map_err(BoxError::from), guard).boxed_unsync();
+        let body = from_upstream(rbody, guard, state.settings.upstream_read_timeout_ms);
         return Response::from_parts(rparts, body);
     }
 
