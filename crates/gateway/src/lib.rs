@@ -180,7 +180,7 @@ impl Gateway {
             listen_config.refresh(&shared.load());
             let Some(conn_guard) = connections.try_open(listen_config.limits.max_connections)
             else {
-                listener::refuse(stream, client_addr);
+                listener::refuse(stream, client_addr, listen_config.tls.is_some());
                 continue;
             };
             let _ = stream.set_nodelay(true);

@@ -328,10 +328,15 @@ impl Connections {
 }
 
 /// Answers a connection past the cap with a 503 and closes it, in its own
-/// task so a slow client cannot hold up the accept loop.
-pub fn refuse(mut stream: TcpStream, client: SocketAddr) {
+/// task so a slow client cannot hold up the accept loop. On a TLS
+/// listener it is closed at once: no HTTP can be spoken before a
+/// handshake, and a handshake is the work the cap is there to refuse.
+pub fn refuse(mut stream: TcpStream, client: SocketAddr, tls: bool) {
     metrics::counter!("shoal_gateway_connections_refused_total").increment(1);
     tracing::warn!(client = %client, "connection refused: the gateway is at max_connections");
+    if tls {
+        return;
+    }
     tokio::spawn(async move {
         let body = r#"{"type":"https://shoal.dev/problems/unavailable","title":"Service unavailable","status":503,"detail":"the gateway is at its connection limit","retry_after":1}"#;
         let head = format!(

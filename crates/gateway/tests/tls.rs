@@ -121,6 +121,20 @@ async fn a_plain_http_client_on_a_tls_listener_is_dropped_without_reaching_an_up
 }
 
 #[tokio::test]
+async fn past_max_connections_a_tls_listener_closes_without_answering_in_the_clear() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(tls_settings(&up.url(), json!({"max_connections": 1}))).await;
+    let held = connect(gw.addr, &[b"http/1.1"]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut refused = TcpStream::connect(gw.addr).await.unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), refused.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "closed at once");
+    assert!(got.is_empty(), "no plain-text 503 on a TLS port: {got:?}");
+    drop(held);
+}
+
+#[tokio::test]
 async fn a_client_that_never_finishes_its_handshake_is_dropped_after_the_header_read_timeout() {
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(tls_settings(
