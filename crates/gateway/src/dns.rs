@@ -3,7 +3,8 @@
 //! resolved at start, again every period and right after a reload; the
 //! pool then has one instance per A/AAAA record (`http://10.0.0.7:3000`),
 //! so instances follow the records as they come and go. A failed or empty
-//! lookup keeps the instances of the last good one.
+//! lookup keeps the instances of the last good one. `https://` upstreams
+//! are left as they are (their certificates name the host).
 
 use crate::pool::{parse_upstream, Pool};
 use crate::reload::Shared;
@@ -56,6 +57,11 @@ async fn refresh(pool: &Arc<Pool>, upstream: &str) {
     let Ok((scheme, authority)) = parse_upstream(upstream) else {
         return;
     };
+    if scheme == http::uri::Scheme::HTTPS {
+        // Its certificate names the host, not its addresses: it stays one
+        // instance, resolved on each new connection.
+        return;
+    }
     let host = authority
         .host()
         .trim_start_matches('[')
@@ -63,7 +69,7 @@ async fn refresh(pool: &Arc<Pool>, upstream: &str) {
     if host.parse::<IpAddr>().is_ok() {
         return;
     }
-    let port = authority.port_u16().unwrap_or(80);
+    let port = crate::pool::port_of(&scheme, &authority);
     let name_url = format!("{scheme}://{authority}");
     let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port))).await;
     let addrs: Vec<std::net::SocketAddr> = match lookup {

@@ -76,9 +76,65 @@ pub enum ReqBody {
     Stream(crate::body::Body),
 }
 
+/// The transport of a connection to an instance: TCP, or TLS over it for
+/// an `https://` instance.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An open connection to one instance.
 pub(crate) struct Conn {
-    io: TcpStream,
+    io: Stream,
     /// Read and not yet used; empty between exchanges.
     buf: BytesMut,
     /// The instance's address (moved along with the connection, never
@@ -127,7 +183,7 @@ pub(crate) struct ReqHead<'a> {
 }
 
 impl Conn {
-    pub(crate) fn new(io: TcpStream, authority: Authority, now: std::time::Instant) -> Conn {
+    pub(crate) fn new(io: Stream, authority: Authority, now: std::time::Instant) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
@@ -141,14 +197,18 @@ impl Conn {
     /// socket became readable while idle.
     pub(crate) fn is_usable(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        let tcp = self.io.tcp();
+        match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
-            // Readable: an end of stream or stray bytes make it unusable;
-            // WouldBlock means the readiness was stale (and clears it).
+            // Readable: an end of stream or stray bytes (on TLS, most
+            // likely a close_notify) make it unusable; WouldBlock means
+            // the readiness was stale (and clears it). Peeked, not read,
+            // so a TLS stream is left whole.
             Poll::Ready(Ok(())) => {
                 let mut byte = [0u8; 1];
-                matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                let mut buf = tokio::io::ReadBuf::new(&mut byte);
+                matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
             }
         }
     }
@@ -841,7 +901,7 @@ mod tests {
                 .await
                 .unwrap();
             let mut conn = Conn::new(
-                io,
+                Stream::Plain(io),
                 Authority::from_static("127.0.0.1"),
                 std::time::Instant::now(),
             );

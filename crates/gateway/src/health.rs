@@ -22,8 +22,7 @@ pub async fn check(
 ) -> CheckOutcome {
     if path.is_empty() {
         // Servers without a health endpoint: up while they accept.
-        // Upstreams are http:// only (`parse_upstream`).
-        let port = instance.authority.port_u16().unwrap_or(80);
+        let port = crate::pool::port_of(&instance.scheme, &instance.authority);
         // `[::1]` → `::1`: the resolver wants the bare address.
         let host = instance
             .authority

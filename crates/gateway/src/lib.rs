@@ -158,7 +158,7 @@ impl Gateway {
         let close_all = CancellationToken::new();
         let grace = Duration::from_secs(settings.shutdown_timeout_secs);
         let threads = workers::count(settings.workers);
-        let workers = workers::start(threads - 1, &settings, Arc::clone(&connections), grace);
+        let workers = workers::start(threads - 1, &state.client, Arc::clone(&connections), grace);
         let mut next_worker = 0usize;
         tracing::info!(addr = %local_addr, pools = state.pools.len(), threads, "gateway serving");
         drop(state);
@@ -247,13 +247,82 @@ impl ClientSettings {
     }
 }
 
+/// TLS to `https://` upstreams: the Mozilla roots and the certificates of
+/// `upstream_ca_file`, and an id of that file's content, so a reload that
+/// changes it builds new clients and one that does not keeps them.
+#[derive(Clone)]
+pub(crate) struct UpstreamTls {
+    pub(crate) config: Arc<tokio_rustls::rustls::ClientConfig>,
+    /// For the gateway's own HTTP/1.1 codec (ALPN `http/1.1`).
+    pub(crate) h1: tokio_rustls::TlsConnector,
+    pub(crate) id: u64,
+}
+
+pub(crate) fn upstream_tls(settings: &GatewaySettings) -> Result<UpstreamTls, GatewayError> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let mut id = 0u64;
+    if !settings.upstream_ca_file.is_empty() {
+        let invalid = |message: String| GatewayError::Invalid {
+            key: "gateway.upstream_ca_file".into(),
+            message,
+        };
+        let file = &settings.upstream_ca_file;
+        let pem = std::fs::read(file).map_err(|e| invalid(format!("cannot read `{file}`: {e}")))?;
+        let mut added = 0;
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| invalid(format!("`{file}`: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| invalid(format!("`{file}`: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(invalid(format!("`{file}` holds no PEM certificate")));
+        }
+        // FNV-1a of the content: changes with it.
+        id = pem.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| GatewayError::Invalid {
+            key: "gateway.upstream_ca_file".into(),
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut h1 = config.clone();
+    h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(UpstreamTls {
+        config: Arc::new(config),
+        h1: tokio_rustls::TlsConnector::from(Arc::new(h1)),
+        id,
+    })
+}
+
 /// The upstream clients (keep-alive pools) with the settings' connect
 /// timeout and idle connections per instance: HTTP/1.1, and HTTP/2 with
-/// prior knowledge for `protocol = "h2c"` pools.
-pub(crate) fn upstream_clients(settings: ClientSettings) -> proxy::UpstreamClients {
+/// prior knowledge for `protocol = "h2c"` pools; `https://` instances
+/// over TLS with `tls`.
+pub(crate) fn upstream_clients(
+    settings: ClientSettings,
+    tls: &UpstreamTls,
+) -> proxy::UpstreamClients {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)));
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls.config).clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
     let client = |h2c: bool| {
         Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -265,6 +334,7 @@ pub(crate) fn upstream_clients(settings: ClientSettings) -> proxy::UpstreamClien
     };
     proxy::UpstreamClients {
         settings,
+        tls: tls.clone(),
         http1: client(false),
         h2c: client(true),
     }
@@ -336,6 +406,14 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         }
         let mut pool = Pool::new(p.name.clone(), balancer, config.clone(), instances);
         pool.h2c = p.protocol == shoal_core::settings::UpstreamProtocol::H2c;
+        if pool.h2c {
+            if let Some(j) = p.upstreams.iter().position(|u| u.starts_with("https://")) {
+                return Err(invalid(
+                    format!("gateway.pools[{i}].upstreams[{j}]"),
+                    "h2c is HTTP/2 in the clear: an h2c pool's upstreams are http://".into(),
+                ));
+            }
+        }
         pools.push(Arc::new(pool));
     }
 
@@ -400,7 +478,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         ));
     }
 
-    let client = upstream_clients(ClientSettings::of(&settings));
+    let client = upstream_clients(ClientSettings::of(&settings), &upstream_tls(&settings)?);
     Ok(GatewayState {
         tls: listener::tls_acceptor(&settings)?,
         cache: cache::HttpCache::from_settings(&settings),

@@ -307,14 +307,16 @@ struct Hot {
     connect_errors: AtomicU32,
 }
 
-/// Parses `http://host:port` (an optional trailing `/` is allowed; a path is not).
+/// Parses `http://host:port` or `https://host:port` (an optional trailing
+/// `/` is allowed; a path is not).
 pub fn parse_upstream(url: &str) -> Result<(Scheme, Authority), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    if uri.scheme() != Some(&Scheme::HTTP) {
-        return Err(format!("`{url}` must start with http://"));
-    }
+    let scheme = match uri.scheme() {
+        Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+        _ => return Err(format!("`{url}` must start with http:// or https://")),
+    };
     let authority = uri
         .authority()
         .cloned()
@@ -324,7 +326,14 @@ pub fn parse_upstream(url: &str) -> Result<(Scheme, Authority), String> {
             "`{url}` must be a base URL without a path, such as http://127.0.0.1:3001"
         ));
     }
-    Ok((Scheme::HTTP, authority))
+    Ok((scheme, authority))
+}
+
+/// The port of an upstream: its own, else its scheme's.
+pub fn port_of(scheme: &Scheme, authority: &Authority) -> u16 {
+    authority
+        .port_u16()
+        .unwrap_or(if *scheme == Scheme::HTTPS { 443 } else { 80 })
 }
 
 impl Instance {

@@ -26,19 +26,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// An upstream HTTP client: a keep-alive pool shared by every pool.
-pub type UpstreamClient = Client<HttpConnector, Body>;
+pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// The upstream clients of one thread (`workers.rs`) or of the state.
 #[derive(Clone)]
 pub struct UpstreamClients {
     /// What they were built from.
     pub(crate) settings: crate::ClientSettings,
+    pub(crate) tls: crate::UpstreamTls,
     pub http1: UpstreamClient,
     /// HTTP/2 with prior knowledge, for `protocol = "h2c"` pools.
     pub h2c: UpstreamClient,
 }
 
 impl UpstreamClients {
+    /// Built from the same settings and trusted certificates: a reload
+    /// keeps these (and their pooled connections).
+    pub(crate) fn same_as(&self, other: &UpstreamClients) -> bool {
+        self.settings == other.settings && self.tls.id == other.tls.id
+    }
+
     pub fn for_pool(&self, pool: &Pool) -> &UpstreamClient {
         if pool.h2c {
             &self.h2c
@@ -495,8 +502,7 @@ pub(crate) async fn forward(
                         deadline_ms,
                         declared_length: content_length,
                     };
-                    crate::upstream::send(state.client.settings, pool, instance, &head, body, now)
-                        .await
+                    crate::upstream::send(&state.client, pool, instance, &head, body, now).await
                 }
                 Attempt::H2c(req) => crate::upstream::h2c(&state.client, pool, req).await,
             }

@@ -117,7 +117,7 @@ pub async fn reload(shared: &Shared) -> Result<ReloadSummary, String> {
     // The upstream clients hold the pooled connections: kept unless
     // their own settings changed (then connections already open finish
     // their requests on the old clients and close with them).
-    if next.client.settings == old.client.settings {
+    if next.client.same_as(&old.client) {
         next.client = old.client.clone();
     } else {
         tracing::info!(

@@ -16,11 +16,10 @@
 //! [`IDLE_TIMEOUT`] (checked when the pool is used) and those the
 //! instance closed meanwhile (seen when they are taken).
 
-use crate::h1::{Conn, H1Body, H1Error, ReqBody, ReqHead};
+use crate::h1::{Conn, H1Body, H1Error, ReqBody, ReqHead, Stream};
 use crate::pool::Instance;
 use crate::ClientSettings;
 use bytes::Bytes;
-use http::uri::Authority;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -145,35 +144,46 @@ pub(crate) fn put_back(settings: ClientSettings, id: usize, conn: Conn) {
     });
 }
 
+/// A new connection to `instance`: TCP, then TLS for an `https://` one
+/// (its host name checked against its certificate), both within the
+/// connect timeout.
 async fn connect(
-    settings: ClientSettings,
-    authority: &Authority,
+    clients: &crate::proxy::UpstreamClients,
+    instance: &Instance,
     now: Instant,
 ) -> Result<Conn, UpstreamError> {
+    let authority = &instance.authority;
     let failed = |source| UpstreamError::Connect {
         authority: authority.to_string(),
         source,
     };
-    let port = authority.port_u16().unwrap_or(80);
+    let port = crate::pool::port_of(&instance.scheme, authority);
     // `[::1]` → `::1`: the resolver wants the bare address.
     let host = authority
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let timeout = Duration::from_millis(settings.connect_timeout_ms);
-    let stream =
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(failed(e)),
-            Err(_) => {
-                return Err(failed(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {} ms", settings.connect_timeout_ms),
-                )))
-            }
-        };
-    let _ = stream.set_nodelay(true);
-    Ok(Conn::new(stream, authority.clone(), now))
+    let timeout_ms = clients.settings.connect_timeout_ms;
+    let tls = instance.scheme == http::uri::Scheme::HTTPS;
+    let open = async {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+        let _ = tcp.set_nodelay(true);
+        if !tls {
+            return Ok(Stream::Plain(tcp));
+        }
+        let name = rustls_pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let stream = clients.tls.h1.connect(name, tcp).await?;
+        Ok(Stream::Tls(Box::new(stream)))
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), open).await {
+        Ok(Ok(stream)) => Ok(Conn::new(stream, authority.clone(), now)),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(_) => Err(failed(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {timeout_ms} ms"),
+        ))),
+    }
 }
 
 /// Sends `req` (absolute-form target) to an instance of an h2c pool
@@ -192,17 +202,18 @@ pub(crate) async fn h2c(
 /// not take (the first write failed) goes on the next one, then on a new
 /// connection: it never left.
 pub(crate) async fn send(
-    settings: ClientSettings,
+    clients: &crate::proxy::UpstreamClients,
     pool: &crate::pool::Pool,
     instance: &Instance,
     head: &ReqHead<'_>,
     mut body: ReqBody,
     now: Instant,
 ) -> Result<Response<ResponseBody>, UpstreamError> {
+    let settings = clients.settings;
     loop {
         let (mut conn, reused) = match take(settings, instance, now) {
             Some(conn) => (conn, true),
-            None => (connect(settings, &instance.authority, now).await?, false),
+            None => (connect(clients, instance, now).await?, false),
         };
         pool.metrics.connection(&pool.name, reused);
         let (rparts, framing, keep_alive) = match conn.write_request(head, body).await {

@@ -16,7 +16,6 @@
 use crate::listener::Connections;
 use crate::pool::Pool;
 use crate::proxy::UpstreamClients;
-use shoal_core::settings::GatewaySettings;
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
@@ -45,8 +44,8 @@ pub(crate) fn request(
         match local.as_mut() {
             None => shared.for_pool(pool).request(req),
             Some(own) => {
-                if own.settings != shared.settings {
-                    *own = crate::upstream_clients(shared.settings);
+                if !own.same_as(shared) {
+                    *own = crate::upstream_clients(shared.settings, &shared.tls);
                 }
                 own.for_pool(pool).request(req)
             }
@@ -105,14 +104,14 @@ impl Worker {
 /// Starts `extra` worker threads.
 pub(crate) fn start(
     extra: usize,
-    settings: &GatewaySettings,
+    clients: &UpstreamClients,
     connections: Arc<Connections>,
     grace: Duration,
 ) -> Vec<Worker> {
     let mut workers = Vec::with_capacity(extra);
     for i in 1..=extra {
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = crate::upstream_clients(crate::ClientSettings::of(settings));
+        let client = crate::upstream_clients(clients.settings, &clients.tls);
         let connections = Arc::clone(&connections);
         let spawned = std::thread::Builder::new()
             .name(format!("shoal-gw-{i}"))

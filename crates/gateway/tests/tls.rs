@@ -256,3 +256,108 @@ async fn a_renewed_certificate_is_taken_up_by_a_reload_and_a_bad_one_refused() {
     let _ = task.await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An instance that speaks HTTP/1.1 over TLS with the test certificate:
+/// `/readyz` and every other path answer 200 `secure hello`. Counts the
+/// TLS connections it accepted.
+async fn tls_instance() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls_pki_types::pem::PemObject;
+    let certs = vec![der(CERT)];
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(KEY).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from("secure hello")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn https_instances_are_reached_over_tls_with_kept_alive_connections_and_checked() {
+    let (url, accepted) = tls_instance().await;
+    let gw = TestGateway::start(settings(
+        std::slice::from_ref(&url),
+        json!({"upstream_ca_file": CERT, "workers": 1, "health_interval_ms": 100}),
+    ))
+    .await;
+    // Health checks over TLS pass: the instance stays available.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = TestClient::default();
+    for _ in 0..5 {
+        let r = client.get(&gw.url("/a")).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, "secure hello")
+        );
+    }
+    let instance = gw.instance(&client, &url).await;
+    assert_eq!(instance["healthy"], true, "{instance}");
+    // The health checker's connection and the proxy's: the five requests
+    // shared one.
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        n <= 2,
+        "{n} TLS connections for five requests and the checks"
+    );
+}
+
+#[tokio::test]
+async fn an_https_instance_with_an_untrusted_certificate_is_refused_with_the_reason() {
+    let (url, _) = tls_instance().await;
+    // No upstream_ca_file: the self-signed certificate is not trusted.
+    let gw = TestGateway::start(settings(&[url], json!({"health_path": ""}))).await;
+    let r = TestClient::default().get(&gw.url("/a")).await;
+    assert!(
+        r.status == StatusCode::BAD_GATEWAY || r.status == StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        r.status
+    );
+    assert!(r.body.contains("certificate"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn https_is_refused_for_h2c_pools_and_a_bad_ca_file_with_their_keys() {
+    let mut s = settings(&["http://127.0.0.1:9".to_string()], json!({}));
+    s.pools[0].upstreams = vec!["https://127.0.0.1:9".into()];
+    s.pools[0].protocol = shoal_core::settings::UpstreamProtocol::H2c;
+    let err = shoal_gateway::Gateway::bind(s).await.err().unwrap();
+    assert!(
+        err.to_string().contains("gateway.pools[0].upstreams[0]"),
+        "{err}"
+    );
+    let s = settings(
+        &["https://127.0.0.1:9".to_string()],
+        json!({"upstream_ca_file": KEY}),
+    );
+    let err = shoal_gateway::Gateway::bind(s).await.err().unwrap();
+    assert!(
+        err.to_string().contains("gateway.upstream_ca_file"),
+        "{err}"
+    );
+}

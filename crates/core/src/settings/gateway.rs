@@ -17,6 +17,10 @@ pub struct GatewaySettings {
     pub tls_cert_file: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
     pub tls_key_file: String,
+    /// PEM certificates trusted for `https://` upstreams besides the
+    /// Mozilla roots (a private CA, or an instance's own self-signed
+    /// certificate). Empty: the Mozilla roots only.
+    pub upstream_ca_file: String,
     /// Threads serving connections, each with its own single-threaded
     /// runtime and upstream pool; 0 means one per core.
     pub workers: usize,
@@ -233,6 +237,7 @@ impl Default for GatewaySettings {
             listen: "127.0.0.1:8080".parse().unwrap(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            upstream_ca_file: String::new(),
             workers: 0,
             pools: Vec::new(),
             routes: Vec::new(),
@@ -366,10 +371,12 @@ impl GatewaySettings {
                 );
             }
             for (j, up) in pool.upstreams.iter().enumerate() {
-                if !up.starts_with("http://") {
+                if !(up.starts_with("http://") || up.starts_with("https://")) {
                     return invalid(
                         format!("gateway.pools[{i}].upstreams[{j}]"),
-                        format!("`{up}` must be an http:// URL such as http://127.0.0.1:3001"),
+                        format!(
+                            "`{up}` must be an http:// or https:// URL such as http://127.0.0.1:3001"
+                        ),
                     );
                 }
             }
