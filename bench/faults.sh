@@ -42,13 +42,22 @@ load() {
   $BIN/loadgen --url "http://127.0.0.1:$GP/" --connections 32 --rate "$RATE" \
     --duration "$SECONDS_PER" --threads 1 --warmup 1
 }
-# slow_share URL: the share of the pool's requests that went to URL.
-slow_share() {
+# counts URL: the pool's requests so far, and those that went to URL.
+counts() {
   curl -s "http://127.0.0.1:$GP/_gateway/pools" | python3 -c '
 import json, sys
 p = json.load(sys.stdin)["pools"][0]["instances"]
-total = sum(i["requests"] for i in p)
-print(round(100 * sum(i["requests"] for i in p if i["url"] == sys.argv[1]) / max(1, total), 2))' "$1"
+print(sum(i["requests"] for i in p), sum(i["requests"] for i in p if i["url"] == sys.argv[1]))' "$1"
+}
+# measured_load URL: runs `load` and sets LOAD (its JSON) and SHARE (the
+# percentage of that run's requests that went to URL; the warm-up
+# requests of `gateway` are left out).
+measured_load() {
+  local t0 s0 t1 s1
+  read -r t0 s0 < <(counts "$1")
+  LOAD=$(load)
+  read -r t1 s1 < <(counts "$1")
+  SHARE=$(python3 -c "print(round(100 * ($s1 - $s0) / max(1, $t1 - $t0), 2))")
 }
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
@@ -82,13 +91,13 @@ healthy=$(load)
 stop_all
 upstreams 1 1 10
 gateway
-slow_p2c=$(load)
-share_p2c=$(slow_share "${UP_URLS[2]}")
+measured_load "${UP_URLS[2]}"
+slow_p2c=$LOAD share_p2c=$SHARE
 stop_all
 upstreams 1 1 10
 gateway SHOAL_GATEWAY__BALANCER=round_robin
-slow_rr=$(load)
-share_rr=$(slow_share "${UP_URLS[2]}")
+measured_load "${UP_URLS[2]}"
+slow_rr=$LOAD share_rr=$SHARE
 stop_all
 
 REPORT=bench/results/faults-latest.md
@@ -109,7 +118,7 @@ lines = [
     f"| kill at 1 s | {killed['requests']} | {killed['errors']} | {ms(killed['p50_us'])} | {ms(killed['p99_us'])} | "
     f"{killed['p99_us']/max(1,steady['p99_us']):.2f}x | {ejected} ms |", "",
     "## One upstream ten times slower (10 ms vs 1 ms)", "",
-    "| run | p50 | p99 | p99 vs all healthy | failed | slow one's share of requests |",
+    "| run | p50 | p99 | p99 vs all healthy | failed | slow one's share of the run's requests |",
     "|---|---|---|---|---|---|",
     f"| all at 1 ms (p2c_peak_ewma) | {ms(healthy['p50_us'])} | {ms(healthy['p99_us'])} | 1.00x | {healthy['errors']} | - |",
     f"| one at 10 ms, p2c_peak_ewma (default) | {ms(p2c['p50_us'])} | {ms(p2c['p99_us'])} | {p2c['p99_us']/max(1,healthy['p99_us']):.2f}x | {p2c['errors']} | {share_p2c}% |",
