@@ -210,57 +210,114 @@ pub struct ConnInfo {
 }
 
 /// The TLS acceptor of `s` when it names a certificate: the chain and key
-/// read from their PEM files, HTTP/2 and HTTP/1.1 offered by ALPN, TLS 1.2
-/// and 1.3 (rustls with *ring*). An unreadable file, an empty chain or a
-/// key that does not fit is an error naming the setting, so a bad file
-/// stops the start or is refused by a reload.
+/// read from their PEM files, and those of `tls_sni` for the names they
+/// list, HTTP/2 and HTTP/1.1 offered by ALPN, TLS 1.2 and 1.3 (rustls
+/// with *ring*). An unreadable file, an empty chain or a key that does
+/// not fit is an error naming the setting, so a bad file stops the start
+/// or is refused by a reload.
 pub(crate) fn tls_acceptor(
     s: &GatewaySettings,
 ) -> Result<Option<TlsAcceptor>, crate::GatewayError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
     if !s.tls() {
         return Ok(None);
     }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let default = certified_key(&s.tls_cert_file, &s.tls_key_file, "gateway.", &provider)?;
+    let mut by_name = std::collections::HashMap::new();
+    for (i, sni) in s.tls_sni.iter().enumerate() {
+        let key = certified_key(
+            &sni.cert_file,
+            &sni.key_file,
+            &format!("gateway.tls_sni[{i}]."),
+            &provider,
+        )?;
+        for name in &sni.names {
+            by_name.insert(name.trim().to_ascii_lowercase(), Arc::clone(&key));
+        }
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| crate::GatewayError::Invalid {
+            key: "gateway.tls_cert_file".into(),
+            message: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { default, by_name }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// A certificate chain and its key from PEM files; errors name
+/// `{prefix}cert_file` or `{prefix}key_file` (`tls_cert_file` and
+/// `tls_key_file` for the default one).
+fn certified_key(
+    cert_file: &str,
+    key_file: &str,
+    prefix: &str,
+    provider: &tokio_rustls::rustls::crypto::CryptoProvider,
+) -> Result<Arc<tokio_rustls::rustls::sign::CertifiedKey>, crate::GatewayError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = if prefix == "gateway." { "tls_" } else { "" };
+    let cert_key = format!("{prefix}{tls}cert_file");
+    let key_key = format!("{prefix}{tls}key_file");
     let invalid = |key: &str, message: String| crate::GatewayError::Invalid {
-        key: key.into(),
+        key: key.to_string(),
         message,
     };
-    let certs = CertificateDer::pem_file_iter(&s.tls_cert_file)
+    let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
             invalid(
-                "gateway.tls_cert_file",
-                format!("cannot read certificates from `{}`: {e}", s.tls_cert_file),
+                &cert_key,
+                format!("cannot read certificates from `{cert_file}`: {e}"),
             )
         })?;
     if certs.is_empty() {
         return Err(invalid(
-            "gateway.tls_cert_file",
-            format!("`{}` holds no PEM certificate", s.tls_cert_file),
+            &cert_key,
+            format!("`{cert_file}` holds no PEM certificate"),
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&s.tls_key_file).map_err(|e| {
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
         invalid(
-            "gateway.tls_key_file",
-            format!("cannot read a private key from `{}`: {e}", s.tls_key_file),
+            &key_key,
+            format!("cannot read a private key from `{key_file}`: {e}"),
         )
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("gateway.tls_cert_file", e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+    let certified = tokio_rustls::rustls::sign::CertifiedKey::from_der(certs, key, provider)
         .map_err(|e| {
             invalid(
-                "gateway.tls_key_file",
+                &key_key,
                 format!("the key does not go with the certificate: {e}"),
             )
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+    Ok(Arc::new(certified))
+}
+
+/// Chooses the certificate for the name a client asks for: an exact
+/// name, then `*.` and the name's parent, then the default.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<tokio_rustls::rustls::sign::CertifiedKey>,
+    by_name: std::collections::HashMap<String, Arc<tokio_rustls::rustls::sign::CertifiedKey>>,
+}
+
+impl tokio_rustls::rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(
+        &self,
+        hello: tokio_rustls::rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<tokio_rustls::rustls::sign::CertifiedKey>> {
+        let chosen = hello.server_name().and_then(|name| {
+            let name = name.to_ascii_lowercase();
+            self.by_name.get(&name).or_else(|| {
+                let (_, parent) = name.split_once('.')?;
+                self.by_name.get(&format!("*.{parent}"))
+            })
+        });
+        Some(Arc::clone(chosen.unwrap_or(&self.default)))
+    }
 }
 
 /// hyper's server builder with the head limits and timers.

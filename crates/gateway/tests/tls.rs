@@ -23,6 +23,14 @@ const CERT_2: &str = concat!(
     "/tests/fixtures/test-cert-2.pem"
 );
 const KEY_2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test-key-2.pem");
+const CERT_API: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/test-cert-api.pem"
+);
+const KEY_API: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/test-key-api.pem"
+);
 
 fn tls_settings(upstream: &str, extra: serde_json::Value) -> shoal_core::settings::GatewaySettings {
     let mut overrides = json!({"tls_cert_file": CERT, "tls_key_file": KEY});
@@ -43,8 +51,18 @@ async fn connect(
     addr: std::net::SocketAddr,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    connect_as(addr, alpn, "localhost").await
+}
+
+/// [`connect`], asking for `name` (SNI) and checking the certificate
+/// against it.
+async fn connect_as(
+    addr: std::net::SocketAddr,
+    alpn: &[&[u8]],
+    name: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
-    for file in [CERT, CERT_2] {
+    for file in [CERT, CERT_2, CERT_API] {
         roots.add(der(file)).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -56,7 +74,7 @@ async fn connect(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
     connector.connect(name, tcp).await.expect("TLS handshake")
 }
 
@@ -358,6 +376,53 @@ async fn https_is_refused_for_h2c_pools_and_a_bad_ca_file_with_their_keys() {
     let err = shoal_gateway::Gateway::bind(s).await.err().unwrap();
     assert!(
         err.to_string().contains("gateway.upstream_ca_file"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_certificate_is_chosen_by_the_name_the_client_asks_for() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(tls_settings(
+        &up.url(),
+        json!({"tls_sni": [{"names": ["api.test", "*.shop.test"], "cert_file": CERT_API, "key_file": KEY_API}]}),
+    ))
+    .await;
+    let shown = |tls: &tokio_rustls::client::TlsStream<TcpStream>| {
+        tls.get_ref().1.peer_certificates().unwrap()[0]
+            .clone()
+            .into_owned()
+    };
+    let tls = connect_as(gw.addr, &[b"http/1.1"], "api.test").await;
+    assert_eq!(shown(&tls), der(CERT_API));
+    let tls = connect_as(gw.addr, &[b"http/1.1"], "eu.shop.test").await;
+    assert_eq!(shown(&tls), der(CERT_API), "a wildcard name");
+    let tls = connect_as(gw.addr, &[b"http/1.1"], "localhost").await;
+    assert_eq!(shown(&tls), der(CERT), "any other name: the default");
+    // And the connection serves requests.
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(
+        connect_as(gw.addr, &[b"http/1.1"], "api.test").await,
+    ))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/x")
+        .header("host", "api.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        send.send_request(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // A bad SNI entry is refused with its key.
+    let bad = tls_settings(
+        &up.url(),
+        json!({"tls_sni": [{"names": ["api.test"], "cert_file": CERT_API, "key_file": KEY}]}),
+    );
+    let err = shoal_gateway::Gateway::bind(bad).await.err().unwrap();
+    assert!(
+        err.to_string().contains("gateway.tls_sni[0].key_file"),
         "{err}"
     );
 }

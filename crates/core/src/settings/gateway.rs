@@ -17,6 +17,9 @@ pub struct GatewaySettings {
     pub tls_cert_file: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
     pub tls_key_file: String,
+    /// More certificates, chosen by the name a client asks for (SNI);
+    /// `tls_cert_file` serves every other name.
+    pub tls_sni: Vec<SniCertificate>,
     /// PEM certificates trusted for `https://` upstreams besides the
     /// Mozilla roots (a private CA, or an instance's own self-signed
     /// certificate). Empty: the Mozilla roots only.
@@ -237,6 +240,7 @@ impl Default for GatewaySettings {
             listen: "127.0.0.1:8080".parse().unwrap(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            tls_sni: Vec::new(),
             upstream_ca_file: String::new(),
             workers: 0,
             pools: Vec::new(),
@@ -307,6 +311,17 @@ impl UpstreamProtocol {
     pub fn is_default(&self) -> bool {
         *self == UpstreamProtocol::Http1
     }
+}
+
+/// A certificate for some host names (`[[gateway.tls_sni]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// Host names it serves: exact (`api.example.com`) or one wildcard
+    /// label (`*.example.com`).
+    pub names: Vec<String>,
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -508,6 +523,21 @@ impl GatewaySettings {
                 missing.into(),
                 "TLS needs both tls_cert_file and tls_key_file".into(),
             );
+        }
+        if !self.tls_sni.is_empty() && !self.tls() {
+            return invalid(
+                "gateway.tls_sni".into(),
+                "needs tls_cert_file and tls_key_file (the certificate for every other name)"
+                    .into(),
+            );
+        }
+        for (i, sni) in self.tls_sni.iter().enumerate() {
+            if sni.names.is_empty() || sni.names.iter().any(|n| n.trim().is_empty()) {
+                return invalid(
+                    format!("gateway.tls_sni[{i}].names"),
+                    "name at least one host, none empty".into(),
+                );
+            }
         }
         self.cache.validate()?;
         if self.health_interval_ms == 0 || self.health_timeout_ms == 0 {
