@@ -105,15 +105,7 @@ async fn http2_and_http1_over_tls_are_chosen_by_alpn_and_the_upstream_hears_http
     // HTTP/1.1 when the client offers only that.
     let tls = connect(gw.addr, &[b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/y")
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = send.send_request(req).await.unwrap();
+    let response = http1_over(tls, Request::get("/y").header("host", "localhost")).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.version(), Version::HTTP_11);
     assert_eq!(up.hits(), 2);
@@ -207,15 +199,22 @@ async fn post_over_tls(
     let shown = tls.get_ref().1.peer_certificates().unwrap()[0]
         .clone()
         .into_owned();
+    let req = Request::post(path).header("host", "localhost");
+    (http1_over(tls, req).await.status(), shown)
+}
+
+/// Sends `req` (no body) as the only request of an HTTP/1.1 connection
+/// over `tls`.
+async fn http1_over(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    req: http::request::Builder,
+) -> http::Response<hyper::body::Incoming> {
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = Request::post(path)
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    (send.send_request(req).await.unwrap().status(), shown)
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
+    send.send_request(req).await.unwrap()
 }
 
 #[tokio::test]
@@ -400,20 +399,9 @@ async fn the_certificate_is_chosen_by_the_name_the_client_asks_for() {
     let tls = connect_as(gw.addr, &[b"http/1.1"], "localhost").await;
     assert_eq!(shown(&tls), der(CERT), "any other name: the default");
     // And the connection serves requests.
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(
-        connect_as(gw.addr, &[b"http/1.1"], "api.test").await,
-    ))
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get("/x")
-        .header("host", "api.test")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    assert_eq!(
-        send.send_request(req).await.unwrap().status(),
-        StatusCode::OK
-    );
+    let tls = connect_as(gw.addr, &[b"http/1.1"], "api.test").await;
+    let response = http1_over(tls, Request::get("/x").header("host", "api.test")).await;
+    assert_eq!(response.status(), StatusCode::OK);
 
     // A bad SNI entry is refused with its key.
     let bad = tls_settings(
