@@ -3,8 +3,8 @@
 //! headers; when the instance answers 101, the client gets the 101 and the
 //! gateway then copies bytes both ways between the two upgraded
 //! connections until either side closes, the tunnel has been idle for
-//! `tunnel_idle_timeout_ms`, or the gateway shuts down. Any other answer is passed on as
-//! an ordinary response.
+//! `tunnel_idle_timeout_ms`, or the gateway shuts down. Any other answer
+//! is passed on as an ordinary response.
 
 use crate::balance::PickContext;
 use crate::body::{empty, from_upstream, problem_response, Body, X_REQUEST_ID};
@@ -200,7 +200,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
     let url = instance.url.clone();
     let idle_limit = match state.settings.tunnel_idle_timeout_ms {
         0 => None,
-        ms => Some(std::time::Duration::from_millis(ms)),
+        ms => Some(Duration::from_millis(ms)),
     };
     tokio::spawn(async move {
         // The instance counts the tunnel as outstanding while it is open,
