@@ -502,12 +502,14 @@ where
     let builder = Arc::clone(&config.builder);
     let limits = config.limits.clone();
     let tls = config.tls.clone();
-    move |stream| {
-        Box::pin(async move {
-            let Some(acceptor) = tls else {
-                let io = SendTimeout::new(stream, limits.send_timeout);
-                return serve_io(builder, client, service, activity, &limits, info, io).await;
-            };
+    // Two futures, boxed apart: a plain connection's allocation is not
+    // sized for a TLS session it does not have.
+    move |stream| match tls {
+        None => Box::pin(async move {
+            let io = SendTimeout::new(stream, limits.send_timeout);
+            serve_io(builder, client, service, activity, &limits, info, io).await
+        }),
+        Some(acceptor) => Box::pin(async move {
             let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
             let failed = match handshake.await {
                 Ok(Ok(stream)) => {
@@ -519,7 +521,7 @@ where
             };
             metrics::counter!("shoal_gateway_tls_handshake_failures_total").increment(1);
             tracing::debug!(client = %client, error = %failed, "TLS handshake failed");
-        })
+        }),
     }
 }
 
