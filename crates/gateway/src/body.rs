@@ -147,19 +147,48 @@ pub async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, ReadEr
     Ok(buf.freeze())
 }
 
+/// The deadline of a stream that must keep moving (a response body being
+/// read, a client being written to): made the first time the stream
+/// waits, and pushed back only when it waits again after progress, so a
+/// stream that never waits never reads the clock for it.
+#[derive(Default)]
+pub struct Stall {
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
+}
+
+impl Stall {
+    /// The stream moved.
+    pub fn progress(&mut self) {
+        self.progressed = true;
+    }
+
+    /// The stream waits: whether it has now waited `limit` since it last
+    /// moved (else the timer wakes `cx` when it has).
+    pub fn expired(&mut self, limit: std::time::Duration, cx: &mut Context<'_>) -> bool {
+        let deadline = move || tokio::time::Instant::now() + limit;
+        match self.timer.as_mut() {
+            Some(timer) if std::mem::take(&mut self.progressed) => timer.as_mut().reset(deadline()),
+            Some(_) => {}
+            None => self.progressed = false,
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline())));
+        std::future::Future::poll(timer.as_mut(), cx).is_ready()
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A response body from an instance that fails when the instance
     /// sends nothing for `limit` while the body has more to come (nginx's
     /// `proxy_read_timeout`), so a stalled instance cannot hold a client
-    /// connection forever. The timer is made the first time the body
-    /// waits and moved only when it waits again after progress, so a body
-    /// already read (the common small response) never touches the clock.
+    /// connection forever.
     pub struct ReadTimeout<B> {
         #[pin]
         inner: GuardedBody<B>,
         limit: std::time::Duration,
-        timer: Option<Pin<Box<tokio::time::Sleep>>>,
-        progressed: bool,
+        stall: Stall,
     }
 }
 
@@ -168,24 +197,8 @@ impl<B> ReadTimeout<B> {
         ReadTimeout {
             inner,
             limit,
-            timer: None,
-            progressed: false,
+            stall: Stall::default(),
         }
-    }
-}
-
-/// A response body from an instance, counted as outstanding on it until
-/// it ends, and cut off when the instance sends nothing for
-/// `read_timeout_ms` (`gateway.upstream_read_timeout_ms`; 0 = never).
-pub fn from_upstream<B>(body: B, guard: InFlightGuard, read_timeout_ms: u64) -> Body
-where
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let body = GuardedBody::new(body, guard);
-    match read_timeout_ms {
-        0 => body.map_err(Into::into).boxed_unsync(),
-        ms => ReadTimeout::new(body, std::time::Duration::from_millis(ms)).boxed_unsync(),
     }
 }
 
@@ -207,29 +220,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(frame) => {
-                *this.progressed = true;
-                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-            }
-            Poll::Pending => {}
+        if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
+            this.stall.progress();
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let limit = *this.limit;
-        let deadline = move || tokio::time::Instant::now() + limit;
-        let timer = match this.timer {
-            Some(timer) => {
-                if std::mem::take(this.progressed) {
-                    timer.as_mut().reset(deadline());
-                }
-                timer
-            }
-            None => {
-                *this.progressed = false;
-                this.timer
-                    .insert(Box::pin(tokio::time::sleep_until(deadline())))
-            }
-        };
-        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
+        if !this.stall.expired(limit, cx) {
             return Poll::Pending;
         }
         let url = this.inner.as_ref().get_ref().held.as_ref();
@@ -250,5 +246,20 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A response body from an instance, counted as outstanding on it until
+/// it ends, and cut off when the instance sends nothing for
+/// `read_timeout_ms` (`gateway.upstream_read_timeout_ms`; 0 = never).
+pub fn from_upstream<B>(body: B, guard: InFlightGuard, read_timeout_ms: u64) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let body = GuardedBody::new(body, guard);
+    match read_timeout_ms {
+        0 => body.map_err(Into::into).boxed_unsync(),
+        ms => ReadTimeout::new(body, std::time::Duration::from_millis(ms)).boxed_unsync(),
     }
 }

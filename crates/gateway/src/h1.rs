@@ -77,58 +77,16 @@ pub enum ReqBody {
 }
 
 /// The transport of a connection to an instance: TCP, or TLS over it for
-/// an `https://` instance.
-pub(crate) enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+/// an `https://` instance (tokio-util's `Either` reads and writes
+/// whichever it holds).
+pub(crate) type Stream =
+    tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+/// The TCP socket under a [`Stream`].
+fn tcp(stream: &Stream) -> &TcpStream {
+    match stream {
+        tokio_util::either::Either::Left(s) => s,
+        tokio_util::either::Either::Right(s) => s.get_ref().0,
     }
 }
 
@@ -197,7 +155,7 @@ impl Conn {
     /// socket became readable while idle.
     pub(crate) fn is_usable(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let tcp = self.io.tcp();
+        let tcp = tcp(&self.io);
         match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
@@ -901,7 +859,7 @@ mod tests {
                 .await
                 .unwrap();
             let mut conn = Conn::new(
-                Stream::Plain(io),
+                tokio_util::either::Either::Left(io),
                 Authority::from_static("127.0.0.1"),
                 std::time::Instant::now(),
             );

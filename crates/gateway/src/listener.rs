@@ -47,15 +47,12 @@ pin_project_lite::pin_project! {
     /// client has left one waiting for `limit` (nginx's `send_timeout`):
     /// a client that stops reading cannot hold the connection, and the
     /// response it stopped reading, forever. hyper then closes the
-    /// connection. The timer is made the first time a write waits and
-    /// moved only when a write waits again after progress, so a
-    /// connection whose writes never wait never reads the clock for it.
+    /// connection.
     pub struct SendTimeout<T> {
         #[pin]
         io: T,
         limit: Option<Duration>,
-        timer: Option<Pin<Box<tokio::time::Sleep>>>,
-        progressed: bool,
+        stall: crate::body::Stall,
     }
 }
 
@@ -64,57 +61,40 @@ impl<T> SendTimeout<T> {
         SendTimeout {
             io,
             limit,
-            timer: None,
-            progressed: false,
+            stall: Default::default(),
         }
     }
 }
 
-impl<T: AsyncWrite> SendTimeout<T> {
-    /// A write's result, with the timer run while it waits. Progress is
-    /// bytes taken by a write; a flush that ends does not count (on TCP
-    /// it moves nothing), so a stalled client cannot be mistaken for a
-    /// reading one.
-    fn timed<R>(
-        progressed: &mut bool,
-        timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
-        limit: Option<Duration>,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<R>>,
-        wrote: impl FnOnce(&R) -> bool,
-    ) -> Poll<io::Result<R>> {
-        let Some(limit) = limit else { return polled };
-        if let Poll::Ready(result) = &polled {
-            if result.as_ref().is_ok_and(wrote) {
-                *progressed = true;
-            }
-            return polled;
+/// A write's result, with the stall timer run while it waits. Progress
+/// is bytes taken by a write; a flush that ends does not count (on TCP it
+/// moves nothing), so a stalled client cannot be mistaken for a reading
+/// one.
+fn timed<R>(
+    stall: &mut crate::body::Stall,
+    limit: Option<Duration>,
+    cx: &mut Context<'_>,
+    polled: Poll<io::Result<R>>,
+    wrote: impl FnOnce(&R) -> bool,
+) -> Poll<io::Result<R>> {
+    let Some(limit) = limit else { return polled };
+    if let Poll::Ready(result) = &polled {
+        if result.as_ref().is_ok_and(wrote) {
+            stall.progress();
         }
-        let deadline = move || tokio::time::Instant::now() + limit;
-        let timer = match timer {
-            Some(timer) => {
-                if std::mem::take(progressed) {
-                    timer.as_mut().reset(deadline());
-                }
-                timer
-            }
-            None => {
-                *progressed = false;
-                timer.insert(Box::pin(tokio::time::sleep_until(deadline())))
-            }
-        };
-        if std::future::Future::poll(timer.as_mut(), cx).is_pending() {
-            return Poll::Pending;
-        }
-        metrics::counter!("shoal_gateway_send_timeouts_total").increment(1);
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "the client read nothing for {} ms (send_timeout_ms)",
-                limit.as_millis()
-            ),
-        )))
+        return polled;
     }
+    if !stall.expired(limit, cx) {
+        return Poll::Pending;
+    }
+    metrics::counter!("shoal_gateway_send_timeouts_total").increment(1);
+    Poll::Ready(Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the client read nothing for {} ms (send_timeout_ms)",
+            limit.as_millis()
+        ),
+    )))
 }
 
 impl<T: AsyncRead> AsyncRead for SendTimeout<T> {
@@ -135,9 +115,7 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.io.poll_write(cx, buf);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |n| {
-            *n > 0
-        })
+        timed(this.stall, *this.limit, cx, polled, |n| *n > 0)
     }
 
     fn poll_write_vectored(
@@ -147,9 +125,7 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.io.poll_write_vectored(cx, bufs);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |n| {
-            *n > 0
-        })
+        timed(this.stall, *this.limit, cx, polled, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -159,17 +135,13 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let polled = this.io.poll_flush(cx);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |_| {
-            false
-        })
+        timed(this.stall, *this.limit, cx, polled, |_| false)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let polled = this.io.poll_shutdown(cx);
-        Self::timed(this.progressed, this.timer, *this.limit, cx, polled, |_| {
-            false
-        })
+        timed(this.stall, *this.limit, cx, polled, |_| false)
     }
 }
 
@@ -223,13 +195,16 @@ pub(crate) fn tls_acceptor(
         return Ok(None);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let default = certified_key(&s.tls_cert_file, &s.tls_key_file, "gateway.", &provider)?;
+    let default = certified_key(
+        (&s.tls_cert_file, "gateway.tls_cert_file"),
+        (&s.tls_key_file, "gateway.tls_key_file"),
+        &provider,
+    )?;
     let mut by_name = std::collections::HashMap::new();
     for (i, sni) in s.tls_sni.iter().enumerate() {
         let key = certified_key(
-            &sni.cert_file,
-            &sni.key_file,
-            &format!("gateway.tls_sni[{i}]."),
+            (&sni.cert_file, &format!("gateway.tls_sni[{i}].cert_file")),
+            (&sni.key_file, &format!("gateway.tls_sni[{i}].key_file")),
             &provider,
         )?;
         for name in &sni.names {
@@ -248,20 +223,15 @@ pub(crate) fn tls_acceptor(
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
-/// A certificate chain and its key from PEM files; errors name
-/// `{prefix}cert_file` or `{prefix}key_file` (`tls_cert_file` and
-/// `tls_key_file` for the default one).
+/// A certificate chain and its key from PEM files, each given with the
+/// setting that names it (for the errors).
 fn certified_key(
-    cert_file: &str,
-    key_file: &str,
-    prefix: &str,
+    (cert_file, cert_key): (&str, &str),
+    (key_file, key_key): (&str, &str),
     provider: &tokio_rustls::rustls::crypto::CryptoProvider,
 ) -> Result<Arc<tokio_rustls::rustls::sign::CertifiedKey>, crate::GatewayError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let tls = if prefix == "gateway." { "tls_" } else { "" };
-    let cert_key = format!("{prefix}{tls}cert_file");
-    let key_key = format!("{prefix}{tls}key_file");
     let invalid = |key: &str, message: String| crate::GatewayError::Invalid {
         key: key.to_string(),
         message,
@@ -270,26 +240,26 @@ fn certified_key(
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
             invalid(
-                &cert_key,
+                cert_key,
                 format!("cannot read certificates from `{cert_file}`: {e}"),
             )
         })?;
     if certs.is_empty() {
         return Err(invalid(
-            &cert_key,
+            cert_key,
             format!("`{cert_file}` holds no PEM certificate"),
         ));
     }
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
         invalid(
-            &key_key,
+            key_key,
             format!("cannot read a private key from `{key_file}`: {e}"),
         )
     })?;
     let certified = tokio_rustls::rustls::sign::CertifiedKey::from_der(certs, key, provider)
         .map_err(|e| {
             invalid(
-                &key_key,
+                key_key,
                 format!("the key does not go with the certificate: {e}"),
             )
         })?;

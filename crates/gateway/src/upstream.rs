@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio_util::either::Either;
 
 /// How long an idle connection is kept for reuse.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,12 +170,12 @@ async fn connect(
         let tcp = tokio::net::TcpStream::connect((host, port)).await?;
         let _ = tcp.set_nodelay(true);
         if !tls {
-            return Ok(Stream::Plain(tcp));
+            return Ok(Either::Left(tcp));
         }
         let name = rustls_pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let stream = clients.tls.h1.connect(name, tcp).await?;
-        Ok(Stream::Tls(Box::new(stream)))
+        Ok::<Stream, std::io::Error>(Either::Right(Box::new(stream)))
     };
     match tokio::time::timeout(Duration::from_millis(timeout_ms), open).await {
         Ok(Ok(stream)) => Ok(Conn::new(stream, authority.clone(), now)),
