@@ -449,7 +449,7 @@ impl Conn {
 }
 
 /// Appends `n` in decimal (without the formatting machinery).
-fn push_decimal(out: &mut BytesMut, mut n: u64) {
+pub(crate) fn push_decimal(out: &mut BytesMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -464,7 +464,7 @@ fn push_decimal(out: &mut BytesMut, mut n: u64) {
 }
 
 /// Parses a `Content-Length` value: ASCII digits only (RFC 9110 8.6).
-fn parse_length(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
@@ -504,7 +504,7 @@ pub(crate) enum Chunk {
 
 /// One step of decoding the buffered bytes.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     /// More bytes must be read first.
     More,
@@ -512,7 +512,7 @@ enum Step {
 }
 
 /// Decodes what `buf` holds according to `framing`.
-fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, H1Error> {
+pub(crate) fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, H1Error> {
     match framing {
         Framing::Length(0) => Ok(Step::End),
         Framing::Length(left) => {

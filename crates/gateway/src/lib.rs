@@ -25,6 +25,7 @@ mod body;
 mod cache;
 mod dns;
 mod h1;
+mod h1server;
 mod health;
 mod limits;
 mod listener;
@@ -156,6 +157,7 @@ impl Gateway {
         let mut listen_config = listener::ListenConfig::new(&state);
         let connections = Arc::new(listener::Connections::default());
         let close_all = CancellationToken::new();
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let grace = Duration::from_secs(settings.shutdown_timeout_secs);
         let threads = workers::count(settings.workers);
         let workers = workers::start(threads - 1, &state.client, Arc::clone(&connections), grace);
@@ -188,14 +190,15 @@ impl Gateway {
             let conn = listener::ConnInfo {
                 _guard: Arc::new(conn_guard),
                 closing: close_all.clone(),
+                draining: Arc::clone(&draining),
             };
             // The request path: `stack.rs`, as tower layers.
-            let service = hyper_util::service::TowerToHyperService::new(stack::stack(
+            let service = stack::stack(
                 Arc::clone(&shared),
                 client_addr,
                 Arc::clone(&activity),
                 conn.clone(),
-            ));
+            );
             let serve = listener::serve(&listen_config, client_addr, service, activity, conn);
             // Connections go round the threads: this one, then each
             // worker thread, which serves it on its own runtime.
@@ -212,6 +215,7 @@ impl Gateway {
         shared.load().draining.store(true, Ordering::Relaxed);
         drop(listener);
         tracing::info!(connections = connections.open(), "gateway draining");
+        draining.store(true, Ordering::Relaxed);
         close_all.cancel();
         if tokio::time::timeout(grace, connections.all_closed())
             .await

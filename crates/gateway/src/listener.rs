@@ -26,8 +26,12 @@ pub struct ConnLimits {
     pub max_connections: usize,
     pub idle_timeout: Option<Duration>,
     pub send_timeout: Option<Duration>,
-    /// Time for a TLS handshake (the header read timeout's).
+    /// Time for a TLS handshake, and for a request head.
     pub handshake_timeout: Duration,
+    /// The largest request head.
+    pub max_head: usize,
+    /// HTTP/1.x by the gateway's own codec (`h1server.rs`), not hyper's.
+    pub own_http1: bool,
 }
 
 impl ConnLimits {
@@ -38,6 +42,8 @@ impl ConnLimits {
                 .then(|| Duration::from_secs(s.idle_timeout_secs)),
             send_timeout: (s.send_timeout_ms > 0).then(|| Duration::from_millis(s.send_timeout_ms)),
             handshake_timeout: Duration::from_millis(s.header_read_timeout_ms),
+            max_head: s.max_header_bytes,
+            own_http1: s.http1_server == shoal_core::settings::Http1Server::Shoal,
         }
     }
 }
@@ -179,6 +185,9 @@ impl ListenConfig {
 pub struct ConnInfo {
     pub _guard: Arc<ConnGuard>,
     pub closing: CancellationToken,
+    /// Set with `closing` (read per response, where the token's lock
+    /// would be shared by every connection).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The TLS acceptor of `s` when it names a certificate: the chain and key
@@ -445,13 +454,51 @@ impl IdleWatch {
     }
 }
 
-/// Serves one connection until it ends, closing it gracefully when it has
-/// been idle for `idle_timeout` (noticed within a quarter of it) or when
-/// `shutdown` is cancelled, and at once when the client leaves a write
-/// waiting for `send_timeout`. With `tls`, the handshake comes first,
-/// within `handshake_timeout`. Returns the function to call with the
-/// stream, on the runtime that is to serve it (`workers.rs`).
-pub fn serve<S>(
+/// The request path of a connection, as a tower service over requests
+/// from either HTTP server (the gateway's own HTTP/1.x codec, hyper's).
+pub trait Stack:
+    tower::Service<
+        http::Request<crate::h1server::RequestBody>,
+        Response = http::Response<crate::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + tower::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Stack for S where
+    S: tower::Service<
+            http::Request<crate::h1server::RequestBody>,
+            Response = http::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Serves one connection until it ends: HTTP/1.x by the gateway's own
+/// codec (`h1server.rs`), HTTP/2 (chosen by ALPN, or by its preface on a
+/// plain connection) and, with `http1_server = "hyper"`, HTTP/1.x too by
+/// hyper's server. Closes it when it has been idle for `idle_timeout`,
+/// gracefully when `shutdown` is cancelled, and at once when the client
+/// leaves a write waiting for `send_timeout`. With `tls`, the handshake
+/// comes first, within `handshake_timeout`. Returns the function to call
+/// with the stream, on the runtime that is to serve it (`workers.rs`).
+pub fn serve<S: Stack>(
     config: &ListenConfig,
     client: SocketAddr,
     service: S,
@@ -459,16 +506,7 @@ pub fn serve<S>(
     info: ConnInfo,
 ) -> impl FnOnce(TcpStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
        + Send
-       + 'static
-where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::body::Body>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+       + 'static {
     let builder = Arc::clone(&config.builder);
     let limits = config.limits.clone();
     let tls = config.tls.clone();
@@ -477,14 +515,16 @@ where
     move |stream| match tls {
         None => Box::pin(async move {
             let io = SendTimeout::new(stream, limits.send_timeout);
-            serve_io(builder, client, service, activity, &limits, info, io).await
+            serve_io(builder, client, service, activity, &limits, info, io, false).await
         }),
         Some(acceptor) => Box::pin(async move {
             let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
             let failed = match handshake.await {
                 Ok(Ok(stream)) => {
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                     let io = SendTimeout::new(stream, limits.send_timeout);
-                    return serve_io(builder, client, service, activity, &limits, info, io).await;
+                    return serve_io(builder, client, service, activity, &limits, info, io, h2)
+                        .await;
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "timed out (header_read_timeout_ms)".to_string(),
@@ -495,7 +535,9 @@ where
     }
 }
 
-/// Serves one (plain or TLS) connection: see [`serve`].
+/// Serves one (plain or TLS) connection: see [`serve`]. `h2`: ALPN chose
+/// HTTP/2.
+#[allow(clippy::too_many_arguments)]
 async fn serve_io<S, I>(
     builder: Arc<Builder<TokioExecutor>>,
     client: SocketAddr,
@@ -504,16 +546,48 @@ async fn serve_io<S, I>(
     limits: &ConnLimits,
     info: ConnInfo,
     io: I,
+    h2: bool,
 ) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::body::Body>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Stack,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if limits.own_http1 && !h2 {
+        let server_limits = crate::h1server::ServerLimits {
+            header_read: limits.handshake_timeout,
+            idle: limits.idle_timeout,
+            max_head: limits.max_head,
+        };
+        let ended = crate::h1server::serve(
+            io,
+            service.clone(),
+            server_limits,
+            &info.closing,
+            &info.draining,
+        )
+        .await;
+        if let crate::h1server::Ended::Http2(io) = ended {
+            serve_hyper(builder, client, service, activity, limits, info, io).await;
+        }
+        return;
+    }
+    serve_hyper(builder, client, service, activity, limits, info, io).await;
+}
+
+/// Serves a connection with hyper's server (HTTP/2, or HTTP/1.x with
+/// `http1_server = "hyper"`).
+async fn serve_hyper<S, I>(
+    builder: Arc<Builder<TokioExecutor>>,
+    client: SocketAddr,
+    service: S,
+    activity: Arc<Activity>,
+    limits: &ConnLimits,
+    info: ConnInfo,
+    io: I,
+) where
+    S: Stack,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(service);
     let idle_timeout = limits.idle_timeout;
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);

@@ -20,7 +20,6 @@ use crate::reload::Shared;
 use futures_util::future::{BoxFuture, Either, Ready};
 use http::{Method, Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use shoal_core::Problem;
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,10 +37,7 @@ pub(crate) fn stack(
     client_addr: SocketAddr,
     activity: Arc<Activity>,
     conn: ConnInfo,
-) -> impl Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future: Send>
-       + Clone
-       + Send
-       + 'static {
+) -> impl crate::listener::Stack {
     ServiceBuilder::new()
         // The connection: a request is in flight until its response body
         // ends (for the idle timeout); an upgrade keeps the connection
@@ -182,9 +178,11 @@ where
 
 plain_layer!(ConnectionLayer { activity: Arc<Activity>, conn: ConnInfo } => Connection);
 
-impl<S> Service<Request<Incoming>> for Connection<S>
+impl<S, B> Service<Request<B>> for Connection<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -192,14 +190,22 @@ where
 
     ready_when_inner_is!();
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if crate::upgrade::is_upgrade(&req) {
             // Only a tunnel needs the connection's handle (cloning it
             // takes a lock shared by every connection).
             req.extensions_mut().insert(self.conn.clone());
         }
         let busy = self.activity.begin();
-        let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+        // Whichever server read the request, the layers below see one
+        // body type; an empty body is boxed without an allocation.
+        let req = req.map(|b| {
+            if b.is_end_stream() {
+                crate::body::empty()
+            } else {
+                b.map_err(Into::into).boxed_unsync()
+            }
+        });
         HoldBody {
             inner: self.inner.call(req),
             held: Some(busy),

@@ -74,7 +74,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
     };
     let pool = Arc::clone(&route.pool);
     outcome.pool = Some(Arc::clone(&pool));
-    let client_upgrade = hyper::upgrade::on(&mut req);
+    let client_upgrade = client_side(&mut req);
     let conn = req.extensions_mut().remove::<crate::listener::ConnInfo>();
     let (parts, _body) = req.into_parts();
     let protocol = parts.headers.get(header::UPGRADE).cloned();
@@ -216,7 +216,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
             }
         };
         let moved = Arc::new(AtomicU64::new(0));
-        let mut client = Counted::new(TokioIo::new(client), &moved);
+        let mut client = Counted::new(client, &moved);
         let mut upstream = Counted::new(TokioIo::new(upstream), &moved);
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
@@ -235,6 +235,27 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         }
     });
     client_response
+}
+
+/// The client's connection once the 101 is written: from the gateway's
+/// own HTTP/1.1 server (`h1server.rs`) or from hyper's.
+fn client_side(
+    req: &mut Request<Body>,
+) -> impl std::future::Future<Output = Result<crate::h1server::Upgraded, String>> {
+    let own = req
+        .extensions_mut()
+        .remove::<crate::h1server::ClientUpgrade>();
+    let hyper_side = own.is_none().then(|| hyper::upgrade::on(&mut *req));
+    async move {
+        match (own, hyper_side) {
+            (Some(own), _) => own.connection().await.map_err(str::to_string),
+            (None, Some(on)) => match on.await {
+                Ok(upgraded) => Ok(Box::new(TokioIo::new(upgraded)) as crate::h1server::Upgraded),
+                Err(e) => Err(e.to_string()),
+            },
+            (None, None) => Err("no upgrade".to_string()),
+        }
+    }
 }
 
 /// Ends once a tunnel has moved no byte for `limit` (never without one),

@@ -114,6 +114,11 @@ pub struct GatewaySettings {
     /// is disconnected past it, so it cannot hold the connection and the
     /// upstream's response forever. 0 = no limit.
     pub send_timeout_ms: u64,
+    /// What serves HTTP/1.x from clients: `shoal`, the gateway's own
+    /// codec (no buffer held by an idle connection, less work per
+    /// request), or `hyper`, hyper's server (for comparison). HTTP/2 from
+    /// clients is always hyper's.
+    pub http1_server: Http1Server,
     /// An upgraded connection (WebSocket tunnel) that carries no byte
     /// either way for this long is closed (HAProxy's `timeout tunnel`).
     /// 0 = never.
@@ -275,6 +280,7 @@ impl Default for GatewaySettings {
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 60,
             send_timeout_ms: 60_000,
+            http1_server: Http1Server::Shoal,
             tunnel_idle_timeout_ms: 3_600_000,
             max_concurrent_requests: 0,
             pool_max_concurrent_requests: BTreeMap::new(),
@@ -296,6 +302,15 @@ pub struct PoolSettings {
     /// per instance and thread.
     #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
     pub protocol: UpstreamProtocol,
+}
+
+/// What serves HTTP/1.x from clients (`gateway.http1_server`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Http1Server {
+    #[default]
+    Shoal,
+    Hyper,
 }
 
 /// The protocol a pool's instances are spoken to in.

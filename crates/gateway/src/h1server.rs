@@ -1,0 +1,1282 @@
+//! HTTP/1.x from clients: the gateway's own server codec, one task per
+//! connection, no buffer held while the connection is idle.
+//!
+//! Why not hyper's server, which served every connection before: a
+//! quarter of the gateway's user-space instructions per proxied request
+//! went to it (callgrind, bench/README.md), and it holds two 8 KiB
+//! buffers per connection from the moment it opens, so an idle keep-alive
+//! connection cost ~29 KiB where nginx's costs 1–2 KiB. Here a head is
+//! read into a buffer on the stack and copied out only when bytes arrive;
+//! between requests a connection owns no heap buffer at all. The service
+//! (the tower stack) is called directly, not cloned per request.
+//!
+//! What it speaks (RFC 9112): requests in origin or absolute form, bodies
+//! framed by `Content-Length` or chunked (both at once is refused, as
+//! nginx does, against request smuggling), `Expect: 100-continue`
+//! (answered as soon as the head is read), pipelined requests (answered
+//! in order), HTTP/1.0 with `Connection: keep-alive`, `Upgrade` (the
+//! connection is handed to the tunnel after the 101, see
+//! [`ClientUpgrade`]). Responses are framed by their `Content-Length`, by
+//! the body's exact size, else chunked (close-delimited for HTTP/1.0);
+//! none for HEAD, 1xx, 204 and 304; a `Date` is added when missing.
+//! A client that opens with HTTP/2's preface is handed back to the caller
+//! ([`Ended::Http2`]) for hyper's HTTP/2 server.
+//!
+//! Limits: the head must arrive whole within `header_read_timeout_ms` of
+//! when the connection started waiting for it, and fit `max_header_bytes`
+//! (431 past it); a keep-alive connection waits for its next request at
+//! most `idle_timeout_secs` (or the head timeout, if shorter). A client
+//! that closes while its request is in flight cancels the request. A
+//! request body the service did not read to its end (an early 413, say)
+//! is read and thrown away, up to 64 KiB, so the connection can go on;
+//! when more is declared, the response says `Connection: close`.
+//!
+//! `gateway.http1_server = "hyper"` serves HTTP/1.x with hyper's server
+//! instead (for comparison, and as a way back).
+
+use crate::body::{problem_response, Body, BoxError};
+use crate::h1::{decode, parse_length, push_decimal, Chunk, Framing, Step};
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING,
+};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use shoal_core::Problem;
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, PollSender};
+use tower::Service;
+
+/// The most request header fields taken (431 past it).
+const MAX_HEADERS: usize = 100;
+/// A head is first read into a stack buffer this large.
+const STACK_READ: usize = 4096;
+/// Body reads take at most this much at once.
+const BODY_READ: usize = 64 * 1024;
+/// Response data frames up to this size are copied into the write buffer
+/// (one write for head and body); larger ones are written from their own
+/// memory.
+const INLINE: usize = 16 * 1024;
+/// The write buffer is written out once it holds this much.
+const FLUSH_AT: usize = 64 * 1024;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The limits of one client connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerLimits {
+    pub header_read: Duration,
+    pub idle: Option<Duration>,
+    pub max_head: usize,
+}
+
+/// How a connection ended.
+pub(crate) enum Ended<I> {
+    Closed,
+    /// The client opened with HTTP/2's preface: the connection, with the
+    /// bytes read from it so far, for an HTTP/2 server.
+    Http2(Rewind<I>),
+}
+
+/// Serves HTTP/1.x requests on `io` until the connection ends. `closing`
+/// (cancelled at shutdown) closes an idle connection at once and a busy
+/// one after its response; `draining` (set then too) makes that response
+/// say `Connection: close`.
+pub(crate) async fn serve<S, I>(
+    mut io: I,
+    mut service: S,
+    limits: ServerLimits,
+    closing: &CancellationToken,
+    draining: &AtomicBool,
+) -> Ended<I>
+where
+    S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::new();
+    let mut cancelled = pin!(closing.cancelled());
+    // One timer for the connection's life, moved only when it fires
+    // before the current deadline (no timer-wheel work per request).
+    let mut deadline = Instant::now() + limits.header_read;
+    let mut timer = pin!(tokio::time::sleep_until(deadline));
+    let mut first = true;
+    loop {
+        // ---- the head ----------------------------------------------------
+        let wait = match (first, limits.idle) {
+            (false, Some(idle)) => idle.min(limits.header_read),
+            _ => limits.header_read,
+        };
+        deadline = Instant::now() + wait;
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        let head = loop {
+            if !buf.is_empty() {
+                if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+                    if buf.len() >= H2_PREFACE.len() {
+                        return Ended::Http2(Rewind::new(buf.freeze(), io));
+                    }
+                } else {
+                    match parse_request(&mut buf, limits.max_head) {
+                        Ok(Some(head)) => break head,
+                        Ok(None) => {}
+                        Err(refused) => {
+                            refuse(&mut io, refused).await;
+                            return Ended::Closed;
+                        }
+                    }
+                }
+            }
+            let waited = poll_fn(|cx| {
+                if let Poll::Ready(read) = poll_read_stack(&mut io, &mut buf, cx) {
+                    return Poll::Ready(Some(read));
+                }
+                if buf.is_empty() && cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                while timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(None);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                Poll::Pending
+            })
+            .await;
+            match waited {
+                Some(Ok(n)) if n > 0 => {}
+                // Closed, broken, timed out or shutting down.
+                _ => {
+                    let _ = io.shutdown().await;
+                    return Ended::Closed;
+                }
+            }
+        };
+        first = false;
+
+        // ---- the request -------------------------------------------------
+        let Head {
+            parts,
+            framing,
+            keep_alive: client_keep_alive,
+            expect_continue,
+        } = head;
+        let head_request = parts.method == Method::HEAD;
+        let http10 = parts.version == Version::HTTP_10;
+        let mut feeder = None;
+        let body = match framing {
+            None => RequestBody {
+                rx: None,
+                length: Some(0),
+                ended: true,
+            },
+            Some(framing) => {
+                let (tx, rx) = mpsc::channel(2);
+                feeder = Some(Feeder::new(framing, tx));
+                let length = match framing {
+                    Framing::Length(n) => Some(n),
+                    _ => None,
+                };
+                RequestBody {
+                    rx: Some(rx),
+                    length,
+                    ended: false,
+                }
+            }
+        };
+        let mut req = Request::from_parts(parts, body);
+        let upgrade = if crate::upgrade::is_upgrade(&req) {
+            let (tx, rx) = oneshot::channel();
+            req.extensions_mut()
+                .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            Some(tx)
+        } else {
+            None
+        };
+        if expect_continue
+            && feeder.is_some()
+            && io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return Ended::Closed;
+        }
+        if poll_fn(|cx| service.poll_ready(cx)).await.is_err() {
+            return Ended::Closed;
+        }
+        let mut call = pin!(service.call(req));
+        // Until the response: feed the request body to the service, or
+        // watch for the client leaving (which cancels the request).
+        let response = poll_fn(|cx| {
+            if let Poll::Ready(response) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            loop {
+                match &mut feeder {
+                    Some(f) if f.active() => match f.poll_feed(&mut io, &mut buf, cx) {
+                        Poll::Ready(()) => continue,
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    Some(f) if f.state == Feed::Stopped => return Poll::Pending,
+                    _ => {
+                        return match poll_watch(&mut io, &mut buf, limits.max_head, cx) {
+                            Poll::Ready(()) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        let Some(Ok(response)) = response else {
+            tracing::debug!("the client closed its connection before the response");
+            return Ended::Closed;
+        };
+
+        // ---- the response ------------------------------------------------
+        let (mut parts, mut body) = response.into_parts();
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && upgrade.is_none() {
+            tracing::warn!("a 101 answer to a request that asked for no upgrade; closing");
+            return Ended::Closed;
+        }
+        // A request body not read to its end (one the service did not
+        // want, say) is discarded before the next request is read, as
+        // nginx does; when more is declared than that takes, the response
+        // says the connection closes, so the client sends nothing more on
+        // it.
+        if let Some(f) = feeder.as_mut().filter(|f| f.active()) {
+            poll_fn(|cx| {
+                let _ = f.poll_feed(&mut io, &mut buf, cx);
+                Poll::Ready(())
+            })
+            .await;
+        }
+        let unreadable = feeder.as_ref().is_some_and(Feeder::beyond_discarding);
+        let mut keep_alive =
+            client_keep_alive && !unreadable && !switching && !draining.load(Ordering::Relaxed);
+        let mut out = BytesMut::with_capacity(
+            512 + body
+                .size_hint()
+                .exact()
+                .filter(|n| *n as usize <= INLINE)
+                .unwrap_or(0) as usize,
+        );
+        let mut framing = encode_head(
+            &mut out,
+            &mut parts,
+            body.size_hint(),
+            head_request,
+            http10,
+            &mut keep_alive,
+        );
+        if switching {
+            if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+                return Ended::Closed;
+            }
+            if let Some(tx) = upgrade {
+                let _ = tx.send(Box::new(Rewind::new(buf.split().freeze(), io)));
+            }
+            return Ended::Closed;
+        }
+        drop(upgrade);
+        let mut trailers = None;
+        let written = loop {
+            let next = poll_fn(|cx| {
+                match feeder.as_mut() {
+                    Some(f) if f.active() => {
+                        // Ended or waiting: either way, on to the response.
+                        let _ = f.poll_feed(&mut io, &mut buf, cx);
+                    }
+                    Some(f) if f.state == Feed::Stopped => {}
+                    // A client that leaves in the middle of a long
+                    // response (a stream of events) is noticed now, not
+                    // at the next event.
+                    _ => {
+                        if poll_watch(&mut io, &mut buf, limits.max_head, cx).is_ready() {
+                            return Poll::Ready(Next::Gone);
+                        }
+                    }
+                }
+                match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(frame) => Poll::Ready(Next::Frame(frame)),
+                    Poll::Pending if !out.is_empty() => Poll::Ready(Next::Flush),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            let frame = match next {
+                Next::Gone => {
+                    tracing::debug!("the client closed its connection during the response");
+                    return Ended::Closed;
+                }
+                // Nothing ready yet: send what is buffered meanwhile.
+                Next::Flush => {
+                    if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+                        return Ended::Closed;
+                    }
+                    out.clear();
+                    continue;
+                }
+                Next::Frame(None) => break true,
+                Next::Frame(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "the response body failed; closing the client connection");
+                    break false;
+                }
+                Next::Frame(Some(Ok(frame))) => frame,
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
+            };
+            match framing.put(&mut out, data) {
+                Put::Copied => {}
+                Put::TooLong => {
+                    tracing::debug!("the response body broke its Content-Length; closing");
+                    break false;
+                }
+                // Large: written from its own memory after what is buffered.
+                Put::After(data, suffix) => {
+                    if io.write_all(&out).await.is_err() || io.write_all(&data).await.is_err() {
+                        return Ended::Closed;
+                    }
+                    out.clear();
+                    out.extend_from_slice(suffix);
+                }
+            }
+            if out.len() >= FLUSH_AT {
+                if io.write_all(&out).await.is_err() {
+                    return Ended::Closed;
+                }
+                out.clear();
+            }
+        };
+        let complete = written && framing.finish(&mut out, trailers.as_ref());
+        if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+            return Ended::Closed;
+        }
+        drop(out);
+        drop(body);
+        if complete && keep_alive {
+            if let Some(f) = feeder.as_mut().filter(|f| f.active()) {
+                // What is left of a body nobody read, within the head
+                // timeout.
+                let discard = poll_fn(|cx| f.poll_feed(&mut io, &mut buf, cx));
+                let _ = tokio::time::timeout(limits.header_read, discard).await;
+            }
+        }
+        let request_read = feeder.as_ref().is_none_or(|f| f.state == Feed::Done);
+        if !(complete && keep_alive && request_read) {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+        if buf.is_empty() {
+            // Idle: no buffer held until the next request arrives.
+            buf = BytesMut::new();
+        }
+    }
+}
+
+// ---- reading -------------------------------------------------------------
+
+/// Reads into a buffer on the stack and appends what came to `buf`, so
+/// a connection waiting for its next request holds no heap buffer.
+fn poll_read_stack<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    // Not zeroed: a read fills what it reports, and only that is copied.
+    let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+    let mut read = ReadBuf::uninit(&mut stack);
+    match Pin::new(io).poll_read(cx, &mut read) {
+        Poll::Ready(Ok(())) => {
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// While a request without a body (or whose body has arrived) is served:
+/// reads ahead (a pipelined request) up to `max_head` bytes, and is ready
+/// when the client closed or broke the connection.
+fn poll_watch<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    max_head: usize,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        if buf.len() > max_head {
+            // Enough read ahead; the rest waits for its turn.
+            return Poll::Pending;
+        }
+        match poll_read_stack(io, buf, cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(n)) if n > 0 => continue,
+            Poll::Ready(_) => return Poll::Ready(()),
+        }
+    }
+}
+
+/// A request head, parsed.
+struct Head {
+    parts: http::request::Parts,
+    /// `None`: no body.
+    framing: Option<Framing>,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// Why a request head is refused (the connection is closed after).
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    /// 431: past `max_header_bytes` or the header count.
+    TooLarge,
+    /// 400, with the reason.
+    Bad(&'static str),
+}
+
+/// Parses a head from `buf`: `Ok(None)` when it is not whole yet. The
+/// head is split off `buf`; header values and the target share its memory.
+fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut headers,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Refused::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooLarge),
+        Err(httparse::Error::Version) => return Err(Refused::Bad("unsupported HTTP version")),
+        Err(_) => return Err(Refused::Bad("malformed request head")),
+    };
+    if len > max_head {
+        return Err(Refused::TooLarge);
+    }
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refused::Bad("invalid method"))?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |part: &[u8]| part.as_ptr() as usize - base;
+    let target = req.path.unwrap_or_default().as_bytes();
+    let target_span = (at(target), target.len());
+    let mut spans: smallvec::SmallVec<[[usize; 4]; 24]> = smallvec::SmallVec::new();
+    let mut length: Option<u64> = None;
+    let mut encoded = false;
+    let mut chunked = false;
+    let mut close = false;
+    let mut keep_alive_token = false;
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(h.value).ok_or(Refused::Bad("invalid Content-Length"))?;
+            if length.is_some_and(|m| m != n) {
+                return Err(Refused::Bad("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encoded = true;
+            // Only the last coding counts (RFC 9112 6.3).
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        spans.push([at(name), name.len(), at(h.value), h.value.len()]);
+    }
+    let framing = if encoded {
+        if length.is_some() {
+            return Err(Refused::Bad(
+                "both Transfer-Encoding and Content-Length (refused against request smuggling)",
+            ));
+        }
+        if !chunked || version == Version::HTTP_10 {
+            return Err(Refused::Bad(
+                "a request's Transfer-Encoding must end in chunked (HTTP/1.1)",
+            ));
+        }
+        Some(Framing::Chunked(Chunk::Size))
+    } else {
+        length.filter(|n| *n > 0).map(Framing::Length)
+    };
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target_span.0..target_span.0 + target_span.1))
+        .map_err(|_| Refused::Bad("invalid request target"))?;
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for [name_at, name_len, value_at, value_len] in spans {
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
+            .map_err(|_| Refused::Bad("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|_| Refused::Bad("invalid header value"))?;
+        map.append(name, value);
+    }
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = map;
+    Ok(Some(Head {
+        parts,
+        framing,
+        keep_alive: if version == Version::HTTP_10 {
+            keep_alive_token && !close
+        } else {
+            !close
+        },
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    }))
+}
+
+/// Answers a refused head (400 or 431, problem+json) and closes.
+async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
+    let problem = match refused {
+        Refused::TooLarge => Problem::new(
+            431,
+            "header-fields-too-large",
+            "Request header fields too large",
+            "the request head is larger than the gateway takes (max_header_bytes)",
+        ),
+        Refused::Bad(why) => Problem::bad_request(why),
+    };
+    tracing::debug!(status = problem.status, detail = ?problem.detail, "request head refused");
+    let (mut parts, _) = problem_response(&problem, "-").into_parts();
+    let body = problem.to_json();
+    let mut keep_alive = false;
+    let mut out = BytesMut::with_capacity(512 + body.len());
+    let mut framing = encode_head(
+        &mut out,
+        &mut parts,
+        SizeHint::with_exact(body.len() as u64),
+        false,
+        false,
+        &mut keep_alive,
+    );
+    framing.put(&mut out, Bytes::from(body));
+    let _ = io.write_all(&out).await;
+    let _ = io.shutdown().await;
+}
+
+// ---- the request body ----------------------------------------------------
+
+/// What the connection sends the request body: data, then its end or
+/// why it broke. A channel that closes without `End` is a broken body.
+enum Piece {
+    Data(Bytes),
+    End,
+    Failed(BoxError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Passed on as the service takes it.
+    Reading,
+    /// The service dropped the body before its end: the rest is read and
+    /// discarded (up to [`DISCARD_MAX`]), so the connection can go on.
+    Discarding,
+    /// Read to its end.
+    Done,
+    /// Broken, or too much left to discard: the connection cannot be read
+    /// on.
+    Stopped,
+}
+
+/// The most request body bytes read and thrown away after the service
+/// dropped the body (nginx discards a body too, to keep the connection).
+const DISCARD_MAX: usize = 64 * 1024;
+
+/// Reads a request body from the connection into the channel its
+/// [`RequestBody`] reads, as fast as the service takes it.
+struct Feeder {
+    framing: Framing,
+    tx: Option<PollSender<Piece>>,
+    state: Feed,
+    discarded: usize,
+}
+
+impl Feeder {
+    fn new(framing: Framing, tx: mpsc::Sender<Piece>) -> Feeder {
+        Feeder {
+            framing,
+            tx: Some(PollSender::new(tx)),
+            state: Feed::Reading,
+            discarded: 0,
+        }
+    }
+
+    /// Whether it still reads from the connection.
+    fn active(&self) -> bool {
+        matches!(self.state, Feed::Reading | Feed::Discarding)
+    }
+
+    /// Whether the connection cannot be read on after this request: the
+    /// body broke, or more of it is declared than discarding takes.
+    fn beyond_discarding(&self) -> bool {
+        match (self.state, self.framing) {
+            (Feed::Stopped, _) => true,
+            (Feed::Discarding, Framing::Length(left)) => {
+                self.discarded as u64 + left > DISCARD_MAX as u64
+            }
+            _ => false,
+        }
+    }
+
+    /// Ready when the body ended (read, discarded or broken); pending
+    /// while it waits for the client or for the service to take more.
+    fn poll_feed<I: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut I,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        while self.active() {
+            if let Some(tx) = self.tx.as_mut() {
+                if std::task::ready!(tx.poll_reserve(cx)).is_err() {
+                    // The service dropped the body.
+                    self.tx = None;
+                    self.state = Feed::Discarding;
+                }
+            }
+            match decode(&mut self.framing, buf) {
+                Ok(Step::Data(data)) => match self.tx.as_mut() {
+                    Some(tx) => {
+                        let _ = tx.send_item(Piece::Data(data));
+                    }
+                    None => {
+                        self.discarded += data.len();
+                        if self.discarded > DISCARD_MAX {
+                            return self.stop(Feed::Stopped, None);
+                        }
+                    }
+                },
+                Ok(Step::End) => return self.stop(Feed::Done, Some(Piece::End)),
+                Err(e) => return self.stop(Feed::Stopped, Some(Piece::Failed(e.into()))),
+                Ok(Step::More) => {
+                    let want = match self.framing {
+                        Framing::Length(left) => (left as usize).clamp(1, BODY_READ),
+                        _ => 8 * 1024,
+                    };
+                    buf.reserve(want);
+                    match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+                        // A reserved permit is kept: no other sender exists.
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(n)) if n > 0 => {}
+                        Poll::Ready(Ok(_)) => {
+                            let e =
+                                "the client closed the connection before the request body ended";
+                            return self.stop(Feed::Stopped, Some(Piece::Failed(e.into())));
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return self.stop(Feed::Stopped, Some(Piece::Failed(e.into())))
+                        }
+                    }
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+
+    fn stop(&mut self, state: Feed, last: Option<Piece>) -> Poll<()> {
+        if let (Some(tx), Some(piece)) = (self.tx.as_mut(), last) {
+            let _ = tx.send_item(piece);
+        }
+        self.tx = None;
+        self.state = state;
+        Poll::Ready(())
+    }
+}
+
+/// A request body arriving through the connection's [`Feeder`] (none
+/// without a receiver). A type of its own, not the boxed [`Body`], so the
+/// service's future type names no trait object (which would trip the
+/// compiler's `Send` check of the connection's future).
+pub(crate) struct RequestBody {
+    rx: Option<mpsc::Receiver<Piece>>,
+    /// The declared length, for `size_hint`.
+    length: Option<u64>,
+    ended: bool,
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let piece = std::task::ready!(rx.poll_recv(cx));
+        Poll::Ready(match piece {
+            Some(Piece::Data(data)) => Some(Ok(Frame::data(data))),
+            Some(Piece::End) => {
+                self.ended = true;
+                None
+            }
+            Some(Piece::Failed(e)) => {
+                self.ended = true;
+                Some(Err(e))
+            }
+            None => {
+                self.ended = true;
+                Some(Err(
+                    "the client connection ended before the request body".into()
+                ))
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+// ---- writing -------------------------------------------------------------
+
+/// How the response body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// No body is written (HEAD, 1xx, 204, 304).
+    None,
+    /// `Content-Length`: this many bytes left.
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 without a length).
+    Close,
+}
+
+impl Out {
+    /// Adds body data in this framing: copied into `out`, or (when large)
+    /// its framing prefix copied and the data handed back to be written
+    /// after `out`, followed by the suffix.
+    fn put(&mut self, out: &mut BytesMut, data: Bytes) -> Put {
+        if data.is_empty() {
+            return Put::Copied;
+        }
+        let large = data.len() > INLINE;
+        match self {
+            Out::None => return Put::Copied,
+            Out::Length(left) => {
+                if data.len() as u64 > *left {
+                    return Put::TooLong;
+                }
+                *left -= data.len() as u64;
+            }
+            Out::Chunked => {
+                let mut size = [0u8; 16];
+                out.extend_from_slice(hex(data.len(), &mut size));
+                out.extend_from_slice(b"\r\n");
+                if large {
+                    return Put::After(data, b"\r\n");
+                }
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+                return Put::Copied;
+            }
+            Out::Close => {}
+        }
+        if large {
+            return Put::After(data, b"");
+        }
+        out.extend_from_slice(&data);
+        Put::Copied
+    }
+
+    /// Ends the body: false when it fell short of its length.
+    fn finish(&self, out: &mut BytesMut, trailers: Option<&HeaderMap>) -> bool {
+        match self {
+            Out::Length(left) => *left == 0,
+            Out::Chunked => {
+                out.extend_from_slice(b"0\r\n");
+                for (name, value) in trailers.into_iter().flatten() {
+                    out.extend_from_slice(name.as_str().as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+                true
+            }
+            Out::None | Out::Close => true,
+        }
+    }
+}
+
+/// What [`Out::put`] did with the data.
+enum Put {
+    Copied,
+    /// Write this after the buffer, then the suffix.
+    After(Bytes, &'static [u8]),
+    /// More than the declared length.
+    TooLong,
+}
+
+/// What the response writer waits for.
+enum Next {
+    Frame(Option<Result<Frame<Bytes>, BoxError>>),
+    /// The body has nothing yet: write out what is buffered.
+    Flush,
+    /// The client closed the connection.
+    Gone,
+}
+
+fn hex(mut n: usize, into: &mut [u8; 16]) -> &[u8] {
+    let mut i = into.len();
+    loop {
+        i -= 1;
+        into[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &into[i..];
+        }
+    }
+}
+
+/// Writes the status line and header fields, choosing the body's framing
+/// (see the module's doc) and the `Connection` field; `keep_alive` turns
+/// false when the response or its framing ends the connection.
+fn encode_head(
+    out: &mut BytesMut,
+    parts: &mut http::response::Parts,
+    hint: SizeHint,
+    head_request: bool,
+    http10: bool,
+    keep_alive: &mut bool,
+) -> Out {
+    let status = parts.status;
+    let headers = &mut parts.headers;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+
+    let bodiless_status = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let mut length = match headers
+        .get(CONTENT_LENGTH)
+        .map(|v| parse_length(v.as_bytes()))
+    {
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            headers.remove(CONTENT_LENGTH);
+            None
+        }
+        None => None,
+    };
+    // The framing is the codec's: a Transfer-Encoding passed along is
+    // replaced by the one chosen here.
+    headers.remove(TRANSFER_ENCODING);
+    if bodiless_status {
+        headers.remove(CONTENT_LENGTH);
+        length = None;
+    }
+    let framing = if bodiless_status || status == StatusCode::NOT_MODIFIED {
+        Out::None
+    } else if head_request {
+        if length.is_none() {
+            if let Some(n) = hint.exact().filter(|n| *n > 0) {
+                out.extend_from_slice(b"content-length: ");
+                push_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Out::None
+    } else if let Some(n) = length {
+        Out::Length(n)
+    } else if let Some(n) = hint.exact() {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+        Out::Length(n)
+    } else if !http10 {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Out::Chunked
+    } else {
+        *keep_alive = false;
+        Out::Close
+    };
+    let upgrading = status == StatusCode::SWITCHING_PROTOCOLS;
+    if !upgrading {
+        if let Some(connection) = headers.remove(CONNECTION) {
+            let close = connection
+                .as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            if close {
+                *keep_alive = false;
+            }
+        }
+        if !*keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !headers.contains_key(DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&date::now());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in headers.iter() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// The `Date` field, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+    }
+
+    pub(super) fn now() -> [u8; 29] {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            if cached.0 != second {
+                let text = httpdate::fmt_http_date(now);
+                if text.len() == 29 {
+                    cached.1.copy_from_slice(text.as_bytes());
+                }
+                cached.0 = second;
+            }
+            cached.1
+        })
+    }
+}
+
+// ---- upgrades and hand-overs ---------------------------------------------
+
+/// The client side of an upgrade, in the request's extensions: resolves
+/// to the connection once the 101 has been written to it.
+#[derive(Clone)]
+pub(crate) struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl ClientUpgrade {
+    /// The connection after the 101; an error when the request ended
+    /// otherwise.
+    pub(crate) async fn connection(self) -> Result<Upgraded, &'static str> {
+        let rx = self.0.lock().ok().and_then(|mut rx| rx.take());
+        match rx {
+            Some(rx) => rx
+                .await
+                .map_err(|_| "the client connection was not upgraded"),
+            None => Err("the upgrade was already taken"),
+        }
+    }
+}
+
+/// What an upgraded connection is: any byte stream.
+pub(crate) trait UpgradedIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> UpgradedIo for T {}
+
+/// A client connection after a 101, with any bytes the client sent after
+/// its upgrade request in front.
+pub(crate) type Upgraded = Box<dyn UpgradedIo>;
+
+/// A connection with bytes already read from it put back in front.
+pub(crate) struct Rewind<I> {
+    prefix: Bytes,
+    io: I,
+}
+
+impl<I> Rewind<I> {
+    fn new(prefix: Bytes, io: I) -> Rewind<I> {
+        Rewind { prefix, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let taken = self.prefix.split_to(n);
+            buf.put_slice(&taken);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Head>, Refused> {
+        parse_request(&mut BytesMut::from(text.as_bytes()), 8192)
+    }
+
+    #[test]
+    fn request_heads_parse_with_their_framing_and_keep_alive() {
+        let head = parse("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Y: z\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.parts.method, Method::GET);
+        assert_eq!(head.parts.uri, "/a?b=1");
+        assert_eq!(head.parts.headers["x-y"], "z");
+        assert_eq!(head.framing, None);
+        assert!(head.keep_alive);
+
+        let head = parse("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Some(Framing::Length(5)));
+        assert!(!head.keep_alive);
+
+        let head = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Some(Framing::Chunked(Chunk::Size)));
+
+        let head = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!head.keep_alive, "HTTP/1.0 closes unless asked");
+        let head = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.keep_alive);
+        assert_eq!(head.parts.version, Version::HTTP_10);
+
+        let head = parse("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.expect_continue);
+
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_and_oversized_heads_are_refused() {
+        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse(both), Err(Refused::Bad(_))));
+        let not_chunked = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
+        assert!(matches!(parse(not_chunked), Err(Refused::Bad(_))));
+        let two_lengths = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert!(matches!(parse(two_lengths), Err(Refused::Bad(_))));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            Err(Refused::Bad(_))
+        ));
+        assert!(matches!(parse("GARBAGE\r\n\r\n"), Err(Refused::Bad(_))));
+        let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(9000));
+        assert_eq!(parse(&big).err(), Some(Refused::TooLarge));
+        let many: String = (0..150).map(|i| format!("h{i}: v\r\n")).collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(Refused::TooLarge)
+        );
+    }
+
+    #[test]
+    fn a_pipelined_request_stays_in_the_buffer() {
+        let mut buf = BytesMut::from(&b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"[..]);
+        let first = parse_request(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(first.parts.uri, "/1");
+        let second = parse_request(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(second.parts.uri, "/2");
+        assert!(buf.is_empty());
+    }
+
+    fn head_of(
+        status: u16,
+        headers: &[(&str, &str)],
+        hint: SizeHint,
+        head: bool,
+        http10: bool,
+    ) -> (String, Out, bool) {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (k, v) in headers {
+            response.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (mut parts, ()) = response.into_parts();
+        let mut out = BytesMut::new();
+        let mut keep_alive = true;
+        let framing = encode_head(&mut out, &mut parts, hint, head, http10, &mut keep_alive);
+        (
+            String::from_utf8(out.to_vec()).unwrap(),
+            framing,
+            keep_alive,
+        )
+    }
+
+    #[test]
+    fn responses_are_framed_by_length_size_chunks_or_close() {
+        let exact = SizeHint::with_exact(3);
+        let unknown = SizeHint::default();
+        let (text, framing, keep) = head_of(200, &[("content-length", "7")], unknown, false, false);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("content-length: 7\r\n") && text.contains("\r\ndate: "));
+        assert_eq!((framing, keep), (Out::Length(7), true));
+
+        let (text, framing, _) = head_of(200, &[], exact, false, false);
+        assert!(text.contains("content-length: 3\r\n"));
+        assert_eq!(framing, Out::Length(3));
+
+        let (text, framing, _) = head_of(
+            200,
+            &[("transfer-encoding", "chunked")],
+            unknown,
+            false,
+            false,
+        );
+        assert_eq!(text.matches("transfer-encoding").count(), 1, "{text}");
+        assert_eq!(framing, Out::Chunked);
+
+        let (text, framing, keep) = head_of(200, &[], unknown, false, true);
+        assert!(!text.contains("transfer-encoding") && text.contains("connection: close\r\n"));
+        assert_eq!((framing, keep), (Out::Close, false));
+
+        let (text, framing, _) = head_of(204, &[("content-length", "0")], unknown, false, false);
+        assert!(!text.contains("content-length"), "{text}");
+        assert_eq!(framing, Out::None);
+
+        let (text, framing, _) = head_of(200, &[("content-length", "10")], exact, true, false);
+        assert!(text.contains("content-length: 10\r\n"));
+        assert_eq!(framing, Out::None, "no body for HEAD");
+
+        let (text, _, keep) = head_of(200, &[("connection", "close")], exact, false, false);
+        assert_eq!(text.matches("connection").count(), 1);
+        assert!(!keep);
+
+        // HTTP/1.0 that asked for keep-alive is told it is kept; the
+        // response's own Date stays.
+        let (text, _, keep) = head_of(200, &[("date", "x")], exact, false, true);
+        assert!(text.contains("date: x\r\n") && text.contains("connection: keep-alive\r\n"));
+        assert!(keep);
+    }
+
+    #[test]
+    fn chunks_are_written_in_hex_and_lengths_are_kept() {
+        let mut out = BytesMut::new();
+        let mut chunked = Out::Chunked;
+        assert!(matches!(
+            chunked.put(&mut out, Bytes::from(vec![b'a'; 26])),
+            Put::Copied
+        ));
+        assert!(chunked.finish(&mut out, None));
+        assert_eq!(
+            &out[..],
+            &b"1a\r\naaaaaaaaaaaaaaaaaaaaaaaaaa\r\n0\r\n\r\n"[..]
+        );
+
+        let mut out = BytesMut::new();
+        let big = Bytes::from(vec![b'b'; INLINE + 1]);
+        match chunked.put(&mut out, big.clone()) {
+            Put::After(data, suffix) => assert_eq!((data, suffix), (big, &b"\r\n"[..])),
+            _ => panic!("a large chunk is written from its own memory"),
+        }
+        assert_eq!(&out[..], format!("{:x}\r\n", INLINE + 1).as_bytes());
+
+        let mut out = BytesMut::new();
+        let mut length = Out::Length(4);
+        assert!(matches!(
+            length.put(&mut out, Bytes::from_static(b"abc")),
+            Put::Copied
+        ));
+        assert!(!length.finish(&mut out, None), "one byte short");
+        assert!(matches!(
+            length.put(&mut out, Bytes::from_static(b"de")),
+            Put::TooLong
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_rewound_connection_reads_its_prefix_first() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::io::duplex(64);
+        b.write_all(b" world").await.unwrap();
+        drop(b);
+        let mut io = Rewind::new(Bytes::from_static(b"hello"), a);
+        let mut text = String::new();
+        io.read_to_string(&mut text).await.unwrap();
+        assert_eq!(text, "hello world");
+    }
+}
