@@ -4,6 +4,8 @@
 # runs. Prints req/s, user and system CPU microseconds per request (from
 # /proc, all threads and child processes) and context switches per
 # request, which gateway.sh's wall-clock ratios do not show.
+# A third contender, shoal-hyper, is the same gateway with hyper's
+# HTTP/1.1 server (`http1_server = "hyper"`) in place of its own codec.
 #   W=2 bench/cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,12 @@ d
 }" bench/peers/nginx.conf.in <<<"$SERVERS" > "$RUN/nginx.conf"
 SHOAL_LOG__LEVEL=warn $BIN/shoal gateway --listen "127.0.0.1:$SP" --workers "$W" "${UPS[@]}" >"$RUN/shoal.log" 2>&1 &
 S=$!; PIDS+=($S)
+HP=$(free_port)
+SHOAL_GATEWAY__HTTP1_SERVER=hyper SHOAL_LOG__LEVEL=warn $BIN/shoal gateway --listen "127.0.0.1:$HP" --workers "$W" "${UPS[@]}" >"$RUN/shoal-hyper.log" 2>&1 &
+H=$!; PIDS+=($H)
 nginx -c "$RUN/nginx.conf" -p "$RUN" & N=$!; PIDS+=($N)
 wait_http "http://127.0.0.1:$SP/_gateway/readyz"
+wait_http "http://127.0.0.1:$HP/_gateway/readyz"
 sleep 1
 tick() { # user and system ticks, voluntary and involuntary switches of pids and children
   python3 - "$@" <<'PY'
@@ -52,7 +58,7 @@ PY
 }
 HZ=$(getconf CLK_TCK)
 for round in 1 2; do
-  for name in "shoal:$SP:$S" "nginx:$NP:$N"; do
+  for name in "shoal:$SP:$S" "nginx:$NP:$N" "shoal-hyper:$HP:$H"; do
     n=${name%%:*}; rest=${name#*:}; port=${rest%%:*}; pid=${rest#*:}
     read -r u0 s0 v0 i0 < <(tick "$pid")
     out=$($BIN/loadgen --url "http://127.0.0.1:$port/" --connections 64 --duration 6 --threads "$W")

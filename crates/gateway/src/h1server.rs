@@ -22,10 +22,14 @@
 //! A client that opens with HTTP/2's preface is handed back to the caller
 //! ([`Ended::Http2`]) for hyper's HTTP/2 server.
 //!
-//! Limits: the head must arrive whole within `header_read_timeout_ms` of
-//! when the connection started waiting for it, and fit `max_header_bytes`
-//! (431 past it); a keep-alive connection waits for its next request at
-//! most `idle_timeout_secs` (or the head timeout, if shorter). A client
+//! Limits: the first head must arrive whole within
+//! `header_read_timeout_ms` of the connection's start, and fit
+//! `max_header_bytes` (431 past it); a kept-alive connection waits for its
+//! next request up to `idle_timeout_secs`, and a head that arrives in
+//! parts has `header_read_timeout_ms` from its first bytes (nginx's
+//! `keepalive_timeout` and `client_header_timeout`; hyper's server runs
+//! the head timer while idle too, so it closed kept-alive connections
+//! after the shorter of the two). CONNECT is refused (405). A client
 //! that closes while its request is in flight cancels the request. A
 //! request body the service did not read to its end (an early 413, say)
 //! is read and thrown away, up to 64 KiB, so the connection can go on;
@@ -106,19 +110,24 @@ where
     let mut cancelled = pin!(closing.cancelled());
     // One timer for the connection's life, moved only when it fires
     // before the current deadline (no timer-wheel work per request).
-    let mut deadline = Instant::now() + limits.header_read;
-    let mut timer = pin!(tokio::time::sleep_until(deadline));
+    let started = Instant::now();
+    let mut timer = pin!(tokio::time::sleep_until(started + limits.header_read));
     let mut first = true;
     loop {
         // ---- the head ----------------------------------------------------
-        let wait = match (first, limits.idle) {
-            (false, Some(idle)) => idle.min(limits.header_read),
-            _ => limits.header_read,
+        // The first request's head must be whole within the head timeout
+        // of the connection's start (one that connects and sends nothing
+        // is dropped like a slow one). A kept-alive connection waits for
+        // its next request's first bytes up to the idle timeout (without
+        // one, for ever); a head that then arrives in parts has the head
+        // timeout for the rest (nginx's keepalive_timeout and
+        // client_header_timeout).
+        let mut deadline = match (first, limits.idle) {
+            (true, _) => Some(started + limits.header_read),
+            (false, Some(idle)) => Some(Instant::now() + idle),
+            (false, None) => None,
         };
-        deadline = Instant::now() + wait;
-        if timer.deadline() > deadline {
-            timer.as_mut().reset(deadline);
-        }
+        let mut head_timed = first;
         let head = loop {
             if !buf.is_empty() {
                 if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
@@ -135,6 +144,13 @@ where
                         }
                     }
                 }
+                if !head_timed {
+                    head_timed = true;
+                    deadline = Some(Instant::now() + limits.header_read);
+                }
+            }
+            if let Some(at) = deadline.filter(|at| timer.deadline() > *at) {
+                timer.as_mut().reset(at);
             }
             let waited = poll_fn(|cx| {
                 if let Poll::Ready(read) = poll_read_stack(&mut io, &mut buf, cx) {
@@ -143,11 +159,13 @@ where
                 if buf.is_empty() && cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
-                while timer.as_mut().poll(cx).is_ready() {
-                    if Instant::now() >= deadline {
-                        return Poll::Ready(None);
+                if let Some(at) = deadline {
+                    while timer.as_mut().poll(cx).is_ready() {
+                        if Instant::now() >= at {
+                            return Poll::Ready(None);
+                        }
+                        timer.as_mut().reset(at);
                     }
-                    timer.as_mut().reset(deadline);
                 }
                 Poll::Pending
             })
@@ -450,6 +468,8 @@ enum Refused {
     TooLarge,
     /// 400, with the reason.
     Bad(&'static str),
+    /// 405: the gateway is no forward proxy.
+    Connect,
 }
 
 /// Parses a head from `buf`: `Ok(None)` when it is not whole yet. The
@@ -474,6 +494,9 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Re
     }
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| Refused::Bad("invalid method"))?;
+    if method == Method::CONNECT {
+        return Err(Refused::Connect);
+    }
     let version = match req.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -569,6 +592,12 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
             "the request head is larger than the gateway takes (max_header_bytes)",
         ),
         Refused::Bad(why) => Problem::bad_request(why),
+        Refused::Connect => Problem::new(
+            405,
+            "method-not-allowed",
+            "Method not allowed",
+            "the gateway does not tunnel CONNECT requests",
+        ),
     };
     tracing::debug!(status = problem.status, detail = ?problem.detail, "request head refused");
     let (mut parts, _) = problem_response(&problem, "-").into_parts();
@@ -1142,6 +1171,10 @@ mod tests {
             Err(Refused::Bad(_))
         ));
         assert!(matches!(parse("GARBAGE\r\n\r\n"), Err(Refused::Bad(_))));
+        assert_eq!(
+            parse("CONNECT example.com:443 HTTP/1.1\r\n\r\n").err(),
+            Some(Refused::Connect)
+        );
         let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(9000));
         assert_eq!(parse(&big).err(), Some(Refused::TooLarge));
         let many: String = (0..150).map(|i| format!("h{i}: v\r\n")).collect();

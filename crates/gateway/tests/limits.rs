@@ -344,8 +344,9 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_secs() {
 }
 
 #[tokio::test]
-async fn an_idle_keep_alive_connection_is_closed_after_a_shorter_header_read_timeout() {
-    // hyper runs the head timer while it waits for the next request too.
+async fn a_kept_alive_connection_waits_the_idle_timeout_and_its_next_head_the_head_timeout() {
+    // nginx's keepalive_timeout and client_header_timeout: the head
+    // timer starts with the next request's first bytes, not while idle.
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(settings(
         &[up.url()],
@@ -353,20 +354,27 @@ async fn an_idle_keep_alive_connection_is_closed_after_a_shorter_header_read_tim
     ))
     .await;
     let mut c = TcpStream::connect(gw.addr).await.unwrap();
-    c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
     let mut buf = [0u8; 4096];
-    let n = c.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    for _ in 0..2 {
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        // Idle for three head timeouts: still open.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    // Half a head, then nothing: dropped after the head timeout.
+    c.write_all(b"GET /x HTTP/1.1\r\n").await.unwrap();
     let started = Instant::now();
-    let (_rest, closed) = read_all(&mut c, Duration::from_secs(3)).await;
-    assert!(closed, "idle connection closed");
+    let (rest, closed) = read_all(&mut c, Duration::from_secs(3)).await;
+    assert!(closed && rest.is_empty(), "{rest:?}");
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
     );
+    assert_eq!(up.hits(), 2);
 }
 
 #[tokio::test]
