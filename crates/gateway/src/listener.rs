@@ -369,7 +369,22 @@ impl Connections {
 /// handshake, and a handshake is the work the cap is there to refuse.
 pub fn refuse(mut stream: TcpStream, client: SocketAddr, tls: bool) {
     metrics::counter!("shoal_gateway_connections_refused_total").increment(1);
-    tracing::warn!(client = %client, "connection refused: the gateway is at max_connections");
+    // One warning a second at most, with the count since the last: a
+    // flood of connections must not become a flood of log lines.
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    static WARNED_AT: AtomicU64 = AtomicU64::new(0);
+    let refused = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if WARNED_AT.swap(second, Ordering::Relaxed) != second {
+        REFUSED.fetch_sub(refused, Ordering::Relaxed);
+        tracing::warn!(
+            client = %client,
+            refused,
+            "connections refused: the gateway is at max_connections"
+        );
+    }
     if tls {
         return;
     }
