@@ -403,19 +403,35 @@ pub fn refuse(mut stream: TcpStream, client: SocketAddr, tls: bool) {
     });
 }
 
-/// What a connection is doing, for the idle timeout: how many requests
-/// are in flight, and a count of request starts and ends. No clock is
-/// read per request; the connection's idle check (every quarter of the
-/// timeout) sees whether the count moved since its last look.
-#[derive(Debug, Default)]
+/// What a connection is doing, for the idle timeout of connections
+/// hyper serves: how many requests are in flight, and a count of request
+/// starts and ends. No clock is read per request; the connection's idle
+/// check (every quarter of the timeout) sees whether the count moved
+/// since its last look. The gateway's own HTTP/1.1 codec knows when it
+/// is idle and does not need it (`kept` is false meanwhile).
+#[derive(Debug)]
 pub struct Activity {
     in_flight: AtomicUsize,
     events: AtomicU64,
+    kept: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity::default())
+        Arc::new(Activity {
+            in_flight: AtomicUsize::new(0),
+            events: AtomicU64::new(0),
+            kept: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// Whether requests are to be counted (hyper serves the connection).
+    pub fn kept(&self) -> bool {
+        self.kept.load(Ordering::Relaxed)
+    }
+
+    fn keep(&self, kept: bool) {
+        self.kept.store(kept, Ordering::Relaxed);
     }
 
     /// A request started; the returned guard ends it (hold it in the
@@ -567,6 +583,7 @@ async fn serve_io<S, I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if limits.own_http1 && !h2 {
+        activity.keep(false);
         let server_limits = crate::h1server::ServerLimits {
             header_read: limits.handshake_timeout,
             idle: limits.idle_timeout,
@@ -581,6 +598,7 @@ async fn serve_io<S, I>(
         )
         .await;
         if let crate::h1server::Ended::Http2(io) = ended {
+            activity.keep(true);
             serve_hyper(builder, client, service, activity, limits, info, io).await;
         }
         return;

@@ -40,8 +40,8 @@ pub(crate) fn stack(
 ) -> impl crate::listener::Stack {
     ServiceBuilder::new()
         // The connection: a request is in flight until its response body
-        // ends (for the idle timeout); an upgrade keeps the connection
-        // counted (`listener.rs`).
+        // ends (for the idle timeout of connections hyper serves); an
+        // upgrade keeps the connection counted (`listener.rs`).
         .layer(ConnectionLayer { activity, conn })
         // The request: the current settings generation (`reload.rs`), its
         // id (the client's `x-request-id` or a new one) and start.
@@ -196,7 +196,10 @@ where
             // takes a lock shared by every connection).
             req.extensions_mut().insert(self.conn.clone());
         }
-        let busy = self.activity.begin();
+        // Counted for hyper's connections' idle timeout only (the own
+        // HTTP/1.1 codec keeps its own): no wrapper on the response body
+        // otherwise.
+        let busy = self.activity.kept().then(|| self.activity.begin());
         // Whichever server read the request, the layers below see one
         // body type; an empty body is boxed without an allocation.
         let req = req.map(|b| {
@@ -208,7 +211,7 @@ where
         });
         HoldBody {
             inner: self.inner.call(req),
-            held: Some(busy),
+            held: busy,
         }
     }
 }
