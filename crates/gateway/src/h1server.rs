@@ -139,7 +139,9 @@ where
                         Ok(Some(head)) => break head,
                         Ok(None) => {}
                         Err(refused) => {
-                            refuse(&mut io, refused).await;
+                            // Boxed, as below: a rare path's state kept
+                            // out of every connection's future.
+                            Box::pin(refuse(&mut io, refused)).await;
                             return Ended::Closed;
                         }
                     }
@@ -298,6 +300,7 @@ where
             http10,
             &mut keep_alive,
         );
+        drop(parts);
         if switching {
             if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
                 return Ended::Closed;
@@ -393,7 +396,7 @@ where
                 // What is left of a body nobody read, within the head
                 // timeout.
                 let discard = poll_fn(|cx| f.poll_feed(&mut io, &mut buf, cx));
-                let _ = tokio::time::timeout(limits.header_read, discard).await;
+                let _ = Box::pin(tokio::time::timeout(limits.header_read, discard)).await;
             }
         }
         let request_read = feeder.as_ref().is_none_or(|f| f.state == Feed::Done);
@@ -1299,6 +1302,27 @@ mod tests {
             length.put(&mut out, Bytes::from_static(b"de")),
             Put::TooLong
         ));
+    }
+
+    #[test]
+    fn a_connections_future_stays_small() {
+        // What an idle connection costs beside its socket: this future
+        // (boxed per connection) and the task around it. Rare paths are
+        // boxed so they do not size it.
+        let closing = CancellationToken::new();
+        let draining = AtomicBool::new(false);
+        let (io, _peer) = tokio::io::duplex(64);
+        let service = tower::service_fn(|_: Request<RequestBody>| async {
+            Ok::<_, Infallible>(Response::new(crate::body::empty()))
+        });
+        let limits = ServerLimits {
+            header_read: Duration::from_secs(1),
+            idle: None,
+            max_head: 8192,
+        };
+        let future = serve(io, service, limits, &closing, &draining);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 2048, "{size} bytes");
     }
 
     #[tokio::test]

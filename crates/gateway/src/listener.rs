@@ -599,11 +599,20 @@ async fn serve_io<S, I>(
         .await;
         if let crate::h1server::Ended::Http2(io) = ended {
             activity.keep(true);
-            serve_hyper(builder, client, service, activity, limits, info, io).await;
+            // Boxed: hyper's connection state is larger than the own
+            // codec's, and every connection's future would otherwise be
+            // sized for it.
+            Box::pin(serve_hyper(
+                builder, client, service, activity, limits, info, io,
+            ))
+            .await;
         }
         return;
     }
-    serve_hyper(builder, client, service, activity, limits, info, io).await;
+    Box::pin(serve_hyper(
+        builder, client, service, activity, limits, info, io,
+    ))
+    .await;
 }
 
 /// Serves a connection with hyper's server (HTTP/2, or HTTP/1.x with
