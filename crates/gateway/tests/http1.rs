@@ -262,3 +262,23 @@ async fn a_small_body_nobody_read_is_discarded_and_a_large_one_closes_the_connec
     let (_, closed) = read_for(&mut c, Duration::from_secs(5), None).await;
     assert!(closed);
 }
+
+#[tokio::test]
+async fn a_request_sent_a_byte_at_a_time_arrives_whole() {
+    // Every read boundary: in the head, in chunk sizes, in chunk data,
+    // in the final chunk, and the next pipelined request's head.
+    let up = Upstream::start("a").await;
+    let gw = gateway("shoal", &up).await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let request = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\n\r\n\
+                    GET /x HTTP/1.1\r\nHost: x\r\n\r\n";
+    for byte in request {
+        c.write_all(&[*byte]).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let (text, closed) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
+    assert!(!closed, "{text}");
+    assert!(text.contains("\r\n\r\nhello world!HTTP/1.1 200"), "{text}");
+}
