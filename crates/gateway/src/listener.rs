@@ -1,8 +1,10 @@
 //! Client connections: the cap on open connections (past it a new
-//! connection gets a short 503 and is closed), hyper's limits on request
-//! heads (size, read timeout against slowloris), the idle keep-alive
-//! timeout, the send timeout for clients that stop reading, WebSocket
-//! upgrades, and the graceful close of every connection at shutdown.
+//! connection gets a short 503 and is closed), TLS, which server speaks
+//! to the client (the gateway's own HTTP/1.x codec, `h1server.rs`, or
+//! hyper's for HTTP/2) and hyper's limits for its connections (head size,
+//! head read timeout, idle keep-alive timeout), the send timeout for
+//! clients that stop reading, and the graceful close of every connection
+//! at shutdown.
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
