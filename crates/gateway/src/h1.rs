@@ -366,36 +366,10 @@ impl Conn {
         // Where each name and value lies in the head, to be cut from it
         // once it is split off the buffer (values share its memory).
         let mut spans: smallvec::SmallVec<[[u32; 4]; 24]> = smallvec::SmallVec::new();
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut encoded = false;
-        let mut close = http10;
+        let mut framed = Framed::default();
         for h in res.headers.iter() {
             let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"content-length") {
-                let n = parse_length(h.value).ok_or(H1Error::Invalid("invalid Content-Length"))?;
-                if length.is_some_and(|m| m != n) {
-                    return Err(H1Error::Invalid("conflicting Content-Length values"));
-                }
-                length = Some(n);
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                encoded = true;
-                // Only the last coding counts (RFC 9112 6.3).
-                chunked = h
-                    .value
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                for token in h.value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
-                        close = false;
-                    }
-                }
-            }
+            framed.see(name, h.value).map_err(H1Error::Invalid)?;
             // Within MAX_HEAD, so the offsets fit.
             let at = |part: &[u8]| (part.as_ptr() as usize - base) as u32;
             spans.push([
@@ -415,6 +389,13 @@ impl Conn {
                 .map_err(|_| H1Error::Invalid("invalid header value"))?;
             map.append(name, value);
         }
+        let Framed {
+            length,
+            encoded,
+            chunked,
+            ..
+        } = framed;
+        let mut close = framed.close || (http10 && !framed.keep_alive);
         let framing = if *method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
@@ -445,6 +426,48 @@ impl Conn {
         parts.version = Version::HTTP_11;
         parts.headers = map;
         Ok(Some(Some((parts, framing, !close))))
+    }
+}
+
+/// What a head's fields say of its framing and its connection (RFC 9112
+/// 6.1, 6.3 and 9.3), for both codecs.
+#[derive(Debug, Default)]
+pub(crate) struct Framed {
+    pub(crate) length: Option<u64>,
+    /// A Transfer-Encoding field was there.
+    pub(crate) encoded: bool,
+    /// Its last coding is chunked (only the last counts).
+    pub(crate) chunked: bool,
+    /// `Connection: close`.
+    pub(crate) close: bool,
+    /// `Connection: keep-alive` (HTTP/1.0).
+    pub(crate) keep_alive: bool,
+}
+
+impl Framed {
+    /// Takes one field; an invalid or conflicting Content-Length is an
+    /// error, with the reason.
+    pub(crate) fn see(&mut self, name: &[u8], value: &[u8]) -> Result<(), &'static str> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value).ok_or("invalid Content-Length")?;
+            if self.length.is_some_and(|m| m != n) {
+                return Err("conflicting Content-Length values");
+            }
+            self.length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.encoded = true;
+            self.chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -509,39 +509,23 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Re
     let target = req.path.unwrap_or_default().as_bytes();
     let target_span = (at(target), target.len());
     let mut spans: smallvec::SmallVec<[[usize; 4]; 24]> = smallvec::SmallVec::new();
-    let mut length: Option<u64> = None;
-    let mut encoded = false;
-    let mut chunked = false;
-    let mut close = false;
-    let mut keep_alive_token = false;
+    let mut framed = crate::h1::Framed::default();
     let mut expect_continue = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(h.value).ok_or(Refused::Bad("invalid Content-Length"))?;
-            if length.is_some_and(|m| m != n) {
-                return Err(Refused::Bad("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            encoded = true;
-            // Only the last coding counts (RFC 9112 6.3).
-            chunked = h
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        } else if name.eq_ignore_ascii_case(b"expect") {
+        framed.see(name, h.value).map_err(Refused::Bad)?;
+        if name.eq_ignore_ascii_case(b"expect") {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
         spans.push([at(name), name.len(), at(h.value), h.value.len()]);
     }
+    let crate::h1::Framed {
+        length,
+        encoded,
+        chunked,
+        close,
+        keep_alive: keep_alive_token,
+    } = framed;
     let framing = if encoded {
         if length.is_some() {
             return Err(Refused::Bad(
@@ -864,10 +848,7 @@ impl Out {
             Out::Chunked => {
                 out.extend_from_slice(b"0\r\n");
                 for (name, value) in trailers.into_iter().flatten() {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    put_field(out, name, value);
                 }
                 out.extend_from_slice(b"\r\n");
                 true
@@ -993,13 +974,18 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     for (name, value) in headers.iter() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// Appends one `name: value` line.
+fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The `Date` field, formatted once a second per thread.

@@ -487,37 +487,39 @@ impl IdleWatch {
     }
 }
 
+/// A tower service taking requests with bodies of type `B`, as the
+/// request path does.
+pub trait Serves<B>:
+    tower::Service<
+    http::Request<B>,
+    Response = http::Response<crate::body::Body>,
+    Error = std::convert::Infallible,
+    Future: Send + 'static,
+>
+{
+}
+
+impl<B, S> Serves<B> for S where
+    S: tower::Service<
+        http::Request<B>,
+        Response = http::Response<crate::body::Body>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    >
+{
+}
+
 /// The request path of a connection, as a tower service over requests
 /// from either HTTP server (the gateway's own HTTP/1.x codec, hyper's).
 pub trait Stack:
-    tower::Service<
-        http::Request<crate::h1server::RequestBody>,
-        Response = http::Response<crate::body::Body>,
-        Error = std::convert::Infallible,
-        Future: Send + 'static,
-    > + tower::Service<
-        http::Request<hyper::body::Incoming>,
-        Response = http::Response<crate::body::Body>,
-        Error = std::convert::Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static
+    Serves<crate::h1server::RequestBody> + Serves<hyper::body::Incoming> + Clone + Send + 'static
 {
 }
 
 impl<S> Stack for S where
-    S: tower::Service<
-            http::Request<crate::h1server::RequestBody>,
-            Response = http::Response<crate::body::Body>,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::body::Body>,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + Clone
+    S: Serves<crate::h1server::RequestBody>
+        + Serves<hyper::body::Incoming>
+        + Clone
         + Send
         + 'static
 {
@@ -545,10 +547,17 @@ pub fn serve<S: Stack>(
     let tls = config.tls.clone();
     // Two futures, boxed apart: a plain connection's allocation is not
     // sized for a TLS session it does not have.
+    let conn = Conn {
+        builder,
+        client,
+        service,
+        activity,
+        info,
+    };
     move |stream| match tls {
         None => Box::pin(async move {
             let io = SendTimeout::new(stream, limits.send_timeout);
-            serve_io(builder, client, service, activity, &limits, info, io, false).await
+            serve_io(conn, &limits, io, false).await
         }),
         Some(acceptor) => Box::pin(async move {
             let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
@@ -556,8 +565,7 @@ pub fn serve<S: Stack>(
                 Ok(Ok(stream)) => {
                     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                     let io = SendTimeout::new(stream, limits.send_timeout);
-                    return serve_io(builder, client, service, activity, &limits, info, io, h2)
-                        .await;
+                    return serve_io(conn, &limits, io, h2).await;
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "timed out (header_read_timeout_ms)".to_string(),
@@ -568,24 +576,24 @@ pub fn serve<S: Stack>(
     }
 }
 
-/// Serves one (plain or TLS) connection: see [`serve`]. `h2`: ALPN chose
-/// HTTP/2.
-#[allow(clippy::too_many_arguments)]
-async fn serve_io<S, I>(
+/// What serving one connection needs besides its stream and limits.
+struct Conn<S> {
     builder: Arc<Builder<TokioExecutor>>,
     client: SocketAddr,
     service: S,
     activity: Arc<Activity>,
-    limits: &ConnLimits,
     info: ConnInfo,
-    io: I,
-    h2: bool,
-) where
+}
+
+/// Serves one (plain or TLS) connection: see [`serve`]. `h2`: ALPN chose
+/// HTTP/2.
+async fn serve_io<S, I>(conn: Conn<S>, limits: &ConnLimits, io: I, h2: bool)
+where
     S: Stack,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if limits.own_http1 && !h2 {
-        activity.keep(false);
+        conn.activity.keep(false);
         let server_limits = crate::h1server::ServerLimits {
             header_read: limits.handshake_timeout,
             idle: limits.idle_timeout,
@@ -593,44 +601,38 @@ async fn serve_io<S, I>(
         };
         let ended = crate::h1server::serve(
             io,
-            service.clone(),
+            conn.service.clone(),
             server_limits,
-            &info.closing,
-            &info.draining,
+            &conn.info.closing,
+            &conn.info.draining,
         )
         .await;
         if let crate::h1server::Ended::Http2(io) = ended {
-            activity.keep(true);
+            conn.activity.keep(true);
             // Boxed: hyper's connection state is larger than the own
             // codec's, and every connection's future would otherwise be
             // sized for it.
-            Box::pin(serve_hyper(
-                builder, client, service, activity, limits, info, io,
-            ))
-            .await;
+            Box::pin(serve_hyper(conn, limits, io)).await;
         }
         return;
     }
-    Box::pin(serve_hyper(
-        builder, client, service, activity, limits, info, io,
-    ))
-    .await;
+    Box::pin(serve_hyper(conn, limits, io)).await;
 }
 
 /// Serves a connection with hyper's server (HTTP/2, or HTTP/1.x with
 /// `http1_server = "hyper"`).
-async fn serve_hyper<S, I>(
-    builder: Arc<Builder<TokioExecutor>>,
-    client: SocketAddr,
-    service: S,
-    activity: Arc<Activity>,
-    limits: &ConnLimits,
-    info: ConnInfo,
-    io: I,
-) where
+async fn serve_hyper<S, I>(conn: Conn<S>, limits: &ConnLimits, io: I)
+where
     S: Stack,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn {
+        builder,
+        client,
+        service,
+        activity,
+        info,
+    } = conn;
     let service = hyper_util::service::TowerToHyperService::new(service);
     let idle_timeout = limits.idle_timeout;
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
