@@ -13,8 +13,9 @@
 //! What it speaks (RFC 9112): requests in origin or absolute form, bodies
 //! framed by `Content-Length` or chunked (both at once is refused, as
 //! nginx does, against request smuggling), `Expect: 100-continue`
-//! (answered as soon as the head is read), pipelined requests (answered
-//! in order), HTTP/1.0 with `Connection: keep-alive`, `Upgrade` (the
+//! (answered when the service first asks for the body, so a request
+//! refused without it is not uploaded; the connection then closes),
+//! pipelined requests (answered in order), HTTP/1.0 with `Connection: keep-alive`, `Upgrade` (the
 //! connection is handed to the tunnel after the 101, see
 //! [`ClientUpgrade`]). Responses are framed by their `Content-Length`, by
 //! the body's exact size, else chunked (close-delimited for HTTP/1.0);
@@ -198,10 +199,15 @@ where
                 rx: None,
                 length: Some(0),
                 ended: true,
+                wants: None,
             },
             Some(framing) => {
                 let (tx, rx) = mpsc::channel(2);
-                feeder = Some(Feeder::new(framing, tx));
+                // `Expect: 100-continue`: the 100 goes out when the
+                // service first asks for the body; one that answers
+                // without it (413, 429) spares the client the upload.
+                let wants = expect_continue.then(|| Arc::new(Wanted::default()));
+                feeder = Some(Feeder::new(framing, tx, wants.clone()));
                 let length = match framing {
                     Framing::Length(n) => Some(n),
                     _ => None,
@@ -210,6 +216,7 @@ where
                     rx: Some(rx),
                     length,
                     ended: false,
+                    wants,
                 }
             }
         };
@@ -222,15 +229,6 @@ where
         } else {
             None
         };
-        if expect_continue
-            && feeder.is_some()
-            && io
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-        {
-            return Ended::Closed;
-        }
         if poll_fn(|cx| service.poll_ready(cx)).await.is_err() {
             return Ended::Closed;
         }
@@ -639,16 +637,73 @@ struct Feeder {
     tx: Option<PollSender<Piece>>,
     state: Feed,
     discarded: usize,
+    /// `Expect: 100-continue` not answered yet: when the service asks,
+    /// the bytes of the 100 already written.
+    expect: Option<(Arc<Wanted>, usize)>,
 }
 
+/// Set by a request body when it is first asked for data (for
+/// `Expect: 100-continue`), waking the connection.
+#[derive(Default)]
+pub(crate) struct Wanted {
+    asked: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl Wanted {
+    fn ask(&self) {
+        if !self.asked.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    fn poll_asked(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.asked.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.asked.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
 impl Feeder {
-    fn new(framing: Framing, tx: mpsc::Sender<Piece>) -> Feeder {
+    fn new(framing: Framing, tx: mpsc::Sender<Piece>, expect: Option<Arc<Wanted>>) -> Feeder {
         Feeder {
             framing,
             tx: Some(PollSender::new(tx)),
             state: Feed::Reading,
             discarded: 0,
+            expect: expect.map(|wanted| (wanted, 0)),
         }
+    }
+
+    /// Writes the 100 once the service asked for the body; ready when it
+    /// is written (or was not expected).
+    fn poll_continue<I: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut I,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Some((wanted, written)) = self.expect.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        std::task::ready!(wanted.poll_asked(cx));
+        while *written < CONTINUE.len() {
+            match std::task::ready!(Pin::new(&mut *io).poll_write(cx, &CONTINUE[*written..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => *written += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        std::task::ready!(Pin::new(&mut *io).poll_flush(cx))?;
+        self.expect = None;
+        Poll::Ready(Ok(()))
     }
 
     /// Whether it still reads from the connection.
@@ -661,6 +716,9 @@ impl Feeder {
     fn beyond_discarding(&self) -> bool {
         match (self.state, self.framing) {
             (Feed::Stopped, _) => true,
+            // The 100 never went out: whether the client sends the body
+            // anyway cannot be known.
+            _ if self.expect.is_some() => true,
             (Feed::Discarding, Framing::Length(left)) => {
                 self.discarded as u64 + left > DISCARD_MAX as u64
             }
@@ -670,7 +728,7 @@ impl Feeder {
 
     /// Ready when the body ended (read, discarded or broken); pending
     /// while it waits for the client or for the service to take more.
-    fn poll_feed<I: AsyncRead + Unpin>(
+    fn poll_feed<I: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         io: &mut I,
         buf: &mut BytesMut,
@@ -682,6 +740,16 @@ impl Feeder {
                     // The service dropped the body.
                     self.tx = None;
                     self.state = Feed::Discarding;
+                }
+            }
+            if self.expect.is_some() {
+                if self.tx.is_none() {
+                    // Dropped before it asked: no 100, and no telling
+                    // what the client sends next.
+                    return self.stop(Feed::Stopped, None);
+                }
+                if let Err(e) = std::task::ready!(self.poll_continue(io, cx)) {
+                    return self.stop(Feed::Stopped, Some(Piece::Failed(e.into())));
                 }
             }
             match decode(&mut self.framing, buf) {
@@ -739,6 +807,8 @@ impl Feeder {
 /// compiler's `Send` check of the connection's future).
 pub(crate) struct RequestBody {
     rx: Option<mpsc::Receiver<Piece>>,
+    /// Told when the body is first asked for (`Expect: 100-continue`).
+    wants: Option<Arc<Wanted>>,
     /// The declared length, for `size_hint`.
     length: Option<u64>,
     ended: bool,
@@ -754,6 +824,9 @@ impl HttpBody for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.ended {
             return Poll::Ready(None);
+        }
+        if let Some(wants) = self.wants.take() {
+            wants.ask();
         }
         let Some(rx) = self.rx.as_mut() else {
             return Poll::Ready(None);

@@ -130,6 +130,30 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
 }
 
 #[tokio::test]
+async fn a_request_refused_before_its_body_gets_no_100_continue_and_is_not_uploaded() {
+    for server in SERVERS {
+        let up = Upstream::start("a").await;
+        let gw = TestGateway::start(settings(
+            &[up.url()],
+            json!({"http1_server": server, "max_body_bytes": 1000}),
+        ))
+        .await;
+        let mut c = TcpStream::connect(gw.addr).await.unwrap();
+        c.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (text, _) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\n", 1))).await;
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "{server}: no 100 first: {text}"
+        );
+        assert_eq!(up.hits(), 0);
+    }
+}
+
+#[tokio::test]
 async fn ambiguous_or_malformed_heads_get_400_and_reach_no_instance() {
     let up = Upstream::start("a").await;
     let gw = gateway("shoal", &up).await;
