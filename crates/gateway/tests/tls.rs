@@ -301,18 +301,77 @@ async fn tls_instance() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
                     return;
                 };
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let service = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(Bytes::from("secure hello")),
-                    ))
+                let service = hyper::service::service_fn(|mut req: Request<_>| async move {
+                    let mut response = hyper::Response::new(http_body_util::Full::new(
+                        Bytes::from("secure hello"),
+                    ));
+                    // `/ws` upgrades, then echoes in capitals.
+                    if req.uri().path() == "/ws" && req.headers().contains_key("upgrade") {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let mut io = TokioIo::new(on.await.expect("upgrade"));
+                            let mut buf = [0u8; 256];
+                            while let Ok(n @ 1..) = io.read(&mut buf).await {
+                                let up = buf[..n].to_ascii_uppercase();
+                                if io.write_all(&up).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        let headers = response.headers_mut();
+                        headers.insert("upgrade", "websocket".parse().unwrap());
+                        headers.insert("connection", "upgrade".parse().unwrap());
+                        *response.body_mut() = http_body_util::Full::new(Bytes::new());
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades()
                     .await;
             });
         }
     });
     (url, accepted)
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_reaches_an_https_instance_and_bytes_flow_both_ways() {
+    let (url, _) = tls_instance().await;
+    let gw = TestGateway::start(settings(
+        std::slice::from_ref(&url),
+        json!({"upstream_ca_file": CERT}),
+    ))
+    .await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                return String::from_utf8_lossy(&got[..end]).into_owned();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    c.write_all(b"over tls").await.unwrap();
+    let mut echoed = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"OVER TLS");
 }
 
 #[tokio::test]
