@@ -111,7 +111,11 @@ pub async fn reload(shared: &Shared) -> Result<ReloadSummary, String> {
     }
     settings.listen = old.settings.listen;
     settings.validate().map_err(|e| e.to_string())?;
-    let mut next = crate::build_state(settings).map_err(|e| e.to_string())?;
+    // Off the runtime thread: certificate and CA files are read here.
+    let mut next = tokio::task::spawn_blocking(move || crate::build_state(settings))
+        .await
+        .map_err(|e| format!("building the new settings panicked: {e}"))?
+        .map_err(|e| e.to_string())?;
     // Carry over what must outlive a generation. (Anything else built by
     // `build_state` that holds state, such as a cache, belongs here too.)
     // The upstream clients hold the pooled connections: kept unless
