@@ -63,19 +63,23 @@ pub(crate) fn count(workers: usize) -> usize {
 
 type ServeFn = Box<dyn FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// A worker thread, fed accepted connections through a channel. The
-/// channel has no bound of its own, but each connection in it already
-/// holds its place in the connection count, so at most `max_connections`
-/// wait there. Dropping every handle ends its intake; it then waits for the open connections
-/// (at most the shutdown grace period) and stops.
+/// Accepted connections waiting for one worker thread at most; past it
+/// the accepting thread serves them itself (the worker is behind), so
+/// the queue stays bounded even with `max_connections = 0`.
+const HAND_OVER_MAX: usize = 1024;
+
+/// A worker thread, fed accepted connections through a bounded channel.
+/// Dropping every handle ends its intake; it then waits for the open
+/// connections (at most the shutdown grace period) and stops.
 pub(crate) struct Worker {
-    tx: mpsc::UnboundedSender<(std::net::TcpStream, ServeFn)>,
+    tx: mpsc::Sender<(std::net::TcpStream, ServeFn)>,
 }
 
 impl Worker {
     /// Moves `stream` to this worker's runtime and serves it there; if the
-    /// worker is gone (its runtime could not start), serves it on the
-    /// calling thread instead.
+    /// worker is gone (its runtime could not start) or has
+    /// [`HAND_OVER_MAX`] connections waiting, serves it on the calling
+    /// thread instead.
     pub(crate) fn hand_over<F>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static,
@@ -84,10 +88,18 @@ impl Worker {
         // over the bare socket and register it again over there.
         match stream.into_std() {
             Ok(std) => {
-                if let Err(mpsc::error::SendError((std, serve))) =
-                    self.tx.send((std, Box::new(serve)))
-                {
-                    tracing::warn!("a gateway worker thread is gone; serving here");
+                let refused = match self.tx.try_send((std, Box::new(serve))) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        tracing::debug!("a gateway worker thread is behind; serving here");
+                        Some(back)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(back)) => {
+                        tracing::warn!("a gateway worker thread is gone; serving here");
+                        Some(back)
+                    }
+                };
+                if let Some((std, serve)) = refused {
                     match TcpStream::from_std(std) {
                         Ok(stream) => {
                             tokio::spawn(serve(stream));
@@ -110,7 +122,7 @@ pub(crate) fn start(
 ) -> Vec<Worker> {
     let mut workers = Vec::with_capacity(extra);
     for i in 1..=extra {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(HAND_OVER_MAX);
         let client = crate::upstream_clients(clients.settings, &clients.tls);
         let connections = Arc::clone(&connections);
         let spawned = std::thread::Builder::new()
@@ -129,7 +141,7 @@ pub(crate) fn start(
 }
 
 fn run(
-    mut rx: mpsc::UnboundedReceiver<(std::net::TcpStream, ServeFn)>,
+    mut rx: mpsc::Receiver<(std::net::TcpStream, ServeFn)>,
     client: UpstreamClients,
     connections: Arc<Connections>,
     grace: Duration,
