@@ -177,7 +177,7 @@ impl Balancer {
 
 /// 64-bit FNV-1a followed by a finalizer, stable across Rust versions and
 /// processes, so every gateway replica maps a key the same way.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
         for b in *part {

@@ -240,13 +240,16 @@ impl Conn {
         let io_err = |e| (H1Error::Io(e), None);
         self.io.write_all(&out[written..]).await.map_err(io_err)?;
         match rest {
-            None => Ok(()),
-            Some(ReqBody::Bytes(bytes)) => self.io.write_all(&bytes).await.map_err(io_err),
+            None => {}
+            Some(ReqBody::Bytes(bytes)) => self.io.write_all(&bytes).await.map_err(io_err)?,
             Some(ReqBody::Stream(body)) => self
                 .stream_body(body, framing, chunked)
                 .await
-                .map_err(|e| (e, None)),
+                .map_err(|e| (e, None))?,
         }
+        // TLS may hold written bytes back until flushed (on TCP a flush
+        // does nothing): the response is read only after this.
+        self.io.flush().await.map_err(io_err)
     }
 
     async fn stream_body(

@@ -283,24 +283,20 @@ where
         let unreadable = feeder.as_ref().is_some_and(Feeder::beyond_discarding);
         let mut keep_alive =
             client_keep_alive && !unreadable && !switching && !draining.load(Ordering::Relaxed);
-        let mut out = BytesMut::with_capacity(
-            512 + body
-                .size_hint()
-                .exact()
-                .filter(|n| *n as usize <= INLINE)
-                .unwrap_or(0) as usize,
-        );
+        let hint = body.size_hint();
+        let inline = hint.exact().filter(|n| *n as usize <= INLINE).unwrap_or(0);
+        let mut out = BytesMut::with_capacity(512 + inline as usize);
         let mut framing = encode_head(
             &mut out,
             &mut parts,
-            body.size_hint(),
+            hint,
             head_request,
             http10,
             &mut keep_alive,
         );
         drop(parts);
         if switching {
-            if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+            if !send(&mut io, &[&out], true).await {
                 return Ended::Closed;
             }
             if let Some(tx) = upgrade {
@@ -341,7 +337,7 @@ where
                 }
                 // Nothing ready yet: send what is buffered meanwhile.
                 Next::Flush => {
-                    if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+                    if !send(&mut io, &[&out], true).await {
                         return Ended::Closed;
                     }
                     out.clear();
@@ -369,7 +365,7 @@ where
                 }
                 // Large: written from its own memory after what is buffered.
                 Put::After(data, suffix) => {
-                    if io.write_all(&out).await.is_err() || io.write_all(&data).await.is_err() {
+                    if !send(&mut io, &[&out, &data], false).await {
                         return Ended::Closed;
                     }
                     out.clear();
@@ -377,14 +373,14 @@ where
                 }
             }
             if out.len() >= FLUSH_AT {
-                if io.write_all(&out).await.is_err() {
+                if !send(&mut io, &[&out], false).await {
                     return Ended::Closed;
                 }
                 out.clear();
             }
         };
         let complete = written && framing.finish(&mut out, trailers.as_ref());
-        if io.write_all(&out).await.is_err() || io.flush().await.is_err() {
+        if !send(&mut io, &[&out], true).await {
             return Ended::Closed;
         }
         drop(out);
@@ -407,6 +403,25 @@ where
             buf = BytesMut::new();
         }
     }
+}
+
+/// Writes `parts` in turn (and flushes); false when the connection broke,
+/// which ends it (the cause logged at debug).
+async fn send<I: AsyncWrite + Unpin>(io: &mut I, parts: &[&[u8]], flush: bool) -> bool {
+    let mut sent = Ok(());
+    for part in parts {
+        sent = io.write_all(part).await;
+        if sent.is_err() {
+            break;
+        }
+    }
+    if flush && sent.is_ok() {
+        sent = io.flush().await;
+    }
+    if let Err(e) = &sent {
+        tracing::debug!(error = %e, "the client connection broke while the gateway wrote to it");
+    }
+    sent.is_ok()
 }
 
 // ---- reading -------------------------------------------------------------

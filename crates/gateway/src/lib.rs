@@ -157,7 +157,8 @@ impl Gateway {
         let mut listen_config = listener::ListenConfig::new(&state);
         let connections = Arc::new(listener::Connections::default());
         let close_all = CancellationToken::new();
-        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Carried across reloads: every generation shares it.
+        let draining = Arc::clone(&state.draining);
         let grace = Duration::from_secs(settings.shutdown_timeout_secs);
         let threads = workers::count(settings.workers);
         let workers = workers::start(threads - 1, &state.client, Arc::clone(&connections), grace);
@@ -215,7 +216,6 @@ impl Gateway {
         shared.load().draining.store(true, Ordering::Relaxed);
         drop(listener);
         tracing::info!(connections = connections.open(), "gateway draining");
-        draining.store(true, Ordering::Relaxed);
         close_all.cancel();
         if tokio::time::timeout(grace, connections.all_closed())
             .await
@@ -286,10 +286,8 @@ pub(crate) fn upstream_tls(settings: &GatewaySettings) -> Result<UpstreamTls, Ga
         if added == 0 {
             return Err(invalid(format!("`{file}` holds no PEM certificate")));
         }
-        // FNV-1a of the content: changes with it.
-        id = pem.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        });
+        // A hash of the content: changes with it.
+        id = crate::balance::fnv1a(&[&pem]);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -324,8 +322,10 @@ pub(crate) fn upstream_clients(
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((*tls.config).clone())
         .https_or_http()
+        // HTTP/1.1 only by ALPN: this client carries upgrades and health
+        // checks, which an `https://` instance choosing h2 would break.
+        // (h2c pools speak HTTP/2 in the clear, where ALPN plays no part.)
         .enable_http1()
-        .enable_http2()
         .wrap_connector(connector);
     let client = |h2c: bool| {
         Client::builder(TokioExecutor::new())

@@ -464,6 +464,12 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// How often an idle limit is checked: a quarter of it, within 10 ms
+/// and 1 s (a limit is noticed at most a quarter late).
+pub(crate) fn check_every(limit: Duration) -> Duration {
+    (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
 /// Tracks how long a connection has been idle from looks at its
 /// [`Activity`].
 struct IdleWatch {
@@ -643,7 +649,7 @@ where
         since: Instant::now(),
     };
     let check_every = idle_timeout
-        .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+        .map(check_every)
         .unwrap_or(Duration::from_secs(3600));
     loop {
         tokio::select! {

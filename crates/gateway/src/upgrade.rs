@@ -242,18 +242,18 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
 fn client_side(
     req: &mut Request<Body>,
 ) -> impl std::future::Future<Output = Result<crate::h1server::Upgraded, String>> {
-    let own = req
+    use futures_util::future::Either;
+    match req
         .extensions_mut()
-        .remove::<crate::h1server::ClientUpgrade>();
-    let hyper_side = own.is_none().then(|| hyper::upgrade::on(&mut *req));
-    async move {
-        match (own, hyper_side) {
-            (Some(own), _) => own.connection().await.map_err(str::to_string),
-            (None, Some(on)) => match on.await {
-                Ok(upgraded) => Ok(Box::new(TokioIo::new(upgraded)) as crate::h1server::Upgraded),
-                Err(e) => Err(e.to_string()),
-            },
-            (None, None) => Err("no upgrade".to_string()),
+        .remove::<crate::h1server::ClientUpgrade>()
+    {
+        Some(own) => Either::Left(async move { own.connection().await.map_err(str::to_string) }),
+        None => {
+            let on = hyper::upgrade::on(req);
+            Either::Right(async move {
+                let upgraded = on.await.map_err(|e| e.to_string())?;
+                Ok(Box::new(TokioIo::new(upgraded)) as crate::h1server::Upgraded)
+            })
         }
     }
 }
@@ -265,7 +265,7 @@ async fn idle(moved: &AtomicU64, limit: Option<Duration>) {
     let Some(limit) = limit else {
         return std::future::pending().await;
     };
-    let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let every = crate::listener::check_every(limit);
     let mut seen = moved.load(Ordering::Relaxed);
     let mut since = Instant::now();
     loop {

@@ -7,37 +7,10 @@ mod common;
 use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const SERVERS: [&str; 2] = ["shoal", "hyper"];
-
-/// Reads until the gateway closes the connection or `within` passes, or
-/// (with `until`) as soon as the text read holds it that many times.
-async fn read_for(
-    stream: &mut TcpStream,
-    within: Duration,
-    until: Option<(&str, usize)>,
-) -> (String, bool) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(within, async {
-        loop {
-            if let Some((text, n)) = until {
-                if String::from_utf8_lossy(&got).matches(text).count() >= n {
-                    return false;
-                }
-            }
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return true,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
-    (String::from_utf8_lossy(&got).into_owned(), closed)
-}
 
 async fn gateway(server: &str, up: &Upstream) -> TestGateway {
     TestGateway::start(settings(&[up.url()], json!({"http1_server": server}))).await
@@ -57,7 +30,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
         .await
         .unwrap();
         let (text, closed) =
-            read_for(&mut c, Duration::from_secs(5), Some(("HTTP/1.1 200", 3))).await;
+            read_raw(&mut c, Duration::from_secs(5), Some(("HTTP/1.1 200", 3))).await;
         assert!(!closed, "{server}: kept open: {text}");
         let one = text.find("x-request-id: one").expect("first");
         let two = text.find("x-request-id: two").expect("second");
@@ -75,7 +48,7 @@ async fn http10_clients_get_a_close_unless_they_ask_for_keep_alive() {
         let gw = gateway(server, &up).await;
         let mut c = TcpStream::connect(gw.addr).await.unwrap();
         c.write_all(b"GET /x HTTP/1.0\r\n\r\n").await.unwrap();
-        let (text, closed) = read_for(&mut c, Duration::from_secs(5), None).await;
+        let (text, closed) = read_raw(&mut c, Duration::from_secs(5), None).await;
         assert!(
             text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
             "{text}"
@@ -92,7 +65,7 @@ async fn http10_clients_get_a_close_unless_they_ask_for_keep_alive() {
                 .await
                 .unwrap();
             let (text, closed) =
-                read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
+                read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
             assert!(!closed, "{server}: kept alive: {text}");
             assert!(
                 text.to_ascii_lowercase().contains("connection: keep-alive"),
@@ -113,7 +86,7 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
         )
         .await
         .unwrap();
-        let (text, _) = read_for(
+        let (text, _) = read_raw(
             &mut c,
             Duration::from_secs(5),
             Some(("100 Continue\r\n\r\n", 1)),
@@ -124,7 +97,7 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
             "{server}: {text:?}"
         );
         c.write_all(b"ping").await.unwrap();
-        let (text, _) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\nping", 1))).await;
+        let (text, _) = read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\nping", 1))).await;
         assert!(text.starts_with("HTTP/1.1 200"), "{server}: {text}");
     }
 }
@@ -144,7 +117,7 @@ async fn a_request_refused_before_its_body_gets_no_100_continue_and_is_not_uploa
         )
         .await
         .unwrap();
-        let (text, _) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\n", 1))).await;
+        let (text, _) = read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\n", 1))).await;
         assert!(
             text.starts_with("HTTP/1.1 413"),
             "{server}: no 100 first: {text}"
@@ -167,7 +140,7 @@ async fn ambiguous_or_malformed_heads_get_400_and_reach_no_instance() {
     for case in cases {
         let mut c = TcpStream::connect(gw.addr).await.unwrap();
         c.write_all(case).await.unwrap();
-        let (text, closed) = read_for(&mut c, Duration::from_secs(5), None).await;
+        let (text, closed) = read_raw(&mut c, Duration::from_secs(5), None).await;
         assert!(
             text.starts_with("HTTP/1.1 400"),
             "{:?}: {text}",
@@ -189,7 +162,7 @@ async fn a_head_response_has_no_body_and_the_connection_goes_on() {
             .await
             .unwrap();
         let (text, closed) =
-            read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\nabc", 1))).await;
+            read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\nabc", 1))).await;
         assert!(!closed, "{server}: {text}");
         let (head, get) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{server}: {head}");
@@ -245,7 +218,7 @@ async fn a_large_response_streams_to_an_http10_client_until_close() {
         .await
         .unwrap();
     c.write_all(&vec![b'z'; size]).await.unwrap();
-    let (text, closed) = read_for(&mut c, Duration::from_secs(10), None).await;
+    let (text, closed) = read_raw(&mut c, Duration::from_secs(10), None).await;
     assert!(closed);
     let (_, body) = text.split_once("\r\n\r\n").unwrap();
     assert_eq!(body.len(), size);
@@ -265,7 +238,7 @@ async fn a_small_body_nobody_read_is_discarded_and_a_large_one_closes_the_connec
     c.write_all(b"0123456789GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let (text, closed) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
+    let (text, closed) = read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
     assert!(!closed, "{text}");
     // 405 (the endpoint takes GET), then the GET on the same connection.
     assert!(text.starts_with("HTTP/1.1 405"), "{text}");
@@ -276,14 +249,14 @@ async fn a_small_body_nobody_read_is_discarded_and_a_large_one_closes_the_connec
     c.write_all(b"POST /_gateway/healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
         .await
         .unwrap();
-    let (text, _) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\n", 1))).await;
+    let (text, _) = read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\n", 1))).await;
     assert!(text.starts_with("HTTP/1.1 405"), "{text}");
     assert!(
         text.contains("connection: close"),
         "the client is told: {text}"
     );
     let _ = c.write_all(&vec![b'x'; 200_000]).await;
-    let (_, closed) = read_for(&mut c, Duration::from_secs(5), None).await;
+    let (_, closed) = read_raw(&mut c, Duration::from_secs(5), None).await;
     assert!(closed);
 }
 
@@ -302,7 +275,7 @@ async fn a_request_sent_a_byte_at_a_time_arrives_whole() {
         c.write_all(&[*byte]).await.unwrap();
         tokio::task::yield_now().await;
     }
-    let (text, closed) = read_for(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
+    let (text, closed) = read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\na", 1))).await;
     assert!(!closed, "{text}");
     assert!(text.contains("\r\n\r\nhello world!HTTP/1.1 200"), "{text}");
 }

@@ -190,22 +190,6 @@ async fn past_a_pools_concurrency_cap_requests_to_it_are_shed() {
     );
 }
 
-async fn read_all(stream: &mut TcpStream, within: Duration) -> (String, bool) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(within, async {
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
-    (String::from_utf8_lossy(&got).into_owned(), closed)
-}
-
 #[tokio::test]
 async fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
     let up = Upstream::start("a").await;
@@ -214,7 +198,7 @@ async fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
     let second = TcpStream::connect(gw.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut third = TcpStream::connect(gw.addr).await.unwrap();
-    let (reply, closed) = read_all(&mut third, Duration::from_secs(3)).await;
+    let (reply, closed) = read_raw(&mut third, Duration::from_secs(3), None).await;
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     assert!(
         reply.to_ascii_lowercase().contains("retry-after: 1"),
@@ -245,7 +229,7 @@ async fn a_client_too_slow_to_send_its_headers_is_disconnected() {
         .await
         .unwrap();
     let started = Instant::now();
-    let (_reply, closed) = read_all(&mut slow, Duration::from_secs(3)).await;
+    let (_reply, closed) = read_raw(&mut slow, Duration::from_secs(3), None).await;
     assert!(closed, "slowloris connection closed");
     let took = started.elapsed();
     assert!(
@@ -309,7 +293,7 @@ async fn request_heads_larger_than_max_header_bytes_are_refused() {
     let big = "a".repeat(20_000);
     let req = format!("GET /x HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n");
     let _ = c.write_all(req.as_bytes()).await;
-    let (reply, closed) = read_all(&mut c, Duration::from_secs(3)).await;
+    let (reply, closed) = read_raw(&mut c, Duration::from_secs(3), None).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
     assert!(closed);
     assert_eq!(up.hits(), 0);
@@ -334,7 +318,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_secs() {
     let n = c.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let started = Instant::now();
-    let (_rest, closed) = read_all(&mut c, Duration::from_secs(4)).await;
+    let (_rest, closed) = read_raw(&mut c, Duration::from_secs(4), None).await;
     assert!(closed, "idle connection closed");
     let took = started.elapsed();
     assert!(
@@ -367,7 +351,7 @@ async fn a_kept_alive_connection_waits_the_idle_timeout_and_its_next_head_the_he
     // Half a head, then nothing: dropped after the head timeout.
     c.write_all(b"GET /x HTTP/1.1\r\n").await.unwrap();
     let started = Instant::now();
-    let (rest, closed) = read_all(&mut c, Duration::from_secs(3)).await;
+    let (rest, closed) = read_raw(&mut c, Duration::from_secs(3), None).await;
     assert!(closed && rest.is_empty(), "{rest:?}");
     let took = started.elapsed();
     assert!(

@@ -350,20 +350,7 @@ async fn a_websocket_upgrade_reaches_an_https_instance_and_bytes_flow_both_ways(
     )
     .await
     .unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let head = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                return String::from_utf8_lossy(&got[..end]).into_owned();
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let (head, _) = read_raw(&mut c, Duration::from_secs(5), Some(("\r\n\r\n", 1))).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     c.write_all(b"over tls").await.unwrap();
     let mut echoed = [0u8; 8];

@@ -206,14 +206,9 @@ impl ResettingUpstream {
                 };
                 let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
+                    let Some(head) = read_request_head(&mut stream).await else {
+                        return;
+                    };
                     if head.starts_with(b"GET /readyz ") {
                         let _ = stream
                             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
@@ -455,4 +450,46 @@ impl GetLoad {
             self.failures.load(Ordering::SeqCst),
         )
     }
+}
+
+/// Reads raw bytes until the peer closes the connection or `within`
+/// passes, or (with `until`) as soon as the text read holds it that many
+/// times. Returns the text and whether the peer closed.
+pub async fn read_raw(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+    until: Option<(&str, usize)>,
+) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            if let Some((text, n)) = until {
+                if String::from_utf8_lossy(&got).matches(text).count() >= n {
+                    return false;
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Reads a request head (up to its blank line) on a raw test instance;
+/// `None` when the connection ends first.
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
 }
