@@ -17,8 +17,51 @@ pub fn new_id() -> String {
     id.hyphenated().encode_lower(&mut buf).to_owned()
 }
 
+thread_local! {
+    /// Each thread's request-id generator state (SplitMix64); 0 until
+    /// first seeded from the OS's randomness.
+    static REQUEST_ID_STATE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A new request id: a UUIDv7 (ordered by millisecond) whose 74 random
+/// bits come from a per-thread SplitMix64 generator seeded from the OS,
+/// at about a third of [`new_id`]'s cost (the gateway makes one for every
+/// request that comes without one). Unique, not unguessable: never use it
+/// as a secret or a token.
+pub fn new_request_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let (a, b) = REQUEST_ID_STATE.with(|state| {
+        let mut s = state.get();
+        if s == 0 {
+            // Seeded once per thread; the low bit keeps it from being 0.
+            s = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
+        }
+        let a = splitmix64(&mut s);
+        let b = splitmix64(&mut s);
+        state.set(s);
+        (a, b)
+    });
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&a.to_le_bytes());
+    random[8..].copy_from_slice(&b.to_le_bytes()[..2]);
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut buf).to_owned()
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A request id: accepts a caller's id when it is short and printable,
-/// otherwise makes a new one, so logs can never be polluted through it.
+/// otherwise makes a new one ([`new_request_id`]), so logs can never be
+/// polluted through it.
 pub fn request_id_or_new(incoming: Option<&str>) -> String {
     match incoming {
         Some(id)
@@ -30,13 +73,30 @@ pub fn request_id_or_new(incoming: Option<&str>) -> String {
         {
             id.to_string()
         }
-        _ => new_id(),
+        _ => new_request_id(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_v7_uuids_distinct_and_ordered_by_millisecond() {
+        let first = new_request_id();
+        let parsed = uuid::Uuid::parse_str(&first).unwrap();
+        assert_eq!(parsed.get_version(), Some(uuid::Version::SortRand));
+        assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122);
+        let many: std::collections::HashSet<String> =
+            (0..10_000).map(|_| new_request_id()).collect();
+        assert_eq!(many.len(), 10_000, "no repeats");
+        // Another thread has its own generator, seeded apart.
+        let other = std::thread::spawn(new_request_id).join().unwrap();
+        assert!(!many.contains(&other));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let later = new_request_id();
+        assert!(later[..13] > first[..13], "{later} after {first}");
+    }
 
     #[test]
     fn keeps_a_sane_incoming_id_and_replaces_a_bad_one() {

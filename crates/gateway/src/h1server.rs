@@ -262,7 +262,7 @@ where
         };
 
         // ---- the response ------------------------------------------------
-        let (mut parts, mut body) = response.into_parts();
+        let (parts, mut body) = response.into_parts();
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         if switching && upgrade.is_none() {
             tracing::warn!("a 101 answer to a request that asked for no upgrade; closing");
@@ -288,7 +288,7 @@ where
         let mut out = BytesMut::with_capacity(512 + inline as usize);
         let mut framing = encode_head(
             &mut out,
-            &mut parts,
+            &parts,
             hint,
             head_request,
             http10,
@@ -600,13 +600,13 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
         ),
     };
     tracing::debug!(status = problem.status, detail = ?problem.detail, "request head refused");
-    let (mut parts, _) = problem_response(&problem, "-").into_parts();
+    let (parts, _) = problem_response(&problem, "-").into_parts();
     let body = problem.to_json();
     let mut keep_alive = false;
     let mut out = BytesMut::with_capacity(512 + body.len());
     let mut framing = encode_head(
         &mut out,
-        &mut parts,
+        &parts,
         SizeHint::with_exact(body.len() as u64),
         false,
         false,
@@ -981,14 +981,13 @@ fn hex(mut n: usize, into: &mut [u8; 16]) -> &[u8] {
 /// false when the response or its framing ends the connection.
 fn encode_head(
     out: &mut BytesMut,
-    parts: &mut http::response::Parts,
+    parts: &http::response::Parts,
     hint: SizeHint,
     head_request: bool,
     http10: bool,
     keep_alive: &mut bool,
 ) -> Out {
     let status = parts.status;
-    let headers = &mut parts.headers;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.extend_from_slice(b" ");
@@ -996,41 +995,53 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 
     let bodiless_status = status.is_informational() || status == StatusCode::NO_CONTENT;
-    let mut length = match headers
-        .get(CONTENT_LENGTH)
-        .map(|v| parse_length(v.as_bytes()))
-    {
-        Some(Some(n)) => Some(n),
-        Some(None) => {
-            headers.remove(CONTENT_LENGTH);
-            None
+    let upgrading = status == StatusCode::SWITCHING_PROTOCOLS;
+    // One pass over the fields (a lookup by name costs about as much as
+    // writing one): the framing fields are the codec's and written after
+    // the rest; the first Content-Length decides (one that is not a
+    // number is dropped), a Transfer-Encoding passed along is replaced by
+    // the framing chosen here.
+    let mut length: Option<Option<u64>> = None;
+    let mut has_date = false;
+    for (name, value) in parts.headers.iter() {
+        if *name == CONTENT_LENGTH {
+            if length.is_none() {
+                length = Some(parse_length(value.as_bytes()));
+            }
+        } else if *name == TRANSFER_ENCODING {
+        } else if *name == CONNECTION && !upgrading {
+            let close = value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            if close {
+                *keep_alive = false;
+            }
+        } else {
+            has_date |= *name == DATE;
+            put_field(out, name, value);
         }
-        None => None,
-    };
-    // The framing is the codec's: a Transfer-Encoding passed along is
-    // replaced by the one chosen here.
-    headers.remove(TRANSFER_ENCODING);
-    if bodiless_status {
-        headers.remove(CONTENT_LENGTH);
-        length = None;
     }
-    let framing = if bodiless_status || status == StatusCode::NOT_MODIFIED {
+    let length = if bodiless_status {
+        None
+    } else {
+        length.flatten()
+    };
+    let framing = if bodiless_status {
+        Out::None
+    } else if status == StatusCode::NOT_MODIFIED {
+        // The length a 200 would have had, when the instance said so.
+        if let Some(n) = length {
+            put_length(out, n);
+        }
         Out::None
     } else if head_request {
-        if length.is_none() {
-            if let Some(n) = hint.exact().filter(|n| *n > 0) {
-                out.extend_from_slice(b"content-length: ");
-                push_decimal(out, n);
-                out.extend_from_slice(b"\r\n");
-            }
+        if let Some(n) = length.or(hint.exact().filter(|n| *n > 0)) {
+            put_length(out, n);
         }
         Out::None
-    } else if let Some(n) = length {
-        Out::Length(n)
-    } else if let Some(n) = hint.exact() {
-        out.extend_from_slice(b"content-length: ");
-        push_decimal(out, n);
-        out.extend_from_slice(b"\r\n");
+    } else if let Some(n) = length.or(hint.exact()) {
+        put_length(out, n);
         Out::Length(n)
     } else if !http10 {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -1039,33 +1050,26 @@ fn encode_head(
         *keep_alive = false;
         Out::Close
     };
-    let upgrading = status == StatusCode::SWITCHING_PROTOCOLS;
     if !upgrading {
-        if let Some(connection) = headers.remove(CONNECTION) {
-            let close = connection
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-            if close {
-                *keep_alive = false;
-            }
-        }
         if !*keep_alive {
             out.extend_from_slice(b"connection: close\r\n");
         } else if http10 {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
     }
-    if !headers.contains_key(DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(&date::now());
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in headers.iter() {
-        put_field(out, name, value);
-    }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+fn put_length(out: &mut BytesMut, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    push_decimal(out, n);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends one `name: value` line.
@@ -1286,10 +1290,10 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        let (mut parts, ()) = response.into_parts();
+        let (parts, ()) = response.into_parts();
         let mut out = BytesMut::new();
         let mut keep_alive = true;
-        let framing = encode_head(&mut out, &mut parts, hint, head, http10, &mut keep_alive);
+        let framing = encode_head(&mut out, &parts, hint, head, http10, &mut keep_alive);
         (
             String::from_utf8(out.to_vec()).unwrap(),
             framing,

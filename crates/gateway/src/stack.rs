@@ -540,9 +540,13 @@ impl Service<Request<Body>> for Proxy {
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         Box::pin(async move {
-            let Some(ctx) = req.extensions_mut().remove::<Ctx>() else {
+            // The request's extensions, emptied, carry the outcome back:
+            // their map (allocated for the context) is reused.
+            let mut extensions = std::mem::take(req.extensions_mut());
+            let Some(ctx) = extensions.remove::<Ctx>() else {
                 return Ok(no_context());
             };
+            extensions.clear();
             let mut outcome = Outcome::default();
             let mut response = crate::proxy::forward(
                 &ctx.state,
@@ -553,6 +557,9 @@ impl Service<Request<Body>> for Proxy {
                 &mut outcome,
             )
             .await;
+            if response.extensions().is_empty() {
+                *response.extensions_mut() = extensions;
+            }
             response.extensions_mut().insert(outcome);
             Ok(response)
         })

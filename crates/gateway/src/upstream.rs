@@ -104,7 +104,10 @@ fn take(settings: ClientSettings, instance: &Instance, now: Instant) -> Option<C
         let list = pool.idle.get_mut(&instance.id())?;
         while let Some(idle) = list.pop() {
             if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
-                && idle.conn.authority == instance.authority
+                // Byte for byte (the connection's is a clone of an
+                // instance's): `Authority`'s own `==` ignores case, a
+                // byte at a time.
+                && idle.conn.authority.as_str() == instance.authority.as_str()
                 && idle.conn.is_usable()
             {
                 let mut conn = idle.conn;
@@ -214,7 +217,9 @@ pub(crate) async fn send(
     loop {
         let (mut conn, reused) = match take(settings, instance, now) {
             Some(conn) => (conn, true),
-            None => (connect(clients, instance, now).await?, false),
+            // Boxed: a new connection is the rare case, and its future
+            // (TCP and TLS handshakes) would size every request's.
+            None => (Box::pin(connect(clients, instance, now)).await?, false),
         };
         pool.metrics.connection(&pool.name, reused);
         let (rparts, framing, keep_alive) = match conn.write_request(head, body).await {

@@ -2,6 +2,8 @@
 //! (defaults, `--config` file, `SHOAL_*` env, flags), sets up logging and
 //! the runtime, and hands over to the role. Glue only.
 
+#[cfg(not(feature = "system-alloc"))]
+mod alloc;
 mod cli;
 mod roles;
 mod up;
@@ -11,10 +13,11 @@ use std::process::ExitCode;
 
 /// mimalloc instead of glibc's malloc: the gateway's proxy path spent 8% of
 /// its CPU in glibc malloc/free (perf, bench/gateway.sh load). It costs
-/// memory; `--features system-alloc` keeps glibc's. See ARCHITECTURE.md.
+/// memory; `--features system-alloc` keeps glibc's. See ARCHITECTURE.md
+/// and `alloc.rs`.
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Mimalloc = alloc::Mimalloc;
 
 /// The gateway runs one single-threaded runtime per thread of its own
 /// (`shoal_gateway::Gateway::run`); this one accepts and serves its share.
