@@ -383,7 +383,9 @@ impl Conn {
             ]);
         }
         let head = self.buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(spans.len());
+        // Room for the `x-request-id` the proxy adds: a map filled to its
+        // capacity grows (and rehashes) on the next insert.
+        let mut map = HeaderMap::with_capacity(spans.len() + 1);
         for span in spans {
             let [name_at, name_len, value_at, value_len] = span.map(|n| n as usize);
             let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])

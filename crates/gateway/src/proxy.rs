@@ -345,11 +345,8 @@ pub(crate) async fn forward(
     let pool = &route.pool;
     outcome.pool = Some(Arc::clone(pool));
 
-    let content_length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let facts = field_facts(&parts.headers);
+    let content_length = facts.content_length;
     if content_length.is_some_and(|n| n > route.max_body_bytes) {
         return too_large(route, request_id);
     }
@@ -359,7 +356,8 @@ pub(crate) async fn forward(
     // caller sent a shorter deadline of its own. What is left of it goes
     // upstream with every attempt (`x-shoal-deadline-ms`, which Shoal's
     // runtime honours).
-    let budget = caller_deadline(&parts.headers)
+    let budget = facts
+        .deadline
         .map_or(route.request_timeout, |d| d.min(route.request_timeout));
     let deadline = started + budget;
     let https = state.settings.tls();
@@ -373,6 +371,7 @@ pub(crate) async fn forward(
     let fields = (!pool.h2c).then(|| {
         upstream_fields(
             &parts.headers,
+            facts.forwarded_for,
             host,
             client_addr,
             https,
@@ -604,12 +603,41 @@ fn h2c_request(
 }
 
 /// The request's own deadline in `x-shoal-deadline-ms`, if it sent one.
-fn caller_deadline(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(X_SHOAL_DEADLINE_MS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_millis)
+/// What [`forward`] needs of the request's header fields, found in one
+/// pass over them: a lookup by name (which hashes the name) costs about
+/// as much as the whole pass, and this would take three.
+#[derive(Debug, Default, PartialEq)]
+struct FieldFacts {
+    /// The first `Content-Length`, when it is a number.
+    content_length: Option<u64>,
+    /// The caller's own deadline: the first `x-shoal-deadline-ms`, when it
+    /// is a number of milliseconds.
+    deadline: Option<Duration>,
+    /// Whether the client sent `X-Forwarded-For` (to be extended).
+    forwarded_for: bool,
+}
+
+fn field_facts(headers: &HeaderMap) -> FieldFacts {
+    let mut facts = FieldFacts::default();
+    let (mut length_seen, mut deadline_seen) = (false, false);
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH {
+            if !std::mem::replace(&mut length_seen, true) {
+                facts.content_length = value.to_str().ok().and_then(|v| v.parse().ok());
+            }
+        } else if *name == X_SHOAL_DEADLINE_MS {
+            if !std::mem::replace(&mut deadline_seen, true) {
+                facts.deadline = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_millis);
+            }
+        } else if *name == X_FORWARDED_FOR {
+            facts.forwarded_for = true;
+        }
+    }
+    facts
 }
 
 /// 504: no response headers before the request's deadline.
@@ -693,6 +721,7 @@ fn not_passed_upstream(name: &HeaderName) -> bool {
 /// no line here is `host`, the instance's address.)
 pub(crate) fn upstream_fields(
     incoming: &HeaderMap,
+    client_forwarded_for: bool,
     host: Option<&str>,
     client_addr: SocketAddr,
     https: bool,
@@ -709,7 +738,7 @@ pub(crate) fn upstream_fields(
         has_host |= *name == header::HOST;
         fields.push(name, value.as_bytes());
     }
-    let forwarded_for = forwarded_for(incoming, client_addr.ip());
+    let forwarded_for = forwarded_for(incoming, client_forwarded_for, client_addr.ip());
     let mut ours = |name: &HeaderName, value: &[u8]| {
         if !edits.touches(name) {
             fields.push(name, value);
@@ -734,8 +763,12 @@ pub(crate) fn upstream_fields(
 
 /// X-Forwarded-For for the next hop: the client's values (all of its
 /// X-Forwarded-For lines, in order), then the client's address.
-fn forwarded_for(incoming: &HeaderMap, client_ip: std::net::IpAddr) -> String {
+fn forwarded_for(incoming: &HeaderMap, any: bool, client_ip: std::net::IpAddr) -> String {
     let mut out = String::with_capacity(48);
+    if !any {
+        push_ip(&mut out, client_ip);
+        return out;
+    }
     for prior in incoming
         .get_all(X_FORWARDED_FOR)
         .iter()
@@ -788,7 +821,7 @@ pub(crate) fn upstream_headers(
     let mut headers = incoming.clone();
     strip_hop_by_hop(&mut headers);
     // One string, handed to the header without a copy.
-    let forwarded_for = forwarded_for(incoming, client_addr.ip());
+    let forwarded_for = forwarded_for(incoming, true, client_addr.ip());
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -810,6 +843,41 @@ pub(crate) fn upstream_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_facts_take_the_first_length_and_deadline_and_see_forwarded_for() {
+        let mut h = HeaderMap::new();
+        assert_eq!(field_facts(&h), FieldFacts::default());
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        h.append(X_SHOAL_DEADLINE_MS, HeaderValue::from_static(" 250 "));
+        h.append(X_SHOAL_DEADLINE_MS, HeaderValue::from_static("5"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert_eq!(
+            field_facts(&h),
+            FieldFacts {
+                content_length: Some(12),
+                deadline: Some(Duration::from_millis(250)),
+                forwarded_for: true,
+            }
+        );
+        let mut bad = HeaderMap::new();
+        bad.append(header::CONTENT_LENGTH, HeaderValue::from_static("x"));
+        bad.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        bad.append(X_SHOAL_DEADLINE_MS, HeaderValue::from_static("soon"));
+        let facts = field_facts(&bad);
+        assert_eq!(
+            (facts.content_length, facts.deadline),
+            (None, None),
+            "the first decides"
+        );
+        assert_eq!(
+            forwarded_for(&h, true, "192.168.1.2".parse().unwrap()),
+            "10.0.0.1, 192.168.1.2"
+        );
+        assert_eq!(forwarded_for(&bad, false, "::1".parse().unwrap()), "::1");
+    }
 
     #[test]
     fn framing_hop_by_hop_and_the_gateways_own_headers_stay_behind() {
