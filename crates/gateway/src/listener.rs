@@ -566,11 +566,16 @@ pub fn serve<S: Stack>(
             serve_io(conn, &limits, io, false).await
         }),
         Some(acceptor) => Box::pin(async move {
+            // The send timeout sits under TLS, on the socket: what counts
+            // as progress is bytes the client's socket took, during a
+            // flush of TLS records as much as during a write (above TLS, a
+            // write only fills rustls's buffer and a long flush to a slow
+            // but reading client would count as none).
+            let stream = SendTimeout::new(stream, limits.send_timeout);
             let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
             let failed = match handshake.await {
-                Ok(Ok(stream)) => {
-                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let io = SendTimeout::new(stream, limits.send_timeout);
+                Ok(Ok(io)) => {
+                    let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2");
                     return serve_io(conn, &limits, io, h2).await;
                 }
                 Ok(Err(e)) => e.to_string(),

@@ -606,7 +606,6 @@ fn h2c_request(
     Ok(req)
 }
 
-/// The request's own deadline in `x-shoal-deadline-ms`, if it sent one.
 /// What [`forward`] needs of the request's header fields, found in one
 /// pass over them: a lookup by name (which hashes the name) costs about
 /// as much as the whole pass, and this would take three.

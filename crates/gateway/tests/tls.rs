@@ -112,6 +112,64 @@ async fn http2_and_http1_over_tls_are_chosen_by_alpn_and_the_upstream_hears_http
 }
 
 #[tokio::test]
+async fn a_tls_client_that_stops_reading_is_disconnected_after_send_timeout() {
+    // As limits.rs's test, over TLS: the send timeout sits on the socket
+    // under TLS (listener.rs), where it sees the bytes the client takes.
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(tls_settings(
+        &up.url(),
+        json!({"send_timeout_ms": 300, "max_body_bytes": 64 << 20}),
+    ))
+    .await;
+    let size = 32usize << 20;
+    let mut tls = connect(gw.addr, &[b"http/1.1"]).await;
+    tls.write_all(
+        format!("POST /echo HTTP/1.1\r\nHost: localhost\r\ncontent-length: {size}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.write_all(&vec![b'x'; size]).await.unwrap();
+    tls.flush().await.unwrap();
+    // The instance's in-flight count, read over TLS like everything on
+    // this listener.
+    let in_flight = || async {
+        let admin = connect(gw.addr, &[b"http/1.1"]).await;
+        let r = http1_over(
+            admin,
+            Request::get("/_gateway/pools").header("host", "localhost"),
+        )
+        .await;
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let pools: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        pools["pools"][0]["instances"][0]["in_flight"].as_u64()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight().await == Some(0) && up.hits() == 1
+        })
+        .await,
+        "the stalled response was dropped"
+    );
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was closed");
+    assert!(
+        got < size,
+        "only what was in the buffers arrived: {got} bytes"
+    );
+}
+
+#[tokio::test]
 async fn a_plain_http_client_on_a_tls_listener_is_dropped_without_reaching_an_upstream() {
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(tls_settings(&up.url(), json!({}))).await;
