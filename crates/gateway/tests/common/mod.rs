@@ -454,9 +454,9 @@ impl GetLoad {
 
 /// Reads raw bytes until the peer closes the connection or `within`
 /// passes, or (with `until`) as soon as the text read holds it that many
-/// times. Returns the text and whether the peer closed.
-pub async fn read_raw(
-    stream: &mut tokio::net::TcpStream,
+/// times. Returns the text and whether the peer closed (TCP or TLS).
+pub async fn read_raw<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
     within: Duration,
     until: Option<(&str, usize)>,
 ) -> (String, bool) {
