@@ -25,7 +25,7 @@ thread_local! {
 
 /// A new request id: a UUIDv7 (ordered by millisecond) whose 74 random
 /// bits come from a per-thread SplitMix64 generator seeded from the OS,
-/// at about a third of [`new_id`]'s cost (the gateway makes one for every
+/// at about half of [`new_id`]'s cost (the gateway makes one for every
 /// request that comes without one). Unique, not unguessable: never use it
 /// as a secret or a token.
 pub fn new_request_id() -> String {
