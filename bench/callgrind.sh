@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind (not
+# seconds: repeatable within ~2% whatever else the machine does). One
+# gateway thread under callgrind, three bench-upstreams, 10,000 requests
+# at 1,000 req/s from 16 keep-alive connections, then a run serving none
+# (start-up and idle), and the difference per request. Prints the totals
+# and the top functions by their own instructions.
+#   bench/callgrind.sh                 # needs valgrind (Debian package)
+#   REQUESTS=20000 bench/callgrind.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REQUESTS=${REQUESTS:-10000}
+RATE=1000
+command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+echo "==> building shoal, loadgen and bench-upstream (release)" >&2
+cargo build --release -q -p shoal -p shoal-bench
+BIN=target/release
+. bench/lib.sh
+bench_init callgrind
+UPS=()
+for _ in 1 2 3; do
+  p=$(free_port)
+  $BIN/bench-upstream --listen "127.0.0.1:$p" --size 1024 >/dev/null 2>&1 &
+  PIDS+=($!); UPS+=(--to "http://127.0.0.1:$p")
+done
+# total_for N: callgrind's instruction total for a run serving N requests.
+total_for() {
+  local n=$1 port out
+  port=$(free_port)
+  out="$RUN/cg.$n"
+  SHOAL_LOG__LEVEL=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+    $BIN/shoal gateway --listen "127.0.0.1:$port" --workers 1 "${UPS[@]}" >"$RUN/gw.$n.log" 2>&1 &
+  local g=$!
+  wait_http "http://127.0.0.1:$port/_gateway/readyz" >/dev/null
+  if [ "$n" -gt 0 ]; then
+    $BIN/loadgen --url "http://127.0.0.1:$port/" --connections 16 --rate "$RATE" \
+      --duration $((n / RATE)) --warmup 0 >"$RUN/load.$n.json"
+  else
+    sleep $((REQUESTS / RATE))
+  fi
+  kill -INT "$g"; wait "$g" || true
+  callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+}
+echo "==> $REQUESTS requests under callgrind (about a minute)" >&2
+loaded=$(total_for "$REQUESTS")
+echo "==> the same time serving none" >&2
+idle=$(total_for 0)
+served=$(python3 -c "import json; print(json.load(open('$RUN/load.$REQUESTS.json'))['requests'])")
+echo "instructions: $loaded with $served requests, $idle serving none"
+python3 -c "print(f'per request: {($loaded - $idle) / max(1, $served):,.0f}')"
+echo
+echo "top functions by own instructions (the loaded run):"
+callgrind_annotate "$RUN/cg.$REQUESTS" 2>/dev/null | grep -E '^ *[0-9,]+ +\(' | grep -v 'PROGRAM TOTALS' | head -20 | cut -c1-160
