@@ -18,12 +18,7 @@ cargo build --release -q -p shoal -p shoal-bench
 BIN=target/release
 . bench/lib.sh
 bench_init ab
-UPS=()
-for _ in 1 2 3; do
-  p=$(free_port)
-  $BIN/bench-upstream --listen "127.0.0.1:$p" --size 1024 >/dev/null 2>&1 &
-  PIDS+=($!); UPS+=(--to "http://127.0.0.1:$p")
-done
+start_upstreams
 BP=$(free_port); AP=$(free_port)
 SHOAL_LOG__LEVEL=warn "$BEFORE" gateway --listen "127.0.0.1:$BP" --workers "$W" "${UPS[@]}" >"$RUN/before.log" 2>&1 &
 B=$!; PIDS+=($B)
@@ -32,26 +27,13 @@ A=$!; PIDS+=($A)
 wait_http "http://127.0.0.1:$BP/_gateway/readyz"
 wait_http "http://127.0.0.1:$AP/_gateway/readyz"
 sleep 1
-ticks() { # user and system ticks of all threads of a pid
-  python3 - "$1" <<'PY'
-import sys, glob
-u = s = 0
-for t in glob.glob(f"/proc/{sys.argv[1]}/task/*"):
-    try:
-        st = open(t + "/stat").read().rsplit(")", 1)[1].split()
-        u += int(st[11]); s += int(st[12])
-    except OSError:
-        pass
-print(u, s)
-PY
-}
 HZ=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
   for who in "before:$BP:$B" "after:$AP:$A"; do
     n=${who%%:*}; rest=${who#*:}; port=${rest%%:*}; pid=${rest#*:}
-    read -r u0 s0 < <(ticks "$pid")
+    read -r u0 s0 _ _ < <(cpu_ticks "$pid")
     out=$($BIN/loadgen --url "http://127.0.0.1:$port/" --connections 64 --duration 6 --warmup 0 --threads "$W")
-    read -r u1 s1 < <(ticks "$pid")
+    read -r u1 s1 _ _ < <(cpu_ticks "$pid")
     python3 -c "
 import json, sys
 d = json.loads(sys.argv[1]); r = max(1, d['requests']); hz = int(sys.argv[4])

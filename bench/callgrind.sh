@@ -17,12 +17,7 @@ cargo build --release -q -p shoal -p shoal-bench
 BIN=target/release
 . bench/lib.sh
 bench_init callgrind
-UPS=()
-for _ in 1 2 3; do
-  p=$(free_port)
-  $BIN/bench-upstream --listen "127.0.0.1:$p" --size 1024 >/dev/null 2>&1 &
-  PIDS+=($!); UPS+=(--to "http://127.0.0.1:$p")
-done
+start_upstreams
 # total_for N: callgrind's instruction total for a run serving N requests.
 total_for() {
   local n=$1 port out

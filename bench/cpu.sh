@@ -15,13 +15,9 @@ cargo build --release -q -p shoal -p shoal-bench
 BIN=target/release
 . bench/lib.sh
 bench_init cpubench
-UPS=()
+start_upstreams
 SERVERS=""
-for _ in 1 2 3; do
-  p=$(free_port)
-  $BIN/bench-upstream --listen "127.0.0.1:$p" --size 1024 >/dev/null 2>&1 &
-  PIDS+=($!); UPS+=(--to "http://127.0.0.1:$p"); SERVERS+="    server 127.0.0.1:$p;"$'\n'
-done
+for p in "${UPSTREAM_PORTS[@]}"; do SERVERS+="    server 127.0.0.1:$p;"$'\n'; done
 SP=$(free_port); NP=$(free_port)
 sed -e "s|@WORKERS@|$W|; s|@PORT@|$NP|; s|@RUN@|$RUN|g" -e "/@SERVERS@/{
 r /dev/stdin
@@ -36,33 +32,13 @@ nginx -c "$RUN/nginx.conf" -p "$RUN" & N=$!; PIDS+=($N)
 wait_http "http://127.0.0.1:$SP/_gateway/readyz"
 wait_http "http://127.0.0.1:$HP/_gateway/readyz"
 sleep 1
-tick() { # user and system ticks, voluntary and involuntary switches of pids and children
-  python3 - "$@" <<'PY'
-import sys, os, glob
-u = s = v = i = 0
-pids = set(sys.argv[1:])
-for p in sys.argv[1:]:
-    pids.update(os.popen(f"pgrep -P {p}").read().split())
-for p in pids:
-    for t in glob.glob(f"/proc/{p}/task/*"):
-        try:
-            st = open(t + "/stat").read().rsplit(")", 1)[1].split()
-            u += int(st[11]); s += int(st[12])
-            for line in open(t + "/status"):
-                if line.startswith("voluntary_ctxt_switches"): v += int(line.split()[1])
-                if line.startswith("nonvoluntary_ctxt_switches"): i += int(line.split()[1])
-        except OSError:
-            pass
-print(u, s, v, i)
-PY
-}
 HZ=$(getconf CLK_TCK)
 for round in 1 2; do
   for name in "shoal:$SP:$S" "nginx:$NP:$N" "shoal-hyper:$HP:$H"; do
     n=${name%%:*}; rest=${name#*:}; port=${rest%%:*}; pid=${rest#*:}
-    read -r u0 s0 v0 i0 < <(tick "$pid")
+    read -r u0 s0 v0 i0 < <(cpu_ticks "$pid")
     out=$($BIN/loadgen --url "http://127.0.0.1:$port/" --connections 64 --duration 6 --threads "$W")
-    read -r u1 s1 v1 i1 < <(tick "$pid")
+    read -r u1 s1 v1 i1 < <(cpu_ticks "$pid")
     python3 -c "
 import json, sys
 d = json.loads(sys.argv[1]); r = max(1, d['requests']); hz = int(sys.argv[6])

@@ -24,3 +24,40 @@ wait_http() {
   echo "$0: $1 did not answer" >&2
   return 1
 }
+
+# start_upstreams [ARGS...]: three bench-upstreams ($BIN/bench-upstream,
+# 1 KiB answers, ARGS added) on free ports; sets UPSTREAM_PORTS and UPS
+# (the `--to` flags of `shoal gateway`).
+start_upstreams() {
+  UPSTREAM_PORTS=(); UPS=()
+  local p
+  for _ in 1 2 3; do
+    p=$(free_port)
+    "$BIN/bench-upstream" --listen "127.0.0.1:$p" --size 1024 "$@" >/dev/null 2>&1 &
+    PIDS+=($!); UPSTREAM_PORTS+=("$p"); UPS+=(--to "http://127.0.0.1:$p")
+  done
+}
+
+# cpu_ticks PID...: user and system clock ticks and voluntary and
+# involuntary context switches, summed over every thread of the pids and
+# of their children.
+cpu_ticks() {
+  python3 - "$@" <<'PY'
+import sys, os, glob
+u = s = v = i = 0
+pids = set(sys.argv[1:])
+for p in sys.argv[1:]:
+    pids.update(os.popen(f"pgrep -P {p}").read().split())
+for p in pids:
+    for t in glob.glob(f"/proc/{p}/task/*"):
+        try:
+            st = open(t + "/stat").read().rsplit(")", 1)[1].split()
+            u += int(st[11]); s += int(st[12])
+            for line in open(t + "/status"):
+                if line.startswith("voluntary_ctxt_switches"): v += int(line.split()[1])
+                if line.startswith("nonvoluntary_ctxt_switches"): i += int(line.split()[1])
+        except OSError:
+            pass
+print(u, s, v, i)
+PY
+}

@@ -1009,6 +1009,7 @@ fn encode_head(
                 length = Some(parse_length(value.as_bytes()));
             }
         } else if *name == TRANSFER_ENCODING {
+            // Replaced by the framing chosen below.
         } else if *name == CONNECTION && !upgrading {
             let close = value
                 .as_bytes()

@@ -110,11 +110,28 @@ fn named_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// Whether `name` is one of [`HOP_BY_HOP`]: one match (by length, then
+/// bytes) instead of nine comparisons.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of a
     // hashed removal of each of the nine.
-    let any = headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str()));
+    let any = headers.keys().any(|k| is_hop_by_hop(k.as_str()));
     if !any {
         return;
     }
@@ -693,24 +710,17 @@ fn bad_gateway(
 /// `x-forwarded-for` is extended instead). One match on the name (by
 /// length, then bytes), not fifteen comparisons per header.
 fn not_passed_upstream(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-length"
-            | "connection"
-            | "proxy-connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "x-forwarded-for"
-            | "x-forwarded-proto"
-            | "x-forwarded-host"
-            | "x-request-id"
-            | "x-shoal-deadline-ms"
-    )
+    let name = name.as_str();
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            "content-length"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | "x-request-id"
+                | "x-shoal-deadline-ms"
+        )
 }
 
 /// The header lines of a request to an HTTP/1.1 instance, written once
