@@ -7,6 +7,8 @@
 # and the top functions by their own instructions.
 #   bench/callgrind.sh                 # needs valgrind (Debian package)
 #   REQUESTS=20000 bench/callgrind.sh
+#   KEEP=/tmp/cg.out bench/callgrind.sh   # keeps the loaded run's profile
+#                                         # (callgrind_annotate --inclusive=yes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-10000}
@@ -41,6 +43,7 @@ loaded=$(total_for "$REQUESTS")
 echo "==> the same time serving none" >&2
 idle=$(total_for 0)
 served=$(python3 -c "import json; print(json.load(open('$RUN/load.$REQUESTS.json'))['requests'])")
+if [ -n "${KEEP:-}" ]; then cp "$RUN/cg.$REQUESTS" "$KEEP"; fi
 echo "instructions: $loaded with $served requests, $idle serving none"
 python3 -c "print(f'per request: {($loaded - $idle) / max(1, $served):,.0f}')"
 echo

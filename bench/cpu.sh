@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${W:-2}
 echo "==> building shoal, loadgen and bench-upstream (release)" >&2
-cargo build --release -q -p shoal -p shoal-bench
+bench/setup.sh >&2   # nginx (Debian package) and the release build
 BIN=target/release
 . bench/lib.sh
 bench_init cpubench

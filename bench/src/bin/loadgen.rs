@@ -4,8 +4,13 @@
 //! measured from when each request was due whenever the server made it
 //! late (the previous response on the connection came after it was due),
 //! so a stalled server cannot hide its queueing (no coordinated omission);
-//! a send late only because the generator's millisecond timer woke late
-//! counts from the send.
+//! a send late only because the generator woke late counts from the send.
+//! The open loop's send times are kept by a pacing thread (`pace`) with
+//! the OS's sub-millisecond sleeps, round robin over the connections:
+//! tokio's timers tick in milliseconds, which sent the requests of each
+//! millisecond together (24 at once at 24,000/s), a burst every server
+//! measured then queued, adding hundreds of microseconds to its latency
+//! that were the generator's making.
 //! `--idle N` instead opens N connections, sends one request on each, and
 //! holds them open for `--duration` (for memory per connection).
 //! `--paths FILE` takes each request's path from the file (one per line)
@@ -178,24 +183,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = start + Duration::from_secs_f64(args.duration);
-    let per_conn_interval = if args.rate > 0.0 {
-        Some(Duration::from_secs_f64(args.connections as f64 / args.rate))
-    } else {
-        None
-    };
+    // Open loop: one channel per connection, fed each request's due time
+    // by the pacing thread.
+    let mut pacer_ends = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..args.connections {
         let (target, histogram, errors) = (target.clone(), histogram.clone(), errors.clone());
         let (paths, zipf, hits) = (paths.clone(), zipf.clone(), hits.clone());
+        let mut dues = if args.rate > 0.0 {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            pacer_ends.push(tx);
+            Some(rx)
+        } else {
+            None
+        };
         tasks.push(tokio::spawn(async move {
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((i as u64 + 1) << 17);
             let mut local = hdrhistogram::Histogram::<u64>::new(3).unwrap();
             let mut sender = connect(&target).await.ok();
-            // Spread open-loop senders evenly over one interval.
-            let mut due = Instant::now()
-                + per_conn_interval
-                    .map(|iv| iv.mul_f64(i as f64 / args.connections as f64))
-                    .unwrap_or_default();
             // When the previous response on this connection ended.
             let mut free_at = Instant::now();
             loop {
@@ -203,14 +208,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 // from then when the send was late because the previous
                 // response came after it (the server stalled us: no
                 // coordinated omission). When the connection was free in
-                // time and only the timer woke late (tokio's timers tick
-                // in milliseconds), it counts from the send: that delay is
-                // the generator's, the same for every server measured.
-                let (sent_due, from) = if let Some(iv) = per_conn_interval {
-                    tokio::time::sleep_until(due.into()).await;
-                    let this = due;
-                    due += iv;
-                    (this, if free_at > this { this } else { Instant::now() })
+                // time and only the generator woke late, it counts from
+                // the send: that delay is the generator's, the same for
+                // every server measured.
+                let (sent_due, from) = if let Some(rx) = dues.as_mut() {
+                    let Some(due) = rx.recv().await else { break };
+                    (due, if free_at > due { due } else { Instant::now() })
                 } else {
                     let now = Instant::now();
                     (now, now)
@@ -246,6 +249,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             histogram.lock().unwrap().add(&local).unwrap();
         }));
     }
+    if args.rate > 0.0 {
+        let interval = Duration::from_secs_f64(1.0 / args.rate);
+        std::thread::Builder::new()
+            .name("pacer".into())
+            .spawn(move || pace(pacer_ends, interval, end))?;
+    }
     for t in tasks {
         t.await?;
     }
@@ -261,4 +270,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     out["hit_ratio"] = (hits as f64 / summary.requests.max(1) as f64).into();
     println!("{out}");
     Ok(())
+}
+
+/// The open loop's clock: request k is due `k * interval` from now, on
+/// connection k mod n. Sleeps with the OS's timer (tens of microseconds
+/// late at most, against tokio's millisecond ticks) and hands out every
+/// request that has come due on waking; a connection still busy with its
+/// last response finds it waiting. Stops at `end` (dropping the senders
+/// ends the connections' loops).
+fn pace(conns: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>, interval: Duration, end: Instant) {
+    let t0 = Instant::now();
+    let mut k: u32 = 0;
+    loop {
+        let now = Instant::now();
+        loop {
+            let due = t0 + interval * k;
+            if due >= end {
+                return;
+            }
+            if due > now {
+                std::thread::sleep(due - now);
+                break;
+            }
+            let _ = conns[k as usize % conns.len()].send(due);
+            k += 1;
+        }
+    }
 }

@@ -46,6 +46,8 @@ fn runtime_for(
 }
 
 fn main() -> ExitCode {
+    #[cfg(not(feature = "system-alloc"))]
+    alloc::no_transparent_huge_pages();
     let cli = cli::Cli::parse();
     let settings = match cli.settings() {
         Ok(s) => s,
