@@ -35,7 +35,14 @@ total_for() {
   else
     sleep $((REQUESTS / RATE))
   fi
-  kill -INT "$g"; wait "$g" || true
+  # A graceful stop writes the profile; one that has not ended within a
+  # minute (slow under valgrind, or stuck) is killed and the run fails.
+  kill -INT "$g"
+  for _ in $(seq 1 600); do kill -0 "$g" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$g" 2>/dev/null; then
+    kill -KILL "$g"; echo "the gateway under callgrind did not stop within 60 s" >&2; exit 1
+  fi
+  wait "$g" || true
   callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
 }
 echo "==> $REQUESTS requests under callgrind (about a minute)" >&2

@@ -5,7 +5,7 @@
 # Prints max requests/s and the ratios, added latency over going direct at
 # half of nginx's max rate (p50, p99), upstream connection reuse, and
 # resident memory with 1,000 open client connections.
-#   bench/gateway.sh            # 10 s per measurement, 3 rounds of max rate
+#   bench/gateway.sh            # 10 s per measurement, 3 rounds of each
 #   BENCH_SECONDS=5 BENCH_ROUNDS=5 bench/gateway.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,14 +15,13 @@ CONNS=${BENCH_CONNECTIONS:-64}
 bench/setup.sh
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 BIN=target/release
-RUN=$(mktemp -d /tmp/shoal-bench.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$RUN"; }
-trap cleanup EXIT
-UP_PORTS=(19101 19102 19103)
-for p in "${UP_PORTS[@]}"; do
-  $BIN/bench-upstream --listen 127.0.0.1:$p --size 1024 >/dev/null & PIDS+=($!)
-done
+. bench/lib.sh
+bench_init gateway-bench
+# Free loopback ports, not fixed ones: a run beside another service (or a
+# second run) must not find its ports taken.
+start_upstreams
+UP_PORTS=("${UPSTREAM_PORTS[@]}")
+SP=$(free_port); NP=$(free_port); HP=$(free_port)
 sleep 0.5
 upstream_stats() { # total connections, total requests over all upstreams
   local c=0 r=0 j
@@ -61,19 +60,19 @@ for W in 1 2; do
     SERVERS_HA+="  server u$p 127.0.0.1:$p"$'\n'
     TO+=(--to "http://127.0.0.1:$p")
   done
-  sed -e "s|@WORKERS@|$W|; s|@PORT@|18081|; s|@RUN@|$RUN|g" -e "/@SERVERS@/{
+  sed -e "s|@WORKERS@|$W|; s|@PORT@|$NP|; s|@RUN@|$RUN|g" -e "/@SERVERS@/{
 r /dev/stdin
 d
 }" bench/peers/nginx.conf.in <<<"$SERVERS_NGINX" > "$RUN/nginx.conf"
-  sed -e "s|@WORKERS@|$W|; s|@PORT@|18082|" -e "/@SERVERS@/{
+  sed -e "s|@WORKERS@|$W|; s|@PORT@|$HP|" -e "/@SERVERS@/{
 r /dev/stdin
 d
 }" bench/peers/haproxy.cfg.in <<<"$SERVERS_HA" > "$RUN/haproxy.cfg"
-  SHOAL_LOG__LEVEL=warn $BIN/shoal gateway --listen 127.0.0.1:18080 --workers "$W" "${TO[@]}" >"$RUN/shoal.log" 2>&1 & SHOAL=$!
+  SHOAL_LOG__LEVEL=warn $BIN/shoal gateway --listen 127.0.0.1:$SP --workers "$W" "${TO[@]}" >"$RUN/shoal.log" 2>&1 & SHOAL=$!
   nginx -c "$RUN/nginx.conf" -p "$RUN" & NGINX=$!
   haproxy -f "$RUN/haproxy.cfg" & HAPROXY=$!
   PIDS+=($SHOAL $NGINX $HAPROXY)
-  wait_port 18080; wait_port 18081; wait_port 18082
+  wait_port $SP; wait_port $NP; wait_port $HP
   sleep 1
   declare -A MAX P50 P99 REUSE RSS
   # Max rate in ROUNDS rounds, the three in turn within each, so a slow
@@ -82,7 +81,7 @@ d
   declare -A RUNS
   for n in shoal nginx haproxy; do RUNS[$n]=""; done
   for round in $(seq 1 "$ROUNDS"); do
-    for name in shoal:18080 nginx:18081 haproxy:18082; do
+    for name in shoal:$SP nginx:$NP haproxy:$HP; do
       n=${name%%:*}; port=${name##*:}
       out=$($BIN/loadgen --url http://127.0.0.1:$port/ --connections "$CONNS" --duration "$SECONDS_PER" --threads "$W")
       rps=$(json "$out" rps); RUNS[$n]+="$rps "
@@ -99,19 +98,30 @@ print(", ".join(f"{a/b:.2f}x / {a/c:.2f}x" for a, b, c in zip(s, n, h)))
 PY
 )
   RATE=$(python3 -c "print(int(${MAX[nginx]}/2))")
-  # The direct baseline: one upstream at a third of the rate, the share
-  # each of the three upstreams gets behind a balancer.
-  out=$($BIN/loadgen --url http://127.0.0.1:${UP_PORTS[0]}/ --connections "$CONNS" --duration "$SECONDS_PER" --rate "$((RATE / 3))" --threads "$W")
-  P50[direct]=$(json "$out" p50_us); P99[direct]=$(json "$out" p99_us)
-  for name in shoal:18080 nginx:18081 haproxy:18082; do
-    n=${name%%:*}; port=${name##*:}
-    read -r c0 r0 < <(upstream_stats)
-    out=$($BIN/loadgen --url http://127.0.0.1:$port/ --connections "$CONNS" --duration "$SECONDS_PER" --rate "$RATE" --threads "$W")
-    read -r c1 r1 < <(upstream_stats)
-    P50[$n]=$(json "$out" p50_us); P99[$n]=$(json "$out" p99_us)
-    REUSE[$n]=$(python3 -c "print(f'{100*(1-($c1-$c0)/max(1,$r1-$r0)):.2f}')")
+  # Latency at half of nginx's max, ROUNDS rounds (the direct baseline
+  # and the three in turn within each, as above); the medians count. The
+  # direct baseline: one upstream at a third of the rate, the share each
+  # of the three upstreams gets behind a balancer.
+  declare -A L50 L99 CONN_USED REQS
+  for n in direct shoal nginx haproxy; do L50[$n]=""; L99[$n]=""; CONN_USED[$n]=0; REQS[$n]=0; done
+  for round in $(seq 1 "$ROUNDS"); do
+    for name in direct:${UP_PORTS[0]} shoal:$SP nginx:$NP haproxy:$HP; do
+      n=${name%%:*}; port=${name##*:}
+      rate=$RATE; [ "$n" = direct ] && rate=$((RATE / 3))
+      read -r c0 r0 < <(upstream_stats)
+      out=$($BIN/loadgen --url http://127.0.0.1:$port/ --connections "$CONNS" --duration "$SECONDS_PER" --rate "$rate" --threads "$W")
+      read -r c1 r1 < <(upstream_stats)
+      L50[$n]+="$(json "$out" p50_us) "; L99[$n]+="$(json "$out" p99_us) "
+      CONN_USED[$n]=$(( ${CONN_USED[$n]} + c1 - c0 )); REQS[$n]=$(( ${REQS[$n]} + r1 - r0 ))
+      echo "  $W thread(s) round $round $n at $rate req/s: p50 $(json "$out" p50_us) µs, p99 $(json "$out" p99_us) µs" >&2
+    done
   done
-  for name in shoal:18080 nginx:18081 haproxy:18082; do
+  median() { python3 -c "import statistics,sys; print(int(statistics.median(int(x) for x in sys.argv[1:])))" "$@"; }
+  for n in direct shoal nginx haproxy; do
+    P50[$n]=$(median ${L50[$n]}); P99[$n]=$(median ${L99[$n]})
+    REUSE[$n]=$(python3 -c "print(f'{100*(1-${CONN_USED[$n]}/max(1,${REQS[$n]})):.2f}')")
+  done
+  for name in shoal:$SP nginx:$NP haproxy:$HP; do
     n=${name%%:*}; port=${name##*:}
     $BIN/loadgen --url http://127.0.0.1:$port/ --idle 1000 --duration 4 >/dev/null & L=$!
     sleep 3
@@ -131,6 +141,7 @@ PY
   echo "| direct to one upstream at a third of the rate | | | p50 ${P50[direct]} µs | p99 ${P99[direct]} µs | | |"
   echo
   echo "Max req/s is the median of $ROUNDS rounds; Shoal / nginx and Shoal / HAProxy in each round: $ROUND_RATIOS."
+  echo "Latency and reuse: medians of $ROUNDS rounds at a fixed rate; p99 (µs) in each round: shoal ${L99[shoal]}, nginx ${L99[nginx]}, haproxy ${L99[haproxy]}, direct ${L99[direct]}."
   echo
   } >> "$REPORT"
   kill $SHOAL $NGINX $HAPROXY 2>/dev/null || true; wait $SHOAL $NGINX $HAPROXY 2>/dev/null || true

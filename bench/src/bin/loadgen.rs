@@ -297,3 +297,45 @@ fn pace(conns: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>, interval: Durat
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_hands_out_every_due_time_once_round_robin_until_the_end() {
+        let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..3)
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<Instant>())
+            .unzip();
+        let interval = Duration::from_micros(500);
+        let before = Instant::now();
+        let end = before + Duration::from_millis(30);
+        pace(senders, interval, end);
+        let returned = Instant::now();
+        let mut all = Vec::new();
+        for rx in &mut receivers {
+            let mut mine = Vec::new();
+            while let Ok(due) = rx.try_recv() {
+                // Handed out once it had come due, never ahead of time.
+                assert!(due <= returned);
+                mine.push(due);
+            }
+            // Each connection's requests are three intervals apart.
+            for pair in mine.windows(2) {
+                assert_eq!(pair[1] - pair[0], interval * 3);
+            }
+            all.extend(mine);
+        }
+        all.sort();
+        // 30 ms at one per 500 µs, none at or after the end; the first
+        // due when `pace` started, a moment (on a busy machine, a few
+        // milliseconds) after `before`.
+        assert!((50..=60).contains(&all.len()), "{} due times", all.len());
+        assert!(all.iter().all(|d| *d >= before && *d < end));
+        for pair in all.windows(2) {
+            assert_eq!(pair[1] - pair[0], interval);
+        }
+        // It ran until the last one had come due.
+        assert!(returned >= *all.last().unwrap());
+    }
+}
