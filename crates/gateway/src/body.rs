@@ -47,18 +47,27 @@ pub fn empty() -> Body {
 /// A problem+json response, with Retry-After when the problem has one and
 /// the request id so the client can quote it.
 pub fn problem_response(problem: &Problem, request_id: &str) -> Response<Body> {
-    let mut response = Response::new(full(problem.to_json()));
-    *response.status_mut() =
+    Response::from_parts(problem_head(problem, request_id), full(problem.to_json()))
+}
+
+/// The head of [`problem_response`]: its status and fields, for a writer
+/// that puts the body (`problem.to_json()`) out itself.
+pub(crate) fn problem_head(problem: &Problem, request_id: &str) -> http::response::Parts {
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status =
         StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     if let Some(seconds) = problem.retry_after {
-        headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        parts
+            .headers
+            .insert(RETRY_AFTER, HeaderValue::from(seconds));
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID, v);
+        parts.headers.insert(X_REQUEST_ID, v);
     }
-    response
+    parts
 }
 
 /// A JSON response with the given status.

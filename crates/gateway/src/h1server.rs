@@ -39,7 +39,7 @@
 //! `gateway.http1_server = "hyper"` serves HTTP/1.x with hyper's server
 //! instead (for comparison, and as a way back).
 
-use crate::body::{problem_response, Body, BoxError};
+use crate::body::{Body, BoxError};
 use crate::h1::{decode, parse_length, push_decimal, Chunk, Framing, Step};
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -600,7 +600,7 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
         ),
     };
     tracing::debug!(status = problem.status, detail = ?problem.detail, "request head refused");
-    let (parts, _) = problem_response(&problem, "-").into_parts();
+    let parts = crate::body::problem_head(&problem, "-");
     let body = problem.to_json();
     let mut keep_alive = false;
     let mut out = BytesMut::with_capacity(512 + body.len());
