@@ -26,6 +26,7 @@ mod cache;
 mod dns;
 mod h1;
 mod h1server;
+mod h2stall;
 mod health;
 mod limits;
 mod listener;

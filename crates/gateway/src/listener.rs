@@ -644,6 +644,13 @@ where
         activity,
         info,
     } = conn;
+    // `send_timeout` for what hyper sends: on HTTP/2 a client that stops
+    // reading stops granting window, not socket writes (`h2stall.rs`).
+    let watches = limits.send_timeout.map(crate::h2stall::Watches::new);
+    let service = crate::h2stall::WatchResponses {
+        inner: service,
+        watches: watches.clone(),
+    };
     let service = hyper_util::service::TowerToHyperService::new(service);
     let idle_timeout = limits.idle_timeout;
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -667,6 +674,11 @@ where
             _ = info.closing.cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+            }
+            _ = tokio::time::sleep(watches.as_ref().map_or(Duration::from_secs(3600), |w| w.sweep_every())), if watches.is_some() => {
+                if let Some(w) = &watches {
+                    w.sweep(Instant::now());
+                }
             }
             _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
                 let limit = idle_timeout.unwrap_or_default();

@@ -277,6 +277,58 @@ async fn a_client_that_stops_reading_its_response_is_disconnected_after_send_tim
 }
 
 #[tokio::test]
+async fn an_http2_client_that_stops_reading_has_its_response_dropped_after_send_timeout() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"send_timeout_ms": 300, "max_body_bytes": 64 << 20}),
+    ))
+    .await;
+    // HTTP/2 (prior knowledge) with a 16 KiB stream window that the
+    // client never opens again: every socket write of the gateway's still
+    // succeeds, the stream just stops.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let size = 1usize << 20;
+    let req = Request::post(format!("http://{}/echo", gw.addr))
+        .body(Full::new(Bytes::from(vec![b'x'; size])))
+        .unwrap();
+    let response = send.send_request(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let admin = TestClient::default();
+    // The stalled response is let go: the instance no longer counts it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gw.instance(&admin, &up.url()).await["in_flight"] == 0 && up.hits() == 1
+        })
+        .await,
+        "the stalled HTTP/2 response was dropped"
+    );
+    // What the client reads then is cut short by a reset stream.
+    let read = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the stream ended");
+    assert!(read.is_err(), "the body ended in an error, not whole");
+    // The connection itself still serves.
+    let again = send
+        .send_request(
+            Request::get(format!("http://{}/x", gw.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn request_heads_larger_than_max_header_bytes_are_refused() {
     let up = Upstream::start("a").await;
     let gw = TestGateway::start(settings(&[up.url()], json!({"max_header_bytes": 8192}))).await;

@@ -112,7 +112,9 @@ pub struct GatewaySettings {
     /// Longest a client may leave the gateway's writes to it waiting
     /// (nginx's `send_timeout`): a client that stops reading a response
     /// is disconnected past it, so it cannot hold the connection and the
-    /// upstream's response forever. 0 = no limit.
+    /// upstream's response forever; on HTTP/2, where such a client stops
+    /// granting window instead, its stalled response is dropped and the
+    /// stream reset. 0 = no limit.
     pub send_timeout_ms: u64,
     /// What serves HTTP/1.x from clients: `shoal`, the gateway's own
     /// codec (no buffer held by an idle connection, less work per
