@@ -351,31 +351,40 @@ async fn tls_instance() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
                     return;
                 };
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let service = hyper::service::service_fn(|mut req: Request<_>| async move {
-                    let mut response = hyper::Response::new(http_body_util::Full::new(
-                        Bytes::from("secure hello"),
-                    ));
-                    // `/ws` upgrades, then echoes in capitals.
-                    if req.uri().path() == "/ws" && req.headers().contains_key("upgrade") {
-                        let on = hyper::upgrade::on(&mut req);
-                        tokio::spawn(async move {
-                            let mut io = TokioIo::new(on.await.expect("upgrade"));
-                            let mut buf = [0u8; 256];
-                            while let Ok(n @ 1..) = io.read(&mut buf).await {
-                                let up = buf[..n].to_ascii_uppercase();
-                                if io.write_all(&up).await.is_err() {
-                                    return;
+                let service = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        // `/echo` answers with the request's body.
+                        if req.uri().path() == "/echo" {
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                            return Ok(hyper::Response::new(http_body_util::Full::new(
+                                body.unwrap_or_default(),
+                            )));
+                        }
+                        let mut response = hyper::Response::new(http_body_util::Full::new(
+                            Bytes::from("secure hello"),
+                        ));
+                        // `/ws` upgrades, then echoes in capitals.
+                        if req.uri().path() == "/ws" && req.headers().contains_key("upgrade") {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let mut io = TokioIo::new(on.await.expect("upgrade"));
+                                let mut buf = [0u8; 256];
+                                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                                    let up = buf[..n].to_ascii_uppercase();
+                                    if io.write_all(&up).await.is_err() {
+                                        return;
+                                    }
                                 }
-                            }
-                        });
-                        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                        let headers = response.headers_mut();
-                        headers.insert("upgrade", "websocket".parse().unwrap());
-                        headers.insert("connection", "upgrade".parse().unwrap());
-                        *response.body_mut() = http_body_util::Full::new(Bytes::new());
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                });
+                            });
+                            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            let headers = response.headers_mut();
+                            headers.insert("upgrade", "websocket".parse().unwrap());
+                            headers.insert("connection", "upgrade".parse().unwrap());
+                            *response.body_mut() = http_body_util::Full::new(Bytes::new());
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
                     .with_upgrades()
@@ -438,6 +447,29 @@ async fn https_instances_are_reached_over_tls_with_kept_alive_connections_and_ch
         n <= 2,
         "{n} TLS connections for five requests and the checks"
     );
+}
+
+#[tokio::test]
+async fn a_large_upload_reaches_an_https_instance_whole_and_comes_back() {
+    let (url, _) = tls_instance().await;
+    let gw = TestGateway::start(settings(
+        std::slice::from_ref(&url),
+        json!({"upstream_ca_file": CERT, "max_body_bytes": 16 << 20}),
+    ))
+    .await;
+    // 4 MiB: far more than one TLS record, the inline first write, or
+    // the socket buffers, so the body is written over TLS in many steps.
+    let body: String = (0..4usize << 20)
+        .map(|i| char::from(b'a' + (i % 23) as u8))
+        .collect();
+    let client = TestClient::default();
+    let req = Request::post(gw.url("/echo"))
+        .body(http_body_util::Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let reply = client.send(req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body.len(), body.len());
+    assert!(reply.body == body, "the echoed body differs");
 }
 
 #[tokio::test]
