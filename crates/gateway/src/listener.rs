@@ -647,6 +647,14 @@ where
     // `send_timeout` for what hyper sends: on HTTP/2 a client that stops
     // reading stops granting window, not socket writes (`h2stall.rs`).
     let watches = limits.send_timeout.map(crate::h2stall::Watches::new);
+    // An interval, not a sleep made anew on each turn of the loop: the
+    // idle check's shorter sleep would restart it before it ever ended.
+    let mut sweep = tokio::time::interval(
+        watches
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |w| w.sweep_every()),
+    );
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let service = crate::h2stall::WatchResponses {
         inner: service,
         watches: watches.clone(),
@@ -675,7 +683,7 @@ where
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = tokio::time::sleep(watches.as_ref().map_or(Duration::from_secs(3600), |w| w.sweep_every())), if watches.is_some() => {
+            _ = sweep.tick(), if watches.is_some() => {
                 if let Some(w) = &watches {
                     w.sweep(Instant::now());
                 }

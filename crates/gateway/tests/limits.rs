@@ -281,9 +281,12 @@ async fn an_http2_client_that_stops_reading_has_its_response_dropped_after_send_
     use http_body_util::BodyExt;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = Upstream::start("a").await;
+    // The sweep (every 300 ms here) runs beside the idle check (every
+    // 250 ms): a shorter timer of the same loop must not keep it from
+    // ever running.
     let gw = TestGateway::start(settings(
         &[up.url()],
-        json!({"send_timeout_ms": 300, "max_body_bytes": 64 << 20}),
+        json!({"send_timeout_ms": 1200, "idle_timeout_secs": 1, "max_body_bytes": 64 << 20}),
     ))
     .await;
     // HTTP/2 (prior knowledge) with a 16 KiB stream window that the
