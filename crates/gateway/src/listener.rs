@@ -647,8 +647,8 @@ where
     // `send_timeout` for what hyper sends: on HTTP/2 a client that stops
     // reading stops granting window, not socket writes (`h2stall.rs`).
     let watches = limits.send_timeout.map(crate::h2stall::Watches::new);
-    // An interval, not a sleep made anew on each turn of the loop: the
-    // idle check's shorter sleep would restart it before it ever ended.
+    // Intervals, not sleeps made anew on each turn of the loop: whichever
+    // timer is shorter would restart the other before it ever ended.
     let mut sweep = tokio::time::interval(
         watches
             .as_ref()
@@ -668,9 +668,12 @@ where
         seen: activity.quiet(),
         since: Instant::now(),
     };
-    let check_every = idle_timeout
-        .map(check_every)
-        .unwrap_or(Duration::from_secs(3600));
+    let mut idle_check = tokio::time::interval(
+        idle_timeout
+            .map(check_every)
+            .unwrap_or(Duration::from_secs(3600)),
+    );
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -688,7 +691,7 @@ where
                     w.sweep(Instant::now());
                 }
             }
-            _ = tokio::time::sleep(check_every), if !closing && idle_timeout.is_some() => {
+            _ = idle_check.tick(), if !closing && idle_timeout.is_some() => {
                 let limit = idle_timeout.unwrap_or_default();
                 if watch.idle_for(&activity, Instant::now()) >= limit {
                     tracing::debug!(client = %client, "closing an idle client connection");

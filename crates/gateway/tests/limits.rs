@@ -374,6 +374,48 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_secs() {
 }
 
 #[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout_secs_whatever_the_send_timeout() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = Upstream::start("a").await;
+    // The send-timeout sweep (every 25 ms here) beside the idle check
+    // (every 250 ms): the shorter timer must not keep the other from
+    // running.
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"idle_timeout_secs": 1, "send_timeout_ms": 100}),
+    ))
+    .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let response = send
+        .send_request(
+            Request::get(format!("http://{}/x", gw.addr))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(4), conn)
+        .await
+        .expect("the idle HTTP/2 connection was closed")
+        .unwrap()
+        .ok();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_kept_alive_connection_waits_the_idle_timeout_and_its_next_head_the_head_timeout() {
     // nginx's keepalive_timeout and client_header_timeout: the head
     // timer starts with the next request's first bytes, not while idle.
