@@ -86,8 +86,23 @@ impl GatewayState {
     }
 }
 
-/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
+/// The hop-by-hop names, written once: [`HOP_BY_HOP`] to remove them
+/// from a map, and [`is_hop_by_hop`] to test a name with one match (by
+/// length, then bytes) instead of nine comparisons.
+macro_rules! hop_by_hop {
+    ($($name:literal),+ $(,)?) => {
+        /// Headers that describe one connection, never forwarded (RFC 9110
+        /// 7.6.1).
+        const HOP_BY_HOP: &[&str] = &[$($name),+];
+
+        /// Whether `name` is one of [`HOP_BY_HOP`].
+        fn is_hop_by_hop(name: &str) -> bool {
+            matches!(name, $($name)|+)
+        }
+    };
+}
+
+hop_by_hop![
     "connection",
     "proxy-connection",
     "keep-alive",
@@ -110,23 +125,6 @@ fn named_in_connection(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Whether `name` is one of [`HOP_BY_HOP`]: one match (by length, then
-/// bytes) instead of nine comparisons.
-fn is_hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "proxy-connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-    )
-}
-
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of a
@@ -138,7 +136,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named_in_connection(headers) {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for &name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -923,7 +921,7 @@ mod tests {
             X_REQUEST_ID,
             X_SHOAL_DEADLINE_MS,
         ];
-        for name in HOP_BY_HOP {
+        for &name in HOP_BY_HOP {
             assert!(
                 not_passed_upstream(&HeaderName::from_static(name)),
                 "{name}"
