@@ -42,6 +42,7 @@ rss_kb() { # sum of VmRSS of the given pids and their children
   done
   echo $total
 }
+median() { python3 -c "import statistics,sys; print(int(statistics.median(int(x) for x in sys.argv[1:])))" "$@"; }
 wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 REPORT=bench/results/gateway-latest.md
@@ -116,7 +117,6 @@ PY
       echo "  $W thread(s) round $round $n at $rate req/s: p50 $(json "$out" p50_us) µs, p99 $(json "$out" p99_us) µs" >&2
     done
   done
-  median() { python3 -c "import statistics,sys; print(int(statistics.median(int(x) for x in sys.argv[1:])))" "$@"; }
   for n in direct shoal nginx haproxy; do
     P50[$n]=$(median ${L50[$n]}); P99[$n]=$(median ${L99[$n]})
     REUSE[$n]=$(python3 -c "print(f'{100*(1-${CONN_USED[$n]}/max(1,${REQS[$n]})):.2f}')")

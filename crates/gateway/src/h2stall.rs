@@ -114,8 +114,8 @@ impl Watches {
             metrics::counter!("shoal_gateway_send_timeouts_total").increment(timed_out as u64);
             tracing::warn!(
                 streams = timed_out,
-                "dropped responses whose client read nothing for {} ms (send_timeout_ms)",
-                self.limit.as_millis()
+                "dropped HTTP/2 responses: {}",
+                crate::listener::send_timed_out(self.limit)
             );
         }
         timed_out
@@ -193,11 +193,8 @@ impl HttpBody for Watched {
         state.waiting_since = None;
         let Some(body) = state.body.as_mut() else {
             if state.timed_out {
-                return Poll::Ready(Some(Err(format!(
-                    "the client read nothing for {} ms (send_timeout_ms)",
-                    self.limit.as_millis()
-                )
-                .into())));
+                let why = crate::listener::send_timed_out(self.limit);
+                return Poll::Ready(Some(Err(why.into())));
             }
             return Poll::Ready(None);
         };

@@ -98,11 +98,17 @@ fn timed<R>(
     metrics::counter!("shoal_gateway_send_timeouts_total").increment(1);
     Poll::Ready(Err(io::Error::new(
         io::ErrorKind::TimedOut,
-        format!(
-            "the client read nothing for {} ms (send_timeout_ms)",
-            limit.as_millis()
-        ),
+        send_timed_out(limit),
     )))
+}
+
+/// Why a response to a client was cut off by `send_timeout_ms` (the
+/// socket's writes here, an HTTP/2 stream's window in `h2stall.rs`).
+pub(crate) fn send_timed_out(limit: Duration) -> String {
+    format!(
+        "the client read nothing for {} ms (send_timeout_ms)",
+        limit.as_millis()
+    )
 }
 
 impl<T: AsyncRead> AsyncRead for SendTimeout<T> {

@@ -279,7 +279,6 @@ async fn a_client_that_stops_reading_its_response_is_disconnected_after_send_tim
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_has_its_response_dropped_after_send_timeout() {
     use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = Upstream::start("a").await;
     // The sweep (every 300 ms here) runs beside the idle check (every
     // 250 ms): a shorter timer of the same loop must not keep it from
@@ -292,13 +291,7 @@ async fn an_http2_client_that_stops_reading_has_its_response_dropped_after_send_
     // HTTP/2 (prior knowledge) with a 16 KiB stream window that the
     // client never opens again: every socket write of the gateway's still
     // succeeds, the stream just stops.
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(16 * 1024)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2c(gw.addr, Some(16 * 1024)).await;
     let size = 1usize << 20;
     let req = Request::post(format!("http://{}/echo", gw.addr))
         .body(Full::new(Bytes::from(vec![b'x'; size])))
@@ -320,14 +313,7 @@ async fn an_http2_client_that_stops_reading_has_its_response_dropped_after_send_
         .expect("the stream ended");
     assert!(read.is_err(), "the body ended in an error, not whole");
     // The connection itself still serves.
-    let again = send
-        .send_request(
-            Request::get(format!("http://{}/x", gw.addr))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let again = send.send_request(get_request(gw.addr, "/x")).await.unwrap();
     assert_eq!(again.status(), StatusCode::OK);
 }
 
@@ -376,7 +362,6 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout_secs() {
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_after_idle_timeout_secs_whatever_the_send_timeout() {
     use http_body_util::BodyExt;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let up = Upstream::start("a").await;
     // The send-timeout sweep (every 25 ms here) beside the idle check
     // (every 250 ms): the shorter timer must not keep the other from
@@ -386,20 +371,8 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout_secs_whatever_the
         json!({"idle_timeout_secs": 1, "send_timeout_ms": 100}),
     ))
     .await;
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
-    let response = send
-        .send_request(
-            Request::get(format!("http://{}/x", gw.addr))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let (mut send, conn) = h2c(gw.addr, None).await;
+    let response = send.send_request(get_request(gw.addr, "/x")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     response.into_body().collect().await.unwrap();
     let started = Instant::now();

@@ -493,3 +493,28 @@ pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec
     }
     Some(head)
 }
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`, with the given
+/// stream window when one is set; the connection runs in the returned task.
+pub async fn h2c(
+    addr: SocketAddr,
+    stream_window: Option<u32>,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    if let Some(window) = stream_window {
+        builder.initial_stream_window_size(window);
+    }
+    let (send, conn) = builder.handshake(TokioIo::new(tcp)).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// A GET of `path` on `addr` for a client connection of its own making.
+pub fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
