@@ -28,9 +28,11 @@ upstreams() { # one delay in ms per upstream
     UP_PIDS+=($!); PIDS+=($!); UP_URLS+=("http://127.0.0.1:$p"); TO+=(--to "http://127.0.0.1:$p")
   done
 }
+# The pools are read with an admin token of this run's own.
+ADMIN_TOKEN="faults-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 gateway() { # extra env
   GP=$(free_port)
-  env SHOAL_LOG__LEVEL=warn SHOAL_GATEWAY__HEALTH_INTERVAL_MS=500 "$@" \
+  env SHOAL_LOG__LEVEL=warn SHOAL_GATEWAY__HEALTH_INTERVAL_MS=500 SHOAL_GATEWAY__ADMIN_TOKEN="$ADMIN_TOKEN" "$@" \
     $BIN/shoal gateway --listen "127.0.0.1:$GP" --workers 1 "${TO[@]}" > "$RUN/gw.log" 2>&1 &
   GW=$!; PIDS+=($GW)
   wait_http "http://127.0.0.1:$GP/_gateway/readyz"
@@ -44,7 +46,7 @@ load() {
 }
 # counts URL: the pool's requests so far, and those that went to URL.
 counts() {
-  curl -s "http://127.0.0.1:$GP/_gateway/pools" | python3 -c '
+  curl -s -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$GP/_gateway/pools" | python3 -c '
 import json, sys
 p = json.load(sys.stdin)["pools"][0]["instances"]
 print(sum(i["requests"] for i in p), sum(i["requests"] for i in p if i["url"] == sys.argv[1]))' "$1"
@@ -72,7 +74,7 @@ kill -9 "${UP_PIDS[0]}"
 t0=$(date +%s%N)
 ejected_ms=timeout
 for _ in $(seq 1 100); do
-  if curl -sf "http://127.0.0.1:$GP/_gateway/pools" | python3 -c '
+  if curl -sf -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$GP/_gateway/pools" | python3 -c '
 import json, sys
 p = json.load(sys.stdin)["pools"][0]["instances"]
 sys.exit(0 if any(i["url"] == sys.argv[1] and not i["available"] for i in p) else 1)' "$victim"; then

@@ -2,6 +2,7 @@
 //! problem details, telemetry setup and the shutdown signal. This crate does
 //! no network or database I/O of its own.
 
+pub mod bearer;
 pub mod ids;
 pub mod problem;
 pub mod settings;

@@ -1,6 +1,8 @@
 //! The gateway's own endpoints under `/_gateway/`: liveness, readiness,
 //! Prometheus metrics, pool status, and the admin API (eject or restore an
-//! instance, register or deregister instances with a TTL).
+//! instance, register or deregister instances with a TTL). Everything but
+//! `healthz` and `readyz` needs a bearer token ([`authorize`]); a client's
+//! address grants nothing.
 
 use crate::body::{full, json_response, problem_response, Body};
 use crate::proxy::GatewayState;
@@ -9,7 +11,6 @@ use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use shoal_core::Problem;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,6 @@ const ADMIN_BODY_LIMIT: usize = 16 * 1024;
 /// Serves one request under `/_gateway/`.
 pub async fn handle(
     state: Arc<GatewayState>,
-    client_addr: SocketAddr,
     req: Request<Body>,
     request_id: &str,
 ) -> Response<Body> {
@@ -41,37 +41,14 @@ pub async fn handle(
                 json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
             }
         }),
-        "/metrics" => get_only(&|| {
-            let mut r = Response::new(full(shoal_core::telemetry::prometheus().render()));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }),
-        "/cache" => get_only(&|| crate::cache::stats_json(&state)),
-        "/pools" => get_only(&|| {
-            json_response(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "draining": state.draining.load(std::sync::atomic::Ordering::Relaxed),
-                    "upstream_client": {
-                        "connect_timeout_ms": state.client.settings.connect_timeout_ms,
-                        "idle_per_instance": state.client.settings.idle_per_instance,
-                    },
-                    "pools": state.pools.iter().map(|p| p.status_json()).collect::<Vec<_>>(),
-                    "routes": state.router.routes().iter().map(|r| serde_json::json!({
-                        "prefix": r.prefix,
-                        "host": r.host,
-                        "pool": r.pool.name,
-                        "request_timeout_ms": r.request_timeout.as_millis() as u64,
-                        "max_body_bytes": r.max_body_bytes,
-                    })).collect::<Vec<_>>(),
-                }),
-            )
-        }),
+        status @ ("/metrics" | "/cache" | "/pools") => {
+            match authorize(&state, Access::Status, &req, request_id) {
+                Some(denied) => denied,
+                None => get_only(&|| status_endpoint(&state, status)),
+            }
+        }
         admin if admin.starts_with("/admin/") => {
-            if let Some(denied) = authorize(&state, client_addr, &req, request_id) {
+            if let Some(denied) = authorize(&state, Access::Admin, &req, request_id) {
                 denied
             } else if method != Method::POST {
                 method_not_allowed("POST", request_id)
@@ -116,43 +93,99 @@ fn method_not_allowed(allow: &'static str, request_id: &str) -> Response<Body> {
     r
 }
 
-/// With `admin_token` set, a matching bearer token is required; without
-/// it, only loopback clients may use the admin API.
+/// What a request under `/_gateway/` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Read-only status (metrics, pools, cache): `admin_token` or
+    /// `metrics_token`.
+    Status,
+    /// Changes (eject, register, purge, reload): `admin_token` only.
+    Admin,
+}
+
+/// `None` when the request carries a token that grants `access`; else the
+/// answer: 403 while no token is configured (the endpoints are off), 401
+/// for a missing or wrong one. The client's address never counts: a local
+/// process, or a reverse proxy on the same host, is not trusted for being
+/// on loopback.
 pub(crate) fn authorize<B>(
     state: &GatewayState,
-    client_addr: SocketAddr,
+    access: Access,
     req: &Request<B>,
     request_id: &str,
 ) -> Option<Response<Body>> {
-    match &state.settings.admin_token {
-        Some(token) => {
-            let given = req
-                .headers()
-                .get(AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                None
-            } else {
-                Some(problem_response(
-                    &Problem::unauthorized("send `Authorization: Bearer <gateway.admin_token>`"),
-                    request_id,
-                ))
-            }
-        }
-        None if client_addr.ip().is_loopback() => None,
-        None => Some(problem_response(
+    let settings = &state.settings;
+    let mut tokens = vec![settings.admin_token.as_deref()];
+    if access == Access::Status {
+        tokens.push(settings.metrics_token.as_deref());
+    }
+    let tokens: Vec<&str> = tokens.into_iter().flatten().collect();
+    if tokens.is_empty() {
+        return Some(problem_response(
             &Problem::forbidden(
-                "the admin API answers loopback clients only; set gateway.admin_token to allow others",
+                "the gateway's admin API is off: set gateway.admin_token (or gateway.metrics_token \
+                 for metrics, pools and cache) and send it as `Authorization: Bearer <token>`; \
+                 `shoal up` writes one to <data_dir>/secrets/admin-token",
             ),
             request_id,
-        )),
+        ));
+    }
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let matched = shoal_core::bearer::matches(header, &tokens);
+    if matched {
+        None
+    } else {
+        let wanted = match access {
+            Access::Status => "gateway.admin_token or gateway.metrics_token",
+            Access::Admin => "gateway.admin_token",
+        };
+        let mut r = problem_response(
+            &Problem::unauthorized(format!("send `Authorization: Bearer <{wanted}>`")),
+            request_id,
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        Some(r)
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// `/_gateway/metrics`, `/_gateway/cache` and `/_gateway/pools`, once
+/// authorized.
+fn status_endpoint(state: &GatewayState, path: &str) -> Response<Body> {
+    match path {
+        "/metrics" => {
+            let mut r = Response::new(full(shoal_core::telemetry::prometheus().render()));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/cache" => crate::cache::stats_json(state),
+        _ => json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "draining": state.draining.load(std::sync::atomic::Ordering::Relaxed),
+                "upstream_client": {
+                    "connect_timeout_ms": state.client.settings.connect_timeout_ms,
+                    "idle_per_instance": state.client.settings.idle_per_instance,
+                },
+                "pools": state.pools.iter().map(|p| p.status_json()).collect::<Vec<_>>(),
+                "routes": state.router.routes().iter().map(|r| serde_json::json!({
+                    "prefix": r.prefix,
+                    "host": r.host,
+                    "pool": r.pool.name,
+                    "request_timeout_ms": r.request_timeout.as_millis() as u64,
+                    "max_body_bytes": r.max_body_bytes,
+                })).collect::<Vec<_>>(),
+            }),
+        ),
+    }
 }
 
 /// The body of every admin action.

@@ -277,7 +277,7 @@ where
                 return Ok(
                     match crate::admin::authorize(
                         &ctx.state,
-                        ctx.client_addr,
+                        crate::admin::Access::Admin,
                         &head,
                         &ctx.request_id,
                     ) {
@@ -286,7 +286,7 @@ where
                     },
                 );
             }
-            Ok(crate::admin::handle(ctx.state, ctx.client_addr, req, &ctx.request_id).await)
+            Ok(crate::admin::handle(ctx.state, req, &ctx.request_id).await)
         }))
     }
 }

@@ -222,14 +222,18 @@ async fn registered_instance_gets_traffic_until_its_ttl_lapses() {
 #[tokio::test]
 async fn admin_token_is_required_when_set() {
     let a = Upstream::start("a").await;
-    let gw = TestGateway::start(settings(&[a.url()], json!({"admin_token": "s3cret"}))).await;
+    let gw = TestGateway::start(settings(
+        &[a.url()],
+        json!({"admin_token": "another-admin-token-42"}),
+    ))
+    .await;
     let client = TestClient::default();
     let body = json!({"pool": "default", "url": a.url()});
     let r = admin(&client, &gw, "eject", body.clone(), None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let r = admin(&client, &gw, "eject", body.clone(), Some("wrong")).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let r = admin(&client, &gw, "eject", body, Some("s3cret")).await;
+    let r = admin(&client, &gw, "eject", body, Some("another-admin-token-42")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
         client.get(&gw.url("/")).await.status,
@@ -258,4 +262,93 @@ async fn bad_settings_are_refused_with_the_key_to_fix() {
     assert!(e.contains("gateway.routes"), "{e}");
     let e = bind(json!({"pools": [{"name": "a", "upstreams": ["http://127.0.0.1:9/path"]}]})).await;
     assert!(e.contains("gateway.pools[0].upstreams[0]"), "{e}");
+}
+
+/// The security review's first finding: a process on the same host (here
+/// the test, on loopback) registered its own instance and read the pools
+/// and metrics without any token. Now only `healthz` and `readyz` answer
+/// without a token; `metrics_token` opens the read-only status but not
+/// the admin API; and with no token configured those endpoints are off
+/// for every client, loopback included.
+#[tokio::test]
+async fn only_a_token_opens_the_admin_api_and_status_never_the_client_address() {
+    let a = Upstream::start("a").await;
+    const METRICS_TOKEN: &str = "metrics-token-0123456789";
+    let gw = TestGateway::start(settings(
+        &[a.url()],
+        json!({"metrics_token": METRICS_TOKEN}),
+    ))
+    .await;
+    let client = TestClient::default();
+    let get = |path: &str, token: Option<&str>| {
+        let mut b = Request::get(gw.url(path));
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        client.send(b.body(Full::new(Bytes::new())).unwrap())
+    };
+    for path in ["/_gateway/healthz", "/_gateway/readyz"] {
+        assert_eq!(get(path, None).await.status, StatusCode::OK, "{path}");
+    }
+    for path in ["/_gateway/pools", "/_gateway/metrics", "/_gateway/cache"] {
+        let r = get(path, None).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}: {}", r.body);
+        assert_eq!(r.headers["www-authenticate"], "Bearer");
+        let r = get(path, Some("test-admin-token-012345678")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}: a token one short"
+        );
+        assert_eq!(get(path, Some(METRICS_TOKEN)).await.status, StatusCode::OK);
+        assert_eq!(get(path, Some(ADMIN_TOKEN)).await.status, StatusCode::OK);
+    }
+    // Registering an instance of one's own: refused without the admin
+    // token, with the metrics token too; the pool is unchanged.
+    let rogue = json!({"pool": "default", "url": "http://127.0.0.1:9", "ttl_secs": 60});
+    let bare = client
+        .send(
+            Request::post(gw.url("/_gateway/admin/register"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(rogue.to_string())))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(bare.status, StatusCode::UNAUTHORIZED, "{}", bare.body);
+    let r = admin(&client, &gw, "register", rogue.clone(), Some(METRICS_TOKEN)).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    for action in ["eject", "purge", "reload"] {
+        let r = admin(&client, &gw, action, rogue.clone(), Some(METRICS_TOKEN)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{action}");
+    }
+    let pools = gw.pools(&client).await;
+    assert_eq!(
+        pools["pools"][0]["instances"].as_array().unwrap().len(),
+        1,
+        "{pools}"
+    );
+
+    // No token configured: the endpoints are off, for loopback too.
+    let closed = TestGateway::start(settings(&[a.url()], json!({"admin_token": null}))).await;
+    for path in ["/_gateway/pools", "/_gateway/metrics", "/_gateway/cache"] {
+        let r = client.get(&closed.url(path)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.body);
+        assert!(r.body.contains("gateway.admin_token"), "{}", r.body);
+    }
+    let r = client
+        .send(
+            Request::post(closed.url("/_gateway/admin/register"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(rogue.to_string())))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    for _ in 0..20 {
+        assert_eq!(client.get(&closed.url("/")).await.body, "a");
+    }
+    assert_eq!(
+        client.get(&closed.url("/_gateway/readyz")).await.status,
+        StatusCode::OK
+    );
 }

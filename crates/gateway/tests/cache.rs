@@ -227,7 +227,7 @@ async fn a_fresh_response_is_served_with_age_and_cache_status() {
     let other = client.get(&gw.url("/a?x=2")).await;
     assert_eq!(other.body, "v2");
     // The metrics count it.
-    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
     assert!(
         m.body.contains("shoal_gateway_cache_requests_total"),
         "{}",
@@ -604,7 +604,7 @@ async fn purge_by_url_and_tag_empties_both_gateways() {
         let c = c.clone();
         let url = g.url("/_gateway/cache");
         async move {
-            let r = c.get(&url).await;
+            let r = c.get_admin(&url).await;
             serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["entries"]
                 .as_u64()
                 .unwrap()
@@ -669,6 +669,7 @@ async fn purge_by_url_and_tag_empties_both_gateways() {
     let relayed = c
         .send(
             Request::post(gw.url("/_gateway/admin/purge"))
+                .header("authorization", format!("Bearer {}", common::ADMIN_TOKEN))
                 .header("x-shoal-purge-relayed", "1")
                 .body(Full::new(Bytes::from(r#"{"tags":["x"]}"#)))
                 .unwrap(),
@@ -691,7 +692,11 @@ async fn purge_by_url_and_tag_empties_both_gateways() {
 #[tokio::test]
 async fn purge_needs_the_admin_token_when_one_is_set() {
     let origin = Origin::start(|_, _| (200, vec![], String::new())).await;
-    let gw = gateway(&origin, serde_json::json!({"admin_token": "s3cret"})).await;
+    let gw = gateway(
+        &origin,
+        serde_json::json!({"admin_token": "another-admin-token-42"}),
+    )
+    .await;
     let c = TestClient::default();
     let r = common::admin(&c, &gw, "purge", serde_json::json!({"tags": ["a"]}), None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -700,7 +705,7 @@ async fn purge_needs_the_admin_token_when_one_is_set() {
         &gw,
         "purge",
         serde_json::json!({"tags": ["a"]}),
-        Some("s3cret"),
+        Some("another-admin-token-42"),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK);
@@ -807,12 +812,12 @@ async fn the_size_bound_evicts() {
         }
     }
     let stats: serde_json::Value =
-        serde_json::from_str(&c.get(&gw.url("/_gateway/cache")).await.body).unwrap();
+        serde_json::from_str(&c.get_admin(&gw.url("/_gateway/cache")).await.body).unwrap();
     let bytes = stats["stored_bytes"].as_u64().unwrap();
     let entries = stats["entries"].as_u64().unwrap();
     assert!(bytes <= 65536, "{stats}");
     assert!(entries > 0 && entries < 40, "{stats}");
-    let m = c.get(&gw.url("/_gateway/metrics")).await;
+    let m = c.get_admin(&gw.url("/_gateway/metrics")).await;
     assert!(
         m.body.contains("shoal_gateway_cache_evictions_total"),
         "evictions are counted"

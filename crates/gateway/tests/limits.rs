@@ -44,7 +44,7 @@ async fn a_global_rate_limit_per_client_address_answers_429_with_retry_after() {
     );
     assert_eq!(up.hits(), 3, "a limited request never reaches the upstream");
     // The gateway's own endpoints are not limited.
-    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
     assert_eq!(m.status, StatusCode::OK);
     assert!(
         m.body.contains("shoal_gateway_rate_limited_total"),
@@ -68,7 +68,7 @@ async fn a_rejected_request_is_counted_under_its_pool_by_the_access_log_layer() 
     assert_eq!(client.get(&gw.url("/x")).await.status, StatusCode::OK);
     let r = client.get(&gw.url("/x")).await;
     assert_problem(&r, StatusCode::TOO_MANY_REQUESTS);
-    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
     let counted = |status: &str| {
         m.body.lines().any(|l| {
             l.starts_with("shoal_gateway_requests_total{")
@@ -158,7 +158,7 @@ async fn past_the_gateway_concurrency_cap_requests_are_shed_with_503() {
     // Capacity is back once the held responses ended.
     up.state.delay_ms.store(0, Ordering::SeqCst);
     assert_eq!(client.get(&gw.url("/again")).await.status, StatusCode::OK);
-    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
     assert!(m.body.contains("shoal_gateway_shed_total"), "{}", m.body);
 }
 

@@ -465,7 +465,7 @@ async fn gateway_endpoints_answer() {
         client.get(&gw.url("/_gateway/readyz")).await.status,
         StatusCode::OK
     );
-    let metrics = client.get(&gw.url("/_gateway/metrics")).await;
+    let metrics = client.get_admin(&gw.url("/_gateway/metrics")).await;
     assert_eq!(metrics.status, StatusCode::OK);
     assert!(
         metrics.body.contains("shoal_gateway_requests_total"),
@@ -777,7 +777,7 @@ async fn upstream_connections_are_reused_and_counted_per_pool() {
         opened <= 2,
         "20 requests, one after another: {opened} connections"
     );
-    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
     let count = |reused: &str| -> u64 {
         m.body
             .lines()

@@ -38,7 +38,7 @@ impl ConfigFile {
         let text = format!(
             "[gateway]\nlisten = \"127.0.0.1:0\"\nhealth_interval_ms = 100\nhealth_timeout_ms = 200\n\
              connect_timeout_ms = 300\nrequest_timeout_ms = 2000\nshutdown_timeout_secs = 5\n\
-             balancer = \"round_robin\"\n{extra}\n\n[[gateway.pools]]\nname = \"default\"\nupstreams = [{list}]\n"
+             balancer = \"round_robin\"\nadmin_token = \"{ADMIN_TOKEN}\"\n{extra}\n\n[[gateway.pools]]\nname = \"default\"\nupstreams = [{list}]\n"
         );
         // Write then rename, so a reload never reads half a file.
         let tmp = self.path.with_extension("tmp");
@@ -184,18 +184,29 @@ async fn a_bad_settings_file_is_refused_and_the_running_settings_stay() {
     let r = reload(&client, &gw).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
     assert_eq!(client.get(&gw.url("/x")).await.status, StatusCode::OK);
-    let m = client.get(&gw.url("/_gateway/metrics")).await;
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
     assert!(m.body.contains("shoal_gateway_reloads_total"), "{}", m.body);
 }
 
 #[tokio::test]
 async fn reload_needs_a_settings_file_and_admin_rights() {
     let up = Upstream::start("a").await;
-    let gw = TestGateway::start(settings(&[up.url()], json!({"admin_token": "s3cret"}))).await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"admin_token": "another-admin-token-42"}),
+    ))
+    .await;
     let client = TestClient::default();
     let r = reload(&client, &gw).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
-    let r = admin(&client, &gw, "reload", json!({}), Some("s3cret")).await;
+    let r = admin(
+        &client,
+        &gw,
+        "reload",
+        json!({}),
+        Some("another-admin-token-42"),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
     assert!(r.body.contains("without a settings file"), "{}", r.body);
 }
@@ -272,7 +283,11 @@ async fn connection_limits_follow_a_reload_for_new_connections() {
     let mut admin_conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(
         &mut admin_conn,
-        b"POST /_gateway/admin/reload HTTP/1.1\r\nHost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        format!(
+            "POST /_gateway/admin/reload HTTP/1.1\r\nHost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+             content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();

@@ -137,7 +137,9 @@ async fn a_tls_client_that_stops_reading_is_disconnected_after_send_timeout() {
         let admin = connect(gw.addr, &[b"http/1.1"]).await;
         let r = http1_over(
             admin,
-            Request::get("/_gateway/pools").header("host", "localhost"),
+            Request::get("/_gateway/pools")
+                .header("host", "localhost")
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}")),
         )
         .await;
         let body = r.into_body().collect().await.unwrap().to_bytes();
@@ -249,7 +251,9 @@ async fn post_over_tls(
     let shown = tls.get_ref().1.peer_certificates().unwrap()[0]
         .clone()
         .into_owned();
-    let req = Request::post(path).header("host", "localhost");
+    let req = Request::post(path)
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
     (http1_over(tls, req).await.status(), shown)
 }
 
@@ -279,7 +283,7 @@ async fn a_renewed_certificate_is_taken_up_by_a_reload_and_a_bad_one_refused() {
     std::fs::write(
         &config,
         format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{ADMIN_TOKEN}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
              [[gateway.pools]]\nname = \"default\"\nupstreams = [\"{}\"]\n",
             cert.display(),
             key.display(),

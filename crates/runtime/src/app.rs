@@ -341,7 +341,40 @@ async fn readyz(State(ctx): State<AppContext>) -> Response {
         .into_response()
 }
 
-async fn metrics_text() -> impl IntoResponse {
+async fn metrics_text(
+    State(ctx): State<AppContext>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    metrics_response(ctx.settings.metrics.token.as_deref(), &headers)
+}
+
+/// `GET /metrics` of `serve` and `worker`: the Prometheus text for a
+/// request that carries `metrics.token` as a bearer token; 403 while no
+/// token is configured, 401 without the right one. An instance's routes
+/// are reachable through the gateway, so its address proves nothing.
+pub fn metrics_response(
+    token: Option<&str>,
+    headers: &axum::http::HeaderMap,
+) -> axum::response::Response {
+    let Some(token) = token else {
+        return crate::error::problem_response(&Problem::forbidden(
+            "/metrics is off: set metrics.token and send it as `Authorization: Bearer <token>` \
+             (`shoal up` writes one to <data_dir>/secrets/metrics-token)",
+        ));
+    };
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !shoal_core::bearer::matches(header, &[token]) {
+        let mut r = crate::error::problem_response(&Problem::unauthorized(
+            "send `Authorization: Bearer <metrics.token>`",
+        ));
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -349,6 +382,7 @@ async fn metrics_text() -> impl IntoResponse {
         )],
         shoal_core::telemetry::prometheus().render(),
     )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]

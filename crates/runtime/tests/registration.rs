@@ -76,7 +76,7 @@ async fn an_instance_registers_renews_and_deregisters_when_it_drains() {
     settings.serve.register_pool = "api".into();
     settings.serve.register_ttl_secs = 2;
     settings.serve.drain_delay_ms = 500;
-    settings.gateway.admin_token = Some("s3cret".into());
+    settings.gateway.admin_token = Some("registration-token-0123456789".into());
     let modules: Vec<Box<dyn ServiceModule>> = Vec::new();
     let app = Application::build(settings, modules).await.unwrap();
     let me = format!("http://{}", app.local_addr());
@@ -90,7 +90,10 @@ async fn an_instance_registers_renews_and_deregisters_when_it_drains() {
         assert_eq!(body["pool"], "api");
         assert_eq!(body["url"], me.as_str());
         assert_eq!(body["ttl_secs"], 2);
-        assert_eq!(auth.as_deref(), Some("Bearer s3cret"));
+        assert_eq!(
+            auth.as_deref(),
+            Some("Bearer registration-token-0123456789")
+        );
     }
 
     // Told to stop: it leaves the pool while it drains, before the

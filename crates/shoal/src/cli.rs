@@ -34,6 +34,13 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// A development run: start with the known development secrets (the
+    /// sandbox's API key and webhook secret), warning about each, instead
+    /// of refusing to (`development = true`). `shoal up` needs no flag: it
+    /// makes random secrets per data directory.
+    #[arg(long, global = true)]
+    pub development: bool,
+
     /// The supervisor's pid; a child stops when its supervisor is gone.
     #[arg(long, global = true, hide = true)]
     pub parent_pid: Option<u32>,
@@ -99,7 +106,9 @@ pub struct GatewayArgs {
     pub cache: bool,
     /// One pool `default` serving every path, whose instances register
     /// themselves (`POST /_gateway/admin/register`, as `shoal serve` does
-    /// with `serve.register_at`); --to adds static ones beside them.
+    /// with `serve.register_at`); --to adds static ones beside them. Needs
+    /// `gateway.admin_token` (SHOAL_GATEWAY__ADMIN_TOKEN), the same on
+    /// every instance.
     #[arg(long)]
     pub registered: bool,
     /// Memory of the HTTP cache, e.g. 268435456, 256MiB, 1GiB, 500MB
@@ -257,6 +266,9 @@ impl Cli {
         }
         if let Some(l) = &self.log_level {
             s.log.level = l.clone();
+        }
+        if self.development {
+            s.development = true;
         }
         match &self.command {
             Command::Up(a) => {

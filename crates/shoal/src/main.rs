@@ -6,6 +6,7 @@
 mod alloc;
 mod cli;
 mod roles;
+mod secrets;
 mod up;
 
 use clap::Parser;

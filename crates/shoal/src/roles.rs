@@ -32,6 +32,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         shoal_core::shutdown::exit_with_parent(parent, shutdown.clone());
     }
     let reload_cli = cli.clone();
+    check_secrets(&cli.command, &settings)?;
     match cli.command {
         Command::Up(_) => return crate::up::run(cli.config.clone(), settings, shutdown).await,
         Command::Gateway(_) => {
@@ -70,6 +71,49 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses to start a role with a secret everyone knows (the development
+/// defaults), unless this is a development run, where each is warned
+/// about; and a gateway whose instances register without an admin token
+/// to register with. `shoal up` makes random secrets for its children.
+fn check_secrets(command: &Command, settings: &Settings) -> anyhow::Result<()> {
+    use shoal_core::settings::Role;
+    let role = match command {
+        Command::Serve(_) => Role::Serve,
+        Command::Worker(_) => Role::Worker,
+        Command::Sandbox(_) => Role::Sandbox,
+        Command::Gateway(args) => {
+            if args.registered && settings.gateway.admin_token.is_none() {
+                anyhow::bail!(
+                    "--registered needs gateway.admin_token: instances register through the \
+                     admin API, which is off without a token (set SHOAL_GATEWAY__ADMIN_TOKEN \
+                     to a random string of 16 or more characters, and the same on every `serve`)"
+                );
+            }
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    let known = settings.development_secrets(role);
+    if known.is_empty() {
+        return Ok(());
+    }
+    if settings.development {
+        for key in &known {
+            tracing::warn!(
+                key,
+                "a development secret is in use (known to everyone); set a random one outside development"
+            );
+        }
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to start with development secrets, which everyone knows: {}. Set each to a \
+         random value (the same on every role that shares it, e.g. SHOAL_PAYMENTS__WEBHOOK_SECRET), \
+         or pass --development (development = true) for a development run",
+        known.join(", ")
+    )
+}
+
 /// Applies every service's migrations, and those of the session store,
 /// bus and job queue.
 pub async fn migrate_all(settings: &Settings) -> anyhow::Result<()> {
@@ -95,6 +139,7 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
         .await
         .with_context(|| format!("binding {}", settings.worker.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_token = settings.metrics.token.clone();
     let router = axum::Router::new()
         .route(
             "/healthz",
@@ -108,7 +153,9 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
         )
         .route(
             "/metrics",
-            get(|| async { shoal_core::telemetry::prometheus().render() }),
+            get(move |headers: axum::http::HeaderMap| async move {
+                shoal_runtime::app::metrics_response(metrics_token.as_deref(), &headers)
+            }),
         );
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {

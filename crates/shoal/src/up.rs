@@ -57,6 +57,11 @@ pub async fn run(
     let run_dir = data_dir.join("run");
     std::fs::create_dir_all(&run_dir)?;
 
+    // Random secrets for this data directory, made once and reused: the
+    // children refuse the development defaults.
+    let secrets = crate::secrets::StackSecrets::load_or_create(&data_dir)?;
+    let secret_env = secrets.apply(&mut settings);
+
     println!("shoal: applying migrations");
     crate::roles::migrate_all(&settings).await?;
 
@@ -71,7 +76,10 @@ pub async fn run(
         );
     }
 
-    let specs = child_specs(&settings, config.as_deref(), gateway_addr)?;
+    let mut specs = child_specs(&settings, config.as_deref(), gateway_addr)?;
+    for spec in &mut specs {
+        spec.env.extend(secret_env.iter().cloned());
+    }
     let table: Table = Arc::new(Mutex::new(
         specs
             .iter()
@@ -117,7 +125,7 @@ pub async fn run(
     tokio::select! {
         ready = wait_ready(&specs, Duration::from_secs(60), &shutdown) => {
             if ready {
-                print_table(&table, gateway_addr, &data_dir);
+                print_table(&table, gateway_addr, &data_dir, &secrets.dir);
             } else if !shutdown.is_cancelled() {
                 eprintln!("shoal: not every process became ready within 60 s; see the logs above");
             }
@@ -438,7 +446,7 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
         .flatten()
 }
 
-fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path) {
+fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path, secrets: &Path) {
     let rows = table.lock().expect("table lock").clone();
     let mut out = String::new();
     out.push_str(&format!(
@@ -459,8 +467,10 @@ fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path) {
         ));
     }
     out.push_str(&format!(
-        "\n  data:    {}\n  try:     curl -X POST http://{gateway}/api/accounts/signup -H 'content-type: application/json' -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}'\n  pools:   http://{gateway}/_gateway/pools\n  stop:    Ctrl-C\n",
-        data_dir.display()
+        "\n  data:    {}\n  secrets: {} (admin token, metrics token, payment keys; owner only)\n  try:     curl -X POST http://{gateway}/api/accounts/signup -H 'content-type: application/json' -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}'\n  pools:   curl -H \"Authorization: Bearer $(cat {}/admin-token)\" http://{gateway}/_gateway/pools\n  stop:    Ctrl-C\n",
+        data_dir.display(),
+        secrets.display(),
+        secrets.display(),
     ));
     println!("{out}");
 }

@@ -63,6 +63,14 @@ impl Stack {
         format!("{}{path}", self.base)
     }
 
+    /// The admin token `shoal up` made for this stack's data directory.
+    fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data/secrets/admin-token"))
+            .expect("shoal up writes data/secrets/admin-token")
+            .trim()
+            .to_string()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
     }
@@ -323,9 +331,48 @@ async fn up_balances_survives_an_instance_kill_and_stops_cleanly() {
     };
     stack.wait_ready(3).await;
     let http = kit::http_client();
+    // Nothing of the admin surface answers without the stack's token:
+    // not the gateway's pools or metrics, not an instance's metrics
+    // through the gateway, not the registration API (the review's first
+    // finding, from a client on loopback).
+    for path in ["/_gateway/pools", "/_gateway/metrics", "/metrics"] {
+        let r = http.get(stack.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} answered without a token");
+    }
+    let rogue = http
+        .post(stack.url("/_gateway/admin/register"))
+        .json(&json!({"pool": "default", "url": "http://127.0.0.1:9", "ttl_secs": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rogue.status(), 401);
+    // The development webhook secret signs nothing here: `shoal up` made
+    // a random one for this data directory.
+    let body = json!({"type": "payment_intent.succeeded", "data": {"object": {"id": "pi_x", "metadata": {"payment_id": "pay_x"}}}}).to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let forged = http
+        .post(stack.url("/api/payments/webhooks"))
+        .header(
+            "stripe-signature",
+            shoal_sandbox::signature::sign(
+                shoal_core::settings::DEVELOPMENT_WEBHOOK_SECRET,
+                now,
+                body.as_bytes(),
+            ),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400);
+    assert!(forged.text().await.unwrap().contains("signature refused"));
     // The instances joined the gateway's pool through its registration API.
     let pools: Value = http
         .get(stack.url("/_gateway/pools"))
+        .bearer_auth(stack.admin_token())
         .send()
         .await
         .unwrap()
@@ -822,4 +869,87 @@ fn a_crash_looping_child_stops_the_stack_loudly() {
     assert_eq!(out.status.code(), Some(1), "exit status says it failed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("serve-1 keeps crashing"), "{stderr}");
+}
+
+/// Every role but `shoal up` refuses the development secrets, naming each
+/// key, unless the run says it is a development one; a gateway whose
+/// instances register refuses to start without an admin token.
+#[test]
+fn roles_refuse_development_secrets_outside_a_development_run() {
+    let dir = kit::TempDir::new("devsecrets");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        cmd.args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("SHOAL_LOG__LEVEL", "error")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    for (role, keys) in [
+        ("serve", ["payments.api_key", "payments.webhook_secret"]),
+        ("worker", ["payments.api_key", "payments.webhook_secret"]),
+        ("sandbox", ["sandbox.api_key", "sandbox.webhook_secret"]),
+    ] {
+        let args: &[&str] = match role {
+            "worker" => &["worker"],
+            _ => &[role, "--listen", "127.0.0.1:0"],
+        };
+        let out = run(args, &[]);
+        assert_eq!(out.status.code(), Some(1), "{role} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("development secrets") && keys.iter().all(|k| err.contains(k)),
+            "{role}: {err}"
+        );
+    }
+    // One secret replaced, the other still known: the message names it.
+    let out = run(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("SHOAL_PAYMENTS__API_KEY", "sk_live_0123456789abcdef")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("payments.webhook_secret") && !err.contains("payments.api_key"),
+        "{err}"
+    );
+    let out = run(&["gateway", "--registered", "--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gateway.admin_token"), "{err}");
+
+    // A development run starts, warning about each secret.
+    let port = kit::free_port();
+    let log = std::fs::File::create(dir.path().join("sandbox.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["sandbox", "--development", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SHOAL_LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut up = false;
+    while Instant::now() < deadline && !up {
+        up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let text = std::fs::read_to_string(dir.path().join("sandbox.log")).unwrap();
+    assert!(up, "the sandbox did not start in a development run: {text}");
+    assert!(
+        text.contains("development secret") && text.contains("sandbox.webhook_secret"),
+        "{text}"
+    );
 }

@@ -91,10 +91,18 @@ pub struct GatewaySettings {
     /// instances, in percent (at least one instance may always be ejected
     /// in a pool of two or more). Active health checks are not capped.
     pub max_ejection_percent: u32,
-    /// Bearer token for `/_gateway/admin/...`. When unset, the admin API
-    /// only answers clients on a loopback address.
+    /// Bearer token (`Authorization: Bearer ...`) that every `/_gateway/`
+    /// endpoint but `healthz` and `readyz` requires: the admin API, pools,
+    /// cache and metrics. When unset, those endpoints are off (403) for
+    /// every client, loopback included. `shoal up` writes a random one to
+    /// `<data_dir>/secrets/admin-token`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// A second bearer token that opens only the read-only status
+    /// endpoints (`/_gateway/metrics`, `pools`, `cache`), for a Prometheus
+    /// scraper that must not be able to change anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<String>,
     /// Longest TTL an instance may register itself with, in seconds.
     pub registration_max_ttl_secs: u64,
     /// Open client connections at most; past it new connections get a 503
@@ -276,6 +284,7 @@ impl Default for GatewaySettings {
             retry_budget_min_per_sec: 10,
             max_ejection_percent: 50,
             admin_token: None,
+            metrics_token: None,
             registration_max_ttl_secs: 300,
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
@@ -496,11 +505,20 @@ impl GatewaySettings {
                 "must be between 0 and 100".into(),
             );
         }
-        if self.admin_token.as_deref() == Some("") {
-            return invalid(
-                "gateway.admin_token".into(),
-                "must not be empty; leave it out to allow loopback clients only".into(),
-            );
+        for (key, token) in [
+            ("gateway.admin_token", &self.admin_token),
+            ("gateway.metrics_token", &self.metrics_token),
+        ] {
+            if let Some(t) = token {
+                if t.len() < 16 {
+                    return invalid(
+                        key.into(),
+                        "must be at least 16 characters (a random one: \
+                         `head -c 32 /dev/urandom | base64`); leave it out to turn these endpoints off"
+                            .into(),
+                    );
+                }
+            }
         }
         for name in self.pool_max_concurrent_requests.keys() {
             if !self.pools.iter().any(|p| &p.name == name) {

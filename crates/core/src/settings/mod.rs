@@ -18,7 +18,9 @@ pub use gateway::{
 pub use load::{load, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};
 pub use notifications::NotificationsSettings;
-pub use payments::{PaymentsSettings, SandboxSettings};
+pub use payments::{
+    PaymentsSettings, SandboxSettings, DEVELOPMENT_API_KEY, DEVELOPMENT_WEBHOOK_SECRET,
+};
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -32,7 +34,14 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// A name for this process in logs and the `x-shoal-instance` header.
     pub instance: String,
+    /// A development run: roles start with the known development secrets
+    /// (the sandbox's API key and webhook secret), warning about each.
+    /// Off, every role but `shoal up` (which makes random ones per data
+    /// directory) refuses to start with them. `--development` or
+    /// `SHOAL_DEVELOPMENT=true`.
+    pub development: bool,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
     pub database: DatabaseSettings,
     pub sessions: SessionSettings,
     pub serve: ServeSettings,
@@ -55,7 +64,9 @@ impl Default for Settings {
         Settings {
             data_dir: PathBuf::from("shoal-data"),
             instance: String::new(),
+            development: false,
             log: LogSettings::default(),
+            metrics: MetricsSettings::default(),
             database: DatabaseSettings::default(),
             sessions: SessionSettings::default(),
             serve: ServeSettings::default(),
@@ -99,6 +110,18 @@ impl Default for LogSettings {
             format: LogFormat::Json,
         }
     }
+}
+
+/// Who may read `/metrics` of `serve` and `worker`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Bearer token (`Authorization: Bearer ...`) that `/metrics` of
+    /// `serve` and `worker` require. Unset, `/metrics` answers 403 to
+    /// everyone: an instance's routes are reachable through the gateway.
+    /// `shoal up` writes a random one to `<data_dir>/secrets/metrics-token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -208,7 +231,8 @@ pub struct ServeSettings {
     /// `http://127.0.0.1:8080`): the instance adds itself to
     /// `register_pool` through `POST /_gateway/admin/register`, renews the
     /// registration every third of `register_ttl_secs`, and deregisters
-    /// when it starts draining. Uses `gateway.admin_token` when set.
+    /// when it starts draining. Sends `gateway.admin_token`, which the
+    /// gateway requires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub register_at: Option<String>,
     pub register_pool: String,
@@ -450,12 +474,46 @@ impl Settings {
         if self.serve.body_limit_bytes == 0 {
             return invalid("serve.body_limit_bytes", "must be at least 1");
         }
+        if let Some(t) = &self.metrics.token {
+            if t.len() < 16 {
+                return invalid(
+                    "metrics.token",
+                    "must be at least 16 characters; leave it out to turn /metrics off",
+                );
+            }
+        }
         self.gateway.validate()?;
         self.cache.validate()?;
         if let Err((key, message)) = self.notifications.validate() {
             return invalid(key, message);
         }
         Ok(())
+    }
+
+    /// The keys of the secrets `role` uses that still hold a value known
+    /// to everyone (the development defaults), for the role to refuse to
+    /// start with or, in a development run, to warn about.
+    pub fn development_secrets(&self, role: Role) -> Vec<&'static str> {
+        let mut found = Vec::new();
+        match role {
+            Role::Serve | Role::Worker => {
+                if self.payments.api_key == payments::DEVELOPMENT_API_KEY {
+                    found.push("payments.api_key");
+                }
+                if self.payments.webhook_secret == payments::DEVELOPMENT_WEBHOOK_SECRET {
+                    found.push("payments.webhook_secret");
+                }
+            }
+            Role::Sandbox => {
+                if self.sandbox.api_key == payments::DEVELOPMENT_API_KEY {
+                    found.push("sandbox.api_key");
+                }
+                if self.sandbox.webhook_secret == payments::DEVELOPMENT_WEBHOOK_SECRET {
+                    found.push("sandbox.webhook_secret");
+                }
+            }
+        }
+        found
     }
 
     /// The settings as TOML with secrets (URL passwords, secrets, tokens)
@@ -512,9 +570,45 @@ pub fn redact_url_password(url: &str) -> String {
     url.to_string()
 }
 
+/// A role that holds secrets, for [`Settings::development_secrets`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Serve,
+    Worker,
+    Sandbox,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn development_secrets_are_named_until_replaced() {
+        let mut s = Settings::default();
+        assert_eq!(
+            s.development_secrets(Role::Serve),
+            ["payments.api_key", "payments.webhook_secret"]
+        );
+        assert_eq!(
+            s.development_secrets(Role::Sandbox),
+            ["sandbox.api_key", "sandbox.webhook_secret"]
+        );
+        s.payments.api_key = "sk_live_something_else".into();
+        s.payments.webhook_secret = "whsec_random_for_this_deployment".into();
+        assert!(s.development_secrets(Role::Worker).is_empty());
+    }
+
+    #[test]
+    fn short_tokens_are_refused_naming_the_key() {
+        let mut s = Settings::default();
+        s.metrics.token = Some("short".into());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics.token"), "{e}");
+        s.metrics.token = None;
+        s.gateway.admin_token = Some("admin".into());
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("gateway.admin_token"), "{e}");
+    }
 
     #[test]
     fn url_passwords_are_redacted() {

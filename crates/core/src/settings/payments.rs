@@ -5,6 +5,13 @@
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
+/// The API key every Shoal build knows: the default of `payments.api_key`
+/// and `sandbox.api_key`. Only a development run may use it.
+pub const DEVELOPMENT_API_KEY: &str = "sk_test_shoal";
+/// The webhook secret every Shoal build knows (`payments.webhook_secret`,
+/// `sandbox.webhook_secret`). Only a development run may use it.
+pub const DEVELOPMENT_WEBHOOK_SECRET: &str = "whsec_shoal_development";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsSettings {
@@ -25,8 +32,8 @@ impl Default for PaymentsSettings {
     fn default() -> Self {
         PaymentsSettings {
             provider_url: "http://127.0.0.1:8095".into(),
-            api_key: "sk_test_shoal".into(),
-            webhook_secret: "whsec_shoal_development".into(),
+            api_key: DEVELOPMENT_API_KEY.into(),
+            webhook_secret: DEVELOPMENT_WEBHOOK_SECRET.into(),
             webhook_tolerance_secs: 300,
             request_timeout_ms: 5_000,
         }
@@ -55,8 +62,8 @@ impl Default for SandboxSettings {
         SandboxSettings {
             listen: "127.0.0.1:8095".parse().unwrap(),
             webhook_url: None,
-            webhook_secret: "whsec_shoal_development".into(),
-            api_key: "sk_test_shoal".into(),
+            webhook_secret: DEVELOPMENT_WEBHOOK_SECRET.into(),
+            api_key: DEVELOPMENT_API_KEY.into(),
             slow_ms: 3_000,
         }
     }

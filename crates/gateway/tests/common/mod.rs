@@ -238,9 +238,12 @@ impl Drop for ResettingUpstream {
     }
 }
 
+/// The admin token of every test gateway that [`settings`] makes.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// Gateway settings for tests: one pool `default` of `upstreams`, fast
-/// health checks and ejections, with `overrides` (JSON, by setting name)
-/// applied on top. JSON lets tests set enum settings by their names.
+/// health checks and ejections, [`ADMIN_TOKEN`], with `overrides` (JSON,
+/// by setting name) applied on top. JSON lets tests set enum settings by their names.
 pub fn settings(upstreams: &[String], overrides: serde_json::Value) -> GatewaySettings {
     let mut value = serde_json::to_value(GatewaySettings::default()).unwrap();
     let base = serde_json::json!({
@@ -253,6 +256,7 @@ pub fn settings(upstreams: &[String], overrides: serde_json::Value) -> GatewaySe
         "request_timeout_ms": 2_000,
         "shutdown_timeout_secs": 5,
         "balancer": "round_robin",
+        "admin_token": ADMIN_TOKEN,
     });
     for source in [base, overrides] {
         for (k, v) in source.as_object().unwrap() {
@@ -285,7 +289,7 @@ impl TestGateway {
     }
 
     pub async fn pools(&self, client: &TestClient) -> serde_json::Value {
-        let r = client.get(&self.url("/_gateway/pools")).await;
+        let r = client.get_admin(&self.url("/_gateway/pools")).await;
         serde_json::from_str(&r.body).unwrap()
     }
 
@@ -336,6 +340,17 @@ impl TestClient {
             .await
     }
 
+    /// GETs with `Authorization: Bearer` [`ADMIN_TOKEN`].
+    pub async fn get_admin(&self, url: &str) -> Reply {
+        self.send(
+            Request::get(url)
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+    }
+
     /// POSTs a small JSON body.
     pub async fn post_json(&self, url: &str) -> Reply {
         let req = Request::post(url)
@@ -378,7 +393,8 @@ where
     }
 }
 
-/// POSTs JSON to the gateway's admin API.
+/// POSTs JSON to the gateway's admin API with `token`, or with
+/// [`ADMIN_TOKEN`] when `None`.
 pub async fn admin(
     client: &TestClient,
     gw: &TestGateway,
@@ -388,9 +404,8 @@ pub async fn admin(
 ) -> Reply {
     let mut b = Request::post(gw.url(&format!("/_gateway/admin/{action}")))
         .header("content-type", "application/json");
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
+    let t = token.unwrap_or(ADMIN_TOKEN);
+    b = b.header("authorization", format!("Bearer {t}"));
     client
         .send(b.body(Full::new(Bytes::from(body.to_string()))).unwrap())
         .await

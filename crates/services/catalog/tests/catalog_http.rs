@@ -40,8 +40,11 @@ fn settings(dir: &kit::TempDir) -> Settings {
     s.serve.listen = "127.0.0.1:0".parse().unwrap();
     s.catalog.admin_user_ids = vec![ADMIN.into()];
     s.cache.early_refresh_beta = 0.0;
+    s.metrics.token = Some(METRICS_TOKEN.into());
     s
 }
+
+const METRICS_TOKEN: &str = "catalog-metrics-token-0123";
 
 async fn start(settings: Settings, modules: Vec<Box<dyn ServiceModule>>) -> Running {
     let app = Application::build(settings, modules).await.expect("build");
@@ -500,6 +503,7 @@ async fn reads_survive_an_unreachable_redis() {
     assert_eq!(reads.load(Ordering::SeqCst), 2, "L1 still works");
     let metrics = http
         .get(app.url("/metrics"))
+        .bearer_auth(METRICS_TOKEN)
         .send()
         .await
         .unwrap()
@@ -659,4 +663,45 @@ async fn seed_loads_many_products_quickly_on_sqlite() {
     // a second run adds more without clashing
     shoal_catalog::seed(&db, 10, |_| {}).await.unwrap();
     assert!(took < Duration::from_secs(60), "took {took:?}");
+}
+
+/// An instance's routes are reachable through the gateway, so its
+/// `/metrics` answers only a request that carries `metrics.token`: 401
+/// without it or with another, 403 for everyone while none is set.
+#[tokio::test]
+async fn an_instance_serves_metrics_only_with_the_token() {
+    let dir = kit::TempDir::new("catalog-metrics");
+    let app = start(settings(&dir), vec![Box::new(Catalog::default())]).await;
+    let http = kit::http_client();
+    let get = |token: Option<&str>| {
+        let mut r = http.get(app.url("/metrics"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let r = get(None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        get(Some("catalog-metrics-token-012"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let r = get(Some(METRICS_TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+
+    let dir = kit::TempDir::new("catalog-metrics-off");
+    let mut off = settings(&dir);
+    off.metrics.token = None;
+    let app = start(off, vec![Box::new(Catalog::default())]).await;
+    let r = http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("metrics.token"));
 }

@@ -438,3 +438,109 @@ async fn reconciliation_settles_a_payment_whose_webhook_never_came() {
     wait_status(&http, &s.base, &id, "paid").await;
     assert_eq!(charges_for(&s.sandbox, &id).await, 1);
 }
+
+/// A webhook signed with the right secret (leaked, or the development
+/// one) is believed only where the provider confirms it: claiming that a
+/// payment whose card keeps failing has succeeded, under a made-up intent
+/// or under another order's real one, changes nothing and is answered
+/// 400; the order stays unpaid and is charged nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_webhook_the_provider_does_not_confirm_changes_nothing() {
+    let s = start().await;
+    let http = login(&s.base).await;
+    let p = product(&s.base).await;
+    // One real, paid order whose intent a forger could name.
+    let visa = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_visa"});
+    let paid = place(&http, &s.base, "forge-paid", &visa).await;
+    wait_status(&http, &s.base, &paid, "paid").await;
+    // The victim order: the provider errors on every attempt, so its
+    // payment stays pending between retries.
+    let failing = json!({"items": [{"product_id": p["id"], "quantity": 2}], "payment_method": "pm_card_error"});
+    let victim = place(&http, &s.base, "forge-victim", &failing).await;
+    let (_, paid_intent) = payment_of(&s.db, &paid, true).await;
+    let (victim_payment, _) = payment_of(&s.db, &victim, false).await;
+    let forge = |intent: String| {
+        let event = json!({
+            "id": "evt_forged",
+            "type": "payment_intent.succeeded",
+            "data": {"object": {
+                "id": intent,
+                "object": "payment_intent",
+                "status": "succeeded",
+                "metadata": {"payment_id": victim_payment, "order_id": victim},
+            }},
+        })
+        .to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let signature = shoal_sandbox::signature::sign(
+            shoal_core::settings::DEVELOPMENT_WEBHOOK_SECRET,
+            now,
+            event.as_bytes(),
+        );
+        let base = s.base.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{base}/api/payments/webhooks"))
+                .header("stripe-signature", signature)
+                .header("content-type", "application/json")
+                .body(event)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for intent in [
+        "pi_madeup0000000000000000".to_string(),
+        paid_intent.unwrap(),
+    ] {
+        let r = forge(intent.clone()).await;
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        assert_eq!(
+            status, 400,
+            "forged event with {intent} was accepted: {body}"
+        );
+        assert!(body.contains("does not match the provider"), "{body}");
+    }
+    let status: (String,) = sqlx::query_as("SELECT status FROM payments WHERE id = $1")
+        .bind(&victim_payment)
+        .fetch_one(s.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.0, "pending",
+        "the forged webhook settled the payment"
+    );
+    let o: Value = http
+        .get(format!("{}/api/orders/{victim}", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(o["status"], "pending_payment");
+    assert_eq!(charges_for(&s.sandbox, &victim).await, 0);
+}
+
+/// The payment row of `order` (id, provider id), waiting up to 20 s for
+/// it to exist and, with `with_intent`, to have a provider id.
+async fn payment_of(db: &Database, order: &str, with_intent: bool) -> (String, Option<String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT id, provider_id FROM payments WHERE order_id = $1")
+                .bind(order)
+                .fetch_optional(db.pool())
+                .await
+                .unwrap();
+        match r {
+            Some(r) if !with_intent || r.1.is_some() => return r,
+            _ if std::time::Instant::now() > deadline => panic!("no payment for {order}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

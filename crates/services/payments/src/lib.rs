@@ -48,6 +48,18 @@ pub enum ChargeOutcome {
     },
 }
 
+/// What the provider holds for one charge: its state, and what it was
+/// for (checked against a webhook's claims before they are believed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRecord {
+    pub outcome: ChargeOutcome,
+    /// Smallest currency unit.
+    pub amount: i64,
+    pub currency: String,
+    /// The `payment_id` of the charge's metadata (Shoal's payment row).
+    pub payment_id: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     /// The outcome is unknown or the provider failed (network error,
@@ -64,6 +76,8 @@ pub enum ProviderError {
 pub trait PaymentProvider: Send + Sync + std::fmt::Debug {
     /// Creates and confirms a charge. Idempotent per `idempotency_key`.
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError>;
-    /// The current state of a charge made earlier (reconciliation).
-    async fn retrieve(&self, provider_id: &str) -> Result<ChargeOutcome, ProviderError>;
+    /// The current state of a charge made earlier, and what it was for
+    /// (reconciliation; checking a webhook). An unknown id is
+    /// `Permanent`.
+    async fn retrieve(&self, provider_id: &str) -> Result<ChargeRecord, ProviderError>;
 }

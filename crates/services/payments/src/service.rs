@@ -303,7 +303,7 @@ async fn reconcile(ctx: &AppContext, provider: &dyn PaymentProvider) -> Result<(
         // or its answer was lost: charge again with the same key.
         let result = match provider_id {
             Some(pid) => {
-                let outcome = provider.retrieve(&pid).await;
+                let outcome = provider.retrieve(&pid).await.map(|r| r.outcome);
                 apply_outcome(ctx, &id, outcome).await
             }
             None => {
@@ -319,6 +319,75 @@ async fn reconcile(ctx: &AppContext, provider: &dyn PaymentProvider) -> Result<(
         tracing::info!(count, "reconciled pending payments");
     }
     Ok(())
+}
+
+/// A signature proves only that the sender knows the webhook secret: the
+/// event's claim (this intent, for this payment, has succeeded or failed)
+/// is believed only when the provider itself says the same when asked.
+/// `Ok(None)`: the payment is not ours. A claim the provider contradicts
+/// is refused (400); a provider that does not answer is 503, so the
+/// sender retries.
+async fn confirm_with_provider(
+    ctx: &AppContext,
+    payment_id: &str,
+    intent_id: &str,
+    succeeded: bool,
+) -> Result<Option<crate::ChargeRecord>, ApiError> {
+    let payment: Option<(i64, String)> =
+        sqlx::query_as("SELECT amount, currency FROM payments WHERE id = $1")
+            .bind(payment_id)
+            .fetch_optional(ctx.db.pool())
+            .await
+            .map_err(|e| {
+                ApiError(Problem::unavailable(
+                    format!("could not read the payment: {e}"),
+                    1,
+                ))
+            })?;
+    let Some((amount, currency)) = payment else {
+        return Ok(None);
+    };
+    let refuse = |why: String| {
+        metrics::counter!("shoal_payments_webhooks_rejected_total").increment(1);
+        tracing::warn!(payment_id, intent_id, %why, "webhook refused: the provider does not confirm it");
+        ApiError(Problem::bad_request(format!(
+            "the event does not match the provider's record: {why}; not applied"
+        )))
+    };
+    let record = match provider(ctx).retrieve(intent_id).await {
+        Ok(r) => r,
+        Err(ProviderError::Retryable(e)) => {
+            return Err(ApiError(Problem::unavailable(
+                format!("the provider could not confirm the event ({e}); send it again later"),
+                5,
+            )))
+        }
+        Err(ProviderError::Permanent(e)) => return Err(refuse(e)),
+    };
+    if record.payment_id.as_deref() != Some(payment_id) {
+        return Err(refuse(format!(
+            "intent {intent_id} belongs to another payment"
+        )));
+    }
+    if record.amount != amount || !record.currency.eq_ignore_ascii_case(&currency) {
+        return Err(refuse(format!("intent {intent_id} is for another amount")));
+    }
+    let agrees = match record.outcome {
+        ChargeOutcome::Succeeded { .. } => succeeded,
+        ChargeOutcome::Declined { .. } => !succeeded,
+        ChargeOutcome::Processing { .. } => false,
+    };
+    if !agrees {
+        return Err(refuse(format!(
+            "the provider says intent {intent_id} is {}",
+            match record.outcome {
+                ChargeOutcome::Succeeded { .. } => "succeeded",
+                ChargeOutcome::Declined { .. } => "declined",
+                ChargeOutcome::Processing { .. } => "still processing",
+            }
+        )));
+    }
+    Ok(Some(record))
 }
 
 async fn webhook(
@@ -359,8 +428,19 @@ async fn webhook(
         _ => None,
     };
     if let (Some(payment_id), Some(succeeded)) = (payment_id, outcome) {
-        let failure = object["last_payment_error"]["message"].as_str();
-        settle(&ctx, &payment_id, succeeded, object["id"].as_str(), failure)
+        let Some(intent_id) = object["id"].as_str() else {
+            return Err(Problem::bad_request("the event's object has no id").into());
+        };
+        let record = confirm_with_provider(&ctx, &payment_id, intent_id, succeeded).await?;
+        let Some(record) = record else {
+            // Not a payment of ours: nothing to do, and nothing to retry.
+            return Ok(Json(json!({"received": true, "applied": false})));
+        };
+        let failure = match &record.outcome {
+            ChargeOutcome::Declined { message, .. } => Some(message.as_str()),
+            _ => None,
+        };
+        settle(&ctx, &payment_id, succeeded, Some(intent_id), failure)
             .await
             .map_err(|e| ApiError(Problem::unavailable(format!("could not settle: {e}"), 1)))?;
     }

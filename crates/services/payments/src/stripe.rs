@@ -2,7 +2,7 @@
 //! at once, `Idempotency-Key` header) and `GET /v1/payment_intents/{id}`,
 //! mapping Stripe's answers onto `ChargeOutcome` and `ProviderError`.
 
-use crate::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError};
+use crate::{ChargeOutcome, ChargeRecord, ChargeRequest, PaymentProvider, ProviderError};
 use async_trait::async_trait;
 use serde_json::Value;
 use std::time::Duration;
@@ -113,7 +113,17 @@ impl PaymentProvider for StripeProvider {
         classify(response).await
     }
 
-    async fn retrieve(&self, provider_id: &str) -> Result<ChargeOutcome, ProviderError> {
+    async fn retrieve(&self, provider_id: &str) -> Result<ChargeRecord, ProviderError> {
+        // The id may come from a webhook's body: one path segment, no more.
+        if provider_id.is_empty()
+            || !provider_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(ProviderError::Permanent(format!(
+                "`{provider_id}` is not a payment intent id"
+            )));
+        }
         let response = self
             .http
             .get(format!(
@@ -124,6 +134,25 @@ impl PaymentProvider for StripeProvider {
             .send()
             .await
             .map_err(transport)?;
-        classify(response).await
+        let status = response.status();
+        if !status.is_success() {
+            return match classify(response).await {
+                Err(e) => Err(e),
+                Ok(other) => Err(ProviderError::Retryable(format!(
+                    "unexpected answer {status} to a retrieval: {other:?}"
+                ))),
+            };
+        }
+        let intent: Value = response.json().await.map_err(|e| {
+            ProviderError::Retryable(format!("unreadable response ({status}): {e}"))
+        })?;
+        Ok(ChargeRecord {
+            outcome: outcome_from_intent(&intent)?,
+            amount: intent["amount"].as_i64().unwrap_or(-1),
+            currency: intent["currency"].as_str().unwrap_or_default().to_string(),
+            payment_id: intent["metadata"]["payment_id"]
+                .as_str()
+                .map(str::to_string),
+        })
     }
 }

@@ -56,12 +56,23 @@ async fn outcomes_and_error_classes() {
         panic!("expected success, got {ok:?}")
     };
     assert!(provider_id.starts_with("pi_"));
+    let record = p.retrieve(&provider_id).await.unwrap();
     assert_eq!(
-        p.retrieve(&provider_id).await.unwrap(),
+        record.outcome,
         ChargeOutcome::Succeeded {
             provider_id: provider_id.clone()
         }
     );
+    assert_eq!(record.amount, request("a", "pm_card_visa").amount);
+    // An id that is not one path segment is refused before any request.
+    assert!(matches!(
+        p.retrieve("../v1/charges").await,
+        Err(shoal_payments::ProviderError::Permanent(_))
+    ));
+    assert!(matches!(
+        p.retrieve("pi_doesnotexist").await,
+        Err(shoal_payments::ProviderError::Permanent(_))
+    ));
     match p
         .charge(&request("b", "pm_card_chargeDeclined"))
         .await
