@@ -90,6 +90,9 @@ pub trait Broadcast: Send + Sync + std::fmt::Debug {
     /// Removes delivered history older than the retention; returns how
     /// many entries went (0 for backends without history).
     async fn prune(&self) -> Result<u64, BroadcastError>;
+    /// Whether the backend answers now (for readiness). Bound it with a
+    /// timeout: an unreachable server may take its connect timeout.
+    async fn ping(&self) -> bool;
 }
 
 /// Local fan-out: one `tokio::sync::broadcast` sender per channel.
@@ -280,6 +283,10 @@ async fn sql_prune(shared: &SqlShared) -> Result<u64, sqlx::Error> {
 
 #[async_trait]
 impl Broadcast for SqlBroadcast {
+    async fn ping(&self) -> bool {
+        self.shared.db.ping().await
+    }
+
     async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BroadcastError> {
         let db = &self.shared.db;
         let insert =
@@ -463,6 +470,14 @@ async fn redis_wait(
 
 #[async_trait]
 impl Broadcast for RedisBroadcast {
+    async fn ping(&self) -> bool {
+        let mut conn = self.shared.publisher.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .is_ok()
+    }
+
     async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BroadcastError> {
         let mut conn = self.shared.publisher.clone();
         redis::cmd("PUBLISH")

@@ -220,6 +220,14 @@ impl NatsJobStore {
         })
     }
 
+    /// Whether the NATS server answers now: connected, and a PING gets
+    /// its PONG (for readiness; bound it with a timeout).
+    pub async fn ping(&self) -> bool {
+        let client = self.js.client();
+        client.connection_state() == async_nats::connection::State::Connected
+            && client.flush().await.is_ok()
+    }
+
     /// Deletes this prefix's stream and buckets, with every job in them
     /// (tests use it to clean up).
     pub async fn delete_everything(&self) -> Result<(), QueueError> {

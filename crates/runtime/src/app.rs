@@ -328,11 +328,30 @@ async fn readyz(State(ctx): State<AppContext>) -> Response {
     if ctx.is_draining() {
         return problem_response(&Problem::unavailable("this instance is draining", 1));
     }
-    let db_ok = tokio::time::timeout(Duration::from_secs(1), ctx.db.ping())
-        .await
-        .unwrap_or(false);
-    if !db_ok {
-        return problem_response(&Problem::unavailable("the database does not answer", 1));
+    // Every store a request may need, checked at once, each within 1 s:
+    // an instance that cannot reach one would answer 500s, so it leaves
+    // the gateways' pools until the store is back (and rejoins by itself:
+    // the clients reconnect).
+    let limit = Duration::from_secs(1);
+    let (db, sessions, bus) = tokio::join!(
+        tokio::time::timeout(limit, ctx.db.ping()),
+        tokio::time::timeout(limit, ctx.sessions.ping()),
+        tokio::time::timeout(limit, ctx.bus.ping()),
+    );
+    let (db, sessions, bus) = (
+        db.unwrap_or(false),
+        sessions.unwrap_or(false),
+        bus.unwrap_or(false),
+    );
+    let down: Vec<&str> = [(db, "database"), (sessions, "session store"), (bus, "bus")]
+        .into_iter()
+        .filter_map(|(ok, name)| (!ok).then_some(name))
+        .collect();
+    if !down.is_empty() {
+        return problem_response(&Problem::unavailable(
+            format!("not ready: the {} does not answer", down.join(", the ")),
+            1,
+        ));
     }
     (
         StatusCode::OK,

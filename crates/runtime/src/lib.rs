@@ -9,6 +9,7 @@ pub mod client;
 pub mod context;
 pub mod error;
 pub mod extract;
+pub mod jobs;
 pub mod middleware;
 pub mod registration;
 pub mod session;

@@ -1,5 +1,6 @@
-//! Self-registration with a gateway (`serve.register_at`): the instance
-//! adds itself to a pool through the gateway's admin API, renews the
+//! Self-registration with gateways (`serve.register_at`, one or more): the
+//! instance adds itself to a pool through each gateway's admin API, on
+//! each independently (one gateway down delays no other), renews the
 //! registration every third of its TTL (so one lost renewal does not drop
 //! it), and deregisters as soon as it starts draining, so the gateway stops
 //! sending it new requests before the listener closes. A gateway that
@@ -16,22 +17,28 @@ pub fn advertised_url(ctx: &AppContext, addr: SocketAddr) -> String {
     if let Some(url) = &ctx.settings.serve.advertise_url {
         return url.trim_end_matches('/').to_string();
     }
-    let ip = if addr.ip().is_unspecified() {
-        tracing::warn!(%addr, "listening on every address; advertising 127.0.0.1 to the gateway (set serve.advertise_url)");
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        addr.ip()
-    };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    // Settings::validate refuses an unspecified listen address with
+    // gateways to register with and no advertise_url.
+    format!("http://{addr}")
 }
 
-/// Registers and renews until `shutdown`, then deregisters.
+/// Registers with every gateway of `serve.register_at` and renews until
+/// `shutdown`, then deregisters from each.
 pub async fn run(ctx: AppContext, addr: SocketAddr, shutdown: CancellationToken) {
-    let s = &ctx.settings.serve;
-    let Some(gateway) = s.register_at.as_deref().map(|g| g.trim_end_matches('/')) else {
-        return;
-    };
     let url = advertised_url(&ctx, addr);
+    let gateways = ctx.settings.serve.register_at.clone();
+    futures_util::future::join_all(
+        gateways
+            .iter()
+            .map(|g| register_with(&ctx, g.trim_end_matches('/'), &url, &shutdown)),
+    )
+    .await;
+}
+
+/// Registers `url` with one gateway and renews until `shutdown`, then
+/// deregisters.
+async fn register_with(ctx: &AppContext, gateway: &str, url: &str, shutdown: &CancellationToken) {
+    let s = &ctx.settings.serve;
     let pool = s.register_pool.clone();
     let ttl = s.register_ttl_secs.max(2);
     let token = ctx.settings.gateway.admin_token.clone();

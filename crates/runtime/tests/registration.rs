@@ -66,13 +66,17 @@ async fn until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_registers_renews_and_deregisters_when_it_drains() {
     let (gateway, calls) = fake_gateway().await;
+    // A second gateway, listed too, and a third that is down: every
+    // gateway that answers knows the instance, whatever the others do.
+    let (second, second_calls) = fake_gateway().await;
+    let down = format!("http://127.0.0.1:{}", kit::free_port());
     let dir = kit::TempDir::new("registration");
     let mut settings = Settings {
         data_dir: dir.path().to_path_buf(),
         ..Settings::default()
     };
     settings.serve.listen = "127.0.0.1:0".parse().unwrap();
-    settings.serve.register_at = Some(gateway);
+    settings.serve.register_at = vec![down, gateway, second];
     settings.serve.register_pool = "api".into();
     settings.serve.register_ttl_secs = 2;
     settings.serve.drain_delay_ms = 500;
@@ -85,7 +89,20 @@ async fn an_instance_registers_renews_and_deregisters_when_it_drains() {
 
     // Registered at start, then renewed every third of the 2 s TTL.
     until("two registrations", &calls, |c| c.len() >= 2).await;
-    for (kind, body, auth) in calls.lock().unwrap().iter() {
+    until(
+        "two registrations at the second gateway",
+        &second_calls,
+        |c| c.len() >= 2,
+    )
+    .await;
+    let both: Vec<_> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(second_calls.lock().unwrap().iter())
+        .cloned()
+        .collect();
+    for (kind, body, auth) in both.iter() {
         assert_eq!(kind, "register");
         assert_eq!(body["pool"], "api");
         assert_eq!(body["url"], me.as_str());
@@ -99,10 +116,12 @@ async fn an_instance_registers_renews_and_deregisters_when_it_drains() {
     // Told to stop: it leaves the pool while it drains, before the
     // listener closes.
     stop.cancel();
-    until("a deregistration", &calls, |c| {
-        c.iter().any(|(kind, _, _)| kind == "deregister")
-    })
-    .await;
+    for calls in [&calls, &second_calls] {
+        until("a deregistration", calls, |c| {
+            c.iter().any(|(kind, _, _)| kind == "deregister")
+        })
+        .await;
+    }
     let (_, body, _) = calls
         .lock()
         .unwrap()

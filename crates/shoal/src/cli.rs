@@ -182,7 +182,9 @@ pub struct WorkerArgs {
     /// Jobs run at once.
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Address of the worker's /healthz and /metrics (port 0 picks one).
+    /// Address of the worker's /healthz, /readyz and /metrics
+    /// (`worker.listen`, default 127.0.0.1:9091; 0.0.0.0:9091 for probes
+    /// from other hosts; port 0 picks one).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// This worker's name in logs.

@@ -3,6 +3,7 @@
 
 use crate::cli::{Cli, Command, JobsCommand};
 use anyhow::Context as _;
+use axum::response::IntoResponse as _;
 use axum::routing::get;
 use shoal_core::Settings;
 use shoal_queue::{JobFilter, JobState, JobStore, Worker, WorkerOptions};
@@ -124,8 +125,10 @@ pub async fn migrate_all(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// The worker role: runs every service's job handlers on the configured
-/// queues, housekeeping (expired sessions) on a period, and serves
-/// `/healthz`, `/readyz` and `/metrics` on `worker.listen`.
+/// queues (claimed from the store `queue.backend` names, fed by an outbox
+/// relay for NATS), housekeeping (expired sessions, relayed outbox jobs)
+/// on a period, and serves `/healthz`, `/readyz` (503 while it cannot
+/// claim jobs, or is stopping) and `/metrics` on `worker.listen`.
 async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let instance: Arc<str> = if settings.instance.is_empty() {
         format!("worker-{}", std::process::id()).into()
@@ -139,7 +142,29 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
         .await
         .with_context(|| format!("binding {}", settings.worker.listen))?;
     let addr = listener.local_addr()?;
+    let lease = Duration::from_millis(settings.worker.lease_ms);
+    let backend =
+        shoal_runtime::jobs::JobBackend::connect(&ctx, &settings.worker.queues, lease).await?;
     let metrics_token = settings.metrics.token.clone();
+    let ready = {
+        let (ctx, backend, shutdown) = (ctx.clone(), backend.clone(), shutdown.clone());
+        move || {
+            let (ctx, backend, shutdown) = (ctx.clone(), backend.clone(), shutdown.clone());
+            async move {
+                let not_ready = if shutdown.is_cancelled() {
+                    Err("the worker is stopping")
+                } else {
+                    backend.ready(&ctx, Duration::from_secs(1)).await
+                };
+                match not_ready {
+                    Ok(()) => axum::Json(serde_json::json!({"status": "ready"})).into_response(),
+                    Err(why) => shoal_runtime::error::problem_response(
+                        &shoal_core::Problem::unavailable(format!("not ready: {why}"), 1),
+                    ),
+                }
+            }
+        }
+    };
     let router = axum::Router::new()
         .route(
             "/healthz",
@@ -147,10 +172,7 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
                 axum::Json(serde_json::json!({"status": "ok", "pid": std::process::id()}))
             }),
         )
-        .route(
-            "/readyz",
-            get(|| async { axum::Json(serde_json::json!({"status": "ready"})) }),
-        )
+        .route("/readyz", get(ready))
         .route(
             "/metrics",
             get(move |headers: axum::http::HeaderMap| async move {
@@ -172,21 +194,30 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
             .map(|q| (q.clone(), settings.worker.concurrency))
             .collect(),
         shutdown_timeout: Duration::from_secs(settings.worker.shutdown_timeout_secs),
-        lease: Duration::from_millis(settings.worker.lease_ms),
+        lease,
         ..WorkerOptions::default()
     };
-    let mut jobs = Worker::new(ctx.jobs.clone(), options);
+    backend.spawn_relay(shutdown.clone());
+    let mut jobs = Worker::new(backend.store.clone(), options);
     for module in &modules {
         jobs = module.register_jobs(&ctx, jobs);
     }
     let jobs = tokio::spawn(jobs.run(shutdown.clone()));
-    tracing::info!(%addr, queues = ?settings.worker.queues, "worker started");
+    tracing::info!(%addr, queues = ?settings.worker.queues, backend = ?settings.queue.backend, "worker started");
     let interval = Duration::from_secs(settings.worker.housekeeping_interval_secs.max(1));
     loop {
         match ctx.sessions.prune_expired().await {
             Ok(n) if n > 0 => tracing::info!(removed = n, "expired sessions pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "session pruning failed; will retry"),
+        }
+        // With NATS the database holds only the outbox: the worker prunes
+        // the store it claims from; the outbox's relayed jobs go here.
+        if settings.queue.backend == shoal_core::settings::QueueBackend::Nats {
+            let day = Duration::from_secs(24 * 3600);
+            if let Err(e) = ctx.jobs.prune(day, 7 * day).await {
+                tracing::warn!(error = %e, "outbox pruning failed; will retry");
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -241,7 +272,23 @@ async fn sandbox(settings: &Settings, shutdown: CancellationToken) -> anyhow::Re
     sandbox.run(shutdown).await
 }
 
+/// The job store `shoal jobs` inspects: the one workers claim from.
 async fn job_store(settings: &Settings) -> anyhow::Result<Arc<dyn JobStore>> {
+    if settings.queue.backend == shoal_core::settings::QueueBackend::Nats {
+        let url = settings
+            .queue
+            .nats_url
+            .as_deref()
+            .context("queue.nats_url is required for the nats queue backend")?;
+        return Ok(Arc::new(
+            shoal_runtime::jobs::connect_nats(
+                url,
+                &settings.queue.nats_prefix,
+                Duration::from_millis(settings.worker.lease_ms),
+            )
+            .await?,
+        ));
+    }
     let db = shoal_backends::Database::connect(
         &settings.database_url()?,
         settings.database.max_connections,

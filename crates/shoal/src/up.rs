@@ -217,14 +217,24 @@ fn child_specs(
     }
     for i in 1..=settings.up.workers {
         let name = format!("worker-{i}");
-        let mut args = vec!["worker".to_string(), "--instance".into(), name.clone()];
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut args = vec![
+            "worker".to_string(),
+            "--instance".into(),
+            name.clone(),
+            "--listen".into(),
+            addr.to_string(),
+        ];
         args.extend(common.iter().cloned());
         specs.push(ChildSpec {
             name,
             role: "worker",
             args,
-            address: None,
-            ready_path: None,
+            address: Some(addr),
+            ready_path: Some("/readyz"),
             env: Vec::new(),
         });
     }

@@ -953,3 +953,164 @@ fn roles_refuse_development_secrets_outside_a_development_run() {
         "{text}"
     );
 }
+
+/// `shoal jobs` on `queue.backend = "nats"`: the benchmark runs on
+/// JetStream, and the operator commands read the JetStream store the
+/// workers claim from (the key was refused as `queue.queue` before).
+#[test]
+fn jobs_bench_and_stats_run_on_nats() {
+    let Some(url) = kit::nats_url("jobs_bench_and_stats_run_on_nats") else {
+        return;
+    };
+    let dir = kit::TempDir::new("jobs-nats");
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["jobs", "bench", "--backend", "nats", "--nats-url", &url])
+        .args(["--jobs", "300", "--concurrency", "4", "--json"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SHOAL_LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["peer"], "shoal/nats");
+    assert_eq!(report["jobs"], 300);
+    assert!(report["complete_per_sec"].as_f64().unwrap() > 0.0);
+
+    let prefix = format!("jobsnats{}", &kit::unique_name()[..10]);
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["jobs", "stats"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("SHOAL_QUEUE__BACKEND", "nats")
+        .env("SHOAL_QUEUE__NATS_URL", &url)
+        .env("SHOAL_QUEUE__NATS_PREFIX", &prefix)
+        .env("SHOAL_LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("QUEUE"));
+    // Without its URL the backend is refused, naming the key.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["config"])
+        .env("SHOAL_QUEUE__BACKEND", "nats")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queue.nats_url"));
+}
+
+/// A private `nats-server -js` on `port` (killed on drop), or `None` when
+/// the binary is not installed.
+struct Nats(std::process::Child);
+
+impl Nats {
+    fn start(port: u16, store: &std::path::Path) -> Option<Nats> {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Nats(child))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The worker's `/readyz`, on the address it was given, says whether it
+/// can claim jobs: 503 naming JetStream while NATS is down, 200 again by
+/// itself once NATS is back; `/healthz` stays 200 throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_readyz_follows_its_job_store_down_and_back() {
+    let dir = kit::TempDir::new("worker-ready");
+    let nats_port = kit::free_port();
+    let Some(nats) = Nats::start(nats_port, &dir.path().join("js")) else {
+        println!("skipped: nats-server is not installed");
+        return;
+    };
+    let port = kit::free_port();
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["worker", "--development", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SHOAL_QUEUE__BACKEND", "nats")
+        .env(
+            "SHOAL_QUEUE__NATS_URL",
+            format!("nats://127.0.0.1:{nats_port}"),
+        )
+        .env("SHOAL_LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            match http
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .timeout(Duration::from_secs(3))
+                .send()
+                .await
+            {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(_) => (0, String::new()),
+            }
+        }
+    };
+    let log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    let becomes = |want: u16, limit: Duration| {
+        let status = &status;
+        let log = &log;
+        async move {
+            let deadline = Instant::now() + limit;
+            loop {
+                let (s, body) = status("/readyz").await;
+                if s == want {
+                    return body;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "readyz {s}, not {want}: {body}; log:\n{}",
+                    log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    becomes(200, Duration::from_secs(30)).await;
+    drop(nats);
+    let body = becomes(503, Duration::from_secs(15)).await;
+    assert!(body.contains("NATS"), "{body}");
+    assert_eq!(status("/healthz").await.0, 200);
+    let _nats = Nats::start(nats_port, &dir.path().join("js")).expect("nats-server again");
+    becomes(200, Duration::from_secs(30)).await;
+    let _ = kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM);
+    let _ = worker.wait();
+}

@@ -1,8 +1,11 @@
 //! Loading the settings tree: defaults, then a TOML file, then `SHOAL_*`
 //! environment variables. Nested keys use `__` in variable names:
 //! `SHOAL_DATABASE__URL` sets `database.url`, `SHOAL_DATA_DIR` sets
-//! `data_dir`. Variables starting `SHOAL_TEST_` are left to the tests, and
-//! `SHOAL_CONFIG` names the settings file (the CLI reads it).
+//! `data_dir`. Variables starting `SHOAL_TEST_` are left to the tests,
+//! `SHOAL_CONFIG` names the settings file (the CLI reads it), and the
+//! service links Kubernetes injects for a Service named `shoal` or
+//! `shoal-*` (`SHOAL_SERVICE_HOST`, `SHOAL_PORT_8080_TCP`, ...) are not
+//! settings and are skipped.
 
 use super::Settings;
 use std::path::Path;
@@ -44,7 +47,10 @@ pub fn load(
     let mut vars: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| {
-            k.starts_with("SHOAL_") && !k.starts_with("SHOAL_TEST_") && k != "SHOAL_CONFIG"
+            k.starts_with("SHOAL_")
+                && !k.starts_with("SHOAL_TEST_")
+                && k != "SHOAL_CONFIG"
+                && !is_kubernetes_service_link(k)
         })
         .collect();
     vars.sort();
@@ -76,12 +82,15 @@ fn from_tree(tree: toml::Value) -> Result<Settings, SettingsError> {
         } else {
             path
         };
-        // `unknown field` errors name the parent path; add the field.
+        // `unknown field` errors name the parent path, or (at the top
+        // level) the field itself; name the field once.
         let key = match message.strip_prefix("unknown field `") {
             Some(rest) => {
                 let field = rest.split('`').next().unwrap_or_default();
-                if key == "(top level)" {
+                if key == "(top level)" || key == field {
                     field.to_string()
+                } else if key.ends_with(&format!(".{field}")) {
+                    key
                 } else {
                     format!("{key}.{field}")
                 }
@@ -89,6 +98,32 @@ fn from_tree(tree: toml::Value) -> Result<Settings, SettingsError> {
             None => key,
         };
         SettingsError::Invalid { key, message }
+    })
+}
+
+/// Whether `var` is one of the variables Kubernetes puts in every pod for
+/// each Service in its namespace (the docker-links style service
+/// links): for a Service `shoal` or `shoal-gateway`, `SHOAL_SERVICE_HOST`,
+/// `SHOAL_SERVICE_PORT[_<name>]`, `SHOAL_PORT`, `SHOAL_PORT_<n>_TCP` and
+/// its `_PROTO`, `_PORT`, `_ADDR`, or the same after `SHOAL_GATEWAY_`.
+/// No setting has these shapes: nested keys are joined by `__`.
+fn is_kubernetes_service_link(var: &str) -> bool {
+    let Some(rest) = var.strip_prefix("SHOAL_") else {
+        return false;
+    };
+    if rest.contains("__") {
+        return false;
+    }
+    let words: Vec<&str> = rest.split('_').collect();
+    (0..words.len()).any(|i| match &words[i..] {
+        ["SERVICE", "HOST"] | ["SERVICE", "PORT", ..] | ["PORT"] => true,
+        ["PORT", number, proto, tail @ ..] => {
+            !number.is_empty()
+                && number.bytes().all(|b| b.is_ascii_digit())
+                && matches!(*proto, "TCP" | "UDP" | "SCTP")
+                && matches!(tail, [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+        }
+        _ => false,
     })
 }
 
@@ -219,5 +254,44 @@ mod tests {
         );
         let err = load(None, env(&[("SHOAL_UP__INSTANCES", "many")])).unwrap_err();
         assert!(err.to_string().contains("SHOAL_UP__INSTANCES"), "{err}");
+        // An unknown section is named once, not as `nosuch.nosuch`.
+        let err = load(None, env(&[("SHOAL_NOSUCH__BACKEND", "x")])).unwrap_err();
+        assert!(err.to_string().contains("`nosuch`"), "{err}");
+        assert!(!err.to_string().contains("nosuch.nosuch"), "{err}");
+    }
+
+    /// Kubernetes gives every pod variables for each Service of its
+    /// namespace; a Service named `shoal` or `shoal-gateway` must not stop
+    /// any role (they were "unknown keys").
+    #[test]
+    fn kubernetes_service_links_are_not_settings() {
+        let injected = [
+            ("SHOAL_SERVICE_HOST", "10.96.0.10"),
+            ("SHOAL_SERVICE_PORT", "80"),
+            ("SHOAL_SERVICE_PORT_HTTP", "80"),
+            ("SHOAL_PORT", "tcp://10.96.0.10:80"),
+            ("SHOAL_PORT_80_TCP", "tcp://10.96.0.10:80"),
+            ("SHOAL_PORT_80_TCP_PROTO", "tcp"),
+            ("SHOAL_PORT_80_TCP_PORT", "80"),
+            ("SHOAL_PORT_80_TCP_ADDR", "10.96.0.10"),
+            ("SHOAL_GATEWAY_SERVICE_HOST", "10.96.0.11"),
+            ("SHOAL_GATEWAY_PORT_8080_TCP_ADDR", "10.96.0.11"),
+            ("SHOAL_SERVE_HEADLESS_SERVICE_PORT_HTTP", "3000"),
+            ("SHOAL_UP__INSTANCES", "4"),
+        ];
+        let s = load(None, env(&injected)).unwrap();
+        assert_eq!(s.up.instances, 4);
+        // Settings and near misses stay what they are.
+        for var in [
+            "SHOAL_DATA_DIR",
+            "SHOAL_DEVELOPMENT",
+            "SHOAL_UP__PORT",
+            "SHOAL_PORTS",
+            "SHOAL_PORT_X_TCP",
+            "SHOAL_SERVICE",
+        ] {
+            assert!(!is_kubernetes_service_link(var), "{var}");
+        }
+        assert!(load(None, env(&[("SHOAL_PORTS", "1")])).is_err());
     }
 }

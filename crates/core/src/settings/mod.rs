@@ -47,6 +47,7 @@ pub struct Settings {
     pub serve: ServeSettings,
     pub gateway: GatewaySettings,
     pub worker: WorkerSettings,
+    pub queue: QueueSettings,
     pub up: UpSettings,
     pub accounts: AccountsSettings,
     pub payments: PaymentsSettings,
@@ -72,6 +73,7 @@ impl Default for Settings {
             serve: ServeSettings::default(),
             gateway: GatewaySettings::default(),
             worker: WorkerSettings::default(),
+            queue: QueueSettings::default(),
             up: UpSettings::default(),
             accounts: AccountsSettings::default(),
             payments: PaymentsSettings::default(),
@@ -227,14 +229,16 @@ pub struct ServeSettings {
     /// Serve `/_debug/*` routes (sleep, panic) used by fault tests. Off in
     /// production.
     pub debug_routes: bool,
-    /// A gateway to register this instance with (its base URL, e.g.
-    /// `http://127.0.0.1:8080`): the instance adds itself to
-    /// `register_pool` through `POST /_gateway/admin/register`, renews the
-    /// registration every third of `register_ttl_secs`, and deregisters
-    /// when it starts draining. Sends `gateway.admin_token`, which the
-    /// gateway requires.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub register_at: Option<String>,
+    /// Gateways to register this instance with (base URLs, e.g.
+    /// `http://10.0.0.1:8080`; a list, or one string with commas): the
+    /// instance adds itself to `register_pool` on each through
+    /// `POST /_gateway/admin/register`, renews every third of
+    /// `register_ttl_secs`, and deregisters from each when it starts
+    /// draining. Several gateways know every instance, so none is a
+    /// single point of failure. Sends `gateway.admin_token`, which the
+    /// gateways require.
+    #[serde(deserialize_with = "one_or_many")]
+    pub register_at: Vec<String>,
     pub register_pool: String,
     pub register_ttl_secs: u64,
     /// The URL the gateway should use for this instance; default
@@ -254,7 +258,7 @@ impl Default for ServeSettings {
             drain_delay_ms: 0,
             shutdown_timeout_secs: 20,
             debug_routes: false,
-            register_at: None,
+            register_at: Vec::new(),
             register_pool: "default".into(),
             register_ttl_secs: 6,
             advertise_url: None,
@@ -277,7 +281,9 @@ pub struct WorkerSettings {
     pub housekeeping_interval_secs: u64,
     /// How long running jobs may take to finish after a stop signal.
     pub shutdown_timeout_secs: u64,
-    /// Address of the worker's health and metrics endpoint. Port 0 picks one.
+    /// Address of the worker's `/healthz`, `/readyz` (can it claim jobs?)
+    /// and `/metrics`: probes and scrapers need a known port. Port 0 picks
+    /// one (what `shoal up` does for each of its workers).
     pub listen: SocketAddr,
     /// Runtime threads of a worker process (and of `shoal jobs`): 1, the
     /// default, is one single-threaded event loop, the fastest per core
@@ -301,8 +307,43 @@ impl Default for WorkerSettings {
             lease_ms: 30_000,
             housekeeping_interval_secs: 60,
             shutdown_timeout_secs: 20,
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listen: "127.0.0.1:9091".parse().unwrap(),
             threads: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// The main database (SQLite or PostgreSQL, `FOR UPDATE SKIP LOCKED`).
+    #[serde(alias = "sqlite", alias = "postgres")]
+    Database,
+    /// NATS JetStream at `queue.nats_url`. Services still enqueue into the
+    /// database inside their own transactions (the outbox); workers relay
+    /// committed jobs into JetStream and run them from there.
+    Nats,
+}
+
+/// Where background jobs wait and run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    pub backend: QueueBackend,
+    /// Required with `backend = "nats"`, e.g. `nats://127.0.0.1:4222`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Names the JetStream stream and buckets (`[A-Za-z0-9_-]`), so
+    /// several deployments can share a NATS server.
+    pub nats_prefix: String,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            backend: QueueBackend::Database,
+            nats_url: None,
+            nats_prefix: "shoal".into(),
         }
     }
 }
@@ -440,6 +481,21 @@ impl Settings {
                 "required when sessions.backend = \"redis\" (for example redis://127.0.0.1:6379)",
             );
         }
+        if self.queue.backend == QueueBackend::Nats && self.queue.nats_url.is_none() {
+            return invalid(
+                "queue.nats_url",
+                "required when queue.backend = \"nats\" (for example nats://127.0.0.1:4222)",
+            );
+        }
+        if self.queue.nats_prefix.is_empty()
+            || !self
+                .queue
+                .nats_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return invalid("queue.nats_prefix", "must be letters, digits, `_` or `-`");
+        }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
         }
@@ -449,15 +505,34 @@ impl Settings {
         if !(2..=300).contains(&self.serve.register_ttl_secs) {
             return invalid("serve.register_ttl_secs", "must be between 2 and 300");
         }
-        for (key, url) in [
-            ("serve.register_at", &self.serve.register_at),
-            ("serve.advertise_url", &self.serve.advertise_url),
-        ] {
-            if let Some(u) = url {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    return invalid(key, "must be an http:// or https:// URL");
-                }
+        for url in &self.serve.register_at {
+            if let Err(why) = check_base_url(url) {
+                return Err(SettingsError::Invalid {
+                    key: "serve.register_at".into(),
+                    message: format!(
+                        "`{url}` {why} (list gateways as http://host:port, separated by commas)"
+                    ),
+                });
             }
+        }
+        if let Some(url) = &self.serve.advertise_url {
+            if let Err(why) = check_base_url(url) {
+                return Err(SettingsError::Invalid {
+                    key: "serve.advertise_url".into(),
+                    message: format!("`{url}` {why}"),
+                });
+            }
+        }
+        if !self.serve.register_at.is_empty()
+            && self.serve.advertise_url.is_none()
+            && self.serve.listen.ip().is_unspecified()
+        {
+            return invalid(
+                "serve.advertise_url",
+                "required when serve.listen is an unspecified address (0.0.0.0 or [::]) and \
+                 serve.register_at is set: the gateways need an address they can reach this \
+                 instance at, such as http://10.0.0.5:3000",
+            );
         }
         if !(300..=3_600_000).contains(&self.worker.lease_ms) {
             return invalid(
@@ -549,6 +624,53 @@ fn redact(value: &mut toml::Value, key: &str) {
     }
 }
 
+/// Why `url` is not an `http://` or `https://` base URL with a host (and
+/// nothing after an optional `/`).
+fn check_base_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("is not an http:// or https:// URL")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !path.is_empty() {
+        return Err("must be a base URL, with no path");
+    }
+    if authority.is_empty()
+        || authority.starts_with(':')
+        || !authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+    {
+        return Err("has no valid host[:port]");
+    }
+    if let Some((_, port)) = authority.rsplit_once(':') {
+        if !authority.ends_with(']') && port.parse::<u16>().is_err() {
+            return Err("has an invalid port");
+        }
+    }
+    Ok(())
+}
+
+/// A list setting that also takes one string, split at commas (TOML files
+/// written when the setting was a single URL keep working).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
+}
+
 /// `scheme://user:pass@host` becomes `scheme://user:<redacted>@host`.
 pub fn redact_url_password(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
@@ -596,6 +718,47 @@ mod tests {
         s.payments.api_key = "sk_live_something_else".into();
         s.payments.webhook_secret = "whsec_random_for_this_deployment".into();
         assert!(s.development_secrets(Role::Worker).is_empty());
+    }
+
+    #[test]
+    fn register_at_is_a_list_of_base_urls() {
+        let s = crate::settings::load(
+            None,
+            [(
+                "SHOAL_SERVE__REGISTER_AT".to_string(),
+                "http://10.0.0.1:8080, http://gw-b:8080/".to_string(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            s.serve.register_at,
+            ["http://10.0.0.1:8080", "http://gw-b:8080/"]
+        );
+        s.validate().unwrap();
+        let from_file: Settings =
+            toml::from_str("[serve]\nregister_at = \"http://a:1,http://b:2\"").unwrap();
+        assert_eq!(from_file.serve.register_at, ["http://a:1", "http://b:2"]);
+        for bad in [
+            "http://a,http://b x",
+            "gateway:8080",
+            "http://:8080",
+            "http://a:99999",
+            "http://a/x",
+        ] {
+            let mut s = Settings::default();
+            s.serve.register_at = vec![bad.into()];
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains("serve.register_at"), "{bad}: {e}");
+        }
+        // On every address, with gateways to register with: which one to
+        // advertise must be said.
+        let mut s = Settings::default();
+        s.serve.register_at = vec!["http://gw:8080".into()];
+        s.serve.listen = "0.0.0.0:3000".parse().unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("serve.advertise_url"), "{e}");
+        s.serve.advertise_url = Some("http://10.0.0.5:3000".into());
+        s.validate().unwrap();
     }
 
     #[test]

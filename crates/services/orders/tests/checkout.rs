@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 struct Stack {
     db: Database,
+    /// Where the worker claims jobs (the database, or JetStream).
     jobs: std::sync::Arc<dyn shoal_queue::JobStore>,
+    backend: shoal_runtime::jobs::JobBackend,
     mail: std::path::PathBuf,
     base: String,
     sandbox: String,
@@ -42,8 +44,14 @@ async fn start() -> Stack {
     start_with(true).await
 }
 
-/// `webhooks`: whether the sandbox is told where to send its webhooks.
 async fn start_with(webhooks: bool) -> Stack {
+    start_on(webhooks, None).await
+}
+
+/// `webhooks`: whether the sandbox is told where to send its webhooks;
+/// `nats`: a NATS URL to run the jobs on (`queue.backend = "nats"`), as
+/// the worker role does.
+async fn start_on(webhooks: bool, nats: Option<String>) -> Stack {
     let dir = kit::TempDir::new("checkout");
     let stop = CancellationToken::new();
     let sdb = Database::connect(
@@ -72,6 +80,11 @@ async fn start_with(webhooks: bool) -> Stack {
     settings.serve.listen = "127.0.0.1:0".parse().unwrap();
     settings.payments.provider_url = sandbox_url.clone();
     settings.payments.request_timeout_ms = 500;
+    if let Some(url) = nats {
+        settings.queue.backend = shoal_core::settings::QueueBackend::Nats;
+        settings.queue.nats_url = Some(url);
+        settings.queue.nats_prefix = format!("checkout{}", &kit::unique_name()[..12]);
+    }
     let app = Application::build(settings, modules()).await.unwrap();
     let base = format!("http://{}", app.local_addr());
     let ctx = app.context().clone();
@@ -84,7 +97,12 @@ async fn start_with(webhooks: bool) -> Stack {
         poll_interval: Some(Duration::from_millis(50)),
         ..WorkerOptions::default()
     };
-    let mut worker = Worker::new(ctx.jobs.clone(), options);
+    let queues: Vec<String> = options.queues.iter().map(|(q, _)| q.clone()).collect();
+    let backend = shoal_runtime::jobs::JobBackend::connect(&ctx, &queues, options.lease)
+        .await
+        .unwrap();
+    backend.spawn_relay(stop.clone());
+    let mut worker = Worker::new(backend.store.clone(), options);
     for m in modules() {
         worker = m.register_jobs(&ctx, worker);
     }
@@ -101,7 +119,8 @@ async fn start_with(webhooks: bool) -> Stack {
     }
     Stack {
         db: ctx.db.clone(),
-        jobs: ctx.jobs.clone(),
+        jobs: backend.store.clone(),
+        backend,
         mail: dir.path().join("mail"),
         base,
         sandbox: sandbox_url,
@@ -543,4 +562,66 @@ async fn payment_of(db: &Database, order: &str, with_intent: bool) -> (String, O
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// `queue.backend = "nats"`, wired as the worker role wires it: orders
+/// enqueue their payment jobs into the database inside the order's
+/// transaction; the relay carries only committed ones into JetStream,
+/// where the worker runs them. Each order is charged once, whatever the
+/// provider does, and a refused checkout enqueues nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_through_nats_charges_each_order_once() {
+    let Some(url) = kit::nats_url("checkout_through_nats_charges_each_order_once") else {
+        return;
+    };
+    let s = start_on(true, Some(url)).await;
+    let nats = s.backend.nats().expect("a JetStream store").clone();
+    let http = login(&s.base).await;
+    let p = product(&s.base).await;
+    let card =
+        |pm: &str| json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": pm});
+    // Refused before anything commits: no job anywhere.
+    let bad = json!({"items": [{"product_id": "nope", "quantity": 1}]});
+    assert_eq!(
+        order(&http, &s.base, Some("nats-bad"), &bad).await.status(),
+        422
+    );
+    let paid = place(&http, &s.base, "nats-visa", &card("pm_card_visa")).await;
+    let lost = place(&http, &s.base, "nats-lost", &card("pm_card_lost_response")).await;
+    let declined = place(
+        &http,
+        &s.base,
+        "nats-declined",
+        &card("pm_card_chargeDeclined"),
+    )
+    .await;
+    wait_status(&http, &s.base, &paid, "paid").await;
+    wait_status(&http, &s.base, &lost, "paid").await;
+    wait_status(&http, &s.base, &declined, "failed").await;
+    for (id, charges) in [(&paid, 1), (&lost, 1), (&declined, 0)] {
+        assert_eq!(charges_for(&s.sandbox, id).await, charges, "{id}");
+    }
+    // The charges ran from JetStream: one job per accepted order, each
+    // completed (its completion lands just after the order is settled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ran = s
+            .jobs
+            .list(&shoal_queue::JobFilter {
+                kind: Some("payments.charge".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(ran.len(), 3, "{ran:?}");
+        if ran
+            .iter()
+            .all(|j| j.state == shoal_queue::JobState::Succeeded)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ran:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nats.delete_everything().await.unwrap();
 }
