@@ -482,6 +482,14 @@ pub(crate) async fn forward(
         if left.is_zero() {
             return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
         }
+        // A retryable attempt may be cut short to try another instance.
+        let replayable = matches!(outgoing, OutgoingBody::Buffered(_));
+        let try_timeout = state.settings.try_timeout_ms;
+        let this_try = if idempotent && replayable && try_timeout > 0 {
+            left.min(Duration::from_millis(try_timeout))
+        } else {
+            left
+        };
         let deadline_ms = left.as_millis().max(1) as u64;
 
         // The guard keeps the instance (and its in-flight count) until the
@@ -512,7 +520,7 @@ pub(crate) async fn forward(
         // a named future moved into `timeout` keeps its own slot in this
         // future's state beside the copy inside the `Timeout` (rustc keeps
         // both), which doubled the size of every request's future.
-        let result = tokio::time::timeout(left, async {
+        let result = tokio::time::timeout(this_try, async {
             match attempt {
                 Attempt::H1(fields, body) => {
                     let head = ReqHead {
@@ -545,7 +553,34 @@ pub(crate) async fn forward(
             Err(_elapsed) => {
                 let done = Instant::now();
                 instance.observe_latency_at(done.saturating_duration_since(sent), done);
-                return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
+                if this_try == left {
+                    return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
+                }
+                // No response head within try_timeout_ms: the instance may
+                // be gone without a word (a cut link). The attempt is
+                // dropped, its connection with it.
+                pool.on_connection_error(instance);
+                let cause = format!(
+                    "{}: no response head within try_timeout_ms ({try_timeout} ms)",
+                    instance.url
+                );
+                if outcome.attempts < max_attempts {
+                    if pool.withdraw_retry() {
+                        metrics::counter!("shoal_gateway_retries_total", "pool" => pool.name.clone())
+                            .increment(1);
+                        last_error = Some(cause);
+                        continue;
+                    }
+                    tracing::warn!(pool = %pool.name, "retry budget spent; not retrying");
+                }
+                outcome.cause = Some(cause);
+                return problem_response(
+                    &Problem::gateway_timeout(format!(
+                        "no response within try_timeout_ms ({try_timeout} ms) after {} attempts",
+                        outcome.attempts
+                    )),
+                    request_id,
+                );
             }
             Ok(Err(e)) => {
                 let failure = classify(&e);
@@ -564,7 +599,6 @@ pub(crate) async fn forward(
                 if matches!(failure, Failure::NotSent | Failure::ConnectionLost) {
                     pool.on_connection_error(instance);
                 }
-                let replayable = matches!(outgoing, OutgoingBody::Buffered(_));
                 let safe = match failure {
                     Failure::NotSent => true,
                     Failure::ConnectionLost => idempotent,

@@ -12,7 +12,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn round_robin_spreads_requests_evenly() {
@@ -1121,4 +1121,52 @@ async fn large_and_chunked_bodies_stream_through_both_ways_intact() {
             .is_some_and(|h| h.get("transfer-encoding").is_some_and(|v| v == "chunked")),
         "the instance got the upload chunked"
     );
+}
+
+/// An instance that stops answering without closing anything (a cut link,
+/// a frozen host) holds a request for `try_timeout_ms`, not for the whole
+/// request timeout: a GET is then tried on another instance and answered;
+/// a POST without an idempotency key is never tried twice.
+#[tokio::test]
+async fn a_silent_instance_costs_one_try_timeout_for_retryable_requests() {
+    let frozen = Upstream::start("frozen").await;
+    frozen.state.delay_ms.store(5_000, Ordering::SeqCst);
+    let b = Upstream::start("b").await;
+    let gw = TestGateway::start(settings(
+        &[frozen.url(), b.url()],
+        json!({"try_timeout_ms": 300, "request_timeout_ms": 4_000, "retry_budget_min_per_sec": 100}),
+    ))
+    .await;
+    let client = TestClient::default();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let r = client.get(&gw.url("/x")).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"));
+        assert!(
+            started.elapsed() < Duration::from_millis(1_500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(frozen.hits() >= 1, "the frozen instance was tried");
+
+    // Only the frozen instance: a GET is tried up to 1 + `retries` times,
+    // one try timeout each, and answered 504 naming the try timeout; a
+    // POST waits for the whole request timeout and is sent once.
+    let alone = TestGateway::start(settings(
+        &[frozen.url()],
+        json!({"try_timeout_ms": 200, "request_timeout_ms": 1_500, "retry_budget_min_per_sec": 100}),
+    ))
+    .await;
+    let started = Instant::now();
+    let r = client.get(&alone.url("/y")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);
+    assert!(r.body.contains("try_timeout_ms"), "{}", r.body);
+    assert!(started.elapsed() < Duration::from_millis(1_200));
+    let before = frozen.hits();
+    let started = Instant::now();
+    let r = client.post_json(&alone.url("/z")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.body);
+    assert!(started.elapsed() >= Duration::from_millis(1_400));
+    assert_eq!(frozen.hits(), before + 1, "a POST is sent once");
 }

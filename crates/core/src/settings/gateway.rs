@@ -71,6 +71,14 @@ pub struct GatewaySettings {
     pub upstream_read_timeout_ms: u64,
     /// Extra attempts on other instances for a request that is safe to retry.
     pub retries: u32,
+    /// How long one attempt of a request that is safe to retry (idempotent,
+    /// body buffered) may wait for its response head before it is
+    /// abandoned and tried on another instance, as Envoy's per-try
+    /// timeout: a host that vanished without a reset (a cut link, a frozen
+    /// VM) costs this much, not the whole `request_timeout_ms`. Counts as
+    /// a connection error for passive ejection. 0 = off (the default:
+    /// set it above your slowest idempotent endpoint).
+    pub try_timeout_ms: u64,
     /// Request bodies up to this size are buffered so they can be retried;
     /// larger ones stream through and are never retried.
     pub retry_buffer_bytes: usize,
@@ -275,6 +283,7 @@ impl Default for GatewaySettings {
             request_timeout_ms: 30_000,
             upstream_read_timeout_ms: 60_000,
             retries: 2,
+            try_timeout_ms: 0,
             retry_buffer_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_timeout_secs: 20,
