@@ -523,6 +523,13 @@ impl Settings {
                 });
             }
         }
+        if !self.serve.register_at.is_empty() && self.gateway.admin_token.is_none() {
+            return invalid(
+                "gateway.admin_token",
+                "required when serve.register_at is set: instances register through the \
+                 gateways' admin API, which answers only its token (the same on every gateway)",
+            );
+        }
         if !self.serve.register_at.is_empty()
             && self.serve.advertise_url.is_none()
             && self.serve.listen.ip().is_unspecified()
@@ -734,6 +741,10 @@ mod tests {
             s.serve.register_at,
             ["http://10.0.0.1:8080", "http://gw-b:8080/"]
         );
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("gateway.admin_token"), "{e}");
+        let mut s = s;
+        s.gateway.admin_token = Some("registration-token-0123".into());
         s.validate().unwrap();
         let from_file: Settings =
             toml::from_str("[serve]\nregister_at = \"http://a:1,http://b:2\"").unwrap();
@@ -753,6 +764,7 @@ mod tests {
         // On every address, with gateways to register with: which one to
         // advertise must be said.
         let mut s = Settings::default();
+        s.gateway.admin_token = Some("registration-token-0123".into());
         s.serve.register_at = vec!["http://gw:8080".into()];
         s.serve.listen = "0.0.0.0:3000".parse().unwrap();
         let e = s.validate().unwrap_err().to_string();

@@ -53,7 +53,7 @@ pub struct SandboxSettings {
     pub webhook_secret: String,
     /// API key the sandbox accepts (must match `payments.api_key`).
     pub api_key: String,
-    /// How long `tok_slow` takes, ms.
+    /// How long `pm_card_slow` takes, ms.
     pub slow_ms: u64,
 }
 
