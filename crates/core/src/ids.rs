@@ -17,6 +17,16 @@ pub fn new_id() -> String {
     id.hyphenated().encode_lower(&mut buf).to_owned()
 }
 
+/// `text` when it is an entity id as [`new_id`] writes it (a hyphenated
+/// UUID), so it can go into a URL path or a query as it is; `None` for
+/// anything else (`../x`, `a/b`, spaces, percent signs...).
+pub fn parse_id(text: &str) -> Option<&str> {
+    uuid::Uuid::try_parse(text)
+        .ok()
+        .filter(|_| text.len() == uuid::fmt::Hyphenated::LENGTH)
+        .map(|_| text)
+}
+
 thread_local! {
     /// Each thread's request-id generator state (SplitMix64); 0 until
     /// first seeded from the OS's randomness.
@@ -80,6 +90,24 @@ pub fn request_id_or_new(incoming: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_hyphenated_uuids_are_ids() {
+        let id = new_id();
+        assert_eq!(parse_id(&id), Some(id.as_str()));
+        for bad in [
+            "../../accounts/me",
+            "a/b",
+            "",
+            "0192f0c1-0000-7000-8000-00000000000",
+            "0192f0c100007000800000000000000a",
+            "{0192f0c1-0000-7000-8000-00000000000a}",
+            "0192f0c1-0000-7000-8000-00000000000a/..",
+            "%2e%2e",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn request_ids_are_v7_uuids_distinct_and_ordered_by_millisecond() {

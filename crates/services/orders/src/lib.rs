@@ -213,8 +213,12 @@ async fn create(
             problem =
                 problem.with_field(format!("items[{i}].quantity"), "must be between 1 and 1000");
         }
-        if item.product_id.is_empty() || item.product_id.len() > 100 {
-            problem = problem.with_field(format!("items[{i}].product_id"), "is required");
+        if shoal_core::ids::parse_id(&item.product_id).is_none() {
+            // Only an id goes into the catalog URL below: never a path.
+            problem = problem.with_field(
+                format!("items[{i}].product_id"),
+                "must be a product id (a UUID, as the catalog lists them)",
+            );
         }
     }
     let payment_method = body
@@ -252,11 +256,11 @@ async fn create(
     for (i, item) in body.items.iter().enumerate() {
         let path = format!("/api/catalog/products/{}", item.product_id);
         let product: Option<CatalogProduct> = catalog.get_json(&path).await.map_err(|e| {
+            // The cause (it may hold the other service's answer) goes to
+            // the log, never to the client.
             tracing::warn!(error = %e, "catalog call failed");
             ApiError(Problem::unavailable(
-                format!(
-                    "the catalog service is unavailable ({e}); retry with the same Idempotency-Key"
-                ),
+                "the catalog service is unavailable; retry with the same Idempotency-Key",
                 1,
             ))
         })?;

@@ -315,6 +315,30 @@ async fn checkout_is_idempotent_and_charges_once() {
     let bad = json!({"items": [{"product_id": "nope", "quantity": 1}]});
     let r = order(&http, &s.base, Some("key-bad"), &bad).await;
     assert_eq!(r.status(), 422);
+    let unknown = json!({"items": [{"product_id": shoal_core::ids::new_id(), "quantity": 1}]});
+    let r = order(&http, &s.base, Some("key-unknown"), &unknown).await;
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("does not exist"));
+    // The security review's fifth finding: a product id that is a path
+    // made the orders service GET any path of the instances and echo the
+    // answer. Only ids reach the catalog URL; nothing of another
+    // service's answer reaches the client.
+    for path in [
+        "../../accounts/me",
+        "../products?per_page=1",
+        "x/../../../metrics",
+        "%2e%2e%2faccounts%2fme",
+    ] {
+        let bad = json!({"items": [{"product_id": path, "quantity": 1}]});
+        let r = order(&http, &s.base, Some(&format!("key-{path}")), &bad).await;
+        assert_eq!(r.status(), 422, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("must be a product id"), "{path}: {text}");
+        assert!(
+            !text.contains("ada@example.com") && !text.contains("user_id"),
+            "{text}"
+        );
+    }
 
     // a declined card fails the order, with no charge
     let declined = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_chargeDeclined"});
