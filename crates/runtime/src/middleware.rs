@@ -2,7 +2,8 @@
 //! (`standard_layers`), outermost first:
 //! request context (request id, tracing span, access log, metrics,
 //! `x-shoal-instance`) → problem+json for bare error responses → panic
-//! becomes 500 → load shedding → deadline → compression → body limit.
+//! becomes 500 → cross-origin refusal (CSRF) → load shedding → deadline →
+//! compression → body limit.
 //! The body limit is axum's `DefaultBodyLimit`: every buffering extractor
 //! (JSON, form, bytes) obeys it; a route that streams its body (uploads)
 //! sets its own limit and enforces it while streaming.
@@ -46,12 +47,109 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
             limits,
             shed_and_deadline,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(AllowedOrigins::from_settings(ctx)),
+            refuse_cross_origin,
+        ))
         .layer(CatchPanicLayer::custom(panic_to_problem))
         .layer(axum::middleware::from_fn(bare_errors_to_problems))
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             request_context,
         ))
+}
+
+/// The origins besides a request's own that may send it cookie-carrying
+/// unsafe requests and WebSocket upgrades (`serve.allowed_origins`).
+struct AllowedOrigins {
+    cookie: String,
+    origins: Vec<String>,
+}
+
+impl AllowedOrigins {
+    fn from_settings(ctx: &AppContext) -> AllowedOrigins {
+        AllowedOrigins {
+            cookie: format!("{}=", ctx.settings.sessions.cookie_name),
+            origins: ctx
+                .settings
+                .serve
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        }
+    }
+}
+
+/// CSRF defence in depth beside `SameSite=Lax`: a request that carries the
+/// session cookie and changes something (any method but GET, HEAD,
+/// OPTIONS), or opens a WebSocket, must come from this site. Browsers say
+/// where a request comes from: `Sec-Fetch-Site` (refused unless
+/// `same-origin` or `none`, a typed URL), else `Origin` (refused unless it
+/// is the request's own origin, from `Host` and `X-Forwarded-Proto`, or
+/// one of `serve.allowed_origins`; `null` is refused). A request with
+/// neither comes from no browser (curl, another service) and passes: a
+/// forged cross-site request always carries one.
+async fn refuse_cross_origin(
+    State(allowed): State<Arc<AllowedOrigins>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let headers = req.headers();
+    let unsafe_method = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let with_cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(';')
+                .any(|c| c.trim_start().starts_with(&allowed.cookie))
+        });
+    if !(with_cookie && (unsafe_method || upgrade)) {
+        return next.run(req).await;
+    }
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let verdict = match (text("sec-fetch-site"), text("origin")) {
+        (Some("same-origin" | "none"), _) => Ok(()),
+        (Some(_), Some(origin))
+            if allowed
+                .origins
+                .contains(&origin.trim_end_matches('/').to_ascii_lowercase()) =>
+        {
+            Ok(())
+        }
+        (Some(site), _) => Err(format!("Sec-Fetch-Site: {site}")),
+        (None, Some(origin)) => {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            let scheme = text("x-forwarded-proto")
+                .unwrap_or("http")
+                .to_ascii_lowercase();
+            let own = text("host").map(|h| format!("{scheme}://{}", h.to_ascii_lowercase()));
+            if Some(&origin) == own.as_ref() || allowed.origins.contains(&origin) {
+                Ok(())
+            } else {
+                Err(format!("Origin: {origin}"))
+            }
+        }
+        (None, None) => Ok(()),
+    };
+    match verdict {
+        Ok(()) => next.run(req).await,
+        Err(seen) => {
+            metrics::counter!("shoal_http_cross_origin_refused_total").increment(1);
+            problem_response(&Problem::forbidden(format!(
+                "a request with this site's session cookie must come from this site ({seen}); \
+                 allow other origins with serve.allowed_origins"
+            )))
+        }
+    }
 }
 
 /// Request id, span, access log, metrics and the instance header.

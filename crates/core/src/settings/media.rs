@@ -43,12 +43,22 @@ impl Default for BlobSettings {
 pub struct MediaSettings {
     /// Largest upload accepted, bytes (413 past it).
     pub max_upload_bytes: u64,
+    /// Images that declare more pixels than this (width × height, read
+    /// from the header before anything is decoded) fail processing: a
+    /// small file can declare a huge image (a decompression bomb).
+    pub max_image_pixels: u64,
+    /// Memory that the image decodes of one process may hold at once,
+    /// bytes: a decode waits until its estimate (pixels × bytes per pixel)
+    /// fits, so concurrent jobs cannot add up past it.
+    pub decode_memory_bytes: u64,
 }
 
 impl Default for MediaSettings {
     fn default() -> Self {
         MediaSettings {
             max_upload_bytes: 25 * 1024 * 1024,
+            max_image_pixels: 40_000_000,
+            decode_memory_bytes: 512 * 1024 * 1024,
         }
     }
 }

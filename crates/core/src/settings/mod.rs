@@ -229,6 +229,10 @@ pub struct ServeSettings {
     /// Serve `/_debug/*` routes (sleep, panic) used by fault tests. Off in
     /// production.
     pub debug_routes: bool,
+    /// Origins (`https://app.example.com`) besides a request's own that
+    /// may send requests that carry the session cookie and change
+    /// something, or open a WebSocket; every other origin is refused (403).
+    pub allowed_origins: Vec<String>,
     /// Gateways to register this instance with (base URLs, e.g.
     /// `http://10.0.0.1:8080`; a list, or one string with commas): the
     /// instance adds itself to `register_pool` on each through
@@ -258,6 +262,7 @@ impl Default for ServeSettings {
             drain_delay_ms: 0,
             shutdown_timeout_secs: 20,
             debug_routes: false,
+            allowed_origins: Vec::new(),
             register_at: Vec::new(),
             register_pool: "default".into(),
             register_ttl_secs: 6,

@@ -3,14 +3,83 @@
 //! blocking pool; then the upload becomes `ready`. Safe to run twice: the
 //! thumbnail key is derived from the upload id and the final update only
 //! applies to an upload still `processing`.
+//!
+//! Hostile images: the header is read first, and an image declaring more
+//! than `media.max_image_pixels` fails without being decoded; a decode
+//! then waits for its memory estimate in a process-wide budget
+//! (`media.decode_memory_bytes`, [`DecodeBudget`]) and runs under the
+//! decoder's own limits (dimensions and allocations), so a header that
+//! lies cannot make it allocate more.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use shoal_backends::now_millis;
 use shoal_queue::{handler_fn, JobContext, JobError, Worker};
 use shoal_runtime::AppContext;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub const PROCESS_KIND: &str = "media.process";
+
+/// Bytes per pixel a decode is assumed to take: RGBA with 16-bit
+/// channels, the widest format the decoders produce.
+const BYTES_PER_PIXEL: u64 = 8;
+
+/// The memory concurrent image decodes of this process may hold, in MiB
+/// permits: each decode takes its estimate before it starts and gives it
+/// back when it ends.
+#[derive(Debug, Clone)]
+pub struct DecodeBudget {
+    mib: Arc<Semaphore>,
+    total_mib: u32,
+}
+
+impl DecodeBudget {
+    pub fn new(bytes: u64) -> DecodeBudget {
+        let total_mib = (bytes / (1024 * 1024)).clamp(1, u32::MAX as u64 >> 4) as u32;
+        DecodeBudget {
+            mib: Arc::new(Semaphore::new(total_mib as usize)),
+            total_mib,
+        }
+    }
+
+    /// Waits until `bytes` fit; `Err` when they never can (more than the
+    /// whole budget).
+    pub async fn acquire(&self, bytes: u64) -> Result<OwnedSemaphorePermit, String> {
+        let need = bytes.div_ceil(1024 * 1024).max(1);
+        if need > self.total_mib as u64 {
+            return Err(format!(
+                "decoding would take about {need} MiB, more than media.decode_memory_bytes ({} MiB)",
+                self.total_mib
+            ));
+        }
+        Arc::clone(&self.mib)
+            .acquire_many_owned(need as u32)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// MiB not taken now.
+    #[cfg(test)]
+    fn available_mib(&self) -> usize {
+        self.mib.available_permits()
+    }
+}
+
+/// This process's budget, made from the settings of its first use.
+fn budget(ctx: &AppContext) -> &'static DecodeBudget {
+    static BUDGET: OnceLock<DecodeBudget> = OnceLock::new();
+    BUDGET.get_or_init(|| DecodeBudget::new(ctx.settings.media.decode_memory_bytes))
+}
+
+/// The dimensions an image declares, from its header alone.
+fn declared_dimensions(data: &[u8]) -> Result<(u32, u32), String> {
+    image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read the image: {e}"))?
+        .into_dimensions()
+        .map_err(|e| format!("cannot read the image's header: {e}"))
+}
 
 pub fn register(ctx: AppContext, worker: Worker) -> Worker {
     worker.register(
@@ -57,7 +126,48 @@ pub async fn process_upload(ctx: &AppContext, id: &str) -> Result<(), JobError> 
         .await
         .map_err(JobError::retryable)?;
     let is_image = content_type.starts_with("image/");
+    // An image's size is checked from its header, and its decode memory
+    // reserved, before any pixel is decoded.
+    let mut permit = None;
+    let mut refused = None;
+    if is_image {
+        let max_pixels = ctx.settings.media.max_image_pixels;
+        match declared_dimensions(&data) {
+            Ok((w, h)) if w as u64 * h as u64 > max_pixels => {
+                metrics::counter!("shoal_media_images_refused_total").increment(1);
+                refused = Some(format!(
+                    "the image declares {w}×{h} pixels, more than media.max_image_pixels ({max_pixels})"
+                ));
+            }
+            Ok((w, h)) => match budget(ctx)
+                .acquire(w as u64 * h as u64 * BYTES_PER_PIXEL)
+                .await
+            {
+                Ok(p) => permit = Some(p),
+                Err(e) => refused = Some(e),
+            },
+            Err(e) => refused = Some(e),
+        }
+    }
+    let limits = {
+        let media = &ctx.settings.media;
+        let mut l = image::Limits::default();
+        let side = media.max_image_pixels.min(u32::MAX as u64) as u32;
+        l.max_image_width = Some(side);
+        l.max_image_height = Some(side);
+        l.max_alloc = Some(
+            media
+                .max_image_pixels
+                .saturating_mul(BYTES_PER_PIXEL)
+                .saturating_mul(2),
+        );
+        l
+    };
     let computed = tokio::task::spawn_blocking(move || -> Result<Computed, String> {
+        let _permit = permit;
+        if let Some(why) = refused {
+            return Err(why);
+        }
         let sha256 = Sha256::digest(&data)
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -69,8 +179,13 @@ pub async fn process_upload(ctx: &AppContext, id: &str) -> Result<(), JobError> 
                 thumbnail: None,
             });
         }
-        let image =
-            image::load_from_memory(&data).map_err(|e| format!("cannot decode the image: {e}"))?;
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(&data[..]))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read the image: {e}"))?;
+        reader.limits(limits);
+        let image = reader
+            .decode()
+            .map_err(|e| format!("cannot decode the image: {e}"))?;
         let dimensions = (image.width(), image.height());
         let thumb = image.thumbnail(256, 256);
         let mut png = std::io::Cursor::new(Vec::new());
@@ -129,4 +244,31 @@ pub async fn process_upload(ctx: &AppContext, id: &str) -> Result<(), JobError> 
     metrics::counter!("shoal_media_processed_total").increment(1);
     tracing::info!(upload_id = id, "upload ready");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn decodes_wait_for_memory_and_never_exceed_the_budget() {
+        let budget = DecodeBudget::new(100 * 1024 * 1024);
+        let first = budget.acquire(60 * 1024 * 1024).await.unwrap();
+        assert_eq!(budget.available_mib(), 40);
+        // A second decode of 60 MiB waits for the first to end.
+        let waiting = {
+            let b = budget.clone();
+            tokio::spawn(async move { b.acquire(60 * 1024 * 1024).await.map(|_| ()) })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "two 60 MiB decodes held 120 MiB of 100"
+        );
+        drop(first);
+        waiting.await.unwrap().unwrap();
+        // More than the whole budget: refused, not waited for.
+        let e = budget.acquire(101 * 1024 * 1024).await.unwrap_err();
+        assert!(e.contains("media.decode_memory_bytes"), "{e}");
+    }
 }

@@ -271,3 +271,125 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
         "bad uploads stored nothing"
     );
 }
+
+/// CRC-32 (IEEE) of PNG chunks, for the hand-made files below.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// `png` with its header changed to declare `width`×`height` (the pixel
+/// data stays what it was), CRC fixed so the header itself is valid.
+fn declaring(mut png: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
+    // Signature (8), IHDR length (4), "IHDR" (4), then width and height.
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// Uploads `data` as `content_type` and waits for processing to end;
+/// returns the upload's final view.
+async fn processed(
+    app: &Running,
+    http: &reqwest::Client,
+    content_type: &str,
+    data: Vec<u8>,
+) -> Value {
+    let r = http
+        .post(format!("{}/api/media/uploads", app.base))
+        .header("content-type", content_type)
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value = http
+            .get(format!("{}/api/media/uploads/{id}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] != "processing" {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still processing: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The security review's third finding: a 389 KB PNG declaring
+/// 20000×20000 was decoded (~426 MB per upload in the worker). Now an
+/// image is judged by its header first: one declaring more than
+/// `media.max_image_pixels` fails without being decoded; a truncated file
+/// and a header that lies about the data fail cleanly; an animated GIF is
+/// processed from its first frame.
+#[tokio::test]
+async fn hostile_images_fail_without_being_decoded() {
+    let app = start().await;
+    let ada = login(&app.base, "ada@example.com").await;
+    let bomb = declaring(png(16, 16), 20_000, 20_000);
+    let started = std::time::Instant::now();
+    let v = processed(&app, &ada, "image/png", bomb).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("20000×20000") && error.contains("media.max_image_pixels"),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let mut truncated = png(64, 64);
+    truncated.truncate(truncated.len() * 3 / 5);
+    let v = processed(&app, &ada, "image/png", truncated).await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("decode"),
+        "{v}"
+    );
+
+    // Declares 64×6400, carries the pixels of 64×64.
+    let lying = declaring(png(64, 64), 64, 6_400);
+    let v = processed(&app, &ada, "image/png", lying).await;
+    assert_eq!(v["status"], "failed", "{v}");
+
+    let mut gif = Vec::new();
+    {
+        let mut encoder = image::codecs::gif::GifEncoder::new(&mut gif);
+        encoder
+            .set_repeat(image::codecs::gif::Repeat::Infinite)
+            .unwrap();
+        for shade in [0u8, 200] {
+            let frame = image::RgbaImage::from_pixel(40, 30, image::Rgba([shade, 10, 10, 255]));
+            encoder.encode_frame(image::Frame::new(frame)).unwrap();
+        }
+    }
+    let v = processed(&app, &ada, "image/gif", gif).await;
+    assert_eq!(v["status"], "ready", "{v}");
+    assert_eq!(
+        (v["width"].as_i64(), v["height"].as_i64()),
+        (Some(40), Some(30))
+    );
+}
