@@ -48,7 +48,9 @@ pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.trim_matches('"').to_string())
 }
 
-fn secure(ctx: &AppContext, headers: &HeaderMap) -> bool {
+/// Whether cookies set on this request's answer get `Secure`
+/// (`sessions.cookie_secure`).
+pub fn secure(ctx: &AppContext, headers: &HeaderMap) -> bool {
     match ctx.settings.sessions.cookie_secure {
         CookieSecure::Always => true,
         CookieSecure::Never => false,

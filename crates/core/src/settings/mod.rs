@@ -420,7 +420,10 @@ impl Default for ClientsSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct AccountsSettings {
     pub min_password_length: usize,
-    /// Failed logins allowed per account within `login_window_secs`.
+    /// Failed logins allowed per account and client (a known device, or
+    /// else the address) within `login_window_secs`, before each further
+    /// failure doubles the wait (1 s, 2 s, 4 s...); ten times as many from
+    /// all new devices together hold back new devices, never known ones.
     pub login_attempts_per_account: u32,
     /// Login attempts allowed per client address within `login_window_secs`.
     pub login_attempts_per_address: u32,

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use shoal_backends::sessions::token_hash;
 use shoal_backends::Migration;
 use shoal_core::Problem;
 use shoal_runtime::error::ApiResult;
@@ -27,10 +28,11 @@ use shoal_runtime::{
 #[derive(Debug, Default)]
 pub struct Accounts;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "users and login attempts",
-    sql: "CREATE TABLE IF NOT EXISTS users (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "users and login attempts",
+        sql: "CREATE TABLE IF NOT EXISTS users (
         id TEXT PRIMARY KEY,
         email TEXT NOT NULL UNIQUE,
         password_hash TEXT NOT NULL,
@@ -40,7 +42,21 @@ const MIGRATIONS: &[Migration] = &[Migration {
         key TEXT PRIMARY KEY,
         window_start BIGINT NOT NULL,
         count BIGINT NOT NULL);",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "growing login delays and known devices",
+        sql: "ALTER TABLE login_attempts ADD COLUMN last_at BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS login_devices (
+        token_hash TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL);
+    CREATE INDEX IF NOT EXISTS login_devices_user ON login_devices (user_id);",
+    },
+];
+
+/// The cookie that marks a browser its user has logged in from before.
+const DEVICE_COOKIE: &str = "shoal_device";
 
 impl ServiceModule for Accounts {
     fn name(&self) -> &'static str {
@@ -203,22 +219,65 @@ async fn login(
         .into());
     }
     let email = body.email.trim().to_lowercase();
-    let account_key = format!("acct:{email}");
-    let (failures, retry) = limits::peek(&ctx.db, &account_key, window_ms).await?;
-    if failures >= settings.login_attempts_per_account as i64 {
-        metrics::counter!("shoal_accounts_login_limited_total", "by" => "account").increment(1);
-        return Err(Problem::too_many_requests(
-            "too many failed logins for this account; wait and try again",
-            retry,
-        )
-        .into());
-    }
     let row: Option<(String, String, String, String, i64)> = sqlx::query_as(
         "SELECT id, email, name, password_hash, created_at FROM users WHERE email = $1",
     )
     .bind(&email)
     .fetch_optional(ctx.db.pool())
     .await?;
+    // Throttled per account *and* client (OWASP): a device this account
+    // logged in from before has its own budget; any other client is
+    // counted by account and address, and all of them together by
+    // account at ten times the limit. Someone guessing at an account slows
+    // down exponentially and can hold back only new devices, never the
+    // owner on a device they have used.
+    let device = cookie_value(&headers, DEVICE_COOKIE).map(|t| token_hash(&t));
+    let trusted = match (&row, &device) {
+        (Some((user_id, ..)), Some(hash)) => sqlx::query_as::<_, (String,)>(
+            "SELECT user_id FROM login_devices WHERE token_hash = $1 AND user_id = $2",
+        )
+        .bind(hash)
+        .bind(user_id)
+        .fetch_optional(ctx.db.pool())
+        .await?
+        .is_some(),
+        _ => false,
+    };
+    let per_client = settings.login_attempts_per_account;
+    let client_key = match (&device, trusted) {
+        (Some(hash), true) => format!("device:{hash}"),
+        _ => format!("pair:{email}|{addr}"),
+    };
+    let account_key = format!("acct:{email}");
+    if let Some(retry) = limits::locked(&ctx.db, &client_key, window_ms, per_client).await? {
+        metrics::counter!("shoal_accounts_login_limited_total", "by" => "account_and_client")
+            .increment(1);
+        return Err(Problem::too_many_requests(
+            format!("too many failed logins for this account from here; wait {retry} s"),
+            retry,
+        )
+        .into());
+    }
+    if !trusted {
+        if let Some(retry) = limits::locked(
+            &ctx.db,
+            &account_key,
+            window_ms,
+            per_client.saturating_mul(10),
+        )
+        .await?
+        {
+            metrics::counter!("shoal_accounts_login_limited_total", "by" => "account").increment(1);
+            return Err(Problem::too_many_requests(
+                format!(
+                    "too many failed logins for this account from new devices; log in from a \
+                     device you have used before, or wait {retry} s"
+                ),
+                retry,
+            )
+            .into());
+        }
+    }
     // Verify against a dummy hash when the user is unknown, so the answer
     // takes as long either way and says nothing about which part was wrong.
     let (user, stored_hash) = match row {
@@ -235,11 +294,35 @@ async fn login(
     };
     let ok = password::verify(body.password, stored_hash).await?;
     let Some(user) = user.filter(|_| ok) else {
-        limits::hit(&ctx.db, &account_key, window_ms).await?;
+        limits::hit(&ctx.db, &client_key, window_ms).await?;
+        if !trusted {
+            limits::hit(&ctx.db, &account_key, window_ms).await?;
+        }
         metrics::counter!("shoal_accounts_logins_total", "result" => "rejected").increment(1);
         return Err(Problem::unauthorized("the email or password is wrong").into());
     };
-    limits::clear(&ctx.db, &account_key).await?;
+    limits::clear(&ctx.db, &client_key).await?;
+    // A device that logged in is known from now on.
+    let device_cookie = if trusted {
+        None
+    } else {
+        let token = shoal_backends::sessions::new_token();
+        sqlx::query(
+            "INSERT INTO login_devices (token_hash, user_id, created_at) VALUES ($1, $2, $3)",
+        )
+        .bind(token_hash(&token))
+        .bind(&user.id)
+        .bind(shoal_backends::now_millis())
+        .execute(ctx.db.pool())
+        .await?;
+        let mut cookie = format!(
+            "{DEVICE_COOKIE}={token}; Path=/api/accounts; HttpOnly; SameSite=Lax; Max-Age=31536000"
+        );
+        if shoal_runtime::session::secure(&ctx, &headers) {
+            cookie.push_str("; Secure");
+        }
+        Some(header::HeaderValue::from_str(&cookie).expect("cookie is ASCII"))
+    };
     // Rotate: a session the caller already had is ended, not reused.
     if let Some(old) = cookie_value(&headers, &ctx.settings.sessions.cookie_name) {
         ctx.sessions.delete(&old).await?;
@@ -251,7 +334,7 @@ async fn login(
     metrics::counter!("shoal_accounts_logins_total", "result" => "ok").increment(1);
     tracing::info!(user_id = %user.id, "logged in");
     let cookie = session_cookie(&ctx, &headers, &session);
-    Ok((
+    let mut response = (
         StatusCode::OK,
         [
             (header::SET_COOKIE, cookie),
@@ -259,7 +342,12 @@ async fn login(
         ],
         Json(user),
     )
-        .into_response())
+        .into_response();
+    // After the session's: clients that read the first cookie get it.
+    if let Some(device) = device_cookie {
+        response.headers_mut().append(header::SET_COOKIE, device);
+    }
+    Ok(response)
 }
 
 async fn logout(State(ctx): State<AppContext>, headers: HeaderMap) -> ApiResult<Response> {

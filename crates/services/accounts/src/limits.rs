@@ -1,5 +1,6 @@
 //! Fixed-window counters in the database for login rate limits, shared by
-//! every instance (one upsert per hit, on SQLite and PostgreSQL alike).
+//! every instance (one upsert per hit, on SQLite and PostgreSQL alike),
+//! with the time of the last hit for growing delays ([`locked`]).
 
 use shoal_backends::{now_millis, Database};
 
@@ -8,10 +9,11 @@ use shoal_backends::{now_millis, Database};
 pub async fn hit(db: &Database, key: &str, window_ms: i64) -> Result<(i64, u64), sqlx::Error> {
     let now = now_millis();
     let (count, start): (i64, i64) = sqlx::query_as(
-        "INSERT INTO login_attempts (key, window_start, count) VALUES ($1, $2, 1)
+        "INSERT INTO login_attempts (key, window_start, count, last_at) VALUES ($1, $2, 1, $2)
          ON CONFLICT (key) DO UPDATE SET
            count = CASE WHEN login_attempts.window_start <= $3 THEN 1 ELSE login_attempts.count + 1 END,
-           window_start = CASE WHEN login_attempts.window_start <= $3 THEN $2 ELSE login_attempts.window_start END
+           window_start = CASE WHEN login_attempts.window_start <= $3 THEN $2 ELSE login_attempts.window_start END,
+           last_at = $2
          RETURNING count, window_start",
     )
     .bind(key)
@@ -22,19 +24,36 @@ pub async fn hit(db: &Database, key: &str, window_ms: i64) -> Result<(i64, u64),
     Ok((count, retry_after(start, window_ms, now)))
 }
 
-/// The count in the current window without adding to it.
-pub async fn peek(db: &Database, key: &str, window_ms: i64) -> Result<(i64, u64), sqlx::Error> {
+/// `Some(seconds to wait)` while `key` is held back: once its hits in the
+/// window reach `limit`, each hit makes the next wait twice as long as the
+/// one before (1 s, 2 s, 4 s, ...; never past the window's end), counted
+/// from that hit. An attacker's guesses slow down exponentially; a person
+/// who mistyped waits seconds.
+pub async fn locked(
+    db: &Database,
+    key: &str,
+    window_ms: i64,
+    limit: u32,
+) -> Result<Option<u64>, sqlx::Error> {
     let now = now_millis();
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT count, window_start FROM login_attempts WHERE key = $1 AND window_start > $2",
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT count, window_start, last_at FROM login_attempts WHERE key = $1 AND window_start > $2",
     )
     .bind(key)
     .bind(now - window_ms)
     .fetch_optional(db.pool())
     .await?;
-    Ok(row
-        .map(|(count, start)| (count, retry_after(start, window_ms, now)))
-        .unwrap_or((0, 0)))
+    Ok(row.and_then(|(count, start, last)| wait(count, start, last, window_ms, limit, now)))
+}
+
+/// The seconds left to wait, for [`locked`].
+fn wait(count: i64, start: i64, last: i64, window_ms: i64, limit: u32, now: i64) -> Option<u64> {
+    if count < limit.max(1) as i64 {
+        return None;
+    }
+    let doublings = (count - limit.max(1) as i64).min(30) as u32;
+    let until = (last + (1000i64 << doublings)).min(start + window_ms);
+    (now < until).then(|| ((until - now + 999) / 1000) as u64)
 }
 
 pub async fn clear(db: &Database, key: &str) -> Result<(), sqlx::Error> {
@@ -47,4 +66,23 @@ pub async fn clear(db: &Database, key: &str) -> Result<(), sqlx::Error> {
 
 fn retry_after(start: i64, window_ms: i64, now: i64) -> u64 {
     (((start + window_ms - now).max(0) + 999) / 1000) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wait;
+
+    #[test]
+    fn the_wait_doubles_with_each_failure_past_the_limit_within_the_window() {
+        let window = 900_000;
+        // Under the limit: no wait.
+        assert_eq!(wait(2, 0, 10_000, window, 3, 10_000), None);
+        // At the limit: 1 s from the last failure, then 2, 4, 8 s.
+        assert_eq!(wait(3, 0, 10_000, window, 3, 10_000), Some(1));
+        assert_eq!(wait(3, 0, 10_000, window, 3, 11_000), None);
+        assert_eq!(wait(4, 0, 10_000, window, 3, 10_000), Some(2));
+        assert_eq!(wait(6, 0, 10_000, window, 3, 10_500), Some(8));
+        // Never past the window's end.
+        assert_eq!(wait(40, 0, 10_000, window, 3, 10_000), Some(890));
+    }
 }

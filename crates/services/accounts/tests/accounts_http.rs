@@ -7,6 +7,7 @@ use shoal_core::settings::{DatabaseBackend, SessionBackend};
 use shoal_core::Settings;
 use shoal_runtime::{Application, ServiceModule};
 use shoal_testkit as kit;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 struct Running {
@@ -487,5 +488,126 @@ async fn readyz_turns_503_while_draining_and_in_flight_requests_finish() {
         slow.await.unwrap().unwrap(),
         200,
         "in-flight request finished"
+    );
+}
+
+/// The security review's fourth finding: ten wrong passwords locked the
+/// account for 15 minutes against the right password too, so anyone could
+/// lock anyone out. Now the attacker's view: guesses at one account from
+/// one client are held back for 1 s, then 2 s, 4 s... after each further
+/// failure; guesses spread over many addresses hold back only devices the
+/// account never logged in from. The owner's view: logging in from another
+/// address works while the attacker is held back, and from a device used
+/// before it works even when new devices are held back.
+#[tokio::test]
+async fn an_attacker_slows_down_but_cannot_lock_the_owner_out() {
+    let mut s = Settings::default();
+    s.accounts.login_attempts_per_account = 3;
+    let app = start(s).await;
+    let url = format!("{}/api/accounts/login", app.base);
+    let right = json!({"email": "owner@example.com", "password": "correct horse"});
+    let wrong = json!({"email": "owner@example.com", "password": "wrong guess!"});
+    let http = kit::http_client();
+    let r = http
+        .post(format!("{}/api/accounts/signup", app.base))
+        .json(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The owner's browser logs in once: it is a known device from now on.
+    let plain = reqwest::Client::new();
+    let r = plain
+        .post(&url)
+        .header("x-forwarded-for", "198.51.100.50")
+        .json(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let device = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("shoal_device="))
+        .expect("a device cookie")
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let login = |from: &str, body: &Value, cookie: Option<String>| {
+        let mut r = plain.post(&url).header("x-forwarded-for", from).json(body);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        r.send()
+    };
+
+    // One attacker address: three failures, then held back 1 s, then 2 s.
+    for _ in 0..3 {
+        assert_eq!(
+            login("203.0.113.1", &wrong, None).await.unwrap().status(),
+            401
+        );
+    }
+    let r = login("203.0.113.1", &right, None).await.unwrap();
+    assert_eq!(r.status(), 429, "held back, even with the right password");
+    assert_eq!(r.headers()["retry-after"], "1");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(
+        login("203.0.113.1", &wrong, None).await.unwrap().status(),
+        401
+    );
+    let r = login("203.0.113.1", &wrong, None).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "2", "the wait doubles");
+    // Meanwhile the owner, from another address, logs in.
+    assert_eq!(
+        login("198.51.100.60", &right, None).await.unwrap().status(),
+        200
+    );
+
+    // Many attacker addresses: ten times the limit in failures holds back
+    // every new device...
+    let mut failures = 4; // three and one from 203.0.113.1
+    for a in 2..=20 {
+        let from = format!("203.0.113.{a}");
+        for _ in 0..3 {
+            if failures >= 30 {
+                break;
+            }
+            let status = login(&from, &wrong, None).await.unwrap().status();
+            assert_eq!(status, 401, "{from}");
+            failures += 1;
+        }
+    }
+    let r = login("192.0.2.77", &right, None).await.unwrap();
+    assert_eq!(r.status(), 429, "a new device is held back");
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("device you have used before"));
+    // ...but not the owner's known device, from wherever it is.
+    let r = login("192.0.2.78", &right, Some(device.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // A known device's own guesses are held back too (a stolen cookie is
+    // no way around the limit).
+    for _ in 0..3 {
+        let status = login("192.0.2.78", &wrong, Some(device.clone()))
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401);
+    }
+    assert_eq!(
+        login("192.0.2.78", &right, Some(device))
+            .await
+            .unwrap()
+            .status(),
+        429
     );
 }
