@@ -77,10 +77,13 @@ const FLUSH_AT: usize = 64 * 1024;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The limits of one client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct ServerLimits {
     pub header_read: Duration,
-    pub idle: Option<Duration>,
+    /// The idle timeout of a kept-alive connection, asked each time it
+    /// goes idle (it can shorten while the server is under pressure);
+    /// `None`: no limit.
+    pub idle: Arc<dyn Fn() -> Option<Duration> + Send + Sync>,
     pub max_head: usize,
 }
 
@@ -123,7 +126,7 @@ where
         // one, for ever); a head that then arrives in parts has the head
         // timeout for the rest (nginx's keepalive_timeout and
         // client_header_timeout).
-        let mut deadline = match (first, limits.idle) {
+        let mut deadline = match (first, (limits.idle)()) {
             (true, _) => Some(started + limits.header_read),
             (false, Some(idle)) => Some(Instant::now() + idle),
             (false, None) => None,
@@ -1396,7 +1399,7 @@ mod tests {
         });
         let limits = ServerLimits {
             header_read: Duration::from_secs(1),
-            idle: None,
+            idle: Arc::new(|| None),
             max_head: 8192,
         };
         let future = serve(io, service, limits, &closing, &draining);

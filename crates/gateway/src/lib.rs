@@ -182,15 +182,17 @@ impl Gateway {
                 },
             };
             listen_config.refresh(&shared.load());
-            let Some(conn_guard) = connections.try_open(listen_config.limits.max_connections)
-            else {
-                listener::refuse(stream, client_addr, listen_config.tls.is_some());
-                continue;
+            let conn_guard = match connections.try_open(&listen_config.limits, client_addr.ip()) {
+                Ok(guard) => guard,
+                Err(why) => {
+                    listener::refuse(stream, client_addr, listen_config.tls.is_some(), why);
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let activity = listener::Activity::new();
             let conn = listener::ConnInfo {
-                _guard: Arc::new(conn_guard),
+                guard: Arc::new(conn_guard),
                 closing: close_all.clone(),
                 draining: Arc::clone(&draining),
             };

@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct ConnLimits {
     pub max_connections: usize,
+    pub max_per_client: usize,
     pub idle_timeout: Option<Duration>,
+    /// The idle timeout while three quarters of `max_connections` are open.
+    pub idle_under_pressure: Option<Duration>,
     pub send_timeout: Option<Duration>,
     /// Time for a TLS handshake, and for a request head.
     pub handshake_timeout: Duration,
@@ -40,8 +43,11 @@ impl ConnLimits {
     pub fn new(s: &GatewaySettings) -> ConnLimits {
         ConnLimits {
             max_connections: s.max_connections,
+            max_per_client: s.max_connections_per_client,
             idle_timeout: (s.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(s.idle_timeout_secs)),
+            idle_under_pressure: (s.idle_timeout_under_pressure_secs > 0 && s.max_connections > 0)
+                .then(|| Duration::from_secs(s.idle_timeout_under_pressure_secs)),
             send_timeout: (s.send_timeout_ms > 0).then(|| Duration::from_millis(s.send_timeout_ms)),
             handshake_timeout: Duration::from_millis(s.header_read_timeout_ms),
             max_head: s.max_header_bytes,
@@ -191,7 +197,7 @@ impl ListenConfig {
 /// `closing` is cancelled at shutdown.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    pub _guard: Arc<ConnGuard>,
+    pub guard: Arc<ConnGuard>,
     pub closing: CancellationToken,
     /// Set with `closing` (read per response, where the token's lock
     /// would be shared by every connection).
@@ -322,23 +328,66 @@ pub fn builder(s: &GatewaySettings) -> Builder<TokioExecutor> {
     builder
 }
 
-/// Open client connections, and a way to wait until none is left.
+/// Open client connections (in all, and per client address), and a way
+/// to wait until none is left.
 #[derive(Debug, Default)]
 pub struct Connections {
     open: AtomicUsize,
+    /// Open connections per client address, while a per-client cap is
+    /// set; only addresses with one open are kept.
+    per_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     closed: Notify,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `max_connections` are open.
+    Full,
+    /// Its address has `max_connections_per_client` open.
+    ClientFull,
 }
 
 /// One open connection; dropping it closes the count.
 #[derive(Debug)]
-pub struct ConnGuard(Arc<Connections>);
+pub struct ConnGuard {
+    connections: Arc<Connections>,
+    /// Counted per client address.
+    client: Option<std::net::IpAddr>,
+}
+
+impl ConnGuard {
+    /// The idle timeout this connection has now: the shorter one while
+    /// three quarters of `max_connections` or more are open.
+    pub fn idle_timeout(&self, limits: &ConnLimits) -> Option<Duration> {
+        match limits.idle_under_pressure {
+            Some(short) if self.connections.open() * 4 >= limits.max_connections * 3 => {
+                Some(limits.idle_timeout.map_or(short, |idle| idle.min(short)))
+            }
+            _ => limits.idle_timeout,
+        }
+    }
+}
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let left = self.0.open.fetch_sub(1, Ordering::AcqRel) - 1;
+        if let Some(ip) = self.client {
+            let mut per = self
+                .connections
+                .per_client
+                .lock()
+                .expect("per-client counts");
+            if let Some(n) = per.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&ip);
+                }
+            }
+        }
+        let left = self.connections.open.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!("shoal_gateway_open_connections").set(left as f64);
         if left == 0 {
-            self.0.closed.notify_waiters();
+            self.connections.closed.notify_waiters();
         }
     }
 }
@@ -348,15 +397,35 @@ impl Connections {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Counts a new connection unless `max` (0 = no cap) are open.
-    pub fn try_open(self: &Arc<Self>, max: usize) -> Option<ConnGuard> {
+    /// Counts a new connection from `client` unless `limits.max_connections`
+    /// are open, or `limits.max_per_client` from its address (0 = no cap).
+    pub fn try_open(
+        self: &Arc<Self>,
+        limits: &ConnLimits,
+        client: std::net::IpAddr,
+    ) -> Result<ConnGuard, Refused> {
         let prev = self.open.fetch_add(1, Ordering::AcqRel);
-        if max > 0 && prev >= max {
+        if limits.max_connections > 0 && prev >= limits.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(Refused::Full);
+        }
+        let mut counted = None;
+        if limits.max_per_client > 0 {
+            let mut per = self.per_client.lock().expect("per-client counts");
+            let n = per.entry(client).or_insert(0);
+            if *n >= limits.max_per_client {
+                drop(per);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refused::ClientFull);
+            }
+            *n += 1;
+            counted = Some(client);
         }
         metrics::gauge!("shoal_gateway_open_connections").set((prev + 1) as f64);
-        Some(ConnGuard(Arc::clone(self)))
+        Ok(ConnGuard {
+            connections: Arc::clone(self),
+            client: counted,
+        })
     }
 
     /// Waits until every connection closed.
@@ -375,8 +444,15 @@ impl Connections {
 /// task so a slow client cannot hold up the accept loop. On a TLS
 /// listener it is closed at once: no HTTP can be spoken before a
 /// handshake, and a handshake is the work the cap is there to refuse.
-pub fn refuse(mut stream: TcpStream, client: SocketAddr, tls: bool) {
-    metrics::counter!("shoal_gateway_connections_refused_total").increment(1);
+pub fn refuse(mut stream: TcpStream, client: SocketAddr, tls: bool, why: Refused) {
+    metrics::counter!(
+        "shoal_gateway_connections_refused_total",
+        "cause" => match why {
+            Refused::Full => "max_connections",
+            Refused::ClientFull => "max_connections_per_client",
+        }
+    )
+    .increment(1);
     // One warning a second at most, with the count since the last: a
     // flood of connections must not become a flood of log lines.
     static REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -611,9 +687,11 @@ where
 {
     if limits.own_http1 && !h2 {
         conn.activity.keep(false);
+        let guard = Arc::clone(&conn.info.guard);
+        let conn_limits = limits.clone();
         let server_limits = crate::h1server::ServerLimits {
             header_read: limits.handshake_timeout,
-            idle: limits.idle_timeout,
+            idle: Arc::new(move || guard.idle_timeout(&conn_limits)),
             max_head: limits.max_head,
         };
         let ended = crate::h1server::serve(
@@ -698,7 +776,7 @@ where
                 }
             }
             _ = idle_check.tick(), if !closing && idle_timeout.is_some() => {
-                let limit = idle_timeout.unwrap_or_default();
+                let limit = info.guard.idle_timeout(limits).or(idle_timeout).unwrap_or_default();
                 if watch.idle_for(&activity, Instant::now()) >= limit {
                     tracing::debug!(client = %client, "closing an idle client connection");
                     conn.as_mut().graceful_shutdown();

@@ -462,3 +462,87 @@ async fn invalid_limit_settings_are_refused_with_their_key() {
         assert!(err.to_string().contains(key), "{overrides}: {err}");
     }
 }
+
+/// A connection from `ip` (a loopback address) to `gw`.
+async fn connect_from(ip: [u8; 4], gw: &TestGateway) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+    socket.connect(gw.addr).await.unwrap()
+}
+
+/// One keep-alive GET on `stream`; its answer's status line.
+async fn get_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (reply, _) = read_raw(stream, Duration::from_secs(3), Some(("\r\n\r\na", 1))).await;
+    reply.lines().next().unwrap_or_default().to_string()
+}
+
+/// The security review's seventh finding: only the gateway-wide cap
+/// bounded connections, so one address could hold all of them. Past
+/// `max_connections_per_client` an address's new connections get a 503
+/// and are closed, while other addresses are served.
+#[tokio::test]
+async fn one_client_address_cannot_hold_more_than_its_share_of_connections() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"max_connections_per_client": 3}),
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from([127, 0, 0, 1], &gw).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fourth = connect_from([127, 0, 0, 1], &gw).await;
+    let (reply, closed) = read_raw(&mut fourth, Duration::from_secs(3), None).await;
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(closed, "the refused connection is closed");
+    // Another address is served.
+    let mut other = connect_from([127, 0, 0, 2], &gw).await;
+    assert_eq!(get_on(&mut other).await, "HTTP/1.1 200 OK");
+    // The held connections still work, and once one closes, its address
+    // may open another.
+    assert_eq!(get_on(&mut held[0]).await, "HTTP/1.1 200 OK");
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = connect_from([127, 0, 0, 1], &gw).await;
+    assert_eq!(get_on(&mut again).await, "HTTP/1.1 200 OK");
+}
+
+/// Under pressure (three quarters of `max_connections` open) idle
+/// keep-alive connections are let go after
+/// `idle_timeout_under_pressure_secs`, not `idle_timeout_secs`; below it
+/// they keep the usual timeout.
+#[tokio::test]
+async fn idle_connections_are_let_go_sooner_under_pressure() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"max_connections": 4, "idle_timeout_secs": 60, "idle_timeout_under_pressure_secs": 1}),
+    ))
+    .await;
+    let mut alone = connect_from([127, 0, 0, 1], &gw).await;
+    assert_eq!(get_on(&mut alone).await, "HTTP/1.1 200 OK");
+    let (_, closed) = read_raw(&mut alone, Duration::from_millis(1_600), None).await;
+    assert!(!closed, "one connection of four: the usual idle timeout");
+    let mut more = Vec::new();
+    for ip in [2, 3] {
+        let mut s = connect_from([127, 0, 0, ip], &gw).await;
+        assert_eq!(get_on(&mut s).await, "HTTP/1.1 200 OK");
+        more.push(s);
+    }
+    // Three of four open: the next idle period ends after 1 s.
+    assert_eq!(get_on(&mut alone).await, "HTTP/1.1 200 OK");
+    let started = Instant::now();
+    let (_, closed) = read_raw(&mut alone, Duration::from_secs(5), None).await;
+    assert!(closed, "closed under pressure");
+    assert!(
+        started.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        started.elapsed()
+    );
+}

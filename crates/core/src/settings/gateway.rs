@@ -116,6 +116,16 @@ pub struct GatewaySettings {
     /// Open client connections at most; past it new connections get a 503
     /// and are closed. 0 = no cap.
     pub max_connections: usize,
+    /// Open connections from one client address at most (nginx's
+    /// `limit_conn`); past it that address's new connections get a 503 and
+    /// are closed, so one client cannot take the whole `max_connections`.
+    /// Mind clients behind one NAT or proxy. 0 = no cap.
+    pub max_connections_per_client: usize,
+    /// Idle timeout while the gateway holds three quarters of
+    /// `max_connections` or more: idle keep-alive connections are let go
+    /// sooner, making room before new clients are refused. 0 = the usual
+    /// `idle_timeout_secs` whatever the load.
+    pub idle_timeout_under_pressure_secs: u64,
     /// Largest request head (request line + headers) a client may send, in
     /// bytes (431 past it). HTTP/1.1 needs at least 8192.
     pub max_header_bytes: usize,
@@ -296,6 +306,8 @@ impl Default for GatewaySettings {
             metrics_token: None,
             registration_max_ttl_secs: 300,
             max_connections: 10_000,
+            max_connections_per_client: 512,
+            idle_timeout_under_pressure_secs: 5,
             max_header_bytes: 64 * 1024,
             header_read_timeout_ms: 10_000,
             idle_timeout_secs: 60,
