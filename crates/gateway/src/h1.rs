@@ -443,6 +443,11 @@ pub(crate) struct Framed {
     pub(crate) encoded: bool,
     /// Its last coding is chunked (only the last counts).
     pub(crate) chunked: bool,
+    /// Codings other than chunked were listed, or chunked more than once
+    /// or not last: a request so framed is refused (RFC 9112 6.1).
+    pub(crate) other_codings: bool,
+    /// `chunked` codings seen, over every Transfer-Encoding line.
+    chunked_seen: u8,
     /// `Connection: close`.
     pub(crate) close: bool,
     /// `Connection: keep-alive` (HTTP/1.0).
@@ -461,6 +466,18 @@ impl Framed {
             self.length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.encoded = true;
+            for coding in value.split(|b| *b == b',') {
+                let coding = coding.trim_ascii();
+                if coding.is_empty() {
+                    continue;
+                }
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    self.chunked_seen = self.chunked_seen.saturating_add(1);
+                } else {
+                    self.other_codings = true;
+                }
+            }
+            self.other_codings |= self.chunked_seen > 1;
             self.chunked = value
                 .rsplit(|b| *b == b',')
                 .next()
@@ -567,18 +584,7 @@ pub(crate) fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, 
                         }
                         return Ok(Step::More);
                     };
-                    let line = &buf[..eol];
-                    // The size, then optional extensions after `;`.
-                    let digits = line
-                        .split(|b| *b == b';')
-                        .next()
-                        .unwrap_or_default()
-                        .trim_ascii();
-                    let size = std::str::from_utf8(digits)
-                        .ok()
-                        .filter(|d| !d.is_empty() && d.len() <= 16)
-                        .and_then(|d| u64::from_str_radix(d, 16).ok())
-                        .ok_or(H1Error::Invalid("invalid chunk size"))?;
+                    let size = chunk_size(&buf[..eol])?;
                     buf.advance(eol + 1);
                     *state = if size == 0 {
                         Chunk::Trailers
@@ -600,21 +606,15 @@ pub(crate) fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, 
                 }
                 Chunk::DataEnd => {
                     if buf.len() < 2 {
-                        if buf.first().is_some_and(|b| *b != b'\r' && *b != b'\n') {
+                        if buf.first().is_some_and(|b| *b != b'\r') {
                             return Err(H1Error::Invalid("chunk data not followed by CRLF"));
-                        }
-                        if buf.first() == Some(&b'\n') {
-                            buf.advance(1);
-                            *state = Chunk::Size;
-                            continue;
                         }
                         return Ok(Step::More);
                     }
-                    match &buf[..2] {
-                        b"\r\n" => buf.advance(2),
-                        [b'\n', _] => buf.advance(1),
-                        _ => return Err(H1Error::Invalid("chunk data not followed by CRLF")),
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Invalid("chunk data not followed by CRLF"));
                     }
+                    buf.advance(2);
                     *state = Chunk::Size;
                 }
                 Chunk::Trailers => {
@@ -624,7 +624,10 @@ pub(crate) fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, 
                         }
                         return Ok(Step::More);
                     };
-                    let empty = buf[..eol].trim_ascii().is_empty();
+                    if eol == 0 || buf[eol - 1] != b'\r' {
+                        return Err(H1Error::Invalid("a trailer line must end in CRLF"));
+                    }
+                    let empty = eol == 1;
                     buf.advance(eol + 1);
                     if empty {
                         *state = Chunk::Done;
@@ -633,6 +636,27 @@ pub(crate) fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, 
             }
         },
     }
+}
+
+/// The size of a chunk from its line (without the LF), as RFC 9112 7.1
+/// has it and nothing looser: 1 to 16 hex digits, optional extensions
+/// after `;` (whitespace allowed only before the `;`), then CR. A sign,
+/// spaces around the size or a bare LF are refused: a parser that reads
+/// them otherwise would see another message boundary (smuggling).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let line = line
+        .strip_suffix(b"\r")
+        .ok_or(H1Error::Invalid("a chunk size line must end in CRLF"))?;
+    let digits = match line.iter().position(|b| *b == b';') {
+        Some(i) => line[..i].trim_ascii_end(),
+        None => line,
+    };
+    if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(H1Error::Invalid("invalid chunk size"));
+    }
+    Ok(digits.iter().fold(0u64, |n, d| {
+        n * 16 + u64::from((*d as char).to_digit(16).unwrap_or(0))
+    }))
 }
 
 /// Where a finished connection goes: the thread's pool (`upstream.rs`),
@@ -856,6 +880,51 @@ mod tests {
         .unwrap();
         assert_eq!(body, b"a");
         assert_eq!(left, 4);
+    }
+
+    /// The security review's sixth finding on chunked bodies: chunk sizes
+    /// `+5` and ` 5 ` and bare-LF lines were taken; a parser that reads
+    /// them otherwise ends the body elsewhere (smuggling). Each form, at
+    /// every read boundary, and the strict forms that must stay accepted.
+    #[test]
+    fn chunked_framing_is_as_strict_as_rfc_9112() {
+        let refused: [&[u8]; 10] = [
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b" 5 \r\nhello\r\n0\r\n\r\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
+            b"11111111111111111\r\n",
+        ];
+        for wire in refused {
+            for split in [1, 3, 64] {
+                assert!(
+                    matches!(
+                        decode_all(Framing::Chunked(Chunk::Size), wire, split),
+                        Err(H1Error::Invalid(_))
+                    ),
+                    "{:?} split {split}",
+                    String::from_utf8_lossy(wire)
+                );
+            }
+        }
+        let accepted: [&[u8]; 4] = [
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"5 ;ext=1\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b;c\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+            b"00005\r\nhello\r\n000\r\n\r\n",
+        ];
+        for wire in accepted {
+            for split in [1, 3, 64] {
+                let (body, _) = decode_all(Framing::Chunked(Chunk::Size), wire, split)
+                    .unwrap_or_else(|e| panic!("{:?}: {e:?}", String::from_utf8_lossy(wire)));
+                assert_eq!(body, b"hello");
+            }
+        }
     }
 
     #[test]

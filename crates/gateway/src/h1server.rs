@@ -489,6 +489,8 @@ enum Refused {
     Bad(&'static str),
     /// 405: the gateway is no forward proxy.
     Connect,
+    /// 501: a transfer coding the gateway does not decode.
+    NotImplemented(&'static str),
 }
 
 /// Parses a head from `buf`: `Ok(None)` when it is not whole yet. The
@@ -527,25 +529,47 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Re
     let mut spans: smallvec::SmallVec<[[usize; 4]; 24]> = smallvec::SmallVec::new();
     let mut framed = crate::h1::Framed::default();
     let mut expect_continue = false;
+    let mut hosts = 0usize;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         framed.see(name, h.value).map_err(Refused::Bad)?;
         if name.eq_ignore_ascii_case(b"expect") {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         }
         spans.push([at(name), name.len(), at(h.value), h.value.len()]);
+    }
+    // RFC 9112 3.2: one Host, and in HTTP/1.1 exactly one.
+    if hosts > 1 {
+        return Err(Refused::Bad("more than one Host field"));
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(Refused::Bad("an HTTP/1.1 request needs a Host field"));
+    }
+    if target == b"*" && method != Method::OPTIONS {
+        return Err(Refused::Bad("the asterisk-form target is only for OPTIONS"));
     }
     let crate::h1::Framed {
         length,
         encoded,
         chunked,
+        other_codings,
         close,
         keep_alive: keep_alive_token,
+        ..
     } = framed;
     let framing = if encoded {
         if length.is_some() {
             return Err(Refused::Bad(
                 "both Transfer-Encoding and Content-Length (refused against request smuggling)",
+            ));
+        }
+        if chunked && other_codings && version == Version::HTTP_11 {
+            // The body is re-framed on its way: a coding the gateway does
+            // not decode would be dropped from the message, not applied.
+            return Err(Refused::NotImplemented(
+                "a request's Transfer-Encoding may only be chunked, once",
             ));
         }
         if !chunked || version == Version::HTTP_10 {
@@ -567,6 +591,14 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Re
         let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
             .map_err(|_| Refused::Bad("invalid header value"))?;
         map.append(name, value);
+    }
+    // An absolute-form target names the authority: the Host field is
+    // replaced by it (RFC 9112 3.2.2), so routing and the instance see one
+    // host, never two.
+    if let Some(authority) = uri.authority() {
+        let value = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| Refused::Bad("invalid request target"))?;
+        map.insert(http::header::HOST, value);
     }
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -601,6 +633,9 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
             "Method not allowed",
             "the gateway does not tunnel CONNECT requests",
         ),
+        Refused::NotImplemented(why) => {
+            Problem::new(501, "not-implemented", "Not implemented", why)
+        }
     };
     tracing::debug!(status = problem.status, detail = ?problem.detail, "request head refused");
     let parts = crate::body::problem_head(&problem, "-");
@@ -1216,13 +1251,14 @@ mod tests {
         assert_eq!(head.framing, None);
         assert!(head.keep_alive);
 
-        let head = parse("POST / HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let head =
+            parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(head.framing, Some(Framing::Length(5)));
         assert!(!head.keep_alive);
 
-        let head = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        let head = parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Some(Framing::Chunked(Chunk::Size)));
@@ -1235,9 +1271,10 @@ mod tests {
         assert!(head.keep_alive);
         assert_eq!(head.parts.version, Version::HTTP_10);
 
-        let head = parse("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let head =
+            parse("PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert!(head.expect_continue);
 
         assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
@@ -1269,9 +1306,89 @@ mod tests {
         );
     }
 
+    /// The security review's sixth finding, case by case (each was
+    /// accepted and forwarded), and the forms it found refused, which must
+    /// stay refused.
+    #[test]
+    fn request_heads_are_as_strict_as_rfc_9112_says() {
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Ok,
+            Bad,
+            NotImplemented,
+            TooLarge,
+        }
+        let cases: &[(&str, &str, Want)] = &[
+            ("no Host", "GET / HTTP/1.1\r\n\r\n", Want::Bad),
+            ("two Hosts", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Want::Bad),
+            ("HTTP/1.0 without Host", "GET / HTTP/1.0\r\n\r\n", Want::Ok),
+            ("GET *", "GET * HTTP/1.1\r\nHost: a\r\n\r\n", Want::Bad),
+            ("OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", Want::Ok),
+            (
+                "gzip, chunked",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Want::NotImplemented,
+            ),
+            (
+                "chunked twice",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+                Want::NotImplemented,
+            ),
+            (
+                "gzip then chunked on two lines",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Want::NotImplemented,
+            ),
+            ("chunked", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Want::Ok),
+            // Refused before, and still.
+            ("gzip alone", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", Want::Bad),
+            (
+                "CL + TE",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Want::Bad,
+            ),
+            (
+                "TE + CL",
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                Want::Bad,
+            ),
+            (
+                "two Content-Lengths",
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                Want::Bad,
+            ),
+            ("a list as Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n", Want::Bad),
+            ("signed Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", Want::Bad),
+            ("obs-fold", "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", Want::Bad),
+            ("bare CR in a value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", Want::Bad),
+            ("space before the colon", "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", Want::Bad),
+            ("HTTP/2.0 in an HTTP/1 head", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", Want::Bad),
+        ];
+        for (what, text, want) in cases {
+            let got = match parse(text) {
+                Ok(Some(_)) => Want::Ok,
+                Ok(None) => panic!("{what}: incomplete"),
+                Err(Refused::Bad(_)) => Want::Bad,
+                Err(Refused::NotImplemented(_)) => Want::NotImplemented,
+                Err(Refused::TooLarge) => Want::TooLarge,
+                Err(Refused::Connect) => panic!("{what}: CONNECT"),
+            };
+            assert_eq!(&got, want, "{what}");
+        }
+        // An absolute-form target names the host: the Host field goes.
+        let head = parse("GET http://real.example/x?q=1 HTTP/1.1\r\nHost: fake.example\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.parts.headers.get_all("host").iter().count(), 1);
+        assert_eq!(head.parts.headers["host"], "real.example");
+        assert_eq!(head.parts.uri.path(), "/x");
+    }
+
     #[test]
     fn a_pipelined_request_stays_in_the_buffer() {
-        let mut buf = BytesMut::from(&b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n"[..]);
+        let mut buf = BytesMut::from(
+            &b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        );
         let first = parse_request(&mut buf, 8192).unwrap().unwrap();
         assert_eq!(first.parts.uri, "/1");
         let second = parse_request(&mut buf, 8192).unwrap().unwrap();

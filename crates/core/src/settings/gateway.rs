@@ -306,7 +306,7 @@ impl Default for GatewaySettings {
             metrics_token: None,
             registration_max_ttl_secs: 300,
             max_connections: 10_000,
-            max_connections_per_client: 512,
+            max_connections_per_client: 1_000,
             idle_timeout_under_pressure_secs: 5,
             max_header_bytes: 64 * 1024,
             header_read_timeout_ms: 10_000,

@@ -257,6 +257,8 @@ pub fn settings(upstreams: &[String], overrides: serde_json::Value) -> GatewaySe
         "shutdown_timeout_secs": 5,
         "balancer": "round_robin",
         "admin_token": ADMIN_TOKEN,
+        // Every test client is 127.0.0.1.
+        "max_connections_per_client": 0,
     });
     for source in [base, overrides] {
         for (k, v) in source.as_object().unwrap() {
