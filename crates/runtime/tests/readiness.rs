@@ -8,35 +8,16 @@ use shoal_core::settings::{BusBackend, SessionBackend};
 use shoal_core::Settings;
 use shoal_runtime::{Application, ServiceModule};
 use shoal_testkit as kit;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-struct Redis(Child);
-
-impl Redis {
-    fn start(port: u16) -> Option<Redis> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Redis(child))
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A private redis-server on `port`, or `None` when not installed.
+fn redis(port: u16) -> Option<kit::Daemon> {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"]);
+    kit::Daemon::start(cmd, port)
 }
 
 /// Polls `/readyz` until its status is `want` (within `limit`); returns
@@ -61,7 +42,7 @@ async fn ready_becomes(url: &str, want: u16, limit: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_session_store_and_bus_down_and_back() {
     let port = kit::free_port();
-    let Some(redis) = Redis::start(port) else {
+    let Some(server) = redis(port) else {
         println!("skipped: redis-server is not installed");
         return;
     };
@@ -83,7 +64,7 @@ async fn readyz_follows_the_session_store_and_bus_down_and_back() {
     tokio::spawn(app.run(stop.clone()));
     ready_becomes(&readyz, 200, Duration::from_secs(5)).await;
 
-    drop(redis);
+    drop(server);
     let body = ready_becomes(&readyz, 503, Duration::from_secs(10)).await;
     assert!(
         body.contains("session store") && body.contains("bus"),
@@ -91,7 +72,7 @@ async fn readyz_follows_the_session_store_and_bus_down_and_back() {
     );
     assert!(!body.contains("database"), "{body}");
 
-    let _redis = Redis::start(port).expect("redis-server starts again");
+    let _server = redis(port).expect("redis-server starts again");
     ready_becomes(&readyz, 200, Duration::from_secs(30)).await;
     stop.cancel();
 }

@@ -446,6 +446,16 @@ async fn available(http: &reqwest::Client, base: &str, token: &str) -> Vec<Strin
         .unwrap_or_default()
 }
 
+/// Whether order `id` is paid, read from the orders table.
+async fn is_paid(db: shoal_backends::Database, id: String) -> bool {
+    let row: Option<(String,)> = sqlx::query_as("SELECT status FROM orders WHERE id = $1")
+        .bind(&id)
+        .fetch_optional(db.pool())
+        .await
+        .unwrap();
+    matches!(row, Some((s,)) if s == "paid")
+}
+
 async fn charges_for(sandbox: &str, order: &str) -> usize {
     let v: Value = reqwest::get(format!("{sandbox}/_sandbox/charges"))
         .await
@@ -809,18 +819,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
         "the slow order paid by the other worker",
         Duration::from_secs(30),
         &procs,
-        || {
-            let (db, order) = (db.clone(), slow_order.clone());
-            async move {
-                let row: Option<(String,)> =
-                    sqlx::query_as("SELECT status FROM orders WHERE id = $1")
-                        .bind(&order)
-                        .fetch_optional(db.pool())
-                        .await
-                        .unwrap();
-                matches!(row, Some((s,)) if s == "paid")
-            }
-        },
+        || is_paid(db.clone(), slow_order.clone()),
     )
     .await;
 
@@ -865,16 +864,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     // Every order paid, each charged exactly once.
     for order in &orders {
         wait_until("every order paid", Duration::from_secs(30), &procs, || {
-            let (db, order) = (db.clone(), order.clone());
-            async move {
-                let row: Option<(String,)> =
-                    sqlx::query_as("SELECT status FROM orders WHERE id = $1")
-                        .bind(&order)
-                        .fetch_optional(db.pool())
-                        .await
-                        .unwrap();
-                matches!(row, Some((s,)) if s == "paid")
-            }
+            is_paid(db.clone(), order.clone())
         })
         .await;
         assert_eq!(

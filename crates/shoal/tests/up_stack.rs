@@ -1008,36 +1008,16 @@ fn jobs_bench_and_stats_run_on_nats() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("queue.nats_url"));
 }
 
-/// A private `nats-server -js` on `port` (killed on drop), or `None` when
-/// the binary is not installed.
-struct Nats(std::process::Child);
-
-impl Nats {
-    fn start(port: u16, store: &std::path::Path) -> Option<Nats> {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Nats(child))
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A private `nats-server -js` on `port`, or `None` when the binary is
+/// not installed.
+fn nats(port: u16, store: &std::path::Path) -> Option<kit::Daemon> {
+    let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store);
+    kit::Daemon::start(cmd, port)
 }
 
 /// The worker's `/readyz`, on the address it was given, says whether it
@@ -1047,7 +1027,7 @@ impl Drop for Nats {
 async fn worker_readyz_follows_its_job_store_down_and_back() {
     let dir = kit::TempDir::new("worker-ready");
     let nats_port = kit::free_port();
-    let Some(nats) = Nats::start(nats_port, &dir.path().join("js")) else {
+    let Some(server) = nats(nats_port, &dir.path().join("js")) else {
         println!("skipped: nats-server is not installed");
         return;
     };
@@ -1105,11 +1085,11 @@ async fn worker_readyz_follows_its_job_store_down_and_back() {
         }
     };
     becomes(200, Duration::from_secs(30)).await;
-    drop(nats);
+    drop(server);
     let body = becomes(503, Duration::from_secs(15)).await;
     assert!(body.contains("NATS"), "{body}");
     assert_eq!(status("/healthz").await.0, 200);
-    let _nats = Nats::start(nats_port, &dir.path().join("js")).expect("nats-server again");
+    let _server = nats(nats_port, &dir.path().join("js")).expect("nats-server again");
     becomes(200, Duration::from_secs(30)).await;
     let _ = kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM);
     let _ = worker.wait();

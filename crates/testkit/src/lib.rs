@@ -121,6 +121,42 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A server process of a test (a private `redis-server` or `nats-server`)
+/// listening on a 127.0.0.1 port; killed when dropped.
+#[derive(Debug)]
+pub struct Daemon(std::process::Child);
+
+impl Daemon {
+    /// Runs `command` (output discarded) and waits up to 10 s for `port`
+    /// to accept connections; `None` when the program cannot be started
+    /// (not installed: the caller prints its `skipped:` line).
+    pub fn start(mut command: std::process::Command, port: u16) -> Option<Daemon> {
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let daemon = Daemon(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?} did not listen on {port}",
+                command.get_program()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(daemon)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// An HTTP client with a cookie jar and sane timeouts.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
