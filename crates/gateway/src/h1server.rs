@@ -596,6 +596,14 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Re
     // replaced by it (RFC 9112 3.2.2), so routing and the instance see one
     // host, never two.
     if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return Err(Refused::Bad("a request target must not carry userinfo"));
+        }
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(Refused::Bad(
+                "an absolute-form target must be http or https",
+            ));
+        }
         let value = HeaderValue::from_str(authority.as_str())
             .map_err(|_| Refused::Bad("invalid request target"))?;
         map.insert(http::header::HOST, value);
@@ -1363,6 +1371,8 @@ mod tests {
             ("bare CR in a value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", Want::Bad),
             ("space before the colon", "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", Want::Bad),
             ("HTTP/2.0 in an HTTP/1 head", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", Want::Bad),
+            ("userinfo in the target", "GET http://u:p@a/ HTTP/1.1\r\nHost: a\r\n\r\n", Want::Bad),
+            ("another scheme", "GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", Want::Bad),
         ];
         for (what, text, want) in cases {
             let got = match parse(text) {

@@ -339,6 +339,22 @@ pub struct Connections {
     closed: Notify,
 }
 
+/// What a per-client count is kept by: an IPv4 address (an IPv4-mapped
+/// IPv6 one as IPv4), or an IPv6 address's /64, the block one host is
+/// usually given (counting each /128 would let one host open as many
+/// connections as it has addresses).
+fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 /// Why a new connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -411,6 +427,7 @@ impl Connections {
         }
         let mut counted = None;
         if limits.max_per_client > 0 {
+            let client = client_key(client);
             let mut per = self.per_client.lock().expect("per-client counts");
             let n = per.entry(client).or_insert(0);
             if *n >= limits.max_per_client {
@@ -790,6 +807,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_are_counted_by_ipv4_address_or_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(client_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            client_key(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:2::1")),
+            client_key(ip("2001:db8:1:3::1"))
+        );
+    }
 
     #[tokio::test]
     async fn a_write_left_waiting_past_the_send_timeout_fails_whatever_flushes_do() {

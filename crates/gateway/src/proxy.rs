@@ -490,7 +490,9 @@ pub(crate) async fn forward(
         } else {
             left
         };
-        let deadline_ms = left.as_millis().max(1) as u64;
+        // The instance is told this attempt's time, not the request's: an
+        // attempt cut short by try_timeout_ms is not worked on after it.
+        let deadline_ms = this_try.as_millis().max(1) as u64;
 
         // The guard keeps the instance (and its in-flight count) until the
         // response body ends, or this attempt ends.

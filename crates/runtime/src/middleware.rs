@@ -85,9 +85,11 @@ impl AllowedOrigins {
 /// session cookie and changes something (any method but GET, HEAD,
 /// OPTIONS), or opens a WebSocket, must come from this site. Browsers say
 /// where a request comes from: `Sec-Fetch-Site` (refused unless
-/// `same-origin` or `none`, a typed URL), else `Origin` (refused unless it
-/// is the request's own origin, from `Host` and `X-Forwarded-Proto`, or
-/// one of `serve.allowed_origins`; `null` is refused). A request with
+/// `same-origin` or `none`, a typed URL), else `Origin` (refused unless its
+/// host and port are the request's `Host`, or it is one of
+/// `serve.allowed_origins`; `null` is refused). The scheme is not compared:
+/// behind a proxy that ends TLS the instance cannot know it, and a page of
+/// the same host is not another site. A request with
 /// neither comes from no browser (curl, another service) and passes: a
 /// forged cross-site request always carries one.
 async fn refuse_cross_origin(
@@ -128,11 +130,11 @@ async fn refuse_cross_origin(
         (Some(site), _) => Err(format!("Sec-Fetch-Site: {site}")),
         (None, Some(origin)) => {
             let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-            let scheme = text("x-forwarded-proto")
-                .unwrap_or("http")
-                .to_ascii_lowercase();
-            let own = text("host").map(|h| format!("{scheme}://{}", h.to_ascii_lowercase()));
-            if Some(&origin) == own.as_ref() || allowed.origins.contains(&origin) {
+            let authority = origin.split_once("://").map(|(_, a)| a);
+            let own = text("host").map(str::to_ascii_lowercase);
+            if (authority.is_some() && authority == own.as_deref())
+                || allowed.origins.contains(&origin)
+            {
                 Ok(())
             } else {
                 Err(format!("Origin: {origin}"))

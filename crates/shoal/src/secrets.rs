@@ -119,24 +119,34 @@ fn secret(dir: &Path, name: &str, prefix: &str) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
+    // Written whole to a private temporary file, then linked into place:
+    // the name appears only with its secret in it (a crash or a second
+    // `shoal up` never sees an empty file), and never replaces one.
     let value = format!("{prefix}{}", shoal_backends::sessions::new_token());
-    let mut file = match std::fs::OpenOptions::new()
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-    {
-        Ok(f) => f,
-        // Another `shoal up` on the same folder wrote it first: use its.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return secret(dir, name, prefix);
-        }
-        Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
-    };
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     file.write_all(format!("{value}\n").as_bytes())
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(value)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(value)
+        }
+        // Another `shoal up` on the same folder made it first: use its.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => secret(dir, name, prefix),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 #[cfg(test)]

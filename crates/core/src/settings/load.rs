@@ -46,11 +46,11 @@ pub fn load(
     }
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| {
+        .filter(|(k, v)| {
             k.starts_with("SHOAL_")
                 && !k.starts_with("SHOAL_TEST_")
                 && k != "SHOAL_CONFIG"
-                && !is_kubernetes_service_link(k)
+                && !is_kubernetes_service_link(k, v)
         })
         .collect();
     vars.sort();
@@ -107,21 +107,37 @@ fn from_tree(tree: toml::Value) -> Result<Settings, SettingsError> {
 /// `SHOAL_SERVICE_PORT[_<name>]`, `SHOAL_PORT`, `SHOAL_PORT_<n>_TCP` and
 /// its `_PROTO`, `_PORT`, `_ADDR`, or the same after `SHOAL_GATEWAY_`.
 /// No setting has these shapes: nested keys are joined by `__`.
-fn is_kubernetes_service_link(var: &str) -> bool {
+/// The value must have the shape Kubernetes gives it too (an address,
+/// a port number, a `tcp://` URL, a protocol), so a typo such as
+/// `SHOAL_UP_PORT=9000` for `SHOAL_UP__PORT` is still refused.
+fn is_kubernetes_service_link(var: &str, value: &str) -> bool {
     let Some(rest) = var.strip_prefix("SHOAL_") else {
         return false;
     };
     if rest.contains("__") {
         return false;
     }
+    let url = ["tcp://", "udp://", "sctp://"]
+        .iter()
+        .any(|s| value.starts_with(s));
+    let number = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    let address = value.parse::<std::net::IpAddr>().is_ok();
     let words: Vec<&str> = rest.split('_').collect();
     (0..words.len()).any(|i| match &words[i..] {
-        ["SERVICE", "HOST"] | ["SERVICE", "PORT", ..] | ["PORT"] => true,
-        ["PORT", number, proto, tail @ ..] => {
-            !number.is_empty()
-                && number.bytes().all(|b| b.is_ascii_digit())
+        ["SERVICE", "HOST"] => address,
+        ["SERVICE", "PORT", ..] => number,
+        ["PORT"] => url,
+        ["PORT", n, proto, tail @ ..] => {
+            !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
                 && matches!(*proto, "TCP" | "UDP" | "SCTP")
-                && matches!(tail, [] | ["PROTO"] | ["PORT"] | ["ADDR"])
+                && match tail {
+                    [] => url,
+                    ["PROTO"] => matches!(value, "tcp" | "udp" | "sctp"),
+                    ["PORT"] => number,
+                    ["ADDR"] => address,
+                    _ => false,
+                }
         }
         _ => false,
     })
@@ -282,16 +298,20 @@ mod tests {
         let s = load(None, env(&injected)).unwrap();
         assert_eq!(s.up.instances, 4);
         // Settings and near misses stay what they are.
-        for var in [
-            "SHOAL_DATA_DIR",
-            "SHOAL_DEVELOPMENT",
-            "SHOAL_UP__PORT",
-            "SHOAL_PORTS",
-            "SHOAL_PORT_X_TCP",
-            "SHOAL_SERVICE",
+        for (var, value) in [
+            ("SHOAL_DATA_DIR", "/data"),
+            ("SHOAL_DEVELOPMENT", "true"),
+            ("SHOAL_UP__PORT", "9000"),
+            ("SHOAL_PORTS", "1"),
+            ("SHOAL_PORT_X_TCP", "tcp://10.0.0.1:80"),
+            ("SHOAL_SERVICE", "x"),
+            // Typos of real keys stay errors, whatever they end in.
+            ("SHOAL_UP_PORT", "9000"),
+            ("SHOAL_GATEWAY_SERVICE_HOST", "gateway.local"),
         ] {
-            assert!(!is_kubernetes_service_link(var), "{var}");
+            assert!(!is_kubernetes_service_link(var, value), "{var}={value}");
         }
         assert!(load(None, env(&[("SHOAL_PORTS", "1")])).is_err());
+        assert!(load(None, env(&[("SHOAL_UP_PORT", "9000")])).is_err());
     }
 }

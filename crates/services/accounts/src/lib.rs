@@ -249,7 +249,9 @@ async fn login(
         _ => format!("pair:{email}|{addr}"),
     };
     let account_key = format!("acct:{email}");
-    if let Some(retry) = limits::locked(&ctx.db, &client_key, window_ms, per_client).await? {
+    // Each attempt is counted before the password is checked (and given
+    // back when it succeeds): parallel guesses cannot all slip past.
+    if let Err(retry) = limits::attempt(&ctx.db, &client_key, window_ms, per_client).await? {
         metrics::counter!("shoal_accounts_login_limited_total", "by" => "account_and_client")
             .increment(1);
         return Err(Problem::too_many_requests(
@@ -259,7 +261,7 @@ async fn login(
         .into());
     }
     if !trusted {
-        if let Some(retry) = limits::locked(
+        if let Err(retry) = limits::attempt(
             &ctx.db,
             &account_key,
             window_ms,
@@ -267,6 +269,7 @@ async fn login(
         )
         .await?
         {
+            limits::release(&ctx.db, &client_key).await?;
             metrics::counter!("shoal_accounts_login_limited_total", "by" => "account").increment(1);
             return Err(Problem::too_many_requests(
                 format!(
@@ -294,14 +297,13 @@ async fn login(
     };
     let ok = password::verify(body.password, stored_hash).await?;
     let Some(user) = user.filter(|_| ok) else {
-        limits::hit(&ctx.db, &client_key, window_ms).await?;
-        if !trusted {
-            limits::hit(&ctx.db, &account_key, window_ms).await?;
-        }
         metrics::counter!("shoal_accounts_logins_total", "result" => "rejected").increment(1);
         return Err(Problem::unauthorized("the email or password is wrong").into());
     };
     limits::clear(&ctx.db, &client_key).await?;
+    if !trusted {
+        limits::release(&ctx.db, &account_key).await?;
+    }
     // A device that logged in is known from now on.
     let device_cookie = if trusted {
         None

@@ -24,6 +24,54 @@ pub async fn hit(db: &Database, key: &str, window_ms: i64) -> Result<(i64, u64),
     Ok((count, retry_after(start, window_ms, now)))
 }
 
+/// Reserves one attempt on `key` unless it is held back ([`locked`]'s
+/// rule), in one conditional upsert: concurrent attempts cannot all pass a
+/// check made before any of them is counted. `Ok(Err(seconds))` when held
+/// back (nothing counted).
+pub async fn attempt(
+    db: &Database,
+    key: &str,
+    window_ms: i64,
+    limit: u32,
+) -> Result<Result<(), u64>, sqlx::Error> {
+    let now = now_millis();
+    let limit = limit.max(1) as i64;
+    let reserved: Option<(i64,)> = sqlx::query_as(
+        "INSERT INTO login_attempts (key, window_start, count, last_at) VALUES ($1, $2, 1, $2)
+         ON CONFLICT (key) DO UPDATE SET
+           count = CASE WHEN login_attempts.window_start <= $3 THEN 1 ELSE login_attempts.count + 1 END,
+           window_start = CASE WHEN login_attempts.window_start <= $3 THEN $2 ELSE login_attempts.window_start END,
+           last_at = $2
+         WHERE login_attempts.window_start <= $3
+            OR login_attempts.count < $4
+            OR login_attempts.last_at + (CAST(1000 AS BIGINT) << CAST(
+                 CASE WHEN login_attempts.count - $4 > 30 THEN 30 ELSE login_attempts.count - $4 END
+                 AS INTEGER)) <= $2
+         RETURNING count",
+    )
+    .bind(key)
+    .bind(now)
+    .bind(now - window_ms)
+    .bind(limit)
+    .fetch_optional(db.pool())
+    .await?;
+    if reserved.is_some() {
+        return Ok(Ok(()));
+    }
+    let wait = locked(db, key, window_ms, limit as u32).await?;
+    Ok(Err(wait.unwrap_or(1)))
+}
+
+/// Gives back an attempt [`attempt`] reserved (a login that succeeded is
+/// no failure).
+pub async fn release(db: &Database, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE login_attempts SET count = count - 1 WHERE key = $1 AND count > 0")
+        .bind(key)
+        .execute(db.pool())
+        .await?;
+    Ok(())
+}
+
 /// `Some(seconds to wait)` while `key` is held back: once its hits in the
 /// window reach `limit`, each hit makes the next wait twice as long as the
 /// one before (1 s, 2 s, 4 s, ...; never past the window's end), counted

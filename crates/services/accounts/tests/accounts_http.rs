@@ -611,3 +611,33 @@ async fn an_attacker_slows_down_but_cannot_lock_the_owner_out() {
         429
     );
 }
+
+/// Guesses sent at once are each counted before any password is checked
+/// (the check and the count are one statement): twenty parallel wrong
+/// logins from one client at a limit of 3 get at most three 401s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_cannot_slip_past_the_limit() {
+    let mut s = Settings::default();
+    s.accounts.login_attempts_per_account = 3;
+    let app = start(s).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/accounts/login", app.base);
+    let wrong = json!({"email": "racer@example.com", "password": "wrong guess!"});
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let request = http
+                .post(&url)
+                .header("x-forwarded-for", "203.0.113.99")
+                .json(&wrong);
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let held = statuses.iter().filter(|s| **s == 429).count();
+    assert!(checked <= 3, "{checked} passwords checked: {statuses:?}");
+    assert_eq!(checked + held, 20, "{statuses:?}");
+}

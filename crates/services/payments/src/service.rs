@@ -321,17 +321,18 @@ async fn reconcile(ctx: &AppContext, provider: &dyn PaymentProvider) -> Result<(
     Ok(())
 }
 
-/// A signature proves only that the sender knows the webhook secret: the
-/// event's claim (this intent, for this payment, has succeeded or failed)
-/// is believed only when the provider itself says the same when asked.
-/// `Ok(None)`: the payment is not ours. A claim the provider contradicts
-/// is refused (400); a provider that does not answer is 503, so the
-/// sender retries.
+/// A signature proves only that the sender knows the webhook secret: an
+/// event is a hint to ask the provider, whose record is the truth. The
+/// payment is settled by that record when it is final and belongs to this
+/// payment (same intent metadata, amount and currency), whatever the event
+/// claimed; `Ok(None)` (answered 2xx, nothing applied, logged and counted)
+/// when the payment is not ours, the record is not final, or it does not
+/// match: an answer other than 2xx would only make the sender retry. A
+/// provider that does not answer is 503, so the sender tries again later.
 async fn confirm_with_provider(
     ctx: &AppContext,
     payment_id: &str,
     intent_id: &str,
-    succeeded: bool,
 ) -> Result<Option<crate::ChargeRecord>, ApiError> {
     let payment: Option<(i64, String)> =
         sqlx::query_as("SELECT amount, currency FROM payments WHERE id = $1")
@@ -339,53 +340,39 @@ async fn confirm_with_provider(
             .fetch_optional(ctx.db.pool())
             .await
             .map_err(|e| {
+                tracing::warn!(payment_id, error = %e, "cannot read the payment of a webhook");
                 ApiError(Problem::unavailable(
-                    format!("could not read the payment: {e}"),
+                    "could not read the payment; send the event again later",
                     1,
                 ))
             })?;
     let Some((amount, currency)) = payment else {
         return Ok(None);
     };
-    let refuse = |why: String| {
+    let ignore = |why: String| {
         metrics::counter!("shoal_payments_webhooks_rejected_total").increment(1);
-        tracing::warn!(payment_id, intent_id, %why, "webhook refused: the provider does not confirm it");
-        ApiError(Problem::bad_request(format!(
-            "the event does not match the provider's record: {why}; not applied"
-        )))
+        tracing::warn!(payment_id, intent_id, %why, "webhook not applied: the provider's record does not confirm it");
+        Ok(None)
     };
     let record = match provider(ctx).retrieve(intent_id).await {
         Ok(r) => r,
         Err(ProviderError::Retryable(e)) => {
+            tracing::warn!(payment_id, intent_id, error = %e, "the provider could not confirm a webhook");
             return Err(ApiError(Problem::unavailable(
-                format!("the provider could not confirm the event ({e}); send it again later"),
+                "the provider could not confirm the event; send it again later",
                 5,
-            )))
+            )));
         }
-        Err(ProviderError::Permanent(e)) => return Err(refuse(e)),
+        Err(ProviderError::Permanent(e)) => return ignore(e),
     };
     if record.payment_id.as_deref() != Some(payment_id) {
-        return Err(refuse(format!(
-            "intent {intent_id} belongs to another payment"
-        )));
+        return ignore(format!("intent {intent_id} belongs to another payment"));
     }
     if record.amount != amount || !record.currency.eq_ignore_ascii_case(&currency) {
-        return Err(refuse(format!("intent {intent_id} is for another amount")));
+        return ignore(format!("intent {intent_id} is for another amount"));
     }
-    let agrees = match record.outcome {
-        ChargeOutcome::Succeeded { .. } => succeeded,
-        ChargeOutcome::Declined { .. } => !succeeded,
-        ChargeOutcome::Processing { .. } => false,
-    };
-    if !agrees {
-        return Err(refuse(format!(
-            "the provider says intent {intent_id} is {}",
-            match record.outcome {
-                ChargeOutcome::Succeeded { .. } => "succeeded",
-                ChargeOutcome::Declined { .. } => "declined",
-                ChargeOutcome::Processing { .. } => "still processing",
-            }
-        )));
+    if matches!(record.outcome, ChargeOutcome::Processing { .. }) {
+        return ignore(format!("intent {intent_id} is still processing"));
     }
     Ok(Some(record))
 }
@@ -427,22 +414,32 @@ async fn webhook(
         Some("payment_intent.payment_failed") => Some(false),
         _ => None,
     };
-    if let (Some(payment_id), Some(succeeded)) = (payment_id, outcome) {
+    // The event's claim (succeeded or failed) only says to look: the
+    // provider's record decides.
+    if let (Some(payment_id), Some(_claimed)) = (payment_id, outcome) {
         let Some(intent_id) = object["id"].as_str() else {
             return Err(Problem::bad_request("the event's object has no id").into());
         };
-        let record = confirm_with_provider(&ctx, &payment_id, intent_id, succeeded).await?;
-        let Some(record) = record else {
-            // Not a payment of ours: nothing to do, and nothing to retry.
+        let Some(record) = confirm_with_provider(&ctx, &payment_id, intent_id).await? else {
             return Ok(Json(json!({"received": true, "applied": false})));
         };
-        let failure = match &record.outcome {
-            ChargeOutcome::Declined { message, .. } => Some(message.as_str()),
-            _ => None,
+        let (paid, failure) = match &record.outcome {
+            ChargeOutcome::Succeeded { .. } => (true, None),
+            ChargeOutcome::Declined { message, .. } => (false, Some(message.as_str())),
+            ChargeOutcome::Processing { .. } => {
+                unreachable!("confirm_with_provider keeps final records only")
+            }
         };
-        settle(&ctx, &payment_id, succeeded, Some(intent_id), failure)
+        settle(&ctx, &payment_id, paid, Some(intent_id), failure)
             .await
-            .map_err(|e| ApiError(Problem::unavailable(format!("could not settle: {e}"), 1)))?;
+            .map_err(|e| {
+                tracing::warn!(payment_id, error = %e, "cannot settle a confirmed webhook");
+                ApiError(Problem::unavailable(
+                    "could not settle; send the event again later",
+                    1,
+                ))
+            })?;
+        return Ok(Json(json!({"received": true, "applied": true})));
     }
-    Ok(Json(json!({"received": true})))
+    Ok(Json(json!({"received": true, "applied": false})))
 }
