@@ -201,7 +201,34 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
     if let Ok(v) = HeaderValue::from_str(&ctx.instance) {
         headers.insert("x-shoal-instance", v);
     }
+    security_headers(headers);
     response
+}
+
+/// Headers that keep a browser from misusing an answer, unless a route set
+/// its own: no type sniffing, no framing, no referrer to other sites; and
+/// on JSON (an API answer, never a page) a policy that lets it load or run
+/// nothing.
+fn security_headers(headers: &mut axum::http::HeaderMap) {
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "strict-origin-when-cross-origin"),
+    ] {
+        if !headers.contains_key(name) {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json") || t.starts_with(PROBLEM_JSON));
+    if json && !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        );
+    }
 }
 
 /// Error responses made by layers or axum itself (404, 405, 413 ...) come

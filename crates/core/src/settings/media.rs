@@ -56,7 +56,9 @@ pub struct MediaSettings {
 impl Default for MediaSettings {
     fn default() -> Self {
         MediaSettings {
-            max_upload_bytes: 25 * 1024 * 1024,
+            // The gateway's default `max_body_bytes`: an upload the
+            // service would take must get through the gateway too.
+            max_upload_bytes: 16 * 1024 * 1024,
             max_image_pixels: 40_000_000,
             decode_memory_bytes: 512 * 1024 * 1024,
         }

@@ -812,6 +812,12 @@ mod tests {
     }
 
     #[test]
+    fn the_upload_limits_of_the_gateway_and_the_media_service_agree() {
+        let s = Settings::default();
+        assert_eq!(s.media.max_upload_bytes, s.gateway.max_body_bytes);
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Settings::default().validate().unwrap();
     }

@@ -57,6 +57,8 @@ const MIGRATIONS: &[Migration] = &[
 
 /// The cookie that marks a browser its user has logged in from before.
 const DEVICE_COOKIE: &str = "shoal_device";
+/// How long a device stays known (the cookie's Max-Age).
+const DEVICE_LIFETIME_MS: i64 = 365 * 24 * 3600 * 1000;
 
 impl ServiceModule for Accounts {
     fn name(&self) -> &'static str {
@@ -234,10 +236,12 @@ async fn login(
     let device = cookie_value(&headers, DEVICE_COOKIE).map(|t| token_hash(&t));
     let trusted = match (&row, &device) {
         (Some((user_id, ..)), Some(hash)) => sqlx::query_as::<_, (String,)>(
-            "SELECT user_id FROM login_devices WHERE token_hash = $1 AND user_id = $2",
+            "SELECT user_id FROM login_devices WHERE token_hash = $1 AND user_id = $2 AND created_at > $3",
         )
         .bind(hash)
         .bind(user_id)
+        // A device is known for the cookie's year, no longer.
+        .bind(shoal_backends::now_millis() - DEVICE_LIFETIME_MS)
         .fetch_optional(ctx.db.pool())
         .await?
         .is_some(),
@@ -369,6 +373,11 @@ async fn logout_all(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let ended = ctx.sessions.delete_user(&session.user_id).await?;
+    // Everywhere includes the devices trusted to get past the throttle.
+    sqlx::query("DELETE FROM login_devices WHERE user_id = $1")
+        .bind(&session.user_id)
+        .execute(ctx.db.pool())
+        .await?;
     tracing::info!(user_id = %session.user_id, ended, "logged out everywhere");
     Ok((
         StatusCode::OK,

@@ -641,3 +641,50 @@ async fn parallel_guesses_cannot_slip_past_the_limit() {
     assert!(checked <= 3, "{checked} passwords checked: {statuses:?}");
     assert_eq!(checked + held, 20, "{statuses:?}");
 }
+
+/// "Log out everywhere" also forgets the devices the account trusted: a
+/// stolen device cookie no longer gets past the throttle of new devices.
+#[tokio::test]
+async fn logout_all_forgets_the_known_devices() {
+    let app = start(Settings::default()).await;
+    let (cookie, user_id) = kit::sign_up_and_log_in(&app.base, "devices@example.com").await;
+    let devices = || async {
+        let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM login_devices WHERE user_id = $1")
+            .bind(&user_id)
+            .fetch_one(app.db.pool())
+            .await
+            .unwrap();
+        n.0
+    };
+    assert_eq!(
+        devices().await,
+        1,
+        "the login made its browser a known device"
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/accounts/logout-all", app.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(devices().await, 0);
+}
+
+/// Every answer says: no type sniffing, no framing, a referrer policy; a
+/// JSON answer also carries a policy that loads and runs nothing.
+#[tokio::test]
+async fn answers_carry_security_headers() {
+    let app = start(Settings::default()).await;
+    for path in ["/healthz", "/api/accounts/me", "/no/such/route"] {
+        let r = reqwest::get(format!("{}{path}", app.base)).await.unwrap();
+        let h = r.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert!(h.contains_key("referrer-policy"), "{path}");
+        assert_eq!(
+            h["content-security-policy"], "default-src 'none'; frame-ancestors 'none'",
+            "{path}"
+        );
+    }
+}
