@@ -1,4 +1,5 @@
-//! Shared pieces of the benchmark tools: a latency histogram summary.
+//! Shared pieces of the benchmark tools: a latency histogram summary, and
+//! picking by a Zipf law from a seeded generator.
 
 use serde::Serialize;
 
@@ -31,4 +32,38 @@ impl Summary {
             max_us: h.max(),
         }
     }
+}
+
+/// Picks indexes 0..n with P(k) ∝ 1/(k+1)^s, from a precomputed CDF.
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    pub fn new(n: usize, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n);
+        let mut total = 0.0;
+        for k in 0..n {
+            total += 1.0 / ((k + 1) as f64).powf(s);
+            cdf.push(total);
+        }
+        for c in &mut cdf {
+            *c /= total;
+        }
+        Zipf { cdf }
+    }
+
+    /// An index, drawn with [`uniform`] from `rng`.
+    pub fn pick(&self, rng: &mut u64) -> usize {
+        let u = uniform(rng);
+        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
+    }
+}
+
+/// xorshift64*: a uniform float in [0, 1) from `rng` (any non-zero seed).
+pub fn uniform(rng: &mut u64) -> f64 {
+    *rng ^= *rng >> 12;
+    *rng ^= *rng << 25;
+    *rng ^= *rng >> 27;
+    (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use shoal_bench::Summary;
+use shoal_bench::{Summary, Zipf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,35 +59,6 @@ struct Args {
     /// Zipf exponent for picking from --paths; 0 picks uniformly.
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
-}
-
-/// Picks indexes 0..n with P(k) ∝ 1/(k+1)^s, from a precomputed CDF.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Zipf {
-        let mut cdf = Vec::with_capacity(n);
-        let mut total = 0.0;
-        for k in 0..n {
-            total += 1.0 / ((k + 1) as f64).powf(s);
-            cdf.push(total);
-        }
-        for c in &mut cdf {
-            *c /= total;
-        }
-        Zipf { cdf }
-    }
-
-    fn pick(&self, rng: &mut u64) -> usize {
-        // xorshift64*
-        *rng ^= *rng >> 12;
-        *rng ^= *rng << 25;
-        *rng ^= *rng >> 27;
-        let u = (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
-        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
-    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use shoal_bench::Summary;
+use shoal_bench::{uniform, Summary, Zipf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,37 +104,6 @@ async fn send(
         .map(str::to_string);
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, cookie, body))
-}
-
-/// Picks indexes 0..n with P(k) ∝ 1/(k+1)^s.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Zipf {
-        let mut total = 0.0;
-        let mut cdf: Vec<f64> = (0..n)
-            .map(|k| {
-                total += 1.0 / ((k + 1) as f64).powf(s);
-                total
-            })
-            .collect();
-        cdf.iter_mut().for_each(|c| *c /= total);
-        Zipf { cdf }
-    }
-
-    fn pick(&self, u: f64) -> usize {
-        self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
-    }
-}
-
-/// xorshift64*: a uniform float in [0, 1).
-fn uniform(rng: &mut u64) -> f64 {
-    *rng ^= *rng >> 12;
-    *rng ^= *rng << 25;
-    *rng ^= *rng >> 27;
-    (rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 async fn product_ids(addr: &str, want: usize) -> anyhow::Result<Vec<String>> {
@@ -238,7 +207,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     break;
                 }
                 k += 1;
-                let product = &ids[zipf.pick(uniform(&mut rng))];
+                let product = &ids[zipf.pick(&mut rng)];
                 let (kind, method, path, body, want) = if k.is_multiple_of(every) {
                     let body = format!(
                         r#"{{"items":[{{"product_id":"{product}","quantity":1}}],"payment_method":"pm_card_visa"}}"#

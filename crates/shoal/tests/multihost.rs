@@ -515,6 +515,8 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     let sandbox_port = kit::free_port();
     let sandbox = format!("http://{BRIDGE_IP}:{sandbox_port}");
     let secret = |k: &str, v: String| (k.to_string(), v);
+    let api_key = format!("sk_test_{}", kit::unique_name());
+    let webhook_secret = format!("whsec_{}", kit::unique_name());
     let mut env = vec![
         secret("SHOAL_LOG__LEVEL", "info".into()),
         secret("SHOAL_DATABASE__BACKEND", "postgres".into()),
@@ -526,14 +528,8 @@ async fn shoal_survives_losing_a_host_of_each_role() {
         secret("SHOAL_CACHE__BUS_REDIS_URL", redis.clone()),
         secret("SHOAL_CACHE__REDIS_PREFIX", prefix.clone()),
         secret("SHOAL_PAYMENTS__PROVIDER_URL", sandbox.clone()),
-        secret(
-            "SHOAL_PAYMENTS__API_KEY",
-            format!("sk_test_{}", kit::unique_name()),
-        ),
-        secret(
-            "SHOAL_PAYMENTS__WEBHOOK_SECRET",
-            format!("whsec_{}", kit::unique_name()),
-        ),
+        secret("SHOAL_PAYMENTS__API_KEY", api_key.clone()),
+        secret("SHOAL_PAYMENTS__WEBHOOK_SECRET", webhook_secret.clone()),
         secret("SHOAL_PAYMENTS__REQUEST_TIMEOUT_MS", "6000".into()),
         secret("SHOAL_GATEWAY__ADMIN_TOKEN", admin_token.clone()),
         secret(
@@ -541,8 +537,6 @@ async fn shoal_survives_losing_a_host_of_each_role() {
             format!("metrics-{}", kit::unique_name()),
         ),
     ];
-    let api_key = env[10].1.clone();
-    let webhook_secret = env[11].1.clone();
     let gateways: Vec<String> = gw_ips
         .iter()
         .map(|i| format!("http://{NET}.{i}:8080"))
@@ -583,70 +577,49 @@ async fn shoal_survives_losing_a_host_of_each_role() {
             secret("SHOAL_LOG__LEVEL", "warn".into()),
         ],
     );
-    for (i, ip) in gw_ips.iter().enumerate() {
+    // One role on one host: `<role>-<n>` in namespace `<r><n>`, with the
+    // common settings, `extra` on top, and a data folder of its own.
+    let mut start = |role: &str, n: usize, args: Vec<String>, extra: Vec<(String, String)>| {
+        let name = format!("{role}-{n}");
+        let mut all = vec![role.to_string()];
+        all.extend(args);
+        all.push("--data-dir".into());
+        all.push(dir.path().join(&name).display().to_string());
         let mut e = env.clone();
-        e.extend([
+        e.extend(extra);
+        procs.start(&name, Some(&ns[&format!("{}{n}", &role[..1])]), &all, &e);
+    };
+    for (i, ip) in gw_ips.iter().enumerate() {
+        let args = vec![
+            "--registered".into(),
+            "--listen".into(),
+            format!("{NET}.{ip}:8080"),
+        ];
+        let extra = vec![
             secret("SHOAL_GATEWAY__HEALTH_INTERVAL_MS", "200".into()),
             secret("SHOAL_GATEWAY__HEALTH_TIMEOUT_MS", "300".into()),
             secret("SHOAL_GATEWAY__CONNECT_TIMEOUT_MS", "300".into()),
             secret("SHOAL_GATEWAY__TRY_TIMEOUT_MS", "1000".into()),
             secret("SHOAL_GATEWAY__REQUEST_TIMEOUT_MS", "8000".into()),
             secret("SHOAL_GATEWAY__RETRY_BUDGET_MIN_PER_SEC", "50".into()),
-        ]);
-        let name = format!("gateway-{}", i + 1);
-        procs.start(
-            &name,
-            Some(&ns[&format!("g{}", &ip[1..])]),
-            &[
-                "gateway".into(),
-                "--registered".into(),
-                "--listen".into(),
-                format!("{NET}.{ip}:8080"),
-                "--data-dir".into(),
-                dir.path().join(&name).display().to_string(),
-            ],
-            &e,
-        );
+        ];
+        start("gateway", i + 1, args, extra);
     }
     for (i, ip) in serve_ips.iter().enumerate() {
-        let mut e = env.clone();
-        e.push(secret(
+        let args = vec!["--listen".into(), "0.0.0.0:3000".into()];
+        let extra = vec![secret(
             "SHOAL_SERVE__ADVERTISE_URL",
             format!("http://{NET}.{ip}:3000"),
-        ));
-        let name = format!("serve-{}", i + 1);
-        procs.start(
-            &name,
-            Some(&ns[&format!("s{}", &ip[1..])]),
-            &[
-                "serve".into(),
-                "--listen".into(),
-                "0.0.0.0:3000".into(),
-                "--data-dir".into(),
-                dir.path().join(&name).display().to_string(),
-            ],
-            &e,
-        );
+        )];
+        start("serve", i + 1, args, extra);
     }
-    for (i, ip) in worker_ips.iter().enumerate() {
-        let mut e = env.clone();
-        e.extend([
+    for i in 0..worker_ips.len() {
+        let args = vec!["--listen".into(), "0.0.0.0:9091".into()];
+        let extra = vec![
             secret("SHOAL_WORKER__LEASE_MS", "2000".into()),
             secret("SHOAL_LOG__LEVEL", "info,shoal_queue=debug".into()),
-        ]);
-        let name = format!("worker-{}", i + 1);
-        procs.start(
-            &name,
-            Some(&ns[&format!("w{}", &ip[1..])]),
-            &[
-                "worker".into(),
-                "--listen".into(),
-                "0.0.0.0:9091".into(),
-                "--data-dir".into(),
-                dir.path().join(&name).display().to_string(),
-            ],
-            &e,
-        );
+        ];
+        start("worker", i + 1, args, extra);
     }
 
     let http = reqwest::Client::builder()
