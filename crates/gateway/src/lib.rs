@@ -23,6 +23,7 @@ mod admin;
 mod balance;
 mod body;
 mod cache;
+mod coord;
 mod dns;
 mod h1;
 mod h1server;
@@ -150,6 +151,9 @@ impl Gateway {
         let _background_guard = background.clone().drop_guard();
         let health = tokio::spawn(health::run(Arc::clone(&shared), background.clone()));
         tokio::spawn(dns::run(Arc::clone(&shared), background.clone()));
+        if let Some(coord) = &state.coord {
+            tokio::spawn(Arc::clone(coord).follow_purges(Arc::clone(&shared), background.clone()));
+        }
         if shared.loader.is_some() {
             tokio::spawn(reload::on_sighup(Arc::clone(&shared), background.clone()));
         }
@@ -486,6 +490,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
     }
 
     let client = upstream_clients(ClientSettings::of(&settings), &upstream_tls(&settings)?);
+    let coord = coord::Coord::new(&settings).map_err(|m| invalid("gateway.redis_url".into(), m))?;
     Ok(GatewayState {
         tls: listener::tls_acceptor(&settings)?,
         cache: cache::HttpCache::from_settings(&settings),
@@ -495,5 +500,6 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         router: Router::new(routes),
         pools,
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        coord,
     })
 }

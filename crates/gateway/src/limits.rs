@@ -26,7 +26,12 @@ const RETAIN_EVERY: u64 = 4096;
 
 /// One keyed GCRA limiter and what it is keyed by.
 pub struct Limiter {
+    /// Names the limiter among the gateways sharing Redis (`coord.rs`):
+    /// `all`, or the route's host and prefix.
+    id: String,
     settings: RateLimitSettings,
+    /// Time between two requests at the sustained rate.
+    interval: Duration,
     /// Lowercase header name, or `None` for the client address.
     header: Option<http::HeaderName>,
     limiter: DefaultKeyedRateLimiter<String>,
@@ -34,7 +39,7 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    fn new(settings: &RateLimitSettings) -> Limiter {
+    fn new(id: String, settings: &RateLimitSettings) -> Limiter {
         let period =
             Duration::from_secs_f64(1.0 / settings.requests_per_sec).max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(settings.burst.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -46,7 +51,9 @@ impl Limiter {
             .strip_prefix("header:")
             .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok());
         Limiter {
+            id,
             settings: settings.clone(),
+            interval: period,
             header,
             limiter: RateLimiter::keyed(quota),
             checks: AtomicU64::new(0),
@@ -130,14 +137,15 @@ impl Limits {
             .filter_map(|r| {
                 let limit = r.rate_limit.as_ref()?;
                 let host = r.host.as_deref().map(crate::routes::normalize_host);
-                Some(((host, r.prefix.clone()), Arc::new(Limiter::new(limit))))
+                let id = format!("route:{}{}", host.as_deref().unwrap_or(""), r.prefix);
+                Some(((host, r.prefix.clone()), Arc::new(Limiter::new(id, limit))))
             })
             .collect();
         Limits {
             global_rate: settings
                 .rate_limit
                 .as_ref()
-                .map(|r| Arc::new(Limiter::new(r))),
+                .map(|r| Arc::new(Limiter::new("all".into(), r))),
             route_rate,
             gateway: Concurrency {
                 max: settings.max_concurrent_requests,
@@ -203,14 +211,40 @@ impl Admission {
     }
 }
 
+/// What [`admit`] decided, or that it needs the gateways' shared verdict.
+pub enum Admit {
+    Decided(Result<Admission, Response<Body>>),
+    /// The rate limit is shared through Redis: ask [`shared_verdict`],
+    /// then call [`admit`] again with its answer.
+    AskShared(Arc<Limiter>, String),
+}
+
+/// The shared verdict on a limiter's key, falling back to the gateway's
+/// own limiter when Redis cannot say.
+pub async fn shared_verdict(
+    coord: &crate::coord::Coord,
+    limiter: &Limiter,
+    key: &str,
+) -> Result<(), Duration> {
+    match coord
+        .rate_check(&limiter.id, key, limiter.interval, limiter.settings.burst)
+        .await
+    {
+        Some(verdict) => verdict,
+        None => limiter.check(key),
+    }
+}
+
 /// Rate limit, then concurrency caps, for a proxied request. `Err` is the
 /// 429 or 503 to answer at once, with the routed pool in its `Outcome`.
+/// `rate` is the shared verdict when [`Admit::AskShared`] was answered.
 pub fn admit<B>(
     state: &GatewayState,
     client_addr: SocketAddr,
     req: &Request<B>,
     request_id: &str,
-) -> Result<Admission, Response<Body>> {
+    rate: Option<Result<(), Duration>>,
+) -> Admit {
     let limits = &state.limits;
     let host = req
         .headers()
@@ -237,10 +271,21 @@ pub fn admit<B>(
         .and_then(|r| limits.route_rate.get(&(r.host.clone(), r.prefix.clone())))
         .or(limits.global_rate.as_ref());
     if let Some(limiter) = limiter {
-        let key = limiter.key(req, client_addr);
-        if let Err(wait) = limiter.check(&key) {
+        let verdict = match rate {
+            Some(v) => v,
+            None => {
+                let key = limiter.key(req, client_addr);
+                match &state.coord {
+                    Some(coord) if coord.available() => {
+                        return Admit::AskShared(Arc::clone(limiter), key)
+                    }
+                    _ => limiter.check(&key),
+                }
+            }
+        };
+        if let Err(wait) = verdict {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(reject(
+            return Admit::Decided(Err(reject(
                 Problem::too_many_requests(
                     format!(
                         "rate limit of {} requests/s (burst {}) exceeded",
@@ -249,14 +294,14 @@ pub fn admit<B>(
                     secs.max(1),
                 ),
                 "shoal_gateway_rate_limited_total",
-            ));
+            )));
         }
     }
 
     let gateway = match limits.gateway.try_acquire() {
         Ok(p) => p,
         Err(()) => {
-            return Err(reject(
+            return Admit::Decided(Err(reject(
                 Problem::unavailable(
                     format!(
                         "the gateway is at its limit of {} requests in flight",
@@ -265,7 +310,7 @@ pub fn admit<B>(
                     1,
                 ),
                 "shoal_gateway_shed_total",
-            ))
+            )))
         }
     };
     let pool = match route.and_then(|r| limits.pools.get(&r.pool.name)) {
@@ -273,7 +318,7 @@ pub fn admit<B>(
         Some(c) => match c.try_acquire() {
             Ok(p) => p,
             Err(()) => {
-                return Err(reject(
+                return Admit::Decided(Err(reject(
                     Problem::unavailable(
                         format!(
                             "pool `{pool_name}` is at its limit of {} requests in flight",
@@ -282,9 +327,9 @@ pub fn admit<B>(
                         1,
                     ),
                     "shoal_gateway_shed_total",
-                ))
+                )))
             }
         },
     };
-    Ok(Admission { gateway, pool })
+    Admit::Decided(Ok(Admission { gateway, pool }))
 }

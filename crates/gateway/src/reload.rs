@@ -103,9 +103,12 @@ pub async fn reload(shared: &Shared) -> Result<ReloadSummary, String> {
     let mut needs_restart = Vec::new();
     {
         let (a, b) = (&old.settings, &settings);
-        let checks: [(&'static str, bool); 2] = [
+        let checks: [(&'static str, bool); 5] = [
             ("listen", a.listen != b.listen && b.listen.port() != 0),
             ("workers", a.workers != b.workers),
+            ("redis_url", a.redis_url != b.redis_url),
+            ("redis_prefix", a.redis_prefix != b.redis_prefix),
+            ("redis_timeout_ms", a.redis_timeout_ms != b.redis_timeout_ms),
         ];
         needs_restart.extend(checks.iter().filter(|(_, c)| *c).map(|(k, _)| *k));
     }
@@ -131,6 +134,7 @@ pub async fn reload(shared: &Shared) -> Result<ReloadSummary, String> {
         );
     }
     next.draining = Arc::clone(&old.draining);
+    next.coord = old.coord.clone();
     next.limits.carry_from(&old.limits);
     if let (Some(new), Some(old)) = (next.cache.as_mut(), old.cache.as_ref()) {
         new.carry_from(old);

@@ -406,19 +406,106 @@ plain_layer!(AdmissionLayer => Admission);
 
 impl<S> Service<Request<Body>> for Admission<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Either<Ready<Answer>, HoldBody<S::Future, crate::limits::Admission>>;
+    type Future = Either<Admitted<S::Future>, AskShared<S>>;
 
     ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let admitted = match req.extensions().get::<Ctx>() {
-            None => Err(no_context()),
-            Some(ctx) => crate::limits::admit(&ctx.state, ctx.client_addr, &req, &ctx.request_id),
+        use crate::limits::{admit, Admit};
+        let Some(ctx) = req.extensions().get::<Ctx>() else {
+            return Either::Left(Either::Left(futures_util::future::ready(Ok(no_context()))));
         };
+        match admit(&ctx.state, ctx.client_addr, &req, &ctx.request_id, None) {
+            Admit::Decided(admitted) => Either::Left(self.admitted(admitted, req)),
+            Admit::AskShared(limiter, key) => {
+                let state = Arc::clone(&ctx.state);
+                let asked = Arc::clone(&state);
+                let verdict: BoxFuture<'static, Result<(), std::time::Duration>> =
+                    Box::pin(async move {
+                        match &asked.coord {
+                            Some(coord) => {
+                                crate::limits::shared_verdict(coord, &limiter, &key).await
+                            }
+                            None => Ok(()),
+                        }
+                    });
+                // The readied service goes into the future; this one
+                // keeps a clone, readied again before its next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                Either::Right(AskShared {
+                    verdict,
+                    rest: Some((Admission { inner }, req, state)),
+                    running: None,
+                })
+            }
+        }
+    }
+}
+
+/// An admission decided at once: the rejection, or the inner future.
+type Admitted<F> = Either<Ready<Answer>, HoldBody<F, crate::limits::Admission>>;
+
+pin_project_lite::pin_project! {
+    /// Waits for the gateways' shared rate-limit verdict, then admits (or
+    /// rejects) the request as [`Admission`] does.
+    pub(crate) struct AskShared<S: Service<Request<Body>>> {
+        verdict: BoxFuture<'static, Result<(), std::time::Duration>>,
+        rest: Option<(Admission<S>, Request<Body>, Arc<GatewayState>)>,
+        #[pin]
+        running: Option<Admitted<S::Future>>,
+    }
+}
+
+impl<S> Future for AskShared<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let mut this = self.project();
+        if this.running.is_none() {
+            let verdict = std::task::ready!(this.verdict.as_mut().poll(cx));
+            let Some((mut service, req, state)) = this.rest.take() else {
+                return Poll::Ready(Ok(no_context()));
+            };
+            let Some((addr, id)) = req
+                .extensions()
+                .get::<Ctx>()
+                .map(|c| (c.client_addr, c.request_id.clone()))
+            else {
+                return Poll::Ready(Ok(no_context()));
+            };
+            let running = match crate::limits::admit(&state, addr, &req, &id, Some(verdict)) {
+                crate::limits::Admit::Decided(admitted) => service.admitted(admitted, req),
+                // Never asked again once a verdict is given.
+                crate::limits::Admit::AskShared(..) => {
+                    Either::Left(futures_util::future::ready(Ok(no_context())))
+                }
+            };
+            this.running.set(Some(running));
+        }
+        match this.running.as_pin_mut() {
+            Some(running) => running.poll(cx),
+            None => Poll::Ready(Ok(no_context())),
+        }
+    }
+}
+
+impl<S> Admission<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    fn admitted(
+        &mut self,
+        admitted: Result<crate::limits::Admission, Response<Body>>,
+        req: Request<Body>,
+    ) -> Admitted<S::Future> {
         match admitted {
             Err(rejected) => Either::Left(futures_util::future::ready(Ok(rejected))),
             Ok(admission) => Either::Right(HoldBody {

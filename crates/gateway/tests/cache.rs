@@ -939,3 +939,139 @@ async fn request_directives_still_reach_the_origin_on_a_fresh_entry() {
         assert_eq!(r.body, format!("v{expected_hits}"), "{directive:?}");
     }
 }
+
+/// `SHOAL_TEST_REDIS_URL`, or `None` after one `skipped:` line.
+fn redis_url(test: &str) -> Option<String> {
+    match std::env::var("SHOAL_TEST_REDIS_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            println!("skipped: set SHOAL_TEST_REDIS_URL to run {test}");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_purge_reaches_every_gateway_sharing_redis_without_a_peer_list() {
+    let Some(redis) = redis_url("a_purge_reaches_every_gateway_sharing_redis") else {
+        return;
+    };
+    let origin = Origin::start(|_, n| {
+        (
+            200,
+            vec![h("cache-control", "max-age=600")],
+            format!("n{n}"),
+        )
+    })
+    .await;
+    let prefix = format!("t_purge_{:x}", rand::random::<u64>());
+    let shared = serde_json::json!({ "redis_url": redis, "redis_prefix": prefix });
+    let a = gateway(&origin, shared.clone()).await;
+    let b = gateway(&origin, shared.clone()).await;
+    let elsewhere = gateway(
+        &origin,
+        serde_json::json!({ "redis_url": redis, "redis_prefix": format!("{prefix}_other") }),
+    )
+    .await;
+    let c = TestClient::default();
+    // The subscriptions are made in the background: wait until a purge
+    // published by `a` is seen by `b` (a warmed entry disappears).
+    for g in [&a, &b, &elsewhere] {
+        c.get(&g.url("/p")).await;
+        assert!(status_of(&c.get(&g.url("/p")).await).contains("hit"));
+    }
+    let purged_on_b = eventually(Duration::from_secs(5), || async {
+        let r = common::admin(&c, &a, "purge", serde_json::json!({"urls": ["/p"]}), None).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["published"]["ok"], true, "{v}");
+        assert_eq!(v["peers"].as_array().unwrap().len(), 0, "no peer list: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let missed = !status_of(&c.get(&b.url("/p")).await).contains("hit");
+        missed
+    })
+    .await;
+    assert!(purged_on_b, "a purge on gateway a empties gateway b");
+    // By tag too, and only among gateways of the same prefix.
+    let tagged = Origin::start(|_, n| {
+        (
+            200,
+            vec![
+                h("cache-control", "max-age=600"),
+                h("surrogate-key", "product:7"),
+            ],
+            format!("t{n}"),
+        )
+    })
+    .await;
+    let a2 = gateway(&tagged, shared.clone()).await;
+    let b2 = gateway(&tagged, shared).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for g in [&a2, &b2] {
+        c.get(&g.url("/t")).await;
+        assert!(status_of(&c.get(&g.url("/t")).await).contains("hit"));
+    }
+    assert!(
+        status_of(&c.get(&elsewhere.url("/p")).await).contains("hit"),
+        "another prefix is another set of gateways"
+    );
+    let r = common::admin(
+        &c,
+        &b2,
+        "purge",
+        serde_json::json!({"tags": ["product:7"]}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            !status_of(&c.get(&a2.url("/t")).await).contains("hit")
+        })
+        .await,
+        "the tag purge on b2 reached a2"
+    );
+    assert!(status_of(&c.get(&elsewhere.url("/p")).await).contains("hit"));
+}
+
+#[tokio::test]
+async fn a_purge_peer_named_by_a_host_name_gets_the_purge_at_each_address() {
+    let origin = Origin::start(|_, n| {
+        (
+            200,
+            vec![h("cache-control", "max-age=600")],
+            format!("n{n}"),
+        )
+    })
+    .await;
+    // Dual-stack where the machine has IPv6: `localhost` may resolve to
+    // 127.0.0.1 and ::1, both of which reach this peer.
+    let peer = match tokio::net::TcpListener::bind("[::]:0").await {
+        Ok(l) => {
+            drop(l);
+            gateway(&origin, serde_json::json!({ "listen": "[::]:0" })).await
+        }
+        Err(_) => gateway(&origin, serde_json::json!({})).await,
+    };
+    let gw = gateway(
+        &origin,
+        serde_json::json!({ "cache": { "enabled": true, "purge_peers": [format!("http://localhost:{}", peer.addr.port())] } }),
+    )
+    .await;
+    let c = TestClient::default();
+    let peer_url = format!("http://127.0.0.1:{}/p", peer.addr.port());
+    c.get(&peer_url).await;
+    assert!(status_of(&c.get(&peer_url).await).contains("hit"));
+    let r = common::admin(&c, &gw, "purge", serde_json::json!({"urls": ["/p"]}), None).await;
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let peers = v["peers"].as_array().unwrap();
+    assert!(!peers.is_empty(), "{v}");
+    for p in peers {
+        assert!(
+            !p["peer"].as_str().unwrap().contains("localhost"),
+            "sent to an address: {v}"
+        );
+        assert_eq!(p["ok"], true, "{v}");
+    }
+    assert!(!status_of(&c.get(&peer_url).await).contains("hit"));
+}

@@ -454,6 +454,11 @@ async fn invalid_limit_settings_are_refused_with_their_key() {
             json!({"header_read_timeout_ms": 0}),
             "gateway.header_read_timeout_ms",
         ),
+        (json!({"redis_url": "127.0.0.1:6379"}), "gateway.redis_url"),
+        (
+            json!({"redis_url": "redis://127.0.0.1:6379", "redis_timeout_ms": 0}),
+            "gateway.redis_timeout_ms",
+        ),
     ];
     for (overrides, key) in cases {
         let err = shoal_gateway::Gateway::bind(settings(&[up.url()], overrides.clone()))
@@ -544,5 +549,98 @@ async fn idle_connections_are_let_go_sooner_under_pressure() {
         started.elapsed() < Duration::from_millis(2_500),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// `SHOAL_TEST_REDIS_URL`, or `None` after one `skipped:` line.
+fn redis_url(test: &str) -> Option<String> {
+    match std::env::var("SHOAL_TEST_REDIS_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            println!("skipped: set SHOAL_TEST_REDIS_URL to run {test}");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn gateways_sharing_redis_hold_one_rate_budget_per_key() {
+    let Some(redis) = redis_url("gateways_sharing_redis_hold_one_rate_budget_per_key") else {
+        return;
+    };
+    let up = Upstream::start("a").await;
+    let prefix = format!("t_rl_{:x}", rand::random::<u64>());
+    let limited = |extra: serde_json::Value| {
+        let mut o = json!({
+            "rate_limit": {"requests_per_sec": 0.2, "burst": 4, "key": "header:x-api-key"},
+            "redis_url": redis,
+            "redis_prefix": prefix,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            o[k] = v.clone();
+        }
+        settings(&[up.url()], o)
+    };
+    let a = TestGateway::start(limited(json!({}))).await;
+    let b = TestGateway::start(limited(json!({}))).await;
+    let client = TestClient::default();
+    let get = |gw: &TestGateway, key: &str| {
+        let req = Request::get(gw.url("/x"))
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let client = client.clone();
+        async move { client.send(req).await }
+    };
+    // One budget of 4 across both gateways, whichever gets the requests.
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        statuses.push(get(gw, "key-1").await.status);
+    }
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(ok, 4, "4 of 8 admitted across two gateways: {statuses:?}");
+    let limited_reply = get(&b, "key-1").await;
+    assert_problem(&limited_reply, StatusCode::TOO_MANY_REQUESTS);
+    // Another key has its own budget.
+    assert_eq!(get(&a, "key-2").await.status, StatusCode::OK);
+    // (Had Redis failed, each gateway would have admitted 4 on its own.)
+    assert_eq!(up.hits(), 5);
+}
+
+#[tokio::test]
+async fn a_gateway_that_cannot_reach_redis_keeps_its_own_rate_limit() {
+    let up = Upstream::start("a").await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({
+            "rate_limit": {"requests_per_sec": 0.2, "burst": 3},
+            "redis_url": format!("redis://127.0.0.1:{port}"),
+        }),
+    ))
+    .await;
+    let client = TestClient::default();
+    let started = Instant::now();
+    let mut ok = 0;
+    for _ in 0..6 {
+        if client.get(&gw.url("/x")).await.status == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3, "the gateway's own limiter decides");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "Redis being down costs one timeout, not one per request: {:?}",
+        started.elapsed()
+    );
+    let m = client.get_admin(&gw.url("/_gateway/metrics")).await;
+    assert!(
+        m.body.contains("shoal_gateway_redis_errors_total"),
+        "{}",
+        m.body
     );
 }

@@ -163,6 +163,19 @@ pub struct GatewaySettings {
     /// re-resolved every this many seconds and the pool gets one instance
     /// per A/AAAA record. 0 = a name is one instance, resolved on connect.
     pub dns_refresh_secs: u64,
+    /// Redis shared by every gateway (`redis://host:6379/0`): with it, rate
+    /// limits are one budget per key across all gateways (a GCRA script in
+    /// Redis; a gateway that cannot reach Redis falls back to its own
+    /// limiter until it can), and every cache purge is published to the
+    /// other gateways, so no `cache.purge_peers` list is needed. Empty:
+    /// each gateway keeps its own limits. Read at start only.
+    pub redis_url: String,
+    /// Prefix of the keys and channel the gateways share in Redis.
+    pub redis_prefix: String,
+    /// Longest wait for Redis on a request's rate-limit check, ms; past
+    /// it (or on an error) the gateway uses its own limiter and leaves
+    /// Redis alone for a second.
+    pub redis_timeout_ms: u64,
     /// The HTTP response cache (`[gateway.cache]`, docs/gateway-cache.md).
     pub cache: GatewayCacheSettings,
 }
@@ -190,7 +203,11 @@ pub struct GatewayCacheSettings {
     /// lifetime, in percent of their age (RFC 9111 4.2.2); 0 = none.
     pub heuristic_percent: u32,
     /// Admin base URLs of the other gateway instances
-    /// (`http://10.0.0.2:8080`); a purge is repeated on each of them.
+    /// (`http://10.0.0.2:8080`); a purge is repeated on each of them. A
+    /// host name is resolved on every purge and each of its addresses gets
+    /// the purge (a headless Kubernetes Service names every gateway pod).
+    /// Not needed with `gateway.redis_url`, which publishes purges to all
+    /// gateways.
     pub purge_peers: Vec<String>,
     /// Deadline of one purge sent to a peer, ms.
     pub purge_peer_timeout_ms: u64,
@@ -318,6 +335,9 @@ impl Default for GatewaySettings {
             pool_max_concurrent_requests: BTreeMap::new(),
             rate_limit: None,
             dns_refresh_secs: 0,
+            redis_url: String::new(),
+            redis_prefix: "shoal:gateway".into(),
+            redis_timeout_ms: 50,
             cache: GatewayCacheSettings::default(),
         }
     }
@@ -442,6 +462,26 @@ impl GatewaySettings {
                     );
                 }
             }
+        }
+        if !(self.redis_url.is_empty()
+            || self.redis_url.starts_with("redis://")
+            || self.redis_url.starts_with("redis+unix://"))
+        {
+            return invalid(
+                "gateway.redis_url".into(),
+                format!(
+                    "`{}` must be a redis:// URL such as redis://10.0.0.5:6379/0, or empty",
+                    self.redis_url
+                ),
+            );
+        }
+        if !self.redis_url.is_empty()
+            && (self.redis_timeout_ms == 0 || self.redis_prefix.is_empty())
+        {
+            return invalid(
+                "gateway.redis_timeout_ms".into(),
+                "with gateway.redis_url set, redis_timeout_ms must be at least 1 and redis_prefix not empty".into(),
+            );
         }
         if !(self.health_path.is_empty() || self.health_path.starts_with('/')) {
             return invalid(

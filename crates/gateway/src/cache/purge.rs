@@ -2,8 +2,10 @@
 //! `{"urls": [...], "tags": [...], "all": false}` removes stored responses
 //! by URL (`http://host/path?query`, or `/path?query` on every host), by
 //! surrogate key (`Surrogate-Key` / `Cache-Tag`) or all of them, then
-//! repeats the purge on every `gateway.cache.purge_peers` entry with
-//! `x-shoal-purge-relayed: 1`, which stops the peers from fanning out again.
+//! repeats the purge on every `gateway.cache.purge_peers` entry (each
+//! address of a host name) with `x-shoal-purge-relayed: 1`, which stops
+//! the peers from fanning out again, and publishes it to every gateway
+//! sharing `gateway.redis_url` (`coord.rs`).
 
 use super::HttpCache;
 use crate::body::{full, json_response, problem_response, Body};
@@ -21,7 +23,7 @@ pub const RELAYED: &str = "x-shoal-purge-relayed";
 
 const BODY_LIMIT: usize = 1024 * 1024;
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
     #[serde(default)]
@@ -75,24 +77,17 @@ pub async fn handle(
             )
         }
     };
-    let mut urls = Vec::new();
     for (i, u) in body.urls.iter().enumerate() {
-        match parse_url(u) {
-            Some(t) => urls.push(t),
-            None => {
-                return problem_response(
-                    &Problem::validation(format!("`{u}` must be http://host/path or /path"))
-                        .with_field(format!("urls[{i}]"), "not a URL or path"),
-                    request_id,
-                )
-            }
+        if parse_url(u).is_none() {
+            return problem_response(
+                &Problem::validation(format!("`{u}` must be http://host/path or /path"))
+                    .with_field(format!("urls[{i}]"), "not a URL or path"),
+                request_id,
+            );
         }
     }
     let local = match &state.cache {
-        Some(cache) => {
-            purge_local(cache, &urls, &body.tags, body.all);
-            true
-        }
+        Some(cache) => apply(cache, &body).is_ok(),
         None => false,
     };
     metrics::counter!("shoal_gateway_cache_purges_total").increment(1);
@@ -108,14 +103,39 @@ pub async fn handle(
         (Some(cache), false) => fan_out(state, cache, &bytes).await,
         _ => Vec::new(),
     };
+    let published = match (&state.coord, relayed) {
+        (Some(coord), false) => Some(match coord.publish_purge(body.clone()).await {
+            Ok(()) => serde_json::json!({ "ok": true }),
+            Err(e) => serde_json::json!({ "ok": false, "error": e }),
+        }),
+        _ => None,
+    };
     json_response(
         StatusCode::OK,
         &serde_json::json!({
             "purged": { "urls": body.urls.len(), "tags": body.tags.len(), "all": body.all },
             "cache_enabled": local,
             "peers": peers,
+            "published": published,
         }),
     )
+}
+
+/// Applies a purge to this gateway's cache; `Err` names a URL that is not
+/// one (nothing is purged then).
+pub(crate) fn apply(cache: &HttpCache, purge: &PurgeRequest) -> Result<(), String> {
+    let urls = purge
+        .urls
+        .iter()
+        .map(|u| parse_url(u).ok_or_else(|| format!("`{u}` is not a URL or path")))
+        .collect::<Result<Vec<_>, _>>()?;
+    purge_local(cache, &urls, &purge.tags, purge.all);
+    Ok(())
+}
+
+/// Empties the whole cache.
+pub(crate) fn purge_everything(cache: &HttpCache) {
+    purge_local(cache, &[], &[], true);
 }
 
 /// A purge target.
@@ -162,9 +182,49 @@ fn purge_local(cache: &HttpCache, urls: &[Target], tags: &[String], all: bool) {
     }
 }
 
+/// Each peer's base URLs: one per address when the peer is named by a
+/// host name (every pod of a headless Service), else the peer itself (and
+/// itself too when the lookup fails, so the failure is reported).
+async fn peer_urls(peers: &[String]) -> Vec<String> {
+    let mut urls = Vec::new();
+    for peer in peers {
+        let Some((host, port)) = peer.parse::<http::Uri>().ok().and_then(|u| {
+            let a = u.authority()?;
+            Some((a.host().to_string(), a.port_u16().unwrap_or(80)))
+        }) else {
+            urls.push(peer.trim_end_matches('/').to_string());
+            continue;
+        };
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if bare.parse::<std::net::IpAddr>().is_ok() {
+            urls.push(peer.trim_end_matches('/').to_string());
+            continue;
+        }
+        let lookup = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::lookup_host((bare, port)),
+        )
+        .await;
+        match lookup {
+            Ok(Ok(addrs)) => {
+                let mut found: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
+                found.sort();
+                found.dedup();
+                if found.is_empty() {
+                    urls.push(peer.trim_end_matches('/').to_string());
+                }
+                urls.extend(found);
+            }
+            _ => urls.push(peer.trim_end_matches('/').to_string()),
+        }
+    }
+    urls
+}
+
 /// Sends the same purge to every peer at once; one result per peer.
 async fn fan_out(state: &GatewayState, cache: &HttpCache, body: &Bytes) -> Vec<serde_json::Value> {
-    let sends = cache.settings.purge_peers.iter().map(|peer| {
+    let peers = peer_urls(&cache.settings.purge_peers).await;
+    let sends = peers.iter().map(|peer| {
         let url = format!("{peer}/_gateway/admin/purge");
         let mut req = Request::new(full(body.clone()));
         *req.method_mut() = Method::POST;
