@@ -6,6 +6,7 @@
 pub mod app;
 pub mod cache;
 pub mod client;
+pub mod compress;
 pub mod context;
 pub mod error;
 pub mod extract;

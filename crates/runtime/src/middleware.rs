@@ -3,7 +3,7 @@
 //! request context (request id, tracing span, access log, metrics,
 //! `x-shoal-instance`) → problem+json for bare error responses → panic
 //! becomes 500 → cross-origin refusal (CSRF) → load shedding → deadline →
-//! compression → body limit.
+//! compression (`compress.rs`) → body limit.
 //! The body limit is axum's `DefaultBodyLimit`: every buffering extractor
 //! (JSON, form, bytes) obeys it; a route that streams its body (uploads)
 //! sets its own limit and enforces it while streaming.
@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::compression::CompressionLayer;
 use tracing::Instrument;
 
 /// The request id of the current request (an extension).
@@ -42,7 +41,13 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             ctx.settings.serve.body_limit_bytes,
         ))
-        .layer(CompressionLayer::new())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(crate::compress::Compression::new(
+                ctx.settings.serve.compression_min_bytes,
+                ctx.settings.serve.compression_cache_bytes,
+            )),
+            crate::compress::compress,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             limits,
             shed_and_deadline,

@@ -249,6 +249,14 @@ pub struct ServeSettings {
     /// `http://<listen address>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_url: Option<String>,
+    /// Responses smaller than this many bytes are sent uncompressed
+    /// whatever the client accepts (compressing them costs more CPU than
+    /// it saves on the wire). 0 compresses every compressible response.
+    pub compression_min_bytes: usize,
+    /// Memory for compressed representations of responses with a strong
+    /// ETag, kept by URL, ETag and encoding so each is compressed once, in
+    /// bytes. 0 = compress on every request.
+    pub compression_cache_bytes: u64,
 }
 
 impl Default for ServeSettings {
@@ -267,6 +275,8 @@ impl Default for ServeSettings {
             register_pool: "default".into(),
             register_ttl_secs: 6,
             advertise_url: None,
+            compression_min_bytes: 1024,
+            compression_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }

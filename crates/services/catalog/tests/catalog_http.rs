@@ -705,3 +705,140 @@ async fn an_instance_serves_metrics_only_with_the_token() {
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("metrics.token"));
 }
+
+/// The value of a counter in an instance's `/metrics` (0 when absent).
+async fn counter(app: &Running, line_start: &str) -> u64 {
+    let text = kit::http_client()
+        .get(app.url("/metrics"))
+        .bearer_auth(METRICS_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test]
+async fn small_responses_go_uncompressed_and_large_ones_are_compressed_once() {
+    use std::io::Read;
+    let dir = kit::TempDir::new("catalog-compression");
+    let app = start(settings(&dir), vec![Box::new(Catalog::default())]).await;
+    let http = kit::http_client();
+    let browser = "gzip, deflate, br, zstd";
+    let id = create(&app, "C-0").await;
+    for i in 1..12 {
+        create(&app, &format!("C-{i}")).await;
+    }
+
+    // A product (~400 bytes): under the 1 KiB threshold, as it is.
+    let r = http
+        .get(app.url(&format!("/api/catalog/products/{id}")))
+        .header("accept-encoding", browser)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("content-encoding").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"'), "a strong ETag: {etag}");
+    let small: Value = r.json().await.unwrap();
+    assert_eq!(small["id"], id);
+
+    // A list page (over 1 KiB): brotli, a weak ETag, and the same JSON.
+    let page = app.url("/api/catalog/products?per_page=12");
+    let plain = http.get(&page).send().await.unwrap();
+    assert!(plain.headers().get("content-encoding").is_none());
+    assert!(plain.headers()["vary"]
+        .to_str()
+        .unwrap()
+        .contains("accept-encoding"));
+    let plain_etag = plain.headers()["etag"].to_str().unwrap().to_string();
+    let plain_body = plain.bytes().await.unwrap();
+    assert!(plain_body.len() > 1024, "{} bytes", plain_body.len());
+
+    let compressions = r#"shoal_compressions_total{encoding="br"}"#;
+    let hits = "shoal_compression_cache_hits_total";
+    let (c0, h0) = (counter(&app, compressions).await, counter(&app, hits).await);
+    for round in 0..5 {
+        let r = http
+            .get(&page)
+            .header("accept-encoding", browser)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-encoding"], "br");
+        assert_eq!(
+            r.headers()["etag"].to_str().unwrap(),
+            format!("W/{plain_etag}")
+        );
+        let length: usize = r.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len(), length);
+        assert!(
+            body.len() < plain_body.len() / 2,
+            "round {round}: {} bytes",
+            body.len()
+        );
+        let mut decoded = Vec::new();
+        brotli::Decompressor::new(&body[..], 4096)
+            .read_to_end(&mut decoded)
+            .unwrap();
+        assert_eq!(decoded, plain_body, "round {round}");
+    }
+    assert_eq!(counter(&app, compressions).await, c0 + 1, "compressed once");
+    assert_eq!(counter(&app, hits).await, h0 + 4, "then served from memory");
+
+    // gzip for a client without brotli; a 304 for the weak ETag.
+    let r = http
+        .get(&page)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let gz = r.bytes().await.unwrap();
+    let mut decoded = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut decoded)
+        .unwrap();
+    assert_eq!(decoded, plain_body);
+    let r = http
+        .get(&page)
+        .header("accept-encoding", browser)
+        .header("if-none-match", format!("W/{plain_etag}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+
+    // A write changes the page: its new ETag gets a fresh compression.
+    create(&app, "C-12").await;
+    let r = http
+        .get(app.url("/api/catalog/products?per_page=13"))
+        .header("accept-encoding", browser)
+        .send()
+        .await
+        .unwrap();
+    let body = r.bytes().await.unwrap();
+    let mut decoded = Vec::new();
+    brotli::Decompressor::new(&body[..], 4096)
+        .read_to_end(&mut decoded)
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&decoded).unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 13);
+}
