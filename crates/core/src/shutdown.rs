@@ -14,6 +14,7 @@ pub fn on_signals() -> CancellationToken {
         t.cancel();
         wait_for_signal().await;
         tracing::warn!("second stop signal; exiting now");
+        crate::telemetry::flush_logs();
         std::process::exit(130);
     });
     token

@@ -10,8 +10,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What every handler and middleware of an instance shares. One `Arc`:
+/// axum clones the state for every layer and extractor of every request,
+/// and one reference count to bump (instead of one per field, contended
+/// between the runtime's threads) is what keeps that cheap (`bench/README.md`
+/// "Service path profile").
 #[derive(Clone, Debug)]
-pub struct AppContext {
+pub struct AppContext(Arc<Shared>);
+
+/// The fields of an [`AppContext`] (reached through `Deref`).
+#[derive(Debug)]
+pub struct Shared {
     pub settings: Arc<Settings>,
     pub db: Database,
     pub sessions: Arc<dyn SessionStore>,
@@ -26,7 +35,15 @@ pub struct AppContext {
     pub blobs: BlobStore,
     /// This process's name in logs and the `x-shoal-instance` header.
     pub instance: Arc<str>,
-    draining: Arc<AtomicBool>,
+    draining: AtomicBool,
+}
+
+impl std::ops::Deref for AppContext {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppContext {
@@ -41,7 +58,7 @@ impl AppContext {
         blobs: BlobStore,
         instance: Arc<str>,
     ) -> Self {
-        AppContext {
+        AppContext(Arc::new(Shared {
             settings,
             db,
             sessions,
@@ -50,8 +67,8 @@ impl AppContext {
             jobs,
             blobs,
             instance,
-            draining: Arc::new(AtomicBool::new(false)),
-        }
+            draining: AtomicBool::new(false),
+        }))
     }
 
     pub fn is_draining(&self) -> bool {

@@ -72,12 +72,14 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(roles::run(cli, settings));
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "stopped with an error");
             eprintln!("shoal: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    shoal_core::telemetry::flush_logs();
+    code
 }

@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_backends::sessions::token_hash;
 use shoal_backends::Migration;
@@ -391,12 +392,35 @@ async fn me(
     State(ctx): State<AppContext>,
     CurrentSession(session): CurrentSession,
 ) -> ApiResult<Response> {
-    let row: Option<(String, String, String, i64)> =
-        sqlx::query_as("SELECT id, email, name, created_at FROM users WHERE id = $1")
-            .bind(&session.user_id)
-            .fetch_optional(ctx.db.pool())
-            .await?;
-    let Some((id, email, name, created_at)) = row else {
+    // Through the query cache: an account's public fields do not change
+    // after signup, so its row is read once per TTL, not on every request
+    // (an account deleted by hand is seen within USER_TTL).
+    let key = format!("accounts:user:{}", session.user_id);
+    let tags = [format!("user:{}", session.user_id)];
+    let db = ctx.db.clone();
+    let user_id = session.user_id.clone();
+    let view = ctx
+        .cache
+        .get_or_load(&key, &tags, USER_TTL, || async move {
+            let row: Option<(String, String, String, i64)> =
+                sqlx::query_as("SELECT id, email, name, created_at FROM users WHERE id = $1")
+                    .bind(&user_id)
+                    .fetch_optional(db.pool())
+                    .await?;
+            Ok::<_, sqlx::Error>(row.map(|(id, email, name, created_at)| {
+                Bytes::from(
+                    serde_json::to_vec(&UserView {
+                        id,
+                        email,
+                        name,
+                        created_at,
+                    })
+                    .unwrap_or_default(),
+                )
+            }))
+        })
+        .await?;
+    let Some(view) = view else {
         // The account is gone; the session should be too.
         ctx.sessions.delete(&session.token).await?;
         return Err(ApiError(Problem::unauthorized(
@@ -404,16 +428,17 @@ async fn me(
         )));
     };
     Ok((
-        [(header::CACHE_CONTROL, "private, no-store")],
-        Json(UserView {
-            id,
-            email,
-            name,
-            created_at,
-        }),
+        [
+            (header::CACHE_CONTROL, "private, no-store"),
+            (header::CONTENT_TYPE, "application/json"),
+        ],
+        view,
     )
         .into_response())
 }
+
+/// How long `/me` may serve an account's fields from the query cache.
+const USER_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

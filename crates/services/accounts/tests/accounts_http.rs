@@ -14,6 +14,7 @@ struct Running {
     base: String,
     stop: CancellationToken,
     db: shoal_backends::Database,
+    ctx: shoal_runtime::AppContext,
     _dir: kit::TempDir,
 }
 
@@ -33,12 +34,14 @@ async fn start(mut settings: Settings) -> Running {
     let app = Application::build(settings, modules).await.expect("build");
     let base = format!("http://{}", app.local_addr());
     let db = app.context().db.clone();
+    let ctx = app.context().clone();
     let stop = CancellationToken::new();
     tokio::spawn(app.run(stop.clone()));
     Running {
         base,
         stop,
         db,
+        ctx,
         _dir: dir,
     }
 }
@@ -127,6 +130,16 @@ async fn accounts_suite(app: &Running) {
         .await
         .unwrap();
     assert_eq!(me["email"], "ada@example.com");
+    // The account's row is read once, then served from the query cache.
+    let loads = app.ctx.cache.loads();
+    for _ in 0..10 {
+        let resp = http.get(url("/api/accounts/me")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        assert_eq!(resp.headers()["cache-control"], "private, no-store");
+        assert_eq!(resp.json::<Value>().await.unwrap(), me);
+    }
+    assert_eq!(app.ctx.cache.loads(), loads, "no load after the first");
 
     // behind TLS (as the gateway reports it) the cookie is Secure
     let resp = http
