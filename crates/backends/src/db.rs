@@ -50,6 +50,9 @@ pub struct Migration {
 pub struct Database {
     pool: AnyPool,
     kind: DatabaseKind,
+    /// One write transaction at a time in this process on SQLite
+    /// ([`Database::write_turn`]).
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Database {
@@ -92,7 +95,26 @@ impl Database {
             .connect_with(options)
             .await
             .map_err(DbError::Connect)?;
-        Ok(Database { pool, kind })
+        Ok(Database {
+            pool,
+            kind,
+            writer: std::sync::Arc::default(),
+        })
+    }
+
+    /// On SQLite, waits for this process's turn to write and holds it
+    /// until the guard drops: take it before `begin()` of a transaction
+    /// that writes and keep it past `commit()`. SQLite has one writer at a
+    /// time; connections that race for it instead get SQLITE_BUSY and
+    /// sleep in its busy handler (1, 2, 5 ... 100 ms), which under load
+    /// turned a write of a millisecond into a p99 of a quarter second.
+    /// Waiting in line here costs nothing while idle. On PostgreSQL,
+    /// which has row locks, it returns at once with `None`.
+    pub async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match self.kind {
+            DatabaseKind::Sqlite => Some(std::sync::Arc::clone(&self.writer).lock_owned().await),
+            DatabaseKind::Postgres => None,
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -221,5 +243,59 @@ mod tests {
             parts,
             vec!["CREATE TABLE a (x TEXT)", "CREATE INDEX i ON a (x)"]
         );
+    }
+
+    #[tokio::test]
+    async fn sqlite_writers_take_turns_and_many_writes_all_land_quickly() {
+        let dir = std::env::temp_dir().join(format!("shoal-turn-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let url = format!("sqlite://{}/t.db?mode=rwc", dir.display());
+        let db = Database::connect(&url, 8, Duration::from_secs(5))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS t (n BIGINT NOT NULL)")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        // While a turn is held, the next waits.
+        let held = db.write_turn().await.expect("SQLite has turns");
+        let waiting = tokio::time::timeout(Duration::from_millis(50), db.write_turn()).await;
+        assert!(waiting.is_err(), "a second writer waits for the first");
+        drop(held);
+        // 64 writers at once, each a read-then-write transaction (the
+        // shape that deadlocks into SQLITE_BUSY sleeps without turns).
+        let started = std::time::Instant::now();
+        let writers = (0..64).map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let turn = db.write_turn().await;
+                let mut tx = db.pool().begin().await.unwrap();
+                let (_,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                    .bind(i as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                drop(turn);
+            })
+        });
+        for w in writers.collect::<Vec<_>>() {
+            w.await.unwrap();
+        }
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 64);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

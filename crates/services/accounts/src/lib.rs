@@ -163,6 +163,7 @@ async fn signup(
         created_at: shoal_backends::now_millis(),
     };
     // The user and their welcome email commit together, or neither does.
+    let turn = ctx.db.write_turn().await;
     let mut tx = ctx.db.pool().begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO users (id, email, password_hash, name, created_at)
@@ -198,6 +199,7 @@ async fn signup(
         .await
         .map_err(|e| ApiError::internal("recording the user's address", &e))?;
     tx.commit().await?;
+    drop(turn);
     metrics::counter!("shoal_accounts_signups_total").increment(1);
     tracing::info!(user_id = %user.id, "account created");
     Ok((StatusCode::CREATED, Json(user)).into_response())

@@ -376,6 +376,7 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     own(&ctx, &session.user_id, &id).await?;
+    let turn = ctx.db.write_turn().await;
     let mut tx = ctx.db.pool().begin().await?;
     sqlx::query("DELETE FROM notification_webhooks WHERE id = $1")
         .bind(&id)
@@ -386,6 +387,7 @@ pub(crate) async fn remove(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    drop(turn);
     Ok(StatusCode::NO_CONTENT)
 }
 
