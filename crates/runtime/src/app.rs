@@ -195,6 +195,9 @@ impl Application {
         modules: Vec<Box<dyn ServiceModule>>,
     ) -> anyhow::Result<Self> {
         settings.validate()?;
+        // The recorder before the first request: the middleware keeps
+        // metric handles, which would stay no-ops if made before it.
+        let _ = shoal_core::telemetry::prometheus();
         let wanted = &settings.serve.services;
         let all = wanted.iter().any(|s| s == "all");
         for name in wanted.iter().filter(|s| *s != "all") {

@@ -20,14 +20,11 @@
 //!   apart.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::Body as _;
 use std::io::Write;
-use std::sync::Arc;
 
 /// Bodies at least this large are compressed on a blocking thread, off
 /// the runtime's workers.
@@ -169,25 +166,14 @@ pub fn encode(encoding: Encoding, body: &[u8]) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// The middleware.
-pub async fn compress(
-    State(compression): State<Arc<Compression>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let encoding = preferred(req.headers());
-    // Kept only where a compressed form may be stored.
-    let url = (encoding.is_some() && req.method() == Method::GET).then(|| req.uri().to_string());
-    let response = next.run(req).await;
-    compression.apply(response, encoding, url).await
-}
-
 impl Compression {
-    async fn apply(
+    /// Compresses `response` for `encoding` (the request's preferred one)
+    /// when it qualifies; `url` (GET only) keys the kept compressed form.
+    pub(crate) async fn apply(
         &self,
         mut response: Response,
         encoding: Option<Encoding>,
-        url: Option<String>,
+        url: Option<axum::http::Uri>,
     ) -> Response {
         let status = response.status();
         if status.is_informational()

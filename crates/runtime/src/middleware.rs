@@ -16,12 +16,12 @@ use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures_util::FutureExt;
 use shoal_core::problem::PROBLEM_JSON;
 use shoal_core::Problem;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument;
 
 /// The request id of the current request (an extension).
@@ -31,37 +31,72 @@ pub struct RequestId(pub Arc<str>);
 /// Header the gateway uses to pass the time left for a request, in ms.
 pub const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
 
-/// Wraps `router` in the standard layers.
+/// Wraps `router` in the standard layers: axum's body limit, then one
+/// middleware doing the rest in the order of the module's doc. One layer,
+/// not one per concern: each `from_fn` layer cost a boxed future and a
+/// clone of the boxed route service per request (bench/README.md,
+/// "Service path profile").
 pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
-    let limits = Arc::new(Limits {
-        permits: Semaphore::new(ctx.settings.serve.max_concurrent_requests),
-        timeout: Duration::from_millis(ctx.settings.serve.request_timeout_ms),
+    let standard = Arc::new(Standard {
+        ctx: ctx.clone(),
+        limits: Limits {
+            permits: Semaphore::new(ctx.settings.serve.max_concurrent_requests),
+            timeout: Duration::from_millis(ctx.settings.serve.request_timeout_ms),
+        },
+        origins: AllowedOrigins::from_settings(ctx),
+        compression: crate::compress::Compression::new(
+            ctx.settings.serve.compression_min_bytes,
+            ctx.settings.serve.compression_cache_bytes,
+        ),
     });
     router
         .layer(axum::extract::DefaultBodyLimit::max(
             ctx.settings.serve.body_limit_bytes,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::new(crate::compress::Compression::new(
-                ctx.settings.serve.compression_min_bytes,
-                ctx.settings.serve.compression_cache_bytes,
-            )),
-            crate::compress::compress,
+            standard,
+            standard_middleware,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            limits,
-            shed_and_deadline,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(AllowedOrigins::from_settings(ctx)),
-            refuse_cross_origin,
-        ))
-        .layer(CatchPanicLayer::custom(panic_to_problem))
-        .layer(axum::middleware::from_fn(bare_errors_to_problems))
-        .layer(axum::middleware::from_fn_with_state(
-            ctx.clone(),
-            request_context,
-        ))
+}
+
+/// What the standard middleware needs, built once per application.
+struct Standard {
+    ctx: AppContext,
+    limits: Limits,
+    origins: AllowedOrigins,
+    compression: crate::compress::Compression,
+}
+
+/// Request context (outermost), problem+json for bare errors, panic to
+/// 500, cross-origin refusal, load shedding and deadline, compression.
+async fn standard_middleware(
+    State(standard): State<Arc<Standard>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    request_context(&standard.ctx, req, |req| async {
+        let response = std::panic::AssertUnwindSafe(guarded(&standard, req, next))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(panic_to_problem);
+        bare_errors_to_problems(response).await
+    })
+    .await
+}
+
+/// Inside the panic guard: cross-origin refusal, shedding and deadline,
+/// compression around the handler.
+async fn guarded(standard: &Standard, req: Request, next: Next) -> Response {
+    if let Some(refused) = refuse_cross_origin(&standard.origins, &req) {
+        return refused;
+    }
+    let encoding = crate::compress::preferred(req.headers());
+    // Kept only where a compressed form may be stored (formatted only if
+    // one is).
+    let url =
+        (encoding.is_some() && req.method() == axum::http::Method::GET).then(|| req.uri().clone());
+    let response = shed_and_deadline(&standard.limits, req, next).await;
+    standard.compression.apply(response, encoding, url).await
 }
 
 /// The origins besides a request's own that may send it cookie-carrying
@@ -97,11 +132,7 @@ impl AllowedOrigins {
 /// the same host is not another site. A request with
 /// neither comes from no browser (curl, another service) and passes: a
 /// forged cross-site request always carries one.
-async fn refuse_cross_origin(
-    State(allowed): State<Arc<AllowedOrigins>>,
-    req: Request,
-    next: Next,
-) -> Response {
+fn refuse_cross_origin(allowed: &AllowedOrigins, req: &Request) -> Option<Response> {
     let headers = req.headers();
     let unsafe_method = !matches!(
         *req.method(),
@@ -111,6 +142,11 @@ async fn refuse_cross_origin(
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    // Reads and other safe requests (most of them) pass without a look at
+    // their cookies.
+    if !(unsafe_method || upgrade) {
+        return None;
+    }
     let with_cookie = headers
         .get_all(header::COOKIE)
         .iter()
@@ -119,8 +155,8 @@ async fn refuse_cross_origin(
             v.split(';')
                 .any(|c| c.trim_start().starts_with(&allowed.cookie))
         });
-    if !(with_cookie && (unsafe_method || upgrade)) {
-        return next.run(req).await;
+    if !with_cookie {
+        return None;
     }
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let verdict = match (text("sec-fetch-site"), text("origin")) {
@@ -148,19 +184,24 @@ async fn refuse_cross_origin(
         (None, None) => Ok(()),
     };
     match verdict {
-        Ok(()) => next.run(req).await,
+        Ok(()) => None,
         Err(seen) => {
             metrics::counter!("shoal_http_cross_origin_refused_total").increment(1);
-            problem_response(&Problem::forbidden(format!(
+            Some(problem_response(&Problem::forbidden(format!(
                 "a request with this site's session cookie must come from this site ({seen}); \
                  allow other origins with serve.allowed_origins"
-            )))
+            ))))
         }
     }
 }
 
-/// Request id, span, access log, metrics and the instance header.
-async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: Next) -> Response {
+/// Request id, span, access log, metrics and the instance header, around
+/// `inner`.
+async fn request_context<F, Fut>(ctx: &AppContext, mut req: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let started = Instant::now();
     let incoming = req
         .headers()
@@ -170,15 +211,11 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
     let mut response =
-        shoal_core::trace::scope(request_id.clone(), next.run(req).instrument(span.clone())).await;
+        shoal_core::trace::scope(request_id.clone(), inner(req).instrument(span.clone())).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.in_scope(|| {
@@ -191,14 +228,8 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
             tracing::info!(status, duration_ms, "request");
         }
     });
-    let labels = [
-        ("method", method.to_string()),
-        ("route", route),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("shoal_http_requests_total", &labels).increment(1);
-    metrics::histogram!("shoal_http_request_duration_seconds", &labels[..2])
-        .record(elapsed.as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", |m| m.as_str());
+    record_request(&method, route, status, elapsed);
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", v);
@@ -208,6 +239,77 @@ async fn request_context(State(ctx): State<AppContext>, mut req: Request, next: 
     }
     security_headers(headers);
     response
+}
+
+/// Counts a request in `shoal_http_requests_total` and times it in
+/// `shoal_http_request_duration_seconds`. The handles are kept per thread
+/// by route, method and status: looking them up by label in the global
+/// registry (three label strings built and hashed per request) was a
+/// measurable share of a cached read. Methods outside the standard ones
+/// are counted as `OTHER`, so a client cannot mint label values.
+fn record_request(method: &axum::http::Method, route: &str, status: u16, elapsed: Duration) {
+    use axum::http::Method;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    type ByRoute = HashMap<
+        String,
+        Vec<(
+            &'static str,
+            metrics::Histogram,
+            Vec<(u16, metrics::Counter)>,
+        )>,
+    >;
+    thread_local! {
+        static HANDLES: RefCell<ByRoute> = RefCell::new(HashMap::new());
+    }
+    let method: &'static str = match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    };
+    HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        if !handles.contains_key(route) {
+            handles.insert(route.to_string(), Vec::new());
+        }
+        let Some(methods) = handles.get_mut(route) else {
+            return;
+        };
+        let at = match methods.iter().position(|(m, ..)| *m == method) {
+            Some(i) => i,
+            None => {
+                let histogram = metrics::histogram!(
+                    "shoal_http_request_duration_seconds",
+                    "method" => method,
+                    "route" => route.to_string()
+                );
+                methods.push((method, histogram, Vec::new()));
+                methods.len() - 1
+            }
+        };
+        let (_, histogram, counters) = &mut methods[at];
+        histogram.record(elapsed.as_secs_f64());
+        match counters.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!(
+                    "shoal_http_requests_total",
+                    "method" => method,
+                    "route" => route.to_string(),
+                    "status" => status.to_string()
+                );
+                counter.increment(1);
+                counters.push((status, counter));
+            }
+        }
+    });
 }
 
 /// Headers that keep a browser from misusing an answer, unless a route set
@@ -238,8 +340,7 @@ fn security_headers(headers: &mut axum::http::HeaderMap) {
 
 /// Error responses made by layers or axum itself (404, 405, 413 ...) come
 /// without a body we chose; give them a problem+json body.
-async fn bare_errors_to_problems(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
+async fn bare_errors_to_problems(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -307,11 +408,7 @@ struct Limits {
 /// Sheds load past the concurrency limit (503 + Retry-After), and bounds
 /// each request by the configured timeout or the gateway's deadline,
 /// whichever is sooner (503 past it; the handler's future is dropped).
-async fn shed_and_deadline(
-    State(limits): State<Arc<Limits>>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn shed_and_deadline(limits: &Limits, req: Request, next: Next) -> Response {
     let Ok(_permit) = limits.permits.try_acquire() else {
         metrics::counter!("shoal_http_shed_total").increment(1);
         return problem_response(&Problem::unavailable(

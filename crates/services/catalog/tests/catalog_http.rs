@@ -690,12 +690,29 @@ async fn an_instance_serves_metrics_only_with_the_token() {
             .status(),
         401
     );
+    // A method of the client's own invention is counted as OTHER: clients
+    // cannot mint label values.
+    let brew = reqwest::Method::from_bytes(b"BREWCOFFEE").unwrap();
+    let r = http
+        .request(brew, app.url("/api/catalog/products"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
     let r = get(Some(METRICS_TOKEN)).await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
         .unwrap()
         .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("BREWCOFFEE"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("shoal_http_requests_total{")
+            && l.contains(r#"method="OTHER""#)
+            && l.contains(r#"status="405""#)),
+        "{text}"
+    );
 
     let dir = kit::TempDir::new("catalog-metrics-off");
     let mut off = settings(&dir);
