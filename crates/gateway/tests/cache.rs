@@ -940,20 +940,9 @@ async fn request_directives_still_reach_the_origin_on_a_fresh_entry() {
     }
 }
 
-/// `SHOAL_TEST_REDIS_URL`, or `None` after one `skipped:` line.
-fn redis_url(test: &str) -> Option<String> {
-    match std::env::var("SHOAL_TEST_REDIS_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            println!("skipped: set SHOAL_TEST_REDIS_URL to run {test}");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_purge_reaches_every_gateway_sharing_redis_without_a_peer_list() {
-    let Some(redis) = redis_url("a_purge_reaches_every_gateway_sharing_redis") else {
+    let Some(redis) = common::redis_url("a_purge_reaches_every_gateway_sharing_redis") else {
         return;
     };
     let origin = Origin::start(|_, n| {

@@ -552,20 +552,10 @@ async fn idle_connections_are_let_go_sooner_under_pressure() {
     );
 }
 
-/// `SHOAL_TEST_REDIS_URL`, or `None` after one `skipped:` line.
-fn redis_url(test: &str) -> Option<String> {
-    match std::env::var("SHOAL_TEST_REDIS_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            println!("skipped: set SHOAL_TEST_REDIS_URL to run {test}");
-            None
-        }
-    }
-}
-
 #[tokio::test]
 async fn gateways_sharing_redis_hold_one_rate_budget_per_key() {
-    let Some(redis) = redis_url("gateways_sharing_redis_hold_one_rate_budget_per_key") else {
+    let Some(redis) = common::redis_url("gateways_sharing_redis_hold_one_rate_budget_per_key")
+    else {
         return;
     };
     let up = Upstream::start("a").await;

@@ -535,3 +535,14 @@ pub fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
         .body(Full::new(Bytes::new()))
         .unwrap()
 }
+
+/// `SHOAL_TEST_REDIS_URL`, or `None` after one `skipped:` line.
+pub fn redis_url(test: &str) -> Option<String> {
+    match std::env::var("SHOAL_TEST_REDIS_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            println!("skipped: set SHOAL_TEST_REDIS_URL to run {test}");
+            None
+        }
+    }
+}

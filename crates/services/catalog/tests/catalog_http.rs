@@ -708,9 +708,10 @@ async fn an_instance_serves_metrics_only_with_the_token() {
     let text = r.text().await.unwrap();
     assert!(!text.contains("BREWCOFFEE"), "{text}");
     assert!(
-        text.lines().any(|l| l.starts_with("shoal_http_requests_total{")
-            && l.contains(r#"method="OTHER""#)
-            && l.contains(r#"status="405""#)),
+        text.lines()
+            .any(|l| l.starts_with("shoal_http_requests_total{")
+                && l.contains(r#"method="OTHER""#)
+                && l.contains(r#"status="405""#)),
         "{text}"
     );
 
