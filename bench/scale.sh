@@ -16,13 +16,18 @@
 #
 # Needs root (cgroups), PostgreSQL on 127.0.0.1:5432 (trust, user root),
 # Redis on 127.0.0.1:6379. Usage: sudo bench/scale.sh  (QUOTA=5
-# PERIOD_MS=20 SECONDS_PER=10 CONNS=32 COUNTS="1 2 4 8" to change).
+# PERIOD_MS=20 SECONDS_PER=10 CONNS=32 COUNTS="1 2 4 8" CONNS_PER_INSTANCE=
+# to change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUOTA=${QUOTA:-5}
 PERIOD_MS=${PERIOD_MS:-20}
 SECONDS_PER=${SECONDS_PER:-10}
 CONNS=${CONNS:-32}
+# With CONNS_PER_INSTANCE set, each count N gets N x that many connections
+# instead (a closed loop's fixed CONNS leaves many throttled instances idle
+# between their quota periods, and drowns one).
+CONNS_PER_INSTANCE=${CONNS_PER_INSTANCE:-}
 COUNTS=${COUNTS:-1 2 4 8}
 PRODUCTS=${PRODUCTS:-1000}
 [ "$(id -u)" = 0 ] || { echo "bench/scale.sh needs root (cgroups)" >&2; exit 1; }
@@ -99,11 +104,16 @@ throttled() {
 # machine: busy and total jiffies of all cores since boot.
 machine() { awk '/^cpu / {b=$2+$3+$4+$7+$8; print b, b+$5+$6}' /proc/stat; }
 redis_pids() { pgrep -d' ' redis-server; }
+# instance_requests: the gateway's request count of each instance, as JSON.
+instance_requests() {
+  curl -s -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GP/_gateway/pools" \
+    | python3 -c 'import json,sys; print(json.dumps({i["url"]: i["requests"] for i in json.load(sys.stdin)["pools"][0]["instances"]}))'
+}
 
-echo "Run: \`bench/scale.sh\` on $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ); each serve instance in a cgroup of ${QUOTA}% of a core (CFS period ${PERIOD_MS} ms); ${SECONDS_PER}s per count after 2 s warm-up, $CONNS connections; mix: product by id (Zipf 1.0 over $PRODUCTS products) 80% / /me 20%, a checkout every 50."
+echo "Run: \`bench/scale.sh\` on $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ); each serve instance in a cgroup of ${QUOTA}% of a core (CFS period ${PERIOD_MS} ms); ${SECONDS_PER}s per count after 2 s warm-up, ${CONNS_PER_INSTANCE:+$CONNS_PER_INSTANCE connections per instance}${CONNS_PER_INSTANCE:-$CONNS connections}; mix: product by id (Zipf 1.0 over $PRODUCTS products) 80% / /me 20%, a checkout every 50."
 echo
-echo "| instances | req/s | p50 ms | p99 ms | efficiency | errors | gateway CPU s/1k req | PostgreSQL CPU s/1k | Redis CPU s/1k | periods at quota | machine busy |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| instances | req/s | p50 ms | p99 ms | efficiency | errors | gateway CPU s/1k req | PostgreSQL CPU s/1k | Redis CPU s/1k | periods at quota | machine busy | requests per instance, least–most (of an even share) |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 BASE=""
 for N in $COUNTS; do
   SERVE=()
@@ -125,7 +135,9 @@ for N in $COUNTS; do
   read -r ru rs _ _ < <(cpu_ticks $(redis_pids))
   read -r thr0 per0 < <(throttled "$N")
   read -r busy0 all0 < <(machine)
-  OUT=$($BIN/mixgen --addr "127.0.0.1:$GP" --connections "$CONNS" --duration "$SECONDS_PER" --warmup 2 --products 500)
+  REQ0=$(instance_requests)
+  C=$CONNS; [ -n "$CONNS_PER_INSTANCE" ] && C=$((N * CONNS_PER_INSTANCE))
+  OUT=$($BIN/mixgen --addr "127.0.0.1:$GP" --connections "$C" --duration "$SECONDS_PER" --warmup 2 --products 500)
   read -r gu2 gs2 _ _ < <(cpu_ticks "$GW")
   # shellcheck disable=SC2046
   read -r pu2 ps2 _ _ < <(cpu_ticks $(pg_pids))
@@ -133,7 +145,8 @@ for N in $COUNTS; do
   read -r ru2 rs2 _ _ < <(cpu_ticks $(redis_pids))
   read -r thr1 per1 < <(throttled "$N")
   read -r busy1 all1 < <(machine)
-  python3 - "$N" "$OUT" "${BASE:-0}" "$((gu2 + gs2 - gu - gs))" "$((pu2 + ps2 - pu - ps))" "$((ru2 + rs2 - ru - rs))" "$((thr1 - thr0))/$((per1 - per0))" "$SECONDS_PER" "$(getconf CLK_TCK)" "$((busy1 - busy0))/$((all1 - all0))" <<'PY'
+  REQ1=$(instance_requests)
+  python3 - "$N" "$OUT" "${BASE:-0}" "$((gu2 + gs2 - gu - gs))" "$((pu2 + ps2 - pu - ps))" "$((ru2 + rs2 - ru - rs))" "$((thr1 - thr0))/$((per1 - per0))" "$SECONDS_PER" "$(getconf CLK_TCK)" "$((busy1 - busy0))/$((all1 - all0))" "$REQ0" "$REQ1" <<'PY'
 import json, sys
 n = int(sys.argv[1]); r = json.loads(sys.argv[2]); base = float(sys.argv[3])
 gw, pg, rd, secs, tck = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[8]), int(sys.argv[9])
@@ -144,7 +157,13 @@ rps = r["rps"]; base = base or rps
 total = rps * (secs + 2) / 1000
 per = lambda ticks: f"{ticks / tck / max(total, 1e-9):.3f}"
 eff = rps / (n * base)
-print(f"| {n} | {rps:,.0f} | {r['p50_us']/1000:.2f} | {r['p99_us']/1000:.2f} | {eff:.2f} | {r['errors']} | {per(gw)} | {per(pg)} | {per(rd)} | {thr:.0%} | {busy:.0%} |")
+# Does the balancer leave throttled instances idle? Each instance's share
+# of the requests over the run, against an even 1/n.
+before, after = json.loads(sys.argv[11]), json.loads(sys.argv[12])
+counts = [after[u] - before.get(u, 0) for u in after]
+even = sum(counts) / max(1, len(counts))
+spread = f"{min(counts) / max(even, 1):.0%}–{max(counts) / max(even, 1):.0%}" if counts else "-"
+print(f"| {n} | {rps:,.0f} | {r['p50_us']/1000:.2f} | {r['p99_us']/1000:.2f} | {eff:.2f} | {r['errors']} | {per(gw)} | {per(pg)} | {per(rd)} | {thr:.0%} | {busy:.0%} | {spread} |")
 PY
   [ -z "$BASE" ] && BASE=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["rps"])' "$OUT")
   kill "${SERVE[@]}" 2>/dev/null || true
