@@ -119,7 +119,7 @@ impl Coord {
         let mut down = self.down_until.write().unwrap_or_else(|p| p.into_inner());
         // One line per outage, not one per request.
         if down.is_none_or(|until| Instant::now() >= until) {
-            tracing::warn!(error = %error, "gateway Redis {what} failed; using this gateway's own limits for a while");
+            tracing::warn!(error = %error, "gateway Redis {what} failed; rate limits are this gateway's own for a while");
         }
         *down = Some(Instant::now() + RETRY_AFTER);
     }

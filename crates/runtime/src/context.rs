@@ -14,7 +14,7 @@ use std::time::Duration;
 /// axum clones the state for every layer and extractor of every request,
 /// and one reference count to bump (instead of one per field, contended
 /// between the runtime's threads) is what keeps that cheap (`bench/README.md`
-/// "Service path profile").
+/// "Profile of the service path").
 #[derive(Clone, Debug)]
 pub struct AppContext(Arc<Shared>);
 

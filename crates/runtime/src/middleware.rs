@@ -35,7 +35,7 @@ pub const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
 /// middleware doing the rest in the order of the module's doc. One layer,
 /// not one per concern: each `from_fn` layer cost a boxed future and a
 /// clone of the boxed route service per request (bench/README.md,
-/// "Service path profile").
+/// "Profile of the service path").
 pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
     let standard = Arc::new(Standard {
         ctx: ctx.clone(),
