@@ -491,7 +491,11 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
 
     let client = upstream_clients(ClientSettings::of(&settings), &upstream_tls(&settings)?);
     let coord = coord::Coord::new(&settings).map_err(|m| invalid("gateway.redis_url".into(), m))?;
+    let hsts = (settings.tls() && settings.hsts_max_age_secs > 0)
+        .then(|| format!("max-age={}", settings.hsts_max_age_secs))
+        .and_then(|v| http::HeaderValue::from_str(&v).ok());
     Ok(GatewayState {
+        hsts,
         tls: listener::tls_acceptor(&settings)?,
         cache: cache::HttpCache::from_settings(&settings),
         limits: limits::Limits::new(&settings),

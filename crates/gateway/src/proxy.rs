@@ -70,6 +70,9 @@ pub struct GatewayState {
     pub cache: Option<crate::cache::HttpCache>,
     /// The listener's TLS, when `tls_cert_file` is set (`listener.rs`).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `Strict-Transport-Security` for proxied responses, when the listener
+    /// serves TLS and `hsts_max_age_secs` is above 0.
+    pub hsts: Option<http::HeaderValue>,
     /// What the gateways share through Redis (`coord.rs`), when
     /// `redis_url` is set. Shared by every generation of the settings.
     pub coord: Option<Arc<crate::coord::Coord>>,

@@ -315,6 +315,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         seen: Option<Seen>,
+        hsts: Option<http::HeaderValue>,
     }
 }
 
@@ -324,6 +325,16 @@ impl<F: Future<Output = Answer>> Future for Logged<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
         let this = self.project();
         let mut response = answered(std::task::ready!(this.inner.poll(cx)));
+        if let Some(hsts) = this.hsts.take() {
+            if !response
+                .headers()
+                .contains_key(http::header::STRICT_TRANSPORT_SECURITY)
+            {
+                response
+                    .headers_mut()
+                    .insert(http::header::STRICT_TRANSPORT_SECURITY, hsts);
+            }
+        }
         if let Some(seen) = this.seen.take() {
             let outcome = response
                 .extensions_mut()
@@ -393,9 +404,14 @@ where
                 request_id: ctx.request_id.clone(),
             }),
         });
+        let hsts = req
+            .extensions()
+            .get::<Ctx>()
+            .and_then(|ctx| ctx.state.hsts.clone());
         Logged {
             inner: self.inner.call(req),
             seen,
+            hsts,
         }
     }
 }

@@ -97,6 +97,11 @@ async fn http2_and_http1_over_tls_are_chosen_by_alpn_and_the_upstream_hears_http
     let response = send.send_request(req).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.version(), Version::HTTP_2);
+    // HSTS on TLS, a year by default.
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(!body.is_empty());
     let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
@@ -108,7 +113,19 @@ async fn http2_and_http1_over_tls_are_chosen_by_alpn_and_the_upstream_hears_http
     let response = http1_over(tls, Request::get("/y").header("host", "localhost")).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.version(), Version::HTTP_11);
+    assert!(response.headers().contains_key("strict-transport-security"));
     assert_eq!(up.hits(), 2);
+
+    // Never in the clear, and off with 0.
+    let plain = TestGateway::start(settings(&[up.url()], json!({}))).await;
+    let r = TestClient::default().get(&plain.url("/z")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.headers.contains_key("strict-transport-security"));
+    let off = TestGateway::start(tls_settings(&up.url(), json!({"hsts_max_age_secs": 0}))).await;
+    let tls = connect(off.addr, &[b"http/1.1"]).await;
+    let response = http1_over(tls, Request::get("/w").header("host", "localhost")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(!response.headers().contains_key("strict-transport-security"));
 }
 
 #[tokio::test]

@@ -17,6 +17,11 @@ pub struct GatewaySettings {
     pub tls_cert_file: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
     pub tls_key_file: String,
+    /// With TLS on the listener, `Strict-Transport-Security: max-age=<this>`
+    /// on every proxied response that has none, so browsers come back over
+    /// HTTPS only (RFC 6797); a browser takes it only from a certificate it
+    /// trusts. 0 = not sent. Without TLS it is never sent.
+    pub hsts_max_age_secs: u64,
     /// More certificates, chosen by the name a client asks for (SNI);
     /// `tls_cert_file` serves every other name.
     pub tls_sni: Vec<SniCertificate>,
@@ -335,6 +340,7 @@ impl Default for GatewaySettings {
             pool_max_concurrent_requests: BTreeMap::new(),
             rate_limit: None,
             dns_refresh_secs: 0,
+            hsts_max_age_secs: 31_536_000,
             redis_url: String::new(),
             redis_prefix: "shoal:gateway".into(),
             redis_timeout_ms: 50,
