@@ -177,11 +177,26 @@ async fn signup(
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
-        return Err(
-            Problem::conflict("an account with this email already exists")
-                .with_field("email", "is already registered")
-                .into(),
-        );
+        // The address has an account. Answer exactly as for a new one, so
+        // signup does not tell anyone who has an account here, and tell
+        // the owner instead (at most one such email per address an hour,
+        // so signups cannot be used to flood an inbox).
+        let hour = shoal_backends::now_millis() / 3_600_000;
+        shoal_notifications::enqueue_email_with_key(
+            &ctx.jobs,
+            &mut tx,
+            &user.email,
+            shoal_notifications::Template::SignupAttempt,
+            serde_json::json!({"email": user.email}),
+            &format!("signup-attempt:{}:{hour}", user.email),
+        )
+        .await
+        .map_err(|e| ApiError::internal("enqueueing the signup-attempt email", &e))?;
+        tx.commit().await?;
+        drop(turn);
+        metrics::counter!("shoal_accounts_signup_existing_total").increment(1);
+        tracing::info!("signup for an address that has an account; its owner is told");
+        return Ok((StatusCode::CREATED, Json(user)).into_response());
     }
     shoal_notifications::enqueue_email_with_key(
         &ctx.jobs,

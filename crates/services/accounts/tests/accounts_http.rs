@@ -71,15 +71,32 @@ async fn accounts_suite(app: &Running) {
     assert_eq!(user["email"], "ada@example.com");
     assert!(user.get("password_hash").is_none());
 
-    // a taken email is 409, whatever its case
-    let resp = http
-        .post(url("/api/accounts/signup"))
-        .json(&json!({"email": "ADA@example.com", "password": "another one"}))
-        .send()
-        .await
-        .unwrap();
-    let p = kit::problem(resp, 409).await;
-    assert_eq!(p["errors"][0]["field"], "email");
+    // A taken email, whatever its case, gets the answer a new one gets
+    // (signup does not tell who has an account); nothing changes, and the
+    // owner is emailed once an hour however often it happens.
+    let users_before = user_count(&app.db).await;
+    for attempt in 0..3 {
+        let resp = http
+            .post(url("/api/accounts/signup"))
+            .json(&json!({"email": "ADA@example.com", "password": "another one", "name": "Ada"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "attempt {attempt}");
+        let again: Value = resp.json().await.unwrap();
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&again), keys(&user), "the same shape");
+        assert_eq!(again["email"], "ada@example.com");
+        assert_ne!(again["id"], user["id"], "never the owner's id");
+    }
+    assert_eq!(user_count(&app.db).await, users_before);
+    let (told,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM shoal_jobs WHERE unique_key LIKE 'email:signup-attempt:ada@example.com:%'",
+    )
+    .fetch_one(app.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(told, 1, "one email to the owner");
 
     // me without a session is 401
     let p = kit::problem(http.get(url("/api/accounts/me")).send().await.unwrap(), 401).await;

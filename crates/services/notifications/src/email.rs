@@ -34,6 +34,10 @@ pub const EMAIL_KIND: &str = "notifications.email";
 pub enum Template {
     /// After signup. Data: `{"email", "name"?}`.
     Welcome,
+    /// To an account's owner when someone signs up with its address
+    /// (signup answers as if it were new, so it does not tell who has an
+    /// account). Data: `{"email"}`.
+    SignupAttempt,
     /// After a successful charge. Data: `{"order_id", "amount_cents",
     /// "currency", "payment_id"?}`.
     PaymentReceipt,
@@ -81,6 +85,12 @@ struct WelcomeData {
     email: String,
     #[serde(default)]
     name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttemptData {
+    email: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +182,36 @@ pub fn render(
                         escape(&d.email)
                     ),
                     format!("<a href=\"{}/\">Sign in</a> to get started.", escape(base)),
+                ],
+            );
+            RenderedEmail {
+                subject,
+                text,
+                html,
+            }
+        }
+        Template::SignupAttempt => {
+            let d: AttemptData = serde_json::from_value(data.clone()).map_err(bad)?;
+            let subject = "Someone tried to sign up with your address".to_string();
+            let text = format!(
+                "Hello,\n\nsomeone (perhaps you) tried to create a Shoal account for {}, \
+                 which already has one. Nothing was changed.\n\
+                 If it was you, sign in at {base}/ instead. If not, you can ignore this message.\n\n-- Shoal\n",
+                d.email
+            );
+            let html = html_page(
+                &subject,
+                &[
+                    "Hello,".to_string(),
+                    format!(
+                        "someone (perhaps you) tried to create a Shoal account for <b>{}</b>, \
+                         which already has one. Nothing was changed.",
+                        escape(&d.email)
+                    ),
+                    format!(
+                        "If it was you, <a href=\"{}/\">sign in</a> instead. If not, you can ignore this message.",
+                        escape(base)
+                    ),
                 ],
             );
             RenderedEmail {
@@ -696,6 +736,17 @@ mod tests {
         .unwrap();
         assert_eq!(r.subject, "Welcome to Shoal");
         assert!(r.text.contains("Hello <Ada>,"));
+        let attempt = render(
+            Template::SignupAttempt,
+            &json!({"email": "<ada>@example.com"}),
+            "https://shop.example/",
+        )
+        .unwrap();
+        assert!(attempt
+            .text
+            .contains("<ada>@example.com, which already has one"));
+        assert!(attempt.html.contains("&lt;ada&gt;@example.com"));
+        assert!(attempt.html.contains("href=\"https://shop.example/\""));
         assert!(r.html.contains("Hello &lt;Ada&gt;,"));
         assert!(r.html.contains("href=\"https://shop.example/\""));
         let r = render(

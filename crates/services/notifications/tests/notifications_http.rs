@@ -158,7 +158,7 @@ async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
 }
 
 #[tokio::test]
-async fn a_duplicate_signup_enqueues_no_second_welcome_email() {
+async fn a_duplicate_signup_tells_the_owner_and_sends_no_second_welcome() {
     let app = start(|_| {}).await;
     let email = unique_email("dup");
     kit::sign_up_and_log_in(&app.base, &email).await;
@@ -168,7 +168,7 @@ async fn a_duplicate_signup_enqueues_no_second_welcome_email() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 409);
+    assert_eq!(r.status(), 201, "answered as a new account would be");
     let jobs = app
         .ctx
         .jobs
@@ -178,7 +178,21 @@ async fn a_duplicate_signup_enqueues_no_second_welcome_email() {
         })
         .await
         .unwrap();
-    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let templates: Vec<String> = jobs
+        .iter()
+        .map(|j| {
+            j.payload["template"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(templates.contains(&"welcome".to_string()), "{templates:?}");
+    assert!(
+        templates.contains(&"signup_attempt".to_string()),
+        "{templates:?}"
+    );
 }
 
 /// Files of the sink mentioning `needle`.
