@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use shoal_backends::sessions::token_hash;
 use shoal_backends::Migration;
 use shoal_core::Problem;
+use shoal_queue::{NewJob, Schedule, Worker};
 use shoal_runtime::error::ApiResult;
 use shoal_runtime::session::cookie_value;
 use shoal_runtime::{
@@ -78,6 +79,59 @@ impl ServiceModule for Accounts {
             .route("/api/accounts/logout-all", post(logout_all))
             .route("/api/accounts/me", get(me))
     }
+
+    fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
+        let worker = worker.register(PRUNE_KIND, {
+            let ctx = ctx.clone();
+            shoal_queue::handler_fn(move |_job| {
+                let ctx = ctx.clone();
+                async move {
+                    prune(&ctx)
+                        .await
+                        .map(|_| ())
+                        .map_err(shoal_queue::JobError::retryable)
+                }
+            })
+        });
+        match Schedule::new(
+            "accounts-prune",
+            "17 * * * *",
+            NewJob::new("default", PRUNE_KIND, serde_json::json!({})),
+        ) {
+            Ok(schedule) => worker.schedule(schedule),
+            Err(e) => {
+                tracing::error!(error = %e, "accounts prune schedule is invalid");
+                worker
+            }
+        }
+    }
+}
+
+/// The housekeeping job, hourly: login counters and known devices that no
+/// longer count are deleted.
+pub const PRUNE_KIND: &str = "accounts.prune";
+
+/// Deletes login counters whose window has passed (they hold nothing back:
+/// the next attempt would start a new window) and devices past their
+/// year. Returns how many rows went. Without it the tables grow with every
+/// address and device that ever tried to log in.
+pub async fn prune(ctx: &AppContext) -> Result<u64, sqlx::Error> {
+    let now = shoal_backends::now_millis();
+    let window_ms = ctx.settings.accounts.login_window_secs as i64 * 1000;
+    let counters = sqlx::query("DELETE FROM login_attempts WHERE window_start <= $1")
+        .bind(now - window_ms)
+        .execute(ctx.db.pool())
+        .await?
+        .rows_affected();
+    let devices = sqlx::query("DELETE FROM login_devices WHERE created_at <= $1")
+        .bind(now - DEVICE_LIFETIME_MS)
+        .execute(ctx.db.pool())
+        .await?
+        .rows_affected();
+    if counters + devices > 0 {
+        tracing::info!(counters, devices, "pruned login counters and devices");
+    }
+    Ok(counters + devices)
 }
 
 #[derive(Debug, Deserialize)]

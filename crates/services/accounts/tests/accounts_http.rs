@@ -718,3 +718,43 @@ async fn answers_carry_security_headers() {
         );
     }
 }
+
+#[tokio::test]
+async fn prune_deletes_only_counters_and_devices_that_no_longer_count() {
+    let app = start(Settings::default()).await;
+    let now = shoal_backends::now_millis();
+    let window = app.ctx.settings.accounts.login_window_secs as i64 * 1000;
+    let year = 365 * 24 * 3600 * 1000_i64;
+    for (key, start) in [("old", now - window - 1), ("fresh", now - window + 60_000)] {
+        sqlx::query(
+            "INSERT INTO login_attempts (key, window_start, count, last_at) VALUES ($1, $2, 5, $2)",
+        )
+        .bind(key)
+        .bind(start)
+        .execute(app.db.pool())
+        .await
+        .unwrap();
+    }
+    for (hash, at) in [("old-device", now - year - 1), ("new-device", now - 1000)] {
+        sqlx::query(
+            "INSERT INTO login_devices (token_hash, user_id, created_at) VALUES ($1, 'u1', $2)",
+        )
+        .bind(hash)
+        .bind(at)
+        .execute(app.db.pool())
+        .await
+        .unwrap();
+    }
+    assert_eq!(shoal_accounts::prune(&app.ctx).await.unwrap(), 2);
+    let keys: Vec<(String,)> = sqlx::query_as("SELECT key FROM login_attempts ORDER BY key")
+        .fetch_all(app.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(keys, vec![("fresh".to_string(),)]);
+    let devices: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM login_devices")
+        .fetch_all(app.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(devices, vec![("new-device".to_string(),)]);
+    assert_eq!(shoal_accounts::prune(&app.ctx).await.unwrap(), 0);
+}
