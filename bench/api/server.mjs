@@ -737,16 +737,23 @@ async function worker() {
     if (p.hasErrors) throw p;
     const hash = await hashPassword(body.password);
     const user = { id: uuidv7(randomUUID), email, name, created_at: Date.now() };
-    const created = transaction(() => {
-      if (q.insertUser.run(user.id, user.email, hash, user.name, user.created_at).changes === 0) return false;
+    transaction(() => {
+      if (q.insertUser.run(user.id, user.email, hash, user.name, user.created_at).changes === 0) {
+        // The address has an account: answered as a new one (Shoal's
+        // signup tells no one who has an account) and the owner told,
+        // at most once an hour.
+        enqueue("email", "notifications.email", { to: user.email, template: "signup_attempt", data: { email: user.email } }, {
+          uniqueKey: `signup-attempt:${user.email}:${Math.floor(Date.now() / 3_600_000)}`,
+          traceId: req.id,
+        });
+        return;
+      }
       // The welcome email, in the same transaction (Shoal's notifications outbox).
       enqueue("email", "notifications.email", { to: user.email, template: "welcome", data: { email: user.email, name: user.name } }, {
         uniqueKey: `welcome:${user.id}`,
         traceId: req.id,
       });
-      return true;
     });
-    if (!created) throw conflict("an account with this email already exists").field("email", "is already registered");
     reply.code(201).header("content-type", "application/json");
     return Buffer.from(JSON.stringify(user));
   });
