@@ -108,3 +108,44 @@ pub async fn connect_nats(
     .await
     .with_context(|| format!("connecting to NATS JetStream at {url} for the job queue"))
 }
+
+/// Registers a housekeeping job on `worker`: `kind` enqueued on `queue` by
+/// the cron `schedule` (named `name`), running `run` with the context;
+/// an error is retried. A schedule that does not parse is logged and the
+/// job left unscheduled (the handler is still registered).
+pub fn housekeeping<F, Fut, E>(
+    worker: shoal_queue::Worker,
+    ctx: &AppContext,
+    name: &str,
+    schedule: &str,
+    queue: &str,
+    kind: &'static str,
+    run: F,
+) -> shoal_queue::Worker
+where
+    F: Fn(AppContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<u64, E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let worker = worker.register(kind, {
+        let ctx = ctx.clone();
+        let run = Arc::new(run);
+        shoal_queue::handler_fn(move |_job| {
+            let (ctx, run) = (ctx.clone(), Arc::clone(&run));
+            async move {
+                run(ctx)
+                    .await
+                    .map(|_| ())
+                    .map_err(shoal_queue::JobError::retryable)
+            }
+        })
+    });
+    let job = shoal_queue::NewJob::new(queue, kind, serde_json::json!({}));
+    match shoal_queue::Schedule::new(name, schedule, job) {
+        Ok(schedule) => worker.schedule(schedule),
+        Err(e) => {
+            tracing::error!(error = %e, schedule = name, "housekeeping schedule is invalid");
+            worker
+        }
+    }
+}

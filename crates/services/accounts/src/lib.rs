@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use shoal_backends::sessions::token_hash;
 use shoal_backends::Migration;
 use shoal_core::Problem;
-use shoal_queue::{NewJob, Schedule, Worker};
+use shoal_queue::Worker;
 use shoal_runtime::error::ApiResult;
 use shoal_runtime::session::cookie_value;
 use shoal_runtime::{
@@ -81,29 +81,15 @@ impl ServiceModule for Accounts {
     }
 
     fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
-        let worker = worker.register(PRUNE_KIND, {
-            let ctx = ctx.clone();
-            shoal_queue::handler_fn(move |_job| {
-                let ctx = ctx.clone();
-                async move {
-                    prune(&ctx)
-                        .await
-                        .map(|_| ())
-                        .map_err(shoal_queue::JobError::retryable)
-                }
-            })
-        });
-        match Schedule::new(
+        shoal_runtime::jobs::housekeeping(
+            worker,
+            ctx,
             "accounts-prune",
             "17 * * * *",
-            NewJob::new("default", PRUNE_KIND, serde_json::json!({})),
-        ) {
-            Ok(schedule) => worker.schedule(schedule),
-            Err(e) => {
-                tracing::error!(error = %e, "accounts prune schedule is invalid");
-                worker
-            }
-        }
+            "default",
+            PRUNE_KIND,
+            |ctx| async move { prune(&ctx).await },
+        )
     }
 }
 

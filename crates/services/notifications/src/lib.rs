@@ -25,7 +25,7 @@ pub use webhooks::{emit_event, sign_webhook, WEBHOOK_KIND};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use shoal_backends::Migration;
-use shoal_queue::{NewJob, Schedule, Worker};
+use shoal_queue::Worker;
 use shoal_runtime::{AppContext, ServiceModule};
 
 /// The queue of webhook deliveries and housekeeping (`email` carries mail).
@@ -124,29 +124,15 @@ impl ServiceModule for Notifications {
     fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
         let worker = email::register(ctx.clone(), worker);
         let worker = webhooks::register(ctx.clone(), worker);
-        let worker = worker.register(PRUNE_KIND, {
-            let ctx = ctx.clone();
-            shoal_queue::handler_fn(move |_job| {
-                let ctx = ctx.clone();
-                async move {
-                    prune(&ctx)
-                        .await
-                        .map(|_| ())
-                        .map_err(shoal_queue::JobError::retryable)
-                }
-            })
-        });
-        match Schedule::new(
+        shoal_runtime::jobs::housekeeping(
+            worker,
+            ctx,
             "notifications-prune",
             "* * * * *",
-            NewJob::new(NOTIFICATIONS_QUEUE, PRUNE_KIND, serde_json::json!({})),
-        ) {
-            Ok(schedule) => worker.schedule(schedule),
-            Err(e) => {
-                tracing::error!(error = %e, "notifications prune schedule is invalid");
-                worker
-            }
-        }
+            NOTIFICATIONS_QUEUE,
+            PRUNE_KIND,
+            |ctx| async move { prune(&ctx).await },
+        )
     }
 }
 
