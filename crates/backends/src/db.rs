@@ -106,9 +106,9 @@ impl Database {
     /// until the guard drops: take it before `begin()` of a transaction
     /// that writes and keep it past `commit()`. SQLite has one writer at a
     /// time; connections that race for it instead get SQLITE_BUSY and
-    /// sleep in its busy handler (1, 2, 5 ... 100 ms), which under load
-    /// turned a write of a millisecond into a p99 of a quarter second.
-    /// Waiting in line here costs nothing while idle. On PostgreSQL,
+    /// sleep in its busy handler, whose growing sleeps made the tail
+    /// latency of writes under load (bench/README.md, "Profile of the
+    /// service path"). Waiting in line here costs nothing while idle. On PostgreSQL,
     /// which has row locks, it returns at once with `None`.
     pub async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         match self.kind {

@@ -28,7 +28,7 @@ use std::io::Write;
 
 /// Bodies at least this large are compressed on a blocking thread, off
 /// the runtime's workers.
-const BLOCKING_ABOVE: usize = 256 * 1024;
+const BLOCKING_ABOVE: usize = 64 * 1024;
 
 /// A content coding this layer produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,9 +197,16 @@ impl Compression {
             return response;
         };
         let (mut parts, body) = response.into_parts();
-        let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-            // A body that fails now would have failed the client too.
-            return Response::from_parts(parts, Body::empty());
+        let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // It would have failed the client too; say so, not a
+                // truncated 200.
+                tracing::error!(error = %e, "a response body failed before compression");
+                return crate::error::problem_response(&shoal_core::Problem::internal(
+                    "the response could not be produced; it has been logged",
+                ));
+            }
         };
         let etag = parts
             .headers

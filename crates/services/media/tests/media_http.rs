@@ -341,7 +341,7 @@ async fn processed(
 }
 
 /// The security review's third finding: a 389 KB PNG declaring
-/// 20000×20000 was decoded (~426 MB per upload in the worker). Now an
+/// 20000×20000 was decoded whole in the worker. Now an
 /// image is judged by its header first: one declaring more than
 /// `media.max_image_pixels` fails without being decoded; a truncated file
 /// and a header that lies about the data fail cleanly; an animated GIF is
