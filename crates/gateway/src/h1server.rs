@@ -40,14 +40,15 @@
 //! instead (for comparison, and as a way back).
 
 use crate::body::{Body, BoxError};
-use crate::h1::{decode, parse_length, push_decimal, Chunk, Framing, Step};
+use crate::h1::{decode, push_decimal, Framing, Step};
 use bytes::{Bytes, BytesMut};
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING,
 };
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use shoal_core::Problem;
+use shoal_h1::{parse_length, parse_request, Refused, RequestHead as Head};
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -62,8 +63,6 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, PollSender};
 use tower::Service;
 
-/// The most request header fields taken (431 past it).
-const MAX_HEADERS: usize = 100;
 /// A head is first read into a stack buffer this large.
 const STACK_READ: usize = 4096;
 /// Body reads take at most this much at once.
@@ -74,6 +73,9 @@ const BODY_READ: usize = 64 * 1024;
 const INLINE: usize = 16 * 1024;
 /// The write buffer is written out once it holds this much.
 const FLUSH_AT: usize = 64 * 1024;
+/// What the idle wait returns when pressure began (not a read size: a
+/// read into the stack buffer is at most [`STACK_READ`]).
+const PRESSURE: usize = usize::MAX;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The limits of one client connection.
@@ -84,6 +86,10 @@ pub(crate) struct ServerLimits {
     /// goes idle (it can shorten while the server is under pressure);
     /// `None`: no limit.
     pub idle: Arc<dyn Fn() -> Option<Duration> + Send + Sync>,
+    /// Told when the server comes under pressure: connections idle at
+    /// that moment ask `idle` again, so the shorter timeout reaches them
+    /// too, counted from when they went idle.
+    pub pressure: Option<Arc<tokio::sync::Notify>>,
     pub max_head: usize,
 }
 
@@ -126,13 +132,25 @@ where
         // one, for ever); a head that then arrives in parts has the head
         // timeout for the rest (nginx's keepalive_timeout and
         // client_header_timeout).
+        let idle_since = Instant::now();
         let mut deadline = match (first, (limits.idle)()) {
             (true, _) => Some(started + limits.header_read),
-            (false, Some(idle)) => Some(Instant::now() + idle),
+            (false, Some(idle)) => Some(idle_since + idle),
             (false, None) => None,
         };
         let mut head_timed = first;
         let head = loop {
+            // While idle, pressure may shorten the wait (created before
+            // anything is read, so a signal from now on is not missed).
+            let pressure = (!head_timed && buf.is_empty())
+                .then(|| {
+                    limits
+                        .pressure
+                        .as_deref()
+                        .map(tokio::sync::Notify::notified)
+                })
+                .flatten();
+            let mut pressure = pin!(pressure);
             if !buf.is_empty() {
                 if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
                     if buf.len() >= H2_PREFACE.len() {
@@ -173,10 +191,21 @@ where
                         timer.as_mut().reset(at);
                     }
                 }
+                if let Some(p) = pressure.as_mut().as_pin_mut() {
+                    if p.poll(cx).is_ready() {
+                        return Poll::Ready(Some(Ok(PRESSURE)));
+                    }
+                }
                 Poll::Pending
             })
             .await;
             match waited {
+                Some(Ok(PRESSURE)) => {
+                    if let Some(idle) = (limits.idle)() {
+                        let at = idle_since + idle;
+                        deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                    }
+                }
                 Some(Ok(n)) if n > 0 => {}
                 // Closed, broken, timed out or shutting down.
                 _ => {
@@ -469,160 +498,6 @@ fn poll_watch<I: AsyncRead + Unpin>(
             Poll::Ready(_) => return Poll::Ready(()),
         }
     }
-}
-
-/// A request head, parsed.
-struct Head {
-    parts: http::request::Parts,
-    /// `None`: no body.
-    framing: Option<Framing>,
-    keep_alive: bool,
-    expect_continue: bool,
-}
-
-/// Why a request head is refused (the connection is closed after).
-#[derive(Debug, PartialEq, Eq)]
-enum Refused {
-    /// 431: past `max_header_bytes` or the header count.
-    TooLarge,
-    /// 400, with the reason.
-    Bad(&'static str),
-    /// 405: the gateway is no forward proxy.
-    Connect,
-    /// 501: a transfer coding the gateway does not decode.
-    NotImplemented(&'static str),
-}
-
-/// Parses a head from `buf`: `Ok(None)` when it is not whole yet. The
-/// head is split off `buf`; header values and the target share its memory.
-fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
-    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
-        &mut req,
-        buf,
-        &mut headers,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(Refused::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooLarge),
-        Err(httparse::Error::Version) => return Err(Refused::Bad("unsupported HTTP version")),
-        Err(_) => return Err(Refused::Bad("malformed request head")),
-    };
-    if len > max_head {
-        return Err(Refused::TooLarge);
-    }
-    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
-        .map_err(|_| Refused::Bad("invalid method"))?;
-    if method == Method::CONNECT {
-        return Err(Refused::Connect);
-    }
-    let version = match req.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let base = buf.as_ptr() as usize;
-    let at = |part: &[u8]| part.as_ptr() as usize - base;
-    let target = req.path.unwrap_or_default().as_bytes();
-    let target_span = (at(target), target.len());
-    let mut spans: smallvec::SmallVec<[[usize; 4]; 24]> = smallvec::SmallVec::new();
-    let mut framed = crate::h1::Framed::default();
-    let mut expect_continue = false;
-    let mut hosts = 0usize;
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        framed.see(name, h.value).map_err(Refused::Bad)?;
-        if name.eq_ignore_ascii_case(b"expect") {
-            expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
-        } else if name.eq_ignore_ascii_case(b"host") {
-            hosts += 1;
-        }
-        spans.push([at(name), name.len(), at(h.value), h.value.len()]);
-    }
-    // RFC 9112 3.2: one Host, and in HTTP/1.1 exactly one.
-    if hosts > 1 {
-        return Err(Refused::Bad("more than one Host field"));
-    }
-    if hosts == 0 && version == Version::HTTP_11 {
-        return Err(Refused::Bad("an HTTP/1.1 request needs a Host field"));
-    }
-    if target == b"*" && method != Method::OPTIONS {
-        return Err(Refused::Bad("the asterisk-form target is only for OPTIONS"));
-    }
-    let crate::h1::Framed {
-        length,
-        encoded,
-        chunked,
-        other_codings,
-        close,
-        keep_alive: keep_alive_token,
-        ..
-    } = framed;
-    let framing = if encoded {
-        if length.is_some() {
-            return Err(Refused::Bad(
-                "both Transfer-Encoding and Content-Length (refused against request smuggling)",
-            ));
-        }
-        if chunked && other_codings && version == Version::HTTP_11 {
-            // The body is re-framed on its way: a coding the gateway does
-            // not decode would be dropped from the message, not applied.
-            return Err(Refused::NotImplemented(
-                "a request's Transfer-Encoding may only be chunked, once",
-            ));
-        }
-        if !chunked || version == Version::HTTP_10 {
-            return Err(Refused::Bad(
-                "a request's Transfer-Encoding must end in chunked (HTTP/1.1)",
-            ));
-        }
-        Some(Framing::Chunked(Chunk::Size))
-    } else {
-        length.filter(|n| *n > 0).map(Framing::Length)
-    };
-    let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target_span.0..target_span.0 + target_span.1))
-        .map_err(|_| Refused::Bad("invalid request target"))?;
-    let mut map = HeaderMap::with_capacity(spans.len());
-    for [name_at, name_len, value_at, value_len] in spans {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-            .map_err(|_| Refused::Bad("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-            .map_err(|_| Refused::Bad("invalid header value"))?;
-        map.append(name, value);
-    }
-    // An absolute-form target names the authority: the Host field is
-    // replaced by it (RFC 9112 3.2.2), so routing and the instance see one
-    // host, never two.
-    if let Some(authority) = uri.authority() {
-        if authority.as_str().contains('@') {
-            return Err(Refused::Bad("a request target must not carry userinfo"));
-        }
-        if !matches!(uri.scheme_str(), Some("http" | "https")) {
-            return Err(Refused::Bad(
-                "an absolute-form target must be http or https",
-            ));
-        }
-        let value = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| Refused::Bad("invalid request target"))?;
-        map.insert(http::header::HOST, value);
-    }
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = version;
-    parts.headers = map;
-    Ok(Some(Head {
-        parts,
-        framing,
-        keep_alive: if version == Version::HTTP_10 {
-            keep_alive_token && !close
-        } else {
-            !close
-        },
-        expect_continue: expect_continue && version == Version::HTTP_11,
-    }))
 }
 
 /// Answers a refused head (400 or 431, problem+json) and closes.
@@ -1244,168 +1119,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Option<Head>, Refused> {
-        parse_request(&mut BytesMut::from(text.as_bytes()), 8192)
-    }
-
-    #[test]
-    fn request_heads_parse_with_their_framing_and_keep_alive() {
-        let head = parse("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-Y: z\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(head.parts.method, Method::GET);
-        assert_eq!(head.parts.uri, "/a?b=1");
-        assert_eq!(head.parts.headers["x-y"], "z");
-        assert_eq!(head.framing, None);
-        assert!(head.keep_alive);
-
-        let head =
-            parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
-                .unwrap()
-                .unwrap();
-        assert_eq!(head.framing, Some(Framing::Length(5)));
-        assert!(!head.keep_alive);
-
-        let head = parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(head.framing, Some(Framing::Chunked(Chunk::Size)));
-
-        let head = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
-        assert!(!head.keep_alive, "HTTP/1.0 closes unless asked");
-        let head = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(head.keep_alive);
-        assert_eq!(head.parts.version, Version::HTTP_10);
-
-        let head =
-            parse("PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
-                .unwrap()
-                .unwrap();
-        assert!(head.expect_continue);
-
-        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
-    }
-
-    #[test]
-    fn bad_and_oversized_heads_are_refused() {
-        let both = "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(matches!(parse(both), Err(Refused::Bad(_))));
-        let not_chunked = "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n";
-        assert!(matches!(parse(not_chunked), Err(Refused::Bad(_))));
-        let two_lengths = "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
-        assert!(matches!(parse(two_lengths), Err(Refused::Bad(_))));
-        assert!(matches!(
-            parse("GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
-            Err(Refused::Bad(_))
-        ));
-        assert!(matches!(parse("GARBAGE\r\n\r\n"), Err(Refused::Bad(_))));
-        assert_eq!(
-            parse("CONNECT example.com:443 HTTP/1.1\r\n\r\n").err(),
-            Some(Refused::Connect)
-        );
-        let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(9000));
-        assert_eq!(parse(&big).err(), Some(Refused::TooLarge));
-        let many: String = (0..150).map(|i| format!("h{i}: v\r\n")).collect();
-        assert_eq!(
-            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
-            Some(Refused::TooLarge)
-        );
-    }
-
-    /// The security review's sixth finding, case by case (each was
-    /// accepted and forwarded), and the forms it found refused, which must
-    /// stay refused.
-    #[test]
-    fn request_heads_are_as_strict_as_rfc_9112_says() {
-        #[derive(Debug, PartialEq)]
-        enum Want {
-            Ok,
-            Bad,
-            NotImplemented,
-            TooLarge,
-        }
-        let cases: &[(&str, &str, Want)] = &[
-            ("no Host", "GET / HTTP/1.1\r\n\r\n", Want::Bad),
-            ("two Hosts", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Want::Bad),
-            ("HTTP/1.0 without Host", "GET / HTTP/1.0\r\n\r\n", Want::Ok),
-            ("GET *", "GET * HTTP/1.1\r\nHost: a\r\n\r\n", Want::Bad),
-            ("OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", Want::Ok),
-            (
-                "gzip, chunked",
-                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-                Want::NotImplemented,
-            ),
-            (
-                "chunked twice",
-                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
-                Want::NotImplemented,
-            ),
-            (
-                "gzip then chunked on two lines",
-                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
-                Want::NotImplemented,
-            ),
-            ("chunked", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Want::Ok),
-            // Refused before, and still.
-            ("gzip alone", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", Want::Bad),
-            (
-                "CL + TE",
-                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-                Want::Bad,
-            ),
-            (
-                "TE + CL",
-                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-                Want::Bad,
-            ),
-            (
-                "two Content-Lengths",
-                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-                Want::Bad,
-            ),
-            ("a list as Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n", Want::Bad),
-            ("signed Content-Length", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", Want::Bad),
-            ("obs-fold", "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", Want::Bad),
-            ("bare CR in a value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", Want::Bad),
-            ("space before the colon", "GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", Want::Bad),
-            ("HTTP/2.0 in an HTTP/1 head", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", Want::Bad),
-            ("userinfo in the target", "GET http://u:p@a/ HTTP/1.1\r\nHost: a\r\n\r\n", Want::Bad),
-            ("another scheme", "GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n", Want::Bad),
-        ];
-        for (what, text, want) in cases {
-            let got = match parse(text) {
-                Ok(Some(_)) => Want::Ok,
-                Ok(None) => panic!("{what}: incomplete"),
-                Err(Refused::Bad(_)) => Want::Bad,
-                Err(Refused::NotImplemented(_)) => Want::NotImplemented,
-                Err(Refused::TooLarge) => Want::TooLarge,
-                Err(Refused::Connect) => panic!("{what}: CONNECT"),
-            };
-            assert_eq!(&got, want, "{what}");
-        }
-        // An absolute-form target names the host: the Host field goes.
-        let head = parse("GET http://real.example/x?q=1 HTTP/1.1\r\nHost: fake.example\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(head.parts.headers.get_all("host").iter().count(), 1);
-        assert_eq!(head.parts.headers["host"], "real.example");
-        assert_eq!(head.parts.uri.path(), "/x");
-    }
-
-    #[test]
-    fn a_pipelined_request_stays_in_the_buffer() {
-        let mut buf = BytesMut::from(
-            &b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-        );
-        let first = parse_request(&mut buf, 8192).unwrap().unwrap();
-        assert_eq!(first.parts.uri, "/1");
-        let second = parse_request(&mut buf, 8192).unwrap().unwrap();
-        assert_eq!(second.parts.uri, "/2");
-        assert!(buf.is_empty());
-    }
-
     fn head_of(
         status: u16,
         headers: &[(&str, &str)],
@@ -1527,6 +1240,7 @@ mod tests {
         let limits = ServerLimits {
             header_read: Duration::from_secs(1),
             idle: Arc::new(|| None),
+            pressure: None,
             max_head: 8192,
         };
         let future = serve(io, service, limits, &closing, &draining);

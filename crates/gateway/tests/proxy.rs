@@ -987,6 +987,22 @@ async fn a_malformed_response_is_a_502_with_the_reason() {
     assert!(r.body.contains("invalid Content-Length"), "{}", r.body);
 }
 
+/// The security review: `Transfer-Encoding: gzip, chunked` from an
+/// instance was decoded as chunked and the gzip coding dropped, so the
+/// client got compressed bytes labelled as nothing. A coding the gateway
+/// does not decode is a 502 (as nginx answers it).
+#[tokio::test]
+async fn a_response_coding_other_than_chunked_is_a_502() {
+    let (url, _) = scripted_instance(vec![vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ]])
+    .await;
+    let gw = TestGateway::start(settings(&[url], json!({"health_path": "", "retries": 0}))).await;
+    let r = TestClient::default().get(&gw.url("/a")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(r.body.contains("Transfer-Encoding"), "{}", r.body);
+}
+
 #[tokio::test]
 async fn an_instance_that_answers_in_the_middle_of_an_upload_and_closes_is_heard() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
