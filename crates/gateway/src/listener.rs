@@ -337,6 +337,9 @@ pub struct Connections {
     /// set; only addresses with one open are kept.
     per_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     closed: Notify,
+    /// Told each time the open count reaches three quarters of
+    /// `max_connections` from below: idle connections shorten their wait.
+    pub(crate) pressure: Arc<Notify>,
 }
 
 /// What a per-client count is kept by: an IPv4 address (an IPv4-mapped
@@ -439,6 +442,13 @@ impl Connections {
             counted = Some(client);
         }
         metrics::gauge!("shoal_gateway_open_connections").set((prev + 1) as f64);
+        let threshold = limits.max_connections * 3;
+        if limits.idle_under_pressure.is_some()
+            && prev * 4 < threshold
+            && (prev + 1) * 4 >= threshold
+        {
+            self.pressure.notify_waiters();
+        }
         Ok(ConnGuard {
             connections: Arc::clone(self),
             client: counted,
@@ -708,6 +718,7 @@ where
         let conn_limits = limits.clone();
         let server_limits = crate::h1server::ServerLimits {
             header_read: limits.handshake_timeout,
+            pressure: Some(Arc::clone(&conn.info.guard.connections.pressure)),
             idle: Arc::new(move || guard.idle_timeout(&conn_limits)),
             max_head: limits.max_head,
         };

@@ -534,6 +534,7 @@ async fn idle_connections_are_let_go_sooner_under_pressure() {
     assert_eq!(get_on(&mut alone).await, "HTTP/1.1 200 OK");
     let (_, closed) = read_raw(&mut alone, Duration::from_millis(1_600), None).await;
     assert!(!closed, "one connection of four: the usual idle timeout");
+    drop(alone);
     let mut more = Vec::new();
     for ip in [2, 3] {
         let mut s = connect_from([127, 0, 0, ip], &gw).await;
@@ -541,15 +542,47 @@ async fn idle_connections_are_let_go_sooner_under_pressure() {
         more.push(s);
     }
     // Three of four open: the next idle period ends after 1 s.
-    assert_eq!(get_on(&mut alone).await, "HTTP/1.1 200 OK");
+    let mut third = connect_from([127, 0, 0, 4], &gw).await;
+    assert_eq!(get_on(&mut third).await, "HTTP/1.1 200 OK");
     let started = Instant::now();
-    let (_, closed) = read_raw(&mut alone, Duration::from_secs(5), None).await;
+    let (_, closed) = read_raw(&mut third, Duration::from_secs(5), None).await;
     assert!(closed, "closed under pressure");
     assert!(
         started.elapsed() < Duration::from_millis(2_500),
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A connection already idle when the pressure starts is told: its wait
+/// shortens to `idle_timeout_under_pressure_secs` from when it went idle
+/// (before, it kept the 60 s it had).
+#[tokio::test]
+async fn connections_already_idle_are_let_go_when_pressure_starts() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(settings(
+        &[up.url()],
+        json!({"max_connections": 4, "idle_timeout_secs": 60, "idle_timeout_under_pressure_secs": 2}),
+    ))
+    .await;
+    let mut early = connect_from([127, 0, 0, 1], &gw).await;
+    assert_eq!(get_on(&mut early).await, "HTTP/1.1 200 OK");
+    // Idle, with 60 s ahead of it; then the pressure starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut more = Vec::new();
+    for ip in [2, 3] {
+        more.push(connect_from([127, 0, 0, ip], &gw).await);
+    }
+    let started = Instant::now();
+    let (_, closed) = read_raw(&mut early, Duration::from_secs(5), None).await;
+    assert!(closed, "an idle connection is let go once pressure starts");
+    // 2 s from going idle, of which 0.5 s had passed.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_000) && waited < Duration::from_millis(2_500),
+        "{waited:?}"
+    );
+    drop(more);
 }
 
 #[tokio::test]
