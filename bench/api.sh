@@ -82,8 +82,9 @@ SHOAL_ENV=(SHOAL_LOG__LEVEL=warn SHOAL_SESSIONS__BACKEND=redis SHOAL_SESSIONS__R
 ADMIN_TOKEN="apibench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 echo "==> seeding $PRODUCTS products on each side"
-SHOAL_LOG__LEVEL=warn $BIN/shoal seed --products "$PRODUCTS" --data-dir "$RUN/shoal" >&2
-DB="$RUN/node/api.db" PRODUCTS="$PRODUCTS" node bench/api/seed.mjs
+# Checkouts hold stock: enough for every order the run places.
+SHOAL_LOG__LEVEL=warn $BIN/shoal seed --products "$PRODUCTS" --stock 1000000000 --data-dir "$RUN/shoal" >&2
+DB="$RUN/node/api.db" PRODUCTS="$PRODUCTS" STOCK=1000000000 node bench/api/seed.mjs
 
 # start_node PORT WORKERS: the Fastify cluster (appends its pid to PIDS).
 start_node() {

@@ -63,11 +63,12 @@ export SHOAL_GATEWAY__ADMIN_TOKEN="$TOKEN" SHOAL_METRICS__TOKEN="$TOKEN"
 export SHOAL_ACCOUNTS__LOGIN_ATTEMPTS_PER_ADDRESS=1000000
 export SHOAL_PAYMENTS__API_KEY="sk_test_$TOKEN" SHOAL_PAYMENTS__WEBHOOK_SECRET="whsec_$TOKEN"
 export SHOAL_SANDBOX__API_KEY="sk_test_$TOKEN" SHOAL_SANDBOX__WEBHOOK_SECRET="whsec_$TOKEN"
+export SHOAL_CLIENTS__TOKEN="svc_$TOKEN"
 DATA="$RUN/data"
 
 echo "migrating and seeding $PRODUCTS products ..." >&2
 $BIN/shoal migrate --data-dir "$DATA" >/dev/null
-$BIN/shoal seed --products "$PRODUCTS" --data-dir "$DATA" >/dev/null 2>&1
+$BIN/shoal seed --products "$PRODUCTS" --stock 1000000000 --data-dir "$DATA" >/dev/null 2>&1
 
 SP=$(free_port); GP=$(free_port)
 $BIN/shoal sandbox --listen "127.0.0.1:$SP" --data-dir "$DATA" > "$RUN/sandbox.log" 2>&1 &

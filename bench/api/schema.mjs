@@ -38,8 +38,16 @@ CREATE TABLE IF NOT EXISTS orders (
     failure TEXT,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
+    reservation_id TEXT,
     UNIQUE (user_id, idempotency_key));
 CREATE INDEX IF NOT EXISTS orders_user ON orders (user_id, created_at);
+CREATE TABLE IF NOT EXISTS stock_reservations (
+    id TEXT PRIMARY KEY,
+    items TEXT NOT NULL,
+    status TEXT NOT NULL,
+    result TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS shoal_jobs (
     id TEXT PRIMARY KEY,
     queue TEXT NOT NULL,

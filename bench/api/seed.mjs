@@ -13,6 +13,8 @@ import { SCHEMA, open, uuidv7 } from "./schema.mjs";
 
 const DB = process.env.DB ?? "api-data/api.db";
 const PRODUCTS = Number(process.env.PRODUCTS ?? 1000);
+// As `shoal seed --stock`: every product's stock (checkouts hold stock).
+const STOCK = process.env.STOCK === undefined ? undefined : Number(process.env.STOCK);
 const PER_TRANSACTION = 10_000; // Shoal: 20 statements of 500 rows
 
 const ADJECTIVES = ["Classic", "Compact", "Deluxe", "Ergonomic", "Handmade", "Lightweight", "Modern",
@@ -64,7 +66,7 @@ while (done < PRODUCTS) {
       `A ${adjective.toLowerCase()} ${material.toLowerCase()} ${noun.toLowerCase()} made for ${pick(USES)}. Model ${sku}.`,
       199 + randomInt(250_000 - 199),
       pick(CURRENCIES),
-      randomInt(1000),
+      STOCK ?? randomInt(1000),
       `https://images.example.com/products/${sku}.jpg`,
       JSON.stringify(tags),
       at,

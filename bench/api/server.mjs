@@ -23,10 +23,12 @@
 //        argon2id; login has no attempt throttling or device cookie: it is
 //        only how the benchmark gets a cookie, and is not measured).
 //   POST /api/orders                crates/services/orders: session,
-//        Idempotency-Key, the same validation, the idempotency lookup, each
-//        product's price from the catalog route over HTTP keep-alive (as
-//        Shoal's ServiceClient calls its catalog instances over loopback:
-//        CATALOG_URL, by default this cluster's own port), then ONE SQLite
+//        Idempotency-Key, the same validation, the idempotency lookup, ONE
+//        stock reservation for every line from the catalog route
+//        (POST /api/catalog/reservations: a SQLite transaction holding
+//        each line's stock, with the service token) over HTTP keep-alive
+//        (as Shoal's ServiceClient calls its catalog instances over
+//        loopback: CATALOG_URL, by default this cluster's own port), then ONE SQLite
 //        transaction inserting the order and its `payments.charge` job row
 //        (the outbox, as Shoal's job store enqueues inside the transaction);
 //        201 with the order.
@@ -102,6 +104,13 @@ async function worker() {
   const PREFIX = process.env.REDIS_PREFIX ?? "shoal-api-peer";
   const CATALOG_URL = process.env.CATALOG_URL ?? `http://127.0.0.1:${PORT}`;
   const INSTANCE = process.env.INSTANCE ?? `node@127.0.0.1:${PORT}`;
+  // clients.token: what the orders route presents to the catalog's.
+  const SERVICE_TOKEN = process.env.SERVICE_TOKEN ?? "shoal-development-service-token";
+  const timingSafeEqualStr = (a, b) => {
+    const x = Buffer.from(a);
+    const y = Buffer.from(b);
+    return x.length === y.length && timingSafeEqual(x, y);
+  };
 
   // Shoal's defaults (crates/core/src/settings).
   const CATALOG_TTL_MS = 300_000;
@@ -342,9 +351,19 @@ async function worker() {
     orderByKey: db.prepare("SELECT request_hash, response FROM orders WHERE user_id = ? AND idempotency_key = ?"),
     insertOrder: db.prepare(
       `INSERT INTO orders (id, user_id, status, items, total_cents, currency, payment_method,
-          idempotency_key, request_hash, response, created_at, updated_at)
-       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+          idempotency_key, request_hash, response, created_at, updated_at, reservation_id)
+       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
        ON CONFLICT (user_id, idempotency_key) DO NOTHING`,
+    ),
+    reservationById: db.prepare("SELECT items, result FROM stock_reservations WHERE id = ?"),
+    holdStock: db.prepare(
+      `UPDATE products SET stock = stock - ?1, updated_at = ?2
+       WHERE id = ?3 AND stock >= ?1 RETURNING name, price_cents, currency`,
+    ),
+    stockOf: db.prepare("SELECT stock FROM products WHERE id = ?"),
+    insertReservation: db.prepare(
+      `INSERT INTO stock_reservations (id, items, status, result, created_at, updated_at)
+       VALUES (?, ?, 'held', ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
     ),
     insertJob: db.prepare(
       `INSERT INTO shoal_jobs (id, queue, kind, payload, priority, state,
@@ -542,7 +561,14 @@ async function worker() {
         this.openUntil = Date.now() + 5000;
       }
     },
+    // 4xx answers come back as { status, problem } for the caller to read.
     async getJson(path, requestId) {
+      return this.call("GET", path, undefined, requestId);
+    },
+    async postJson(path, body, requestId) {
+      return this.call("POST", path, JSON.stringify(body), requestId);
+    },
+    async call(method, path, body, requestId) {
       const deadline = Date.now() + 2000;
       let last = null;
       for (let attempt = 0; attempt <= 2; attempt++) {
@@ -550,10 +576,17 @@ async function worker() {
         const left = deadline - Date.now();
         if (left <= 0) break;
         try {
+          const headers = {
+            "x-shoal-deadline-ms": String(left),
+            "x-request-id": requestId,
+            authorization: `Bearer ${SERVICE_TOKEN}`,
+          };
+          if (body !== undefined) headers["content-type"] = "application/json";
           const r = await this.pool.request({
             path,
-            method: "GET",
-            headers: { "x-shoal-deadline-ms": String(left), "x-request-id": requestId },
+            method,
+            body,
+            headers,
             headersTimeout: left,
             bodyTimeout: left,
           });
@@ -566,14 +599,17 @@ async function worker() {
             this.record(true);
             return await r.body.json();
           }
-          const text = (await r.body.text()).slice(0, 300);
+          const text = (await r.body.text()).slice(0, 16 * 1024);
           if (r.statusCode >= 500) {
             this.record(false);
             last = new Error(`catalog answered ${r.statusCode}: ${text}`);
             continue;
           }
           this.record(true);
-          throw new Error(`catalog answered ${r.statusCode}: ${text}`);
+          const refusal = new Error(`catalog answered ${r.statusCode}: ${text}`);
+          refusal.status = r.statusCode;
+          refusal.problem = (() => { try { return JSON.parse(text); } catch { return null; } })();
+          throw refusal;
         } catch (e) {
           if (String(e.message).startsWith("catalog answered 4")) throw e;
           this.record(false);
@@ -699,6 +735,48 @@ async function worker() {
     const body = cachedProduct(id);
     if (body === null) return sendProblem(reply, notFound(`there is no product with id \`${id}\``));
     return publicResponse(req, reply, body, [`product:${id}`]);
+  });
+
+  // crates/services/catalog/src/reserve.rs: every line's stock held in
+  // one transaction or none, idempotent by id, for the service token only.
+  app.post("/api/catalog/reservations", (req, reply) => {
+    const auth = req.headers.authorization ?? "";
+    if (!timingSafeEqualStr(auth, `Bearer ${SERVICE_TOKEN}`)) {
+      throw forbidden("an internal endpoint: only Shoal's own services (with clients.token) may call it");
+    }
+    const { id, items } = req.body ?? {};
+    const itemsJson = JSON.stringify(items.map((l) => ({ product_id: l.product_id, quantity: l.quantity })));
+    const stored = q.reservationById.get(id);
+    if (stored) {
+      if (stored.items !== itemsJson) throw conflict("this reservation id was used for other items").field("id", "already holds other items");
+      reply.header("content-type", "application/json");
+      return Buffer.from(stored.result);
+    }
+    const now = Date.now();
+    const short = conflict("not enough stock for every item; nothing was held");
+    const missing = validation("an item's product does not exist; nothing was held");
+    let result = null;
+    transaction(() => {
+      const held = [];
+      items.forEach((l, i) => {
+        const row = q.holdStock.get(l.quantity, now, l.product_id);
+        if (row) {
+          held.push({ product_id: l.product_id, name: row.name, price_cents: row.price_cents, currency: row.currency, quantity: l.quantity });
+        } else {
+          const left = q.stockOf.get(l.product_id);
+          if (left) short.field(`items[${i}].quantity`, `only ${Math.max(0, left.stock)} in stock`);
+          else missing.field(`items[${i}].product_id`, "no such product");
+        }
+      });
+      if (missing.hasErrors || short.hasErrors) return ROLLBACK;
+      result = JSON.stringify({ id, items: held });
+      q.insertReservation.run(id, itemsJson, result, now, now);
+      return true;
+    });
+    if (missing.hasErrors) throw missing;
+    if (short.hasErrors) throw short;
+    reply.code(201).header("content-type", "application/json");
+    return Buffer.from(result);
   });
 
   app.get("/api/catalog/products", (req, reply) => {
@@ -840,26 +918,35 @@ async function worker() {
       if (prior.request_hash === requestHash) return replay(reply, prior.response);
       throw keyReused();
     }
+    // Stock held and prices read in one catalog call (Shoal's reserve()).
+    const reservationId = `order:${sha256hex(`${session.user_id}\n${key}`).slice(0, 32)}`;
+    let reservation;
+    try {
+      reservation = await catalog.postJson("/api/catalog/reservations", { id: reservationId, items }, req.id);
+    } catch (e) {
+      if (e.status === 409 || e.status === 422) {
+        const theirs = e.problem ?? { errors: [] };
+        if ((theirs.errors ?? []).some((f) => f.field === "id")) throw keyReused();
+        const p = e.status === 409
+          ? conflict("not enough stock for every item; nothing was ordered")
+          : validation("an item's product does not exist; nothing was ordered");
+        for (const f of theirs.errors ?? []) p.field(f.field, f.message);
+        throw p;
+      }
+      req.log.warn({ err: e }, "catalog reservation failed");
+      throw unavailable("the catalog service is unavailable; retry with the same Idempotency-Key", 1);
+    }
     const lines = [];
     let currency = null;
     let total = 0;
-    for (let i = 0; i < items.length; i++) {
-      let p;
-      try {
-        p = await catalog.getJson(`/api/catalog/products/${items[i].product_id}`, req.id);
-      } catch (e) {
-        req.log.warn({ err: e }, "catalog call failed");
-        throw unavailable("the catalog service is unavailable; retry with the same Idempotency-Key", 1);
-      }
-      if (p === null) {
-        throw validation(`product \`${items[i].product_id}\` does not exist`).field(`items[${i}].product_id`, "no such product");
-      }
-      currency ??= p.currency;
-      if (currency !== p.currency) {
+    for (let i = 0; i < reservation.items.length; i++) {
+      const l = reservation.items[i];
+      currency ??= l.currency;
+      if (currency !== l.currency) {
         throw validation("all items must be priced in one currency").field(`items[${i}].product_id`, "is priced in another currency");
       }
-      total += p.price_cents * items[i].quantity;
-      lines.push({ product_id: p.id, name: p.name, quantity: items[i].quantity, unit_price_cents: p.price_cents });
+      total += l.price_cents * l.quantity;
+      lines.push({ product_id: l.product_id, name: l.name, quantity: l.quantity, unit_price_cents: l.price_cents });
     }
     const now = Date.now();
     const order = {
@@ -875,7 +962,7 @@ async function worker() {
     const response = JSON.stringify(order);
     const outcome = transaction(() => {
       const inserted = q.insertOrder.run(order.id, session.user_id, order.status, JSON.stringify(order.items), order.total_cents,
-        order.currency, paymentMethod, key, requestHash, response, now, now);
+        order.currency, paymentMethod, key, requestHash, response, now, now, reservationId);
       // A concurrent request with the same key won the race.
       if (inserted.changes === 0) return ROLLBACK;
       // Keys in serde_json's (sorted) order, as Shoal's `json!` stores them.

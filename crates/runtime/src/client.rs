@@ -46,6 +46,9 @@ pub struct ClientOptions {
     pub retries: u32,
     pub breaker_failures: u32,
     pub breaker_open: Duration,
+    /// Sent as `Authorization: Bearer` on every call (`clients.token`):
+    /// what opens the callee's internal endpoints.
+    pub token: Option<String>,
 }
 
 #[derive(Debug)]
@@ -120,6 +123,26 @@ impl ServiceClient {
         &self,
         path: &str,
     ) -> Result<Option<T>, ClientError> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// POSTs `body` to `path` and reads the answer as JSON; `Ok(None)` on
+    /// 404. Retried like a GET, so only for calls the callee makes
+    /// idempotent (by an id in the body, as stock reservations are).
+    pub async fn post_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Option<T>, ClientError> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Option<T>, ClientError> {
         let deadline = Instant::now() + self.options.timeout;
         let mut tried = Vec::new();
         let mut last = None;
@@ -137,9 +160,15 @@ impl ServiceClient {
             let url = format!("{}{path}", self.endpoints[i].base);
             let mut request = self
                 .http
-                .get(&url)
+                .request(method.clone(), &url)
                 .timeout(left)
                 .header("x-shoal-deadline-ms", left.as_millis().to_string());
+            if let Some(token) = &self.options.token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
             // The caller's trace, so the callee's logs carry it.
             if let Some(trace) = shoal_core::trace::current() {
                 request = request.header("x-request-id", trace);
@@ -176,7 +205,9 @@ impl ServiceClient {
                     });
                 }
                 Ok(r) => {
-                    // 4xx: our request is wrong; another instance will agree.
+                    // 4xx: our request is wrong; another instance will
+                    // agree. Its problem details are the caller's to read
+                    // (bounded: one per line of up to 100 lines).
                     self.record(i, true);
                     return Err(ClientError::Status {
                         service: self.service.clone(),
@@ -186,7 +217,7 @@ impl ServiceClient {
                             .await
                             .unwrap_or_default()
                             .chars()
-                            .take(300)
+                            .take(16 * 1024)
                             .collect(),
                     });
                 }
@@ -228,6 +259,7 @@ mod tests {
                 retries: 2,
                 breaker_failures: 2,
                 breaker_open: Duration::from_secs(60),
+                token: None,
             },
         )
     }

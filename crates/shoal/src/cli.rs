@@ -197,6 +197,11 @@ pub struct SeedArgs {
     /// How many products to create.
     #[arg(long, default_value_t = 1000)]
     pub products: usize,
+    /// Then set every product's stock to this (checkouts hold stock, so a
+    /// benchmark or test that orders a lot needs plenty). Default: each
+    /// new product gets a random stock from 0 to 999.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=1_000_000_000))]
+    pub stock: Option<i64>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -64,7 +64,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
                 shoal_core::settings::redact_url_password(&settings.database_url()?)
             );
         }
-        Command::Seed(args) => seed(&settings, args.products).await?,
+        Command::Seed(args) => seed(&settings, args.products, args.stock).await?,
         Command::Jobs(args) => return jobs(&settings, args.command).await,
         Command::Sandbox(_) => sandbox(&settings, shutdown).await?,
         Command::Config => unreachable!("handled before the runtime starts"),
@@ -232,7 +232,7 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
     Ok(())
 }
 
-async fn seed(settings: &Settings, products: usize) -> anyhow::Result<()> {
+async fn seed(settings: &Settings, products: usize, stock: Option<i64>) -> anyhow::Result<()> {
     let db = shoal_backends::Database::connect(
         &settings.database_url()?,
         settings.database.max_connections,
@@ -258,6 +258,10 @@ async fn seed(settings: &Settings, products: usize) -> anyhow::Result<()> {
         "seeded {products} products in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    if let Some(stock) = stock {
+        let n = shoal_catalog::set_all_stock(&db, stock).await?;
+        println!("set the stock of {n} products to {stock}");
+    }
     db.close().await;
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! given them, and refuse the known development ones (`roles.rs`).
 
 use anyhow::Context as _;
-use shoal_core::settings::{DEVELOPMENT_API_KEY, DEVELOPMENT_WEBHOOK_SECRET};
+use shoal_core::settings::{
+    DEVELOPMENT_API_KEY, DEVELOPMENT_SERVICE_TOKEN, DEVELOPMENT_WEBHOOK_SECRET,
+};
 use shoal_core::Settings;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -24,6 +26,8 @@ pub struct StackSecrets {
     pub payments_api_key: String,
     /// `payments.webhook_secret` and `sandbox.webhook_secret`.
     pub payments_webhook_secret: String,
+    /// `clients.token`: services' calls to each other.
+    pub service_token: String,
 }
 
 impl StackSecrets {
@@ -43,6 +47,7 @@ impl StackSecrets {
             metrics_token: secret(&dir, "metrics-token", "")?,
             payments_api_key: secret(&dir, "payments-api-key", "sk_test_")?,
             payments_webhook_secret: secret(&dir, "payments-webhook-secret", "whsec_")?,
+            service_token: secret(&dir, "service-token", "")?,
             dir,
         })
     }
@@ -70,6 +75,9 @@ impl StackSecrets {
         if s.payments.webhook_secret == DEVELOPMENT_WEBHOOK_SECRET {
             s.payments.webhook_secret = self.payments_webhook_secret.clone();
         }
+        if s.clients.token == DEVELOPMENT_SERVICE_TOKEN {
+            s.clients.token = self.service_token.clone();
+        }
         if s.up.sandbox {
             // The bundled provider must accept the key the services send
             // and sign with the secret they verify.
@@ -83,6 +91,7 @@ impl StackSecrets {
                 s.payments.webhook_secret.clone(),
             ),
             ("SHOAL_SANDBOX__API_KEY", s.sandbox.api_key.clone()),
+            ("SHOAL_CLIENTS__TOKEN", s.clients.token.clone()),
             (
                 "SHOAL_SANDBOX__WEBHOOK_SECRET",
                 s.sandbox.webhook_secret.clone(),
@@ -185,6 +194,9 @@ mod tests {
         assert!(env
             .iter()
             .any(|(k, v)| k == "SHOAL_GATEWAY__ADMIN_TOKEN" && *v == first.admin_token));
+        assert!(env
+            .iter()
+            .any(|(k, v)| k == "SHOAL_CLIENTS__TOKEN" && *v == first.service_token));
         s.validate().unwrap();
         // A secret the operator chose is kept.
         let mut chosen = Settings::default();

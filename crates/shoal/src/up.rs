@@ -477,7 +477,7 @@ fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path, secrets: &Pa
         ));
     }
     out.push_str(&format!(
-        "\n  data:    {}\n  secrets: {} (admin token, metrics token, payment keys; owner only)\n  try:     curl -X POST http://{gateway}/api/accounts/signup -H 'content-type: application/json' -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}'\n  pools:   curl -H \"Authorization: Bearer $(cat {}/admin-token)\" http://{gateway}/_gateway/pools\n  stop:    Ctrl-C\n",
+        "\n  data:    {}\n  secrets: {} (admin token, metrics token, payment keys, service token; owner only)\n  try:     curl -X POST http://{gateway}/api/accounts/signup -H 'content-type: application/json' -d '{{\"email\":\"ada@example.com\",\"password\":\"correct horse\"}}'\n  pools:   curl -H \"Authorization: Bearer $(cat {}/admin-token)\" http://{gateway}/_gateway/pools\n  stop:    Ctrl-C\n",
         data_dir.display(),
         secrets.display(),
         secrets.display(),

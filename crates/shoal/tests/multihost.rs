@@ -530,6 +530,10 @@ async fn shoal_survives_losing_a_host_of_each_role() {
         secret("SHOAL_PAYMENTS__PROVIDER_URL", sandbox.clone()),
         secret("SHOAL_PAYMENTS__API_KEY", api_key.clone()),
         secret("SHOAL_PAYMENTS__WEBHOOK_SECRET", webhook_secret.clone()),
+        secret(
+            "SHOAL_CLIENTS__TOKEN",
+            format!("svc-{}", kit::unique_name()),
+        ),
         secret("SHOAL_PAYMENTS__REQUEST_TIMEOUT_MS", "6000".into()),
         secret("SHOAL_GATEWAY__ADMIN_TOKEN", admin_token.clone()),
         secret(
@@ -544,7 +548,10 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     env.push(secret("SHOAL_SERVE__REGISTER_AT", gateways.join(",")));
 
     // Migrations and products, from this machine.
-    for args in [vec!["migrate"], vec!["seed", "--products", "20"]] {
+    for args in [
+        vec!["migrate"],
+        vec!["seed", "--products", "20", "--stock", "1000000"],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .args(&args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

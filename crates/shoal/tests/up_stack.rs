@@ -22,7 +22,14 @@ impl Stack {
         let dir = kit::TempDir::new("up");
         let port = kit::free_port();
         let seeded = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["seed", "--products", "20", "--data-dir"])
+            .args([
+                "seed",
+                "--products",
+                "20",
+                "--stock",
+                "1000000",
+                "--data-dir",
+            ])
             .arg(dir.path().join("data"))
             .env("SHOAL_LOG__LEVEL", "warn")
             .output()
@@ -890,9 +897,23 @@ fn roles_refuse_development_secrets_outside_a_development_run() {
         cmd.output().unwrap()
     };
     for (role, keys) in [
-        ("serve", ["payments.api_key", "payments.webhook_secret"]),
-        ("worker", ["payments.api_key", "payments.webhook_secret"]),
-        ("sandbox", ["sandbox.api_key", "sandbox.webhook_secret"]),
+        (
+            "serve",
+            &[
+                "payments.api_key",
+                "payments.webhook_secret",
+                "clients.token",
+            ][..],
+        ),
+        (
+            "worker",
+            &[
+                "payments.api_key",
+                "payments.webhook_secret",
+                "clients.token",
+            ],
+        ),
+        ("sandbox", &["sandbox.api_key", "sandbox.webhook_secret"]),
     ] {
         let args: &[&str] = match role {
             "worker" => &["worker"],

@@ -412,11 +412,20 @@ pub struct ClientsSettings {
     pub breaker_failures: u32,
     /// How long an open breaker rejects calls before one trial, ms.
     pub breaker_open_ms: u64,
+    /// The token Shoal's services present to each other (`Authorization:
+    /// Bearer`) on internal endpoints (the catalog's stock reservations).
+    /// The same on every `serve` and `worker`; the development default is
+    /// refused outside a development run.
+    pub token: String,
 }
+
+/// The development default of `clients.token` (known to everyone).
+pub const DEVELOPMENT_SERVICE_TOKEN: &str = "shoal-development-service-token";
 
 impl Default for ClientsSettings {
     fn default() -> Self {
         ClientsSettings {
+            token: DEVELOPMENT_SERVICE_TOKEN.into(),
             catalog: Vec::new(),
             timeout_ms: 2_000,
             retries: 2,
@@ -582,6 +591,12 @@ impl Settings {
                 );
             }
         }
+        if self.clients.token.len() < 16 {
+            return invalid(
+                "clients.token",
+                "must be at least 16 characters (a random one: `openssl rand -hex 32`), the same on every serve and worker",
+            );
+        }
         self.gateway.validate()?;
         self.cache.validate()?;
         if let Err((key, message)) = self.notifications.validate() {
@@ -602,6 +617,9 @@ impl Settings {
                 }
                 if self.payments.webhook_secret == payments::DEVELOPMENT_WEBHOOK_SECRET {
                     found.push("payments.webhook_secret");
+                }
+                if self.clients.token == DEVELOPMENT_SERVICE_TOKEN {
+                    found.push("clients.token");
                 }
             }
             Role::Sandbox => {
@@ -734,7 +752,11 @@ mod tests {
         let mut s = Settings::default();
         assert_eq!(
             s.development_secrets(Role::Serve),
-            ["payments.api_key", "payments.webhook_secret"]
+            [
+                "payments.api_key",
+                "payments.webhook_secret",
+                "clients.token"
+            ]
         );
         assert_eq!(
             s.development_secrets(Role::Sandbox),
@@ -742,6 +764,7 @@ mod tests {
         );
         s.payments.api_key = "sk_live_something_else".into();
         s.payments.webhook_secret = "whsec_random_for_this_deployment".into();
+        s.clients.token = "a-random-service-token-for-this-deployment".into();
         assert!(s.development_secrets(Role::Worker).is_empty());
     }
 

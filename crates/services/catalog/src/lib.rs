@@ -4,13 +4,16 @@
 //! headers (`Cache-Control` with `s-maxage` and `stale-while-revalidate`, a
 //! strong `ETag` answered with 304, `Surrogate-Key`/`Cache-Tag`), and
 //! writes (admins only: user ids in `catalog.admin_user_ids`) invalidate
-//! the tags on every instance and call the purge hook.
+//! the tags on every instance and call the purge hook. Stock is held for
+//! checkouts by reservations (`reserve.rs`).
 
 mod purge;
+mod reserve;
 mod seed;
 
 pub use purge::{HttpPurger, NoopPurger, PurgeError, Purger};
-pub use seed::seed;
+pub use reserve::{release, Line, Reservation, ReservedLine, RELEASE_KIND, RELEASE_QUEUE};
+pub use seed::{seed, set_all_stock};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -29,10 +32,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "products",
-    sql: "CREATE TABLE IF NOT EXISTS products (
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "products",
+        sql: "CREATE TABLE IF NOT EXISTS products (
         id TEXT PRIMARY KEY,
         sku TEXT NOT NULL UNIQUE,
         name TEXT NOT NULL,
@@ -44,7 +48,21 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
         tags TEXT NOT NULL,
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL);",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "stock_reservations",
+        // `items`: the lines asked for (to tell a replay from a reuse);
+        // `result`: the answer given; `status`: held or released.
+        sql: "CREATE TABLE IF NOT EXISTS stock_reservations (
+        id TEXT PRIMARY KEY,
+        items TEXT NOT NULL,
+        status TEXT NOT NULL,
+        result TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL);",
+    },
+];
 
 /// The tag of every list page (any write changes some list).
 pub const PRODUCTS_TAG: &str = "products";
@@ -118,7 +136,22 @@ impl ServiceModule for Catalog {
                 "/api/catalog/products/{id}",
                 get(get_product).put(replace_product).delete(delete_product),
             )
+            .route(
+                "/api/catalog/reservations",
+                axum::routing::post(reserve::reserve),
+            )
             .layer(Extension(state))
+    }
+
+    fn register_jobs(&self, ctx: &AppContext, worker: shoal_queue::Worker) -> shoal_queue::Worker {
+        let ctx = ctx.clone();
+        worker.register(
+            RELEASE_KIND,
+            shoal_queue::handler_fn(move |job: shoal_queue::JobContext| {
+                let ctx = ctx.clone();
+                async move { reserve::release_job(&ctx, &job).await }
+            }),
+        )
     }
 }
 

@@ -193,3 +193,15 @@ impl Row {
         }
     }
 }
+
+/// Sets every product's stock (`shoal seed --stock`: benchmarks and tests
+/// that place many orders need more than the random seed gives); returns
+/// how many products it set.
+pub async fn set_all_stock(db: &Database, stock: i64) -> Result<u64, DbError> {
+    let done = sqlx::query("UPDATE products SET stock = $1, updated_at = $2")
+        .bind(stock)
+        .bind(shoal_backends::now_millis())
+        .execute(db.pool())
+        .await?;
+    Ok(done.rows_affected())
+}

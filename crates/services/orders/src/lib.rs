@@ -1,13 +1,17 @@
 //! The orders service. `POST /api/orders` needs an `Idempotency-Key`: the
 //! same key with the same body returns the first response; with another
-//! body it is a 422. Products and prices come from the catalog service
-//! over HTTP (`ServiceClient`: client-side balanced, deadline, retries,
-//! circuit breaker) — never from its tables. The order (pending payment),
+//! body it is a 422. Stock is held, and products and prices read, by one
+//! call to the catalog service for all lines (a stock reservation, over
+//! HTTP: `ServiceClient`, client-side balanced, deadline, retries, circuit
+//! breaker) — never from its tables. The reservation's id comes from the
+//! user and the key, so a retried checkout holds its stock once. A line
+//! short of stock is a 409 naming it, and nothing is held. The order (pending payment),
 //! the stored idempotent response and the `payments.charge` job commit in
 //! one transaction, so a committed order always has its payment job and a
 //! rolled-back one never does. The `orders.settle` job (sent by payments)
 //! marks the order paid or failed, queues the receipt or payment-failed
-//! email and the user's signed webhook deliveries in the same transaction,
+//! email, the user's signed webhook deliveries and (when failed) the
+//! catalog's `catalog.release_stock` job in the same transaction,
 //! and publishes an event to the user's realtime streams (through the
 //! notifications service's library).
 
@@ -40,10 +44,11 @@ pub struct Orders {
     catalog: OnceLock<Arc<ServiceClient>>,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "orders",
-    sql: "CREATE TABLE IF NOT EXISTS orders (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "orders",
+        sql: "CREATE TABLE IF NOT EXISTS orders (
         id TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         status TEXT NOT NULL,
@@ -59,7 +64,15 @@ const MIGRATIONS: &[Migration] = &[Migration {
         updated_at BIGINT NOT NULL,
         UNIQUE (user_id, idempotency_key));
     CREATE INDEX IF NOT EXISTS orders_user ON orders (user_id, created_at);",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "orders_reservation",
+        // The catalog's stock reservation, released when payment fails (NULL
+        // for orders placed before reservations).
+        sql: "ALTER TABLE orders ADD COLUMN reservation_id TEXT;",
+    },
+];
 
 impl ServiceModule for Orders {
     fn name(&self) -> &'static str {
@@ -83,6 +96,7 @@ impl ServiceModule for Orders {
                         retries: c.retries,
                         breaker_failures: c.breaker_failures,
                         breaker_open: Duration::from_millis(c.breaker_open_ms),
+                        token: Some(c.token.clone()),
                     },
                 ))
             })
@@ -118,14 +132,6 @@ struct CreateOrder {
     items: Vec<ItemRequest>,
     #[serde(default)]
     payment_method: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CatalogProduct {
-    id: String,
-    name: String,
-    price_cents: i64,
-    currency: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -249,30 +255,16 @@ async fn create(
             Err(key_reused())
         };
     }
-    // Prices from the catalog service, never from its tables.
-    let mut items = Vec::new();
+    // Stock held and prices read in one catalog call for every line.
+    let reservation_id = reservation_id(&session.user_id, &key);
+    let reservation = reserve(&catalog, &reservation_id, &body.items).await?;
+    let mut items = Vec::with_capacity(reservation.items.len());
     let mut currency: Option<String> = None;
     let mut total: i64 = 0;
-    for (i, item) in body.items.iter().enumerate() {
-        let path = format!("/api/catalog/products/{}", item.product_id);
-        let product: Option<CatalogProduct> = catalog.get_json(&path).await.map_err(|e| {
-            // The cause (it may hold the other service's answer) goes to
-            // the log, never to the client.
-            tracing::warn!(error = %e, "catalog call failed");
-            ApiError(Problem::unavailable(
-                "the catalog service is unavailable; retry with the same Idempotency-Key",
-                1,
-            ))
-        })?;
-        let Some(product) = product else {
-            return Err(Problem::validation(format!(
-                "product `{}` does not exist",
-                item.product_id
-            ))
-            .with_field(format!("items[{i}].product_id"), "no such product")
-            .into());
-        };
-        if currency.get_or_insert_with(|| product.currency.clone()) != &product.currency {
+    for (i, line) in reservation.items.into_iter().enumerate() {
+        if currency.get_or_insert_with(|| line.currency.clone()) != &line.currency {
+            // Nothing will be ordered: the hold goes back.
+            release_later(&ctx, &reservation_id).await?;
             return Err(
                 Problem::validation("all items must be priced in one currency")
                     .with_field(
@@ -282,12 +274,12 @@ async fn create(
                     .into(),
             );
         }
-        total = total.saturating_add(product.price_cents.saturating_mul(item.quantity));
+        total = total.saturating_add(line.price_cents.saturating_mul(line.quantity));
         items.push(OrderItem {
-            product_id: product.id,
-            name: product.name,
-            quantity: item.quantity,
-            unit_price_cents: product.price_cents,
+            product_id: line.product_id,
+            name: line.name,
+            quantity: line.quantity,
+            unit_price_cents: line.price_cents,
         });
     }
     let currency = currency.unwrap_or_else(|| "usd".into());
@@ -307,8 +299,8 @@ async fn create(
     let mut tx = ctx.db.pool().begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, user_id, status, items, total_cents, currency, payment_method,
-            idempotency_key, request_hash, response, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            idempotency_key, request_hash, response, created_at, updated_at, reservation_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          ON CONFLICT (user_id, idempotency_key) DO NOTHING",
     )
     .bind(&order.id)
@@ -323,10 +315,12 @@ async fn create(
     .bind(&response)
     .bind(now)
     .bind(now)
+    .bind(&reservation_id)
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
-        // A concurrent request with the same key won the race.
+        // A concurrent request with the same key won the race (and holds
+        // the same reservation: its id comes from the key).
         tx.rollback().await?;
         return match find_by_key(&ctx, &session.user_id, &key).await? {
             Some((hash, stored)) if hash == request_hash => Ok(replay(&stored)),
@@ -360,6 +354,93 @@ async fn create(
         Json(order),
     )
         .into_response())
+}
+
+/// The stock reservation of a checkout: one per user and idempotency
+/// key, so a retried request finds the hold it made.
+fn reservation_id(user: &str, key: &str) -> String {
+    let digest = Sha256::digest(format!("{user}\n{key}").as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("order:{hex}")
+}
+
+/// Holds stock for every line in one catalog call. The catalog's refusal
+/// (a line short of stock, a product that does not exist, the key reused
+/// for other items) comes back as the client's problem, field by field
+/// (the lines keep their order); anything else is a 503 to retry.
+async fn reserve(
+    catalog: &ServiceClient,
+    id: &str,
+    items: &[ItemRequest],
+) -> Result<shoal_catalog::Reservation, ApiError> {
+    let body = json!({"id": id, "items": items});
+    let unavailable = || {
+        ApiError(Problem::unavailable(
+            "the catalog service is unavailable; retry with the same Idempotency-Key",
+            1,
+        ))
+    };
+    match catalog
+        .post_json::<shoal_catalog::Reservation>("/api/catalog/reservations", &body)
+        .await
+    {
+        Ok(Some(r)) if r.items.len() == items.len() => Ok(r),
+        Ok(_) => {
+            tracing::warn!("the catalog's reservation answer does not match the request");
+            Err(unavailable())
+        }
+        Err(shoal_runtime::ClientError::Status {
+            status: status @ (409 | 422),
+            body,
+            ..
+        }) => {
+            let theirs: Problem = serde_json::from_str(&body).map_err(|e| {
+                tracing::warn!(error = %e, "unreadable refusal from the catalog");
+                unavailable()
+            })?;
+            if theirs.errors.iter().any(|e| e.field == "id") {
+                return Err(key_reused());
+            }
+            let mut p = if status == 409 {
+                Problem::conflict("not enough stock for every item; nothing was ordered")
+            } else {
+                Problem::validation("an item's product does not exist; nothing was ordered")
+            };
+            for e in theirs.errors {
+                p = p.with_field(e.field, e.message);
+            }
+            Err(p.into())
+        }
+        Err(e) => {
+            // The cause (it may hold the other service's answer) goes to
+            // the log, never to the client.
+            tracing::warn!(error = %e, "catalog reservation failed");
+            Err(unavailable())
+        }
+    }
+}
+
+/// Queues the release of a reservation no order will use.
+async fn release_later(ctx: &AppContext, reservation_id: &str) -> Result<(), ApiError> {
+    let turn = ctx.db.write_turn().await;
+    let mut tx = ctx.db.pool().begin().await?;
+    ctx.jobs
+        .enqueue_in_transaction(&mut tx, release_job(reservation_id))
+        .await
+        .map_err(|e| ApiError::internal("queueing a stock release", &e))?;
+    tx.commit().await?;
+    drop(turn);
+    Ok(())
+}
+
+fn release_job(reservation_id: &str) -> NewJob {
+    NewJob::new(
+        shoal_catalog::RELEASE_QUEUE,
+        shoal_catalog::RELEASE_KIND,
+        json!({"reservation_id": reservation_id}),
+    )
+    .unique_key(format!("release:{reservation_id}"))
+    .max_attempts(25)
 }
 
 fn key_reused() -> ApiError {
@@ -451,15 +532,24 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
     .await
     .map_err(JobError::retryable)?;
     if changed.rows_affected() == 1 {
-        let user: Option<(String, i64, String)> =
-            sqlx::query_as("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
-                .bind(order_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(JobError::retryable)?;
-        let Some((user_id, total, currency)) = user else {
+        let user: Option<(String, i64, String, Option<String>)> = sqlx::query_as(
+            "SELECT user_id, total_cents, currency, reservation_id FROM orders WHERE id = $1",
+        )
+        .bind(order_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(JobError::retryable)?;
+        let Some((user_id, total, currency, reservation)) = user else {
             return Err(JobError::retryable("the order vanished while settling"));
         };
+        if let (Some(r), "failed") = (&reservation, status) {
+            // The stock goes back with the change that says it was not
+            // bought (the catalog applies it, once).
+            ctx.jobs
+                .enqueue_in_transaction(&mut tx, release_job(r))
+                .await
+                .map_err(JobError::retryable)?;
+        }
         let (template, key) = if status == "paid" {
             (
                 shoal_notifications::Template::PaymentReceipt,

@@ -109,6 +109,11 @@ async fn start_on(webhooks: bool, nats: Option<String>) -> Stack {
     tokio::spawn(worker.run(stop.clone()));
     tokio::spawn(app.run(stop.clone()));
     shoal_catalog::seed(&ctx.db, 3, |_| {}).await.unwrap();
+    // Checkouts hold stock: plenty, unless a test sets its own.
+    sqlx::query("UPDATE products SET stock = 1000000")
+        .execute(ctx.db.pool())
+        .await
+        .unwrap();
     if webhooks {
         reqwest::Client::new()
             .post(format!("{sandbox_url}/_sandbox/webhook"))
@@ -650,4 +655,117 @@ async fn checkout_through_nats_charges_each_order_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     nats.delete_everything().await.unwrap();
+}
+
+async fn stock_of(db: &Database, id: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT stock FROM products WHERE id = $1")
+        .bind(id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    n
+}
+
+/// The security review (finding 9): orders took any quantity whatever the
+/// stock, one catalog call per line. Now one call holds stock for every
+/// line or for none, a retried checkout holds once, and a failed payment
+/// gives the stock back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_is_held_for_every_line_at_once_and_given_back_when_payment_fails() {
+    let s = start().await;
+    let http = login(&s.base).await;
+    let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM products ORDER BY id LIMIT 2")
+        .fetch_all(s.db.pool())
+        .await
+        .unwrap();
+    let (a, b) = (ids[0].0.clone(), ids[1].0.clone());
+    for (id, n) in [(&a, 5), (&b, 3)] {
+        sqlx::query("UPDATE products SET stock = $1, currency = 'usd' WHERE id = $2")
+            .bind(n)
+            .bind(id)
+            .execute(s.db.pool())
+            .await
+            .unwrap();
+    }
+    let lines = |qa: i64, qb: i64| json!({"items": [{"product_id": a, "quantity": qa}, {"product_id": b, "quantity": qb}]});
+
+    // The second line is short: 409 naming it, and neither line is held.
+    let r = order(&http, &s.base, Some("stock-1"), &lines(2, 4)).await;
+    assert_eq!(r.status(), 409);
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(
+        problem["errors"][0]["field"], "items[1].quantity",
+        "{problem}"
+    );
+    assert_eq!(
+        problem["errors"][0]["message"], "only 3 in stock",
+        "{problem}"
+    );
+    assert_eq!(
+        (stock_of(&s.db, &a).await, stock_of(&s.db, &b).await),
+        (5, 3)
+    );
+
+    // Both held by one order; its retry holds nothing more.
+    let id = place(&http, &s.base, "stock-2", &lines(2, 3)).await;
+    assert_eq!(
+        (stock_of(&s.db, &a).await, stock_of(&s.db, &b).await),
+        (3, 0)
+    );
+    let again = order(&http, &s.base, Some("stock-2"), &lines(2, 3)).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        (stock_of(&s.db, &a).await, stock_of(&s.db, &b).await),
+        (3, 0)
+    );
+    // Paid: the stock stays sold.
+    wait_status(&http, &s.base, &id, "paid").await;
+    let r = order(
+        &http,
+        &s.base,
+        Some("stock-3"),
+        &json!({"items": [{"product_id": b, "quantity": 1}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 409, "nothing left of b");
+
+    // A declined card: the order fails and its stock comes back.
+    let declined = json!({"items": [{"product_id": a, "quantity": 2}], "payment_method": "pm_card_chargeDeclined"});
+    let failed = place(&http, &s.base, "stock-4", &declined).await;
+    assert_eq!(stock_of(&s.db, &a).await, 1);
+    wait_status(&http, &s.base, &failed, "failed").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while stock_of(&s.db, &a).await != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stock never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Given back once, however often settlement runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stock_of(&s.db, &a).await, 3);
+
+    // The reservation endpoint is internal: no token, a wrong one: 403.
+    let http_plain = reqwest::Client::new();
+    let reserve = json!({"id": "x-1", "items": [{"product_id": a, "quantity": 1}]});
+    for auth in [None, Some("Bearer not-the-service-token")] {
+        let mut r = http_plain
+            .post(format!("{}/api/catalog/reservations", s.base))
+            .json(&reserve);
+        if let Some(v) = auth {
+            r = r.header("authorization", v);
+        }
+        assert_eq!(r.send().await.unwrap().status(), 403);
+    }
+    // A logged-in user's cookie opens nothing either.
+    let r = http
+        .post(format!("{}/api/catalog/reservations", s.base))
+        .json(&reserve)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(stock_of(&s.db, &a).await, 3);
 }

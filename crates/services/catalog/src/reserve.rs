@@ -1,0 +1,282 @@
+//! Stock reservations: the orders service holds stock for every line of a
+//! checkout in one call, before the order is written, and the hold is
+//! given back when the payment fails.
+//!
+//! - `POST /api/catalog/reservations` `{id, items: [{product_id,
+//!   quantity}]}`: in one transaction, each line's stock goes down by its
+//!   quantity where that much is left (`UPDATE … WHERE stock >= q`), or
+//!   nothing changes and the answer names each line that could not be
+//!   held (409, or 422 for a product that does not exist). Idempotent by
+//!   `id`: the same id with the same items answers the stored result, with
+//!   other items 409. Internal: needs `clients.token` as a bearer token.
+//! - The `catalog.release_stock` job `{reservation_id}` gives a held
+//!   reservation's stock back, once (the orders service queues it in the
+//!   transaction that marks an order failed).
+//!
+//! A product's cached views keep showing the stock they were cached with
+//! until they expire: the hold itself reads and writes the table, never
+//! a cache, so no line is sold twice, but purging every product on every
+//! checkout would empty the caches the catalog exists to fill.
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use shoal_backends::now_millis;
+use shoal_core::Problem;
+use shoal_queue::{JobContext, JobError};
+use shoal_runtime::error::ApiResult;
+use shoal_runtime::{ApiError, ApiJson, AppContext};
+
+/// The job that gives a reservation's stock back.
+pub const RELEASE_KIND: &str = "catalog.release_stock";
+/// The queue it runs on (with the checkout's other jobs).
+pub const RELEASE_QUEUE: &str = "orders";
+
+/// One line to hold.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Line {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReserveRequest {
+    id: String,
+    items: Vec<Line>,
+}
+
+/// A held line, with the product's name and price at the time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReservedLine {
+    pub product_id: String,
+    pub name: String,
+    pub price_cents: i64,
+    pub currency: String,
+    pub quantity: i64,
+}
+
+/// The answer to a reservation: every line held.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reservation {
+    pub id: String,
+    pub items: Vec<ReservedLine>,
+}
+
+fn internal_only(ctx: &AppContext, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if shoal_core::bearer::matches(given, &[ctx.settings.clients.token.as_str()]) {
+        Ok(())
+    } else {
+        Err(Problem::forbidden(
+            "an internal endpoint: only Shoal's own services (with clients.token) may call it",
+        )
+        .into())
+    }
+}
+
+fn validate(req: &ReserveRequest) -> Result<(), ApiError> {
+    let mut p = Problem::validation("the reservation is invalid; see `errors`");
+    let id_ok = !req.id.is_empty()
+        && req.id.len() <= 100
+        && req
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b));
+    if !id_ok {
+        p = p.with_field("id", "1–100 characters of letters, digits and - _ : .");
+    }
+    if req.items.is_empty() || req.items.len() > 100 {
+        p = p.with_field("items", "must hold 1 to 100 items");
+    }
+    for (i, line) in req.items.iter().enumerate() {
+        if shoal_core::ids::parse_id(&line.product_id).is_none() {
+            p = p.with_field(format!("items[{i}].product_id"), "must be a product id");
+        }
+        if !(1..=1000).contains(&line.quantity) {
+            p = p.with_field(format!("items[{i}].quantity"), "must be between 1 and 1000");
+        }
+    }
+    if p.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(p.into())
+    }
+}
+
+/// A stored reservation with this id: its answer, or a 409 when it held
+/// other items.
+async fn stored(
+    executor: impl sqlx::Executor<'_, Database = sqlx::Any>,
+    req: &ReserveRequest,
+    items_json: &str,
+) -> Result<Option<Response>, ApiError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT items, result FROM stock_reservations WHERE id = $1")
+            .bind(&req.id)
+            .fetch_optional(executor)
+            .await?;
+    Ok(row.map(|(items, result)| {
+        if items == items_json {
+            let body: serde_json::Value = serde_json::from_str(&result).unwrap_or_default();
+            (StatusCode::OK, Json(body)).into_response()
+        } else {
+            ApiError(
+                Problem::conflict("this reservation id was used for other items")
+                    .with_field("id", "already holds other items"),
+            )
+            .into_response()
+        }
+    }))
+}
+
+pub(crate) async fn reserve(
+    axum::extract::State(ctx): axum::extract::State<AppContext>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<ReserveRequest>,
+) -> ApiResult<Response> {
+    internal_only(&ctx, &headers)?;
+    validate(&req)?;
+    let items_json = serde_json::to_string(&req.items).expect("lines serialize");
+    if let Some(answer) = stored(ctx.db.pool(), &req, &items_json).await? {
+        return Ok(answer);
+    }
+    let now = now_millis();
+    let turn = ctx.db.write_turn().await;
+    let mut tx = ctx.db.pool().begin().await?;
+    let mut held = Vec::with_capacity(req.items.len());
+    let mut short = Problem::conflict("not enough stock for every item; nothing was held");
+    let mut missing = Problem::validation("an item's product does not exist; nothing was held");
+    for (i, line) in req.items.iter().enumerate() {
+        let row: Option<(String, i64, String)> = sqlx::query_as(
+            "UPDATE products SET stock = stock - $1, updated_at = $2 \
+             WHERE id = $3 AND stock >= $1 RETURNING name, price_cents, currency",
+        )
+        .bind(line.quantity)
+        .bind(now)
+        .bind(&line.product_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match row {
+            Some((name, price_cents, currency)) => held.push(ReservedLine {
+                product_id: line.product_id.clone(),
+                name,
+                price_cents,
+                currency,
+                quantity: line.quantity,
+            }),
+            None => {
+                let left: Option<(i64,)> =
+                    sqlx::query_as("SELECT stock FROM products WHERE id = $1")
+                        .bind(&line.product_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                match left {
+                    Some((n,)) => {
+                        short = short.with_field(
+                            format!("items[{i}].quantity"),
+                            format!("only {} in stock", n.max(0)),
+                        )
+                    }
+                    None => {
+                        missing =
+                            missing.with_field(format!("items[{i}].product_id"), "no such product")
+                    }
+                }
+            }
+        }
+    }
+    if !missing.errors.is_empty() || !short.errors.is_empty() {
+        tx.rollback().await?;
+        metrics::counter!("shoal_catalog_reservations_refused_total").increment(1);
+        return Err(if missing.errors.is_empty() {
+            short
+        } else {
+            missing
+        }
+        .into());
+    }
+    let reservation = Reservation {
+        id: req.id.clone(),
+        items: held,
+    };
+    let result = serde_json::to_string(&reservation).expect("reservation serializes");
+    let inserted = sqlx::query(
+        "INSERT INTO stock_reservations (id, items, status, result, created_at, updated_at) \
+         VALUES ($1, $2, 'held', $3, $4, $4) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&req.id)
+    .bind(&items_json)
+    .bind(&result)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // The same id held at the same moment elsewhere: that one stands,
+        // this one's decrements go back.
+        tx.rollback().await?;
+        drop(turn);
+        return match stored(ctx.db.pool(), &req, &items_json).await? {
+            Some(answer) => Ok(answer),
+            None => Err(ApiError::internal(
+                "holding stock",
+                &std::io::Error::other("a reservation that conflicted has vanished"),
+            )),
+        };
+    }
+    tx.commit().await?;
+    drop(turn);
+    metrics::counter!("shoal_catalog_reservations_total").increment(1);
+    Ok((StatusCode::CREATED, Json(reservation)).into_response())
+}
+
+/// Gives a held reservation's stock back; `false` when there was none to
+/// give (unknown, or already released).
+pub async fn release(ctx: &AppContext, id: &str) -> Result<bool, sqlx::Error> {
+    let turn = ctx.db.write_turn().await;
+    let mut tx = ctx.db.pool().begin().await?;
+    let changed = sqlx::query(
+        "UPDATE stock_reservations SET status = 'released', updated_at = $1 \
+         WHERE id = $2 AND status = 'held'",
+    )
+    .bind(now_millis())
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    if changed.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let (items,): (String,) = sqlx::query_as("SELECT items FROM stock_reservations WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let lines: Vec<Line> = serde_json::from_str(&items).unwrap_or_default();
+    for line in &lines {
+        // A product deleted since has nothing to give back to.
+        sqlx::query("UPDATE products SET stock = stock + $1, updated_at = $2 WHERE id = $3")
+            .bind(line.quantity)
+            .bind(now_millis())
+            .bind(&line.product_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    drop(turn);
+    metrics::counter!("shoal_catalog_reservations_released_total").increment(1);
+    Ok(true)
+}
+
+/// The `catalog.release_stock` job.
+pub(crate) async fn release_job(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
+    let id = job.payload()["reservation_id"]
+        .as_str()
+        .ok_or_else(|| JobError::permanent("no reservation_id"))?;
+    let released = release(ctx, id).await.map_err(JobError::retryable)?;
+    tracing::info!(reservation_id = id, released, "stock reservation released");
+    Ok(())
+}
