@@ -79,6 +79,7 @@ pub struct Framed {
 impl Framed {
     /// Takes one field; an invalid or conflicting Content-Length is an
     /// error, with the reason.
+    #[inline]
     pub fn see(&mut self, name: &[u8], value: &[u8]) -> Result<(), &'static str> {
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_length(value).ok_or("invalid Content-Length")?;
@@ -116,6 +117,7 @@ impl Framed {
 }
 
 /// Appends `n` in decimal (without the formatting machinery).
+#[inline]
 pub fn push_decimal(out: &mut BytesMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -131,6 +133,7 @@ pub fn push_decimal(out: &mut BytesMut, mut n: u64) {
 }
 
 /// Parses a `Content-Length` value: ASCII digits only (RFC 9110 8.6).
+#[inline]
 pub fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
@@ -175,6 +178,7 @@ pub enum Step {
 
 /// Decodes what `buf` holds according to `framing`: body data is split
 /// off `buf` (sharing its memory); what follows the body's end stays.
+#[inline]
 pub fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Step, Invalid> {
     match framing {
         Framing::Length(0) => Ok(Step::End),
