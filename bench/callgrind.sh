@@ -9,6 +9,9 @@
 #   REQUESTS=20000 bench/callgrind.sh
 #   KEEP=/tmp/cg.out bench/callgrind.sh   # keeps the loaded run's profile
 #                                         # (callgrind_annotate --inclusive=yes)
+#   SHOAL=/tmp/old/target/release/shoal bench/callgrind.sh
+#                                         # another build's gateway (e.g. a
+#                                         # git worktree of an earlier commit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-10000}
@@ -17,6 +20,7 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 echo "==> building shoal, loadgen and bench-upstream (release)" >&2
 cargo build --release -q -p shoal -p shoal-bench
 BIN=target/release
+GATEWAY=${SHOAL:-$BIN/shoal}
 . bench/lib.sh
 bench_init callgrind
 start_upstreams
@@ -26,7 +30,7 @@ total_for() {
   port=$(free_port)
   out="$RUN/cg.$n"
   SHOAL_LOG__LEVEL=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
-    $BIN/shoal gateway --listen "127.0.0.1:$port" --workers 1 "${UPS[@]}" >"$RUN/gw.$n.log" 2>&1 &
+    "$GATEWAY" gateway --listen "127.0.0.1:$port" --workers 1 "${UPS[@]}" >"$RUN/gw.$n.log" 2>&1 &
   local g=$!
   wait_http "http://127.0.0.1:$port/_gateway/readyz" >/dev/null
   if [ "$n" -gt 0 ]; then
