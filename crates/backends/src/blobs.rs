@@ -180,11 +180,7 @@ impl BlobStore {
         writer.shutdown().await?;
         Ok(PutResult {
             size,
-            sha256: hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: shoal_core::ids::hex(&hasher.finalize()),
         })
     }
 

@@ -73,8 +73,7 @@ pub fn new_token() -> String {
 
 /// The stored key of a token.
 pub fn token_hash(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    shoal_core::ids::hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// Tokens that cannot be ours are rejected before any I/O.

@@ -135,3 +135,25 @@ mod tests {
         assert_eq!(request_id_or_new(None).len(), 36);
     }
 }
+
+/// Lower-case hex of `bytes`, in one allocation (hashes as keys and ids:
+/// `format!("{b:02x}")` per byte made a String per byte, 32 of them for
+/// every session lookup).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod hex_tests {
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(super::hex(&[]), "");
+    }
+}

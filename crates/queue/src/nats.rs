@@ -148,10 +148,7 @@ fn nats(e: impl std::fmt::Display) -> QueueError {
 }
 
 fn key_hash(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    shoal_core::ids::hex(&Sha256::digest(key.as_bytes()))
 }
 
 fn ms(d: Duration) -> i64 {

@@ -229,7 +229,7 @@ impl Application {
         }
         let ctx = build_context(settings, instance, &modules).await?;
         let mut router: Router<AppContext> = Router::new()
-            .route("/healthz", get(healthz))
+            .route("/healthz", healthz(&ctx))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text));
         if ctx.settings.serve.debug_routes {
@@ -319,12 +319,29 @@ impl Application {
     }
 }
 
-async fn healthz(State(ctx): State<AppContext>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "instance": &*ctx.instance,
-        "pid": std::process::id(),
-    }))
+/// `/healthz`'s answer: the same for the instance's life, so serialised
+/// once and shared by every probe (no JSON built per probe).
+fn healthz(ctx: &AppContext) -> axum::routing::MethodRouter<AppContext> {
+    let body = bytes::Bytes::from(
+        serde_json::json!({
+            "status": "ok",
+            "instance": &*ctx.instance,
+            "pid": std::process::id(),
+        })
+        .to_string(),
+    );
+    get(move || {
+        let body = body.clone();
+        async move {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+        }
+    })
 }
 
 async fn readyz(State(ctx): State<AppContext>) -> Response {

@@ -12,7 +12,7 @@ use crate::context::AppContext;
 use crate::error::problem_response;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -38,7 +38,7 @@ pub const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
 /// "Profile of the service path").
 pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
     let standard = Arc::new(Standard {
-        ctx: ctx.clone(),
+        instance: HeaderValue::from_str(&ctx.instance).ok(),
         limits: Limits {
             permits: Semaphore::new(ctx.settings.serve.max_concurrent_requests),
             timeout: Duration::from_millis(ctx.settings.serve.request_timeout_ms),
@@ -61,7 +61,8 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
 
 /// What the standard middleware needs, built once per application.
 struct Standard {
-    ctx: AppContext,
+    /// `x-shoal-instance`'s value, made once.
+    instance: Option<HeaderValue>,
     limits: Limits,
     origins: AllowedOrigins,
     compression: crate::compress::Compression,
@@ -74,7 +75,7 @@ async fn standard_middleware(
     req: Request,
     next: Next,
 ) -> Response {
-    request_context(&standard.ctx, req, |req| async {
+    request_context(standard.instance.as_ref(), req, |req| async {
         let response = std::panic::AssertUnwindSafe(guarded(&standard, req, next))
             .catch_unwind()
             .await
@@ -197,20 +198,29 @@ fn refuse_cross_origin(allowed: &AllowedOrigins, req: &Request) -> Option<Respon
 
 /// Request id, span, access log, metrics and the instance header, around
 /// `inner`.
-async fn request_context<F, Fut>(ctx: &AppContext, mut req: Request, inner: F) -> Response
+async fn request_context<F, Fut>(
+    instance: Option<&HeaderValue>,
+    mut req: Request,
+    inner: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let started = Instant::now();
-    let incoming = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok());
-    let request_id: Arc<str> = shoal_core::ids::request_id_or_new(incoming).into();
+    let incoming = req.headers().get(&X_REQUEST_ID);
+    let request_id: Arc<str> =
+        shoal_core::ids::request_id_or_new(incoming.and_then(|v| v.to_str().ok())).into();
+    // The client's own header is echoed as it came when it was taken (a
+    // clone shares its bytes); a new id is made into a value once.
+    let echoed = incoming
+        .filter(|v| v.as_bytes() == request_id.as_bytes())
+        .cloned();
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // A clone of the URI shares its bytes: no copy of the path.
+    let uri = req.uri().clone();
+    let path = uri.path();
     let route = req.extensions().get::<MatchedPath>().cloned();
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
@@ -222,7 +232,7 @@ where
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         // Probes come every second from each gateway: log them only when
         // they fail, or at debug.
-        if matches!(path.as_str(), "/healthz" | "/readyz") && status < 400 {
+        if matches!(path, "/healthz" | "/readyz") && status < 400 {
             tracing::debug!(status, duration_ms, "request");
         } else {
             tracing::info!(status, duration_ms, "request");
@@ -231,15 +241,20 @@ where
     let route = route.as_ref().map_or("unmatched", |m| m.as_str());
     record_request(&method, route, status, elapsed);
     let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", v);
+    // Room for the fields below at once, not a map grown twice.
+    headers.reserve(6);
+    if let Some(v) = echoed.or_else(|| HeaderValue::from_str(&request_id).ok()) {
+        headers.insert(X_REQUEST_ID.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&ctx.instance) {
-        headers.insert("x-shoal-instance", v);
+    if let Some(v) = instance {
+        headers.insert(X_SHOAL_INSTANCE.clone(), v.clone());
     }
     security_headers(headers);
     response
 }
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_SHOAL_INSTANCE: HeaderName = HeaderName::from_static("x-shoal-instance");
 
 /// Counts a request in `shoal_http_requests_total` and times it in
 /// `shoal_http_request_duration_seconds`. The handles are kept per thread

@@ -16,7 +16,7 @@ pub use reserve::{release, Line, Reservation, ReservedLine, RELEASE_KIND, RELEAS
 pub use seed::{seed, set_all_stock};
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -99,6 +99,8 @@ impl Catalog {
 struct CatalogState {
     purger: Arc<dyn Purger>,
     db_reads: Arc<AtomicU64>,
+    /// The public responses' `Cache-Control`, made once from the settings.
+    cache_control: HeaderValue,
 }
 
 impl ServiceModule for Catalog {
@@ -123,9 +125,15 @@ impl ServiceModule for Catalog {
                 ))
             }
         });
+        let cache_control = HeaderValue::from_str(&format!(
+            "public, max-age={}, s-maxage={}, stale-while-revalidate={}",
+            settings.max_age_secs, settings.s_maxage_secs, settings.stale_while_revalidate_secs
+        ))
+        .expect("digits and ASCII");
         let state = Arc::new(CatalogState {
             purger,
             db_reads: self.db_reads.clone(),
+            cache_control,
         });
         Router::new()
             .route(
@@ -353,17 +361,18 @@ async fn list_products(
     State(ctx): State<AppContext>,
     Extension(state): Extension<Arc<CatalogState>>,
     Query(raw): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> ApiResult<Response> {
     let q = parse_list_query(&raw)?;
     let key = format!("catalog:list:{}:{}:{}", q.page, q.per_page, q.q);
     let tags = vec![PRODUCTS_TAG.to_string()];
     let ttl = Duration::from_secs(ctx.settings.catalog.cache_ttl_secs);
     let db = ctx.db.clone();
+    let reads = state.db_reads.clone();
     let body = ctx
         .cache
         .get_or_load(&key, &tags, ttl, || async move {
-            state.db_reads.fetch_add(1, Ordering::Relaxed);
+            reads.fetch_add(1, Ordering::Relaxed);
             let offset = i64::from(q.page - 1) * i64::from(q.per_page);
             let (filter, pattern) = if q.q.is_empty() {
                 ("", None)
@@ -401,19 +410,24 @@ async fn list_products(
         })
         .await?
         .unwrap_or_default();
-    Ok(public_response(&ctx, &headers, body, &tags))
+    Ok(public_response(&state, &if_none_match, body, &tags))
 }
 
 async fn get_product(
     State(ctx): State<AppContext>,
     Extension(state): Extension<Arc<CatalogState>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    if_none_match: IfNoneMatch,
 ) -> ApiResult<Response> {
     let Some(body) = cached_product(&ctx, &state, &id).await? else {
         return Err(not_found(&id));
     };
-    Ok(public_response(&ctx, &headers, body, &[product_tag(&id)]))
+    Ok(public_response(
+        &state,
+        &if_none_match,
+        body,
+        &[product_tag(&id)],
+    ))
 }
 
 async fn cached_product(
@@ -448,39 +462,66 @@ fn not_found(id: &str) -> ApiError {
     Problem::not_found(format!("there is no product with id `{id}`")).into()
 }
 
-/// A strong validator: the SHA-256 of the body (first 128 bits).
-fn etag_of(body: &[u8]) -> String {
+/// A strong validator: the SHA-256 of the body (first 128 bits), quoted,
+/// as a header value (hex written on the stack: one allocation).
+fn etag_of(body: &[u8]) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(body);
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("\"{hex}\"")
+    let mut out = [b'"'; 34];
+    for (i, b) in digest[..16].iter().enumerate() {
+        out[1 + 2 * i] = HEX[usize::from(b >> 4)];
+        out[2 + 2 * i] = HEX[usize::from(b & 0xf)];
+    }
+    HeaderValue::from_bytes(&out).expect("hex and quotes")
+}
+
+/// The request's `If-None-Match` values, and nothing else of its headers
+/// (extracting the whole `HeaderMap` clones every field).
+struct IfNoneMatch(Vec<HeaderValue>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IfNoneMatch {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(IfNoneMatch(
+            parts
+                .headers
+                .get_all(header::IF_NONE_MATCH)
+                .iter()
+                .cloned()
+                .collect(),
+        ))
+    }
 }
 
 /// True when `If-None-Match` lists `etag` (or is `*`).
-fn none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
+fn none_match(if_none_match: &IfNoneMatch, etag: &HeaderValue) -> bool {
+    let etag = etag.as_bytes();
+    if_none_match
+        .0
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == etag || t == "*")
+        .any(|t| t.as_bytes() == etag || t == "*")
 }
+
+static SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+static CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 
 /// A cacheable JSON response: Cache-Control for browsers and shared
 /// caches, ETag (304 when it matches), and the tags as surrogate keys.
 fn public_response(
-    ctx: &AppContext,
-    headers: &HeaderMap,
+    state: &CatalogState,
+    if_none_match: &IfNoneMatch,
     body: Bytes,
     tags: &[String],
 ) -> Response {
-    let s = &ctx.settings.catalog;
     let etag = etag_of(&body);
-    let cache_control = format!(
-        "public, max-age={}, s-maxage={}, stale-while-revalidate={}",
-        s.max_age_secs, s.s_maxage_secs, s.stale_while_revalidate_secs
-    );
-    let mut response = if none_match(headers, &etag) {
+    let mut response = if none_match(if_none_match, &etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         (
@@ -493,11 +534,14 @@ fn public_response(
             .into_response()
     };
     let h = response.headers_mut();
-    let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
-    h.insert(header::CACHE_CONTROL, value(&cache_control));
-    h.insert(header::ETAG, value(&etag));
-    h.insert("surrogate-key", value(&tags.join(" ")));
-    h.insert("cache-tag", value(&tags.join(",")));
+    // Room for these and the standard middleware's: one allocation, not
+    // a map grown twice.
+    h.reserve(12);
+    let value = |s: String| HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static(""));
+    h.insert(header::CACHE_CONTROL, state.cache_control.clone());
+    h.insert(header::ETAG, etag);
+    h.insert(SURROGATE_KEY.clone(), value(tags.join(" ")));
+    h.insert(CACHE_TAG.clone(), value(tags.join(",")));
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     response
 }
@@ -705,12 +749,15 @@ mod tests {
     #[test]
     fn etags_match_lists_and_weak_forms() {
         let tag = etag_of(b"body");
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::IF_NONE_MATCH,
-            HeaderValue::from_str(&format!("\"other\", W/{tag}")).unwrap(),
-        );
+        let text = tag.to_str().unwrap();
+        assert_eq!(text.len(), 34, "{text}");
+        assert!(text.starts_with('"') && text.ends_with('"'));
+        // The hex of SHA-256("body")'s first 16 bytes.
+        assert_eq!(text, "\"230d8358dc8e8890b4c58deeb62912ee\"");
+        let h = IfNoneMatch(vec![
+            HeaderValue::from_str(&format!("\"other\", W/{text}")).unwrap()
+        ]);
         assert!(none_match(&h, &tag));
-        assert!(!none_match(&HeaderMap::new(), &tag));
+        assert!(!none_match(&IfNoneMatch(Vec::new()), &tag));
     }
 }

@@ -168,10 +168,7 @@ pub async fn process_upload(ctx: &AppContext, id: &str) -> Result<(), JobError> 
         if let Some(why) = refused {
             return Err(why);
         }
-        let sha256 = Sha256::digest(&data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = shoal_core::ids::hex(&Sha256::digest(&data));
         if !is_image {
             return Ok(Computed {
                 sha256,

@@ -242,10 +242,7 @@ async fn create(
     }
     let request_hash = {
         let canonical = json!({"items": body.items, "payment_method": payment_method});
-        Sha256::digest(canonical.to_string().as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        shoal_core::ids::hex(&Sha256::digest(canonical.to_string().as_bytes()))
     };
     // A retry of a request we already answered: replay or refuse.
     if let Some((hash, response)) = find_by_key(&ctx, &session.user_id, &key).await? {
@@ -360,8 +357,7 @@ async fn create(
 /// key, so a retried request finds the hold it made.
 fn reservation_id(user: &str, key: &str) -> String {
     let digest = Sha256::digest(format!("{user}\n{key}").as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-    format!("order:{hex}")
+    format!("order:{}", shoal_core::ids::hex(&digest[..16]))
 }
 
 /// Holds stock for every line in one catalog call. The catalog's refusal
