@@ -58,7 +58,7 @@ under_dhat() {
   base="http://127.0.0.1:$port"
   # The same set-up in every run, idle too (a login hashes a password:
   # its allocations must cancel out, not land on the requests).
-  token=$(login "$base")
+  token=$(login "$base" allocs@example.com)
   product=$(curl -sf "$base/api/catalog/products?per_page=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
   if [ "$script" != none ]; then
     url="$base${path//\{product\}/$product}"
@@ -79,29 +79,6 @@ under_dhat() {
   # DHAT's summary: "Total:     N bytes in M blocks".
   awk -v r="$requests" '/Total:/ {gsub(",", ""); for (i=1;i<=NF;i++) { if ($i=="bytes") b=$(i-1); if ($i=="blocks") k=$(i-1) } }
     END { print k, b, r }' "$RUN/serve.$name.log"
-}
-# login BASE: signs up and logs in; prints the session token.
-login() {
-  python3 - "$1" <<'PY'
-import json, sys, urllib.request, urllib.error
-base = sys.argv[1]
-def post(path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        return urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        return e
-user = {"email": "allocs@example.com", "password": "correct horse battery staple"}
-post("/api/accounts/signup", dict(user, name="Allocs"))
-r = post("/api/accounts/login", user)
-for c in r.headers.get_all("Set-Cookie") or []:
-    if c.startswith("shoal_session="):
-        print(c.split(";")[0].split("=", 1)[1])
-        break
-else:
-    print("-")
-PY
 }
 
 echo "==> idle (${SECONDS_PER}s under DHAT)" >&2

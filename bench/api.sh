@@ -95,33 +95,6 @@ start_node() {
 }
 stop() { kill -TERM "$@" 2>/dev/null || true; wait "$@" 2>/dev/null || true; }
 
-# login BASE: signs up (once) and logs in; prints the session token.
-login() {
-  python3 - "$1" <<'PY'
-import json, sys, urllib.request, urllib.error
-base = sys.argv[1]
-def post(path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        return urllib.request.urlopen(req, timeout=30)
-    except urllib.error.HTTPError as e:
-        return e
-user = {"email": "bench@example.com", "password": "correct horse battery staple"}
-r = post("/api/accounts/signup", dict(user, name="Bench"))
-if r.status not in (201, 409):
-    sys.exit(f"signup at {base}: {r.status} {r.read()[:300]!r}")
-r = post("/api/accounts/login", user)
-if r.status != 200:
-    sys.exit(f"login at {base}: {r.status} {r.read()[:300]!r}")
-for c in r.headers.get_all("Set-Cookie"):
-    if c.startswith("shoal_session="):
-        print(c.split(";")[0].split("=", 1)[1])
-        break
-else:
-    sys.exit(f"login at {base}: no session cookie")
-PY
-}
 # first_id BASE: the id of the first product of the first page.
 first_id() {
   curl -sf "$1/api/catalog/products?per_page=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])'
