@@ -905,14 +905,7 @@ fn roles_refuse_development_secrets_outside_a_development_run() {
                 "clients.token",
             ][..],
         ),
-        (
-            "worker",
-            &[
-                "payments.api_key",
-                "payments.webhook_secret",
-                "clients.token",
-            ],
-        ),
+        ("worker", &["payments.api_key", "payments.webhook_secret"]),
         ("sandbox", &["sandbox.api_key", "sandbox.webhook_secret"]),
     ] {
         let args: &[&str] = match role {

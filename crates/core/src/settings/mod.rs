@@ -414,8 +414,8 @@ pub struct ClientsSettings {
     pub breaker_open_ms: u64,
     /// The token Shoal's services present to each other (`Authorization:
     /// Bearer`) on internal endpoints (the catalog's stock reservations).
-    /// The same on every `serve` and `worker`; the development default is
-    /// refused outside a development run.
+    /// The same on every `serve`; the development default is refused
+    /// outside a development run.
     pub token: String,
 }
 
@@ -618,7 +618,9 @@ impl Settings {
                 if self.payments.webhook_secret == payments::DEVELOPMENT_WEBHOOK_SECRET {
                     found.push("payments.webhook_secret");
                 }
-                if self.clients.token == DEVELOPMENT_SERVICE_TOKEN {
+                // Only instances call each other (workers reach the
+                // catalog through its job, not its endpoint).
+                if role == Role::Serve && self.clients.token == DEVELOPMENT_SERVICE_TOKEN {
                     found.push("clients.token");
                 }
             }
@@ -757,6 +759,11 @@ mod tests {
                 "payments.webhook_secret",
                 "clients.token"
             ]
+        );
+        assert_eq!(
+            s.development_secrets(Role::Worker),
+            ["payments.api_key", "payments.webhook_secret"],
+            "workers call no service endpoint"
         );
         assert_eq!(
             s.development_secrets(Role::Sandbox),
