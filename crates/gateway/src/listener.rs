@@ -337,9 +337,14 @@ pub struct Connections {
     /// set; only addresses with one open are kept.
     per_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
     closed: Notify,
-    /// Told each time the open count reaches three quarters of
+    /// Told when the open count reaches three quarters of
     /// `max_connections` from below: idle connections shorten their wait.
     pub(crate) pressure: Arc<Notify>,
+    /// When it was last told (ms since the process's first crossing, plus
+    /// one; 0: never). At most once a second: a count hovering at the
+    /// threshold would otherwise wake every idle connection per accept,
+    /// and connections that go idle later ask under pressure anyway.
+    pressure_told_ms: AtomicU64,
 }
 
 /// What a per-client count is kept by: an IPv4 address (an IPv4-mapped
@@ -447,7 +452,17 @@ impl Connections {
             && prev * 4 < threshold
             && (prev + 1) * 4 >= threshold
         {
-            self.pressure.notify_waiters();
+            static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            let now = EPOCH
+                .get_or_init(std::time::Instant::now)
+                .elapsed()
+                .as_millis() as u64
+                + 1;
+            let told = self.pressure_told_ms.load(Ordering::Relaxed);
+            if told == 0 || now.saturating_sub(told) >= 1_000 {
+                self.pressure_told_ms.store(now, Ordering::Relaxed);
+                self.pressure.notify_waiters();
+            }
         }
         Ok(ConnGuard {
             connections: Arc::clone(self),
