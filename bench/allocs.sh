@@ -17,19 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER=${SECONDS_PER:-10}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v valgrind >/dev/null || need+=(valgrind)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "==> installing ${need[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+. bench/lib.sh
+install_missing wrk:wrk valgrind:valgrind
 redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "bench/allocs.sh needs Redis at $REDIS_URL" >&2; exit 1; }
 echo "==> building shoal with the system allocator (release, --features system-alloc)" >&2
 cargo build --release -q -p shoal --features system-alloc
 BIN=target/release
-. bench/lib.sh
 bench_init allocs
 cp "$BIN/shoal" "$RUN/shoal-sysalloc"
 # The usual binary again, so later benchmarks measure mimalloc.

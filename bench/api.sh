@@ -50,24 +50,14 @@ if [ "${BUILD:-1}" = 1 ]; then
   echo "==> building shoal, loadgen and bench-upstream (release)"
   cargo build --release -q -p shoal -p shoal-bench
 fi
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "==> installing ${need[*]}"
-  apt-get update -qq
-  # Do not let the packages start their default services.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-fi
+. bench/lib.sh
+install_missing wrk:wrk nginx:nginx
 PATH="$PATH:/usr/sbin"
 echo "==> installing the Node.js peer (npm ci)"
 (cd bench/api && npm ci --no-audit --no-fund --silent)
 redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "bench/api.sh needs Redis at $REDIS_URL" >&2; exit 1; }
 
 BIN=target/release
-. bench/lib.sh
 bench_init apibench
 # Every Redis key of this run starts with $PREFIX; removed at the end.
 PREFIX="shoal-apibench-$$"

@@ -90,3 +90,20 @@ else:
     sys.exit(f"login at {base}: no session cookie")
 PY
 }
+
+# install_missing BIN:PACKAGE...: installs the Debian packages whose
+# command is not on PATH (nor in /usr/sbin), without letting them start
+# their default services.
+install_missing() {
+  local need=() pair bin pkg
+  for pair in "$@"; do
+    bin=${pair%%:*}; pkg=${pair##*:}
+    command -v "$bin" >/dev/null || [ -x "/usr/sbin/$bin" ] || need+=("$pkg")
+  done
+  [ ${#need[@]} -gt 0 ] || return 0
+  echo "==> installing ${need[*]}" >&2
+  apt-get update -qq
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+}

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shoal_backends::{now_millis, Migration};
 use shoal_core::Problem;
-use shoal_queue::{handler_fn, JobContext, JobError, NewJob, Worker};
+use shoal_queue::{handler_fn, JobContext, JobError, JobStore as _, NewJob, Worker};
 use shoal_runtime::error::ApiResult;
 use shoal_runtime::{
     ApiError, ApiJson, AppContext, ClientOptions, CurrentSession, ServiceClient, ServiceModule,
@@ -418,14 +418,11 @@ async fn reserve(
 
 /// Queues the release of a reservation no order will use.
 async fn release_later(ctx: &AppContext, reservation_id: &str) -> Result<(), ApiError> {
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await?;
+    // Nothing else to commit with it: the store's own enqueue.
     ctx.jobs
-        .enqueue_in_transaction(&mut tx, release_job(reservation_id))
+        .enqueue(release_job(reservation_id))
         .await
         .map_err(|e| ApiError::internal("queueing a stock release", &e))?;
-    tx.commit().await?;
-    drop(turn);
     Ok(())
 }
 
