@@ -8,9 +8,11 @@
 //! `ON CONFLICT` upserts. Branch on [`Database::kind`] where they differ.
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatabaseKind {
@@ -36,6 +38,9 @@ pub enum DbError {
     Sql(#[from] sqlx::Error),
 }
 
+/// A pooled connection idle this long is pinged before it is handed out.
+const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
 /// One schema change of one component. `sql` may hold several statements,
 /// each ending with `;` at the end of a line.
 #[derive(Debug, Clone, Copy)]
@@ -50,14 +55,79 @@ pub struct Migration {
 pub struct Database {
     pool: AnyPool,
     kind: DatabaseKind,
-    /// One write transaction at a time in this process on SQLite
-    /// ([`Database::write_turn`]).
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite: this process's one writing connection, opened on first
+    /// use, lent to one task at a time ([`Database::write`]).
+    writer: Arc<tokio::sync::Mutex<WriterSlot>>,
+    /// How to open the writing connection (SQLite).
+    options: Arc<AnyConnectOptions>,
+}
+
+/// The SQLite writing connection and when it was last lent.
+#[derive(Debug, Default)]
+struct WriterSlot {
+    conn: Option<AnyConnection>,
+    last_used: Option<Instant>,
+}
+
+/// A connection to write with, from [`Database::write`]: deref to the
+/// connection, or [`Writer::begin`] a transaction on it.
+pub struct Writer {
+    inner: WriterInner,
+}
+
+enum WriterInner {
+    Sqlite(tokio::sync::OwnedMutexGuard<WriterSlot>),
+    Pool(PoolConnection<Any>),
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.inner {
+            WriterInner::Sqlite(_) => "Writer(sqlite)",
+            WriterInner::Pool(_) => "Writer(pool)",
+        })
+    }
+}
+
+impl Writer {
+    /// Starts a transaction on the writing connection.
+    ///
+    /// A plain (deferred) `BEGIN` on SQLite, not `BEGIN IMMEDIATE`:
+    /// sqlx runs a custom begin statement with a second hand-off to the
+    /// worker thread, and a request cancelled between the two leaves the
+    /// connection inside a transaction nobody will end (sqlx-sqlite 0.8.6,
+    /// `SqliteTransactionManager::begin`). In this process the writer is
+    /// already exclusive, and a transaction whose first statement writes
+    /// waits in SQLite's busy handler for other processes as `IMMEDIATE`
+    /// would; one that reads first may get SQLITE_BUSY from another
+    /// process's write (as before this connection existed).
+    pub async fn begin(&mut self) -> Result<Transaction<'_, Any>, sqlx::Error> {
+        (**self).begin().await
+    }
+}
+
+impl std::ops::Deref for Writer {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        match &self.inner {
+            WriterInner::Sqlite(slot) => slot.conn.as_ref().expect("opened by write()"),
+            WriterInner::Pool(conn) => conn,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Writer {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        match &mut self.inner {
+            WriterInner::Sqlite(slot) => slot.conn.as_mut().expect("opened by write()"),
+            WriterInner::Pool(conn) => conn,
+        }
+    }
 }
 
 impl Database {
     /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`).
-    /// SQLite connections get WAL, a 5 s busy timeout and foreign keys.
+    /// SQLite connections get [`sqlite_pragmas`].
     pub async fn connect(
         url: &str,
         max_connections: u32,
@@ -81,40 +151,77 @@ impl Database {
             .max_connections(max_connections)
             .min_connections(0)
             .acquire_timeout(acquire_timeout)
+            // sqlx pings every connection it hands out by default: one
+            // more round trip (a thread hand-off on SQLite, a network
+            // round trip on PostgreSQL) per checkout, on top of the ping
+            // it always makes when one is returned. A connection that was
+            // in use a moment ago is alive; ping only those that sat idle
+            // (as HikariCP's 500 ms bypass window does).
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if kind == DatabaseKind::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        sqlite_pragmas(conn).await?;
                     }
                     Ok(())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(DbError::Connect)?;
         Ok(Database {
             pool,
             kind,
-            writer: std::sync::Arc::default(),
+            writer: Arc::default(),
+            options: Arc::new(options),
         })
     }
 
-    /// On SQLite, waits for this process's turn to write and holds it
-    /// until the guard drops: take it before `begin()` of a transaction
-    /// that writes and keep it past `commit()`. SQLite has one writer at a
-    /// time; connections that race for it instead get SQLITE_BUSY and
-    /// sleep in its busy handler, whose growing sleeps made the tail
-    /// latency of writes under load (bench/README.md, "Profile of the
-    /// service path"). Waiting in line here costs nothing while idle. On PostgreSQL,
-    /// which has row locks, it returns at once with `None`.
-    pub async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        match self.kind {
-            DatabaseKind::Sqlite => Some(std::sync::Arc::clone(&self.writer).lock_owned().await),
-            DatabaseKind::Postgres => None,
+    /// A connection for a transaction that writes. On SQLite it is this
+    /// process's one writing connection, and the call waits until no other
+    /// task holds it: SQLite has one writer at a time, and connections
+    /// that race for it get SQLITE_BUSY and sleep in its busy handler,
+    /// whose growing sleeps made the tail latency of writes under load
+    /// (bench/README.md, "Profile of the service path"). Keeping the
+    /// connection also spares the two pings sqlx makes when a pooled
+    /// connection is lent and returned (each a hand-off to SQLite's
+    /// worker thread). Hold it from `begin()` past `commit()`. On
+    /// PostgreSQL, which has row locks, it is a connection from the pool.
+    pub async fn write(&self) -> Result<Writer, sqlx::Error> {
+        if self.kind == DatabaseKind::Postgres {
+            return Ok(Writer {
+                inner: WriterInner::Pool(self.pool.acquire().await?),
+            });
         }
+        let mut slot = Arc::clone(&self.writer).lock_owned().await;
+        let idle = slot
+            .last_used
+            .is_none_or(|t| t.elapsed() >= IDLE_PING_AFTER);
+        if let Some(conn) = slot.conn.as_mut() {
+            if let Err(error) = settle_writer(conn, idle).await {
+                // The connection's worker stopped (it does after a failed
+                // rollback): open another.
+                tracing::warn!(%error, "the SQLite writing connection failed; reopening it");
+                slot.conn = None;
+            }
+        }
+        if slot.conn.is_none() {
+            let mut conn = AnyConnection::connect_with(&self.options).await?;
+            sqlite_pragmas(&mut conn).await?;
+            slot.conn = Some(conn);
+        }
+        slot.last_used = Some(Instant::now());
+        Ok(Writer {
+            inner: WriterInner::Sqlite(slot),
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -207,8 +314,39 @@ impl Database {
     }
 
     pub async fn close(&self) {
+        if let Some(conn) = self.writer.lock().await.conn.take() {
+            let _ = conn.close().await;
+        }
         self.pool.close().await;
     }
+}
+
+/// Makes the SQLite writing connection fit to lend: pinged when it sat
+/// idle, and never lent inside a transaction. A transaction dropped
+/// unfinished (its request cancelled) queues its rollback, which the
+/// worker runs before the next command; the ping waits for it. One still
+/// open after that is rolled back here.
+async fn settle_writer(conn: &mut AnyConnection, idle: bool) -> Result<(), sqlx::Error> {
+    if idle || conn.is_in_transaction() {
+        conn.ping().await?;
+    }
+    if conn.is_in_transaction() {
+        tracing::warn!("the SQLite writing connection was left in a transaction; rolling it back");
+        <<Any as sqlx::Database>::TransactionManager as sqlx::TransactionManager>::rollback(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// WAL (readers and the writer do not block each other; shared by every
+/// process on the machine), NORMAL sync (durable at each checkpoint, as
+/// WAL makes safe), a 10 s busy timeout and foreign keys.
+async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    conn.execute("PRAGMA journal_mode = WAL").await?;
+    conn.execute("PRAGMA synchronous = NORMAL").await?;
+    conn.execute("PRAGMA busy_timeout = 10000").await?;
+    conn.execute("PRAGMA foreign_keys = ON").await?;
+    Ok(())
 }
 
 /// Splits a migration into statements at `;` that ends a line.
@@ -257,9 +395,9 @@ mod tests {
             .execute(db.pool())
             .await
             .unwrap();
-        // While a turn is held, the next waits.
-        let held = db.write_turn().await.expect("SQLite has turns");
-        let waiting = tokio::time::timeout(Duration::from_millis(50), db.write_turn()).await;
+        // While the writer is lent, the next waits.
+        let held = db.write().await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(50), db.write()).await;
         assert!(waiting.is_err(), "a second writer waits for the first");
         drop(held);
         // 64 writers at once, each a read-then-write transaction (the
@@ -268,8 +406,8 @@ mod tests {
         let writers = (0..64).map(|i| {
             let db = db.clone();
             tokio::spawn(async move {
-                let turn = db.write_turn().await;
-                let mut tx = db.pool().begin().await.unwrap();
+                let mut writer = db.write().await.unwrap();
+                let mut tx = writer.begin().await.unwrap();
                 let (_,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
                     .fetch_one(&mut *tx)
                     .await
@@ -280,7 +418,6 @@ mod tests {
                     .await
                     .unwrap();
                 tx.commit().await.unwrap();
-                drop(turn);
             })
         });
         for w in writers.collect::<Vec<_>>() {
@@ -296,6 +433,77 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Writers cancelled at every await point (a client that hangs up
+    /// mid-request) leave the writing connection fit for the next: no
+    /// transaction left open, no stopped worker, no write half-done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_writers_leave_the_writing_connection_usable() {
+        let dir = std::env::temp_dir().join(format!("shoal-cancel-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let url = format!("sqlite://{}/c.db?mode=rwc", dir.display());
+        let db = Database::connect(&url, 4, Duration::from_secs(5))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE IF NOT EXISTS c (a BIGINT NOT NULL, b BIGINT NOT NULL)")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let mut cancelled = 0;
+        for i in 0..400i64 {
+            let db2 = db.clone();
+            let work = tokio::spawn(async move {
+                let mut writer = db2.write().await.unwrap();
+                let mut tx = writer.begin().await.unwrap();
+                for column in ["a", "b"] {
+                    sqlx::query(&format!(
+                        "INSERT INTO c ({column}, {}) VALUES ($1, 0)",
+                        if column == "a" { "b" } else { "a" }
+                    ))
+                    .bind(i)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                }
+                tx.commit().await.unwrap();
+            });
+            // Cut it off anywhere from before its first await to after its
+            // commit.
+            let after = Duration::from_micros(rand::random_range(0..400));
+            tokio::time::sleep(after).await;
+            work.abort();
+            match work.await {
+                Ok(()) => {}
+                Err(e) if e.is_cancelled() => cancelled += 1,
+                Err(e) => panic!("writer {i} failed after earlier ones were cut off: {e}"),
+            }
+        }
+        assert!(
+            cancelled > 10,
+            "only {cancelled} of 400 writers were cut off"
+        );
+        // Every transaction committed whole or not at all: rows come in pairs.
+        let mut writer = db.write().await.unwrap();
+        assert!(!writer.is_in_transaction());
+        let mut tx = writer.begin().await.unwrap();
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM c")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n % 2, 0, "{n} rows: a transaction was cut in half");
+        sqlx::query("INSERT INTO c (a, b) VALUES (-1, -1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        drop(writer);
+        let (after,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM c")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(after, n + 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -203,8 +203,8 @@ async fn signup(
         created_at: shoal_backends::now_millis(),
     };
     // The user and their welcome email commit together, or neither does.
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await?;
+    let mut writer = ctx.db.write().await?;
+    let mut tx = writer.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO users (id, email, password_hash, name, created_at)
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (email) DO NOTHING",
@@ -233,7 +233,7 @@ async fn signup(
         .await
         .map_err(|e| ApiError::internal("enqueueing the signup-attempt email", &e))?;
         tx.commit().await?;
-        drop(turn);
+        drop(writer);
         metrics::counter!("shoal_accounts_signup_existing_total").increment(1);
         tracing::info!("signup for an address that has an account; its owner is told");
         return Ok((StatusCode::CREATED, Json(user)).into_response());
@@ -254,7 +254,7 @@ async fn signup(
         .await
         .map_err(|e| ApiError::internal("recording the user's address", &e))?;
     tx.commit().await?;
-    drop(turn);
+    drop(writer);
     metrics::counter!("shoal_accounts_signups_total").increment(1);
     tracing::info!(user_id = %user.id, "account created");
     Ok((StatusCode::CREATED, Json(user)).into_response())

@@ -146,8 +146,8 @@ pub(crate) async fn reserve(
         return Ok(answer);
     }
     let now = now_millis();
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await?;
+    let mut writer = ctx.db.write().await?;
+    let mut tx = writer.begin().await?;
     let mut held = Vec::with_capacity(req.items.len());
     let mut short = Problem::conflict("not enough stock for every item; nothing was held");
     let mut missing = Problem::validation("an item's product does not exist; nothing was held");
@@ -219,7 +219,7 @@ pub(crate) async fn reserve(
         // The same id held at the same moment elsewhere: that one stands,
         // this one's decrements go back.
         tx.rollback().await?;
-        drop(turn);
+        drop(writer);
         return match stored(ctx.db.pool(), &req, &items_json).await? {
             Some(answer) => Ok(answer),
             None => Err(ApiError::internal(
@@ -229,7 +229,7 @@ pub(crate) async fn reserve(
         };
     }
     tx.commit().await?;
-    drop(turn);
+    drop(writer);
     metrics::counter!("shoal_catalog_reservations_total").increment(1);
     Ok((StatusCode::CREATED, Json(reservation)).into_response())
 }
@@ -237,8 +237,8 @@ pub(crate) async fn reserve(
 /// Gives a held reservation's stock back; `false` when there was none to
 /// give (unknown, or already released).
 pub async fn release(ctx: &AppContext, id: &str) -> Result<bool, sqlx::Error> {
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await?;
+    let mut writer = ctx.db.write().await?;
+    let mut tx = writer.begin().await?;
     let changed = sqlx::query(
         "UPDATE stock_reservations SET status = 'released', updated_at = $1 \
          WHERE id = $2 AND status = 'held'",
@@ -266,7 +266,7 @@ pub async fn release(ctx: &AppContext, id: &str) -> Result<bool, sqlx::Error> {
             .await?;
     }
     tx.commit().await?;
-    drop(turn);
+    drop(writer);
     metrics::counter!("shoal_catalog_reservations_released_total").increment(1);
     Ok(true)
 }

@@ -244,8 +244,8 @@ async fn upload(
     };
     // The row and its processing job commit together, or neither does.
     let saved: Result<(), ApiError> = async {
-        let turn = ctx.db.write_turn().await;
-        let mut tx = ctx.db.pool().begin().await?;
+        let mut writer = ctx.db.write().await?;
+        let mut tx = writer.begin().await?;
         sqlx::query(
             "INSERT INTO media_uploads (id, owner_id, blob_key, content_type, size, visibility, status, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -269,7 +269,7 @@ async fn upload(
             .await
             .map_err(|e| ApiError::internal("enqueueing media processing", &e))?;
         tx.commit().await?;
-        drop(turn);
+        drop(writer);
         Ok(())
     }
     .await;

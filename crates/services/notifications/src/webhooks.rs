@@ -376,8 +376,8 @@ pub(crate) async fn remove(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     own(&ctx, &session.user_id, &id).await?;
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await?;
+    let mut writer = ctx.db.write().await?;
+    let mut tx = writer.begin().await?;
     sqlx::query("DELETE FROM notification_webhooks WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)
@@ -387,7 +387,7 @@ pub(crate) async fn remove(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    drop(turn);
+    drop(writer);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -292,8 +292,8 @@ async fn create(
         updated_at: now,
     };
     let response = serde_json::to_string(&order).expect("order serializes");
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await?;
+    let mut writer = ctx.db.write().await?;
+    let mut tx = writer.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, user_id, status, items, total_cents, currency, payment_method,
             idempotency_key, request_hash, response, created_at, updated_at, reservation_id)
@@ -342,7 +342,7 @@ async fn create(
         .await
         .map_err(|e| ApiError::internal("enqueueing the payment job", &e))?;
     tx.commit().await?;
-    drop(turn);
+    drop(writer);
     metrics::counter!("shoal_orders_created_total").increment(1);
     tracing::info!(order_id = %order.id, total = order.total_cents, "order created; payment queued");
     Ok((
@@ -512,8 +512,8 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
     let reason = p["reason"].as_str();
     // The status change and its email commit together: a settled order
     // always has its receipt (or failure notice) queued, exactly once.
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await.map_err(JobError::retryable)?;
+    let mut writer = ctx.db.write().await.map_err(JobError::retryable)?;
+    let mut tx = writer.begin().await.map_err(JobError::retryable)?;
     let changed = sqlx::query(
         "UPDATE orders SET status = $1, failure = $2, updated_at = $3 WHERE id = $4 AND status = 'pending_payment'",
     )
@@ -570,7 +570,7 @@ async fn settle(ctx: &AppContext, job: &JobContext) -> Result<(), JobError> {
             .await
             .map_err(JobError::retryable)?;
         tx.commit().await.map_err(JobError::retryable)?;
-        drop(turn);
+        drop(writer);
         // Realtime: reaches the user's SSE/WebSocket connections on
         // every instance, and is kept for Last-Event-ID replay.
         let data = json!({"order_id": order_id, "total_cents": total, "currency": currency});

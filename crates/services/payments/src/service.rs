@@ -229,8 +229,8 @@ async fn settle(
     provider_id: Option<&str>,
     failure: Option<&str>,
 ) -> Result<(), JobError> {
-    let turn = ctx.db.write_turn().await;
-    let mut tx = ctx.db.pool().begin().await.map_err(JobError::retryable)?;
+    let mut writer = ctx.db.write().await.map_err(JobError::retryable)?;
+    let mut tx = writer.begin().await.map_err(JobError::retryable)?;
     let changed = sqlx::query(
         "UPDATE payments SET status = $1, provider_id = COALESCE($2, provider_id), failure = $3, updated_at = $4
          WHERE id = $5 AND status = 'pending'",
@@ -259,7 +259,7 @@ async fn settle(
         tracing::info!(payment_id, succeeded, "payment settled");
     }
     tx.commit().await.map_err(JobError::retryable)?;
-    drop(turn);
+    drop(writer);
     Ok(())
 }
 
