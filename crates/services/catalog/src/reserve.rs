@@ -142,11 +142,13 @@ pub(crate) async fn reserve(
     internal_only(&ctx, &headers)?;
     validate(&req)?;
     let items_json = serde_json::to_string(&req.items).expect("lines serialize");
-    if let Some(answer) = stored(ctx.db.pool(), &req, &items_json).await? {
+    // The replay check runs on the writing connection it will write with
+    // (a pooled one costs two more hand-offs to SQLite's thread).
+    let mut writer = ctx.db.write().await?;
+    if let Some(answer) = stored(&mut *writer, &req, &items_json).await? {
         return Ok(answer);
     }
     let now = now_millis();
-    let mut writer = ctx.db.write().await?;
     let mut tx = writer.begin().await?;
     let mut held = Vec::with_capacity(req.items.len());
     let mut short = Problem::conflict("not enough stock for every item; nothing was held");

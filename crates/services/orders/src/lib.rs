@@ -455,7 +455,10 @@ async fn find_by_key(
     )
     .bind(user)
     .bind(key)
-    .fetch_optional(ctx.db.pool())
+    // On the writing connection, as the order's insert will be: a pooled
+    // one costs two more hand-offs to SQLite's thread (pings on lending
+    // and return). Held for this statement only.
+    .fetch_optional(&mut *ctx.db.write().await?)
     .await?)
 }
 
