@@ -25,7 +25,8 @@ run_shoal() { # label, extra env...
   local label=$1; shift
   local port; port=$(free_port)
   echo "  $label ..." >&2
-  env SHOAL_LOG__LEVEL=warn "$@" target/release/shoal up --port "$port" --instances 2 \
+  # Every stream is the one bench user's: lift the per-user cap (16).
+  env SHOAL_LOG__LEVEL=warn SHOAL_NOTIFICATIONS__MAX_CONNECTIONS_PER_USER=$((CONNECTIONS + 10)) "$@" target/release/shoal up --port "$port" --instances 2 \
     --data-dir "$RUN/$label" > "$RUN/$label.log" 2>&1 &
   local sup=$!; PIDS+=("$sup")
   wait_http "http://127.0.0.1:$port/readyz"

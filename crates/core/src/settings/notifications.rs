@@ -34,8 +34,21 @@ pub struct NotificationsSettings {
     pub stream_buffer: usize,
     /// Comment lines (SSE) or pings (WebSocket) sent this often, seconds.
     pub heartbeat_secs: u64,
-    /// Open realtime connections one instance accepts (503 past it).
+    /// Open realtime connections one instance accepts (503 past it, with
+    /// `Retry-After`: another instance may have room).
     pub max_connections: usize,
+    /// Open realtime connections one user may hold on one instance (429
+    /// past it): a browser tab that leaks streams, or a script opening
+    /// them in a loop, cannot take the instance's room from everyone else.
+    pub max_connections_per_user: usize,
+    /// When the instance drains, each stream is told to reconnect (an SSE
+    /// `stream.reconnect` event with a `retry:` field, a WebSocket close
+    /// 1012) at a random moment within this window, ms, so clients do not
+    /// all come back to the other instances at once. Events keep flowing
+    /// on a stream until its moment; the client resumes with
+    /// `Last-Event-ID` and misses none. Keep it below
+    /// `serve.shutdown_timeout_secs`.
+    pub drain_window_ms: u64,
     /// Webhook endpoints one user may register.
     pub max_webhooks_per_user: u32,
     /// First wait before retrying a failed webhook delivery, ms; doubles
@@ -70,6 +83,8 @@ impl Default for NotificationsSettings {
             stream_buffer: 64,
             heartbeat_secs: 15,
             max_connections: 50_000,
+            max_connections_per_user: 16,
+            drain_window_ms: 5_000,
             max_webhooks_per_user: 20,
             webhook_retry_base_ms: 5_000,
             webhook_retry_max_secs: 3600,
@@ -107,6 +122,18 @@ impl NotificationsSettings {
         }
         if self.heartbeat_secs == 0 {
             return Err(("notifications.heartbeat_secs", "must be at least 1"));
+        }
+        if self.max_connections_per_user == 0 {
+            return Err((
+                "notifications.max_connections_per_user",
+                "must be at least 1",
+            ));
+        }
+        if self.drain_window_ms > 600_000 {
+            return Err((
+                "notifications.drain_window_ms",
+                "must be at most 600000 (10 minutes); keep it below serve.shutdown_timeout_secs",
+            ));
         }
         if self.replay_max_events == 0 {
             return Err(("notifications.replay_max_events", "must be at least 1"));

@@ -170,8 +170,12 @@ pub(crate) struct Hub {
     open: AtomicUsize,
     buffer: usize,
     max_connections: usize,
-    /// Fires when the instance drains: every stream ends so clients
-    /// reconnect to another instance.
+    max_per_user: usize,
+    /// Each stream is told to reconnect at a random moment within this
+    /// window after the instance starts draining.
+    drain_window: Duration,
+    /// Fires when the instance drains (or the bus closes): every stream
+    /// ends so clients reconnect to another instance.
     closing: CancellationToken,
 }
 
@@ -207,6 +211,8 @@ impl Hub {
             open: AtomicUsize::new(0),
             buffer: s.stream_buffer.max(1),
             max_connections: s.max_connections,
+            max_per_user: s.max_connections_per_user,
+            drain_window: Duration::from_millis(s.drain_window_ms),
             closing: CancellationToken::new(),
         });
         tokio::spawn(listen(ctx.clone(), Arc::downgrade(&hub)));
@@ -219,7 +225,8 @@ impl Hub {
     ) -> Result<(Registration, mpsc::Receiver<Item>), ApiError> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            metrics::counter!("shoal_notifications_stream_refused_total").increment(1);
+            metrics::counter!("shoal_notifications_stream_refused_total", "reason" => "instance")
+                .increment(1);
             return Err(Problem::unavailable(
                 "this instance holds its maximum of realtime connections; retry shortly",
                 2,
@@ -228,12 +235,25 @@ impl Hub {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.buffer);
-        self.conns
-            .lock()
-            .unwrap()
-            .entry(user_id.to_string())
-            .or_default()
-            .push(Conn { id, tx });
+        {
+            let mut conns = self.conns.lock().unwrap();
+            let list = conns.entry(user_id.to_string()).or_default();
+            if list.len() >= self.max_per_user {
+                drop(conns);
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                metrics::counter!("shoal_notifications_stream_refused_total", "reason" => "user")
+                    .increment(1);
+                return Err(Problem::too_many_requests(
+                    format!(
+                        "you hold {} realtime connections on this instance, the most allowed; close one (each browser tab needs only one)",
+                        self.max_per_user
+                    ),
+                    5,
+                )
+                .into());
+            }
+            list.push(Conn { id, tx });
+        }
         metrics::gauge!("shoal_notifications_connections").increment(1.0);
         Ok((
             Registration {
@@ -395,6 +415,13 @@ struct Feed {
     /// Set while a re-read of the table is owed (kept if `next` is
     /// cancelled mid-read, so it is redone).
     needs_resync: bool,
+    /// How long after the drain starts this stream is told to reconnect
+    /// (random within the hub's window, picked at open).
+    drain_delay: Duration,
+    /// When the drain started, the moment to leave at; then whether the
+    /// reconnect event has been handed out.
+    leave_at: Option<tokio::time::Instant>,
+    told_to_leave: bool,
 }
 
 impl Feed {
@@ -419,6 +446,9 @@ impl Feed {
             last_id: None,
             connected_at,
             needs_resync: false,
+            drain_delay: hub.drain_window.mul_f64(rand::random::<f64>()),
+            leave_at: None,
+            told_to_leave: false,
         };
         if let Some(last) = last_event_id {
             let known: Option<(String,)> =
@@ -456,10 +486,14 @@ impl Feed {
     }
 
     /// The next event to send; `None` when the connection must end
-    /// (dropped as too slow, instance draining, bus closed). Cancel safe:
-    /// an event is taken from the buffers only when it is returned.
+    /// (dropped as too slow, bus closed, and after the reconnect event
+    /// when the instance drains). Cancel safe: an event is taken from the
+    /// buffers only when it is returned.
     async fn next(&mut self) -> Option<UserEvent> {
         loop {
+            if self.told_to_leave {
+                return None;
+            }
             if self.needs_resync {
                 if let Err(e) = self.replay().await {
                     tracing::warn!(error = %e, "notifications: resync read failed; closing the stream");
@@ -474,7 +508,17 @@ impl Feed {
                 return Some(e);
             }
             let item = tokio::select! {
-                _ = self.closing.cancelled() => return None,
+                _ = self.closing.cancelled(), if self.leave_at.is_none() => {
+                    // Keep delivering until this stream's moment.
+                    self.leave_at = Some(tokio::time::Instant::now() + self.drain_delay);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(self.leave_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if self.leave_at.is_some() => {
+                    self.told_to_leave = true;
+                    metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
+                    return Some(reconnect_event(&self.user_id));
+                }
                 item = self.rx.recv() => item?,
             };
             match item {
@@ -502,6 +546,22 @@ impl Feed {
 }
 
 const RESET_KIND: &str = "stream.reset";
+const RECONNECT_KIND: &str = "stream.reconnect";
+
+/// The last event of a stream whose instance drains: reconnect (through
+/// the gateway, to another instance) and resume from the last event id.
+/// It has no id, so `EventSource` keeps the last real one.
+fn reconnect_event(user_id: &str) -> UserEvent {
+    UserEvent {
+        id: String::new(),
+        user_id: user_id.to_string(),
+        kind: RECONNECT_KIND.into(),
+        data: serde_json::json!({
+            "reason": "this server is restarting; reconnect and resume from your last event id"
+        }),
+        created_at: now_millis(),
+    }
+}
 
 /// Sent when a client's `Last-Event-ID` is no longer kept: it missed
 /// events it cannot replay and should reload its state.
@@ -551,7 +611,12 @@ fn wanted_replay(headers: &HeaderMap, q: &StreamQuery) -> Result<Option<String>,
 
 fn to_sse(e: &UserEvent) -> Event {
     let json = serde_json::to_string(e).unwrap_or_else(|_| "{}".into());
-    let ev = Event::default().data(json);
+    let mut ev = Event::default().data(json);
+    if e.kind == RECONNECT_KIND {
+        // EventSource waits this long before reconnecting (its default
+        // is up to the browser, often 3 s): a second at most, spread.
+        ev = ev.retry(Duration::from_millis(rand::random_range(100..1000)));
+    }
     if e.id.is_empty() {
         ev
     } else {
@@ -637,6 +702,15 @@ async fn run_socket(mut socket: WebSocket, mut feed: Feed, heartbeat: Duration) 
                     let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(None))).await;
                     return;
                 };
+                if e.kind == RECONNECT_KIND {
+                    // 1012 Service Restart: reconnect (to another instance).
+                    let close = axum::extract::ws::CloseFrame {
+                        code: 1012,
+                        reason: "server restarting; reconnect with last_event_id".into(),
+                    };
+                    let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(Some(close)))).await;
+                    return;
+                }
                 let text = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
                 match tokio::time::timeout(send_timeout, socket.send(WsMessage::Text(text.into()))).await {
                     Ok(Ok(())) => {}

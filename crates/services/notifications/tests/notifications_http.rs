@@ -299,6 +299,8 @@ struct SseReader {
     stream:
         std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: String,
+    /// The `retry:` of the last event returned, if it had one.
+    retry: Option<u64>,
 }
 
 impl SseReader {
@@ -316,6 +318,7 @@ impl SseReader {
         SseReader {
             stream: Box::pin(r.bytes_stream()),
             buf: String::new(),
+            retry: None,
         }
     }
 
@@ -327,14 +330,18 @@ impl SseReader {
                 let block: String = self.buf.drain(..end + 2).collect();
                 let mut id = None;
                 let mut data = String::new();
+                let mut retry = None;
                 for line in block.lines() {
                     if let Some(v) = line.strip_prefix("id:") {
                         id = Some(v.trim().to_string());
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim_start());
+                    } else if let Some(v) = line.strip_prefix("retry:") {
+                        retry = Some(v.trim().parse().unwrap());
                     }
                 }
                 if !data.is_empty() {
+                    self.retry = retry;
                     return (id, serde_json::from_str(&data).unwrap());
                 }
             }
@@ -569,6 +576,208 @@ async fn a_slow_consumer_is_disconnected_not_buffered() {
         .await
         .unwrap();
     assert_eq!(sse.next(Duration::from_secs(10)).await.1["kind"], "after");
+}
+
+/// One user may hold `max_connections_per_user` streams on an instance;
+/// the next is a 429 with `Retry-After` (and opens nothing), and room
+/// comes back when one closes.
+#[tokio::test]
+async fn streams_per_user_are_limited_with_429() {
+    let app = start(|s| s.notifications.max_connections_per_user = 2).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&app.base, &unique_email("limit")).await;
+    let (other, _) = kit::sign_up_and_log_in(&app.base, &unique_email("limit2")).await;
+    let url = format!("{}/api/notifications/stream", app.base);
+    let first = SseReader::open(&url, &cookie, None).await;
+    let _second = SseReader::open(&url, &cookie, None).await;
+    let refused = reqwest::Client::new()
+        .get(&url)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    // Another user is not affected.
+    let _theirs = SseReader::open(&url, &other, None).await;
+    // A closed stream gives its place back.
+    drop(first);
+    eventually(
+        "a place after a stream closed",
+        Duration::from_secs(10),
+        || {
+            let (url, cookie) = (url.clone(), cookie.clone());
+            async move {
+                let r = reqwest::Client::new()
+                    .get(&url)
+                    .header("cookie", &cookie)
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status() == 200).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// A draining instance tells each stream to reconnect at its own moment
+/// within `drain_window_ms` (SSE: a `stream.reconnect` event with
+/// `retry:`; WebSocket: close 1012) while events keep being published;
+/// every client resumes on another instance from its `Last-Event-ID` and
+/// has every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_instance_moves_its_streams_without_losing_an_event() {
+    const STREAMS: usize = 24;
+    let dir = kit::TempDir::new("notifications");
+    let mut s = settings(dir.path());
+    s.notifications.drain_window_ms = 1_500;
+    s.notifications.max_connections_per_user = 64;
+    let a = start_with(s.clone(), None, false).await;
+    let b = start_with(s.clone(), Some(dir), false).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&b.base, &unique_email("move")).await;
+    let mut readers = Vec::new();
+    for _ in 0..STREAMS {
+        readers.push(
+            SseReader::open(
+                &format!("{}/api/notifications/stream", a.base),
+                &cookie,
+                None,
+            )
+            .await,
+        );
+    }
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!(
+        "{}/api/notifications/ws",
+        a.base.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+
+    // Events published on the other instance all along: before, during
+    // and after the drain.
+    let publisher = {
+        let ctx = b.ctx.clone();
+        let user = user.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..120 {
+                ids.push(
+                    shoal_notifications::publish_user_event(&ctx, &user, "tick", json!({"n": n}))
+                        .await
+                        .unwrap(),
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drain_started = Instant::now();
+    a.stop.cancel();
+
+    let followers = readers.into_iter().map(|mut sse| {
+        let (cookie, b_base) = (cookie.clone(), b.base.clone());
+        tokio::spawn(async move {
+            let mut got: Vec<String> = Vec::new();
+            // On the draining instance until told to move.
+            let told_at = loop {
+                let (id, e) = sse.next(Duration::from_secs(10)).await;
+                if e["kind"] == "stream.reconnect" {
+                    assert!(id.is_none(), "the reconnect event has no id");
+                    let retry = sse.retry.expect("the reconnect event carries retry:");
+                    assert!((100..1000).contains(&retry), "retry {retry}");
+                    break Instant::now();
+                }
+                got.push(id.unwrap());
+            };
+            // The stream then ends.
+            let end = tokio::time::timeout(Duration::from_secs(5), sse.stream.next()).await;
+            assert!(
+                matches!(end, Ok(None) | Ok(Some(Err(_)))),
+                "the stream ends after the reconnect event"
+            );
+            // Resume on the other instance from the last id seen.
+            let mut sse = SseReader::open(
+                &format!("{b_base}/api/notifications/stream"),
+                &cookie,
+                got.last().map(String::as_str),
+            )
+            .await;
+            (told_at, got, sse_reader_rest(&mut sse).await)
+        })
+    });
+    let followers: Vec<_> = followers.collect();
+
+    // The WebSocket is closed with 1012.
+    let code = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the websocket is told to move")
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Close(frame) = msg {
+            break frame.map(|f| u16::from(f.code));
+        }
+    };
+    assert_eq!(code, Some(1012));
+
+    let published = publisher.await.unwrap();
+    let mut moments = Vec::new();
+    for f in followers {
+        let (told_at, mut got, rest) = f.await.unwrap();
+        moments.push(told_at.duration_since(drain_started));
+        // Everything after the last event seen before the move, up to
+        // the last one published.
+        got.extend(rest);
+        let last = published.last().unwrap();
+        let end = got
+            .iter()
+            .position(|id| id == last)
+            .expect("the last event arrived");
+        got.truncate(end + 1);
+        let first = published.iter().position(|id| *id == got[0]).unwrap();
+        assert_eq!(
+            got,
+            published[first..],
+            "events missed or repeated across the move"
+        );
+    }
+    moments.sort();
+    let (earliest, latest) = (moments[0], moments[moments.len() - 1]);
+    assert!(
+        latest < Duration::from_millis(1_500 + 1_000),
+        "the last stream moved after {latest:?}"
+    );
+    assert!(
+        latest - earliest > Duration::from_millis(300),
+        "{STREAMS} streams all moved within {:?}: not spread over the window",
+        latest - earliest
+    );
+}
+
+/// Reads a resumed stream until the publisher's last event (`n` 119).
+async fn sse_reader_rest(sse: &mut SseReader) -> Vec<String> {
+    let mut ids = Vec::new();
+    loop {
+        let (id, e) = sse.next(Duration::from_secs(15)).await;
+        assert_ne!(
+            e["kind"], "stream.reset",
+            "the resumed stream lost its place"
+        );
+        ids.push(id.unwrap());
+        if e["data"]["n"] == 119 {
+            return ids;
+        }
+    }
 }
 
 // ---------------------------------------------------------------- webhooks
