@@ -2,7 +2,8 @@
 # SSE benchmark (issue 5): N open Server-Sent Events streams on one
 # instance; events published on a second instance and fanned out to every
 # stream through the bus. Reports the stream-holding process's resident
-# memory per connection and the fan-out delay (publish -> arrival on every
+# memory per connection (and, in a third Shoal run, the gateway's per
+# stream passing through it to the instances) and the fan-out delay (publish -> arrival on every
 # stream) p50/p99, for Shoal (its default SQLite bus, and the Redis bus)
 # and a Node.js SSE server with Redis pub/sub fan-out (bench/sse/server.js),
 # in one run, with the same client (target/release/sse-fanout).
@@ -36,20 +37,34 @@ run_shoal() { # label, extra env...
   local cookie
   cookie=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$port/api/accounts/login" \
     -H 'content-type: application/json' -d "$creds" | tr -d '\r' | sed -n 's/^[Ss]et-[Cc]ookie: \([^;]*\).*/\1/p' | head -1)
-  read -r a b pid < <(python3 - "$RUN/$label/run/stack.json" <<'PY'
+  read -r a b pid gpid < <(python3 - "$RUN/$label/run/stack.json" <<'PY'
 import json, sys
 c = {x["name"]: x for x in json.load(open(sys.argv[1]))["children"]}
-print(c["serve-1"]["address"], c["serve-2"]["address"], c["serve-1"]["pid"])
+print(c["serve-1"]["address"], c["serve-2"]["address"], c["serve-1"]["pid"], c["gateway"]["pid"])
 PY
 )
-  results+=("$(target/release/sse-fanout --label "$label" --connections "$CONNECTIONS" --events "$EVENTS" \
-    --stream-url "http://$a/api/notifications/stream" --publish-url "http://$b/api/notifications/test" \
-    --cookie "$cookie" --pid "$pid")")
+  if [ "${THROUGH_GATEWAY:-0}" = 1 ]; then
+    # The streams pass through the gateway (spread over both instances);
+    # the memory is the gateway's, client and upstream side of each.
+    # Each stream costs the gateway two descriptors (client, instance):
+    # at most 9,000 under the 20,000 open-files limit.
+    results+=("$(target/release/sse-fanout --label "$label" --connections "$((CONNECTIONS < 9000 ? CONNECTIONS : 9000))" --events "$EVENTS" \
+      --stream-url "http://127.0.0.1:$port/api/notifications/stream" --publish-url "http://$b/api/notifications/test" \
+      --cookie "$cookie" --pid "$gpid")")
+  else
+    results+=("$(target/release/sse-fanout --label "$label" --connections "$CONNECTIONS" --events "$EVENTS" \
+      --stream-url "http://$a/api/notifications/stream" --publish-url "http://$b/api/notifications/test" \
+      --cookie "$cookie" --pid "$pid")")
+  fi
   kill -TERM "$sup"; wait "$sup" || true
 }
 
 run_shoal "shoal (SQLite bus)"
 run_shoal "shoal (Redis bus)" SHOAL_CACHE__BUS=redis SHOAL_CACHE__BUS_REDIS_URL="$REDIS"
+# The gateway's memory per stream it passes through; one client address
+# holds them all, so no per-address cap.
+THROUGH_GATEWAY=1 run_shoal "shoal gateway, streams passing through (Redis bus)" SHOAL_CACHE__BUS=redis \
+  SHOAL_CACHE__BUS_REDIS_URL="$REDIS" SHOAL_GATEWAY__MAX_CONNECTIONS=40000 SHOAL_GATEWAY__MAX_CONNECTIONS_PER_CLIENT=0
 
 echo "  node.js ..." >&2
 p1=$(free_port); p2=$(free_port)
