@@ -315,30 +315,35 @@ where
     if poll_fn(|cx| service.poll_ready(cx)).await.is_err() {
         return After::Close;
     }
-    let mut call = pin!(service.call(req));
     // Until the response: feed the request body to the service, or
-    // watch for the client leaving (which cancels the request).
-    let response = poll_fn(|cx| {
-        if let Poll::Ready(response) = call.as_mut().poll(cx) {
-            return Poll::Ready(Some(response));
-        }
-        loop {
-            match &mut feeder {
-                Some(f) if f.active() => match f.poll_feed(io, buf, cx) {
-                    Poll::Ready(()) => continue,
-                    Poll::Pending => return Poll::Pending,
-                },
-                Some(f) if f.state == Feed::Stopped => return Poll::Pending,
-                _ => {
-                    return match poll_watch(io, buf, limits.max_head, cx) {
-                        Poll::Ready(()) => Poll::Ready(None),
-                        Poll::Pending => Poll::Pending,
+    // watch for the client leaving (which cancels the request). The
+    // finished call is dropped with this block: kept to the end of the
+    // function, what it holds (the proxy's boxed state, 2.8 KiB) stayed
+    // allocated while the body streamed.
+    let response = {
+        let mut call = pin!(service.call(req));
+        poll_fn(|cx| {
+            if let Poll::Ready(response) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            loop {
+                match &mut feeder {
+                    Some(f) if f.active() => match f.poll_feed(io, buf, cx) {
+                        Poll::Ready(()) => continue,
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    Some(f) if f.state == Feed::Stopped => return Poll::Pending,
+                    _ => {
+                        return match poll_watch(io, buf, limits.max_head, cx) {
+                            Poll::Ready(()) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        }
                     }
                 }
             }
-        }
-    })
-    .await;
+        })
+        .await
+    };
     let Some(Ok(response)) = response else {
         tracing::debug!("the client closed its connection before the response");
         return After::Close;
@@ -423,7 +428,9 @@ where
                 if !send(io, &[&out], true).await {
                     return After::Close;
                 }
-                out.clear();
+                // The body waits (an event stream): hold no buffer
+                // until its next frame.
+                out = BytesMut::new();
                 continue;
             }
             Next::Frame(None) => break true,
@@ -1307,4 +1314,3 @@ mod tests {
         assert_eq!(text, "hello world");
     }
 }
-
