@@ -319,6 +319,8 @@ async fn create(
         // A concurrent request with the same key won the race (and holds
         // the same reservation: its id comes from the key).
         tx.rollback().await?;
+        // Let the writer go first: `find_by_key` asks for it again.
+        drop(writer);
         return match find_by_key(&ctx, &session.user_id, &key).await? {
             Some((hash, stored)) if hash == request_hash => Ok(replay(&stored)),
             _ => Err(key_reused()),

@@ -255,6 +255,37 @@ async fn product(base: &str) -> Value {
         .unwrap_or_else(|| panic!("no products in {v}"))
 }
 
+/// The same checkout sent many times at once (a double-clicking user, a
+/// retrying client): one order, and every request answered with it
+/// promptly, the ones that lost the race to insert it included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_key_at_once_makes_one_order_and_every_request_is_answered() {
+    let s = start().await;
+    let http = login(&s.base).await;
+    let p = product(&s.base).await;
+    let body = json!({"items": [{"product_id": p["id"], "quantity": 1}]});
+    let requests = (0..16).map(|_| {
+        let (http, base, body) = (http.clone(), s.base.clone(), body.clone());
+        tokio::spawn(async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(15),
+                order(&http, &base, Some("double-click"), &body),
+            )
+            .await
+            .expect("a request with a key already being ordered was never answered");
+            assert_eq!(r.status(), 201);
+            let v: Value = r.json().await.unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+    });
+    let mut ids = Vec::new();
+    for r in requests.collect::<Vec<_>>() {
+        ids.push(r.await.unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one order for one key: {ids:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_is_idempotent_and_charges_once() {
     let s = start().await;
