@@ -339,8 +339,10 @@ async fn settle_writer(conn: &mut AnyConnection, idle: bool) -> Result<(), sqlx:
 }
 
 /// WAL (readers and the writer do not block each other; shared by every
-/// process on the machine), NORMAL sync (durable at each checkpoint, as
-/// WAL makes safe), a 10 s busy timeout and foreign keys.
+/// process on the machine), NORMAL sync (a commit survives a killed
+/// process; the log is synced at checkpoints, so a power cut may take the
+/// last commits back but never corrupts), a 10 s busy timeout and foreign
+/// keys.
 async fn sqlite_pragmas(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
     conn.execute("PRAGMA journal_mode = WAL").await?;
     conn.execute("PRAGMA synchronous = NORMAL").await?;
