@@ -726,6 +726,119 @@ async fn a_worker_killed_during_payments_charges_each_order_once() {
     stack.stop(Duration::from_secs(30));
 }
 
+/// Issue 21: an instance stopped behind the gateway tells its streams to
+/// reconnect, spread over `drain_window_ms`; each client comes back
+/// through the gateway (to the other instance) with its `Last-Event-ID`
+/// and has every event published meanwhile once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_instance_moves_its_streams_through_the_gateway_without_a_lost_event() {
+    const STREAMS: usize = 60;
+    const EVENTS: usize = 160;
+    let mut stack = Stack::start(
+        2,
+        &[
+            ("SHOAL_NOTIFICATIONS__DRAIN_WINDOW_MS", "1500"),
+            ("SHOAL_NOTIFICATIONS__MAX_CONNECTIONS_PER_USER", "200"),
+        ],
+    );
+    stack.wait_ready(2).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&stack.base, "drain@example.com").await;
+    // Half opened on serve-1 itself (so that many are sure to be on the
+    // instance stopped), half through the gateway (wherever it puts
+    // them); every reconnect goes through the gateway.
+    let serve1 = stack.addresses()["serve-1"].clone();
+    let mut readers = Vec::new();
+    for n in 0..STREAMS {
+        let url = if n % 2 == 0 {
+            format!("http://{serve1}/api/notifications/stream")
+        } else {
+            stack.url("/api/notifications/stream")
+        };
+        readers.push(kit::SseReader::open(&url, &cookie, None).await);
+    }
+    // Published on serve-2, which stays up, so every publish's answer is
+    // known (one cut off by the stop could have published unseen).
+    let serve2 = stack.addresses()["serve-2"].clone();
+    let publisher = {
+        let cookie = cookie.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut ids = Vec::new();
+            for n in 0..EVENTS {
+                let r = http
+                    .post(format!("http://{serve2}/api/notifications/test"))
+                    .header("cookie", &cookie)
+                    .json(&json!({"n": n}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                let v: Value = r.json().await.unwrap();
+                ids.push(v["id"].as_str().unwrap().to_string());
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = stack.children()["serve-1"];
+    kill(Pid::from_raw(victim as i32), Signal::SIGTERM).unwrap();
+
+    let followers: Vec<_> = readers
+        .into_iter()
+        .map(|mut sse| {
+            let (cookie, url) = (cookie.clone(), stack.url("/api/notifications/stream"));
+            tokio::spawn(async move {
+                let mut got: Vec<String> = Vec::new();
+                let mut moved = false;
+                loop {
+                    let (id, e) = sse.next(Duration::from_secs(20)).await;
+                    if e["kind"] == "stream.reconnect" {
+                        // (A reconnect that reached the stopping instance
+                        // before the gateway saw it go is told again.)
+                        moved = true;
+                        assert!(sse.retry.is_some(), "the reconnect event carries retry:");
+                        assert!(
+                            sse.ends(Duration::from_secs(5)).await,
+                            "the stream ends after it"
+                        );
+                        // Back through the gateway, from the last event.
+                        sse = kit::SseReader::open(&url, &cookie, got.last().map(String::as_str))
+                            .await;
+                        continue;
+                    }
+                    assert_ne!(e["kind"], "stream.reset", "a resumed stream lost its place");
+                    got.push(id.unwrap());
+                    if e["data"]["n"] == EVENTS - 1 {
+                        return (moved, got);
+                    }
+                }
+            })
+        })
+        .collect();
+    let published = publisher.await.unwrap();
+    let mut moved = 0;
+    for f in followers {
+        let (was_moved, got) = f.await.unwrap();
+        moved += usize::from(was_moved);
+        let first = published
+            .iter()
+            .position(|id| *id == got[0])
+            .expect("a stream's first event was published");
+        assert_eq!(
+            got,
+            published[first..],
+            "events missed or repeated across the move"
+        );
+    }
+    assert!(
+        moved >= STREAMS / 2,
+        "only {moved} of {STREAMS} streams were moved"
+    );
+    eprintln!("{moved} of {STREAMS} streams moved off the stopped instance, none lost an event");
+    tokio::task::block_in_place(|| stack.stop(Duration::from_secs(30)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_finishes_in_flight_requests() {
     let mut stack = Stack::start(2, &[("SHOAL_SERVE__DEBUG_ROUTES", "true")]);

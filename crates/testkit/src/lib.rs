@@ -217,6 +217,88 @@ pub async fn problem(resp: reqwest::Response, status: u16) -> serde_json::Value 
     resp.json().await.expect("problem body")
 }
 
+/// Reads Server-Sent Events from a streaming response, comments skipped.
+pub struct SseReader {
+    resp: reqwest::Response,
+    buf: String,
+    /// The `retry:` of the last event returned, if it had one.
+    pub retry: Option<u64>,
+}
+
+impl SseReader {
+    /// Opens `url` with the session `cookie` (and `Last-Event-ID`);
+    /// asserts a 200 `text/event-stream`.
+    pub async fn open(url: &str, cookie: &str, last_event_id: Option<&str>) -> SseReader {
+        let mut req = reqwest::Client::new()
+            .get(url)
+            .header("cookie", cookie)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let r = req.send().await.expect("SSE request");
+        assert_eq!(r.status(), 200, "opening {url}");
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        SseReader {
+            resp: r,
+            buf: String::new(),
+            retry: None,
+        }
+    }
+
+    /// The next event's (id, parsed data); panics when none comes within
+    /// `timeout` or the stream ends.
+    pub async fn next(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> (Option<String>, serde_json::Value) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut id = None;
+                let mut data = String::new();
+                let mut retry = None;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    } else if let Some(v) = line.strip_prefix("retry:") {
+                        retry = Some(v.trim().parse().expect("retry: is a number"));
+                    }
+                }
+                if !data.is_empty() {
+                    self.retry = retry;
+                    return (id, serde_json::from_str(&data).expect("event data is JSON"));
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .expect("no SSE event in time")
+                .expect("the SSE stream broke")
+                .expect("the SSE stream ended");
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// True when the stream ends (or breaks) within `timeout` with no
+    /// other event.
+    pub async fn ends(&mut self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.buf.contains("data:") {
+                return false;
+            }
+            match tokio::time::timeout_at(deadline, self.resp.chunk()).await {
+                Err(_) => return false,
+                Ok(Ok(None)) | Ok(Err(_)) => return true,
+                Ok(Ok(Some(chunk))) => self.buf.push_str(&String::from_utf8_lossy(&chunk)),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

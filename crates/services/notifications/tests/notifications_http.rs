@@ -294,66 +294,7 @@ async fn with_smtp_down_the_email_waits_and_arrives_when_it_returns() {
 
 // ---------------------------------------------------------------- realtime
 
-/// Reads SSE events (skipping comments) from a streaming response.
-struct SseReader {
-    stream:
-        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buf: String,
-    /// The `retry:` of the last event returned, if it had one.
-    retry: Option<u64>,
-}
-
-impl SseReader {
-    async fn open(url: &str, cookie: &str, last_event_id: Option<&str>) -> SseReader {
-        let mut req = reqwest::Client::new()
-            .get(url)
-            .header("cookie", cookie)
-            .header("accept", "text/event-stream");
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
-        }
-        let r = req.send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.headers()["content-type"], "text/event-stream");
-        SseReader {
-            stream: Box::pin(r.bytes_stream()),
-            buf: String::new(),
-            retry: None,
-        }
-    }
-
-    /// The next event's (id, parsed data).
-    async fn next(&mut self, timeout: Duration) -> (Option<String>, Value) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            while let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let mut id = None;
-                let mut data = String::new();
-                let mut retry = None;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = Some(v.trim().to_string());
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    } else if let Some(v) = line.strip_prefix("retry:") {
-                        retry = Some(v.trim().parse().unwrap());
-                    }
-                }
-                if !data.is_empty() {
-                    self.retry = retry;
-                    return (id, serde_json::from_str(&data).unwrap());
-                }
-            }
-            let chunk = tokio::time::timeout_at(deadline, self.stream.next())
-                .await
-                .expect("no SSE event in time")
-                .expect("stream ended")
-                .unwrap();
-            self.buf.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-}
+use kit::SseReader;
 
 #[tokio::test]
 async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
@@ -699,10 +640,8 @@ async fn a_draining_instance_moves_its_streams_without_losing_an_event() {
                 }
                 got.push(id.unwrap());
             };
-            // The stream then ends.
-            let end = tokio::time::timeout(Duration::from_secs(5), sse.stream.next()).await;
             assert!(
-                matches!(end, Ok(None) | Ok(Some(Err(_)))),
+                sse.ends(Duration::from_secs(5)).await,
                 "the stream ends after the reconnect event"
             );
             // Resume on the other instance from the last id seen.
