@@ -689,6 +689,11 @@ pub(crate) async fn websocket(
     let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
     Ok(upgrade
         .max_message_size(64 * 1024)
+        // tungstenite reserves 128 KiB of read buffer per socket by
+        // default: 124-131 KiB resident per idle WebSocket here
+        // (bench/ws.sh). Clients only send close frames and pongs; the
+        // buffer grows for a larger frame (up to max_message_size).
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| run_socket(socket, feed, heartbeat)))
 }
 
