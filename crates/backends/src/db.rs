@@ -60,6 +60,8 @@ pub struct Database {
     writer: Arc<tokio::sync::Mutex<WriterSlot>>,
     /// How to open the writing connection (SQLite).
     options: Arc<AnyConnectOptions>,
+    /// The longest wait for the writer, as for a pooled connection.
+    acquire_timeout: Duration,
 }
 
 /// The SQLite writing connection and when it was last lent.
@@ -182,6 +184,7 @@ impl Database {
             kind,
             writer: Arc::default(),
             options: Arc::new(options),
+            acquire_timeout,
         })
     }
 
@@ -195,13 +198,19 @@ impl Database {
     /// connection is lent and returned (each a hand-off to SQLite's
     /// worker thread). Hold it from `begin()` past `commit()`. On
     /// PostgreSQL, which has row locks, it is a connection from the pool.
+    /// Waits at most the pool's acquire timeout (`PoolTimedOut` past it).
     pub async fn write(&self) -> Result<Writer, sqlx::Error> {
         if self.kind == DatabaseKind::Postgres {
             return Ok(Writer {
                 inner: WriterInner::Pool(self.pool.acquire().await?),
             });
         }
-        let mut slot = Arc::clone(&self.writer).lock_owned().await;
+        // Bounded as a pooled checkout is: a holder that never lets go
+        // (a bug) makes writers fail with PoolTimedOut, not wait forever.
+        let mut slot =
+            tokio::time::timeout(self.acquire_timeout, Arc::clone(&self.writer).lock_owned())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?;
         let idle = slot
             .last_used
             .is_none_or(|t| t.elapsed() >= IDLE_PING_AFTER);
@@ -314,8 +323,11 @@ impl Database {
     }
 
     pub async fn close(&self) {
-        if let Some(conn) = self.writer.lock().await.conn.take() {
-            let _ = conn.close().await;
+        // A writer still lent at shutdown is left to its holder.
+        if let Ok(mut slot) = self.writer.try_lock() {
+            if let Some(conn) = slot.conn.take() {
+                let _ = conn.close().await;
+            }
         }
         self.pool.close().await;
     }
@@ -506,6 +518,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(after, n + 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The writer is waited for as long as a pooled connection, no longer.
+    #[tokio::test]
+    async fn waiting_for_the_writer_times_out_like_a_pool_checkout() {
+        let dir = std::env::temp_dir().join(format!("shoal-wtimeout-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let url = format!("sqlite://{}/w.db?mode=rwc", dir.display());
+        let db = Database::connect(&url, 2, Duration::from_millis(200))
+            .await
+            .unwrap();
+        let held = db.write().await.unwrap();
+        let started = Instant::now();
+        let second = db.write().await;
+        assert!(
+            matches!(second, Err(sqlx::Error::PoolTimedOut)),
+            "{second:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(held);
+        assert!(db.write().await.is_ok(), "free again once let go");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

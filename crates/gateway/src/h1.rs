@@ -475,10 +475,11 @@ impl HttpBody for H1Body {
                     let read = if r.conn.buf.is_empty() {
                         // Nothing buffered: read through the stack and
                         // keep only what came, so a body that waits (an
-                        // event stream passing through) holds no 8 KiB
-                        // buffer while it waits (DHAT: 8 of the ~14 KiB
-                        // per stream). The old allocation, shared with the
-                        // data handed out, is let go with it.
+                        // event stream passing through) holds no read
+                        // buffer while it waits (the largest block per
+                        // stream in DHAT; bench/README.md, "Memory per
+                        // connection"). The old allocation, shared with
+                        // the data handed out, is let go with it.
                         r.conn.buf = BytesMut::new();
                         let mut stack = [0u8; READ_CHUNK];
                         let mut rb = tokio::io::ReadBuf::new(&mut stack);

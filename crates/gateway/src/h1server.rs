@@ -218,9 +218,9 @@ where
         // One request and its response, boxed: its state (the request,
         // the stack's response future, the response's framing and
         // buffers) was most of this future, and pinned here it sized
-        // every connection for it, idle ones included (3.6 KiB each, DHAT
-        // at 2,000 idle clients). Boxed, it is allocated while a request
-        // is in flight only.
+        // every connection for it, idle ones included (DHAT; see
+        // bench/README.md, "Memory per connection"). Boxed, it is
+        // allocated while a request is in flight only.
         let after = Box::pin(exchange(
             head,
             &mut service,
@@ -318,8 +318,8 @@ where
     // Until the response: feed the request body to the service, or
     // watch for the client leaving (which cancels the request). The
     // finished call is dropped with this block: kept to the end of the
-    // function, what it holds (the proxy's boxed state, 2.8 KiB) stayed
-    // allocated while the body streamed.
+    // function, what it holds (the proxy's boxed state) stayed allocated
+    // while the body streamed.
     let response = {
         let mut call = pin!(service.call(req));
         poll_fn(|cx| {

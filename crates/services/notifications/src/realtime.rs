@@ -550,15 +550,22 @@ const RECONNECT_KIND: &str = "stream.reconnect";
 
 /// The last event of a stream whose instance drains: reconnect (through
 /// the gateway, to another instance) and resume from the last event id.
-/// It has no id, so `EventSource` keeps the last real one.
 fn reconnect_event(user_id: &str) -> UserEvent {
+    notice(
+        user_id,
+        RECONNECT_KIND,
+        "this server is restarting; reconnect and resume from your last event id",
+    )
+}
+
+/// An event from the stream itself, not published: it has no id, so
+/// `EventSource` keeps the last real one as its `Last-Event-ID`.
+fn notice(user_id: &str, kind: &str, reason: &str) -> UserEvent {
     UserEvent {
         id: String::new(),
         user_id: user_id.to_string(),
-        kind: RECONNECT_KIND.into(),
-        data: serde_json::json!({
-            "reason": "this server is restarting; reconnect and resume from your last event id"
-        }),
+        kind: kind.into(),
+        data: serde_json::json!({ "reason": reason }),
         created_at: now_millis(),
     }
 }
@@ -566,15 +573,11 @@ fn reconnect_event(user_id: &str) -> UserEvent {
 /// Sent when a client's `Last-Event-ID` is no longer kept: it missed
 /// events it cannot replay and should reload its state.
 fn reset_event(user_id: &str) -> UserEvent {
-    UserEvent {
-        id: String::new(),
-        user_id: user_id.to_string(),
-        kind: RESET_KIND.into(),
-        data: serde_json::json!({
-            "reason": "the last event id is unknown or past retention; reload your state"
-        }),
-        created_at: now_millis(),
-    }
+    notice(
+        user_id,
+        RESET_KIND,
+        "the last event id is unknown or past retention; reload your state",
+    )
 }
 
 fn check_event_id(raw: &str) -> Result<String, ApiError> {
@@ -689,10 +692,10 @@ pub(crate) async fn websocket(
     let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
     Ok(upgrade
         .max_message_size(64 * 1024)
-        // tungstenite reserves 128 KiB of read buffer per socket by
-        // default: 124-131 KiB resident per idle WebSocket here
-        // (bench/ws.sh). Clients only send close frames and pongs; the
-        // buffer grows for a larger frame (up to max_message_size).
+        // tungstenite reserves a 128 KiB read buffer per socket by
+        // default, most of an idle WebSocket's memory (bench/ws.sh,
+        // bench/README.md). Clients only send close frames and pongs;
+        // the buffer grows for a larger frame (up to max_message_size).
         .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| run_socket(socket, feed, heartbeat)))
 }
