@@ -26,7 +26,6 @@ mod cache;
 mod coord;
 mod dns;
 mod h1;
-mod h1server;
 mod h2stall;
 mod health;
 mod limits;

@@ -642,12 +642,12 @@ impl<B, S> Serves<B> for S where
 /// The request path of a connection, as a tower service over requests
 /// from either HTTP server (the gateway's own HTTP/1.x codec, hyper's).
 pub trait Stack:
-    Serves<crate::h1server::RequestBody> + Serves<hyper::body::Incoming> + Clone + Send + 'static
+    Serves<shoal_h1server::RequestBody> + Serves<hyper::body::Incoming> + Clone + Send + 'static
 {
 }
 
 impl<S> Stack for S where
-    S: Serves<crate::h1server::RequestBody>
+    S: Serves<shoal_h1server::RequestBody>
         + Serves<hyper::body::Incoming>
         + Clone
         + Send
@@ -731,13 +731,14 @@ where
         conn.activity.keep(false);
         let guard = Arc::clone(&conn.info.guard);
         let conn_limits = limits.clone();
-        let server_limits = crate::h1server::ServerLimits {
+        let server_limits = shoal_h1server::ServerLimits {
             header_read: limits.handshake_timeout,
             pressure: Some(Arc::clone(&conn.info.guard.connections.pressure)),
             idle: Arc::new(move || guard.idle_timeout(&conn_limits)),
             max_head: limits.max_head,
+            hand_off_upgrades: false,
         };
-        let ended = crate::h1server::serve(
+        let ended = shoal_h1server::serve(
             io,
             conn.service.clone(),
             server_limits,
@@ -745,7 +746,8 @@ where
             &conn.info.draining,
         )
         .await;
-        if let crate::h1server::Ended::Http2(io) = ended {
+        // Upgrades are not handed off here: the gateway takes them itself.
+        if let shoal_h1server::Ended::Http2(io) | shoal_h1server::Ended::Upgrade(io) = ended {
             conn.activity.keep(true);
             // Boxed: hyper's connection state is larger than the own
             // codec's, and every connection's future would otherwise be

@@ -11,7 +11,7 @@ use crate::body::{empty, from_upstream, problem_response, Body, X_REQUEST_ID};
 use crate::proxy::{strip_hop_by_hop, upstream_headers, Outcome};
 use crate::stack::Ctx;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use shoal_core::Problem;
 use std::pin::Pin;
@@ -21,19 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade`
-/// and an `Upgrade` header).
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
+pub use shoal_h1server::is_upgrade;
 
 /// Proxies an upgrade request. Only a failed connect is retried (on
 /// another instance); the handshake is not replayed once sent.
@@ -241,18 +229,18 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
 /// own HTTP/1.1 server (`h1server.rs`) or from hyper's.
 fn client_side(
     req: &mut Request<Body>,
-) -> impl std::future::Future<Output = Result<crate::h1server::Upgraded, String>> {
+) -> impl std::future::Future<Output = Result<shoal_h1server::Upgraded, String>> {
     use futures_util::future::Either;
     match req
         .extensions_mut()
-        .remove::<crate::h1server::ClientUpgrade>()
+        .remove::<shoal_h1server::ClientUpgrade>()
     {
         Some(own) => Either::Left(async move { own.connection().await.map_err(str::to_string) }),
         None => {
             let on = hyper::upgrade::on(req);
             Either::Right(async move {
                 let upgraded = on.await.map_err(|e| e.to_string())?;
-                Ok(Box::new(TokioIo::new(upgraded)) as crate::h1server::Upgraded)
+                Ok(Box::new(TokioIo::new(upgraded)) as shoal_h1server::Upgraded)
             })
         }
     }

@@ -289,17 +289,15 @@ impl Application {
             addr,
             shutdown.clone(),
         ));
-        let stop = stop_accepting.clone();
-        let server = axum::serve(
+        let server = tokio::spawn(crate::server::serve(
             listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop.cancelled().await });
-        let server = tokio::spawn(async move { server.await });
+            router,
+            stop_accepting.clone(),
+        ));
         // Once draining begins, in-flight requests get `deadline`.
         let mut server = server;
         tokio::select! {
-            res = &mut server => { res??; }
+            res = &mut server => { res?; }
             _ = async { stop_accepting.cancelled().await; tokio::time::sleep(deadline).await } => {
                 tracing::warn!(deadline_secs = deadline.as_secs(), "in-flight requests did not finish before the deadline; closing");
                 server.abort();

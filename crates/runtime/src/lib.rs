@@ -13,6 +13,7 @@ pub mod extract;
 pub mod jobs;
 pub mod middleware;
 pub mod registration;
+mod server;
 pub mod session;
 pub mod session_cache;
 

@@ -38,9 +38,15 @@
 //!
 //! `gateway.http1_server = "hyper"` serves HTTP/1.x with hyper's server
 //! instead (for comparison, and as a way back).
+//!
+//! Who uses it: the gateway, for its clients (`shoal-gateway`'s
+//! `listener.rs`), and every `serve` instance (`shoal-runtime`'s
+//! `app.rs`), whose long-lived responses (event streams) held hyper's two
+//! 8 KiB buffers each. An instance takes WebSocket handshakes to hyper
+//! ([`ServerLimits::hand_off_upgrades`], [`Ended::Upgrade`]): axum's
+//! WebSocket extractor needs hyper's upgrade handle.
 
-use crate::body::{Body, BoxError};
-use crate::h1::{decode, push_decimal, Framing, Step};
+use shoal_h1::{decode, push_decimal, Framing, Step};
 use bytes::{Bytes, BytesMut};
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING,
@@ -63,6 +69,9 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, PollSender};
 use tower::Service;
 
+/// Errors carried by bodies: boxed so any source fits.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A head is first read into a stack buffer this large.
 const STACK_READ: usize = 4096;
 /// Body reads take at most this much at once.
@@ -80,7 +89,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The limits of one client connection.
 #[derive(Clone)]
-pub(crate) struct ServerLimits {
+pub struct ServerLimits {
     pub header_read: Duration,
     /// The idle timeout of a kept-alive connection, asked each time it
     /// goes idle (it can shorten while the server is under pressure);
@@ -91,21 +100,29 @@ pub(crate) struct ServerLimits {
     /// too, counted from when they went idle.
     pub pressure: Option<Arc<tokio::sync::Notify>>,
     pub max_head: usize,
+    /// Upgrade requests (WebSocket handshakes) are not served here but
+    /// handed back with the connection ([`Ended::Upgrade`]), for a server
+    /// whose services need its own upgrade handle (hyper's, for axum).
+    pub hand_off_upgrades: bool,
 }
 
 /// How a connection ended.
-pub(crate) enum Ended<I> {
+pub enum Ended<I> {
     Closed,
     /// The client opened with HTTP/2's preface: the connection, with the
     /// bytes read from it so far, for an HTTP/2 server.
     Http2(Rewind<I>),
+    /// An upgrade request arrived and [`ServerLimits::hand_off_upgrades`]
+    /// is set: the connection, its head written out again in front of
+    /// what followed it, for another HTTP/1.1 server to answer.
+    Upgrade(Rewind<I>),
 }
 
 /// Serves HTTP/1.x requests on `io` until the connection ends. `closing`
 /// (cancelled at shutdown) closes an idle connection at once and a busy
 /// one after its response; `draining` (set then too) makes that response
 /// say `Connection: close`.
-pub(crate) async fn serve<S, I>(
+pub async fn serve<S, B, I>(
     mut io: I,
     mut service: S,
     limits: ServerLimits,
@@ -113,7 +130,9 @@ pub(crate) async fn serve<S, I>(
     draining: &AtomicBool,
 ) -> Ended<I>
 where
-    S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::new();
@@ -215,6 +234,12 @@ where
             }
         };
         first = false;
+        if limits.hand_off_upgrades && upgrade_asked(head.parts.version, &head.parts.headers) {
+            let mut again = BytesMut::with_capacity(256 + buf.len());
+            encode_request_head(&mut again, &head.parts);
+            again.extend_from_slice(&buf);
+            return Ended::Upgrade(Rewind::new(again.freeze(), io));
+        }
         // One request and its response, boxed: its state (the request,
         // the stack's response future, the response's framing and
         // buffers) was most of this future, and pinned here it sized
@@ -255,7 +280,7 @@ enum After {
 
 /// Serves one request whose head was read: the service's response, the
 /// request body fed to it meanwhile, and the response written.
-async fn exchange<S, I>(
+async fn exchange<S, B, I>(
     head: Head,
     service: &mut S,
     io: &mut I,
@@ -264,7 +289,9 @@ async fn exchange<S, I>(
     draining: &AtomicBool,
 ) -> After
 where
-    S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible>,
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // ---- the request -------------------------------------------------
@@ -304,7 +331,7 @@ where
         }
     };
     let mut req = Request::from_parts(parts, body);
-    let upgrade = if crate::upgrade::is_upgrade(&req) {
+    let upgrade = if is_upgrade(&req) {
         let (tx, rx) = oneshot::channel();
         req.extensions_mut()
             .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
@@ -554,6 +581,53 @@ fn poll_watch<I: AsyncRead + Unpin>(
     }
 }
 
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade`
+/// and an `Upgrade` header).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    upgrade_asked(req.version(), req.headers())
+}
+
+fn upgrade_asked(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(http::header::UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// A request head written out again, as it arrived but for its fields'
+/// order (grouped by name) and case.
+fn encode_request_head(out: &mut BytesMut, parts: &http::request::Parts) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    match parts.uri.path_and_query() {
+        Some(target) if parts.uri.scheme().is_none() => {
+            out.extend_from_slice(target.as_str().as_bytes());
+        }
+        _ => out.extend_from_slice(parts.uri.to_string().as_bytes()),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        put_field(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The head of a problem+json answer to a refused request head.
+fn problem_head(problem: &Problem) -> http::response::Parts {
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status =
+        StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(shoal_core::problem::PROBLEM_JSON),
+    );
+    parts
+}
+
 /// Answers a refused head (400 or 431, problem+json) and closes.
 async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
     let problem = match refused {
@@ -561,21 +635,21 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, refused: Refused) {
             431,
             "header-fields-too-large",
             "Request header fields too large",
-            "the request head is larger than the gateway takes (max_header_bytes)",
+            "the request head is larger than this server takes",
         ),
         Refused::Bad(why) => Problem::bad_request(why),
         Refused::Connect => Problem::new(
             405,
             "method-not-allowed",
             "Method not allowed",
-            "the gateway does not tunnel CONNECT requests",
+            "this server does not tunnel CONNECT requests",
         ),
         Refused::NotImplemented(why) => {
             Problem::new(501, "not-implemented", "Not implemented", why)
         }
     };
     tracing::debug!(status = problem.status, detail = ?problem.detail, "request head refused");
-    let parts = crate::body::problem_head(&problem, "-");
+    let parts = problem_head(&problem);
     let body = problem.to_json();
     let mut keep_alive = false;
     let mut out = BytesMut::with_capacity(512 + body.len());
@@ -635,7 +709,7 @@ struct Feeder {
 /// Set by a request body when it is first asked for data (for
 /// `Expect: 100-continue`), waking the connection.
 #[derive(Default)]
-pub(crate) struct Wanted {
+struct Wanted {
     asked: AtomicBool,
     waker: futures_util::task::AtomicWaker,
 }
@@ -795,7 +869,7 @@ impl Feeder {
 /// without a receiver). A type of its own, not the boxed [`Body`], so the
 /// service's future type names no trait object (which would trip the
 /// compiler's `Send` check of the connection's future).
-pub(crate) struct RequestBody {
+pub struct RequestBody {
     rx: Option<mpsc::Receiver<Piece>>,
     /// Told when the body is first asked for (`Expect: 100-continue`).
     wants: Option<Arc<Wanted>>,
@@ -931,8 +1005,8 @@ enum Put {
 }
 
 /// What the response writer waits for.
-enum Next {
-    Frame(Option<Result<Frame<Bytes>, BoxError>>),
+enum Next<E> {
+    Frame(Option<Result<Frame<Bytes>, E>>),
     /// The body has nothing yet: write out what is buffered.
     Flush,
     /// The client closed the connection.
@@ -1087,12 +1161,12 @@ mod date {
 /// The client side of an upgrade, in the request's extensions: resolves
 /// to the connection once the 101 has been written to it.
 #[derive(Clone)]
-pub(crate) struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+pub struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
 
 impl ClientUpgrade {
     /// The connection after the 101; an error when the request ended
     /// otherwise.
-    pub(crate) async fn connection(self) -> Result<Upgraded, &'static str> {
+    pub async fn connection(self) -> Result<Upgraded, &'static str> {
         let rx = self.0.lock().ok().and_then(|mut rx| rx.take());
         match rx {
             Some(rx) => rx
@@ -1104,21 +1178,21 @@ impl ClientUpgrade {
 }
 
 /// What an upgraded connection is: any byte stream.
-pub(crate) trait UpgradedIo: AsyncRead + AsyncWrite + Send + Unpin {}
+pub trait UpgradedIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> UpgradedIo for T {}
 
 /// A client connection after a 101, with any bytes the client sent after
 /// its upgrade request in front.
-pub(crate) type Upgraded = Box<dyn UpgradedIo>;
+pub type Upgraded = Box<dyn UpgradedIo>;
 
 /// A connection with bytes already read from it put back in front.
-pub(crate) struct Rewind<I> {
+pub struct Rewind<I> {
     prefix: Bytes,
     io: I,
 }
 
 impl<I> Rewind<I> {
-    fn new(prefix: Bytes, io: I) -> Rewind<I> {
+    pub fn new(prefix: Bytes, io: I) -> Rewind<I> {
         Rewind { prefix, io }
     }
 }
@@ -1289,17 +1363,53 @@ mod tests {
         let draining = AtomicBool::new(false);
         let (io, _peer) = tokio::io::duplex(64);
         let service = tower::service_fn(|_: Request<RequestBody>| async {
-            Ok::<_, Infallible>(Response::new(crate::body::empty()))
+            Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
         });
         let limits = ServerLimits {
             header_read: Duration::from_secs(1),
             idle: Arc::new(|| None),
             pressure: None,
             max_head: 8192,
+            hand_off_upgrades: false,
         };
         let future = serve(io, service, limits, &closing, &draining);
         let size = std::mem::size_of_val(&future);
         assert!(size <= 2048, "{size} bytes");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_request_is_handed_off_with_its_head_and_what_followed() {
+        use tokio::io::AsyncReadExt;
+        let closing = CancellationToken::new();
+        let draining = AtomicBool::new(false);
+        let (io, mut peer) = tokio::io::duplex(4096);
+        let service = tower::service_fn(|_: Request<RequestBody>| async {
+            Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+        });
+        let limits = ServerLimits {
+            header_read: Duration::from_secs(5),
+            idle: Arc::new(|| None),
+            pressure: None,
+            max_head: 8192,
+            hand_off_upgrades: true,
+        };
+        peer.write_all(
+            b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\
+              Upgrade: websocket\r\nX-Two: 1\r\nX-Two: 2\r\n\r\nNEXT",
+        )
+        .await
+        .unwrap();
+        let Ended::Upgrade(mut io) = serve(io, service, limits, &closing, &draining).await else {
+            panic!("not handed off");
+        };
+        drop(peer);
+        let mut text = String::new();
+        io.read_to_string(&mut text).await.unwrap();
+        assert_eq!(
+            text,
+            "GET /ws?x=1 HTTP/1.1\r\nhost: a\r\nconnection: keep-alive, Upgrade\r\n\
+             upgrade: websocket\r\nx-two: 1\r\nx-two: 2\r\n\r\nNEXT"
+        );
     }
 
     #[tokio::test]

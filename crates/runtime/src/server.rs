@@ -1,0 +1,166 @@
+//! The instance's HTTP server: the accept loop, one task per connection,
+//! and the close of every connection when the instance drains.
+//!
+//! HTTP/1.x is served by Shoal's own server (`shoal-h1server`, the
+//! gateway's too), which holds no buffer while a connection idles or while
+//! a response waits for its next bytes: an open event stream costs its
+//! task, its socket and the stream's own state, where hyper's server kept
+//! two 8 KiB buffers for it (bench/README.md, "Memory per connection").
+//! Two kinds of connection go to hyper instead, handed over with the
+//! bytes read so far: those that open with HTTP/2's preface (h2c, as
+//! `axum::serve` took before) and WebSocket handshakes, because axum's
+//! `WebSocketUpgrade` needs hyper's upgrade handle. Every request carries
+//! `ConnectInfo<SocketAddr>` (the peer), as `axum::serve` gave it.
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use shoal_h1server::{Ended, ServerLimits};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A request head must arrive whole within this time of its first byte
+/// (of the connection's start, for the first one).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request head taken (431 past it): twice the gateway's
+/// default, so whatever a gateway passes on, with its own fields added,
+/// fits.
+const MAX_HEAD: usize = 128 * 1024;
+
+/// Serves `router` on `listener` until `stop` is cancelled; then stops
+/// accepting, closes idle connections at once and busy ones after their
+/// response (which says `Connection: close`), and returns when every
+/// connection has ended. The caller bounds that wait.
+pub(crate) async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
+    let connections = TaskTracker::new();
+    let closing = CancellationToken::new();
+    let draining = Arc::new(AtomicBool::new(false));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, mostly: new connections wait in the
+                // backlog until some close.
+                tracing::warn!(error = %e, "accepting a connection failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = WithPeer {
+            router: router.clone(),
+            peer,
+        };
+        connections.spawn(connection(
+            stream,
+            service,
+            closing.clone(),
+            Arc::clone(&draining),
+        ));
+    }
+    drop(listener);
+    draining.store(true, Ordering::Relaxed);
+    closing.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// Serves one connection until it ends.
+async fn connection(
+    stream: TcpStream,
+    service: WithPeer,
+    closing: CancellationToken,
+    draining: Arc<AtomicBool>,
+) {
+    let limits = ServerLimits {
+        header_read: HEAD_TIMEOUT,
+        idle: Arc::new(|| None),
+        pressure: None,
+        max_head: MAX_HEAD,
+        hand_off_upgrades: true,
+    };
+    let ended = shoal_h1server::serve(stream, service.clone(), limits, &closing, &draining).await;
+    match ended {
+        Ended::Closed => {}
+        // Boxed: hyper's connection state is larger than the own
+        // server's, and every connection's future would be sized for it.
+        Ended::Http2(io) => Box::pin(hyper_connection(io, service, &closing, true)).await,
+        Ended::Upgrade(io) => Box::pin(hyper_connection(io, service, &closing, false)).await,
+    }
+}
+
+/// Serves a connection handed over to hyper: HTTP/2, or HTTP/1.1 from a
+/// WebSocket handshake on (with upgrades).
+async fn hyper_connection<I>(io: I, service: WithPeer, closing: &CancellationToken, h2: bool)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let service = TowerToHyperService::new(service);
+    if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => return log_end(result),
+            () = closing.cancelled() => conn.as_mut().graceful_shutdown(),
+        }
+        log_end(conn.await);
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => return log_end(result),
+            () = closing.cancelled() => conn.as_mut().graceful_shutdown(),
+        }
+        log_end(conn.await);
+    }
+}
+
+fn log_end(result: Result<(), hyper::Error>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "a connection served by hyper ended with an error");
+    }
+}
+
+/// The router, with the connection's peer put on each request.
+#[derive(Clone)]
+struct WithPeer {
+    router: Router,
+    peer: SocketAddr,
+}
+
+impl<B> tower::Service<http::Request<B>> for WithPeer
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = <Router as tower::Service<http::Request<B>>>::Future;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // A router is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        tower::Service::call(&mut self.router, req)
+    }
+}
