@@ -240,21 +240,21 @@ where
             again.extend_from_slice(&buf);
             return Ended::Upgrade(Rewind::new(again.freeze(), io));
         }
-        // One request and its response, boxed: its state (the request,
-        // the stack's response future, the response's framing and
-        // buffers) was most of this future, and pinned here it sized
-        // every connection for it, idle ones included (DHAT; see
-        // bench/README.md, "Memory per connection"). Boxed, it is
-        // allocated while a request is in flight only.
-        let after = Box::pin(exchange(
-            head,
-            &mut service,
-            &mut io,
-            &mut buf,
-            &limits,
-            draining,
-        ))
-        .await;
+        // One request and its response, each phase boxed apart: their
+        // state (the request, the stack's response future, the
+        // response's framing and buffers) was most of this future, and
+        // pinned here it sized every connection for it, idle ones
+        // included; and a long response (an event stream) would keep the
+        // first phase's space, the larger, while only the second runs
+        // (DHAT; see bench/README.md, "Memory per connection"). Boxed,
+        // each is allocated while it runs only.
+        let answered = Box::pin(answer(head, &mut service, &mut io, &mut buf, &limits)).await;
+        let after = match answered {
+            Some(answer) => {
+                Box::pin(write_response(answer, &mut io, &mut buf, &limits, draining)).await
+            }
+            None => After::Close,
+        };
         match after {
             After::KeepAlive => {}
             After::Close => return Ended::Closed,
@@ -278,20 +278,30 @@ enum After {
     Upgrade(oneshot::Sender<Upgraded>),
 }
 
-/// Serves one request whose head was read: the service's response, the
-/// request body fed to it meanwhile, and the response written.
-async fn exchange<S, B, I>(
+/// A request's answer, between the two phases of an exchange.
+struct Answer<B> {
+    response: Response<B>,
+    /// Feeds the request body (or discards what the service left).
+    feeder: Option<Feeder>,
+    /// Set when the request asked for an upgrade.
+    upgrade: Option<oneshot::Sender<Upgraded>>,
+    head_request: bool,
+    http10: bool,
+    client_keep_alive: bool,
+}
+
+/// The first phase of an exchange: the request, whose head was read, is
+/// handed to the service and its body fed to it until the response
+/// comes. `None`: the client left first, or the service failed.
+async fn answer<S, B, I>(
     head: Head,
     service: &mut S,
     io: &mut I,
     buf: &mut BytesMut,
     limits: &ServerLimits,
-    draining: &AtomicBool,
-) -> After
+) -> Option<Answer<B>>
 where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
-    B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // ---- the request -------------------------------------------------
@@ -340,7 +350,7 @@ where
         None
     };
     if poll_fn(|cx| service.poll_ready(cx)).await.is_err() {
-        return After::Close;
+        return None;
     }
     // Until the response: feed the request body to the service, or
     // watch for the client leaving (which cancels the request). The
@@ -373,13 +383,38 @@ where
     };
     let Some(Ok(response)) = response else {
         tracing::debug!("the client closed its connection before the response");
-        return After::Close;
+        return None;
     };
+    Some(Answer {
+        response,
+        feeder,
+        upgrade,
+        head_request,
+        http10,
+        client_keep_alive,
+    })
+}
 
+/// The second phase of an exchange: the response written (what is left
+/// of the request body read meanwhile); what the connection does next.
+async fn write_response<B, I>(
+    mut answer: Answer<B>,
+    io: &mut I,
+    buf: &mut BytesMut,
+    limits: &ServerLimits,
+    draining: &AtomicBool,
+) -> After
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The answer's fields are used where they are, not moved out: an
+    // argument keeps its place in the future, and a copy would double it.
     // ---- the response ------------------------------------------------
-    let (parts, mut body) = response.into_parts();
+    let (parts, mut body) = answer.response.into_parts();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-    if switching && upgrade.is_none() {
+    if switching && answer.upgrade.is_none() {
         tracing::warn!("a 101 answer to a request that asked for no upgrade; closing");
         return After::Close;
     }
@@ -388,16 +423,16 @@ where
     // nginx does; when more is declared than that takes, the response
     // says the connection closes, so the client sends nothing more on
     // it.
-    if let Some(f) = feeder.as_mut().filter(|f| f.active()) {
+    if let Some(f) = answer.feeder.as_mut().filter(|f| f.active()) {
         poll_fn(|cx| {
             let _ = f.poll_feed(io, buf, cx);
             Poll::Ready(())
         })
         .await;
     }
-    let unreadable = feeder.as_ref().is_some_and(Feeder::beyond_discarding);
+    let unreadable = answer.feeder.as_ref().is_some_and(Feeder::beyond_discarding);
     let mut keep_alive =
-        client_keep_alive && !unreadable && !switching && !draining.load(Ordering::Relaxed);
+        answer.client_keep_alive && !unreadable && !switching && !draining.load(Ordering::Relaxed);
     let hint = body.size_hint();
     let inline = hint.exact().filter(|n| *n as usize <= INLINE).unwrap_or(0);
     let mut out = BytesMut::with_capacity(512 + inline as usize);
@@ -405,8 +440,8 @@ where
         &mut out,
         &parts,
         hint,
-        head_request,
-        http10,
+        answer.head_request,
+        answer.http10,
         &mut keep_alive,
     );
     drop(parts);
@@ -414,16 +449,16 @@ where
         if !send(io, &[&out], true).await {
             return After::Close;
         }
-        return match upgrade {
+        return match answer.upgrade {
             Some(tx) => After::Upgrade(tx),
             None => After::Close,
         };
     }
-    drop(upgrade);
+    drop(answer.upgrade);
     let mut trailers = None;
     let written = loop {
         let next = poll_fn(|cx| {
-            match feeder.as_mut() {
+            match answer.feeder.as_mut() {
                 Some(f) if f.active() => {
                     // Ended or waiting: either way, on to the response.
                     let _ = f.poll_feed(io, buf, cx);
@@ -503,14 +538,14 @@ where
     drop(out);
     drop(body);
     if complete && keep_alive {
-        if let Some(f) = feeder.as_mut().filter(|f| f.active()) {
+        if let Some(f) = answer.feeder.as_mut().filter(|f| f.active()) {
             // What is left of a body nobody read, within the head
             // timeout.
             let discard = poll_fn(|cx| f.poll_feed(io, buf, cx));
             let _ = Box::pin(tokio::time::timeout(limits.header_read, discard)).await;
         }
     }
-    let request_read = feeder.as_ref().is_none_or(|f| f.state == Feed::Done);
+    let request_read = answer.feeder.as_ref().is_none_or(|f| f.state == Feed::Done);
     if !(complete && keep_alive && request_read) {
         let _ = io.shutdown().await;
         return After::Close;
@@ -1424,3 +1459,4 @@ mod tests {
         assert_eq!(text, "hello world");
     }
 }
+

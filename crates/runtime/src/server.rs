@@ -42,6 +42,14 @@ const MAX_HEAD: usize = 128 * 1024;
 /// connection has ended. The caller bounds that wait.
 pub(crate) async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
     let connections = TaskTracker::new();
+    // Shared by every connection: no allocation per connection for them.
+    let limits = ServerLimits {
+        header_read: HEAD_TIMEOUT,
+        idle: Arc::new(|| None),
+        pressure: None,
+        max_head: MAX_HEAD,
+        hand_off_upgrades: true,
+    };
     let closing = CancellationToken::new();
     let draining = Arc::new(AtomicBool::new(false));
     loop {
@@ -67,6 +75,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
         connections.spawn(connection(
             stream,
             service,
+            limits.clone(),
             closing.clone(),
             Arc::clone(&draining),
         ));
@@ -82,16 +91,10 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
 async fn connection(
     stream: TcpStream,
     service: WithPeer,
+    limits: ServerLimits,
     closing: CancellationToken,
     draining: Arc<AtomicBool>,
 ) {
-    let limits = ServerLimits {
-        header_read: HEAD_TIMEOUT,
-        idle: Arc::new(|| None),
-        pressure: None,
-        max_head: MAX_HEAD,
-        hand_off_upgrades: true,
-    };
     let ended = shoal_h1server::serve(stream, service.clone(), limits, &closing, &draining).await;
     match ended {
         Ended::Closed => {}

@@ -30,7 +30,6 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The bus channel that carries every user event to every instance.
@@ -160,7 +159,92 @@ enum Item {
 
 struct Conn {
     id: u64,
-    tx: mpsc::Sender<Item>,
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Conn {
+    /// Out of the hub (dropped as too slow, or gone): its stream ends
+    /// once it has taken what is queued.
+    fn drop(&mut self) {
+        self.inbox.close();
+    }
+}
+
+/// One stream's queue of items from the hub: bounded, and a push never
+/// waits (a full inbox is a consumer too slow, dropped). Small on
+/// purpose: tokio's bounded channel, used before, cost every stream
+/// ~800 bytes (its cache-padded state and a first block of 32 slots,
+/// DHAT; bench/README.md, "Memory per connection"); this costs ~100, and
+/// holds no buffer while empty.
+struct Inbox {
+    queue: Mutex<Queued>,
+    waker: futures_util::task::AtomicWaker,
+}
+
+struct Queued {
+    items: VecDeque<Item>,
+    closed: bool,
+}
+
+/// Why a push was refused.
+enum Refused {
+    Full,
+    Closed,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox {
+            queue: Mutex::new(Queued {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            waker: futures_util::task::AtomicWaker::new(),
+        }
+    }
+
+    fn push(&self, item: Item, capacity: usize) -> Result<(), Refused> {
+        {
+            let mut q = self.queue.lock().unwrap();
+            if q.closed {
+                return Err(Refused::Closed);
+            }
+            if q.items.len() >= capacity {
+                return Err(Refused::Full);
+            }
+            q.items.push_back(item);
+        }
+        self.waker.wake();
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.queue.lock().unwrap().closed = true;
+        self.waker.wake();
+    }
+
+    /// The next item; `None` once closed and emptied.
+    fn poll_next(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
+        let mut q = self.queue.lock().unwrap();
+        if let Some(item) = q.items.pop_front() {
+            if q.items.is_empty() {
+                // Idle again: no buffer held until the next event.
+                q.items = VecDeque::new();
+            }
+            return std::task::Poll::Ready(Some(item));
+        }
+        if q.closed {
+            return std::task::Poll::Ready(None);
+        }
+        // Registered under the lock: a push after the check above wakes
+        // this registration.
+        self.waker.register(cx.waker());
+        std::task::Poll::Pending
+    }
+
+    async fn next(&self) -> Option<Item> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
 }
 
 /// This instance's open connections by user.
@@ -222,7 +306,7 @@ impl Hub {
     fn register(
         self: &Arc<Self>,
         user_id: &str,
-    ) -> Result<(Registration, mpsc::Receiver<Item>), ApiError> {
+    ) -> Result<(Registration, Arc<Inbox>), ApiError> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
             self.open.fetch_sub(1, Ordering::Relaxed);
             metrics::counter!("shoal_notifications_stream_refused_total", "reason" => "instance")
@@ -234,7 +318,7 @@ impl Hub {
             .into());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.buffer);
+        let inbox = Arc::new(Inbox::new());
         {
             let mut conns = self.conns.lock().unwrap();
             let list = conns.entry(user_id.to_string()).or_default();
@@ -252,7 +336,10 @@ impl Hub {
                 )
                 .into());
             }
-            list.push(Conn { id, tx });
+            list.push(Conn {
+                id,
+                inbox: Arc::clone(&inbox),
+            });
         }
         metrics::gauge!("shoal_notifications_connections").increment(1.0);
         Ok((
@@ -261,7 +348,7 @@ impl Hub {
                 user_id: user_id.to_string(),
                 id,
             },
-            rx,
+            inbox,
         ))
     }
 
@@ -288,14 +375,15 @@ impl Hub {
             return;
         };
         let before = list.len();
-        list.retain(|c| match c.tx.try_send(item.clone()) {
+        let capacity = self.buffer;
+        list.retain(|c| match c.inbox.push(item.clone(), capacity) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 metrics::counter!("shoal_notifications_stream_dropped_total").increment(1);
                 tracing::info!(user_id, "realtime consumer too slow; disconnected");
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed) => false,
         });
         let gone = before - list.len();
         if gone > 0 {
@@ -402,7 +490,7 @@ async fn load_events(
 struct Feed {
     ctx: AppContext,
     user_id: String,
-    rx: mpsc::Receiver<Item>,
+    inbox: Arc<Inbox>,
     _registration: Registration,
     closing: CancellationToken,
     pending: VecDeque<UserEvent>,
@@ -433,11 +521,11 @@ impl Feed {
     ) -> ApiResult<Feed> {
         let connected_at = now_millis();
         // Register first, so nothing published during the replay query is lost.
-        let (registration, rx) = hub.register(user_id)?;
+        let (registration, inbox) = hub.register(user_id)?;
         let mut feed = Feed {
             ctx: ctx.clone(),
             user_id: user_id.to_string(),
-            rx,
+            inbox,
             _registration: registration,
             closing: hub.closing.clone(),
             pending: VecDeque::new(),
@@ -519,7 +607,7 @@ impl Feed {
                     metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
                     return Some(reconnect_event(&self.user_id));
                 }
-                item = self.rx.recv() => item?,
+                item = self.inbox.next() => item?,
             };
             match item {
                 Item::Event(e) => {
