@@ -87,21 +87,26 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
     connections.wait().await;
 }
 
-/// Serves one connection until it ends.
-async fn connection(
+/// Serves one connection until it ends. (A function returning an
+/// `async move` block: an `async fn` would keep each argument twice in a
+/// future that lives as long as the connection.)
+fn connection(
     stream: TcpStream,
     service: WithPeer,
     limits: ServerLimits,
     closing: CancellationToken,
     draining: Arc<AtomicBool>,
-) {
-    let ended = shoal_h1server::serve(stream, service.clone(), limits, &closing, &draining).await;
-    match ended {
-        Ended::Closed => {}
-        // Boxed: hyper's connection state is larger than the own
-        // server's, and every connection's future would be sized for it.
-        Ended::Http2(io) => Box::pin(hyper_connection(io, service, &closing, true)).await,
-        Ended::Upgrade(io) => Box::pin(hyper_connection(io, service, &closing, false)).await,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let ended =
+            shoal_h1server::serve(stream, service.clone(), limits, &closing, &draining).await;
+        match ended {
+            Ended::Closed => {}
+            // Boxed: hyper's connection state is larger than the own
+            // server's, and every connection's future would be sized for it.
+            Ended::Http2(io) => Box::pin(hyper_connection(io, service, &closing, true)).await,
+            Ended::Upgrade(io) => Box::pin(hyper_connection(io, service, &closing, false)).await,
+        }
     }
 }
 

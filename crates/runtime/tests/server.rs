@@ -164,4 +164,3 @@ async fn draining_closes_idle_connections_and_busy_ones_after_their_response() {
         .unwrap()
         .unwrap();
 }
-
