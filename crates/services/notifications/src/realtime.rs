@@ -16,7 +16,7 @@ use crate::NotifyError;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -27,10 +27,9 @@ use shoal_runtime::error::ApiResult;
 use shoal_runtime::{ApiError, ApiJson, AppContext, CurrentSession};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// The bus channel that carries every user event to every instance.
 pub const USER_EVENTS_CHANNEL: &str = "notifications.user";
@@ -155,6 +154,12 @@ enum Item {
     Event(Arc<UserEvent>),
     /// Events may have been missed: re-read the table.
     Resync,
+    /// Nothing was sent for `heartbeat_secs`: an SSE comment, a
+    /// WebSocket ping. From the hub's one timer, not a timer per stream.
+    Heartbeat,
+    /// The instance drains: tell the client to reconnect elsewhere, after
+    /// what is queued.
+    Leave,
 }
 
 struct Conn {
@@ -218,6 +223,21 @@ impl Inbox {
         Ok(())
     }
 
+    /// Queues `item` whatever the bound (the drain's `Leave`), or only
+    /// when nothing waits (a heartbeat: a stream with items queued is not
+    /// idle).
+    fn push_control(&self, item: Item) {
+        {
+            let mut q = self.queue.lock().unwrap();
+            let idle_only = matches!(item, Item::Heartbeat);
+            if q.closed || (idle_only && !q.items.is_empty()) {
+                return;
+            }
+            q.items.push_back(item);
+        }
+        self.waker.wake();
+    }
+
     fn close(&self) {
         self.queue.lock().unwrap().closed = true;
         self.waker.wake();
@@ -255,12 +275,12 @@ pub(crate) struct Hub {
     buffer: usize,
     max_connections: usize,
     max_per_user: usize,
-    /// Each stream is told to reconnect at a random moment within this
-    /// window after the instance starts draining.
+    /// The streams are told to reconnect spread over this window after
+    /// the instance starts draining (or its bus closes), in a random
+    /// order.
     drain_window: Duration,
-    /// Fires when the instance drains (or the bus closes): every stream
-    /// ends so clients reconnect to another instance.
-    closing: CancellationToken,
+    /// Set when that began: a stream that opens later is told at once.
+    leaving: AtomicBool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -297,16 +317,13 @@ impl Hub {
             max_connections: s.max_connections,
             max_per_user: s.max_connections_per_user,
             drain_window: Duration::from_millis(s.drain_window_ms),
-            closing: CancellationToken::new(),
+            leaving: AtomicBool::new(false),
         });
         tokio::spawn(listen(ctx.clone(), Arc::downgrade(&hub)));
         hub
     }
 
-    fn register(
-        self: &Arc<Self>,
-        user_id: &str,
-    ) -> Result<(Registration, Arc<Inbox>), ApiError> {
+    fn register(self: &Arc<Self>, user_id: &str) -> Result<(Registration, Arc<Inbox>), ApiError> {
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections {
             self.open.fetch_sub(1, Ordering::Relaxed);
             metrics::counter!("shoal_notifications_stream_refused_total", "reason" => "instance")
@@ -342,6 +359,9 @@ impl Hub {
             });
         }
         metrics::gauge!("shoal_notifications_connections").increment(1.0);
+        if self.leaving.load(Ordering::Relaxed) {
+            inbox.push_control(Item::Leave);
+        }
         Ok((
             Registration {
                 hub: self.clone(),
@@ -395,6 +415,46 @@ impl Hub {
         }
     }
 
+    /// A heartbeat to every stream with nothing queued.
+    fn heartbeat(&self) {
+        let conns = self.conns.lock().unwrap();
+        for c in conns.values().flatten() {
+            c.inbox.push_control(Item::Heartbeat);
+        }
+    }
+
+    /// Begins moving every stream away (once): each is told to reconnect,
+    /// after what it has queued, at its own moment, the streams in a
+    /// random order spread evenly over `drain_window`, so their clients
+    /// do not all come back at once. One task for all, no timer per
+    /// stream.
+    fn start_leaving(self: &Arc<Self>) {
+        if self.leaving.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut inboxes: Vec<Arc<Inbox>> = {
+            let conns = self.conns.lock().unwrap();
+            conns
+                .values()
+                .flatten()
+                .map(|c| Arc::clone(&c.inbox))
+                .collect()
+        };
+        // Fisher-Yates: a random order.
+        for i in (1..inboxes.len()).rev() {
+            inboxes.swap(i, rand::random_range(0..=i));
+        }
+        let window = self.drain_window;
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let n = inboxes.len().max(1) as f64;
+            for (i, inbox) in inboxes.into_iter().enumerate() {
+                tokio::time::sleep_until(start + window.mul_f64(i as f64 / n)).await;
+                inbox.push_control(Item::Leave);
+            }
+        });
+    }
+
     fn resync_all(&self) {
         let users: Vec<String> = self.conns.lock().unwrap().keys().cloned().collect();
         for user in users {
@@ -417,6 +477,8 @@ async fn listen(ctx: AppContext, hub: Weak<Hub>) {
         }
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
+    let mut last_heartbeat = tokio::time::Instant::now();
     loop {
         tokio::select! {
             msg = sub.recv() => {
@@ -432,16 +494,20 @@ async fn listen(ctx: AppContext, hub: Weak<Hub>) {
                     },
                     Err(RecvError::Missed) => hub.resync_all(),
                     Err(RecvError::Closed) => {
-                        hub.closing.cancel();
+                        hub.start_leaving();
                         return;
                     }
                 }
             }
             _ = tick.tick() => {
                 let Some(hub) = hub.upgrade() else { return };
-                if ctx.is_draining() && !hub.closing.is_cancelled() {
-                    tracing::info!("draining: closing realtime connections so clients move");
-                    hub.closing.cancel();
+                if ctx.is_draining() && !hub.leaving.load(Ordering::Relaxed) {
+                    tracing::info!("draining: moving realtime connections to other instances");
+                    hub.start_leaving();
+                }
+                if last_heartbeat.elapsed() >= heartbeat {
+                    last_heartbeat = tokio::time::Instant::now();
+                    hub.heartbeat();
                 }
             }
         }
@@ -492,7 +558,6 @@ struct Feed {
     user_id: String,
     inbox: Arc<Inbox>,
     _registration: Registration,
-    closing: CancellationToken,
     pending: VecDeque<UserEvent>,
     sent_in_replay: HashSet<String>,
     /// The client's `Last-Event-ID` at connect: it has every event up to
@@ -503,13 +568,14 @@ struct Feed {
     /// Set while a re-read of the table is owed (kept if `next` is
     /// cancelled mid-read, so it is redone).
     needs_resync: bool,
-    /// How long after the drain starts this stream is told to reconnect
-    /// (random within the hub's window, picked at open).
-    drain_delay: Duration,
-    /// When the drain started, the moment to leave at; then whether the
-    /// reconnect event has been handed out.
-    leave_at: Option<tokio::time::Instant>,
+    /// The reconnect event has been handed out: the stream ends.
     told_to_leave: bool,
+}
+
+/// What a stream sends next.
+enum Sent {
+    Event(UserEvent),
+    Heartbeat,
 }
 
 impl Feed {
@@ -527,15 +593,12 @@ impl Feed {
             user_id: user_id.to_string(),
             inbox,
             _registration: registration,
-            closing: hub.closing.clone(),
             pending: VecDeque::new(),
             sent_in_replay: HashSet::new(),
             resumed_from: None,
             last_id: None,
             connected_at,
             needs_resync: false,
-            drain_delay: hub.drain_window.mul_f64(rand::random::<f64>()),
-            leave_at: None,
             told_to_leave: false,
         };
         if let Some(last) = last_event_id {
@@ -577,13 +640,15 @@ impl Feed {
     /// (dropped as too slow, bus closed, and after the reconnect event
     /// when the instance drains). Cancel safe: an event is taken from the
     /// buffers only when it is returned.
-    async fn next(&mut self) -> Option<UserEvent> {
+    async fn next(&mut self) -> Option<Sent> {
         loop {
             if self.told_to_leave {
                 return None;
             }
             if self.needs_resync {
-                if let Err(e) = self.replay().await {
+                // Boxed: the read's state would otherwise size every
+                // stream's future, idle ones included.
+                if let Err(e) = Box::pin(self.replay()).await {
                     tracing::warn!(error = %e, "notifications: resync read failed; closing the stream");
                     return None;
                 }
@@ -593,23 +658,9 @@ impl Feed {
                 if e.kind != RESET_KIND {
                     self.last_id = Some(e.id.clone());
                 }
-                return Some(e);
+                return Some(Sent::Event(e));
             }
-            let item = tokio::select! {
-                _ = self.closing.cancelled(), if self.leave_at.is_none() => {
-                    // Keep delivering until this stream's moment.
-                    self.leave_at = Some(tokio::time::Instant::now() + self.drain_delay);
-                    continue;
-                }
-                _ = tokio::time::sleep_until(self.leave_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if self.leave_at.is_some() => {
-                    self.told_to_leave = true;
-                    metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
-                    return Some(reconnect_event(&self.user_id));
-                }
-                item = self.inbox.next() => item?,
-            };
-            match item {
+            match self.inbox.next().await? {
                 Item::Event(e) => {
                     if self.sent_in_replay.remove(&e.id) {
                         continue;
@@ -625,9 +676,15 @@ impl Feed {
                         continue;
                     }
                     self.last_id = Some(e.id.clone());
-                    return Some((*e).clone());
+                    return Some(Sent::Event((*e).clone()));
                 }
                 Item::Resync => self.needs_resync = true,
+                Item::Heartbeat => return Some(Sent::Heartbeat),
+                Item::Leave => {
+                    self.told_to_leave = true;
+                    metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
+                    return Some(Sent::Event(reconnect_event(&self.user_id)));
+                }
             }
         }
     }
@@ -730,17 +787,21 @@ pub(crate) async fn sse(
     metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "sse")
         .increment(1);
     let stream = futures_util::stream::unfold(feed, |mut feed| async move {
-        let e = feed.next().await?;
-        Some((Ok::<_, Infallible>(to_sse(&e)), feed))
+        let event = match feed.next().await? {
+            Sent::Event(e) => to_sse(&e),
+            Sent::Heartbeat => Event::default().comment("heartbeat"),
+        };
+        Some((Ok::<_, Infallible>(event), feed))
     });
-    let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
     Ok((
         [
             ("cache-control", "no-store"),
             // Tells nginx-style proxies not to buffer the stream.
             ("x-accel-buffering", "no"),
         ],
-        Sse::new(stream).keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat")),
+        // No keep-alive timer here: heartbeats come from the hub's one
+        // timer (`Item::Heartbeat`).
+        Sse::new(stream),
     )
         .into_response())
 }
@@ -777,7 +838,6 @@ pub(crate) async fn websocket(
     let last = wanted_replay(&headers, &q)?;
     let feed = Feed::open(&ctx, &hub, &session.user_id, last).await?;
     metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "ws").increment(1);
-    let heartbeat = Duration::from_secs(ctx.settings.notifications.heartbeat_secs);
     Ok(upgrade
         .max_message_size(64 * 1024)
         // tungstenite reserves a 128 KiB read buffer per socket by
@@ -785,30 +845,35 @@ pub(crate) async fn websocket(
         // bench/README.md). Clients only send close frames and pongs;
         // the buffer grows for a larger frame (up to max_message_size).
         .read_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| run_socket(socket, feed, heartbeat)))
+        .on_upgrade(move |socket| run_socket(socket, feed)))
 }
 
-async fn run_socket(mut socket: WebSocket, mut feed: Feed, heartbeat: Duration) {
+async fn run_socket(mut socket: WebSocket, mut feed: Feed) {
     let send_timeout = Duration::from_secs(10);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     loop {
         tokio::select! {
-            e = feed.next() => {
-                let Some(e) = e else {
-                    let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(None))).await;
-                    return;
+            sent = feed.next() => {
+                let message = match sent {
+                    None => {
+                        let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(None))).await;
+                        return;
+                    }
+                    // From the hub's one timer, not a timer per socket.
+                    Some(Sent::Heartbeat) => WsMessage::Ping(Default::default()),
+                    Some(Sent::Event(e)) if e.kind == RECONNECT_KIND => {
+                        // 1012 Service Restart: reconnect (to another instance).
+                        let close = axum::extract::ws::CloseFrame {
+                            code: 1012,
+                            reason: "server restarting; reconnect with last_event_id".into(),
+                        };
+                        let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(Some(close)))).await;
+                        return;
+                    }
+                    Some(Sent::Event(e)) => {
+                        WsMessage::Text(serde_json::to_string(&e).unwrap_or_else(|_| "{}".into()).into())
+                    }
                 };
-                if e.kind == RECONNECT_KIND {
-                    // 1012 Service Restart: reconnect (to another instance).
-                    let close = axum::extract::ws::CloseFrame {
-                        code: 1012,
-                        reason: "server restarting; reconnect with last_event_id".into(),
-                    };
-                    let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(Some(close)))).await;
-                    return;
-                }
-                let text = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
-                match tokio::time::timeout(send_timeout, socket.send(WsMessage::Text(text.into()))).await {
+                match tokio::time::timeout(send_timeout, socket.send(message)).await {
                     Ok(Ok(())) => {}
                     _ => return,
                 }
@@ -817,11 +882,6 @@ async fn run_socket(mut socket: WebSocket, mut feed: Feed, heartbeat: Duration) 
                 None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
                 Some(Ok(_)) => {}
             },
-            _ = ping.tick() => {
-                if !matches!(tokio::time::timeout(send_timeout, socket.send(WsMessage::Ping(Default::default()))).await, Ok(Ok(()))) {
-                    return;
-                }
-            }
         }
     }
 }

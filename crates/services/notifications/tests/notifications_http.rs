@@ -463,6 +463,60 @@ async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
     assert_eq!(got, vec![ids[2].clone(), live]);
 }
 
+/// Heartbeats come from the hub's one timer: an idle SSE stream gets a
+/// comment line and an idle WebSocket a ping every `heartbeat_secs`, and
+/// no stream gets one while events are queued.
+#[tokio::test]
+async fn idle_streams_get_heartbeats_from_the_hub() {
+    let app = start(|s| s.notifications.heartbeat_secs = 1).await;
+    let (cookie, _user) = kit::sign_up_and_log_in(&app.base, &unique_email("beat")).await;
+    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "GET /api/notifications/stream HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while String::from_utf8_lossy(&got).matches("heartbeat").count() < 2 {
+        let mut chunk = [0u8; 1024];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, conn.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("two heartbeats in 4 s: {}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        assert!(n > 0, "the stream ended");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("data:"), "a heartbeat is a comment, not an event: {text}");
+
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("{}/api/notifications/ws", app.base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let ping = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => return,
+                Some(Ok(_)) => {}
+                other => panic!("the socket ended before a ping: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(ping.is_ok(), "no ping within 3 s with heartbeat_secs = 1");
+}
+
 #[tokio::test]
 async fn a_slow_consumer_is_disconnected_not_buffered() {
     let app = start(|s| s.notifications.stream_buffer = 4).await;
