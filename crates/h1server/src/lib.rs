@@ -498,6 +498,11 @@ where
             };
         }
         drop(answer.upgrade.take());
+        if buf.is_empty() {
+            // What the request's head was read into: not held while the
+            // response is written (an event stream's, for hours).
+            *buf = BytesMut::new();
+        }
         // ---- the response's body -------------------------------------------
         // Boxed: rare, and a field map is large beside the rest.
         let mut trailers: Option<Box<HeaderMap>> = None;

@@ -294,7 +294,8 @@ impl std::fmt::Debug for Hub {
 /// A connection's place in the hub; leaving on drop.
 struct Registration {
     hub: Arc<Hub>,
-    user_id: String,
+    /// Shared with the stream's `Feed` (one copy per stream).
+    user_id: Arc<str>,
     id: u64,
 }
 
@@ -365,7 +366,7 @@ impl Hub {
         Ok((
             Registration {
                 hub: self.clone(),
-                user_id: user_id.to_string(),
+                user_id: Arc::from(user_id),
                 id,
             },
             inbox,
@@ -555,9 +556,9 @@ async fn load_events(
 /// ones the replay already sent).
 struct Feed {
     ctx: AppContext,
-    user_id: String,
     inbox: Arc<Inbox>,
-    _registration: Registration,
+    /// Its place in the hub, and the user's id.
+    registration: Registration,
     pending: VecDeque<UserEvent>,
     sent_in_replay: HashSet<String>,
     /// The client's `Last-Event-ID` at connect: it has every event up to
@@ -590,9 +591,8 @@ impl Feed {
         let (registration, inbox) = hub.register(user_id)?;
         let mut feed = Feed {
             ctx: ctx.clone(),
-            user_id: user_id.to_string(),
             inbox,
-            _registration: registration,
+            registration,
             pending: VecDeque::new(),
             sent_in_replay: HashSet::new(),
             resumed_from: None,
@@ -622,7 +622,7 @@ impl Feed {
         let limit = self.ctx.settings.notifications.replay_max_events as i64;
         let events = load_events(
             &self.ctx.db,
-            &self.user_id,
+            &self.registration.user_id,
             self.last_id.as_deref(),
             self.connected_at,
             limit,
@@ -683,7 +683,7 @@ impl Feed {
                 Item::Leave => {
                     self.told_to_leave = true;
                     metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
-                    return Some(Sent::Event(reconnect_event(&self.user_id)));
+                    return Some(Sent::Event(reconnect_event(&self.registration.user_id)));
                 }
             }
         }
