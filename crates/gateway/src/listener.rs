@@ -743,7 +743,7 @@ where
             conn.service.clone(),
             server_limits,
             &conn.info.closing,
-            &conn.info.draining,
+            &*conn.info.draining,
         )
         .await;
         // Upgrades are not handed off here: the gateway takes them itself.

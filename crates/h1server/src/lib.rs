@@ -121,30 +121,35 @@ pub enum Ended<I> {
 /// Serves HTTP/1.x requests on `io` until the connection ends. `closing`
 /// (cancelled at shutdown) closes an idle connection at once and a busy
 /// one after its response; `draining` (set then too) makes that response
-/// say `Connection: close`.
+/// say `Connection: close`. Each is taken by reference or owned
+/// (`Borrow`): owned, the future borrows nothing and can be made before
+/// it is spawned.
 ///
 /// A function returning an `async move` block rather than an `async fn`
 /// (here and for the exchange's phases): an `async fn` keeps each
 /// argument twice in its future (as captured, and moved into the body),
 /// and this future lives as long as the connection.
-pub fn serve<'a, S, B, I>(
+pub fn serve<'a, S, B, I, C, D>(
     io: I,
     service: S,
     limits: ServerLimits,
-    closing: &'a CancellationToken,
-    draining: &'a AtomicBool,
+    closing: C,
+    draining: D,
 ) -> impl Future<Output = Ended<I>> + 'a
 where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible> + 'a,
     B: HttpBody<Data = Bytes> + Unpin + 'a,
     B::Error: std::fmt::Display,
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: std::borrow::Borrow<CancellationToken> + 'a,
+    D: std::borrow::Borrow<AtomicBool> + 'a,
 {
     let mut io = io;
     let mut service = service;
     async move {
+        let draining: &AtomicBool = draining.borrow();
         let mut buf = BytesMut::new();
-        let mut cancelled = pin!(closing.cancelled());
+        let mut cancelled = pin!(closing.borrow().cancelled());
         // One timer for the connection's life, moved only when it fires
         // before the current deadline (no timer-wheel work per request).
         let started = Instant::now();

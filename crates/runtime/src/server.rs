@@ -14,6 +14,7 @@
 
 use axum::extract::ConnectInfo;
 use axum::Router;
+use futures_util::FutureExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use shoal_h1server::{Ended, ServerLimits};
@@ -87,9 +88,11 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
     connections.wait().await;
 }
 
-/// Serves one connection until it ends. (A function returning an
-/// `async move` block: an `async fn` would keep each argument twice in a
-/// future that lives as long as the connection.)
+/// Serves one connection until it ends. The own server's future is
+/// made here and chained, not awaited inside an `async` block: a block
+/// would keep the socket, the service and the limits twice (once as
+/// captured, once inside the server's future) for the connection's whole
+/// life (bench/README.md, "Memory per connection").
 fn connection(
     stream: TcpStream,
     service: WithPeer,
@@ -97,17 +100,21 @@ fn connection(
     closing: CancellationToken,
     draining: Arc<AtomicBool>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let ended =
-            shoal_h1server::serve(stream, service.clone(), limits, &closing, &draining).await;
-        match ended {
-            Ended::Closed => {}
-            // Boxed: hyper's connection state is larger than the own
-            // server's, and every connection's future would be sized for it.
-            Ended::Http2(io) => Box::pin(hyper_connection(io, service, &closing, true)).await,
-            Ended::Upgrade(io) => Box::pin(hyper_connection(io, service, &closing, false)).await,
+    let hand_over = (service.clone(), closing.clone());
+    shoal_h1server::serve(stream, service, limits, closing, draining).then(move |ended| {
+        let (service, closing) = hand_over;
+        async move {
+            match ended {
+                Ended::Closed => {}
+                // Boxed: hyper's connection state is larger than the own
+                // server's.
+                Ended::Http2(io) => Box::pin(hyper_connection(io, service, &closing, true)).await,
+                Ended::Upgrade(io) => {
+                    Box::pin(hyper_connection(io, service, &closing, false)).await;
+                }
+            }
         }
-    }
+    })
 }
 
 /// Serves a connection handed over to hyper: HTTP/2, or HTTP/1.1 from a
