@@ -7,8 +7,15 @@
 # stream) p50/p99, for Shoal (its default SQLite bus, and the Redis bus)
 # and a Node.js SSE server with Redis pub/sub fan-out (bench/sse/server.js),
 # in one run, with the same client (target/release/sse-fanout).
+# With ME_LOAD=1, a `GET /api/accounts/me` load (wrk -t1 -c4, browser
+# headers, the bench user's session) runs on the instance holding the
+# streams for 4 s before they open and again throughout their opening
+# and the fan-out; its p99 alone and during are reported (issue 21: the
+# instance keeps answering). Off by default: the load shares the two
+# cores and raises the fan-out figures.
 #   bench/sse.sh                      # CONNECTIONS=10000 EVENTS=20
 #   CONNECTIONS=2000 bench/sse.sh
+#   ME_LOAD=1 CONNECTIONS=19000 bench/sse.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNECTIONS=${CONNECTIONS:-10000}
@@ -52,12 +59,35 @@ PY
       --stream-url "http://127.0.0.1:$port/api/notifications/stream" --publish-url "http://$b/api/notifications/test" \
       --cookie "$cookie" --pid "$gpid")")
   else
+    local wrkpid=""
+    if [ "${ME_LOAD:-0}" = 1 ]; then
+      me_wrk 4 "http://$a" "${cookie#shoal_session=}" > "$RUN/me-alone.txt"
+      # Long enough for the opening and every event (EVENTS x 250 ms).
+      me_wrk $((EVENTS / 4 + 8)) "http://$a" "${cookie#shoal_session=}" > "$RUN/me-during.txt" &
+      wrkpid=$!
+    fi
     results+=("$(target/release/sse-fanout --label "$label" --connections "$CONNECTIONS" --events "$EVENTS" \
       --stream-url "http://$a/api/notifications/stream" --publish-url "http://$b/api/notifications/test" \
       --cookie "$cookie" --pid "$pid")")
+    if [ -n "$wrkpid" ]; then
+      wait "$wrkpid" || true
+      me_rows+=("| $label | $(me_p99 "$RUN/me-alone.txt") | $(me_p99 "$RUN/me-during.txt") |")
+    fi
   fi
   kill -TERM "$sup"; wait "$sup" || true
 }
+
+# me_wrk SECONDS BASE TOKEN: a /me load on BASE, wrk's WRKJSON line.
+me_wrk() {
+  wrk -t1 -c4 -d"$1s" --timeout 5s --latency -s bench/api/me.lua "$2/api/accounts/me" -- "$3" 2>&1 | grep '^WRKJSON ' || echo 'WRKJSON {}'
+}
+# me_p99 FILE: "p99 ms (req/s, non-2xx)" from a me_wrk line.
+me_p99() {
+  sed 's/^WRKJSON //' "$1" | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+print("%.1f ms (%d req/s, %d non-2xx)" % (r["p99_us"] / 1000, r["rps"], r["non_2xx_3xx"]) if r else "wrk failed")'
+}
+me_rows=()
 
 run_shoal "shoal (SQLite bus)"
 run_shoal "shoal (Redis bus)" SHOAL_CACHE__BUS=redis SHOAL_CACHE__BUS_REDIS_URL="$REDIS"
@@ -99,3 +129,13 @@ lines += ["", "Lower is better in the ratio columns (memory and p99 relative to 
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+if [ ${#me_rows[@]} -gt 0 ]; then
+  {
+    echo
+    echo "\`GET /api/accounts/me\` on the instance holding the streams (wrk -t1 -c4, browser headers):"
+    echo
+    echo "| server | p99 alone (4 s, before the streams) | p99 during the opening and the fan-out |"
+    echo "|---|---|---|"
+    printf '%s\n' "${me_rows[@]}"
+  } | tee -a "$REPORT"
+fi
