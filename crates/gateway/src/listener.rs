@@ -647,11 +647,7 @@ pub trait Stack:
 }
 
 impl<S> Stack for S where
-    S: Serves<shoal_h1server::RequestBody>
-        + Serves<hyper::body::Incoming>
-        + Clone
-        + Send
-        + 'static
+    S: Serves<shoal_h1server::RequestBody> + Serves<hyper::body::Incoming> + Clone + Send + 'static
 {
 }
 

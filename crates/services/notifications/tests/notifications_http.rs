@@ -494,12 +494,18 @@ async fn idle_streams_get_heartbeats_from_the_hub() {
     }
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(!text.contains("data:"), "a heartbeat is a comment, not an event: {text}");
+    assert!(
+        !text.contains("data:"),
+        "a heartbeat is a comment, not an event: {text}"
+    );
 
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = format!("{}/api/notifications/ws", app.base.replace("http://", "ws://"))
-        .into_client_request()
-        .unwrap();
+    let mut request = format!(
+        "{}/api/notifications/ws",
+        app.base.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .unwrap();
     request
         .headers_mut()
         .insert("cookie", cookie.parse().unwrap());
