@@ -1,6 +1,6 @@
 //! Client connections: the cap on open connections (past it a new
 //! connection gets a short 503 and is closed), TLS, which server speaks
-//! to the client (the gateway's own HTTP/1.x codec, `h1server.rs`, or
+//! to the client (the gateway's own HTTP/1.x codec, `shoal-h1server`, or
 //! hyper's for HTTP/2) and hyper's limits for its connections (head size,
 //! head read timeout, idle keep-alive timeout), the send timeout for
 //! clients that stop reading, and the graceful close of every connection
@@ -35,7 +35,7 @@ pub struct ConnLimits {
     pub handshake_timeout: Duration,
     /// The largest request head.
     pub max_head: usize,
-    /// HTTP/1.x by the gateway's own codec (`h1server.rs`), not hyper's.
+    /// HTTP/1.x by the gateway's own codec (`shoal-h1server`), not hyper's.
     pub own_http1: bool,
 }
 
@@ -652,7 +652,7 @@ impl<S> Stack for S where
 }
 
 /// Serves one connection until it ends: HTTP/1.x by the gateway's own
-/// codec (`h1server.rs`), HTTP/2 (chosen by ALPN, or by its preface on a
+/// codec (`shoal-h1server`), HTTP/2 (chosen by ALPN, or by its preface on a
 /// plain connection) and, with `http1_server = "hyper"`, HTTP/1.x too by
 /// hyper's server. Closes it when it has been idle for `idle_timeout`,
 /// gracefully when `shutdown` is cancelled, and at once when the client

@@ -226,7 +226,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
 }
 
 /// The client's connection once the 101 is written: from the gateway's
-/// own HTTP/1.1 server (`h1server.rs`) or from hyper's.
+/// own HTTP/1.1 server (`shoal-h1server`) or from hyper's.
 fn client_side(
     req: &mut Request<Body>,
 ) -> impl std::future::Future<Output = Result<shoal_h1server::Upgraded, String>> {

@@ -1,5 +1,5 @@
 //! HTTP/1.x from clients over raw sockets: what the gateway's own server
-//! codec (`h1server.rs`) must get right, checked against hyper's server
+//! codec (`shoal-h1server`) must get right, checked against hyper's server
 //! (`http1_server = "hyper"`) too where both should behave alike.
 
 mod common;
