@@ -840,11 +840,12 @@ pub(crate) async fn websocket(
     metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "ws").increment(1);
     Ok(upgrade
         .max_message_size(64 * 1024)
-        // tungstenite reserves a 128 KiB read buffer per socket by
-        // default, most of an idle WebSocket's memory (bench/ws.sh,
-        // bench/README.md). Clients only send close frames and pongs;
-        // the buffer grows for a larger frame (up to max_message_size).
-        .read_buffer_size(4 * 1024)
+        // tungstenite allocates its read buffer, whole, when a socket
+        // opens and keeps it: 128 KiB by default, most of an idle
+        // WebSocket's memory (bench/ws.sh, bench/README.md). Clients only
+        // send close frames and pongs (at most 131 bytes each); the
+        // buffer grows for a larger frame (up to max_message_size).
+        .read_buffer_size(512)
         .on_upgrade(move |socket| run_socket(socket, feed)))
 }
 
