@@ -37,6 +37,8 @@ pub struct ConnLimits {
     pub max_head: usize,
     /// HTTP/1.x by the gateway's own codec (`shoal-h1server`), not hyper's.
     pub own_http1: bool,
+    /// On shutdown, event streams end at random moments within this.
+    pub stream_drain_window: Option<Duration>,
 }
 
 impl ConnLimits {
@@ -52,6 +54,14 @@ impl ConnLimits {
             handshake_timeout: Duration::from_millis(s.header_read_timeout_ms),
             max_head: s.max_header_bytes,
             own_http1: s.http1_server == shoal_core::settings::Http1Server::Shoal,
+            // At most half the shutdown's grace: every stream ends well
+            // before the deadline would cut it.
+            stream_drain_window: (s.stream_drain_window_ms > 0).then(|| {
+                Duration::from_millis(
+                    s.stream_drain_window_ms
+                        .min(s.shutdown_timeout_secs.saturating_mul(500)),
+                )
+            }),
         }
     }
 }
@@ -733,6 +743,7 @@ where
             idle: Arc::new(move || guard.idle_timeout(&conn_limits)),
             max_head: limits.max_head,
             hand_off_upgrades: false,
+            stream_drain_window: limits.stream_drain_window,
         };
         let ended = shoal_h1server::serve(
             io,

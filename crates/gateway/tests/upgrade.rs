@@ -348,3 +348,93 @@ async fn a_tunnel_that_carries_nothing_for_tunnel_idle_timeout_ms_is_closed() {
         "closed after {took:?}"
     );
 }
+
+/// A draining gateway ends the event streams passing through it cleanly
+/// (the chunked body's last chunk, then the connection closes), each at
+/// its own moment within `stream_drain_window_ms`, so their clients
+/// reconnect elsewhere and not all at once; the gateway then stops long
+/// before `shutdown_timeout_secs`.
+#[tokio::test]
+async fn a_draining_gateway_ends_event_streams_spread_over_its_window() {
+    let up = special_upstream().await;
+    let gw = TestGateway::start(settings(
+        &[format!("http://{}", up.addr)],
+        json!({"stream_drain_window_ms": 1500, "shutdown_timeout_secs": 10}),
+    ))
+    .await;
+    const STREAMS: usize = 12;
+    let mut clients = Vec::new();
+    for _ in 0..STREAMS {
+        let mut c = TcpStream::connect(gw.addr).await.unwrap();
+        c.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+            .await
+            .unwrap();
+        clients.push(c);
+    }
+    let opened = eventually(Duration::from_secs(5), || {
+        let n = up.events.lock().unwrap().len();
+        async move { n == STREAMS }
+    })
+    .await;
+    assert!(opened, "the streams did not all reach the upstream");
+    let senders = up.events.lock().unwrap().clone();
+    for tx in &senders {
+        tx.send(Bytes::from("data: one\n\n")).await.unwrap();
+    }
+    let mut pendings = Vec::new();
+    for c in clients.iter_mut() {
+        let mut pending = Vec::new();
+        let head = read_until(c, &mut pending, b"data: one\n\n").await;
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        pendings.push(pending);
+    }
+
+    let drain_started = std::time::Instant::now();
+    gw.stop.cancel();
+    // Every stream read at once (collected: a lazy map would start each
+    // read only after the one before it ended).
+    let ends: Vec<_> = clients
+        .into_iter()
+        .zip(pendings)
+        .map(|(mut c, mut rest)| {
+            tokio::spawn(async move {
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+                assert!(read.is_ok(), "the stream was not ended within 5 s");
+                (std::time::Instant::now(), rest)
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for end in ends {
+        let (when, rest) = end.await.unwrap();
+        assert!(
+            rest.ends_with(b"0\r\n\r\n"),
+            "not ended with the chunked body's last chunk: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        at.push(when.duration_since(drain_started));
+    }
+    at.sort();
+    let (first, last) = (at[0], at[STREAMS - 1]);
+    assert!(
+        last < Duration::from_millis(2500),
+        "the last stream ended after {last:?}"
+    );
+    assert!(
+        last - first >= Duration::from_millis(300),
+        "the streams ended together ({first:?} .. {last:?}), not spread over the window"
+    );
+    // Stopped once its streams ended, long before shutdown_timeout_secs.
+    let stopped = eventually(Duration::from_secs(5), || {
+        let done = gw.task.is_finished();
+        async move { done }
+    })
+    .await;
+    assert!(stopped, "the gateway did not stop after its streams ended");
+    assert!(drain_started.elapsed() < Duration::from_secs(5));
+}

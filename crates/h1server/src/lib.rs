@@ -104,6 +104,12 @@ pub struct ServerLimits {
     /// handed back with the connection ([`Ended::Upgrade`]), for a server
     /// whose services need its own upgrade handle (hyper's, for axum).
     pub hand_off_upgrades: bool,
+    /// Once `closing` is cancelled, an event stream being written
+    /// (`text/event-stream`, which never ends by itself) is ended
+    /// cleanly at a random moment within this window, so its client
+    /// reconnects elsewhere and resumes (`Last-Event-ID`); `None`: it
+    /// runs until the response ends.
+    pub stream_drain_window: Option<Duration>,
 }
 
 /// How a connection ended.
@@ -282,9 +288,15 @@ where
                 ))
             };
             let after = {
-                let writing = answering
-                    .await
-                    .map(|answer| Box::pin(write_response(answer, &mut io, &mut buf, &limits)));
+                let writing = answering.await.map(|answer| {
+                    Box::pin(write_response(
+                        answer,
+                        &mut io,
+                        &mut buf,
+                        &limits,
+                        cancelled.as_mut(),
+                    ))
+                });
                 match writing {
                     Some(writing) => writing.await,
                     None => After::Close,
@@ -325,6 +337,9 @@ struct Answer<B> {
     keep_alive: bool,
     /// A 101: the head goes out and the connection to the upgrade.
     switching: bool,
+    /// `text/event-stream`: ended early, cleanly, when the server drains
+    /// ([`ServerLimits::stream_drain_window`]).
+    event_stream: bool,
     /// Feeds the request body (or discards what the service left).
     feeder: Option<Feeder>,
     /// Set when the request asked for an upgrade.
@@ -434,6 +449,10 @@ where
     // ---- the response's head -------------------------------------------
     let (parts, body) = response.into_parts();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    let event_stream = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if switching && upgrade.is_none() {
         tracing::warn!("a 101 answer to a request that asked for no upgrade; closing");
         return None;
@@ -470,6 +489,7 @@ where
         framing,
         keep_alive,
         switching,
+        event_stream,
         feeder,
         upgrade,
     })
@@ -477,12 +497,13 @@ where
 
 /// The second phase of an exchange: the response written (what is left
 /// of the request body read meanwhile); what the connection does next.
-fn write_response<'a, B, I>(
+fn write_response<'a, 'c: 'a, B, I>(
     answer: Answer<B>,
     io: &'a mut I,
     buf: &'a mut BytesMut,
     limits: &'a ServerLimits,
-) -> impl Future<Output = After> + 'a
+    closing: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'c>>,
+) -> impl Future<Output = After> + use<'a, 'c, B, I>
 where
     B: HttpBody<Data = Bytes> + Unpin + 'a,
     B::Error: std::fmt::Display,
@@ -492,7 +513,12 @@ where
     // moved out: this future lives as long as the response (an event
     // stream's, for hours), and either would keep the answer twice.
     let mut answer = answer;
+    let mut closing = closing;
     async move {
+        // Set when the server drains and this is an event stream: the
+        // moment it ends (boxed: rare, and kept out of every stream).
+        let mut leave: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let drain_window = limits.stream_drain_window.filter(|_| answer.event_stream);
         if answer.switching {
             if !send(io, &[&answer.out], true).await {
                 return After::Close;
@@ -513,6 +539,18 @@ where
         let mut trailers: Option<Box<HeaderMap>> = None;
         let written = loop {
             let next = poll_fn(|cx| {
+                if let Some(window) = drain_window {
+                    if leave.is_none() && closing.as_mut().poll(cx).is_ready() {
+                        let at = window.mul_f64(rand::random::<f64>());
+                        leave = Some(Box::pin(tokio::time::sleep(at)));
+                    }
+                    if leave
+                        .as_mut()
+                        .is_some_and(|l| l.as_mut().poll(cx).is_ready())
+                    {
+                        return Poll::Ready(Next::Leave);
+                    }
+                }
                 match answer.feeder.as_mut() {
                     Some(f) if f.active() => {
                         // Ended or waiting: either way, on to the response.
@@ -539,6 +577,13 @@ where
                 Next::Gone => {
                     tracing::debug!("the client closed its connection during the response");
                     return After::Close;
+                }
+                // Draining: the event stream ends here, whole (its
+                // client reconnects and resumes elsewhere), and so does
+                // the connection.
+                Next::Leave => {
+                    answer.keep_alive = false;
+                    break true;
                 }
                 // Nothing ready yet: send what is buffered meanwhile.
                 Next::Flush => {
@@ -1102,6 +1147,8 @@ enum Next<E> {
     Flush,
     /// The client closed the connection.
     Gone,
+    /// The server drains: end this event stream now.
+    Leave,
 }
 
 fn hex(mut n: usize, into: &mut [u8; 16]) -> &[u8] {
@@ -1462,6 +1509,7 @@ mod tests {
             pressure: None,
             max_head: 8192,
             hand_off_upgrades: false,
+            stream_drain_window: None,
         };
         let future = serve(io, service, limits, &closing, &draining);
         let size = std::mem::size_of_val(&future);
@@ -1482,6 +1530,7 @@ mod tests {
             pressure: None,
             max_head: 8192,
             hand_off_upgrades: false,
+            stream_drain_window: None,
         };
         let answer = Answer {
             body: http_body_util::Empty::<Bytes>::new(),
@@ -1489,10 +1538,13 @@ mod tests {
             framing: Out::Chunked,
             keep_alive: true,
             switching: false,
+            event_stream: true,
             feeder: None,
             upgrade: None,
         };
-        let future = write_response(answer, &mut io, &mut buf, &limits);
+        let token = CancellationToken::new();
+        let mut closing = pin!(token.cancelled());
+        let future = write_response(answer, &mut io, &mut buf, &limits, closing.as_mut());
         let size = std::mem::size_of_val(&future);
         // 520 bytes when last changed (1,040 when the response's parts
         // and the answer were kept twice).
@@ -1514,6 +1566,7 @@ mod tests {
             pressure: None,
             max_head: 8192,
             hand_off_upgrades: true,
+            stream_drain_window: None,
         };
         peer.write_all(
             b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\

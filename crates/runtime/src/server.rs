@@ -50,6 +50,9 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
         pressure: None,
         max_head: MAX_HEAD,
         hand_off_upgrades: true,
+        // An instance moves its own streams when it drains (the
+        // notifications hub tells each to reconnect).
+        stream_drain_window: None,
     };
     let closing = CancellationToken::new();
     let draining = Arc::new(AtomicBool::new(false));

@@ -90,6 +90,14 @@ pub struct GatewaySettings {
     /// Largest request body accepted, in bytes (413 past it).
     pub max_body_bytes: u64,
     pub shutdown_timeout_secs: u64,
+    /// When the gateway drains, each event stream passing through it
+    /// (`text/event-stream`) is ended cleanly at a random moment within
+    /// this window, ms, so its client reconnects (to another gateway) and
+    /// resumes with `Last-Event-ID`, and the clients do not all come back
+    /// at once. 0: streams are left to end by themselves until
+    /// `shutdown_timeout_secs`. At most half of `shutdown_timeout_secs`
+    /// is used, so the last stream ends well before the deadline.
+    pub stream_drain_window_ms: u64,
     /// Balancer of every pool without an entry in `balancing`.
     pub balancer: BalancerKind,
     /// Per-pool balancing, keyed by pool name (kept apart from
@@ -319,6 +327,7 @@ impl Default for GatewaySettings {
             retry_buffer_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_timeout_secs: 20,
+            stream_drain_window_ms: 5_000,
             balancer: BalancerKind::default(),
             balancing: BTreeMap::new(),
             retry_budget_percent: 20.0,
