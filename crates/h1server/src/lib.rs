@@ -45,6 +45,11 @@
 //! 8 KiB buffers each. An instance takes WebSocket handshakes to hyper
 //! ([`ServerLimits::hand_off_upgrades`], [`Ended::Upgrade`]): axum's
 //! WebSocket extractor needs hyper's upgrade handle.
+//!
+//! Drain: `closing` closes idle connections at once and busy ones after
+//! their response; an event stream, which never ends by itself, is ended
+//! whole at a random moment within [`ServerLimits::stream_drain_window`]
+//! when one is set (the gateway's `stream_drain_window_ms`).
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
