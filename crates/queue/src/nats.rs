@@ -515,6 +515,12 @@ impl NatsJobStore {
         while let Some(k) = keys.next().await {
             names.push(k.map_err(nats)?);
         }
+        // The key listing is a watch of the bucket's stream: a record
+        // written while it runs (a job finishing) comes again, and the job
+        // was listed twice (seen in CI: `checkout_through_nats_...` found
+        // four charge jobs for three orders, one of them twice).
+        names.sort_unstable();
+        names.dedup();
         let mut jobs = Vec::with_capacity(names.len());
         for name in names {
             if let Some((job, _)) = self.read(&name).await? {
