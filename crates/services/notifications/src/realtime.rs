@@ -178,9 +178,9 @@ impl Drop for Conn {
 /// One stream's queue of items from the hub: bounded, and a push never
 /// waits (a full inbox is a consumer too slow, dropped). Small on
 /// purpose: tokio's bounded channel, used before, cost every stream
-/// ~800 bytes (its cache-padded state and a first block of 32 slots,
-/// DHAT; bench/README.md, "Memory per connection"); this costs ~100, and
-/// holds no buffer while empty.
+/// several times more (its cache-padded state and a first block of 32
+/// slots; DHAT figures in bench/README.md, "Memory per connection"), and
+/// this holds no buffer while empty.
 struct Inbox {
     queue: Mutex<Queued>,
     waker: futures_util::task::AtomicWaker,

@@ -50,6 +50,24 @@ impl Drop for Running {
     }
 }
 
+/// A logged-in WebSocket on `base`'s `/api/notifications/ws` + `query`.
+async fn connect_ws(
+    base: &str,
+    query: &str,
+    cookie: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/api/notifications/ws{query}",
+        base.replace("http://", "ws://")
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
 fn start_worker(ctx: &AppContext, stop: &CancellationToken) {
     let options = WorkerOptions {
         queues: vec![
@@ -437,17 +455,7 @@ async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
     assert_eq!(r.status(), 401);
 
     // The WebSocket replays from ?last_event_id= too.
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let ws_url = format!(
-        "{}/api/notifications/ws?last_event_id={}",
-        app.base.replace("http://", "ws://"),
-        ids[1]
-    );
-    let mut request = ws_url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("cookie", cookie.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = connect_ws(&app.base, &format!("?last_event_id={}", ids[1]), &cookie).await;
     let mut got = Vec::new();
     while got.len() < 2 {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -499,17 +507,7 @@ async fn idle_streams_get_heartbeats_from_the_hub() {
         "a heartbeat is a comment, not an event: {text}"
     );
 
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = format!(
-        "{}/api/notifications/ws",
-        app.base.replace("http://", "ws://")
-    )
-    .into_client_request()
-    .unwrap();
-    request
-        .headers_mut()
-        .insert("cookie", cookie.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = connect_ws(&app.base, "", &cookie).await;
     let ping = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
             match ws.next().await {
@@ -651,17 +649,7 @@ async fn a_draining_instance_moves_its_streams_without_losing_an_event() {
             .await,
         );
     }
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = format!(
-        "{}/api/notifications/ws",
-        a.base.replace("http://", "ws://")
-    )
-    .into_client_request()
-    .unwrap();
-    request
-        .headers_mut()
-        .insert("cookie", cookie.parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut ws = connect_ws(&a.base, "", &cookie).await;
 
     // Events published on the other instance all along: before, during
     // and after the drain.
