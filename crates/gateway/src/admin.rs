@@ -191,12 +191,12 @@ fn status_endpoint(state: &GatewayState, path: &str) -> Response<Body> {
 /// The body of every admin action.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AdminRequest {
-    pool: String,
-    url: String,
+pub(crate) struct AdminRequest {
+    pub(crate) pool: String,
+    pub(crate) url: String,
     /// For `register`: how long the registration lasts without renewal.
     #[serde(default)]
-    ttl_secs: Option<u64>,
+    pub(crate) ttl_secs: Option<u64>,
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Body>) -> Result<T, Problem> {
@@ -222,7 +222,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Body>) -> Result
     })
 }
 
-fn admin_action(
+pub(crate) fn admin_action(
     state: &GatewayState,
     action: &str,
     body: AdminRequest,

@@ -23,6 +23,7 @@ mod admin;
 mod balance;
 mod body;
 mod cache;
+mod console;
 mod coord;
 mod dns;
 mod h1;
@@ -160,6 +161,8 @@ impl Gateway {
         // Connection settings follow reloads: rebuilt when the generation changes.
         let mut listen_config = listener::ListenConfig::new(&state);
         let connections = Arc::new(listener::Connections::default());
+        shared.console.attach(local_addr, Arc::clone(&connections));
+        tokio::spawn(console::live::run(Arc::clone(&shared), background.clone()));
         let close_all = CancellationToken::new();
         // Carried across reloads: every generation shares it.
         let draining = Arc::clone(&state.draining);

@@ -291,6 +291,8 @@ pub struct Instance {
     latency_exponent: f64,
     /// A 404 on the health path was logged (once per instance).
     missing_health_path_noted: AtomicBool,
+    /// Requests, errors and latencies for the console (`console/`).
+    pub live: Box<crate::console::stats::Live>,
 }
 
 /// An instance's counters that change with every request: outstanding
@@ -347,6 +349,7 @@ impl Instance {
             registered: expires.is_some(),
             hot: Hot::default(),
             missing_health_path_noted: AtomicBool::new(false),
+            live: Box::default(),
             wrr_current: Mutex::new(0),
             up: AtomicBool::new(true),
             expires_ns: AtomicU64::new(expires.map_or(0, to_ns)),

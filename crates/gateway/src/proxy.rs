@@ -547,8 +547,12 @@ pub(crate) async fn forward(
         match result {
             Ok(Ok(response)) => {
                 let done = Instant::now();
-                instance.observe_latency_at(done.saturating_duration_since(sent), done);
+                let latency = done.saturating_duration_since(sent);
+                instance.observe_latency_at(latency, done);
                 instance.record_success();
+                // Per attempt: an instance's errors include the attempts
+                // retried elsewhere.
+                instance.live.record(response.status().as_u16(), latency);
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 route.response_headers.apply(&mut rparts.headers);
@@ -560,7 +564,9 @@ pub(crate) async fn forward(
             }
             Err(_elapsed) => {
                 let done = Instant::now();
-                instance.observe_latency_at(done.saturating_duration_since(sent), done);
+                let latency = done.saturating_duration_since(sent);
+                instance.observe_latency_at(latency, done);
+                instance.live.record(504, latency);
                 if this_try == left {
                     return deadline_passed(instance.url.as_str(), budget, outcome, request_id);
                 }
@@ -591,6 +597,7 @@ pub(crate) async fn forward(
                 );
             }
             Ok(Err(e)) => {
+                instance.live.record(502, sent.elapsed());
                 let failure = classify(&e);
                 let cause = format!("{}: {}", instance.url, chain(&e));
                 tracing::debug!(pool = %pool.name, instance = %instance.url, ?failure, cause = %cause, "upstream attempt failed");

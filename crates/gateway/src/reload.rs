@@ -33,6 +33,8 @@ pub struct Shared {
     lock: tokio::sync::Mutex<()>,
     /// Woken after a reload so DNS membership follows at once.
     pub reloaded: Notify,
+    /// The console's history and live feed (`console/`).
+    pub console: crate::console::live::Console,
 }
 
 impl std::fmt::Debug for Shared {
@@ -50,6 +52,7 @@ impl Shared {
             loader: None,
             lock: tokio::sync::Mutex::new(()),
             reloaded: Notify::new(),
+            console: Default::default(),
         }
     }
 

@@ -49,8 +49,9 @@ pub(crate) fn stack(
             shared: Arc::clone(&shared),
             client_addr,
         })
-        // `/_gateway/*`: health, metrics, pools, admin API (`admin.rs`).
-        // Answered here; not traffic, so not in the access log.
+        // `/_gateway/*`: health, metrics, pools, admin API (`admin.rs`);
+        // `/_shoal/*`: the console (`console/`). Answered here; not
+        // traffic, so not in the access log.
         .layer(EndpointsLayer { shared })
         // One access-log line and the request metrics for all below.
         .layer(AccessLogLayer)
@@ -262,7 +263,13 @@ where
     ready_when_inner_is!();
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        if !req.uri().path().starts_with("/_gateway/") {
+        let path = req.uri().path();
+        let console = (path == "/" || path.starts_with("/_shoal"))
+            && req
+                .extensions()
+                .get::<Ctx>()
+                .is_some_and(|ctx| crate::console::wants(&ctx.state, &req));
+        if !console && !path.starts_with("/_gateway/") {
             return Either::Left(self.inner.call(req));
         }
         let shared = Arc::clone(&self.shared);
@@ -270,6 +277,9 @@ where
             let Some(ctx) = req.extensions().get::<Ctx>().cloned() else {
                 return Ok(no_context());
             };
+            if console {
+                return Ok(crate::console::handle(shared, ctx.state, req, &ctx.request_id).await);
+            }
             if req.uri().path() == "/_gateway/admin/reload" {
                 // The head only: a body is not `Sync`, to be held across
                 // the reload.
@@ -356,6 +366,7 @@ pub(crate) fn access_log_on() -> bool {
 fn log(seen: &Seen, outcome: &Outcome, status: u16) {
     let elapsed = seen.started.elapsed();
     let pool_name = outcome.pool.as_ref().map_or("-", |p| p.name.as_str());
+    crate::console::stats::GATEWAY.record(status, elapsed);
     match &outcome.pool {
         Some(pool) => pool.metrics.record(&pool.name, status, elapsed),
         None => {

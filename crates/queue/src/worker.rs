@@ -514,6 +514,11 @@ impl Worker {
         self
     }
 
+    /// The schedules this worker carries (for the console's cron table).
+    pub fn schedules(&self) -> &[Schedule] {
+        &self.schedules
+    }
+
     /// Enqueues `schedule`'s job on every tick while this worker runs (once
     /// per tick however many workers carry the same schedule).
     pub fn schedule(mut self, schedule: Schedule) -> Self {

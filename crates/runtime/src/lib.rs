@@ -11,6 +11,7 @@ pub mod context;
 pub mod error;
 pub mod extract;
 pub mod jobs;
+pub mod jobs_console;
 pub mod middleware;
 pub mod registration;
 mod server;

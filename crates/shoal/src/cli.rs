@@ -313,6 +313,10 @@ impl Cli {
                         .display()
                         .to_string();
                 }
+                if s.gateway.console.stack_file.is_empty() {
+                    s.gateway.console.stack_file =
+                        s.data_dir.join("run/stack.json").display().to_string();
+                }
                 if let Some(size) = a.cache_size {
                     s.gateway.cache.max_bytes = size;
                     s.gateway.cache.max_object_bytes = s.gateway.cache.max_object_bytes.min(size);

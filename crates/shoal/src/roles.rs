@@ -165,26 +165,6 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
             }
         }
     };
-    let router = axum::Router::new()
-        .route(
-            "/healthz",
-            get(|| async {
-                axum::Json(serde_json::json!({"status": "ok", "pid": std::process::id()}))
-            }),
-        )
-        .route("/readyz", get(ready))
-        .route(
-            "/metrics",
-            get(move |headers: axum::http::HeaderMap| async move {
-                shoal_runtime::app::metrics_response(metrics_token.as_deref(), &headers)
-            }),
-        );
-    let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
     let options = WorkerOptions {
         worker_id: instance.to_string(),
         queues: settings
@@ -202,6 +182,32 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
     for module in &modules {
         jobs = module.register_jobs(&ctx, jobs);
     }
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|| async {
+                axum::Json(serde_json::json!({"status": "ok", "pid": std::process::id()}))
+            }),
+        )
+        .route("/readyz", get(ready))
+        .route(
+            "/metrics",
+            get(move |headers: axum::http::HeaderMap| async move {
+                shoal_runtime::app::metrics_response(metrics_token.as_deref(), &headers)
+            }),
+        )
+        // The console's queue pages, through the gateway (`jobs_console`).
+        .merge(shoal_runtime::jobs_console::router(
+            backend.store.clone(),
+            jobs.schedules(),
+            settings.gateway.admin_token.as_deref(),
+        ));
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
     let jobs = tokio::spawn(jobs.run(shutdown.clone()));
     tracing::info!(%addr, queues = ?settings.worker.queues, backend = ?settings.queue.backend, "worker started");
     let interval = Duration::from_secs(settings.worker.housekeeping_interval_secs.max(1));

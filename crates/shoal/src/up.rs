@@ -29,6 +29,8 @@ struct ChildView {
     pid: Option<u32>,
     restarts: u32,
     state: &'static str,
+    /// How the last run ended (`signal: 9 (SIGKILL)`), for the console.
+    last_exit: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +92,7 @@ pub async fn run(
                 pid: None,
                 restarts: 0,
                 state: "starting",
+                last_exit: None,
             })
             .collect(),
     ));
@@ -256,7 +259,11 @@ fn child_specs(
             args,
             address: Some(gateway_addr),
             ready_path: Some("/_gateway/readyz"),
-            env: Vec::new(),
+            // A browser's `/` leads to the console (`/_shoal/`).
+            env: vec![(
+                "SHOAL_GATEWAY__CONSOLE__REDIRECT_ROOT".into(),
+                "true".into(),
+            )],
         },
     );
     // What every service process must know about the others.
@@ -360,6 +367,7 @@ async fn manage_child(
                     v.pid = None;
                     v.state = "restarting";
                     v.restarts += 1;
+                    v.last_exit = Some(status.clone());
                 });
                 tracing::warn!(child = %spec.name, %status, recent_crashes = crashes.len(), "child exited; restarting");
                 if crashes.len() as u32 > settings.up.max_restarts {
@@ -460,7 +468,8 @@ fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path, secrets: &Pa
     let rows = table.lock().expect("table lock").clone();
     let mut out = String::new();
     out.push_str(&format!(
-        "\nShoal is up. Point a browser or curl at http://{gateway}/\n\n"
+"\nShoal is up at http://{gateway}/\n  console: http://{gateway}/_shoal/ (log in with the admin token: {}/admin-token)\n\n",
+        secrets.display()
     ));
     out.push_str(&format!(
         "  {:<10} {:<22} {:>8}\n",

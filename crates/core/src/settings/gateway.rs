@@ -191,6 +191,44 @@ pub struct GatewaySettings {
     pub redis_timeout_ms: u64,
     /// The HTTP response cache (`[gateway.cache]`, docs/gateway-cache.md).
     pub cache: GatewayCacheSettings,
+    /// The operator's console under `/_shoal/` (`[gateway.console]`,
+    /// docs/console.md).
+    pub console: GatewayConsoleSettings,
+}
+
+/// `[gateway.console]`: the web console the gateway serves under
+/// `/_shoal/`, behind a login with `gateway.admin_token`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConsoleSettings {
+    /// Serve the console (it still needs `gateway.admin_token` to log in).
+    pub enabled: bool,
+    /// Send a browser's `GET /` (one that accepts `text/html`) to the
+    /// console; `shoal up` turns this on. Off, `/` is routed as any path.
+    pub redirect_root: bool,
+    /// The process table `shoal up` keeps (`<data_dir>/run/stack.json`),
+    /// shown on the overview; the `gateway` role sets it when empty. A
+    /// missing file shows no processes.
+    pub stack_file: String,
+    /// Base URLs of the workers whose `/_shoal/queues` endpoints the
+    /// queue pages read and act through (`http://10.0.0.7:9090`); the
+    /// first that answers is used. Empty: the workers listed in
+    /// `stack_file`.
+    pub workers: Vec<String>,
+    /// How long a console login lasts, seconds.
+    pub session_secs: u64,
+}
+
+impl Default for GatewayConsoleSettings {
+    fn default() -> Self {
+        GatewayConsoleSettings {
+            enabled: true,
+            redirect_root: false,
+            stack_file: String::new(),
+            workers: Vec::new(),
+            session_secs: 12 * 3600,
+        }
+    }
 }
 
 /// `[gateway.cache]`: an RFC 9111 shared cache in the request path.
@@ -354,6 +392,7 @@ impl Default for GatewaySettings {
             redis_prefix: "shoal:gateway".into(),
             redis_timeout_ms: 50,
             cache: GatewayCacheSettings::default(),
+            console: GatewayConsoleSettings::default(),
         }
     }
 }
@@ -460,6 +499,20 @@ impl GatewaySettings {
 
     pub fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |key: String, message: String| Err(SettingsError::Invalid { key, message });
+        if self.console.session_secs == 0 || self.console.session_secs > 30 * 24 * 3600 {
+            return invalid(
+                "gateway.console.session_secs".into(),
+                "must be between 1 and 2592000 (30 days)".into(),
+            );
+        }
+        for (i, url) in self.console.workers.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return invalid(
+                    format!("gateway.console.workers[{i}]"),
+                    format!("`{url}` is not an http:// or https:// URL"),
+                );
+            }
+        }
         for (i, pool) in self.pools.iter().enumerate() {
             if pool.name.is_empty() {
                 return invalid(

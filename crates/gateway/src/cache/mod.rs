@@ -203,7 +203,18 @@ pub fn stats_json(state: &GatewayState) -> Response<Body> {
     crate::body::json_response(StatusCode::OK, &v)
 }
 
+/// Answers from the cache (fresh, coalesced, stale or revalidated) and
+/// misses (none stored, or expired without a validator), for the
+/// console's hit ratio; passes count in neither.
+pub static HITS: AtomicU64 = AtomicU64::new(0);
+pub static MISSES: AtomicU64 = AtomicU64::new(0);
+
 fn count(result: &'static str) {
+    match result {
+        "hit" | "coalesced" | "stale" | "revalidated" => HITS.fetch_add(1, Ordering::Relaxed),
+        "pass" => 0,
+        _ => MISSES.fetch_add(1, Ordering::Relaxed),
+    };
     metrics::counter!("shoal_gateway_cache_requests_total", "result" => result).increment(1);
 }
 
