@@ -231,7 +231,8 @@ impl Application {
         let mut router: Router<AppContext> = Router::new()
             .route("/healthz", healthz(&ctx))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text));
+            .route("/metrics", get(metrics_text))
+            .route("/_shoal/stats", get(console_stats));
         if ctx.settings.serve.debug_routes {
             router = router
                 .route("/_debug/sleep", get(debug_sleep))
@@ -340,6 +341,24 @@ fn healthz(ctx: &AppContext) -> axum::routing::MethodRouter<AppContext> {
             )
         }
     })
+}
+
+/// Open realtime streams (SSE and WebSocket) on this instance, counted by
+/// the services that hold them, for the console.
+pub static OPEN_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `GET /_shoal/stats` (admin token): what the gateway's console shows of
+/// this instance beyond what the gateway sees itself.
+async fn console_stats(State(ctx): State<AppContext>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(denied) =
+        crate::jobs_console::check_admin(ctx.settings.gateway.admin_token.as_deref(), &headers)
+    {
+        return denied;
+    }
+    axum::Json(serde_json::json!({
+        "streams": OPEN_STREAMS.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+    .into_response()
 }
 
 async fn readyz(State(ctx): State<AppContext>) -> Response {

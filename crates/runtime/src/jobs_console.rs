@@ -73,7 +73,13 @@ fn problem(p: Problem) -> Response {
 }
 
 fn authorize(ops: &Ops, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(token) = ops.token.as_deref() else {
+    check_admin(ops.token.as_deref(), headers)
+}
+
+/// `Ok` for a request with `Authorization: Bearer <token>`; the answer
+/// otherwise (403 while no token is set).
+pub fn check_admin(token: Option<&str>, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = token else {
         return Err(problem(Problem::forbidden(
             "the console endpoints are off until gateway.admin_token is set",
         )));

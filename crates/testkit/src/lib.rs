@@ -51,6 +51,12 @@ pub fn s3_url(test: &str) -> Option<String> {
     env_or_skip("SHOAL_TEST_S3_URL", test)
 }
 
+/// `SHOAL_TEST_CHROMEDRIVER` (the path of chromedriver, with Chromium
+/// beside it), or `None` after printing one `skipped:` line.
+pub fn chromedriver(test: &str) -> Option<String> {
+    env_or_skip("SHOAL_TEST_CHROMEDRIVER", test)
+}
+
 /// `SHOAL_TEST_NATS_URL`, or `None` after printing one `skipped:` line.
 pub fn nats_url(test: &str) -> Option<String> {
     env_or_skip("SHOAL_TEST_NATS_URL", test)

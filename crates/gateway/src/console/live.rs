@@ -72,6 +72,9 @@ struct Inner {
     queues: Value,
     /// Workers listed by the process table, for the queue requests.
     stack_workers: Vec<String>,
+    /// Open realtime streams by instance URL, from each instance's
+    /// `/_shoal/stats` (absent: not a Shoal instance, or no answer).
+    streams: HashMap<String, u64>,
 }
 
 impl Default for Console {
@@ -302,8 +305,16 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
                     );
                 }
             }
+            let streams = console
+                .inner
+                .lock()
+                .expect("console lock")
+                .streams
+                .get(&instance.url)
+                .copied();
             if let Value::Object(map) = &mut v {
                 map.insert("state".into(), state_name.into());
+                map.insert("streams".into(), json!(streams));
                 map.insert("process".into(), json!(process));
                 if let Value::Object(w) = window_json(&window, secs) {
                     map.extend(w);
@@ -510,8 +521,9 @@ async fn probe(state: &GatewayState, addr: SocketAddr) -> bool {
     )
 }
 
-/// Every two seconds: the queues, from the first worker that answers,
-/// with per-queue rates from the change since the last answer.
+/// Every two seconds: each instance's open streams, and the queues from
+/// the first worker that answers, with per-queue rates from the change
+/// since the last answer.
 async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut last: Option<(Instant, HashMap<String, Value>)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -525,13 +537,21 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
         if !state.settings.console.enabled {
             continue;
         }
+        let streams = instance_streams(&state).await;
+        shared.console.inner.lock().expect("console lock").streams = streams;
         let workers = worker_urls(&shared, &state);
         let mut answer = Err(
             "no worker to ask: set gateway.console.workers (or run under `shoal up`)".to_string(),
         );
         for base in &workers {
-            match super::worker_request(&state, base, &Method::GET, "/_shoal/queues", Bytes::new())
-                .await
+            match super::internal_request(
+                &state,
+                base,
+                &Method::GET,
+                "/_shoal/queues",
+                Bytes::new(),
+            )
+            .await
             {
                 Ok((StatusCode::OK, _, body)) => match serde_json::from_slice::<Value>(&body) {
                     Ok(v) => {
@@ -585,4 +605,37 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
         };
         shared.console.inner.lock().expect("console lock").queues = view;
     }
+}
+
+/// Open realtime streams of each instance of each pool, asked at once.
+async fn instance_streams(state: &GatewayState) -> HashMap<String, u64> {
+    let urls: Vec<String> = state
+        .pools
+        .iter()
+        .flat_map(|p| {
+            p.instances()
+                .iter()
+                .map(|i| i.url.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let asks = urls.into_iter().map(|url| async move {
+        let answer = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            super::internal_request(state, &url, &Method::GET, "/_shoal/stats", Bytes::new()),
+        )
+        .await;
+        let streams = match answer {
+            Ok(Ok((StatusCode::OK, _, body))) => serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["streams"].as_u64()),
+            _ => None,
+        };
+        streams.map(|n| (url, n))
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }

@@ -351,7 +351,7 @@ async fn api_call(
         (_, jobs) if jobs == "/jobs" || jobs.starts_with("/jobs/") => {
             to_worker(&shared, &state, req, request_id).await
         }
-        (m, p) if matches!(p, "/session" | "/live" | "/instances" | "/purge") => problem_response(
+        (m, "/session" | "/live" | "/instances" | "/purge") => problem_response(
             &Problem::new(
                 405,
                 "method-not-allowed",
@@ -397,7 +397,7 @@ async fn to_worker(
     }
     let mut last = String::new();
     for base in &workers {
-        match worker_request(
+        match internal_request(
             state,
             base,
             &parts.method,
@@ -423,8 +423,9 @@ async fn to_worker(
     )
 }
 
-/// One request to a worker's console endpoints, with the admin token.
-pub(crate) async fn worker_request(
+/// One request to a worker's or an instance's `/_shoal/` endpoints,
+/// with the admin token.
+pub(crate) async fn internal_request(
     state: &GatewayState,
     base: &str,
     method: &Method,

@@ -360,6 +360,7 @@ impl Hub {
             });
         }
         metrics::gauge!("shoal_notifications_connections").increment(1.0);
+        shoal_runtime::app::OPEN_STREAMS.fetch_add(1, Ordering::Relaxed);
         if self.leaving.load(Ordering::Relaxed) {
             inbox.push_control(Item::Leave);
         }
@@ -381,6 +382,7 @@ impl Hub {
             if list.len() < before {
                 self.open.fetch_sub(1, Ordering::Relaxed);
                 metrics::gauge!("shoal_notifications_connections").decrement(1.0);
+                shoal_runtime::app::OPEN_STREAMS.fetch_sub(1, Ordering::Relaxed);
             }
             if list.is_empty() {
                 map.remove(user_id);
@@ -410,6 +412,7 @@ impl Hub {
         if gone > 0 {
             self.open.fetch_sub(gone, Ordering::Relaxed);
             metrics::gauge!("shoal_notifications_connections").decrement(gone as f64);
+            shoal_runtime::app::OPEN_STREAMS.fetch_sub(gone, Ordering::Relaxed);
         }
         if list.is_empty() {
             map.remove(user_id);
