@@ -21,16 +21,39 @@ static LOG_WRITER: Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = 
 /// at once. Nothing is dropped: a full queue (128k lines) makes loggers
 /// wait. Call [`flush_logs`] before the process exits.
 pub fn init_logging(settings: &LogSettings) {
+    init_logging_on(settings, LogStream::Stdout)
+}
+
+/// Where log lines go: servers log to stdout (what containers collect);
+/// one-shot commands to stderr, so that their stdout is their result
+/// alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// [`init_logging`] onto `stream`.
+pub fn init_logging_on(settings: &LogSettings, stream: LogStream) {
     let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let out: Box<dyn std::io::Write + Send> = match stream {
+        LogStream::Stdout => Box::new(std::io::stdout()),
+        LogStream::Stderr => Box::new(std::io::stderr()),
+    };
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("shoal-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, out));
+    let terminal = {
+        use std::io::IsTerminal;
+        match stream {
+            LogStream::Stdout => std::io::stdout().is_terminal(),
+            LogStream::Stderr => std::io::stderr().is_terminal(),
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal)
         .with_writer(writer);
     let installed = match settings.format {
         // The request span's fields once (`span`), not again in a list

@@ -72,6 +72,13 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Print the effective settings as TOML, with secrets redacted.
     Config,
+    /// Print a completion script for a shell, e.g.
+    /// `shoal completions bash > /etc/bash_completion.d/shoal`, or
+    /// `shoal completions zsh > "${fpath[1]}/_shoal"`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -86,6 +93,12 @@ pub struct UpArgs {
     /// public reads (catalog) are then answered from the gateway.
     #[arg(long)]
     pub cache: bool,
+    /// How the processes' logs are shown (`up.logs`): `pretty`, one
+    /// readable line each prefixed with the process's name; `json`, their
+    /// JSON lines with a `process` field; `auto` (default), pretty on a
+    /// terminal and JSON when piped.
+    #[arg(long, value_parser = ["auto", "pretty", "json"])]
+    pub logs: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -233,9 +246,17 @@ pub enum JobsCommand {
         kind: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// One JSON document (`{"jobs": [...]}`) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show one job with its error history.
-    Show { id: String },
+    Show {
+        id: String,
+        /// The job as JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a dead job back in its queue with its attempts reset.
     Retry { id: String },
     /// Delete a dead job.
@@ -243,7 +264,11 @@ pub enum JobsCommand {
     /// Cancel a job that has not finished.
     Cancel { id: String },
     /// Per-queue depth, oldest age and counts by state.
-    Stats,
+    Stats {
+        /// One JSON document (`{"queues": [...]}`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Enqueue N no-op jobs (in batches of 1,000), run them with one
     /// worker of C slots, and print enqueue and completion rates and
     /// enqueue-to-start latency.
@@ -287,6 +312,9 @@ impl Cli {
                 }
                 if a.cache {
                     s.gateway.cache.enabled = true;
+                }
+                if let Some(logs) = &a.logs {
+                    s.up.logs = logs.clone();
                 }
             }
             Command::Gateway(a) => {
@@ -386,7 +414,11 @@ impl Cli {
                     })
                 }
             },
-            Command::Migrate | Command::Config | Command::Seed(_) | Command::Jobs(_) => {}
+            Command::Migrate
+            | Command::Config
+            | Command::Completions { .. }
+            | Command::Seed(_)
+            | Command::Jobs(_) => {}
         }
         s.validate()?;
         Ok(s)

@@ -50,18 +50,39 @@ fn main() -> ExitCode {
     #[cfg(not(feature = "system-alloc"))]
     alloc::no_transparent_huge_pages();
     let cli = cli::Cli::parse();
-    let settings = match cli.settings() {
+    let mut settings = match cli.settings() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("shoal: {e}");
             return ExitCode::from(2);
         }
     };
+    if let cli::Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut cli::Cli::command(),
+            "shoal",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     if let cli::Command::Config = cli.command {
         print!("{}", settings.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    shoal_core::telemetry::init_logging(&settings.log);
+    // `shoal up` on a terminal: its own lines readable too.
+    if matches!(cli.command, cli::Command::Up(_)) && up::pretty_logs(&settings) {
+        settings.log.format = shoal_core::settings::LogFormat::Pretty;
+    }
+    // One-shot commands print their result alone on stdout.
+    let stream = match cli.command {
+        cli::Command::Migrate | cli::Command::Seed(_) | cli::Command::Jobs(_) => {
+            shoal_core::telemetry::LogStream::Stderr
+        }
+        _ => shoal_core::telemetry::LogStream::Stdout,
+    };
+    shoal_core::telemetry::init_logging_on(&settings.log, stream);
     let mut builder = runtime_for(&cli.command, &settings);
     builder.enable_all();
     let runtime = match builder.build() {

@@ -67,7 +67,9 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Seed(args) => seed(&settings, args.products, args.stock).await?,
         Command::Jobs(args) => return jobs(&settings, args.command).await,
         Command::Sandbox(_) => sandbox(&settings, shutdown).await?,
-        Command::Config => unreachable!("handled before the runtime starts"),
+        Command::Config | Command::Completions { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -359,6 +361,7 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
             state,
             kind,
             limit,
+            json,
         } => {
             let state = match state {
                 Some(s) => Some(JobState::parse(&s).with_context(|| {
@@ -375,6 +378,10 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
                     limit: Some(limit),
                 })
                 .await?;
+            if json {
+                println!("{}", serde_json::json!({ "jobs": jobs }));
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "{:<36}  {:<10}  {:<18}  {:<9}  {:>8}",
                 "ID", "QUEUE", "KIND", "STATE", "ATTEMPTS"
@@ -391,10 +398,11 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
                 );
             }
         }
-        JobsCommand::Show { id } => {
+        JobsCommand::Show { id, json } => {
             let store = job_store(settings).await?;
             match store.get(&id).await? {
-                Some(job) => println!("{}", serde_json::to_string_pretty(&job)?),
+                Some(job) if json => println!("{}", serde_json::to_string(&job)?),
+                Some(job) => print!("{}", describe_job(&job)),
                 None => {
                     eprintln!("shoal: no job `{id}`");
                     return Ok(ExitCode::from(1));
@@ -425,8 +433,13 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
                 &format!("job `{id}` is unknown or already finished"),
             ));
         }
-        JobsCommand::Stats => {
+        JobsCommand::Stats { json } => {
             let store = job_store(settings).await?;
+            let stats = store.stats().await?;
+            if json {
+                println!("{}", serde_json::json!({ "queues": stats }));
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "{:<12} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6}",
                 "QUEUE",
@@ -439,7 +452,7 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
                 "SUCCEEDED",
                 "DEAD"
             );
-            for q in store.stats().await? {
+            for q in stats {
                 println!(
                     "{:<12} {:>7} {:>10} {:>9} {:>9} {:>8} {:>8} {:>10} {:>6}",
                     q.queue,
@@ -456,6 +469,41 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `shoal jobs show`: a job as a person reads it.
+fn describe_job(job: &shoal_queue::Job) -> String {
+    let time = |ms: Option<i64>| {
+        ms.and_then(|ms| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+        })
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+    };
+    let mut out = format!(
+        "job       {}\nqueue     {}\nkind      {}\nstate     {}\nattempts  {} of {}\ncreated   {}\nrun at    {}\nstarted   {}\nfinished  {}\n",
+        job.id,
+        job.queue,
+        job.kind,
+        job.state.as_str(),
+        job.attempts,
+        job.max_attempts,
+        time(Some(job.created_at)),
+        time(Some(job.run_at)),
+        time(job.started_at),
+        time(job.finished_at),
+    );
+    if let Some(key) = &job.unique_key {
+        out.push_str(&format!("unique    {key}\n"));
+    }
+    out.push_str(&format!("payload   {}\n", job.payload));
+    for e in &job.errors {
+        out.push_str(&format!("error     attempt {}: {}\n", e.attempt, e.error));
+    }
+    out
 }
 
 fn done(ok: bool, yes: &str, no: &str) -> ExitCode {

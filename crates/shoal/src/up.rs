@@ -31,6 +31,8 @@ struct ChildView {
     state: &'static str,
     /// How the last run ended (`signal: 9 (SIGKILL)`), for the console.
     last_exit: Option<String>,
+    /// The path that answers 200 when the process is ready.
+    ready_path: Option<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,12 +95,14 @@ pub async fn run(
                 restarts: 0,
                 state: "starting",
                 last_exit: None,
+                ready_path: s.ready_path,
             })
             .collect(),
     ));
     let state_file = run_dir.join("stack.json");
     let exe = std::env::current_exe().context("locating the shoal binary")?;
     let (gave_up_tx, mut gave_up_rx) = mpsc::channel::<String>(8);
+    let logs = Logs::new(pretty_logs(&settings), &specs);
 
     let mut front = Vec::new();
     let mut back = Vec::new();
@@ -113,6 +117,7 @@ pub async fn run(
             settings.clone(),
             stop.clone(),
             gave_up_tx.clone(),
+            logs.clone(),
         ));
         if spec.role == "gateway" {
             front.push((stop, task));
@@ -327,6 +332,7 @@ async fn manage_child(
     settings: Settings,
     stop: CancellationToken,
     gave_up: mpsc::Sender<String>,
+    logs: Logs,
 ) {
     let window = Duration::from_secs(settings.up.crash_window_secs);
     let grace = Duration::from_secs(match spec.role {
@@ -339,7 +345,11 @@ async fn manage_child(
         let mut child = match tokio::process::Command::new(&exe)
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            // JSON lines, which `logs` shows as the operator asked.
+            .env("SHOAL_LOG__FORMAT", "json")
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
@@ -352,6 +362,12 @@ async fn manage_child(
             }
         };
         let pid = child.id();
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(logs.clone().relay(spec.name.clone(), out));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(logs.clone().relay(spec.name.clone(), err));
+        }
         update(&table, &state_file, index, |v| {
             v.pid = pid;
             v.state = "running";
@@ -492,4 +508,139 @@ fn print_table(table: &Table, gateway: SocketAddr, data_dir: &Path, secrets: &Pa
         secrets.display(),
     ));
     println!("{out}");
+}
+
+/// Whether `shoal up` shows its processes' logs as readable lines
+/// (`up.logs`: `pretty`, or `auto` on a terminal) rather than JSON.
+pub fn pretty_logs(settings: &Settings) -> bool {
+    use std::io::IsTerminal;
+    match settings.up.logs.as_str() {
+        "pretty" => true,
+        "json" => false,
+        _ => std::io::stdout().is_terminal(),
+    }
+}
+
+/// The children's log lines, relayed onto this process's stdout one whole
+/// line at a time, as PM2 does: readable with the process's name in front,
+/// or JSON with a `process` field.
+#[derive(Clone)]
+struct Logs {
+    pretty: bool,
+    color: bool,
+    /// Width of the widest process name, for aligned prefixes.
+    width: usize,
+    out: Arc<tokio::sync::Mutex<tokio::io::Stdout>>,
+}
+
+const COLORS: [&str; 6] = ["36", "33", "32", "35", "34", "31"];
+
+impl Logs {
+    fn new(pretty: bool, specs: &[ChildSpec]) -> Logs {
+        use std::io::IsTerminal;
+        Logs {
+            pretty,
+            color: pretty && std::io::stdout().is_terminal(),
+            width: specs.iter().map(|s| s.name.len()).max().unwrap_or(8),
+            out: Arc::new(tokio::sync::Mutex::new(tokio::io::stdout())),
+        }
+    }
+
+    /// Reads `from` line by line until it closes, writing each out.
+    async fn relay(self, name: String, from: impl tokio::io::AsyncRead + Unpin) {
+        use tokio::io::AsyncBufReadExt;
+        let color = COLORS[name.bytes().map(usize::from).sum::<usize>() % COLORS.len()];
+        let mut lines = tokio::io::BufReader::new(from).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut text = if self.pretty {
+                pretty_line(&name, self.width, self.color.then_some(color), &line)
+            } else {
+                json_line(&name, &line)
+            };
+            text.push('\n');
+            let mut out = self.out.lock().await;
+            if out.write_all(text.as_bytes()).await.is_err() {
+                return;
+            }
+            let _ = out.flush().await;
+        }
+    }
+}
+
+/// A child's JSON line with `"process": name` first; a line that is not
+/// a JSON object (a panic's message) becomes the `message` of one.
+fn json_line(name: &str, line: &str) -> String {
+    let process = serde_json::to_string(name).unwrap_or_default();
+    match line.strip_prefix('{') {
+        Some(rest) if line.ends_with('}') => format!("{{\"process\":{process},{rest}"),
+        _ => serde_json::json!({"process": name, "message": line}).to_string(),
+    }
+}
+
+/// `12:00:01.234 serve-1  INFO message key=value ...` from a JSON line.
+fn pretty_line(name: &str, width: usize, color: Option<&str>, line: &str) -> String {
+    let paint = |code: &str, text: &str| match color {
+        Some(_) => format!("\x1b[{code}m{text}\x1b[0m"),
+        None => text.to_string(),
+    };
+    let prefix = paint(color.unwrap_or(""), &format!("{name:<width$}"));
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_str::<serde_json::Value>(line)
+    else {
+        return format!("{prefix} | {line}");
+    };
+    let time = fields
+        .remove("timestamp")
+        .and_then(|t| t.as_str().and_then(|t| t.get(11..23)).map(str::to_string))
+        .unwrap_or_default();
+    let level = fields
+        .remove("level")
+        .and_then(|l| l.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let level = match level.as_str() {
+        "ERROR" => paint("31;1", "ERROR"),
+        "WARN" => paint("33", " WARN"),
+        "INFO" => paint("32", " INFO"),
+        other => format!("{other:>5}"),
+    };
+    let message = fields
+        .remove("message")
+        .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_string))
+        .unwrap_or_default();
+    fields.remove("target");
+    let mut out = format!("{time} {prefix} {level} {message}");
+    for (k, v) in fields {
+        let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        out.push_str(&format!(" {}", paint("2", &format!("{k}={v}"))));
+    }
+    out
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_gain_the_process_and_other_lines_are_wrapped() {
+        assert_eq!(
+            json_line("serve-1", r#"{"level":"INFO","message":"hi"}"#),
+            r#"{"process":"serve-1","level":"INFO","message":"hi"}"#
+        );
+        let wrapped: serde_json::Value =
+            serde_json::from_str(&json_line("worker-1", "thread 'main' panicked")).unwrap();
+        assert_eq!(wrapped["process"], "worker-1");
+        assert_eq!(wrapped["message"], "thread 'main' panicked");
+    }
+
+    #[test]
+    fn pretty_lines_read_as_a_person_would() {
+        let line = r#"{"timestamp":"2026-12-06T23:03:05.992628Z","level":"WARN","message":"child exited","child":"serve-2","target":"shoal::up"}"#;
+        assert_eq!(
+            pretty_line("gateway", 8, None, line),
+            "23:03:05.992 gateway   WARN child exited child=serve-2"
+        );
+        assert_eq!(
+            pretty_line("serve-1", 7, None, "not json"),
+            "serve-1 | not json"
+        );
+    }
 }

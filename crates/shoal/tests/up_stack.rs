@@ -727,6 +727,48 @@ fn config_prints_effective_settings_and_bad_values_name_the_key() {
 }
 
 #[test]
+fn one_shot_commands_print_their_result_alone_on_stdout() {
+    let dir = kit::TempDir::new("oneshot");
+    let shoal = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("SHOAL_LOG__LEVEL", "info")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    // The migrations' log lines go to stderr; stdout is the one result line.
+    let (out, err) = shoal(&["migrate"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with("migrations applied"), "{out}");
+    assert!(
+        err.contains("migration applied"),
+        "the log is on stderr: {err}"
+    );
+    let (out, _) = shoal(&["jobs", "list", "--json"]);
+    let list: Value = serde_json::from_str(&out).expect("jobs list --json is JSON alone");
+    assert_eq!(list["jobs"], json!([]));
+    let (out, _) = shoal(&["jobs", "stats", "--json"]);
+    let stats: Value = serde_json::from_str(&out).expect("jobs stats --json is JSON alone");
+    assert!(stats["queues"].is_array(), "{stats}");
+    let (out, _) = shoal(&["completions", "bash"]);
+    assert!(
+        out.contains("_shoal()") && out.contains("completions"),
+        "a bash completion script"
+    );
+}
+
+#[test]
 fn a_crash_looping_child_stops_the_stack_loudly() {
     let dir = kit::TempDir::new("crashloop");
     let started = Instant::now();

@@ -381,6 +381,11 @@ pub struct UpSettings {
     pub crash_window_secs: u64,
     /// Run the payment sandbox and point `payments.provider_url` at it.
     pub sandbox: bool,
+    /// How the children's log lines are shown: `pretty` (one readable
+    /// line each, prefixed with the process's name), `json` (their JSON
+    /// lines with a `process` field), or `auto`: pretty on a terminal,
+    /// JSON otherwise.
+    pub logs: String,
 }
 
 impl Default for UpSettings {
@@ -394,6 +399,7 @@ impl Default for UpSettings {
             max_restarts: 5,
             crash_window_secs: 60,
             sandbox: true,
+            logs: "auto".into(),
         }
     }
 }
@@ -525,6 +531,9 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
+        }
+        if !matches!(self.up.logs.as_str(), "auto" | "pretty" | "json") {
+            return invalid("up.logs", "must be auto, pretty or json");
         }
         if self.up.instances == 0 || self.up.instances > 64 {
             return invalid("up.instances", "must be between 1 and 64");

@@ -203,6 +203,9 @@ struct Child {
     state: String,
     #[serde(default)]
     last_exit: Option<String>,
+    /// Where it answers 200 when ready; none: running counts as ready.
+    #[serde(default)]
+    ready_path: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -490,10 +493,10 @@ async fn read_processes(state: &GatewayState, console: &Console) -> Vec<(Child, 
         .collect();
     let listen = console.listen.get().copied();
     let probes = children.into_iter().map(|child| async move {
-        let ready = match child.address {
+        let ready = match (child.address, child.ready_path.as_deref()) {
             _ if child.state != "running" => false,
-            _ if child.role == "gateway" => true,
-            Some(addr) if Some(addr) != listen => probe(state, addr).await,
+            (Some(addr), _) if Some(addr) == listen => true,
+            (Some(addr), Some(path)) => probe(state, addr, path).await,
             _ => true,
         };
         (child, ready)
@@ -501,8 +504,8 @@ async fn read_processes(state: &GatewayState, console: &Console) -> Vec<(Child, 
     futures_util::future::join_all(probes).await
 }
 
-async fn probe(state: &GatewayState, addr: SocketAddr) -> bool {
-    let Ok(uri) = format!("http://{addr}/readyz").parse::<http::Uri>() else {
+async fn probe(state: &GatewayState, addr: SocketAddr, path: &str) -> bool {
+    let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else {
         return false;
     };
     let mut req = http::Request::new(crate::body::empty());
