@@ -639,6 +639,27 @@ where
 
 // ---- the proxy ---------------------------------------------------------
 
+/// The gateway's span of a proxied request (while traces are on): a child
+/// of the client's `traceparent` when it sent a good one, else a new
+/// trace; the request then carries this span as the parent upstream.
+fn gateway_span(req: &mut Request<Body>, request_id: &str) -> Option<shoal_core::spans::Span> {
+    use shoal_core::spans::{start, Kind, SpanContext};
+    let traceparent = http::HeaderName::from_static("traceparent");
+    let parent = req
+        .headers()
+        .get(&traceparent)
+        .and_then(|v| v.to_str().ok())
+        .and_then(SpanContext::parse);
+    let mut span = start(format!("gateway {}", req.method()), Kind::Server, parent)?;
+    span.attr("http.request.method", req.method().as_str());
+    span.attr("url.path", req.uri().path());
+    span.attr("shoal.request_id", request_id);
+    if let Ok(v) = http::HeaderValue::from_str(&span.ctx.traceparent()) {
+        req.headers_mut().insert(traceparent, v);
+    }
+    Some(span)
+}
+
 /// The innermost service: forwards to an instance of the routed pool.
 #[derive(Clone, Copy)]
 pub(crate) struct Proxy;
@@ -661,6 +682,10 @@ impl Service<Request<Body>> for Proxy {
                 return Ok(no_context());
             };
             extensions.clear();
+            let span = shoal_core::spans::enabled()
+                .then(|| gateway_span(&mut req, &ctx.request_id))
+                .flatten()
+                .map(Box::new);
             let mut outcome = Outcome::default();
             let mut response = crate::proxy::forward(
                 &ctx.state,
@@ -671,6 +696,23 @@ impl Service<Request<Body>> for Proxy {
                 &mut outcome,
             )
             .await;
+            if let Some(mut span) = span {
+                let status = response.status().as_u16();
+                span.attr("http.response.status_code", status);
+                span.attr("shoal.attempts", outcome.attempts);
+                if let Some(pool) = &outcome.pool {
+                    span.attr("shoal.pool", pool.name.as_str());
+                }
+                if status >= 500 {
+                    span.fail(
+                        outcome
+                            .cause
+                            .clone()
+                            .unwrap_or_else(|| format!("status {status}")),
+                    );
+                }
+                span.end();
+            }
             if response.extensions().is_empty() {
                 *response.extensions_mut() = extensions;
             }

@@ -103,6 +103,10 @@ pub struct Job {
     pub timeout_ms: i64,
     /// Request id of whoever enqueued the job, for logs across the hop.
     pub trace_id: Option<String>,
+    /// W3C `traceparent` of the span that enqueued the job, while traces
+    /// are on: the job's run is a child of it.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     pub progress: Option<Value>,
     pub last_error: Option<String>,
     pub errors: Vec<AttemptError>,
@@ -158,6 +162,8 @@ pub struct NewJob {
     pub unique_key: Option<String>,
     pub timeout: Duration,
     pub trace_id: Option<String>,
+    /// Set by the store when traces are on (`shoal_core::spans`).
+    pub traceparent: Option<String>,
 }
 
 impl NewJob {
@@ -172,6 +178,7 @@ impl NewJob {
             unique_key: None,
             timeout: DEFAULT_TIMEOUT,
             trace_id: None,
+            traceparent: None,
         }
     }
 
@@ -394,4 +401,22 @@ mod tests {
             .validate()
             .is_err());
     }
+}
+
+/// While traces are on: the span of enqueueing `job` (a child of the
+/// current span), whose context the job keeps as its `traceparent`.
+/// The caller ends it once the job is stored.
+pub(crate) fn enqueue_span(job: &mut NewJob) -> Option<shoal_core::spans::Span> {
+    if job.traceparent.is_some() {
+        return None;
+    }
+    let mut span = shoal_core::spans::start(
+        format!("enqueue {} {}", job.queue, job.kind),
+        shoal_core::spans::Kind::Producer,
+        None,
+    )?;
+    span.attr("messaging.destination.name", job.queue.as_str());
+    span.attr("shoal.job.kind", job.kind.as_str());
+    job.traceparent = Some(span.ctx.traceparent());
+    Some(span)
 }

@@ -668,8 +668,9 @@ fn push_error(job: &mut Job, attempt: i64, at: i64, error: String) {
 
 #[async_trait]
 impl JobStore for NatsJobStore {
-    async fn enqueue(&self, job: NewJob) -> Result<Enqueued, QueueError> {
+    async fn enqueue(&self, mut job: NewJob) -> Result<Enqueued, QueueError> {
         job.validate()?;
+        let span = crate::job::enqueue_span(&mut job);
         let now = now_millis();
         let mut id = shoal_core::ids::new_id();
         if let Some(key) = &job.unique_key {
@@ -732,6 +733,7 @@ impl JobStore for NatsJobStore {
             unique_key: job.unique_key,
             timeout_ms: ms(job.timeout),
             trace_id: job.trace_id.or_else(shoal_core::trace::current),
+            traceparent: job.traceparent,
             progress: None,
             last_error: None,
             errors: Vec::new(),
@@ -749,6 +751,9 @@ impl JobStore for NatsJobStore {
                 return Err(e);
             }
         };
+        if let Some(span) = span {
+            span.end();
+        }
         if created {
             metrics::counter!("shoal_jobs_enqueued_total", "queue" => job.queue).increment(1);
         }
@@ -1149,6 +1154,7 @@ mod tests {
             unique_key: None,
             timeout_ms: 1000,
             trace_id: None,
+            traceparent: None,
             progress: None,
             last_error: None,
             errors: Vec::new(),

@@ -52,6 +52,7 @@ impl OutboxRelay {
                     .unwrap_or_else(|| format!("outbox:{}", job.id)),
             );
         new.trace_id = job.trace_id.clone();
+        new.traceparent = job.traceparent.clone();
         new
     }
 

@@ -81,11 +81,18 @@ const MIGRATIONS: &[Migration] = &[
     CREATE INDEX IF NOT EXISTS shoal_jobs_finished_at ON shoal_jobs (finished_at)
         WHERE finished_at IS NOT NULL;",
     },
+    // The enqueueing span's W3C trace context, so that a job's run joins
+    // the trace of the request that enqueued it.
+    Migration {
+        version: 4,
+        name: "traceparent",
+        sql: "ALTER TABLE shoal_jobs ADD COLUMN traceparent TEXT;",
+    },
 ];
 
 const COLUMNS: &str = "id, queue, kind, payload, priority, state, run_at, attempts, max_attempts, \
     unique_key, timeout_ms, trace_id, progress, last_error, errors, lease_token, lease_until, \
-    worker_id, created_at, started_at, finished_at";
+    worker_id, created_at, started_at, finished_at, traceparent";
 
 /// Error messages kept per attempt are cut to this many bytes.
 const MAX_ERROR_LEN: usize = 4000;
@@ -321,8 +328,9 @@ fn claim_sql(kind: DatabaseKind) -> String {
 }
 
 const INSERT_JOB: &str = "INSERT INTO shoal_jobs (id, queue, kind, payload, priority, state,
-        run_at, attempts, max_attempts, unique_key, timeout_ms, trace_id, errors, created_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, '[]', $12)
+        run_at, attempts, max_attempts, unique_key, timeout_ms, trace_id, errors, created_at,
+        traceparent)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, '[]', $12, $13)
      ON CONFLICT (unique_key) DO NOTHING";
 
 /// A new job's run-at time and first state: scheduled when it is to run
@@ -340,9 +348,10 @@ fn start_of(job: &NewJob, now: i64) -> (i64, JobState) {
 async fn insert_job(
     kind: DatabaseKind,
     conn: &mut AnyConnection,
-    job: NewJob,
+    mut job: NewJob,
 ) -> Result<Enqueued, QueueError> {
     job.validate()?;
+    let span = crate::job::enqueue_span(&mut job);
     let now = now_millis();
     let (run_at, state) = start_of(&job, now);
     let id = shoal_core::ids::new_id();
@@ -359,8 +368,12 @@ async fn insert_job(
         .bind(job.timeout.as_millis().min(i64::MAX as u128) as i64)
         .bind(job.trace_id.clone().or_else(shoal_core::trace::current))
         .bind(now)
+        .bind(&job.traceparent)
         .execute(&mut *conn)
         .await?;
+    if let Some(span) = span {
+        span.end();
+    }
     if inserted.rows_affected() == 0 {
         let key = job.unique_key.clone().unwrap_or_default();
         let (existing,): (String,) =
@@ -403,6 +416,14 @@ async fn insert_jobs(
     for job in jobs {
         let (run_at, state) = start_of(job, now);
         let id = shoal_core::ids::new_id();
+        let mut traced = None;
+        if job.traceparent.is_none() && shoal_core::spans::enabled() {
+            let mut copy = job.clone();
+            if let Some(span) = crate::job::enqueue_span(&mut copy) {
+                traced = copy.traceparent.take();
+                span.end();
+            }
+        }
         rows.push(serde_json::json!([
             id,
             job.queue,
@@ -416,6 +437,7 @@ async fn insert_jobs(
             job.timeout.as_millis().min(i64::MAX as u128) as i64,
             job.trace_id.clone().or_else(shoal_core::trace::current),
             now,
+            traced.or_else(|| job.traceparent.clone()),
         ]));
         ids.push(id);
     }
@@ -423,7 +445,7 @@ async fn insert_jobs(
         DatabaseKind::Postgres => (
             "SELECT e->>0, e->>1, e->>2, e->>3, CAST(e->>4 AS BIGINT), e->>5,
                 CAST(e->>6 AS BIGINT), 0, CAST(e->>7 AS BIGINT), e->>8,
-                CAST(e->>9 AS BIGINT), e->>10, '[]', CAST(e->>11 AS BIGINT)
+                CAST(e->>9 AS BIGINT), e->>10, '[]', CAST(e->>11 AS BIGINT), e->>12
              FROM json_array_elements(CAST($1 AS json)) AS e",
             "SELECT e FROM json_array_elements_text(CAST($1 AS json)) AS e",
         ),
@@ -434,14 +456,16 @@ async fn insert_jobs(
                 json_extract(value, '$[4]'), json_extract(value, '$[5]'),
                 json_extract(value, '$[6]'), 0, json_extract(value, '$[7]'),
                 json_extract(value, '$[8]'), json_extract(value, '$[9]'),
-                json_extract(value, '$[10]'), '[]', json_extract(value, '$[11]')
+                json_extract(value, '$[10]'), '[]', json_extract(value, '$[11]'),
+                json_extract(value, '$[12]')
              FROM json_each($1) WHERE true",
             "SELECT value FROM json_each($1)",
         ),
     };
     let inserted: Vec<(String,)> = sqlx::query_as(&format!(
         "INSERT INTO shoal_jobs (id, queue, kind, payload, priority, state,
-            run_at, attempts, max_attempts, unique_key, timeout_ms, trace_id, errors, created_at)
+            run_at, attempts, max_attempts, unique_key, timeout_ms, trace_id, errors, created_at,
+            traceparent)
          {rows_sql}
          ON CONFLICT (unique_key) DO NOTHING
          RETURNING id"
@@ -524,6 +548,7 @@ fn job_from_row(row: &AnyRow, now: i64) -> Result<Job, QueueError> {
         unique_key: row.try_get("unique_key")?,
         timeout_ms: row.try_get("timeout_ms")?,
         trace_id: row.try_get("trace_id")?,
+        traceparent: row.try_get("traceparent")?,
         progress: progress.map(|p| serde_json::from_str(&p)).transpose()?,
         last_error: row.try_get("last_error")?,
         errors: serde_json::from_str::<Vec<AttemptError>>(&errors)?,

@@ -749,8 +749,16 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken, sl
     // Jobs this one enqueues and services it calls carry its trace: the
     // request's that enqueued it, or else its own id.
     let trace = job.trace_id.clone().unwrap_or_else(|| job.id.clone());
+    // With traces on, the run is a span of the enqueuer's trace (a child
+    // of the enqueue, and linked to it), within which the handler's calls
+    // are made.
+    let mut span = run_span(&job);
+    let span_ctx = span.as_ref().map(|s| s.ctx);
     let run = AssertUnwindSafe(shoal_core::trace::scope(trace, async move {
-        handler.run(ctx).await
+        match span_ctx {
+            Some(c) => shoal_core::spans::within(c, handler.run(ctx)).await,
+            None => handler.run(ctx).await,
+        }
     }))
     .catch_unwind();
     tokio::pin!(run);
@@ -789,6 +797,16 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken, sl
         }
     };
     cancel.cancel();
+    if let Some(mut s) = span.take() {
+        match &outcome {
+            Outcome::Finished(Ok(())) => {}
+            Outcome::Finished(Err(e)) => s.fail(e.to_string()),
+            Outcome::TimedOut => s.fail("timed out"),
+            Outcome::HandBack => s.fail("handed back: the worker is stopping"),
+            Outcome::Lost => s.fail("lease lost"),
+        }
+        s.end();
+    }
     if !matches!(outcome, Outcome::Finished(_)) {
         // Let a cooperative handler see the cancellation and clean up; its
         // result no longer counts.
@@ -1007,4 +1025,25 @@ mod tests {
         // A slot too far away is not taken.
         assert!(l.reserve(Duration::ZERO).is_err());
     }
+}
+
+/// The span of one run of `job` (while traces are on): a child of the
+/// span that enqueued it, and linked to it, so that a trace viewer shows
+/// it under the request and beside it as its consequence.
+fn run_span(job: &Job) -> Option<shoal_core::spans::Span> {
+    use shoal_core::spans::{start, Kind, SpanContext};
+    let parent = job.traceparent.as_deref().and_then(SpanContext::parse);
+    let mut span = start(
+        format!("run {} {}", job.queue, job.kind),
+        Kind::Consumer,
+        parent,
+    )?;
+    if let Some(p) = parent {
+        span.link(p);
+    }
+    span.attr("messaging.destination.name", job.queue.as_str());
+    span.attr("shoal.job.kind", job.kind.as_str());
+    span.attr("shoal.job.id", job.id.as_str());
+    span.attr("shoal.job.attempt", job.attempts);
+    Some(span)
 }

@@ -173,7 +173,14 @@ impl ServiceClient {
             if let Some(trace) = shoal_core::trace::current() {
                 request = request.header("x-request-id", trace);
             }
+            let (request, span) = trace_request(
+                request,
+                format!("call {} {method} {path}", self.service),
+                &method,
+                &url,
+            );
             let result = request.send().await;
+            end_request_span(span, result.as_ref().map(|r| r.status().as_u16()));
             match result {
                 Ok(r) if r.status().as_u16() == 404 => {
                     self.record(i, true);
@@ -244,6 +251,44 @@ impl ServiceClient {
             ms: self.options.timeout.as_millis() as u64,
         }))
     }
+}
+
+/// While traces are on: a client span for an outgoing request (a child
+/// of the current span), and the request carrying it as `traceparent`.
+pub fn trace_request(
+    request: reqwest::RequestBuilder,
+    name: impl Into<String>,
+    method: &reqwest::Method,
+    url: &str,
+) -> (reqwest::RequestBuilder, Option<shoal_core::spans::Span>) {
+    use shoal_core::spans::{start, Kind};
+    let Some(mut span) = start(name, Kind::Client, None) else {
+        return (request, None);
+    };
+    span.attr("http.request.method", method.as_str());
+    span.attr("url.full", url);
+    let request = request.header("traceparent", span.ctx.traceparent());
+    (request, Some(span))
+}
+
+/// Ends a span of [`trace_request`] with the answer's status, or the error.
+pub fn end_request_span<E: std::fmt::Display>(
+    span: Option<shoal_core::spans::Span>,
+    result: Result<u16, E>,
+) {
+    let Some(mut span) = span else {
+        return;
+    };
+    match result {
+        Ok(status) => {
+            span.attr("http.response.status_code", status);
+            if status >= 500 {
+                span.fail(format!("status {status}"));
+            }
+        }
+        Err(e) => span.fail(e.to_string()),
+    }
+    span.end();
 }
 
 #[cfg(test)]

@@ -196,6 +196,29 @@ fn refuse_cross_origin(allowed: &AllowedOrigins, req: &Request) -> Option<Respon
     }
 }
 
+/// The server span of a request, named by its route template.
+fn server_span(
+    req: &Request,
+    method: &axum::http::Method,
+    route: Option<&MatchedPath>,
+    path: &str,
+    request_id: &str,
+) -> Option<shoal_core::spans::Span> {
+    use shoal_core::spans::{start, Kind, SpanContext};
+    let parent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(SpanContext::parse);
+    let template = route.map_or(path, |r| r.as_str());
+    let mut span = start(format!("{method} {template}"), Kind::Server, parent)?;
+    span.attr("http.request.method", method.as_str());
+    span.attr("http.route", template);
+    span.attr("url.path", path);
+    span.attr("shoal.request_id", request_id);
+    Some(span)
+}
+
 /// Request id, span, access log, metrics and the instance header, around
 /// `inner`.
 async fn request_context<F, Fut>(
@@ -224,9 +247,24 @@ where
     let route = req.extensions().get::<MatchedPath>().cloned();
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
-    let mut response =
-        shoal_core::trace::scope(request_id.clone(), inner(req).instrument(span.clone())).await;
+    // With traces on: this request's span, a child of the caller's
+    // `traceparent` (the gateway's span), within which the handler runs.
+    let server_span = shoal_core::spans::enabled()
+        .then(|| server_span(&req, &method, route.as_ref(), path, &request_id))
+        .flatten();
+    let handled = shoal_core::trace::scope(request_id.clone(), inner(req).instrument(span.clone()));
+    let mut response = match &server_span {
+        Some(s) => shoal_core::spans::within(s.ctx, handled).await,
+        None => handled.await,
+    };
     let status = response.status().as_u16();
+    if let Some(mut s) = server_span {
+        s.attr("http.response.status_code", status);
+        if status >= 500 {
+            s.fail(format!("status {status}"));
+        }
+        s.end();
+    }
     let elapsed = started.elapsed();
     span.in_scope(|| {
         let duration_ms = elapsed.as_secs_f64() * 1000.0;

@@ -34,6 +34,25 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     }
     let reload_cli = cli.clone();
     check_secrets(&cli.command, &settings)?;
+    // Traces, when an OTLP receiver is set: each long-running role sends
+    // its spans there as its own service.
+    let service = match cli.command {
+        Command::Gateway(_) => Some("shoal-gateway"),
+        Command::Serve(_) => Some("shoal-serve"),
+        Command::Worker(_) => Some("shoal-worker"),
+        Command::Sandbox(_) => Some("shoal-sandbox"),
+        _ => None,
+    };
+    if let (Some(service), false) = (service, settings.traces.otlp_endpoint.is_empty()) {
+        let instance = if settings.instance.is_empty() {
+            format!("{service}-{}", std::process::id())
+        } else {
+            settings.instance.clone()
+        };
+        shoal_core::spans::install(&settings.traces.otlp_endpoint, service, &instance)
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(endpoint = %settings.traces.otlp_endpoint, service, "sending traces");
+    }
     match cli.command {
         Command::Up(_) => return crate::up::run(cli.config.clone(), settings, shutdown).await,
         Command::Gateway(_) => {

@@ -742,7 +742,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
         .unwrap()
         .to_string();
     let body = json!({"items": [{"product_id": product, "quantity": 1}], "payment_method": "pm_card_slow"});
-    let Some((201, _, text)) = client
+    let answer = client
         .send(
             reqwest::Method::POST,
             "/api/orders",
@@ -750,9 +750,12 @@ async fn shoal_survives_losing_a_host_of_each_role() {
             Some("slow-1"),
             Some(&body),
         )
-        .await
-    else {
-        panic!("the slow checkout failed; logs:\n{}", procs.tails());
+        .await;
+    let Some((201, _, text)) = answer else {
+        panic!(
+            "the slow checkout failed: {answer:?}; logs:\n{}",
+            procs.tails()
+        );
     };
     let slow_order = serde_json::from_str::<Value>(&text).unwrap()["id"]
         .as_str()

@@ -42,6 +42,7 @@ pub struct Settings {
     pub development: bool,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
+    pub traces: TraceSettings,
     pub database: DatabaseSettings,
     pub sessions: SessionSettings,
     pub serve: ServeSettings,
@@ -68,6 +69,7 @@ impl Default for Settings {
             development: false,
             log: LogSettings::default(),
             metrics: MetricsSettings::default(),
+            traces: TraceSettings::default(),
             database: DatabaseSettings::default(),
             sessions: SessionSettings::default(),
             serve: ServeSettings::default(),
@@ -112,6 +114,16 @@ impl Default for LogSettings {
             format: LogFormat::Json,
         }
     }
+}
+
+/// Distributed traces (`[traces]`, docs/traces.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceSettings {
+    /// An OTLP/HTTP receiver (`http://127.0.0.1:4318`, a collector or
+    /// Jaeger) that every role sends its spans to, JSON-encoded, at
+    /// `/v1/traces`. Empty: traces are off.
+    pub otlp_endpoint: String,
 }
 
 /// Who may read `/metrics` of `serve` and `worker`.
@@ -531,6 +543,14 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
+        }
+        if !self.traces.otlp_endpoint.is_empty()
+            && !self.traces.otlp_endpoint.starts_with("http://")
+        {
+            return invalid(
+                "traces.otlp_endpoint",
+                "must be an http:// URL of an OTLP/HTTP receiver (e.g. http://127.0.0.1:4318)",
+            );
         }
         if !matches!(self.up.logs.as_str(), "auto" | "pretty" | "json") {
             return invalid("up.logs", "must be auto, pretty or json");

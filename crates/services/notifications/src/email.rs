@@ -549,6 +549,11 @@ async fn send(mailer: &Mailer, job: &JobContext) -> Result<(), JobError> {
         ))
         .map_err(JobError::permanent)?;
     let template = format!("{:?}", payload.template);
+    let mut span = shoal_core::spans::start(
+        format!("send email {template}"),
+        shoal_core::spans::Kind::Client,
+        None,
+    );
     let result = match &mailer.transport {
         Transport::Broken(msg) => Err(JobError::Retryable(msg.clone())),
         Transport::Files(dir) => {
@@ -569,6 +574,20 @@ async fn send(mailer: &Mailer, job: &JobContext) -> Result<(), JobError> {
             Err(e) => Err(JobError::Retryable(format!("SMTP: {}", error_chain(&e)))),
         },
     };
+    if let Some(mut span) = span.take() {
+        span.attr(
+            "shoal.email.transport",
+            match &mailer.transport {
+                Transport::Smtp(_) => "smtp",
+                Transport::Files(_) => "files",
+                Transport::Broken(_) => "broken",
+            },
+        );
+        if let Err(e) = &result {
+            span.fail(e.to_string());
+        }
+        span.end();
+    }
     match &result {
         Ok(()) => {
             metrics::counter!("shoal_notifications_emails_sent_total", "template" => template)

@@ -651,16 +651,21 @@ impl Deliverer {
                 }
             }
         };
-        let sent = self
-            .client
-            .post(parsed)
-            .header("content-type", "application/json")
-            .header("webhook-id", &d.message_id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(d.body.clone())
-            .send()
-            .await;
+        let url = parsed.to_string();
+        let (request, span) = shoal_runtime::client::trace_request(
+            self.client
+                .post(parsed)
+                .header("content-type", "application/json")
+                .header("webhook-id", &d.message_id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", signature)
+                .body(d.body.clone()),
+            format!("webhook {}", d.event_type),
+            &reqwest::Method::POST,
+            &url,
+        );
+        let sent = request.send().await;
+        shoal_runtime::client::end_request_span(span, sent.as_ref().map(|r| r.status().as_u16()));
         match sent {
             Ok(resp) if resp.status().is_success() => Outcome::Delivered(resp.status().as_u16()),
             Ok(resp) => {

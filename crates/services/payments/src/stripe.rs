@@ -101,16 +101,22 @@ impl PaymentProvider for StripeProvider {
         for (k, v) in &request.metadata {
             form.push((format!("metadata[{k}]"), v.clone()));
         }
-        let response = self
+        let url = format!("{}/v1/payment_intents", self.base_url);
+        let request = self
             .http
-            .post(format!("{}/v1/payment_intents", self.base_url))
+            .post(&url)
             .bearer_auth(&self.api_key)
             .header("idempotency-key", &request.idempotency_key)
-            .form(&form)
-            .send()
-            .await
-            .map_err(transport)?;
-        classify(response).await
+            .form(&form);
+        let (request, span) = shoal_runtime::client::trace_request(
+            request,
+            "payment provider: create intent",
+            &reqwest::Method::POST,
+            &url,
+        );
+        let sent = request.send().await;
+        shoal_runtime::client::end_request_span(span, sent.as_ref().map(|r| r.status().as_u16()));
+        classify(sent.map_err(transport)?).await
     }
 
     async fn retrieve(&self, provider_id: &str) -> Result<ChargeRecord, ProviderError> {
@@ -124,16 +130,16 @@ impl PaymentProvider for StripeProvider {
                 "`{provider_id}` is not a payment intent id"
             )));
         }
-        let response = self
-            .http
-            .get(format!(
-                "{}/v1/payment_intents/{provider_id}",
-                self.base_url
-            ))
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .map_err(transport)?;
+        let url = format!("{}/v1/payment_intents/{provider_id}", self.base_url);
+        let (request, span) = shoal_runtime::client::trace_request(
+            self.http.get(&url).bearer_auth(&self.api_key),
+            "payment provider: retrieve intent",
+            &reqwest::Method::GET,
+            &url,
+        );
+        let sent = request.send().await;
+        shoal_runtime::client::end_request_span(span, sent.as_ref().map(|r| r.status().as_u16()));
+        let response = sent.map_err(transport)?;
         let status = response.status();
         if !status.is_success() {
             return match classify(response).await {

@@ -33,6 +33,12 @@ impl Stack {
             ])
             .arg(dir.path().join("data"))
             .env("SHOAL_LOG__LEVEL", "warn")
+            // The same database as the stack's.
+            .envs(
+                env.iter()
+                    .filter(|(k, _)| k.starts_with("SHOAL_DATABASE__"))
+                    .copied(),
+            )
             .output()
             .expect("shoal seed");
         assert!(
