@@ -377,6 +377,24 @@ impl From<serde_json::Error> for JobError {
     }
 }
 
+/// While traces are on: the span of enqueueing `job` (a child of the
+/// current span), whose context the job keeps as its `traceparent`.
+/// The caller ends it once the job is stored.
+pub(crate) fn enqueue_span(job: &mut NewJob) -> Option<shoal_core::spans::Span> {
+    if job.traceparent.is_some() {
+        return None;
+    }
+    let mut span = shoal_core::spans::start(
+        format!("enqueue {} {}", job.queue, job.kind),
+        shoal_core::spans::Kind::Producer,
+        None,
+    )?;
+    span.attr("messaging.destination.name", job.queue.as_str());
+    span.attr("shoal.job.kind", job.kind.as_str());
+    job.traceparent = Some(span.ctx.traceparent());
+    Some(span)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,22 +419,4 @@ mod tests {
             .validate()
             .is_err());
     }
-}
-
-/// While traces are on: the span of enqueueing `job` (a child of the
-/// current span), whose context the job keeps as its `traceparent`.
-/// The caller ends it once the job is stored.
-pub(crate) fn enqueue_span(job: &mut NewJob) -> Option<shoal_core::spans::Span> {
-    if job.traceparent.is_some() {
-        return None;
-    }
-    let mut span = shoal_core::spans::start(
-        format!("enqueue {} {}", job.queue, job.kind),
-        shoal_core::spans::Kind::Producer,
-        None,
-    )?;
-    span.attr("messaging.destination.name", job.queue.as_str());
-    span.attr("shoal.job.kind", job.kind.as_str());
-    job.traceparent = Some(span.ctx.traceparent());
-    Some(span)
 }

@@ -988,6 +988,27 @@ async fn stats_loop(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// The span of one run of `job` (while traces are on): a child of the
+/// span that enqueued it, and linked to it, so that a trace viewer shows
+/// it under the request and beside it as its consequence.
+fn run_span(job: &Job) -> Option<shoal_core::spans::Span> {
+    use shoal_core::spans::{start, Kind, SpanContext};
+    let parent = job.traceparent.as_deref().and_then(SpanContext::parse);
+    let mut span = start(
+        format!("run {} {}", job.queue, job.kind),
+        Kind::Consumer,
+        parent,
+    )?;
+    if let Some(p) = parent {
+        span.link(p);
+    }
+    span.attr("messaging.destination.name", job.queue.as_str());
+    span.attr("shoal.job.kind", job.kind.as_str());
+    span.attr("shoal.job.id", job.id.as_str());
+    span.attr("shoal.job.attempt", job.attempts);
+    Some(span)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1025,25 +1046,4 @@ mod tests {
         // A slot too far away is not taken.
         assert!(l.reserve(Duration::ZERO).is_err());
     }
-}
-
-/// The span of one run of `job` (while traces are on): a child of the
-/// span that enqueued it, and linked to it, so that a trace viewer shows
-/// it under the request and beside it as its consequence.
-fn run_span(job: &Job) -> Option<shoal_core::spans::Span> {
-    use shoal_core::spans::{start, Kind, SpanContext};
-    let parent = job.traceparent.as_deref().and_then(SpanContext::parse);
-    let mut span = start(
-        format!("run {} {}", job.queue, job.kind),
-        Kind::Consumer,
-        parent,
-    )?;
-    if let Some(p) = parent {
-        span.link(p);
-    }
-    span.attr("messaging.destination.name", job.queue.as_str());
-    span.attr("shoal.job.kind", job.kind.as_str());
-    span.attr("shoal.job.id", job.id.as_str());
-    span.attr("shoal.job.attempt", job.attempts);
-    Some(span)
 }

@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 pub trait ServiceModule: Send + Sync {
     fn name(&self) -> &'static str;
     fn migrations(&self) -> &'static [Migration];
-    fn routes(&self, ctx: &AppContext) -> Router<AppContext>;
+    /// The service's routes, each with its OpenAPI description
+    /// (`openapi::Api`): a route is not served without one.
+    fn routes(&self, ctx: &AppContext) -> crate::openapi::Api;
     /// Registers this service's job handlers (and schedules) on a worker.
     fn register_jobs(&self, _ctx: &AppContext, worker: Worker) -> Worker {
         worker
@@ -228,19 +230,28 @@ impl Application {
             settings.clients.catalog = vec![format!("http://{addr}")];
         }
         let ctx = build_context(settings, instance, &modules).await?;
-        let mut router: Router<AppContext> = Router::new()
-            .route("/healthz", healthz(&ctx))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text))
-            .route("/_shoal/stats", get(console_stats));
-        if ctx.settings.serve.debug_routes {
-            router = router
-                .route("/_debug/sleep", get(debug_sleep))
-                .route("/_debug/panic", get(debug_panic));
-        }
+        let mut api = runtime_api(&ctx);
         for module in &modules {
-            router = router.merge(module.routes(&ctx));
+            api = api.merge(module.routes(&ctx));
         }
+        let (mut router, operations) = api.into_parts();
+        let document =
+            bytes::Bytes::from(serde_json::to_vec(&crate::openapi::document(&operations))?);
+        router = router.route(
+            "/api/openapi.json",
+            get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [
+                            (axum::http::header::CONTENT_TYPE, "application/json"),
+                            (axum::http::header::CACHE_CONTROL, "public, max-age=60"),
+                        ],
+                        document,
+                    )
+                }
+            }),
+        );
         let router = standard_layers(router.with_state(ctx.clone()), &ctx);
         Ok(Application {
             listener,
@@ -341,6 +352,88 @@ fn healthz(ctx: &AppContext) -> axum::routing::MethodRouter<AppContext> {
             )
         }
     })
+}
+
+/// The routes every instance has, described: probes, metrics, the
+/// console's stats, the debug routes when on, and the API document.
+fn runtime_api(ctx: &AppContext) -> crate::openapi::Api {
+    use crate::openapi::{Api, Op};
+    use serde_json::json;
+    let text = json!({"type": "string"});
+    let mut api = Api::new()
+        .route(
+            "get",
+            "/healthz",
+            healthz(ctx),
+            Op::new("runtime", "Liveness").json(
+                200,
+                "The process runs",
+                json!({"type": "object", "required": ["status"], "properties": {
+                    "status": {"const": "ok"}, "instance": {"type": "string"}, "pid": {"type": "integer"}}}),
+            ),
+        )
+        .get(
+            "/readyz",
+            readyz,
+            Op::new("runtime", "Readiness")
+                .describe("503 while draining, or while a store it needs does not answer.")
+                .json(
+                    200,
+                    "Ready for requests",
+                    json!({"type": "object", "required": ["status"], "properties": {
+                        "status": {"const": "ready"}, "instance": {"type": "string"}}}),
+                ),
+        )
+        .get(
+            "/metrics",
+            metrics_text,
+            Op::new("runtime", "Prometheus metrics")
+                .internal()
+                .token()
+                .answer(200, "Prometheus text exposition", "text/plain", text.clone()),
+        )
+        .get(
+            "/_shoal/stats",
+            console_stats,
+            Op::new("runtime", "Console stats")
+                .internal()
+                .token()
+                .json(
+                    200,
+                    "What the gateway's console shows of this instance",
+                    json!({"type": "object", "required": ["streams"], "properties": {
+                        "streams": {"type": "integer", "minimum": 0}}}),
+                ),
+        )
+        .routed_later(
+            "get",
+            "/api/openapi.json",
+            Op::new("runtime", "This document").json(200, "The OpenAPI 3.1 document", json!({"type": "object"})),
+        );
+    if ctx.settings.serve.debug_routes {
+        api = api
+            .get(
+                "/_debug/sleep",
+                debug_sleep,
+                Op::new("runtime", "Debug: sleep")
+                    .internal()
+                    .query(
+                        "ms",
+                        true,
+                        json!({"type": "integer", "minimum": 0}),
+                        "how long",
+                    )
+                    .json(200, "Slept", json!({"type": "object"})),
+            )
+            .get(
+                "/_debug/panic",
+                debug_panic,
+                Op::new("runtime", "Debug: panic")
+                    .internal()
+                    .problems(&[500]),
+            );
+    }
+    api
 }
 
 /// Open realtime streams (SSE and WebSocket) on this instance, counted by

@@ -13,6 +13,7 @@ pub mod extract;
 pub mod jobs;
 pub mod jobs_console;
 pub mod middleware;
+pub mod openapi;
 pub mod registration;
 mod server;
 pub mod session;

@@ -25,6 +25,9 @@ pub struct Operation {
     pub method: &'static str,
     pub path: &'static str,
     pub value: Value,
+    /// On the instance's own port only (probes aside): metrics, the
+    /// console's stats, debug routes. Not in the public document.
+    pub internal: bool,
 }
 
 impl Default for Api {
@@ -41,30 +44,106 @@ impl Api {
         }
     }
 
-    fn add(mut self, method: &'static str, path: &'static str, route: MethodRouter<AppContext>, op: Op) -> Api {
+    fn add(
+        mut self,
+        method: &'static str,
+        path: &'static str,
+        route: MethodRouter<AppContext>,
+        op: Op,
+    ) -> Api {
         self.router = self.router.route(path, route);
+        let internal = op.internal;
         self.operations.push(Operation {
             method,
             path,
             value: op.into_value(path),
+            internal,
         });
         self
     }
 
-    pub fn get<H: Handler<T, AppContext>, T: 'static>(self, path: &'static str, handler: H, op: Op) -> Api {
+    pub fn get<H: Handler<T, AppContext>, T: 'static>(
+        self,
+        path: &'static str,
+        handler: H,
+        op: Op,
+    ) -> Api {
         self.add("get", path, axum::routing::get(handler), op)
     }
 
-    pub fn post<H: Handler<T, AppContext>, T: 'static>(self, path: &'static str, handler: H, op: Op) -> Api {
+    pub fn post<H: Handler<T, AppContext>, T: 'static>(
+        self,
+        path: &'static str,
+        handler: H,
+        op: Op,
+    ) -> Api {
         self.add("post", path, axum::routing::post(handler), op)
     }
 
-    pub fn put<H: Handler<T, AppContext>, T: 'static>(self, path: &'static str, handler: H, op: Op) -> Api {
+    pub fn put<H: Handler<T, AppContext>, T: 'static>(
+        self,
+        path: &'static str,
+        handler: H,
+        op: Op,
+    ) -> Api {
         self.add("put", path, axum::routing::put(handler), op)
     }
 
-    pub fn delete<H: Handler<T, AppContext>, T: 'static>(self, path: &'static str, handler: H, op: Op) -> Api {
+    pub fn delete<H: Handler<T, AppContext>, T: 'static>(
+        self,
+        path: &'static str,
+        handler: H,
+        op: Op,
+    ) -> Api {
         self.add("delete", path, axum::routing::delete(handler), op)
+    }
+
+    /// A route built by hand (with layers of its own), serving `method`.
+    pub fn route(
+        self,
+        method: &'static str,
+        path: &'static str,
+        route: MethodRouter<AppContext>,
+        op: Op,
+    ) -> Api {
+        self.add(method, path, route, op)
+    }
+
+    /// A layer (an `Extension`, a limit) around every route so far. (No
+    /// way to add a route without its description: there is no access to
+    /// the router itself.)
+    pub fn layer<L>(mut self, layer: L) -> Api
+    where
+        L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+        L::Service: tower::Service<axum::extract::Request> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Response:
+            axum::response::IntoResponse + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Error:
+            Into<std::convert::Infallible> + 'static,
+        <L::Service as tower::Service<axum::extract::Request>>::Future: Send + 'static,
+    {
+        self.router = self.router.layer(layer);
+        self
+    }
+
+    /// Describes an operation whose route is added later (the document's
+    /// own, which needs the document first).
+    pub fn routed_later(mut self, method: &'static str, path: &'static str, op: Op) -> Api {
+        let internal = op.internal;
+        self.operations.push(Operation {
+            method,
+            path,
+            value: op.into_value(path),
+            internal,
+        });
+        self
+    }
+
+    /// Adds another `Api`'s routes and operations.
+    pub fn merge(mut self, other: Api) -> Api {
+        self.router = self.router.merge(other.router);
+        self.operations.extend(other.operations);
+        self
     }
 
     /// The router, and the operations it serves.
@@ -98,6 +177,15 @@ fn schema<T: schemars::JsonSchema>(contract: schemars::generate::Contract) -> Va
     value
 }
 
+/// One documented answer: status, description, body (content type and
+/// schema) and headers.
+type Answer = (
+    u16,
+    String,
+    Option<(String, Value)>,
+    Vec<(&'static str, &'static str)>,
+);
+
 /// What an operation takes and answers, built up by its methods.
 #[derive(Debug, Clone)]
 pub struct Op {
@@ -105,25 +193,34 @@ pub struct Op {
     tag: &'static str,
     description: Option<String>,
     parameters: Vec<Value>,
-    body: Option<(String, Value, bool)>,
-    responses: Vec<(u16, String, Option<(String, Value)>, Vec<(&'static str, &'static str)>)>,
+    /// Request body content types and their schemas.
+    bodies: Vec<(String, Value)>,
+    responses: Vec<Answer>,
     session: bool,
     token: bool,
+    internal: bool,
 }
 
 /// A problem+json answer (RFC 9457), as every error is.
 pub fn problem_schema() -> Value {
     json!({
         "type": "object",
-        "required": ["type", "title", "status", "detail"],
+        "required": ["type", "title", "status"],
         "properties": {
             "type": {"type": "string"},
             "title": {"type": "string"},
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "instance": {"type": "string"},
-            "request_id": {"type": "string"},
-            "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["field", "message"],
+                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                },
+            },
+            "retry_after": {"type": "integer", "minimum": 0},
         },
     })
 }
@@ -136,15 +233,23 @@ impl Op {
             tag,
             description: None,
             parameters: Vec::new(),
-            body: None,
+            bodies: Vec::new(),
             responses: Vec::new(),
             session: false,
             token: false,
+            internal: false,
         }
     }
 
     pub fn describe(mut self, text: impl Into<String>) -> Op {
         self.description = Some(text.into());
+        self
+    }
+
+    /// Served on the instance's own port for operators (the gateway does
+    /// not route it): described, but left out of the public document.
+    pub fn internal(mut self) -> Op {
+        self.internal = true;
         self
     }
 
@@ -183,10 +288,11 @@ impl Op {
         self.body("application/json", request_schema::<T>())
     }
 
-    /// A request body of `content_type` with `schema`; 415 and 422 for
-    /// bodies that are not it, 413 past the limit.
+    /// A request body of `content_type` with `schema` (call again for
+    /// more content types); 415 and 422 for bodies that are not it, 413
+    /// past the limit.
     pub fn body(mut self, content_type: &str, schema: Value) -> Op {
-        self.body = Some((content_type.to_string(), schema, true));
+        self.bodies.push((content_type.to_string(), schema));
         self.problems(&[413, 415, 422])
     }
 
@@ -201,15 +307,26 @@ impl Op {
     }
 
     /// An answer of any content type.
-    pub fn answer(mut self, status: u16, description: &str, content_type: &str, schema: Value) -> Op {
-        self.responses
-            .push((status, description.into(), Some((content_type.into(), schema)), Vec::new()));
+    pub fn answer(
+        mut self,
+        status: u16,
+        description: &str,
+        content_type: &str,
+        schema: Value,
+    ) -> Op {
+        self.responses.push((
+            status,
+            description.into(),
+            Some((content_type.into(), schema)),
+            Vec::new(),
+        ));
         self
     }
 
     /// An answer without a body.
     pub fn empty(mut self, status: u16, description: &str) -> Op {
-        self.responses.push((status, description.into(), None, Vec::new()));
+        self.responses
+            .push((status, description.into(), None, Vec::new()));
         self
     }
 
@@ -258,7 +375,12 @@ impl Op {
                 r["headers"] = Value::Object(
                     headers
                         .iter()
-                        .map(|(n, d)| (n.to_string(), json!({"description": d, "schema": {"type": "string"}})))
+                        .map(|(n, d)| {
+                            (
+                                n.to_string(),
+                                json!({"description": d, "schema": {"type": "string"}}),
+                            )
+                        })
                         .collect(),
                 );
             }
@@ -276,8 +398,13 @@ impl Op {
         if !parameters.is_empty() {
             v["parameters"] = parameters.into();
         }
-        if let Some((ct, schema, required)) = &op.body {
-            v["requestBody"] = json!({ "required": required, "content": { ct.as_str(): { "schema": schema } } });
+        if !op.bodies.is_empty() {
+            let content: Map<String, Value> = op
+                .bodies
+                .iter()
+                .map(|(ct, schema)| (ct.clone(), json!({ "schema": schema })))
+                .collect();
+            v["requestBody"] = json!({ "required": true, "content": content });
         }
         let mut security = Vec::new();
         if op.session {
@@ -313,12 +440,13 @@ fn problem_title(status: u16) -> &'static str {
     }
 }
 
-/// The OpenAPI 3.1 document of `operations`.
+/// The OpenAPI 3.1 document of the public `operations`.
 pub fn document(operations: &[Operation]) -> Value {
+    let operations: Vec<&Operation> = operations.iter().filter(|o| !o.internal).collect();
     let mut paths = Map::new();
-    for op in operations {
+    for op in &operations {
         let entry = paths
-            .entry(op.path.to_string())
+            .entry(op.path.replace("{*", "{"))
             .or_insert_with(|| json!({}));
         entry[op.method] = op.value.clone();
     }

@@ -524,7 +524,8 @@ async fn probe(state: &GatewayState, addr: SocketAddr, path: &str) -> bool {
     )
 }
 
-/// Every two seconds: each instance's open streams, and the queues from
+/// Every two seconds: each instance's open streams (while a console
+/// watches), and the queues from
 /// the first worker that answers, with per-queue rates from the change
 /// since the last answer.
 async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
@@ -540,7 +541,14 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
         if !state.settings.console.enabled {
             continue;
         }
-        let streams = instance_streams(&state).await;
+        // Instances are asked only while a console watches: a gateway in
+        // front of servers that are not Shoal's sends them nothing of its
+        // own otherwise.
+        let streams = if shared.console.feed.receiver_count() > 0 {
+            instance_streams(&state).await
+        } else {
+            HashMap::new()
+        };
         shared.console.inner.lock().expect("console lock").streams = streams;
         let workers = worker_urls(&shared, &state);
         let mut answer = Err(

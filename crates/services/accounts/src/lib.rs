@@ -11,8 +11,7 @@ mod password;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_backends::sessions::token_hash;
@@ -20,6 +19,7 @@ use shoal_backends::Migration;
 use shoal_core::Problem;
 use shoal_queue::Worker;
 use shoal_runtime::error::ApiResult;
+use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::session::cookie_value;
 use shoal_runtime::{
     clear_session_cookie, session_cookie, ApiError, ApiJson, AppContext, ClientAddr,
@@ -71,13 +71,51 @@ impl ServiceModule for Accounts {
         MIGRATIONS
     }
 
-    fn routes(&self, _ctx: &AppContext) -> Router<AppContext> {
-        Router::new()
-            .route("/api/accounts/signup", post(signup))
-            .route("/api/accounts/login", post(login))
-            .route("/api/accounts/logout", post(logout))
-            .route("/api/accounts/logout-all", post(logout_all))
-            .route("/api/accounts/me", get(me))
+    fn routes(&self, _ctx: &AppContext) -> Api {
+        const TAG: &str = "accounts";
+        Api::new()
+            .post(
+                "/api/accounts/signup",
+                signup,
+                Op::new(TAG, "Sign up")
+                    .describe("Creates an account; does not log in. An address already registered gets the same 201 (nothing is stored), so sign-up does not tell who has an account.")
+                    .json_body::<SignupRequest>()
+                    .returns::<UserView>(201, "The account"),
+            )
+            .post(
+                "/api/accounts/login",
+                login,
+                Op::new(TAG, "Log in")
+                    .json_body::<LoginRequest>()
+                    .returns::<UserView>(200, "Logged in; the session is in the `shoal_session` cookie")
+                    .with_header("set-cookie", "shoal_session (and shoal_device for a new device)")
+                    .problems(&[401, 429]),
+            )
+            .post(
+                "/api/accounts/logout",
+                logout,
+                Op::new(TAG, "Log out")
+                    .empty(204, "This session is ended; the cookie is cleared"),
+            )
+            .post(
+                "/api/accounts/logout-all",
+                logout_all,
+                Op::new(TAG, "Log out everywhere")
+                    .session()
+                    .json(
+                        200,
+                        "Every session of the user is ended",
+                        serde_json::json!({"type": "object", "required": ["sessions_ended"],
+                            "properties": {"sessions_ended": {"type": "integer", "minimum": 0}}}),
+                    ),
+            )
+            .get(
+                "/api/accounts/me",
+                me,
+                Op::new(TAG, "The logged-in user")
+                    .session()
+                    .returns::<UserView>(200, "The user"),
+            )
     }
 
     fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
@@ -120,7 +158,7 @@ pub async fn prune(ctx: &AppContext) -> Result<u64, sqlx::Error> {
     Ok(counters + devices)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SignupRequest {
     email: String,
@@ -129,14 +167,14 @@ struct SignupRequest {
     name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginRequest {
     email: String,
     password: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 struct UserView {
     id: String,
     email: String,

@@ -18,14 +18,14 @@ pub use seed::{seed, set_all_stock};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Extension;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shoal_backends::Migration;
 use shoal_core::Problem;
 use shoal_runtime::error::ApiResult;
+use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::{ApiError, ApiJson, AppContext, CurrentSession, ServiceModule};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,7 +112,7 @@ impl ServiceModule for Catalog {
         MIGRATIONS
     }
 
-    fn routes(&self, ctx: &AppContext) -> Router<AppContext> {
+    fn routes(&self, ctx: &AppContext) -> Api {
         let settings = &ctx.settings.catalog;
         let purger = self.purger.clone().unwrap_or_else(|| {
             if settings.purge_urls.is_empty() {
@@ -135,18 +135,72 @@ impl ServiceModule for Catalog {
             db_reads: self.db_reads.clone(),
             cache_control,
         });
-        Router::new()
-            .route(
+        use serde_json::json;
+        const TAG: &str = "catalog";
+        let cached = |op: Op| {
+            op.with_header("etag", "a strong validator of the body")
+                .with_header(
+                    "cache-control",
+                    "public, with max-age, s-maxage and stale-while-revalidate",
+                )
+                .with_header("surrogate-key", "the tags a purge names")
+                .empty(304, "Not modified (If-None-Match matched)")
+        };
+        Api::new()
+            .get(
                 "/api/catalog/products",
-                get(list_products).post(create_product),
+                list_products,
+                cached(
+                    Op::new(TAG, "List products")
+                        .query("page", false, json!({"type": "integer", "minimum": 1, "maximum": 10000}), "page number, from 1")
+                        .query("per_page", false, json!({"type": "integer", "minimum": 1, "maximum": 100}), "products per page (default 20)")
+                        .query("q", false, json!({"type": "string", "maxLength": 100}), "words in the name or description")
+                        .returns::<ProductPage>(200, "A page of products"),
+                )
+                .problems(&[422]),
             )
-            .route(
+            .post(
+                "/api/catalog/products",
+                create_product,
+                Op::new(TAG, "Create a product (admins)")
+                    .session()
+                    .json_body::<ProductInput>()
+                    .returns::<Product>(201, "The product")
+                    .with_header("location", "the product's URL")
+                    .problems(&[403, 409]),
+            )
+            .get(
                 "/api/catalog/products/{id}",
-                get(get_product).put(replace_product).delete(delete_product),
+                get_product,
+                cached(Op::new(TAG, "A product").returns::<Product>(200, "The product")).problems(&[404]),
             )
-            .route(
+            .put(
+                "/api/catalog/products/{id}",
+                replace_product,
+                Op::new(TAG, "Replace a product (admins)")
+                    .session()
+                    .json_body::<ProductInput>()
+                    .returns::<Product>(200, "The product")
+                    .problems(&[403, 404, 409]),
+            )
+            .delete(
+                "/api/catalog/products/{id}",
+                delete_product,
+                Op::new(TAG, "Delete a product (admins)")
+                    .session()
+                    .empty(204, "Deleted")
+                    .problems(&[403, 404]),
+            )
+            .post(
                 "/api/catalog/reservations",
-                axum::routing::post(reserve::reserve),
+                reserve::reserve,
+                Op::new(TAG, "Hold stock (internal)")
+                    .describe("Service to service, with clients.token: holds stock for every line or none. Idempotent by the reservation's id.")
+                    .token()
+                    .json_body::<reserve::ReserveRequest>()
+                    .returns::<reserve::Reservation>(201, "Held")
+                    .returns::<reserve::Reservation>(200, "Held before (a replay)")
+                    .problems(&[409]),
             )
             .layer(Extension(state))
     }
@@ -163,7 +217,7 @@ impl ServiceModule for Catalog {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, schemars::JsonSchema)]
 pub struct Product {
     pub id: String,
     pub sku: String,
@@ -212,7 +266,7 @@ fn from_row(r: ProductRow) -> Product {
 }
 
 /// The body of POST and PUT (PUT replaces every field).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ProductInput {
     sku: String,
@@ -296,7 +350,7 @@ impl ProductInput {
 
 // ---------------------------------------------------------------- reads
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 struct ProductPage {
     items: Vec<Product>,
     page: u32,

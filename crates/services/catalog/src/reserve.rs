@@ -34,14 +34,14 @@ pub const RELEASE_KIND: &str = "catalog.release_stock";
 pub const RELEASE_QUEUE: &str = "orders";
 
 /// One line to hold.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Line {
     pub product_id: String,
     pub quantity: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ReserveRequest {
     id: String,
@@ -49,7 +49,7 @@ pub(crate) struct ReserveRequest {
 }
 
 /// A held line, with the product's name and price at the time.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ReservedLine {
     pub product_id: String,
     pub name: String,
@@ -59,7 +59,7 @@ pub struct ReservedLine {
 }
 
 /// The answer to a reservation: every line held.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Reservation {
     pub id: String,
     pub items: Vec<ReservedLine>,

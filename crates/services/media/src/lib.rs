@@ -17,14 +17,14 @@ use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use shoal_backends::{now_millis, BlobError, Migration};
 use shoal_core::Problem;
 use shoal_queue::NewJob;
 use shoal_runtime::error::ApiResult;
+use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::session::cookie_value;
 use shoal_runtime::{ApiError, AppContext, CurrentSession, ServiceModule};
 
@@ -73,16 +73,47 @@ impl ServiceModule for Media {
         MIGRATIONS
     }
 
-    fn routes(&self, ctx: &AppContext) -> Router<AppContext> {
-        Router::new()
+    fn routes(&self, ctx: &AppContext) -> Api {
+        use serde_json::json;
+        const TAG: &str = "media";
+        let binary = json!({"type": "string", "contentMediaType": "application/octet-stream"});
+        let mut upload_op = Op::new(TAG, "Upload a file")
+            .describe("The raw file is the body, with its own Content-Type (one of the types listed). Processed in the background: poll the upload until `status` is `ready` or `failed`.")
+            .session()
+            .query("visibility", false, json!({"enum": ["private", "public"]}), "who may read it (default private)");
+        for t in ALLOWED_TYPES {
+            upload_op = upload_op.body(t, binary.clone());
+        }
+        Api::new()
             .route(
+                "post",
                 "/api/media/uploads",
-                post(upload).layer(axum::extract::DefaultBodyLimit::max(
+                axum::routing::post(upload).layer(axum::extract::DefaultBodyLimit::max(
                     ctx.settings.media.max_upload_bytes as usize,
                 )),
+                upload_op
+                    .returns::<UploadView>(202, "Accepted; processing")
+                    .with_header("location", "the upload's URL"),
             )
-            .route("/api/media/uploads/{id}", get(show))
-            .route("/media/{*key}", get(serve_blob))
+            .get(
+                "/api/media/uploads/{id}",
+                show,
+                Op::new(TAG, "An upload")
+                    .describe("Public uploads to anyone; private ones to their owner (with the session cookie).")
+                    .returns::<UploadView>(200, "The upload")
+                    .problems(&[404]),
+            )
+            .get(
+                "/media/{*key}",
+                serve_blob,
+                Op::new(TAG, "A stored file")
+                    .describe("Public files to anyone, private ones to their owner. Single byte ranges and If-None-Match are honoured.")
+                    .header("range", false, "bytes=start-end")
+                    .answer(200, "The file, with its own Content-Type", "application/octet-stream", binary.clone())
+                    .answer(206, "A range of the file", "application/octet-stream", binary)
+                    .empty(304, "Not modified")
+                    .problems(&[404, 416]),
+            )
     }
 
     fn register_jobs(&self, ctx: &AppContext, worker: shoal_queue::Worker) -> shoal_queue::Worker {
@@ -90,7 +121,7 @@ impl ServiceModule for Media {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, schemars::JsonSchema)]
 pub struct Upload {
     pub id: String,
     pub owner_id: String,
@@ -108,7 +139,7 @@ pub struct Upload {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 struct UploadView {
     #[serde(flatten)]
     upload: Upload,

@@ -629,8 +629,8 @@ pub(crate) struct EmailListQuery {
     raw: bool,
 }
 
-#[derive(Debug, Serialize)]
-struct EmailView {
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub(crate) struct EmailView {
     file: String,
     to: String,
     from: String,

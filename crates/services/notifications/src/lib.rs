@@ -22,10 +22,10 @@ pub use net::is_forbidden_address;
 pub use realtime::{publish_user_event, UserEvent, USER_EVENTS_CHANNEL};
 pub use webhooks::{emit_event, sign_webhook, WEBHOOK_KIND};
 
-use axum::routing::{get, post};
-use axum::{Extension, Router};
+use axum::Extension;
 use shoal_backends::Migration;
 use shoal_queue::Worker;
+use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::{AppContext, ServiceModule};
 
 /// The queue of webhook deliveries and housekeeping (`email` carries mail).
@@ -95,28 +95,103 @@ impl ServiceModule for Notifications {
         MIGRATIONS
     }
 
-    fn routes(&self, ctx: &AppContext) -> Router<AppContext> {
+    fn routes(&self, ctx: &AppContext) -> Api {
+        use serde_json::json;
+        const TAG: &str = "notifications";
         let hub = realtime::Hub::start(ctx);
-        Router::new()
-            .route("/api/notifications/emails", get(email::list_emails))
-            .route("/api/notifications/stream", get(realtime::sse))
-            .route("/api/notifications/ws", get(realtime::websocket))
-            .route("/api/notifications/test", post(realtime::test_event))
-            .route(
+        let event_id = json!({"type": "string", "maxLength": 64});
+        let list = |key: &str, items: serde_json::Value| json!({"type": "object", "required": [key], "properties": {key: {"type": "array", "items": items}}});
+        Api::new()
+            .get(
+                "/api/notifications/emails",
+                email::list_emails,
+                Op::new(TAG, "Emails sent (admins)")
+                    .describe("The emails the embedded transport wrote, newest first: for notifications.admin_user_ids, or any user with serve.debug_routes.")
+                    .session()
+                    .query("to", false, json!({"type": "string"}), "part of the recipient's address")
+                    .query("limit", false, json!({"type": "integer", "minimum": 0}), "at most this many (1-1000, default 100)")
+                    .query("raw", false, json!({"type": "boolean"}), "include each message's raw text")
+                    .json(200, "The emails", list("emails", shoal_runtime::openapi::response_schema::<email::EmailView>()))
+                    .problems(&[403]),
+            )
+            .get(
+                "/api/notifications/stream",
+                realtime::sse,
+                Op::new(TAG, "The user's events (SSE)")
+                    .describe("Server-Sent Events: each event's data is {id, kind, data, created_at}; heartbeats are comments. Send Last-Event-ID (or ?last_event_id=) to replay what was missed.")
+                    .session()
+                    .query("last_event_id", false, event_id.clone(), "replay the events after this one")
+                    .header("last-event-id", false, "replay the events after this one (wins over the query)")
+                    .answer(200, "An event stream", "text/event-stream", json!({"type": "string"}))
+                    .problems(&[422]),
+            )
+            .get(
+                "/api/notifications/ws",
+                realtime::websocket,
+                Op::new(TAG, "The user's events (WebSocket)")
+                    .describe("The same events as text messages over a WebSocket (an HTTP/1.1 upgrade).")
+                    .session()
+                    .query("last_event_id", false, event_id, "replay the events after this one")
+                    .empty(101, "Switching to the WebSocket protocol")
+                    .problems(&[422, 426]),
+            )
+            .post(
+                "/api/notifications/test",
+                realtime::test_event,
+                Op::new(TAG, "Send a test event to oneself")
+                    .session()
+                    .body("application/json", json!({}))
+                    .json(202, "Published", json!({"type": "object", "required": ["id"], "properties": {"id": {"type": ["string", "null"]}}})),
+            )
+            .post(
                 "/api/notifications/webhooks",
-                post(webhooks::create).get(webhooks::list),
+                webhooks::create,
+                Op::new(TAG, "Add a webhook endpoint")
+                    .session()
+                    .json_body::<webhooks::CreateWebhook>()
+                    .returns::<webhooks::WebhookView>(201, "The endpoint, with its signing secret (shown once)")
+                    .with_header("location", "the endpoint's URL")
+                    .problems(&[409]),
             )
-            .route(
+            .get(
+                "/api/notifications/webhooks",
+                webhooks::list,
+                Op::new(TAG, "The user's webhook endpoints")
+                    .session()
+                    .json(200, "The endpoints", list("webhooks", shoal_runtime::openapi::response_schema::<webhooks::WebhookView>())),
+            )
+            .get(
                 "/api/notifications/webhooks/{id}",
-                get(webhooks::show).delete(webhooks::remove),
+                webhooks::show,
+                Op::new(TAG, "A webhook endpoint")
+                    .session()
+                    .returns::<webhooks::WebhookView>(200, "The endpoint")
+                    .problems(&[404]),
             )
-            .route(
+            .delete(
+                "/api/notifications/webhooks/{id}",
+                webhooks::remove,
+                Op::new(TAG, "Delete a webhook endpoint")
+                    .session()
+                    .empty(204, "Deleted")
+                    .problems(&[404]),
+            )
+            .get(
                 "/api/notifications/webhooks/{id}/attempts",
-                get(webhooks::attempts),
+                webhooks::attempts,
+                Op::new(TAG, "A webhook endpoint's delivery attempts")
+                    .session()
+                    .query("limit", false, json!({"type": "integer"}), "at most this many (1-1000, default 100)")
+                    .json(200, "The attempts, newest first", list("attempts", shoal_runtime::openapi::response_schema::<webhooks::AttemptRow>()))
+                    .problems(&[404]),
             )
-            .route(
+            .post(
                 "/api/notifications/webhooks/{id}/enable",
-                post(webhooks::enable),
+                webhooks::enable,
+                Op::new(TAG, "Enable a disabled webhook endpoint")
+                    .session()
+                    .returns::<webhooks::WebhookView>(200, "The endpoint")
+                    .problems(&[404]),
             )
             .layer(Extension(hub))
     }

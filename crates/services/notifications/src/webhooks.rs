@@ -166,7 +166,7 @@ struct WebhookRow {
     disabled_reason: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub(crate) struct WebhookView {
     id: String,
     url: String,
@@ -207,7 +207,7 @@ impl From<WebhookRow> for WebhookView {
 const SELECT: &str = "SELECT id, user_id, url, event_types, description, created_at, failing_since,
     disabled_at, disabled_reason FROM notification_webhooks";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateWebhook {
     url: String,
@@ -415,8 +415,8 @@ pub(crate) struct AttemptsQuery {
     limit: Option<i64>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-struct AttemptRow {
+#[derive(Debug, Serialize, sqlx::FromRow, schemars::JsonSchema)]
+pub(crate) struct AttemptRow {
     id: String,
     message_id: String,
     event_type: String,

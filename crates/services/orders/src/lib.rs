@@ -18,8 +18,7 @@
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -27,6 +26,7 @@ use shoal_backends::{now_millis, Migration};
 use shoal_core::Problem;
 use shoal_queue::{handler_fn, JobContext, JobError, JobStore as _, NewJob, Worker};
 use shoal_runtime::error::ApiResult;
+use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::{
     ApiError, ApiJson, AppContext, ClientOptions, CurrentSession, ServiceClient, ServiceModule,
 };
@@ -83,7 +83,7 @@ impl ServiceModule for Orders {
         MIGRATIONS
     }
 
-    fn routes(&self, ctx: &AppContext) -> Router<AppContext> {
+    fn routes(&self, ctx: &AppContext) -> Api {
         let c = &ctx.settings.clients;
         let client = self
             .catalog
@@ -101,9 +101,39 @@ impl ServiceModule for Orders {
                 ))
             })
             .clone();
-        Router::new()
-            .route("/api/orders", get(list).post(create))
-            .route("/api/orders/{id}", get(show))
+        const TAG: &str = "orders";
+        Api::new()
+            .get(
+                "/api/orders",
+                list,
+                Op::new(TAG, "The user's orders").session().json(
+                    200,
+                    "Newest first, at most 100",
+                    serde_json::json!({"type": "object", "required": ["orders"], "properties": {
+                        "orders": {"type": "array", "items": shoal_runtime::openapi::response_schema::<OrderView>()}}}),
+                ),
+            )
+            .post(
+                "/api/orders",
+                create,
+                Op::new(TAG, "Check out")
+                    .describe("Holds the stock and creates the order (pending_payment); the payment runs in the background. The same Idempotency-Key with the same body answers the first order again (idempotent-replayed: true).")
+                    .session()
+                    .header("idempotency-key", true, "1-255 characters, e.g. a UUID: a retried checkout cannot order twice")
+                    .json_body::<CreateOrder>()
+                    .returns::<OrderView>(201, "The order")
+                    .with_header("location", "the order's URL (not on a replay)")
+                    .with_header("idempotent-replayed", "true when this answers an earlier request")
+                    .problems(&[409]),
+            )
+            .get(
+                "/api/orders/{id}",
+                show,
+                Op::new(TAG, "An order")
+                    .session()
+                    .returns::<OrderView>(200, "The order")
+                    .problems(&[404]),
+            )
             .layer(axum::Extension(client))
     }
 
@@ -119,14 +149,14 @@ impl ServiceModule for Orders {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ItemRequest {
     product_id: String,
     quantity: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateOrder {
     items: Vec<ItemRequest>,
@@ -134,7 +164,7 @@ struct CreateOrder {
     payment_method: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 struct OrderItem {
     product_id: String,
     name: String,
@@ -142,7 +172,7 @@ struct OrderItem {
     unit_price_cents: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 struct OrderView {
     id: String,
     status: String,

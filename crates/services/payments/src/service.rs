@@ -9,8 +9,7 @@ use crate::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, Stripe
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::{json, Value};
 use shoal_backends::{now_millis, Migration};
 use shoal_core::Problem;
@@ -18,6 +17,7 @@ use shoal_queue::{
     handler_fn, JobContext, JobError, JobStore, KindOptions, NewJob, Schedule, Worker,
 };
 use shoal_runtime::error::ApiResult;
+use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::{ApiError, AppContext, ServiceModule};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,8 +65,22 @@ impl ServiceModule for Payments {
         MIGRATIONS
     }
 
-    fn routes(&self, _ctx: &AppContext) -> Router<AppContext> {
-        Router::new().route("/api/payments/webhooks", post(webhook))
+    fn routes(&self, _ctx: &AppContext) -> Api {
+        use serde_json::json;
+        Api::new().post(
+            "/api/payments/webhooks",
+            webhook,
+            Op::new("payments", "Payment provider events")
+                .describe("For the payment provider (Stripe-style events, signed with payments.webhook_secret in Stripe-Signature). An event changes nothing until the provider confirms it.")
+                .header("stripe-signature", true, "t=<unix seconds>,v1=<hex HMAC-SHA256>")
+                .body("application/json", json!({"type": "object"}))
+                .json(
+                    200,
+                    "Received",
+                    json!({"type": "object", "required": ["received", "applied"], "properties": {
+                        "received": {"type": "boolean"}, "applied": {"type": "boolean"}}}),
+                ),
+        )
     }
 
     fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {

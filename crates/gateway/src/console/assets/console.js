@@ -10,7 +10,7 @@ const WINDOW_MS = 15 * 60 * 1000; // charts cover the last 15 minutes
 const MAX_SAMPLES = 900;          // one sample a second
 const GAP_MS = 5000;              // a longer hole between samples breaks a line
 const DASH = '\u2013';
-const PAGES = ['overview', 'gateway', 'queues', 'realtime'];
+const PAGES = ['overview', 'gateway', 'queues', 'realtime', 'api'];
 
 const state = {
   running: false,     // logged in and showing the app
@@ -28,6 +28,9 @@ const state = {
   jobsById: new Map(), // string id -> id as the server sent it
   detailId: null,     // job shown in the detail panel
   detailSeq: 0,
+  apiLoaded: false,   // the API page fetched its document (or tried to)
+  apiSeq: 0,          // only the newest fetch may fill the page
+  apiDoc: null,       // the OpenAPI document shown
 };
 
 // ---- small DOM helpers --------------------------------------------------
@@ -422,6 +425,7 @@ function route() {
   if (page !== 'overview') clearRows($('instances-table').tBodies[0]);
   if (page !== 'gateway') { $('pools').replaceChildren(); $('pools')._sections = new Map(); }
   if (page === 'queues' && state.running && !state.jobsSearched) searchJobs(true);
+  if (page === 'api' && state.running && !state.apiLoaded) loadApi();
   render();
 }
 
@@ -434,7 +438,7 @@ function render() {
   if (state.page === 'overview') renderOverview(snap);
   else if (state.page === 'gateway') renderGateway(snap);
   else if (state.page === 'queues') renderQueues(snap);
-  else renderRealtime(snap);
+  else if (state.page === 'realtime') renderRealtime(snap);
 }
 
 function renderHeader(snap) {
@@ -906,6 +910,349 @@ function renderRealtime(snap) {
   setText('realtime-total', counted.length ? fmtInt(counted.reduce((sum, x) => sum + x.inst.streams, 0)) : DASH);
 }
 
+// ---- page 5: API reference --------------------------------------------------
+// The services' OpenAPI 3.1 document (public, served by the instances behind
+// the gateway), fetched on first open or Reload, shown as operations grouped
+// by tag. An operation's details are built the first time it is opened.
+
+const OPENAPI_URL = '/api/openapi.json';
+const HTTP_METHODS = ['get', 'post', 'put', 'patch', 'delete', 'head', 'options', 'trace'];
+const SECURITY_LABELS = { session: 'session', bearer: 'bearer token' };
+const SCHEMA_MAX_DEPTH = 12;
+// Schema keywords shown as notes beside the type: [keyword, label].
+const SCHEMA_NOTES = [
+  ['default', 'default'], ['minimum', 'min'], ['exclusiveMinimum', 'min (exclusive)'],
+  ['maximum', 'max'], ['exclusiveMaximum', 'max (exclusive)'], ['minLength', 'min length'],
+  ['maxLength', 'max length'], ['pattern', 'pattern'], ['minItems', 'min items'], ['maxItems', 'max items'],
+];
+
+// Text with `code` spans as nodes (descriptions are never parsed as HTML).
+const withCode = (text) => String(text).split('`').map((part, i) => (i % 2 ? el('code', {}, part) : part));
+const fmtValues = (values) => values.map((v) => JSON.stringify(v)).join(', ');
+const isProblem = (type) => /problem\+json/i.test(type);
+
+async function loadApi() {
+  state.apiLoaded = true;
+  const seq = ++state.apiSeq;
+  $('api-reload').disabled = true;
+  $('api-error').hidden = true;
+  setText('api-count', 'Loading\u2026');
+  try {
+    let res;
+    try {
+      res = await fetch(OPENAPI_URL, { credentials: 'same-origin', cache: 'no-cache', headers: { accept: 'application/json' } });
+    } catch (e) {
+      throw new Error(`Cannot reach the gateway (${e.message}).`);
+    }
+    if (!res.ok) throw new Error(await problemDetail(res));
+    const doc = parseJson(await res.text());
+    if (!doc || !doc.paths || typeof doc.paths !== 'object') throw new Error('The answer is not an OpenAPI document.');
+    if (seq === state.apiSeq) renderApi(doc);
+  } catch (e) {
+    if (seq !== state.apiSeq) return;
+    $('api-error').textContent = `Could not load ${OPENAPI_URL}: ${e.message}`;
+    $('api-error').hidden = false;
+    setText('api-count', '');
+  } finally {
+    if (seq === state.apiSeq) $('api-reload').disabled = false;
+  }
+}
+
+function renderApi(doc) {
+  state.apiDoc = doc;
+  const info = doc.info || {};
+  setText('api-title', info.title || 'API');
+  setText('api-version', info.version ? `v${info.version}` : '');
+  $('api-version').hidden = !info.version;
+  $('api-description').replaceChildren(...withCode(info.description || ''));
+
+  // Operations in document order, grouped by their first tag; the
+  // document's tag list gives the order of the groups.
+  const tags = new Map((doc.tags || []).map((t) => [t.name, t]));
+  const groups = new Map([...tags.keys()].map((name) => [name, []]));
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const method of HTTP_METHODS) {
+      const op = item && item[method];
+      if (!op || typeof op !== 'object') continue;
+      const tag = (op.tags && op.tags[0]) || 'other';
+      if (!groups.has(tag)) groups.set(tag, []);
+      groups.get(tag).push(operationCard(doc, method, path, item, op));
+    }
+  }
+  const sections = [...groups].filter(([, ops]) => ops.length).map(([tag, ops]) => {
+    const t = tags.get(tag) || {};
+    return el('section', { class: 'api-tag card', 'data-tag': tag },
+      el('h3', {}, tag, el('span', { class: 'muted' }, plural(ops.length, 'operation'))),
+      t.description && el('p', { class: 'note' }, withCode(t.description)),
+      ops);
+  });
+  $('api-ops').replaceChildren(...sections);
+  filterApi();
+}
+
+// "session", "bearer token", "session or bearer token"; null when open.
+function securityLabel(security) {
+  if (!Array.isArray(security)) return null;
+  const names = [...new Set(security.flatMap((req) => Object.keys(req || {})))];
+  if (!names.length) return null;
+  const label = names.map((n) => SECURITY_LABELS[n] || n).join(' or ');
+  return security.some((req) => !req || !Object.keys(req).length) ? `${label} (optional)` : label;
+}
+
+// A padlock drawn in SVG (no emoji font needed).
+function lockIcon() {
+  const svg = svgEl('svg', { class: 'lock-icon', viewBox: '0 0 12 14', 'aria-hidden': 'true' });
+  svg.append(svgEl('path', { d: 'M3.5 6V4a2.5 2.5 0 0 1 5 0v2' }), svgEl('rect', { x: 1.5, y: 6, width: 9, height: 7, rx: 1.5 }));
+  return svg;
+}
+
+// One operation: a <details> whose summary is the one-line row.
+function operationCard(doc, method, path, item, op) {
+  const m = method.toUpperCase();
+  const lock = securityLabel(op.security !== undefined ? op.security : doc.security);
+  const card = el('details', { class: op.deprecated ? 'api-op deprecated' : 'api-op', 'data-op': `${m} ${path}` },
+    el('summary', {},
+      el('span', { class: `method method-${method}` }, m),
+      el('span', { class: 'api-path mono' }, path),
+      el('span', { class: 'api-summary' }, op.summary || op.operationId || ''),
+      lock && el('span', { class: 'api-lock', title: `Needs a ${lock}` }, lockIcon(), lock)));
+  card._op = { doc, item, op };
+  card._search = [m, path, op.summary || '', ...(op.tags || [])].join('\n').toLowerCase();
+  return card;
+}
+
+// Every word of the filter must appear in the method, path, summary or tags.
+function filterApi() {
+  if (!state.apiDoc) return;
+  const words = $('api-filter').value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  let total = 0, shown = 0;
+  for (const section of $('api-ops').children) {
+    let any = false;
+    for (const card of section.querySelectorAll('.api-op')) {
+      const match = words.every((w) => card._search.includes(w));
+      card.hidden = !match;
+      total++;
+      if (match) { shown++; any = true; }
+    }
+    section.hidden = !any;
+  }
+  $('api-empty').hidden = shown > 0 || total === 0;
+  setText('api-count', shown === total ? plural(total, 'operation') : `${shown} of ${plural(total, 'operation')}`);
+}
+
+function buildOperation(card) {
+  if (!card || !card._op || card._built) return;
+  card._built = true;
+  card.append(operationDetails(card._op));
+}
+
+// The summary's click comes before the <details> opens; toggle catches the rest.
+function onApiClick(ev) {
+  const summary = ev.target.closest('summary');
+  if (summary) buildOperation(summary.parentNode);
+}
+
+function onApiToggle(ev) {
+  if (ev.target.open) buildOperation(ev.target);
+}
+
+// A local "#/..." JSON pointer within root, or null.
+function resolvePointer(root, ref) {
+  if (!ref.startsWith('#')) return null;
+  let v = root;
+  for (const raw of ref.slice(1).split('/').slice(1)) {
+    const key = decodeURIComponent(raw).replace(/~1/g, '/').replace(/~0/g, '~');
+    if (v == null || typeof v !== 'object' || !(key in v)) return null;
+    v = v[key];
+  }
+  return v;
+}
+
+// A parameter, body or response that may be a $ref into the document.
+const deref = (doc, obj) => (obj && typeof obj.$ref === 'string' && resolvePointer(doc, obj.$ref)) || obj;
+
+function operationDetails({ doc, item, op }) {
+  // Path-level parameters, overridden by the operation's own.
+  const params = new Map();
+  for (const p of [...(item.parameters || []), ...(op.parameters || [])].map((p) => deref(doc, p))) {
+    if (p && p.name) params.set(`${p.in}:${p.name}`, p);
+  }
+  const body = deref(doc, op.requestBody);
+  const responses = Object.entries(op.responses || {});
+  return el('div', { class: 'api-body' },
+    op.description && el('p', { class: 'api-desc' }, withCode(op.description)),
+    op.operationId && el('p', { class: 'muted' }, 'Operation ID ', el('code', {}, op.operationId)),
+    params.size > 0 && [el('h4', {}, 'Parameters'), paramTable(doc, [...params.values()])],
+    body && [
+      el('h4', {}, 'Request body ', body.required && el('span', { class: 'schema-req' }, 'required')),
+      body.description && el('p', { class: 'api-desc' }, withCode(body.description)),
+      Object.entries(body.content || {}).map(([type, media]) => el('div', { class: 'api-media' },
+        el('code', { class: 'api-ctype' }, type),
+        media && media.schema !== undefined && schemaTree(doc, media.schema))),
+    ],
+    responses.length > 0 && [el('h4', {}, 'Responses'), responses.map(([status, r]) => responseBlock(doc, status, deref(doc, r) || {}))]);
+}
+
+function paramTable(doc, params) {
+  return el('table', { class: 'grid api-params' },
+    el('thead', {}, el('tr', {}, ['Name', 'In', 'Required', 'Type', 'Description'].map((h) => el('th', {}, h)))),
+    el('tbody', {}, params.map((p) => {
+      const t = p.schema !== undefined ? describeRoot(doc, p.schema) : null;
+      return el('tr', { 'data-param': p.name },
+        el('td', { class: 'mono' }, p.name),
+        el('td', {}, p.in),
+        el('td', {}, p.required ? 'yes' : 'no'),
+        el('td', { class: 'mono' }, t ? typeText(t) + (t.values ? ` (${fmtValues(t.values)})` : '') : DASH),
+        el('td', { class: 'wrap' }, p.description ? withCode(p.description) : DASH));
+    })));
+}
+
+function responseBlock(doc, status, r) {
+  const colour = { 2: 'green', 3: 'blue', 4: 'amber', 5: 'red' }[String(status)[0]] || 'grey';
+  const content = Object.entries(r.content || {});
+  const headers = Object.entries(r.headers || {}).map(([name, h]) => [name, deref(doc, h) || {}]);
+  return el('div', { class: 'api-resp', 'data-status': status },
+    el('div', { class: 'api-resp-head' },
+      el('span', { class: `pill pill-${colour}` }, status),
+      el('span', {}, withCode(r.description || '')),
+      content.map(([type]) => [
+        el('code', { class: 'api-ctype' }, type),
+        isProblem(type) && el('span', { class: 'muted' }, 'problem details (RFC 9457)'),
+      ])),
+    content.map(([type, media]) => !isProblem(type) && media && media.schema !== undefined && schemaTree(doc, media.schema)),
+    headers.length > 0 && el('table', { class: 'kv api-headers' },
+      el('caption', {}, 'Headers'),
+      el('tbody', {}, headers.map(([name, h]) => el('tr', {},
+        el('th', { class: 'mono' }, name),
+        el('td', {}, h.description ? withCode(h.description) : DASH))))));
+}
+
+// ---- JSON Schema as a tree ----
+
+const jsonType = (v) => (v === null ? 'null' : Array.isArray(v) ? 'array'
+  : typeof v === 'number' ? (Number.isInteger(v) ? 'integer' : 'number') : typeof v);
+const isNullSchema = (s) => s && typeof s === 'object' && (s.type === 'null' || ('const' in s && s.const === null));
+const typeText = (info) => info.type + (info.nullable ? ' | null' : '');
+
+// A JSON Schema (2020-12) flattened for display: {type, nullable, desc,
+// values (enum/const), notes, fields: [{name, required, info}], variants}.
+// Arrays and maps take their items' fields; local $refs are followed once
+// per branch, so recursive types stop.
+function describeSchema(s, ctx, depth) {
+  const info = { type: 'any', nullable: false, desc: null, values: null, notes: [], fields: [], variants: [] };
+  if (s === false) info.type = 'nothing';
+  if (!s || typeof s !== 'object' || depth > SCHEMA_MAX_DEPTH) return info;
+
+  if (typeof s.$ref === 'string') {
+    const { $ref, ...rest } = s;
+    const target = ctx.roots.map((root) => resolvePointer(root, $ref)).find((t) => t != null);
+    if (target == null || ctx.stack.includes($ref)) {
+      info.type = target == null ? $ref : `${$ref.includes('/') ? $ref.split('/').pop() : 'self'} (recursive)`;
+      info.desc = rest.description || null;
+      return info;
+    }
+    ctx.stack.push($ref);
+    const inner = describeSchema({ ...target, ...rest }, ctx, depth);
+    ctx.stack.pop();
+    return inner;
+  }
+  if (s.type === 'null') { info.type = 'null'; return info; }
+  info.desc = s.description || s.title || null;
+
+  // anyOf/oneOf: null options make it nullable; one option left stands for the whole.
+  const { anyOf, oneOf, allOf, ...rest } = s;
+  let alts = anyOf || oneOf || allOf;
+  if (Array.isArray(alts) && alts !== allOf) {
+    const others = alts.filter((a) => !isNullSchema(a));
+    if (others.length < alts.length) info.nullable = true;
+    alts = others;
+  }
+  if (Array.isArray(alts) && alts.length === 1) {
+    const inner = describeSchema({ ...alts[0], ...rest }, ctx, depth);
+    inner.nullable = inner.nullable || info.nullable;
+    return inner;
+  }
+  if (Array.isArray(alts) && alts.length) {
+    if (alts.every((a) => a && typeof a === 'object' && 'const' in a)) info.values = alts.map((a) => a.const);
+    else {
+      info.type = alts === allOf ? 'all of' : anyOf ? 'any of' : 'one of';
+      info.variants = alts.map((a) => describeSchema(a, ctx, depth + 1));
+    }
+  }
+
+  let types = [].concat(s.type || []);
+  if (types.includes('null')) info.nullable = true;
+  types = types.filter((t) => t !== 'null');
+  if (Array.isArray(s.enum)) {
+    if (s.enum.includes(null)) info.nullable = true;
+    info.values = s.enum.filter((v) => v !== null);
+  }
+  if ('const' in s) info.values = [s.const];
+  if (!types.length) {
+    if (s.properties || (s.additionalProperties && typeof s.additionalProperties === 'object')) types = ['object'];
+    else if (s.items || s.prefixItems) types = ['array'];
+    else if (info.values) types = [...new Set(info.values.map(jsonType))];
+  }
+  if (types.length) info.type = types.join(' | ');
+  if (s.format) info.type += ` (${s.format})`;
+  for (const [key, label] of SCHEMA_NOTES) {
+    if (key in s) info.notes.push(`${label} ${key === 'pattern' ? s[key] : JSON.stringify(s[key])}`);
+  }
+  if (s.uniqueItems) info.notes.push('unique items');
+  if (s.readOnly) info.notes.push('read-only');
+  if (s.writeOnly) info.notes.push('write-only');
+  if (s.deprecated) info.notes.push('deprecated');
+
+  const required = new Set(Array.isArray(s.required) ? s.required : []);
+  for (const [name, sub] of Object.entries(s.properties || {})) {
+    info.fields.push({ name, required: required.has(name), info: describeSchema(sub, ctx, depth + 1) });
+  }
+  // An array or a map shows its items' type, and their fields under it.
+  const lift = (label, inner) => {
+    info.type = `${label} of ${typeText(inner)}`;
+    info.fields = inner.fields;
+    info.variants = inner.variants;
+    info.values = info.values || inner.values;
+  };
+  const extra = s.additionalProperties;
+  if (extra && typeof extra === 'object') {
+    const inner = describeSchema(extra, ctx, depth + 1);
+    if (info.fields.length) info.fields.push({ name: '(any other key)', required: false, info: inner });
+    else lift('map', inner);
+  }
+  if (s.items && typeof s.items === 'object' && !Array.isArray(s.items)) lift('array', describeSchema(s.items, ctx, depth + 1));
+  if (info.values && !info.values.length) info.values = null;
+  return info;
+}
+
+// Local refs resolve in the schema first ("#/$defs/..."), then the document.
+const describeRoot = (doc, schema) => describeSchema(schema, { roots: [schema, doc], stack: ['#'] }, 0);
+
+function schemaTree(doc, schema) {
+  const info = describeRoot(doc, schema);
+  return el('div', { class: 'schema' }, schemaLine(null, false, info), schemaChildren(info));
+}
+
+function schemaLine(name, required, info) {
+  return el('div', { class: 'schema-line' },
+    name != null && el('span', { class: 'schema-name' }, name),
+    el('span', { class: 'schema-type' }, info.type),
+    required && el('span', { class: 'schema-req' }, 'required'),
+    info.nullable && el('span', { class: 'schema-flag' }, 'nullable'),
+    info.values && el('span', { class: 'schema-values' },
+      (info.values.length === 1 ? '= ' : 'one of ') + fmtValues(info.values)),
+    info.notes.length > 0 && el('span', { class: 'schema-notes' }, info.notes.join(', ')),
+    info.desc && el('span', { class: 'schema-desc' }, withCode(info.desc)));
+}
+
+function schemaChildren(info) {
+  const items = [
+    ...info.fields.map((f) => el('li', {}, schemaLine(f.name, f.required, f.info), schemaChildren(f.info))),
+    ...info.variants.map((v, i) => el('li', {}, schemaLine(`option ${i + 1}`, false, v), schemaChildren(v))),
+  ];
+  return items.length ? el('ul', { class: 'schema-tree' }, items) : null;
+}
+
 // ---- wiring -----------------------------------------------------------------
 
 function wireEvents() {
@@ -930,6 +1277,11 @@ function wireEvents() {
   $('jobs-retry-selected').addEventListener('click', () => jobAction('retry', selectedJobIds()));
   $('jobs-discard-selected').addEventListener('click', () => jobAction('discard', selectedJobIds()));
   $('job-detail').addEventListener('click', (ev) => { if (ev.target.closest('.close')) hideJobDetail(); });
+
+  $('api-reload').addEventListener('click', () => loadApi());
+  $('api-filter').addEventListener('input', filterApi);
+  $('api-ops').addEventListener('click', onApiClick);
+  $('api-ops').addEventListener('toggle', onApiToggle, true); // toggle does not bubble
 }
 
 boot();
