@@ -347,6 +347,28 @@ async fn the_console_in_a_browser_follows_a_kill_and_retries_dead_jobs() {
     screenshot(&browser, "realtime").await;
     drop(streams);
 
+    // The API reference, from /api/openapi.json.
+    browser.goto(&stack.url("/_shoal/#api")).await;
+    let (_, listed) = browser
+        .wait_text(
+            "[data-op=\"POST /api/orders\"]",
+            Duration::from_secs(10),
+            |t| t.contains("/api/orders"),
+        )
+        .await;
+    assert!(listed, "the API page lists the checkout");
+    browser
+        .click("[data-op=\"POST /api/orders\"] summary")
+        .await;
+    browser
+        .run(
+            "document.querySelector('[data-op=\"POST /api/orders\"]').scrollIntoView();",
+            json!([]),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    screenshot(&browser, "api").await;
+
     // Logging out closes the page to this browser.
     browser.click("#logout").await;
     let (_, out) = browser
