@@ -52,14 +52,7 @@ impl Api {
         op: Op,
     ) -> Api {
         self.router = self.router.route(path, route);
-        let internal = op.internal;
-        self.operations.push(Operation {
-            method,
-            path,
-            value: op.into_value(path),
-            internal,
-        });
-        self
+        self.routed_later(method, path, op)
     }
 
     pub fn get<H: Handler<T, AppContext>, T: 'static>(

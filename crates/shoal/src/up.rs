@@ -551,7 +551,14 @@ impl Logs {
         use tokio::io::AsyncBufReadExt;
         let color = COLORS[name.bytes().map(usize::from).sum::<usize>() % COLORS.len()];
         let mut lines = tokio::io::BufReader::new(from).lines();
+        // Once our stdout is gone (`shoal up | head`), lines are still
+        // read and dropped: a child whose pipe filled would stop in its
+        // next log write.
+        let mut writable = true;
         while let Ok(Some(line)) = lines.next_line().await {
+            if !writable {
+                continue;
+            }
             let mut text = if self.pretty {
                 pretty_line(&name, self.width, self.color.then_some(color), &line)
             } else {
@@ -559,10 +566,7 @@ impl Logs {
             };
             text.push('\n');
             let mut out = self.out.lock().await;
-            if out.write_all(text.as_bytes()).await.is_err() {
-                return;
-            }
-            let _ = out.flush().await;
+            writable = out.write_all(text.as_bytes()).await.is_ok() && out.flush().await.is_ok();
         }
     }
 }

@@ -227,22 +227,39 @@ struct Previous {
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     tokio::spawn(queues_loop(Arc::clone(&shared), stop.clone()));
     let mut previous = Previous::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let state = shared.load();
-        if !state.settings.console.enabled {
-            continue;
-        }
+    let mut tick = ticks(Duration::from_secs(1));
+    while let Some(state) = next_tick(&mut tick, &shared, &stop).await {
         let snapshot = sample(&shared, &state, &mut previous).await;
         shared.console.feed.send_replace(sse(
             "snapshot",
             &serde_json::to_vec(&snapshot).unwrap_or_default(),
         ));
+    }
+}
+
+/// A timer that, late, waits a whole period again rather than catching up.
+fn ticks(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// The settings at the next tick while the console is on; `None` once
+/// `stop` is cancelled.
+async fn next_tick(
+    tick: &mut tokio::time::Interval,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Option<Arc<GatewayState>> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tick.tick() => {}
+        }
+        let state = shared.load();
+        if state.settings.console.enabled {
+            return Some(state);
+        }
     }
 }
 
@@ -530,17 +547,8 @@ async fn probe(state: &GatewayState, addr: SocketAddr, path: &str) -> bool {
 /// since the last answer.
 async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut last: Option<(Instant, HashMap<String, Value>)> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let state = shared.load();
-        if !state.settings.console.enabled {
-            continue;
-        }
+    let mut tick = ticks(Duration::from_secs(2));
+    while let Some(state) = next_tick(&mut tick, &shared, &stop).await {
         // Instances are asked only while a console watches: a gateway in
         // front of servers that are not Shoal's sends them nothing of its
         // own otherwise.
