@@ -5,6 +5,7 @@
 
 pub mod bearer;
 pub mod ids;
+pub mod ports;
 pub mod problem;
 pub mod settings;
 pub mod shutdown;

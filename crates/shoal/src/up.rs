@@ -195,9 +195,7 @@ fn child_specs(
     let mut specs = Vec::new();
     let mut serve_addrs = Vec::new();
     for i in 1..=settings.up.instances {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = shoal_core::ports::loopback_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         serve_addrs.push(addr);
         let name = format!("serve-{i}");
@@ -225,9 +223,7 @@ fn child_specs(
     }
     for i in 1..=settings.up.workers {
         let name = format!("worker-{i}");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = shoal_core::ports::loopback_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut args = vec![
             "worker".to_string(),
@@ -285,9 +281,7 @@ fn child_specs(
         format!("http://{gateway_addr}/_gateway/admin/purge"),
     ));
     if settings.up.sandbox {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = shoal_core::ports::loopback_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         env.push((
             "SHOAL_PAYMENTS__PROVIDER_URL".into(),

@@ -458,8 +458,20 @@ async fn a_worker_killed_during_payments_charges_each_order_once() {
     let mut kills = 0;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let before = stack.children().get("worker-1").copied();
-        let Some(pid) = before else { continue };
+        // The running worker (one being restarted has no pid yet).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let pid = loop {
+            if let Some(pid) = stack.children().get("worker-1").copied() {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker-1 not running; stack.json: {:?}; log:\n{}",
+                std::fs::read_to_string(stack.dir.path().join("data/run/stack.json")),
+                stack.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
         kills += 1;
         let deadline = Instant::now() + Duration::from_secs(20);

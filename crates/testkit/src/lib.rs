@@ -121,10 +121,7 @@ pub fn sqlite_url(dir: &Path) -> String {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    shoal_core::ports::loopback_port().expect("free port")
 }
 
 /// A server process of a test (a private `redis-server` or `nats-server`)

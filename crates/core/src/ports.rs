@@ -1,0 +1,48 @@
+//! Free loopback ports for servers started by Shoal itself (`shoal up`'s
+//! children) and by its tests.
+
+use std::sync::Mutex;
+
+/// A free loopback port below the kernel's ephemeral range. A port from
+/// that range (what binding port 0 gives) may be taken, before its server
+/// binds it, as the local port of one of the many outgoing connections on
+/// the machine; the server would then fail to start, again and again on the
+/// same port. A port is not handed out twice by one process. Falls back to
+/// port 0's choice when no port below the range is free.
+pub fn loopback_port() -> std::io::Result<u16> {
+    static PICKED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
+    if from < to {
+        for _ in 0..64 {
+            let seed = uuid::Uuid::new_v4().as_u128() as u32;
+            let port = from + (seed % u32::from(to - from)) as u16;
+            let mut picked = PICKED.lock().unwrap_or_else(|p| p.into_inner());
+            if !picked.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                picked.push(port);
+                return Ok(port);
+            }
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ports_are_free_distinct_and_below_the_ephemeral_range() {
+        let a = super::loopback_port().unwrap();
+        let b = super::loopback_port().unwrap();
+        assert_ne!(a, b);
+        std::net::TcpListener::bind(("127.0.0.1", a)).expect("free");
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+            let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(a < low && b < low, "{a} {b} below {low}");
+        }
+    }
+}
