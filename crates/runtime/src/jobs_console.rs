@@ -14,10 +14,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shoal_core::Problem;
 use shoal_queue::{Job, JobFilter, JobState, JobStore, Schedule};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Jobs looked at per queue for its start latency.
-const LATENCY_SAMPLE: usize = 200;
+/// The latest succeeded jobs looked at for the start latencies.
+const LATENCY_SAMPLE: usize = 1_000;
 /// Most ids one retry or discard takes.
 const MAX_IDS: usize = 1_000;
 
@@ -26,7 +28,17 @@ struct Ops {
     store: Arc<dyn JobStore>,
     schedules: Arc<Vec<ScheduleView>>,
     token: Option<Arc<str>>,
+    /// Start latencies by queue, and when they were taken: reading the
+    /// latest succeeded jobs is a scan on some stores (all of NATS's), so
+    /// it is done at most every [`LATENCY_EVERY`].
+    latency: Arc<Mutex<Option<(Instant, Latencies)>>>,
 }
+
+/// p50 and p99 enqueue-to-start, ms, by queue.
+type Latencies = HashMap<String, (Option<i64>, Option<i64>)>;
+
+/// How long start latencies are reused.
+const LATENCY_EVERY: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 struct ScheduleView {
@@ -58,6 +70,7 @@ pub fn router(
                 .collect(),
         ),
         token: admin_token.map(Arc::from),
+        latency: Arc::default(),
     };
     Router::new()
         .route("/_shoal/queues", get(queues))
@@ -118,6 +131,44 @@ fn quantile(sorted: &[i64], q: f64) -> Option<i64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
+/// Enqueue (or due) to start, by queue, over the latest succeeded jobs;
+/// reused for [`LATENCY_EVERY`].
+async fn start_latencies(ops: &Ops) -> Latencies {
+    if let Some((at, cached)) = ops.latency.lock().expect("latency lock").as_ref() {
+        if at.elapsed() < LATENCY_EVERY {
+            return cached.clone();
+        }
+    }
+    let recent = ops
+        .store
+        .list(&JobFilter {
+            queue: None,
+            state: Some(JobState::Succeeded),
+            kind: None,
+            limit: Some(LATENCY_SAMPLE),
+        })
+        .await
+        .unwrap_or_default();
+    let mut waits: HashMap<String, Vec<i64>> = HashMap::new();
+    for j in &recent {
+        if let Some(started) = j.started_at {
+            waits
+                .entry(j.queue.clone())
+                .or_default()
+                .push((started - j.run_at.max(j.created_at)).max(0));
+        }
+    }
+    let latencies: Latencies = waits
+        .into_iter()
+        .map(|(queue, mut w)| {
+            w.sort_unstable();
+            (queue, (quantile(&w, 0.50), quantile(&w, 0.99)))
+        })
+        .collect();
+    *ops.latency.lock().expect("latency lock") = Some((Instant::now(), latencies.clone()));
+    latencies
+}
+
 async fn queues(State(ops): State<Ops>, headers: HeaderMap) -> Response {
     if let Err(denied) = authorize(&ops, &headers) {
         return denied;
@@ -126,27 +177,13 @@ async fn queues(State(ops): State<Ops>, headers: HeaderMap) -> Response {
         Ok(s) => s,
         Err(e) => return store_error(e),
     };
+    let latencies = start_latencies(&ops).await;
     let mut queues = Vec::new();
     for s in stats {
-        // Enqueue (or due) to start, over the latest succeeded jobs.
-        let recent = ops
-            .store
-            .list(&JobFilter {
-                queue: Some(s.queue.clone()),
-                state: Some(JobState::Succeeded),
-                kind: None,
-                limit: Some(LATENCY_SAMPLE),
-            })
-            .await
-            .unwrap_or_default();
-        let mut waits: Vec<i64> = recent
-            .iter()
-            .filter_map(|j| Some((j.started_at? - j.run_at.max(j.created_at)).max(0)))
-            .collect();
-        waits.sort_unstable();
+        let (p50, p99) = latencies.get(&s.queue).copied().unwrap_or_default();
         let mut v = serde_json::to_value(&s).unwrap_or_default();
-        v["start_latency_p50_ms"] = json!(quantile(&waits, 0.50));
-        v["start_latency_p99_ms"] = json!(quantile(&waits, 0.99));
+        v["start_latency_p50_ms"] = json!(p50);
+        v["start_latency_p99_ms"] = json!(p99);
         queues.push(v);
     }
     let now = now_ms();

@@ -1,12 +1,14 @@
 //! The console's live feed. Once a second a sampler reads the gateway's
 //! counters (`stats.rs`), its pools, the process table `shoal up` keeps
-//! (with a readiness probe of each process) and the cache; every two
-//! seconds another task asks a worker for the queues. Each sample is
+//! (with a readiness probe of each process) and the cache; another task
+//! asks a worker for the queues (every 2 s while a console watches, every
+//! 10 s otherwise) and, while one watches, each instance for its open
+//! streams. Each sample is
 //! kept for 15 minutes (the charts' history) and the whole state is sent
 //! as one `snapshot` event to every open console, by Server-Sent Events;
 //! transitions (an instance or process going down or up, a restart) are
-//! kept as events. The feed costs the same whether anyone watches: one
-//! JSON text a second, shared by all subscribers.
+//! kept as events. The feed itself costs the same whether anyone
+//! watches: one JSON text a second, shared by all subscribers.
 
 use super::stats::{Reading, Window};
 use crate::body::{Body, BoxError};
@@ -541,18 +543,26 @@ async fn probe(state: &GatewayState, addr: SocketAddr, path: &str) -> bool {
     )
 }
 
-/// Every two seconds: each instance's open streams (while a console
-/// watches), and the queues from
-/// the first worker that answers, with per-queue rates from the change
-/// since the last answer.
+/// Each instance's open streams (while a console watches), and the
+/// queues from the first worker that answers, with per-queue rates from
+/// the change since the last answer.
 async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut last: Option<(Instant, HashMap<String, Value>)> = None;
     let mut tick = ticks(Duration::from_secs(2));
+    let mut quiet_ticks = 0u32;
     while let Some(state) = next_tick(&mut tick, &shared, &stop).await {
+        // Every 2 s while a console watches; every 10 s otherwise, for
+        // the history of the queue-depth chart (a worker's `stats()` is a
+        // grouped query on SQL, a scan on NATS).
+        let watched = shared.console.feed.receiver_count() > 0;
+        quiet_ticks = if watched { 0 } else { quiet_ticks + 1 };
+        if !watched && quiet_ticks % 5 != 1 {
+            continue;
+        }
         // Instances are asked only while a console watches: a gateway in
         // front of servers that are not Shoal's sends them nothing of its
         // own otherwise.
-        let streams = if shared.console.feed.receiver_count() > 0 {
+        let streams = if watched {
             instance_streams(&state).await
         } else {
             HashMap::new()
