@@ -113,8 +113,14 @@ async fn a_checkout_is_one_trace(env: Vec<(&str, String)>) {
             .filter(|s| s["traceId"] == trace_id)
             .cloned()
             .collect();
+        // Spans arrive as they end, from each process in its own batches:
+        // the run's after the calls it made.
         let complete = find(&trace, "shoal-gateway", "gateway POST").is_some()
             && find(&trace, "shoal-serve", "POST /api/orders").is_some()
+            && find(&trace, "shoal-serve", "call catalog").is_some()
+            && find(&trace, "shoal-serve", "POST /api/catalog/reservations").is_some()
+            && find(&trace, "shoal-serve", "enqueue payments").is_some()
+            && find(&trace, "shoal-worker", "run payments").is_some()
             && find(&trace, "shoal-worker", "payment provider: create intent").is_some();
         if complete {
             break trace;
