@@ -6,7 +6,6 @@
 
 use crate::body::{full, json_response, problem_response, Body};
 use crate::proxy::GatewayState;
-use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -200,21 +199,7 @@ pub(crate) struct AdminRequest {
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Body>) -> Result<T, Problem> {
-    let collected = tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::body::read_to_limit(req.into_body(), ADMIN_BODY_LIMIT),
-    )
-    .await
-    .map_err(|_| Problem::bad_request("the request body did not arrive in time"))?
-    .map_err(|e| match e {
-        crate::body::ReadError::TooLarge => {
-            Problem::payload_too_large(format!("admin bodies are at most {ADMIN_BODY_LIMIT} bytes"))
-        }
-        crate::body::ReadError::Failed(e) => {
-            Problem::bad_request(format!("the request body could not be read: {e}"))
-        }
-    })?;
-    let bytes: Bytes = collected;
+    let bytes = crate::body::read_request_body(req.into_body(), ADMIN_BODY_LIMIT, "admin").await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         Problem::validation(format!(
             "body must be JSON like {{\"pool\":\"default\",\"url\":\"http://127.0.0.1:3001\",\"ttl_secs\":30}}: {e}"

@@ -156,6 +156,26 @@ pub async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, ReadEr
     Ok(buf.freeze())
 }
 
+/// A request body of the gateway's own endpoints (admin, purge, console):
+/// at most `limit` bytes within 10 s, or the problem to answer (`what`
+/// names the endpoint in it).
+pub async fn read_request_body(body: Body, limit: usize, what: &str) -> Result<Bytes, Problem> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        read_to_limit(body, limit),
+    )
+    .await
+    .map_err(|_| Problem::bad_request("the request body did not arrive in time"))?
+    .map_err(|e| match e {
+        ReadError::TooLarge => {
+            Problem::payload_too_large(format!("{what} bodies are at most {limit} bytes"))
+        }
+        ReadError::Failed(e) => {
+            Problem::bad_request(format!("the request body could not be read: {e}"))
+        }
+    })
+}
+
 /// The deadline of a stream that must keep moving (a response body being
 /// read, a client being written to): made the first time the stream
 /// waits, and pushed back only when it waits again after progress, so a

@@ -153,6 +153,13 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The process id (with `process_group(0)`, its process group's too).
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();

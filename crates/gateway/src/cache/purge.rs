@@ -40,31 +40,9 @@ pub async fn handle(
     request_id: &str,
 ) -> Response<Body> {
     let relayed = req.headers().contains_key(RELAYED);
-    let collected = tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::body::read_to_limit(req.into_body(), BODY_LIMIT),
-    )
-    .await;
-    let bytes: Bytes = match collected {
-        Err(_) => {
-            return problem_response(
-                &Problem::bad_request("the request body did not arrive in time"),
-                request_id,
-            )
-        }
-        Ok(Err(crate::body::ReadError::TooLarge)) => {
-            return problem_response(
-                &Problem::payload_too_large(format!("purge bodies are at most {BODY_LIMIT} bytes")),
-                request_id,
-            )
-        }
-        Ok(Err(crate::body::ReadError::Failed(e))) => {
-            return problem_response(
-                &Problem::bad_request(format!("the request body could not be read: {e}")),
-                request_id,
-            )
-        }
-        Ok(Ok(bytes)) => bytes,
+    let bytes = match crate::body::read_request_body(req.into_body(), BODY_LIMIT, "purge").await {
+        Ok(bytes) => bytes,
+        Err(problem) => return problem_response(&problem, request_id),
     };
     let body: PurgeRequest = match serde_json::from_slice(&bytes) {
         Ok(b) => b,

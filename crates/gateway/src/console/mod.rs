@@ -272,20 +272,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Body>) -> Result
 }
 
 async fn read_body(req: Request<Body>) -> Result<Bytes, Problem> {
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        crate::body::read_to_limit(req.into_body(), BODY_LIMIT),
-    )
-    .await
-    .map_err(|_| Problem::bad_request("the request body did not arrive in time"))?
-    .map_err(|e| match e {
-        crate::body::ReadError::TooLarge => {
-            Problem::payload_too_large(format!("console bodies are at most {BODY_LIMIT} bytes"))
-        }
-        crate::body::ReadError::Failed(e) => {
-            Problem::bad_request(format!("the request body could not be read: {e}"))
-        }
-    })
+    crate::body::read_request_body(req.into_body(), BODY_LIMIT, "console").await
 }
 
 // ---- the API ----------------------------------------------------------

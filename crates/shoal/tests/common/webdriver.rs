@@ -21,6 +21,8 @@ impl Browser {
         let port = kit::free_port();
         let mut cmd = std::process::Command::new(chromedriver);
         cmd.arg(format!("--port={port}"));
+        // A group of its own, so the browsers it starts go with it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let driver = kit::Daemon::start(cmd, port).expect("chromedriver starts");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -173,7 +175,11 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Kills chromedriver's whole process group: Chromium and its helper
+    /// processes too, which killing chromedriver alone leaves running
+    /// (also when a test panics before it could end the session).
     fn drop(&mut self) {
-        // The driver is killed with its daemon; the browser with it.
+        let group = nix::unistd::Pid::from_raw(self._driver.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     }
 }
