@@ -34,7 +34,8 @@
 #   SECONDS_PER=2 ROUNDS=1 bench/api.sh
 # Env: SECONDS_PER (10) seconds per measurement; ROUNDS (3); PRODUCTS
 # (10000) seeded on each side; CONNECTIONS (64) wrk connections; PER_PAGE
-# (27, a page of ~10 KiB); PARTS ("A B") which parts to run; BUILD (1; 0
+# (27, a page of ~10 KiB); PARTS ("A B") which parts to run; API_PATHS
+# ("product list me order"; "" leaves only part A's /healthz); BUILD (1; 0
 # uses target/release as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -180,7 +181,7 @@ measure() {
     done
   done
 }
-PATHS="product list me order"
+PATHS=${API_PATHS-product list me order}
 
 if [[ " $PARTS " == *" A "* ]]; then
   echo "==> part A: one shoal serve against the Fastify cluster (2 workers)"

@@ -128,9 +128,11 @@ pub fn current() -> Option<SpanContext> {
 }
 
 /// Runs `f` within span `ctx`: spans it starts are its children, and
-/// requests it makes carry `ctx` as their parent.
-pub async fn within<F: Future>(ctx: SpanContext, f: F) -> F::Output {
-    CURRENT.scope(ctx, f).await
+/// requests it makes carry `ctx` as their parent. A plain function, not an
+/// `async fn`: a wrapper future would hold `f` twice (as its argument and
+/// inside the task-local's future), doubling every future it wraps.
+pub fn within<F: Future>(ctx: SpanContext, f: F) -> impl Future<Output = F::Output> {
+    CURRENT.scope(ctx, f)
 }
 
 /// OTLP span kinds.

@@ -17,9 +17,10 @@ pub fn current() -> Option<String> {
     TRACE_ID.try_with(|t| t.to_string()).ok()
 }
 
-/// Runs `f` with `id` as its trace id.
-pub async fn scope<F: Future>(id: impl Into<Arc<str>>, f: F) -> F::Output {
-    TRACE_ID.scope(id.into(), f).await
+/// Runs `f` with `id` as its trace id. A plain function, not an `async
+/// fn`, for the reason `spans::within` gives.
+pub fn scope<F: Future>(id: impl Into<Arc<str>>, f: F) -> impl Future<Output = F::Output> {
+    TRACE_ID.scope(id.into(), f)
 }
 
 #[cfg(test)]

@@ -885,9 +885,11 @@ pub(crate) fn upstream_headers(
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded_for)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
+    static HTTPS: HeaderValue = HeaderValue::from_static("https");
+    static HTTP: HeaderValue = HeaderValue::from_static("http");
     headers.insert(
         X_FORWARDED_PROTO,
-        HeaderValue::from_static(if https { "https" } else { "http" }),
+        if https { &HTTPS } else { &HTTP }.clone(),
     );
     if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
         headers.insert(X_FORWARDED_HOST, v.clone());

@@ -110,22 +110,32 @@ fn compressible(content_type: Option<&HeaderValue>) -> bool {
     let Some(ct) = content_type.and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if essence == "text/event-stream" {
+    // Compared without case and without a lowercase copy (no allocation
+    // on every response).
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let is = |name: &str| essence.eq_ignore_ascii_case(name);
+    let starts = |prefix: &str| {
+        essence
+            .get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
+    let ends = |suffix: &str| {
+        essence
+            .len()
+            .checked_sub(suffix.len())
+            .and_then(|at| essence.get(at..))
+            .is_some_and(|s| s.eq_ignore_ascii_case(suffix))
+    };
+    if is("text/event-stream") {
         return false;
     }
-    essence.starts_with("text/")
-        || essence == "application/json"
-        || essence.ends_with("+json")
-        || essence.ends_with("+xml")
-        || essence == "application/xml"
-        || essence == "application/javascript"
-        || essence == "image/svg+xml"
+    starts("text/")
+        || is("application/json")
+        || ends("+json")
+        || ends("+xml")
+        || is("application/xml")
+        || is("application/javascript")
+        || is("image/svg+xml")
 }
 
 /// Adds `accept-encoding` to `Vary` unless it is there (or `*` is).
@@ -138,7 +148,8 @@ fn vary_on_encoding(headers: &mut HeaderMap) {
         .map(str::trim)
         .any(|v| v == "*" || v.eq_ignore_ascii_case("accept-encoding"));
     if !listed {
-        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+        static ACCEPT_ENCODING: HeaderValue = HeaderValue::from_static("accept-encoding");
+        headers.append(header::VARY, ACCEPT_ENCODING.clone());
     }
 }
 
@@ -180,16 +191,18 @@ impl Compression {
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::PARTIAL_CONTENT
-            || response.headers().contains_key(header::CONTENT_ENCODING)
-            || !compressible(response.headers().get(header::CONTENT_TYPE))
         {
             return response;
         }
-        // Streams (unknown length) pass as they are.
+        // Streams (unknown length) pass as they are; small bodies too,
+        // before their headers are looked at.
         let Some(len) = response.body().size_hint().exact() else {
             return response;
         };
-        if (len as usize) < self.min_bytes {
+        if (len as usize) < self.min_bytes
+            || response.headers().contains_key(header::CONTENT_ENCODING)
+            || !compressible(response.headers().get(header::CONTENT_TYPE))
+        {
             return response;
         }
         vary_on_encoding(response.headers_mut());

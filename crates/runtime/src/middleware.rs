@@ -11,15 +11,16 @@
 use crate::context::AppContext;
 use crate::error::problem_response;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::FutureExt;
 use shoal_core::problem::PROBLEM_JSON;
 use shoal_core::Problem;
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -32,15 +33,16 @@ pub struct RequestId(pub Arc<str>);
 pub const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
 
 /// Wraps `router` in the standard layers: axum's body limit, then one
-/// middleware doing the rest in the order of the module's doc. One layer,
-/// not one per concern: each `from_fn` layer cost a boxed future and a
-/// clone of the boxed route service per request (bench/README.md,
+/// service doing the rest in the order of the module's doc. One layer,
+/// not one per concern, and a service of its own rather than axum's
+/// `from_fn`: that one cloned the route (a boxed service) into every
+/// request's future and boxed it again as `Next` (bench/README.md,
 /// "Profile of the service path").
 pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
     let standard = Arc::new(Standard {
         instance: HeaderValue::from_str(&ctx.instance).ok(),
         limits: Limits {
-            permits: Semaphore::new(ctx.settings.serve.max_concurrent_requests),
+            permits: Arc::new(Semaphore::new(ctx.settings.serve.max_concurrent_requests)),
             timeout: Duration::from_millis(ctx.settings.serve.request_timeout_ms),
         },
         origins: AllowedOrigins::from_settings(ctx),
@@ -53,10 +55,7 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             ctx.settings.serve.body_limit_bytes,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            standard,
-            standard_middleware,
-        ))
+        .layer(StandardLayer(standard))
 }
 
 /// What the standard middleware needs, built once per application.
@@ -68,36 +67,147 @@ struct Standard {
     compression: crate::compress::Compression,
 }
 
-/// Request context (outermost), problem+json for bare errors, panic to
-/// 500, cross-origin refusal, load shedding and deadline, compression.
-async fn standard_middleware(
-    State(standard): State<Arc<Standard>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    request_context(standard.instance.as_ref(), req, |req| async {
-        let response = std::panic::AssertUnwindSafe(guarded(&standard, req, next))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(panic_to_problem);
-        bare_errors_to_problems(response).await
-    })
-    .await
+/// Puts [`WithStandard`] around each route (and the fallback).
+#[derive(Clone)]
+struct StandardLayer(Arc<Standard>);
+
+impl<S> tower::Layer<S> for StandardLayer {
+    type Service = WithStandard<S>;
+
+    fn layer(&self, inner: S) -> WithStandard<S> {
+        WithStandard {
+            standard: Arc::clone(&self.0),
+            inner,
+        }
+    }
 }
 
-/// Inside the panic guard: cross-origin refusal, shedding and deadline,
-/// compression around the handler.
-async fn guarded(standard: &Standard, req: Request, next: Next) -> Response {
-    if let Some(refused) = refuse_cross_origin(&standard.origins, &req) {
-        return refused;
+/// A route with the standard middleware around it.
+#[derive(Clone)]
+struct WithStandard<S> {
+    standard: Arc<Standard>,
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for WithStandard<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    /// What only reads the request (its id, the cross-origin check, the
+    /// concurrency permit, the deadline, the encoding asked for) is done
+    /// here, and the route is called here: it only makes its future, which
+    /// runs the handler when polled, within the request's context. So the
+    /// route is not cloned into the request's future.
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let standard = Arc::clone(&self.standard);
+        let context = RequestContext::begin(&mut req);
+        let step = match admit(&standard, &req) {
+            Err(refused) => Step::Answered(refused),
+            Ok(admitted) => Step::Handle(admitted, self.inner.call(req)),
+        };
+        let handled = handle(Arc::clone(&standard), step);
+        Box::pin(context.around(standard, handled).map(Ok))
+    }
+}
+
+/// A request refused before its route, or admitted with its route's
+/// future.
+enum Step<F> {
+    Answered(Response),
+    Handle(Admitted, F),
+}
+
+/// What an admitted request holds while its handler runs.
+struct Admitted {
+    /// Its share of `serve.max_concurrent_requests`, given back when the
+    /// response is made.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    timeout: Duration,
+    encoding: Option<crate::compress::Encoding>,
+    /// Kept only where a compressed form may be stored (formatted only if
+    /// one is).
+    url: Option<axum::http::Uri>,
+}
+
+/// Cross-origin refusal, then load shedding and the deadline; the
+/// encoding the response may be compressed with.
+fn admit(standard: &Standard, req: &Request) -> Result<Admitted, Response> {
+    if let Some(refused) = refuse_cross_origin(&standard.origins, req) {
+        return Err(refused);
+    }
+    let Ok(permit) = Arc::clone(&standard.limits.permits).try_acquire_owned() else {
+        metrics::counter!("shoal_http_shed_total").increment(1);
+        return Err(problem_response(&Problem::unavailable(
+            "this instance is at its concurrency limit; retry shortly",
+            1,
+        )));
+    };
+    let mut timeout = standard.limits.timeout;
+    if let Some(ms) = req
+        .headers()
+        .get(DEADLINE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        timeout = timeout.min(Duration::from_millis(ms));
     }
     let encoding = crate::compress::preferred(req.headers());
-    // Kept only where a compressed form may be stored (formatted only if
-    // one is).
     let url =
         (encoding.is_some() && req.method() == axum::http::Method::GET).then(|| req.uri().clone());
-    let response = shed_and_deadline(&standard.limits, req, next).await;
-    standard.compression.apply(response, encoding, url).await
+    Ok(Admitted {
+        _permit: permit,
+        timeout,
+        encoding,
+        url,
+    })
+}
+
+/// Inside the request's context: the handler bounded by the deadline
+/// (503 past it; its future is dropped) and its response compressed, a
+/// panic in either made a 500; then bare error responses given a
+/// problem+json body.
+async fn handle<F>(standard: Arc<Standard>, step: Step<F>) -> Response
+where
+    F: std::future::Future<Output = Result<Response, Infallible>>,
+{
+    let response = match step {
+        Step::Answered(response) => response,
+        Step::Handle(admitted, route) => std::panic::AssertUnwindSafe(async move {
+            let response = match tokio::time::timeout(admitted.timeout, route).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(never)) => match never {},
+                Err(_) => {
+                    metrics::counter!("shoal_http_timeouts_total").increment(1);
+                    return problem_response(&Problem::new(
+                        503,
+                        "timeout",
+                        "Request timed out",
+                        format!(
+                            "the request took longer than {} ms and was cancelled",
+                            admitted.timeout.as_millis()
+                        ),
+                    ));
+                }
+            };
+            standard
+                .compression
+                .apply(response, admitted.encoding, admitted.url)
+                .await
+        })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(panic_to_problem),
+    };
+    bare_errors_to_problems(response).await
 }
 
 /// The origins besides a request's own that may send it cookie-carrying
@@ -219,76 +329,120 @@ fn server_span(
     Some(span)
 }
 
-/// Request id, span, access log, metrics and the instance header, around
-/// `inner`.
-async fn request_context<F, Fut>(
-    instance: Option<&HeaderValue>,
-    mut req: Request,
-    inner: F,
-) -> Response
-where
-    F: FnOnce(Request) -> Fut,
-    Fut: std::future::Future<Output = Response>,
-{
-    let started = Instant::now();
-    let incoming = req.headers().get(&X_REQUEST_ID);
-    let request_id: Arc<str> =
-        shoal_core::ids::request_id_or_new(incoming.and_then(|v| v.to_str().ok())).into();
-    // The client's own header is echoed as it came when it was taken (a
-    // clone shares its bytes); a new id is made into a value once.
-    let echoed = incoming
-        .filter(|v| v.as_bytes() == request_id.as_bytes())
-        .cloned();
-    req.extensions_mut().insert(RequestId(request_id.clone()));
-    let method = req.method().clone();
-    // A clone of the URI shares its bytes: no copy of the path.
-    let uri = req.uri().clone();
-    let path = uri.path();
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let span =
-        tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
-    // With traces on: this request's span, a child of the caller's
-    // `traceparent` (the gateway's span), within which the handler runs.
-    let server_span = shoal_core::spans::enabled()
-        .then(|| server_span(&req, &method, route.as_ref(), path, &request_id))
-        .flatten();
-    let handled = shoal_core::trace::scope(request_id.clone(), inner(req).instrument(span.clone()));
-    let mut response = match &server_span {
-        Some(s) => shoal_core::spans::within(s.ctx, handled).await,
-        None => handled.await,
-    };
-    let status = response.status().as_u16();
-    if let Some(mut s) = server_span {
-        s.attr("http.response.status_code", status);
-        if status >= 500 {
-            s.fail(format!("status {status}"));
+/// A request's id, span, start and route, taken before its route is
+/// called; [`RequestContext::around`] runs the rest within them and adds
+/// the access log, the metrics and the response's own fields.
+struct RequestContext {
+    started: Instant,
+    request_id: Arc<str>,
+    /// The client's own `x-request-id`, echoed as it came when it was
+    /// taken (a clone shares its bytes).
+    echoed: Option<HeaderValue>,
+    method: axum::http::Method,
+    /// A clone of the URI shares its bytes: no copy of the path.
+    uri: axum::http::Uri,
+    route: Option<MatchedPath>,
+    span: tracing::Span,
+    /// With traces on: this request's span, a child of the caller's
+    /// `traceparent` (the gateway's span), within which the handler runs.
+    server_span: Option<shoal_core::spans::Span>,
+}
+
+impl RequestContext {
+    fn begin(req: &mut Request) -> RequestContext {
+        let started = Instant::now();
+        let incoming = req.headers().get(&X_REQUEST_ID);
+        let request_id: Arc<str> =
+            shoal_core::ids::request_id_or_new(incoming.and_then(|v| v.to_str().ok())).into();
+        let echoed = incoming
+            .filter(|v| v.as_bytes() == request_id.as_bytes())
+            .cloned();
+        req.extensions_mut().insert(RequestId(request_id.clone()));
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %uri.path());
+        let server_span = shoal_core::spans::enabled()
+            .then(|| server_span(req, &method, route.as_ref(), uri.path(), &request_id))
+            .flatten();
+        RequestContext {
+            started,
+            request_id,
+            echoed,
+            method,
+            uri,
+            route,
+            span,
+            server_span,
         }
-        s.end();
     }
-    let elapsed = started.elapsed();
-    span.in_scope(|| {
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        // Probes come every second from each gateway: log them only when
-        // they fail, or at debug.
-        if matches!(path, "/healthz" | "/readyz") && status < 400 {
-            tracing::debug!(status, duration_ms, "request");
-        } else {
-            tracing::info!(status, duration_ms, "request");
+
+    /// Runs `handled` with this request's trace id, within its log span
+    /// (and its trace span when traces are on); then [`Self::finish`].
+    /// Futures wrapped by value, not awaited inside an `async` block: a
+    /// future held and then moved into the one awaited takes room twice,
+    /// and every request's future is copied whole into its box (9 KiB of
+    /// copying per request before, bench/README.md).
+    fn around<F>(
+        self,
+        standard: Arc<Standard>,
+        handled: F,
+    ) -> impl std::future::Future<Output = Response> + Send
+    where
+        F: std::future::Future<Output = Response> + Send,
+    {
+        use futures_util::future::Either;
+        let scoped = shoal_core::trace::scope(
+            self.request_id.clone(),
+            handled.instrument(self.span.clone()),
+        );
+        let run = match &self.server_span {
+            Some(s) => Either::Left(shoal_core::spans::within(s.ctx, scoped)),
+            None => Either::Right(scoped),
+        };
+        run.map(move |response| self.finish(&standard, response))
+    }
+
+    /// Logs the request, counts it, and adds the request id, the instance
+    /// and the security fields to its response.
+    fn finish(self, standard: &Standard, mut response: Response) -> Response {
+        let status = response.status().as_u16();
+        if let Some(mut s) = self.server_span {
+            s.attr("http.response.status_code", status);
+            if status >= 500 {
+                s.fail(format!("status {status}"));
+            }
+            s.end();
         }
-    });
-    let route = route.as_ref().map_or("unmatched", |m| m.as_str());
-    record_request(&method, route, status, elapsed);
-    let headers = response.headers_mut();
-    // Room for the fields below at once, not a map grown twice.
-    headers.reserve(6);
-    if let Some(v) = echoed.or_else(|| HeaderValue::from_str(&request_id).ok()) {
-        headers.insert(X_REQUEST_ID.clone(), v);
+        let elapsed = self.started.elapsed();
+        let path = self.uri.path();
+        self.span.in_scope(|| {
+            let duration_ms = elapsed.as_secs_f64() * 1000.0;
+            // Probes come every second from each gateway: log them only
+            // when they fail, or at debug.
+            if matches!(path, "/healthz" | "/readyz") && status < 400 {
+                tracing::debug!(status, duration_ms, "request");
+            } else {
+                tracing::info!(status, duration_ms, "request");
+            }
+        });
+        let route = self.route.as_ref().map_or("unmatched", |m| m.as_str());
+        record_request(&self.method, route, status, elapsed);
+        let headers = response.headers_mut();
+        // Room for the fields below at once, not a map grown twice.
+        headers.reserve(6);
+        if let Some(v) = self
+            .echoed
+            .or_else(|| HeaderValue::from_str(&self.request_id).ok())
+        {
+            headers.insert(X_REQUEST_ID.clone(), v);
+        }
+        if let Some(v) = &standard.instance {
+            headers.insert(X_SHOAL_INSTANCE.clone(), v.clone());
+        }
+        security_headers(headers);
+        response
     }
-    if let Some(v) = instance {
-        headers.insert(X_SHOAL_INSTANCE.clone(), v.clone());
-    }
-    security_headers(headers);
-    response
 }
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -370,24 +524,36 @@ fn record_request(method: &axum::http::Method, route: &str, status: u16, elapsed
 /// on JSON (an API answer, never a page) a policy that lets it load or run
 /// nothing.
 fn security_headers(headers: &mut axum::http::HeaderMap) {
-    for (name, value) in [
-        ("x-content-type-options", "nosniff"),
-        ("x-frame-options", "DENY"),
-        ("referrer-policy", "strict-origin-when-cross-origin"),
-    ] {
-        if !headers.contains_key(name) {
-            headers.insert(name, HeaderValue::from_static(value));
+    // Names as `HeaderName`s, not `&str`s (a `&str` is parsed, and checked
+    // against the standard names, on every lookup), and values made at
+    // compile time (`from_static` checks every byte when called).
+    static FIELDS: [(HeaderName, HeaderValue); 3] = [
+        (
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("strict-origin-when-cross-origin"),
+        ),
+    ];
+    static NO_CONTENT_POLICY: HeaderValue =
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'");
+    for (name, value) in &FIELDS {
+        if let axum::http::header::Entry::Vacant(e) = headers.entry(name) {
+            e.insert(value.clone());
         }
     }
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/json") || t.starts_with(PROBLEM_JSON));
-    if json && !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
-        );
+    let json = headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+        let t = t.as_bytes();
+        t.starts_with(b"application/json") || t.starts_with(PROBLEM_JSON.as_bytes())
+    });
+    if json {
+        if let axum::http::header::Entry::Vacant(e) = headers.entry(header::CONTENT_SECURITY_POLICY)
+        {
+            e.insert(NO_CONTENT_POLICY.clone());
+        }
     }
 }
 
@@ -454,43 +620,6 @@ fn panic_to_problem(err: Box<dyn std::any::Any + Send + 'static>) -> Response<Bo
 
 #[derive(Debug)]
 struct Limits {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     timeout: Duration,
-}
-
-/// Sheds load past the concurrency limit (503 + Retry-After), and bounds
-/// each request by the configured timeout or the gateway's deadline,
-/// whichever is sooner (503 past it; the handler's future is dropped).
-async fn shed_and_deadline(limits: &Limits, req: Request, next: Next) -> Response {
-    let Ok(_permit) = limits.permits.try_acquire() else {
-        metrics::counter!("shoal_http_shed_total").increment(1);
-        return problem_response(&Problem::unavailable(
-            "this instance is at its concurrency limit; retry shortly",
-            1,
-        ));
-    };
-    let mut timeout = limits.timeout;
-    if let Some(ms) = req
-        .headers()
-        .get(DEADLINE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        timeout = timeout.min(Duration::from_millis(ms));
-    }
-    match tokio::time::timeout(timeout, next.run(req)).await {
-        Ok(response) => response,
-        Err(_) => {
-            metrics::counter!("shoal_http_timeouts_total").increment(1);
-            problem_response(&Problem::new(
-                503,
-                "timeout",
-                "Request timed out",
-                format!(
-                    "the request took longer than {} ms and was cancelled",
-                    timeout.as_millis()
-                ),
-            ))
-        }
-    }
 }
