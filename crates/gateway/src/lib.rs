@@ -29,6 +29,7 @@ mod dns;
 mod h1;
 mod h2stall;
 mod health;
+mod identity;
 mod limits;
 mod listener;
 mod pool;
@@ -443,6 +444,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
                 max_body_bytes: settings.max_body_bytes,
                 request_headers: routes::HeaderEdits::default(),
                 response_headers: routes::HeaderEdits::default(),
+                require_session: false,
             }),
             _ => {
                 return Err(invalid(
@@ -482,8 +484,12 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
                 .map(Duration::from_millis)
                 .unwrap_or(default_timeout),
             max_body_bytes: r.max_body_bytes.unwrap_or(settings.max_body_bytes),
+            require_session: r.require_session,
         });
     }
+    let identity =
+        identity::Identity::new(&settings.identity, routes.iter().any(|r| r.require_session))
+            .map_err(|(key, message)| invalid(key, message))?;
     if settings.request_timeout_ms == 0 {
         return Err(invalid(
             "gateway.request_timeout_ms".into(),
@@ -504,6 +510,7 @@ pub(crate) fn build_state(settings: GatewaySettings) -> Result<GatewayState, Gat
         settings,
         client,
         router: Router::new(routes),
+        identity,
         pools,
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         coord,

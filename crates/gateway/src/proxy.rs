@@ -60,6 +60,8 @@ pub struct GatewayState {
     pub settings: GatewaySettings,
     pub client: UpstreamClients,
     pub router: Router,
+    /// Sessions checked at the edge (`identity.rs`).
+    pub(crate) identity: crate::identity::Identity,
     pub pools: Vec<Arc<Pool>>,
     /// Set when shutdown began: `/_gateway/readyz` answers 503. Shared by
     /// every generation of the settings (`reload.rs`).

@@ -20,6 +20,8 @@ pub struct Route {
     pub request_headers: HeaderEdits,
     /// Header rules for responses to clients.
     pub response_headers: HeaderEdits,
+    /// Only requests with a live session pass (`identity.rs`).
+    pub require_session: bool,
 }
 
 /// A route's header rules, checked and ready to apply.

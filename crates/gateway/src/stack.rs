@@ -57,6 +57,9 @@ pub(crate) fn stack(
         .layer(AccessLogLayer)
         // Rate limits (429) and load shedding (503) (`limits.rs`).
         .layer(AdmissionLayer)
+        // The user header a client sent removed; a route that requires a
+        // session checked, its user id passed on (`identity.rs`).
+        .layer(IdentityLayer)
         // WebSocket and other upgrades, tunnelled (`upgrade.rs`).
         .layer(UpgradeLayer)
         // The RFC 9111 cache, where configured (`cache/`).
@@ -540,6 +543,58 @@ where
                 held: admission.holds_anything().then_some(admission),
             }),
         }
+    }
+}
+
+// ---- identity at the edge ----------------------------------------------
+
+#[derive(Clone, Copy)]
+pub(crate) struct IdentityLayer;
+
+impl<S> Layer<S> for IdentityLayer
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = Identified<S>;
+    fn layer(&self, inner: S) -> Identified<S> {
+        Identified {
+            next: BoxCloneSyncService::new(inner.clone()),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Identified<S> {
+    inner: S,
+    /// The stack below, for the session check and then the request.
+    next: Next,
+}
+
+impl<S> Service<Request<Body>> for Identified<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, BoxFuture<'static, Answer>>;
+
+    ready_when_inner_is!();
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let Some(state) = req.extensions().get::<Ctx>().map(|c| Arc::clone(&c.state)) else {
+            return Either::Left(self.inner.call(req));
+        };
+        state.identity.strip(req.headers_mut());
+        if !(state.identity.any_route && crate::identity::required(&state, &req)) {
+            return Either::Left(self.inner.call(req));
+        }
+        Either::Right(Box::pin(crate::identity::check(self.next.clone(), req)))
     }
 }
 

@@ -194,6 +194,43 @@ pub struct GatewaySettings {
     /// The operator's console under `/_shoal/` (`[gateway.console]`,
     /// docs/console.md).
     pub console: GatewayConsoleSettings,
+    /// Sessions checked at the edge for routes with `require_session`
+    /// (`[gateway.identity]`, docs/gateway.md "Identity at the edge").
+    pub identity: GatewayIdentitySettings,
+}
+
+/// `[gateway.identity]`: how the gateway checks the session of a request
+/// to a route with `require_session = true`, and what it tells the
+/// instance behind.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayIdentitySettings {
+    /// The path the gateway asks, with the request's session cookie, who
+    /// the session belongs to (`GET`; routed like any request, so the
+    /// pool that serves it is the route's). Shoal's accounts service
+    /// answers it: 200 `{"user_id": ...}`, or 401.
+    pub check_path: String,
+    /// The session cookie's name (`sessions.cookie_name` of the services).
+    pub cookie_name: String,
+    /// The header that carries the verified user id to the instance. It
+    /// is removed from every request a client sends, on every route, so
+    /// an instance behind the gateway can trust it.
+    pub user_header: String,
+    /// How long a checked session's user id is reused without asking
+    /// again, ms: a session ended elsewhere is refused within this time.
+    /// 0 asks on every request.
+    pub cache_ms: u64,
+}
+
+impl Default for GatewayIdentitySettings {
+    fn default() -> Self {
+        GatewayIdentitySettings {
+            check_path: "/api/accounts/session".into(),
+            cookie_name: "shoal_session".into(),
+            user_header: "x-shoal-user-id".into(),
+            cache_ms: 1000,
+        }
+    }
 }
 
 /// `[gateway.console]`: the web console the gateway serves under
@@ -393,6 +430,7 @@ impl Default for GatewaySettings {
             redis_timeout_ms: 50,
             cache: GatewayCacheSettings::default(),
             console: GatewayConsoleSettings::default(),
+            identity: GatewayIdentitySettings::default(),
         }
     }
 }
@@ -466,6 +504,11 @@ pub struct RouteSettings {
     /// Overrides `gateway.cache.enabled` for this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<bool>,
+    /// Only requests with a live session pass (401 otherwise); the
+    /// instance gets the session's user id in `gateway.identity`'s
+    /// `user_header`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_session: bool,
     /// Headers to remove from, then set on, requests sent upstream.
     #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
     pub request_headers: HeaderRules,
@@ -503,6 +546,37 @@ impl GatewaySettings {
             return invalid(
                 "gateway.console.session_secs".into(),
                 "must be between 1 and 2592000 (30 days)".into(),
+            );
+        }
+        let identity = &self.identity;
+        if !identity.check_path.starts_with('/') {
+            return invalid(
+                "gateway.identity.check_path".into(),
+                format!("`{}` is not a path (it starts with /)", identity.check_path),
+            );
+        }
+        if identity.cookie_name.is_empty()
+            || !identity
+                .cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return invalid(
+                "gateway.identity.cookie_name".into(),
+                "must be a cookie name: letters, digits, - _ and .".into(),
+            );
+        }
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if identity.user_header.is_empty() || !identity.user_header.bytes().all(token) {
+            return invalid(
+                "gateway.identity.user_header".into(),
+                format!("`{}` is not a valid header name", identity.user_header),
+            );
+        }
+        if identity.cache_ms > 60_000 {
+            return invalid(
+                "gateway.identity.cache_ms".into(),
+                "must be at most 60000: an ended session would pass for longer".into(),
             );
         }
         for (i, url) in self.console.workers.iter().enumerate() {

@@ -12,8 +12,9 @@ mod payments;
 
 pub use cache::{BusBackend, CacheSettings, CatalogSettings};
 pub use gateway::{
-    GatewayCacheSettings, GatewayConsoleSettings, GatewaySettings, HeaderRules, Http1Server,
-    PoolSettings, RateLimitSettings, RouteSettings, SniCertificate, UpstreamProtocol,
+    GatewayCacheSettings, GatewayConsoleSettings, GatewayIdentitySettings, GatewaySettings,
+    HeaderRules, Http1Server, PoolSettings, RateLimitSettings, RouteSettings, SniCertificate,
+    UpstreamProtocol,
 };
 pub use load::{load, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};

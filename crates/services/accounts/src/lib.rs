@@ -116,6 +116,14 @@ impl ServiceModule for Accounts {
                     .session()
                     .returns::<UserView>(200, "The user"),
             )
+            .get(
+                "/api/accounts/session",
+                session,
+                Op::new(TAG, "Whose session this is")
+                    .describe("The session's user id and deadlines, from the session store alone (no user row is read). The gateway asks it for routes with `require_session` (docs/gateway.md, \"Identity at the edge\"). Never stored by a cache.")
+                    .session()
+                    .returns::<SessionView>(200, "The live session"),
+            )
     }
 
     fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
@@ -172,6 +180,16 @@ struct SignupRequest {
 struct LoginRequest {
     email: String,
     password: String,
+}
+
+/// A live session, as `GET /api/accounts/session` shows it.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+struct SessionView {
+    user_id: String,
+    /// Idle deadline (slid by this request), ms since the epoch.
+    expires_at: i64,
+    /// Absolute deadline, ms since the epoch.
+    absolute_expires_at: i64,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -481,6 +499,19 @@ async fn logout_all(
         Json(serde_json::json!({"sessions_ended": ended})),
     )
         .into_response())
+}
+
+async fn session(CurrentSession(session): CurrentSession) -> Response {
+    let view = SessionView {
+        user_id: session.user_id,
+        expires_at: session.expires_at,
+        absolute_expires_at: session.absolute_expires_at,
+    };
+    (
+        [(header::CACHE_CONTROL, "private, no-store")],
+        axum::Json(view),
+    )
+        .into_response()
 }
 
 async fn me(

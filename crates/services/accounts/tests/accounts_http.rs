@@ -158,6 +158,26 @@ async fn accounts_suite(app: &Running) {
     }
     assert_eq!(app.ctx.cache.loads(), loads, "no load after the first");
 
+    // whose session this is (what the gateway asks for routes that
+    // require a session): the user id, never stored by a cache
+    let resp = http.get(url("/api/accounts/session")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["cache-control"], "private, no-store");
+    let session: Value = resp.json().await.unwrap();
+    assert_eq!(session["user_id"], me["id"]);
+    let idle = session["expires_at"].as_i64().unwrap();
+    assert!(idle > 0 && session["absolute_expires_at"].as_i64().unwrap() >= idle);
+    let p = kit::problem(
+        reqwest::Client::new()
+            .get(url("/api/accounts/session"))
+            .send()
+            .await
+            .unwrap(),
+        401,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("log in"));
+
     // behind TLS (as the gateway reports it) the cookie is Secure
     let resp = http
         .post(url("/api/accounts/login"))
@@ -195,6 +215,15 @@ async fn accounts_suite(app: &Running) {
             .unwrap()
             .status(),
         401
+    );
+    assert_eq!(
+        http.get(url("/api/accounts/session"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "an ended session is no one's"
     );
 
     // log out everywhere ends every session of the user
