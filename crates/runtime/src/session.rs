@@ -36,6 +36,23 @@ impl FromRequestParts<AppContext> for CurrentSession {
     }
 }
 
+/// Refuses (403) a call to an internal endpoint that does not carry
+/// `clients.token` as its bearer token: such endpoints are for Shoal's own
+/// services and the team's services behind the gateway, never browsers.
+pub fn require_service_token(ctx: &AppContext, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if shoal_core::bearer::matches(given, &[ctx.settings.clients.token.as_str()]) {
+        Ok(())
+    } else {
+        Err(Problem::forbidden(
+            "an internal endpoint: only services with clients.token (as a bearer token) may call it",
+        )
+        .into())
+    }
+}
+
 /// The value of cookie `name` in the request, if any.
 pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers

@@ -65,20 +65,6 @@ pub struct Reservation {
     pub items: Vec<ReservedLine>,
 }
 
-fn internal_only(ctx: &AppContext, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if shoal_core::bearer::matches(given, &[ctx.settings.clients.token.as_str()]) {
-        Ok(())
-    } else {
-        Err(Problem::forbidden(
-            "an internal endpoint: only Shoal's own services (with clients.token) may call it",
-        )
-        .into())
-    }
-}
-
 fn validate(req: &ReserveRequest) -> Result<(), ApiError> {
     let mut p = Problem::validation("the reservation is invalid; see `errors`");
     let id_ok = !req.id.is_empty()
@@ -139,7 +125,7 @@ pub(crate) async fn reserve(
     headers: HeaderMap,
     ApiJson(req): ApiJson<ReserveRequest>,
 ) -> ApiResult<Response> {
-    internal_only(&ctx, &headers)?;
+    shoal_runtime::session::require_service_token(&ctx, &headers)?;
     validate(&req)?;
     let items_json = serde_json::to_string(&req.items).expect("lines serialize");
     // The replay check runs on the writing connection it will write with

@@ -827,6 +827,93 @@ pub(crate) async fn test_event(
     Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
 }
 
+/// `POST /api/notifications/events`'s body.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishRequest {
+    /// The user whose open streams (on every instance) and webhooks get
+    /// the event: 1-100 characters.
+    user_id: String,
+    /// The event's kind: 1-64 characters of a-z, 0-9, `.`, `_`, `-`.
+    kind: String,
+    /// The event's data: any JSON, at most 64 KiB written out.
+    #[serde(default)]
+    data: Value,
+}
+
+/// What `POST /api/notifications/events` published.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub(crate) struct Published {
+    /// The event's id on the user's streams (SSE `id:`, replayed after a
+    /// `Last-Event-ID`).
+    event_id: String,
+    /// The `webhook-id` every subscribed endpoint of the user gets; null
+    /// when none is subscribed to this kind.
+    webhook_message_id: Option<String>,
+}
+
+/// `POST /api/notifications/events`: an event from another service (any
+/// language, with `clients.token` as its bearer token) to a user: to the
+/// user's open SSE and WebSocket streams on every instance, kept for
+/// replay, and to the user's webhooks subscribed to its kind. Everything
+/// is checked before anything is written; a retry after a failure may
+/// deliver an event twice (each carries its id).
+pub(crate) async fn publish(
+    State(ctx): State<AppContext>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<PublishRequest>,
+) -> ApiResult<Response> {
+    shoal_runtime::session::require_service_token(&ctx, &headers)?;
+    let mut problem = Problem::validation("the event is invalid; see `errors`");
+    if req.user_id.is_empty() || req.user_id.chars().count() > 100 {
+        problem = problem.with_field("user_id", "must be 1-100 characters");
+    }
+    if !valid_kind(&req.kind) {
+        problem = problem.with_field("kind", "must be 1-64 characters of a-z, 0-9, `.`, `_`, `-`");
+    }
+    let size = serde_json::to_string(&req.data).map_or(0, |t| t.len());
+    if size > MAX_EVENT_BYTES {
+        problem = problem.with_field(
+            "data",
+            format!("is {size} bytes written out; the limit is {MAX_EVENT_BYTES}"),
+        );
+    }
+    if !problem.errors.is_empty() {
+        return Err(problem.into());
+    }
+    let failed = |what: &'static str| {
+        move |e: NotifyError| match e {
+            NotifyError::Invalid(msg) => ApiError(Problem::validation(msg)),
+            other => ApiError::internal(what, &other),
+        }
+    };
+    let event_id = publish_user_event(&ctx, &req.user_id, &req.kind, req.data.clone())
+        .await
+        .map_err(failed("publishing an event"))?;
+    let mut tx = ctx
+        .db
+        .pool()
+        .begin()
+        .await
+        .map_err(|e| ApiError::internal("starting the webhooks' transaction", &e))?;
+    let webhook_message_id =
+        crate::webhooks::emit_event(&ctx, &mut tx, &req.user_id, &req.kind, req.data)
+            .await
+            .map_err(failed("enqueueing the event's webhooks"))?;
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal("committing the event's webhooks", &e))?;
+    metrics::counter!("shoal_notifications_events_published_total", "via" => "http").increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Published {
+            event_id,
+            webhook_message_id,
+        }),
+    )
+        .into_response())
+}
+
 /// `GET /api/notifications/ws`: the same events over a WebSocket, one JSON
 /// text message each; `?last_event_id=` replays. The server pings every
 /// `heartbeat_secs`; client messages other than close are ignored.

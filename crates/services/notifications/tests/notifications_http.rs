@@ -777,6 +777,98 @@ struct Receiver {
 }
 
 /// `POST /api/notifications/webhooks` with `body` as the user of `cookie`.
+/// `POST /api/notifications/events`: another service, in any language,
+/// with `clients.token`, publishes to a user's streams on every instance
+/// and to the user's webhooks; without the token, or with a bad body,
+/// nothing is published.
+#[tokio::test]
+async fn a_service_publishes_an_event_to_a_users_streams_and_webhooks() {
+    let dir = kit::TempDir::new("notifications");
+    let s = settings(dir.path());
+    let token = s.clients.token.clone();
+    let a = start_with(s.clone(), None, true).await;
+    let b = start_with(s.clone(), Some(dir), false).await;
+    let (cookie, user) = kit::sign_up_and_log_in(&a.base, &unique_email("events")).await;
+    let (hook_url, rx) = receiver(vec![204]).await;
+    let r = register_webhook(
+        &a.base,
+        &cookie,
+        &json!({"url": hook_url, "event_types": ["greeting.sent"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let mut sse = SseReader::open(
+        &format!("{}/api/notifications/stream", b.base),
+        &cookie,
+        None,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/notifications/events", a.base);
+    let event = json!({"user_id": user, "kind": "greeting.sent", "data": {"text": "hello"}});
+
+    // No token, a wrong one, a browser's session: 403.
+    for auth in [None, Some("Bearer not-the-token".to_string())] {
+        let mut req = http.post(&url).header("cookie", &cookie).json(&event);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let p = kit::problem(req.send().await.unwrap(), 403).await;
+        assert!(
+            p["detail"].as_str().unwrap().contains("clients.token"),
+            "{p}"
+        );
+    }
+    // A bad body: 422 naming each field, nothing written.
+    let bad = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&json!({"user_id": "", "kind": "Greeting Sent", "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    let p = kit::problem(bad, 422).await;
+    let fields: Vec<&str> = p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["user_id", "kind"], "{p}");
+
+    let r = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let published: Value = r.json().await.unwrap();
+    let event_id = published["event_id"].as_str().unwrap().to_string();
+    let message_id = published["webhook_message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // On the user's stream on the other instance: this event, and only it.
+    let (sse_id, got) = sse.next(Duration::from_secs(10)).await;
+    assert_eq!(sse_id.as_deref(), Some(event_id.as_str()));
+    assert_eq!(got["kind"], "greeting.sent");
+    assert_eq!(got["data"]["text"], "hello");
+    // And at the user's webhook, signed with the message id it was given.
+    let hits = eventually("the webhook delivery", Duration::from_secs(20), || async {
+        let h = rx.hits.lock().unwrap().clone();
+        (!h.is_empty()).then_some(h)
+    })
+    .await;
+    assert_eq!(hits[0].0["webhook-id"], message_id.as_str());
+    let body: Value = serde_json::from_str(&hits[0].1).unwrap();
+    assert_eq!(body["type"], "greeting.sent");
+    assert_eq!(body["data"]["text"], "hello");
+    drop(a);
+}
+
 async fn register_webhook(base: &str, cookie: &str, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/api/notifications/webhooks"))
