@@ -320,6 +320,16 @@ struct Registered {
     limiter: Option<Limiter>,
 }
 
+impl Registered {
+    fn new(handler: impl JobHandler, options: KindOptions) -> Registered {
+        Registered {
+            limiter: options.rate_limit.map(Limiter::new),
+            handler: Arc::new(handler),
+            options,
+        }
+    }
+}
+
 impl Counters {
     fn report(&self) -> WorkerReport {
         WorkerReport {
@@ -356,6 +366,8 @@ const COMPLETION_BATCH: usize = 256;
 struct Shared {
     store: Arc<dyn JobStore>,
     handlers: HashMap<String, Registered>,
+    /// Handlers of whole queues, whatever the job's kind (push delivery).
+    queue_handlers: HashMap<String, Registered>,
     options: WorkerOptions,
     counters: Arc<Counters>,
     completions: mpsc::Sender<Completion>,
@@ -461,6 +473,7 @@ async fn write_batch(store: Arc<dyn JobStore>, batch: Vec<Completion>) {
 pub struct Worker {
     store: Arc<dyn JobStore>,
     handlers: HashMap<String, Registered>,
+    queue_handlers: HashMap<String, Registered>,
     options: WorkerOptions,
     schedules: Vec<Schedule>,
     counters: Arc<Counters>,
@@ -471,6 +484,7 @@ impl std::fmt::Debug for Worker {
         f.debug_struct("Worker")
             .field("options", &self.options)
             .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
+            .field("queues", &self.queue_handlers.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -480,6 +494,7 @@ impl Worker {
         Worker {
             store,
             handlers: HashMap::new(),
+            queue_handlers: HashMap::new(),
             options,
             schedules: Vec::new(),
             counters: Arc::default(),
@@ -502,15 +517,23 @@ impl Worker {
         handler: impl JobHandler,
         options: KindOptions,
     ) -> Self {
-        let limiter = options.rate_limit.map(Limiter::new);
-        self.handlers.insert(
-            kind.to_string(),
-            Registered {
-                handler: Arc::new(handler),
-                options,
-                limiter,
-            },
-        );
+        self.handlers
+            .insert(kind.to_string(), Registered::new(handler, options));
+        self
+    }
+
+    /// Runs every job of `queue` with `handler`, whatever its kind, ahead
+    /// of the handlers by kind: what binds a queue to an HTTP endpoint
+    /// (push delivery). The worker must take jobs from `queue`
+    /// (`WorkerOptions::queues`).
+    pub fn register_queue(
+        mut self,
+        queue: &str,
+        handler: impl JobHandler,
+        options: KindOptions,
+    ) -> Self {
+        self.queue_handlers
+            .insert(queue.to_string(), Registered::new(handler, options));
         self
     }
 
@@ -535,6 +558,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             store: self.store.clone(),
             handlers: self.handlers,
+            queue_handlers: self.queue_handlers,
             options: self.options,
             counters: self.counters,
             completions,
@@ -707,7 +731,11 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken, sl
     metrics::histogram!("shoal_jobs_enqueue_to_start_seconds", "queue" => queue.clone())
         .record((now - job.run_at).max(0) as f64 / 1000.0);
 
-    let Some(registered) = shared.handlers.get(&job.kind) else {
+    let registered = shared
+        .queue_handlers
+        .get(&job.queue)
+        .or_else(|| shared.handlers.get(&job.kind));
+    let Some(registered) = registered else {
         // Another worker (a newer version) may know this kind.
         let error = format!(
             "no handler for kind `{}` on worker {}",

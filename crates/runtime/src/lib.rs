@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod jobs_console;
 pub mod middleware;
 pub mod openapi;
+pub mod push;
 pub mod registration;
 mod server;
 pub mod session;

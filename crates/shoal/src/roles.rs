@@ -188,11 +188,21 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
     };
     let options = WorkerOptions {
         worker_id: instance.to_string(),
+        // The queues bound to HTTP endpoints too, each with its own
+        // concurrency.
         queues: settings
             .worker
             .queues
             .iter()
+            .filter(|q| !settings.worker.push.iter().any(|p| &p.queue == *q))
             .map(|q| (q.clone(), settings.worker.concurrency))
+            .chain(
+                settings
+                    .worker
+                    .push
+                    .iter()
+                    .map(|p| (p.queue.clone(), p.concurrency)),
+            )
             .collect(),
         shutdown_timeout: Duration::from_secs(settings.worker.shutdown_timeout_secs),
         lease,
@@ -202,6 +212,19 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
     let mut jobs = Worker::new(backend.store.clone(), options);
     for module in &modules {
         jobs = module.register_jobs(&ctx, jobs);
+    }
+    for (i, push) in settings.worker.push.iter().enumerate() {
+        let handler = shoal_runtime::push::PushHandler::new(&push.url, &push.secret)
+            .map_err(|e| anyhow::anyhow!("worker.push[{i}].url: {e}"))?;
+        let options = shoal_queue::KindOptions {
+            rate_limit: (push.rate_per_sec > 0.0).then_some(shoal_queue::RateLimit {
+                per_second: push.rate_per_sec,
+                burst: 1,
+            }),
+            ..Default::default()
+        };
+        jobs = jobs.register_queue(&push.queue, handler, options);
+        tracing::info!(queue = %push.queue, url = %push.url, concurrency = push.concurrency, "queue delivered by push");
     }
     let router = axum::Router::new()
         .route(

@@ -318,6 +318,36 @@ pub struct WorkerSettings {
     /// (run more worker processes to use more cores); more is a
     /// work-stealing runtime with that many threads; 0 is one per core.
     pub threads: usize,
+    /// Queues bound to HTTP endpoints (`[[worker.push]]`): each job is
+    /// POSTed there, signed, instead of run by a handler in this binary
+    /// (docs/queue.md, "Push delivery").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push: Vec<PushSettings>,
+}
+
+/// `[[worker.push]]`: one queue whose jobs are delivered to an HTTP
+/// endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PushSettings {
+    /// The queue (taken by this worker besides `worker.queues`).
+    pub queue: String,
+    /// Where each job is POSTed: `http://` or `https://`.
+    pub url: String,
+    /// Deliveries in flight at once.
+    #[serde(default = "default_push_concurrency")]
+    pub concurrency: usize,
+    /// Deliveries started per second at most (0: no limit).
+    #[serde(default)]
+    pub rate_per_sec: f64,
+    /// The key that signs each delivery (Standard Webhooks' HMAC-SHA256),
+    /// 16 characters at least; the endpoint checks the signature with it.
+    /// Redacted by `shoal config`.
+    pub secret: String,
+}
+
+fn default_push_concurrency() -> usize {
+    10
 }
 
 impl Default for WorkerSettings {
@@ -337,6 +367,7 @@ impl Default for WorkerSettings {
             shutdown_timeout_secs: 20,
             listen: "127.0.0.1:9091".parse().unwrap(),
             threads: 1,
+            push: Vec::new(),
         }
     }
 }
@@ -604,6 +635,33 @@ impl Settings {
                 "must be between 300 and 3600000 (one hour)",
             );
         }
+        for (i, push) in self.worker.push.iter().enumerate() {
+            let key = |field: &str| format!("worker.push[{i}].{field}");
+            let queue_ok = !push.queue.is_empty()
+                && push.queue.len() <= 64
+                && push
+                    .queue
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !queue_ok {
+                return invalid(&key("queue"), "1-64 characters of letters, digits, - _ .");
+            }
+            if !(push.url.starts_with("http://") || push.url.starts_with("https://")) {
+                return invalid(&key("url"), "must be an http:// or https:// URL");
+            }
+            if !(1..=1000).contains(&push.concurrency) {
+                return invalid(&key("concurrency"), "must be between 1 and 1000");
+            }
+            if !(push.rate_per_sec >= 0.0 && push.rate_per_sec.is_finite()) {
+                return invalid(&key("rate_per_sec"), "must be 0 (no limit) or more");
+            }
+            if push.secret.chars().count() < 16 {
+                return invalid(&key("secret"), "must be at least 16 characters");
+            }
+            if self.worker.push[..i].iter().any(|p| p.queue == push.queue) {
+                return invalid(&key("queue"), "another [[worker.push]] has this queue");
+            }
+        }
         if self.worker.concurrency == 0 {
             return invalid("worker.concurrency", "must be at least 1");
         }
@@ -778,6 +836,40 @@ pub enum Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_bindings_are_checked_and_their_secret_redacted() {
+        let good = PushSettings {
+            queue: "greetings".into(),
+            url: "http://127.0.0.1:3000/jobs".into(),
+            concurrency: 10,
+            rate_per_sec: 0.0,
+            secret: "a-push-secret-of-16+".into(),
+        };
+        let mut s = Settings::default();
+        s.worker.push = vec![good.clone()];
+        assert!(s.validate().is_ok());
+        assert!(!s.to_redacted_toml().contains("a-push-secret"));
+        for (edit, key) in [
+            (
+                (|p: &mut PushSettings| p.queue = "bad queue".into()) as fn(&mut PushSettings),
+                "worker.push[0].queue",
+            ),
+            (|p| p.url = "ftp://x".into(), "worker.push[0].url"),
+            (|p| p.concurrency = 0, "worker.push[0].concurrency"),
+            (|p| p.rate_per_sec = -1.0, "worker.push[0].rate_per_sec"),
+            (|p| p.secret = "short".into(), "worker.push[0].secret"),
+        ] {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            s.worker.push = vec![bad];
+            let e = s.validate().expect_err(key).to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        s.worker.push = vec![good.clone(), good];
+        let e = s.validate().expect_err("a queue bound twice").to_string();
+        assert!(e.contains("worker.push[1].queue"), "{e}");
+    }
 
     #[test]
     fn development_secrets_are_named_until_replaced() {

@@ -16,11 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use shoal_backends::now_millis;
 use shoal_core::Problem;
 use shoal_queue::{handler_fn, Backoff, JobContext, JobError, KindOptions, NewJob, Worker};
@@ -48,14 +46,9 @@ pub fn sign_webhook(
     let key = B64
         .decode(raw)
         .map_err(|e| NotifyError::Invalid(format!("webhook secret is not base64: {e}")))?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(&key).map_err(|e| NotifyError::Invalid(e.to_string()))?;
-    mac.update(msg_id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    Ok(format!("v1,{}", B64.encode(mac.finalize().into_bytes())))
+    Ok(shoal_runtime::push::standard_webhooks_signature(
+        &key, msg_id, timestamp, body,
+    ))
 }
 
 fn new_secret() -> String {
