@@ -8,6 +8,7 @@ pub mod cache;
 pub mod client;
 pub mod compress;
 pub mod context;
+pub mod enqueue;
 pub mod error;
 pub mod extract;
 pub mod jobs;

@@ -164,3 +164,87 @@ async fn a_4xx_that_says_dead_dead_letters_and_one_that_does_not_retries() {
     push_until(store.clone(), "hooks2", &url, &job.id, JobState::Succeeded).await;
     assert_eq!(ep.got.lock().unwrap().len(), 2);
 }
+
+/// Jobs over HTTP end to end: a service without Rust enqueues on an
+/// instance (`POST /api/jobs`, `clients.token`), a bound queue pushes the
+/// job back to it; a unique key makes a retried enqueue one job; bad input
+/// or no token enqueues nothing.
+#[tokio::test]
+async fn a_job_enqueued_over_http_comes_back_by_push() {
+    let dir = kit::TempDir::new("push-http");
+    let mut s = shoal_core::Settings {
+        data_dir: dir.path().to_path_buf(),
+        ..shoal_core::Settings::default()
+    };
+    s.serve.listen = "127.0.0.1:0".parse().unwrap();
+    let token = s.clients.token.clone();
+    let app = shoal_runtime::Application::build(s, Vec::new())
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.local_addr());
+    let jobs = app.context().jobs.clone();
+    let stop = CancellationToken::new();
+    tokio::spawn(app.run(stop.clone()));
+    let http = reqwest::Client::new();
+    let url = format!("{base}/api/jobs");
+    let job = json!({"queue": "greetings", "kind": "greeting.send", "payload": {"to": "ada"},
+        "unique_key": "greet:ada", "max_attempts": 3, "timeout_ms": 5000});
+
+    let anonymous = http.post(&url).json(&job).send().await.unwrap();
+    assert_eq!(anonymous.status(), 403);
+    let bad = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&json!({"queue": "bad queue", "kind": "k", "max_attempts": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    let problem: Value = bad.json().await.unwrap();
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["max_attempts", "job"], "{problem}");
+
+    let first = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = http
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200, "the same unique key: the same job");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["created"], false);
+    let id = first["id"].as_str().unwrap().to_string();
+    let stored = jobs.get(&id).await.unwrap().unwrap();
+    assert_eq!((stored.max_attempts, stored.timeout_ms), (3, 5000));
+    let listed = jobs
+        .list(&shoal_queue::JobFilter {
+            queue: Some("greetings".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1, "the refused ones enqueued nothing");
+
+    let (endpoint_url, ep) = endpoint(vec![(200, false)]).await;
+    push_until(jobs, "greetings", &endpoint_url, &id, JobState::Succeeded).await;
+    let got = ep.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0["webhook-id"], id.as_str());
+    stop.cancel();
+}
