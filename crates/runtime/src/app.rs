@@ -409,7 +409,7 @@ fn runtime_api(ctx: &AppContext) -> crate::openapi::Api {
             "/api/jobs",
             crate::enqueue::enqueue,
             Op::new("runtime", "Enqueue a job (services)")
-                .describe("Service to service, with clients.token: the semantics of the Rust API (queue, kind, payload, unique key, run-at, attempts, timeout, priority). A queue bound to an endpoint ([[worker.push]]) delivers it there. Nothing is enqueued when the body is refused.")
+                .describe("Service to service, with a service token scoped jobs:enqueue (or clients.token): the semantics of the Rust API (queue, kind, payload, unique key, run-at, attempts, timeout, priority). A queue bound to an endpoint ([[worker.push]]) delivers it there. Nothing is enqueued when the body is refused.")
                 .token()
                 .json_body::<crate::enqueue::EnqueueRequest>()
                 .returns::<crate::enqueue::EnqueueAnswer>(201, "Enqueued")

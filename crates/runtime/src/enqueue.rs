@@ -1,5 +1,6 @@
 //! `POST /api/jobs`: enqueue a job over HTTP, for services in any
-//! language (bearer `clients.token`), with the semantics of the Rust API
+//! language (a service token with the scope `jobs:enqueue`, or
+//! `clients.token`), with the semantics of the Rust API
 //! (`NewJob`): queue, kind, payload, unique key, run-at, attempts,
 //! timeout, priority. Jobs of a queue bound to an endpoint
 //! (`[[worker.push]]`) come back to it by push delivery.
@@ -63,7 +64,7 @@ pub(crate) async fn enqueue(
     headers: HeaderMap,
     ApiJson(req): ApiJson<EnqueueRequest>,
 ) -> ApiResult<Response> {
-    crate::session::require_service_token(&ctx, &headers)?;
+    let caller = crate::session::require_scope(&ctx, &headers, "jobs:enqueue")?;
     let mut problem = Problem::validation("the job is invalid; see `errors`");
     let size = serde_json::to_string(&req.payload).map_or(0, |t| t.len());
     if size > MAX_PAYLOAD {
@@ -110,7 +111,7 @@ pub(crate) async fn enqueue(
     } else {
         StatusCode::OK
     };
-    metrics::counter!("shoal_jobs_enqueued_over_http_total").increment(1);
+    metrics::counter!("shoal_jobs_enqueued_over_http_total", "caller" => caller).increment(1);
     Ok((
         status,
         Json(EnqueueAnswer {

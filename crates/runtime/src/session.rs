@@ -38,19 +38,86 @@ impl FromRequestParts<AppContext> for CurrentSession {
 
 /// Refuses (403) a call to an internal endpoint that does not carry
 /// `clients.token` as its bearer token: such endpoints are for Shoal's own
-/// services and the team's services behind the gateway, never browsers.
+/// services, never browsers.
 pub fn require_service_token(ctx: &AppContext, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if shoal_core::bearer::matches(given, &[ctx.settings.clients.token.as_str()]) {
+    if shoal_core::bearer::matches(bearer(headers), &[ctx.settings.clients.token.as_str()]) {
         Ok(())
     } else {
         Err(Problem::forbidden(
-            "an internal endpoint: only services with clients.token (as a bearer token) may call it",
+            "an internal endpoint: only Shoal's services (with clients.token) may call it",
         )
         .into())
     }
+}
+
+/// Refuses (403) a call that carries neither `clients.token` nor a service
+/// token with `scope` (`[[clients.service_tokens]]`, kept as SHA-256
+/// hashes, compared in constant time). Returns who called: `shoal` or the
+/// token's name.
+pub fn require_scope(
+    ctx: &AppContext,
+    headers: &HeaderMap,
+    scope: &str,
+) -> Result<String, ApiError> {
+    use sha2::{Digest, Sha256};
+    let given = bearer(headers);
+    if shoal_core::bearer::matches(given, &[ctx.settings.clients.token.as_str()]) {
+        return Ok("shoal".into());
+    }
+    let token = given
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    if let Some(token) = token {
+        let hash = hex(&Sha256::digest(token.as_bytes()));
+        let holder = ctx.settings.clients.service_tokens.iter().find(|t| {
+            shoal_core::bearer::constant_time_eq(
+                t.sha256.to_ascii_lowercase().as_bytes(),
+                hash.as_bytes(),
+            )
+        });
+        if let Some(t) = holder {
+            if t.scopes.iter().any(|s| s == scope) {
+                return Ok(t.name.clone());
+            }
+            return Err(Problem::forbidden(format!(
+                "the service token `{}` does not have the scope `{scope}`",
+                t.name
+            ))
+            .into());
+        }
+    }
+    Err(Problem::forbidden(format!(
+        "this endpoint needs a service token with the scope `{scope}` (or clients.token) as a bearer token"
+    ))
+    .into())
+}
+
+/// A new service token and its SHA-256 in hex (what
+/// `[[clients.service_tokens]]` keeps): `sst_` and 32 random bytes in
+/// URL-safe base64.
+pub fn new_service_token() -> (String, String) {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    use sha2::{Digest, Sha256};
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = format!(
+        "sst_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    );
+    let hash = hex(&Sha256::digest(token.as_bytes()));
+    (token, hash)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The value of cookie `name` in the request, if any.

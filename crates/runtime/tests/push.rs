@@ -166,7 +166,9 @@ async fn a_4xx_that_says_dead_dead_letters_and_one_that_does_not_retries() {
 }
 
 /// Jobs over HTTP end to end: a service without Rust enqueues on an
-/// instance (`POST /api/jobs`, `clients.token`), a bound queue pushes the
+/// instance (`POST /api/jobs` with its service token, scoped
+/// `jobs:enqueue`; a token without that scope is refused), a bound queue
+/// pushes the
 /// job back to it; a unique key makes a retried enqueue one job; bad input
 /// or no token enqueues nothing.
 #[tokio::test]
@@ -177,7 +179,24 @@ async fn a_job_enqueued_over_http_comes_back_by_push() {
         ..shoal_core::Settings::default()
     };
     s.serve.listen = "127.0.0.1:0".parse().unwrap();
-    let token = s.clients.token.clone();
+    let internal = s.clients.token.clone();
+    // The service's own token, scoped to enqueueing; another scoped to
+    // events only. Settings keep only their hashes.
+    let (token, hash) = shoal_runtime::session::new_service_token();
+    let (events_only, events_hash) = shoal_runtime::session::new_service_token();
+    s.clients.service_tokens = vec![
+        shoal_core::settings::ServiceTokenSettings {
+            name: "greetings".into(),
+            sha256: hash,
+            scopes: vec!["jobs:enqueue".into()],
+        },
+        shoal_core::settings::ServiceTokenSettings {
+            name: "notifier".into(),
+            sha256: events_hash,
+            scopes: vec!["events:publish".into()],
+        },
+    ];
+    s.validate().unwrap();
     let app = shoal_runtime::Application::build(s, Vec::new())
         .await
         .unwrap();
@@ -192,6 +211,19 @@ async fn a_job_enqueued_over_http_comes_back_by_push() {
 
     let anonymous = http.post(&url).json(&job).send().await.unwrap();
     assert_eq!(anonymous.status(), 403);
+    let wrong_scope = http
+        .post(&url)
+        .bearer_auth(&events_only)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_scope.status(), 403);
+    let p: Value = wrong_scope.json().await.unwrap();
+    assert!(
+        p["detail"].as_str().unwrap().contains("jobs:enqueue"),
+        "{p}"
+    );
     let bad = http
         .post(&url)
         .bearer_auth(&token)
@@ -218,9 +250,10 @@ async fn a_job_enqueued_over_http_comes_back_by_push() {
         .unwrap();
     assert_eq!(first.status(), 201);
     let first: Value = first.json().await.unwrap();
+    // Shoal's own services' token opens it too.
     let again = http
         .post(&url)
-        .bearer_auth(&token)
+        .bearer_auth(&internal)
         .json(&job)
         .send()
         .await

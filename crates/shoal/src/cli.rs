@@ -72,12 +72,37 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Print the effective settings as TOML, with secrets redacted.
     Config,
+    /// Make a service token for one of the team's services (any language):
+    /// prints the token, to give that service, and the
+    /// `[[clients.service_tokens]]` entry (its SHA-256 and scopes) for
+    /// every `serve`'s settings. Nothing is stored: rotate by adding a new
+    /// entry, moving the service to its token, then removing the old one.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print a completion script for a shell, e.g.
     /// `shoal completions bash > /etc/bash_completion.d/shoal`, or
     /// `shoal completions zsh > "${fpath[1]}/_shoal"`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// A new token: `shoal token new --name greetings --scope jobs:enqueue
+    /// --scope events:publish`.
+    New {
+        /// Who will hold it (shown in logs and metrics).
+        #[arg(long)]
+        name: String,
+        /// What it may call: `jobs:enqueue` (POST /api/jobs),
+        /// `events:publish` (POST /api/notifications/events). Repeat for
+        /// several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
     },
 }
 
@@ -417,6 +442,7 @@ impl Cli {
             Command::Migrate
             | Command::Config
             | Command::Completions { .. }
+            | Command::Token { .. }
             | Command::Seed(_)
             | Command::Jobs(_) => {}
         }

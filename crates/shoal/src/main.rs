@@ -67,6 +67,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let cli::Command::Token {
+        command: cli::TokenCommand::New { name, scopes },
+    } = &cli.command
+    {
+        return new_token(&settings, name, scopes);
+    }
     if let cli::Command::Config = cli.command {
         print!("{}", settings.to_redacted_toml());
         return ExitCode::SUCCESS;
@@ -103,4 +109,33 @@ fn main() -> ExitCode {
     };
     shoal_core::telemetry::flush_logs();
     code
+}
+
+/// `shoal token new`: checks the entry as the settings would, then prints
+/// the token (stdout, alone on its line, for scripts) and the settings
+/// entry to add (stderr).
+fn new_token(settings: &shoal_core::settings::Settings, name: &str, scopes: &[String]) -> ExitCode {
+    let (token, sha256) = shoal_runtime::session::new_service_token();
+    let mut check = settings.clone();
+    check
+        .clients
+        .service_tokens
+        .push(shoal_core::settings::ServiceTokenSettings {
+            name: name.to_string(),
+            sha256: sha256.clone(),
+            scopes: scopes.to_vec(),
+        });
+    if let Err(e) = check.validate() {
+        eprintln!("shoal: {e}");
+        return ExitCode::from(2);
+    }
+    let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
+    println!("{token}");
+    eprintln!(
+        "Give the token above to `{name}` (sent as `Authorization: Bearer <token>`); it is shown once.\n\
+         Add this to the settings of every `serve` (then restart them one by one):\n\n\
+         [[clients.service_tokens]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\nscopes = [{}]",
+        scopes.join(", ")
+    );
+    ExitCode::SUCCESS
 }

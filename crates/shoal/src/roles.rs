@@ -86,7 +86,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Seed(args) => seed(&settings, args.products, args.stock).await?,
         Command::Jobs(args) => return jobs(&settings, args.command).await,
         Command::Sandbox(_) => sandbox(&settings, shutdown).await?,
-        Command::Config | Command::Completions { .. } => {
+        Command::Config | Command::Completions { .. } | Command::Token { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }

@@ -467,6 +467,29 @@ pub struct ClientsSettings {
     /// The same on every `serve`; the development default is refused
     /// outside a development run.
     pub token: String,
+    /// Tokens of the team's own services (any language), each limited to
+    /// some endpoints (`[[clients.service_tokens]]`; `shoal token new`
+    /// makes one). Only each token's SHA-256 is kept here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_tokens: Vec<ServiceTokenSettings>,
+}
+
+/// The scopes a service token can have, and the endpoints they open.
+pub const SERVICE_TOKEN_SCOPES: &[(&str, &str)] = &[
+    ("jobs:enqueue", "POST /api/jobs"),
+    ("events:publish", "POST /api/notifications/events"),
+];
+
+/// `[[clients.service_tokens]]`: one service's token, stored hashed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTokenSettings {
+    /// Who holds it (shown in logs; unique).
+    pub name: String,
+    /// The token's SHA-256, 64 hex digits (`shoal token new` prints it).
+    pub sha256: String,
+    /// What it may call: `jobs:enqueue`, `events:publish`.
+    pub scopes: Vec<String>,
 }
 
 /// The development default of `clients.token` (known to everyone).
@@ -481,6 +504,7 @@ impl Default for ClientsSettings {
             retries: 2,
             breaker_failures: 5,
             breaker_open_ms: 5_000,
+            service_tokens: Vec::new(),
         }
     }
 }
@@ -634,6 +658,41 @@ impl Settings {
                 "worker.lease_ms",
                 "must be between 300 and 3600000 (one hour)",
             );
+        }
+        for (i, t) in self.clients.service_tokens.iter().enumerate() {
+            let key = |field: &str| format!("clients.service_tokens[{i}].{field}");
+            if t.name.is_empty() || t.name.len() > 64 {
+                return invalid(&key("name"), "must be 1-64 characters");
+            }
+            if self.clients.service_tokens[..i]
+                .iter()
+                .any(|o| o.name == t.name)
+            {
+                return invalid(&key("name"), "another service token has this name");
+            }
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return invalid(
+                    &key("sha256"),
+                    "must be the token's SHA-256 in 64 hex digits (`shoal token new` prints it)",
+                );
+            }
+            if t.scopes.is_empty() {
+                return invalid(&key("scopes"), "must name at least one scope");
+            }
+            if let Some(bad) = t
+                .scopes
+                .iter()
+                .find(|s| !SERVICE_TOKEN_SCOPES.iter().any(|(k, _)| k == s))
+            {
+                let known: Vec<&str> = SERVICE_TOKEN_SCOPES.iter().map(|(k, _)| *k).collect();
+                return invalid(
+                    &key("scopes"),
+                    &format!(
+                        "`{bad}` is not a scope; the scopes are {}",
+                        known.join(", ")
+                    ),
+                );
+            }
         }
         for (i, push) in self.worker.push.iter().enumerate() {
             let key = |field: &str| format!("worker.push[{i}].{field}");
@@ -836,6 +895,50 @@ pub enum Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_tokens_are_hashes_with_known_scopes() {
+        let good = ServiceTokenSettings {
+            name: "greetings".into(),
+            sha256: "ab".repeat(32),
+            scopes: vec!["jobs:enqueue".into(), "events:publish".into()],
+        };
+        let mut s = Settings::default();
+        s.clients.service_tokens = vec![good.clone()];
+        assert!(s.validate().is_ok());
+        for (edit, key, says) in [
+            (
+                (|t: &mut ServiceTokenSettings| t.name = String::new())
+                    as fn(&mut ServiceTokenSettings),
+                "clients.service_tokens[0].name",
+                "1-64",
+            ),
+            (
+                |t| t.sha256 = "not-a-hash".into(),
+                "clients.service_tokens[0].sha256",
+                "64 hex",
+            ),
+            (
+                |t| t.scopes = vec![],
+                "clients.service_tokens[0].scopes",
+                "at least one",
+            ),
+            (
+                |t| t.scopes = vec!["catalog:reserve".into()],
+                "clients.service_tokens[0].scopes",
+                "jobs:enqueue, events:publish",
+            ),
+        ] {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            s.clients.service_tokens = vec![bad];
+            let e = s.validate().expect_err(key).to_string();
+            assert!(e.contains(key) && e.contains(says), "{e}");
+        }
+        s.clients.service_tokens = vec![good.clone(), good];
+        let e = s.validate().expect_err("a name twice").to_string();
+        assert!(e.contains("clients.service_tokens[1].name"), "{e}");
+    }
 
     #[test]
     fn push_bindings_are_checked_and_their_secret_redacted() {

@@ -139,7 +139,7 @@ impl ServiceModule for Notifications {
                 "/api/notifications/events",
                 realtime::publish,
                 Op::new(TAG, "Publish an event to a user (services)")
-                    .describe("Service to service, with clients.token: the event goes to the user's open streams on every instance (kept for replay) and to the user's webhooks subscribed to its kind. Nothing is written when the body is refused. At least once: a retry after a failure may deliver it twice.")
+                    .describe("Service to service, with a service token scoped events:publish (or clients.token): the event goes to the user's open streams on every instance (kept for replay) and to the user's webhooks subscribed to its kind. Nothing is written when the body is refused. At least once: a retry after a failure may deliver it twice.")
                     .token()
                     .json_body::<realtime::PublishRequest>()
                     .returns::<realtime::Published>(202, "Published"),

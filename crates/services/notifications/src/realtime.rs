@@ -853,7 +853,8 @@ pub(crate) struct Published {
 }
 
 /// `POST /api/notifications/events`: an event from another service (any
-/// language, with `clients.token` as its bearer token) to a user: to the
+/// language, with a service token with the scope `events:publish`, or
+/// `clients.token`) to a user: to the
 /// user's open SSE and WebSocket streams on every instance, kept for
 /// replay, and to the user's webhooks subscribed to its kind. Everything
 /// is checked before anything is written; a retry after a failure may
@@ -863,7 +864,7 @@ pub(crate) async fn publish(
     headers: HeaderMap,
     ApiJson(req): ApiJson<PublishRequest>,
 ) -> ApiResult<Response> {
-    shoal_runtime::session::require_service_token(&ctx, &headers)?;
+    let caller = shoal_runtime::session::require_scope(&ctx, &headers, "events:publish")?;
     let mut problem = Problem::validation("the event is invalid; see `errors`");
     if req.user_id.is_empty() || req.user_id.chars().count() > 100 {
         problem = problem.with_field("user_id", "must be 1-100 characters");
@@ -903,7 +904,8 @@ pub(crate) async fn publish(
     tx.commit()
         .await
         .map_err(|e| ApiError::internal("committing the event's webhooks", &e))?;
-    metrics::counter!("shoal_notifications_events_published_total", "via" => "http").increment(1);
+    metrics::counter!("shoal_notifications_events_over_http_total", "caller" => caller)
+        .increment(1);
     Ok((
         StatusCode::ACCEPTED,
         Json(Published {
