@@ -1040,3 +1040,88 @@ async fn worker_readyz_follows_its_job_store_down_and_back() {
     let _ = kill(Pid::from_raw(worker.id() as i32), Signal::SIGTERM);
     let _ = worker.wait();
 }
+
+/// A service outside Shoal, end to end through `shoal up`: it enqueues a
+/// job over HTTP through the gateway with its own scoped service token,
+/// and the stack's worker pushes the job back to its endpoint, signed,
+/// with the job's id as `webhook-id` (docs/queue.md, "Push delivery").
+#[tokio::test]
+async fn a_job_from_an_outside_service_is_pushed_back_to_it() {
+    type Got = Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>;
+    let got: Got = Arc::default();
+    let router = axum::Router::new()
+        .route(
+            "/jobs",
+            axum::routing::post(
+                |axum::extract::State(got): axum::extract::State<Got>,
+                 headers: axum::http::HeaderMap,
+                 body: String| async move {
+                    got.lock().unwrap().push((headers, body));
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/jobs", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    const SECRET: &str = "push-secret-0123456789";
+    let (token, hash) = shoal_runtime::session::new_service_token();
+    let dir = kit::TempDir::new("push-up");
+    let config = dir.path().join("shoal.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[clients.service_tokens]]\nname = \"greetings\"\nsha256 = \"{hash}\"\n\
+             scopes = [\"jobs:enqueue\"]\n\n[[worker.push]]\nqueue = \"greetings\"\n\
+             url = \"{endpoint}\"\nsecret = \"{SECRET}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut stack = Stack::start(2, &[("SHOAL_CONFIG", config.to_str().unwrap())]);
+    stack.wait_ready(2).await;
+
+    let http = reqwest::Client::new();
+    let r = http
+        .post(stack.url("/api/jobs"))
+        .bearer_auth(&token)
+        .json(&json!({"queue": "greetings", "kind": "greeting.send", "payload": {"to": "ada"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", stack.log());
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the job was not pushed within 30 s: {}",
+            stack.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (headers, body) = got.lock().unwrap()[0].clone();
+    assert_eq!(headers["webhook-id"], id.as_str());
+    let ts: i64 = headers["webhook-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        headers["webhook-signature"],
+        shoal_runtime::push::standard_webhooks_signature(
+            SECRET.as_bytes(),
+            &id,
+            ts,
+            body.as_bytes()
+        )
+        .as_str()
+    );
+    let job: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(job["payload"]["to"], "ada");
+    stack.stop(Duration::from_secs(30));
+}
