@@ -4,6 +4,7 @@
 //! (`spans.rs`) when traces are on.
 
 pub mod bearer;
+pub mod cookies;
 pub mod ids;
 pub mod ports;
 pub mod problem;

@@ -229,15 +229,13 @@ async fn ask(next: &Next, ctx: &Ctx, host: Option<HeaderValue>, token: &str) -> 
 
 /// The value of cookie `name` in `headers`, if any.
 fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
+    let fields = headers
         .get_all(http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"').to_string())
+        .filter_map(|v| v.to_str().ok());
+    shoal_core::cookies::value(fields, name)
         .filter(|v| !v.is_empty())
+        .map(str::to_string)
 }
 
 #[cfg(test)]

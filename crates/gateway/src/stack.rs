@@ -139,6 +139,42 @@ macro_rules! plain_layer {
     };
 }
 
+/// A layer whose service also keeps the rest of the stack below as a
+/// boxed [`Next`], to send requests of its own through it (the cache's
+/// revalidations and refreshes, the identity layer's session check).
+macro_rules! next_layer {
+    ($(#[$doc:meta])* $layer:ident => $service:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy)]
+        pub(crate) struct $layer;
+
+        impl<S> Layer<S> for $layer
+        where
+            S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+                + Clone
+                + Send
+                + Sync
+                + 'static,
+            S::Future: Send + 'static,
+        {
+            type Service = $service<S>;
+            fn layer(&self, inner: S) -> $service<S> {
+                $service {
+                    next: BoxCloneSyncService::new(inner.clone()),
+                    inner,
+                }
+            }
+        }
+
+        #[derive(Clone)]
+        pub(crate) struct $service<S> {
+            inner: S,
+            /// The stack below, boxed.
+            next: Next,
+        }
+    };
+}
+
 /// `poll_ready` of a layer: ready when the inner service is.
 macro_rules! ready_when_inner_is {
     () => {
@@ -548,33 +584,11 @@ where
 
 // ---- identity at the edge ----------------------------------------------
 
-#[derive(Clone, Copy)]
-pub(crate) struct IdentityLayer;
-
-impl<S> Layer<S> for IdentityLayer
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Service = Identified<S>;
-    fn layer(&self, inner: S) -> Identified<S> {
-        Identified {
-            next: BoxCloneSyncService::new(inner.clone()),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Identified<S> {
-    inner: S,
-    /// The stack below, for the session check and then the request.
-    next: Next,
-}
+next_layer!(
+    /// Removes the user header a client sent; on a route that requires a
+    /// session, checks it through the stack below (`identity.rs`).
+    IdentityLayer => Identified
+);
 
 impl<S> Service<Request<Body>> for Identified<S>
 where
@@ -640,32 +654,11 @@ pub(crate) fn call(next: &Next, req: Request<Body>) -> BoxFuture<'static, Answer
     })
 }
 
-#[derive(Clone, Copy)]
-pub(crate) struct CacheLayer;
-
-impl<S> Layer<S> for CacheLayer
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Service = Cache<S>;
-    fn layer(&self, inner: S) -> Cache<S> {
-        Cache {
-            next: BoxCloneSyncService::new(inner.clone()),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Cache<S> {
-    inner: S,
-    next: Next,
-}
+next_layer!(
+    /// The RFC 9111 cache (`cache/`), which revalidates and refreshes
+    /// through the stack below.
+    CacheLayer => Cache
+);
 
 impl<S> Service<Request<Body>> for Cache<S>
 where

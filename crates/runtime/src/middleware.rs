@@ -381,8 +381,8 @@ impl RequestContext {
     /// (and its trace span when traces are on); then [`Self::finish`].
     /// Futures wrapped by value, not awaited inside an `async` block: a
     /// future held and then moved into the one awaited takes room twice,
-    /// and every request's future is copied whole into its box (27% of
-    /// `/healthz`'s instructions were that copy before, bench/README.md).
+    /// and every request's future is copied whole into its box (what that
+    /// cost before: bench/README.md, "Standard middleware on `/healthz`").
     fn around<F>(
         self,
         standard: Arc<Standard>,

@@ -129,12 +129,11 @@ impl JobHandler for PushHandler {
                 .get(OUTCOME_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("dead"));
-        let text = response.text().await.unwrap_or_default();
-        let mut end = text.len().min(ERROR_BODY_BYTES);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        let error = format!("{} answered {status}: {}", self.url, &text[..end]);
+        let error = format!(
+            "{} answered {status}: {}",
+            self.url,
+            start_of_body(response).await
+        );
         if dead {
             metrics::counter!("shoal_jobs_pushed_total", "outcome" => "dead").increment(1);
             Err(JobError::permanent(error))
@@ -143,4 +142,18 @@ impl JobHandler for PushHandler {
             Err(JobError::retryable(error))
         }
     }
+}
+
+/// The first `ERROR_BODY_BYTES` of an answer's body, as text: read no
+/// further, however long the body is.
+async fn start_of_body(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    bytes.truncate(ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&bytes).into_owned()
 }

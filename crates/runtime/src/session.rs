@@ -122,14 +122,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The value of cookie `name` in the request, if any.
 pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
+    let fields = headers
         .get_all(axum::http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"').to_string())
+        .filter_map(|v| v.to_str().ok());
+    shoal_core::cookies::value(fields, name).map(str::to_string)
 }
 
 /// Whether cookies set on this request's answer get `Secure`

@@ -542,17 +542,19 @@ impl Logs {
 
     /// Reads `from` line by line until it closes, writing each out.
     async fn relay(self, name: String, from: impl tokio::io::AsyncRead + Unpin) {
-        use tokio::io::AsyncBufReadExt;
         let color = COLORS[name.bytes().map(usize::from).sum::<usize>() % COLORS.len()];
-        let mut lines = tokio::io::BufReader::new(from).lines();
+        let mut from = tokio::io::BufReader::new(from);
         // Once our stdout is gone (`shoal up | head`), lines are still
         // read and dropped: a child whose pipe filled would stop in its
-        // next log write.
+        // next log write. So are lines that are not UTF-8 (shown lossily)
+        // or longer than MAX_LINE (cut there).
         let mut writable = true;
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut raw = Vec::new();
+        while read_line_capped(&mut from, &mut raw, MAX_LINE).await {
             if !writable {
                 continue;
             }
+            let line = String::from_utf8_lossy(&raw);
             let mut text = if self.pretty {
                 pretty_line(&name, self.width, self.color.then_some(color), &line)
             } else {
@@ -561,6 +563,40 @@ impl Logs {
             text.push('\n');
             let mut out = self.out.lock().await;
             writable = out.write_all(text.as_bytes()).await.is_ok() && out.flush().await.is_ok();
+        }
+    }
+}
+
+/// The longest line of a child's output relayed; the rest of a longer
+/// line is dropped.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Reads one line (without its `\n`) into `line`, keeping at most `max`
+/// bytes of it and reading past the rest; false at the end of `from` (or
+/// on a read error) with nothing read.
+async fn read_line_capped(
+    from: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+    max: usize,
+) -> bool {
+    use tokio::io::AsyncBufReadExt;
+    line.clear();
+    let mut any = false;
+    loop {
+        let buf = match from.fill_buf().await {
+            Ok(b) if !b.is_empty() => b,
+            _ => return any,
+        };
+        any = true;
+        let (part, used, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = max.saturating_sub(line.len());
+        line.extend_from_slice(&part[..part.len().min(room)]);
+        from.consume(used);
+        if done {
+            return true;
         }
     }
 }
@@ -639,6 +675,34 @@ mod log_tests {
         assert_eq!(
             pretty_line("serve-1", 7, None, "not json"),
             "serve-1 | not json"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_line_capped;
+
+    #[tokio::test]
+    async fn long_and_non_utf8_lines_are_cut_not_the_end_of_the_relay() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"short\n");
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend_from_slice(b"\n\xff\xfe bad\nlast without newline");
+        let mut from = tokio::io::BufReader::with_capacity(16, &input[..]);
+        let mut line = Vec::new();
+        let mut lines = Vec::new();
+        while read_line_capped(&mut from, &mut line, 10).await {
+            lines.push(line.clone());
+        }
+        assert_eq!(
+            lines,
+            [
+                b"short".to_vec(),
+                b"xxxxxxxxxx".to_vec(),
+                b"\xff\xfe bad".to_vec(),
+                b"last witho".to_vec()
+            ]
         );
     }
 }
