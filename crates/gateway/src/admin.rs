@@ -47,19 +47,38 @@ pub async fn handle(
             }
         }
         admin if admin.starts_with("/admin/") => {
-            if let Some(denied) = authorize(&state, Access::Admin, &req, request_id) {
+            let action = admin.trim_start_matches("/admin/").to_string();
+            // A registration token opens register and deregister, in its
+            // own pools (checked once the body names the pool).
+            let registrant = match action.as_str() {
+                "register" | "deregister" => registration_token(&state, &req),
+                _ => None,
+            };
+            let denied = match registrant {
+                Some(_) => None,
+                None => authorize(&state, Access::Admin, &req, request_id),
+            };
+            if let Some(denied) = denied {
                 denied
             } else if method != Method::POST {
                 method_not_allowed("POST", request_id)
             } else if admin == "/admin/purge" {
                 crate::cache::purge::handle(&state, req, request_id).await
             } else {
-                let action = admin.trim_start_matches("/admin/").to_string();
                 match read_json::<AdminRequest>(req).await {
                     Err(problem) => problem_response(&problem, request_id),
-                    Ok(body) => match admin_action(&state, &action, body) {
-                        Ok(value) => json_response(StatusCode::OK, &value),
-                        Err(problem) => problem_response(&problem, request_id),
+                    Ok(body) => match registrant {
+                        Some(t) if !t.pools.contains(&body.pool) => problem_response(
+                            &Problem::forbidden(format!(
+                                "the registration token `{}` may register only in the pools {:?}",
+                                t.name, t.pools
+                            )),
+                            request_id,
+                        ),
+                        _ => match admin_action(&state, &action, body) {
+                            Ok(value) => json_response(StatusCode::OK, &value),
+                            Err(problem) => problem_response(&problem, request_id),
+                        },
                     },
                 }
             }
@@ -151,6 +170,21 @@ pub(crate) fn authorize<B>(
         );
         Some(r)
     }
+}
+
+/// The registration token (`gateway.registration_tokens`) the request
+/// carries as its bearer token, if any.
+fn registration_token<'a, B>(
+    state: &'a GatewayState,
+    req: &Request<B>,
+) -> Option<&'a shoal_core::settings::RegistrationTokenSettings> {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    shoal_core::bearer::find_hashed(header, &state.settings.registration_tokens, |t| {
+        t.sha256.as_str()
+    })
 }
 
 /// `/_gateway/metrics`, `/_gateway/cache` and `/_gateway/pools`, once

@@ -352,3 +352,75 @@ async fn only_a_token_opens_the_admin_api_and_status_never_the_client_address() 
         StatusCode::OK
     );
 }
+
+/// A registration token (`gateway.registration_tokens`) registers and
+/// deregisters instances in its own pools, and opens nothing else: not
+/// another pool, not eject, purge, reload or the status endpoints. The
+/// settings keep only its SHA-256.
+#[tokio::test]
+async fn a_registration_token_registers_in_its_pools_only() {
+    const TOKEN: &str = "sst_registration-token-for-greetings";
+    let a = Upstream::start("a").await;
+    let greeter = Upstream::start("greeter").await;
+    let gw = TestGateway::start(settings(
+        &[a.url()],
+        json!({
+            "pools": [
+                {"name": "default", "upstreams": [a.url()]},
+                {"name": "greetings", "upstreams": []},
+            ],
+            "routes": [
+                {"prefix": "/", "pool": "default"},
+                {"prefix": "/api/greetings", "pool": "greetings"},
+            ],
+            "registration_tokens": [{
+                "name": "greetings",
+                "sha256": shoal_core::bearer::sha256_hex(TOKEN),
+                "pools": ["greetings"],
+            }],
+        }),
+    ))
+    .await;
+    let client = TestClient::default();
+    let mine = json!({"pool": "greetings", "url": greeter.url(), "ttl_secs": 30});
+    let r = admin(&client, &gw, "register", mine.clone(), Some(TOKEN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        client.get(&gw.url("/api/greetings/hi")).await.body,
+        "greeter"
+    );
+    assert_eq!(client.get(&gw.url("/")).await.body, "a");
+
+    // Another pool: 403, and nothing changes there.
+    let theirs = json!({"pool": "default", "url": greeter.url(), "ttl_secs": 30});
+    let r = admin(&client, &gw, "register", theirs.clone(), Some(TOKEN)).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(r.body.contains("greetings"), "{}", r.body);
+    for _ in 0..4 {
+        assert_eq!(client.get(&gw.url("/")).await.body, "a");
+    }
+    // Every other admin action and the status: as without a token.
+    for action in ["eject", "restore", "purge", "reload"] {
+        let r = admin(&client, &gw, action, mine.clone(), Some(TOKEN)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{action}: {}", r.body);
+    }
+    let r = client
+        .send(
+            Request::get(gw.url("/_gateway/pools"))
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // A wrong token is no registration token.
+    let r = admin(&client, &gw, "register", mine.clone(), Some("sst_wrong")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    let r = admin(&client, &gw, "deregister", mine, Some(TOKEN)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        client.get(&gw.url("/api/greetings/hi")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}

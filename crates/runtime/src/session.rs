@@ -59,33 +59,23 @@ pub fn require_scope(
     headers: &HeaderMap,
     scope: &str,
 ) -> Result<String, ApiError> {
-    use sha2::{Digest, Sha256};
     let given = bearer(headers);
     if shoal_core::bearer::matches(given, &[ctx.settings.clients.token.as_str()]) {
         return Ok("shoal".into());
     }
-    let token = given
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty());
-    if let Some(token) = token {
-        let hash = hex(&Sha256::digest(token.as_bytes()));
-        let holder = ctx.settings.clients.service_tokens.iter().find(|t| {
-            shoal_core::bearer::constant_time_eq(
-                t.sha256.to_ascii_lowercase().as_bytes(),
-                hash.as_bytes(),
-            )
+    let holder =
+        shoal_core::bearer::find_hashed(given, &ctx.settings.clients.service_tokens, |t| {
+            t.sha256.as_str()
         });
-        if let Some(t) = holder {
-            if t.scopes.iter().any(|s| s == scope) {
-                return Ok(t.name.clone());
-            }
-            return Err(Problem::forbidden(format!(
-                "the service token `{}` does not have the scope `{scope}`",
-                t.name
-            ))
-            .into());
+    if let Some(t) = holder {
+        if t.scopes.iter().any(|s| s == scope) {
+            return Ok(t.name.clone());
         }
+        return Err(Problem::forbidden(format!(
+            "the service token `{}` does not have the scope `{scope}`",
+            t.name
+        ))
+        .into());
     }
     Err(Problem::forbidden(format!(
         "this endpoint needs a service token with the scope `{scope}` (or clients.token) as a bearer token"
@@ -99,14 +89,13 @@ pub fn require_scope(
 pub fn new_service_token() -> (String, String) {
     use base64::Engine as _;
     use rand::RngCore as _;
-    use sha2::{Digest, Sha256};
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let token = format!(
         "sst_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
-    let hash = hex(&Sha256::digest(token.as_bytes()));
+    let hash = shoal_core::bearer::sha256_hex(&token);
     (token, hash)
 }
 
@@ -114,10 +103,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The value of cookie `name` in the request, if any.

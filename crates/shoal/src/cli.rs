@@ -72,11 +72,13 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Print the effective settings as TOML, with secrets redacted.
     Config,
-    /// Make a service token for one of the team's services (any language):
-    /// prints the token, to give that service, and the
-    /// `[[clients.service_tokens]]` entry (its SHA-256 and scopes) for
-    /// every `serve`'s settings. Nothing is stored: rotate by adding a new
-    /// entry, moving the service to its token, then removing the old one.
+    /// Make a token for one of the team's services (any language): prints
+    /// the token, to give that service, and the settings entries that
+    /// accept it (its SHA-256 only): `[[clients.service_tokens]]` for
+    /// every `serve` with --scope, `[[gateway.registration_tokens]]` for
+    /// every gateway with --pool. Nothing is stored: rotate by adding a
+    /// new entry, moving the service to its token, then removing the old
+    /// one.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
@@ -93,7 +95,7 @@ pub enum Command {
 #[derive(Debug, Clone, Subcommand)]
 pub enum TokenCommand {
     /// A new token: `shoal token new --name greetings --scope jobs:enqueue
-    /// --scope events:publish`.
+    /// --scope events:publish --pool greetings`.
     New {
         /// Who will hold it (shown in logs and metrics).
         #[arg(long)]
@@ -101,8 +103,13 @@ pub enum TokenCommand {
         /// What it may call: `jobs:enqueue` (POST /api/jobs),
         /// `events:publish` (POST /api/notifications/events). Repeat for
         /// several.
-        #[arg(long = "scope", required = true)]
+        #[arg(long = "scope", required_unless_present = "pools")]
         scopes: Vec<String>,
+        /// A gateway pool its holder may register its instances in
+        /// (`POST /_gateway/admin/register`, and deregister); nothing
+        /// else of the admin API. Repeat for several.
+        #[arg(long = "pool")]
+        pools: Vec<String>,
     },
 }
 
@@ -132,7 +139,8 @@ pub struct GatewayArgs {
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// An upstream base URL; repeat for more. Forms one pool named
-    /// `default` that serves every path.
+    /// `default` that serves every path (in place of the configured pools
+    /// and routes, unless --registered).
     #[arg(long = "to", value_name = "URL")]
     pub to: Vec<String>,
     /// Threads serving connections, each with its own event loop and
@@ -142,11 +150,13 @@ pub struct GatewayArgs {
     /// Turn on the HTTP response cache (`gateway.cache.enabled`).
     #[arg(long)]
     pub cache: bool,
-    /// One pool `default` serving every path, whose instances register
-    /// themselves (`POST /_gateway/admin/register`, as `shoal serve` does
-    /// with `serve.register_at`); --to adds static ones beside them. Needs
-    /// `gateway.admin_token` (SHOAL_GATEWAY__ADMIN_TOKEN), the same on
-    /// every instance.
+    /// One pool `default` serving every path no configured route takes,
+    /// whose instances register themselves (`POST
+    /// /_gateway/admin/register`, as `shoal serve` does with
+    /// `serve.register_at`); --to adds static ones beside them. Configured
+    /// pools and routes stay, so another service can register into a pool
+    /// of its own under its prefix. Needs `gateway.admin_token`
+    /// (SHOAL_GATEWAY__ADMIN_TOKEN), the same on every instance.
     #[arg(long)]
     pub registered: bool,
     /// Memory of the HTTP cache, e.g. 268435456, 256MiB, 1GiB, 500MB
@@ -166,6 +176,39 @@ pub struct GatewayArgs {
     /// The PEM private key of --tls-cert (`gateway.tls_key_file`).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<String>,
+}
+
+/// `--registered`: a pool `default` (with `to` as its static instances)
+/// serving every path no configured route takes. Configured pools and
+/// routes stay: a service of another language registers into its own
+/// pool, routed by prefix (`gateway.routes`), beside Shoal's instances.
+fn registered_default_pool(gateway: &mut shoal_core::settings::GatewaySettings, to: &[String]) {
+    match gateway.pools.iter_mut().find(|p| p.name == "default") {
+        Some(pool) => pool.upstreams.extend(to.iter().cloned()),
+        None => gateway.pools.push(PoolSettings {
+            name: "default".into(),
+            upstreams: to.to_vec(),
+            protocol: Default::default(),
+        }),
+    }
+    let catch_all = gateway
+        .routes
+        .iter()
+        .any(|r| r.host.is_none() && r.prefix == "/");
+    if !catch_all {
+        gateway.routes.push(shoal_core::settings::RouteSettings {
+            prefix: "/".into(),
+            host: None,
+            pool: "default".into(),
+            request_timeout_ms: None,
+            max_body_bytes: None,
+            rate_limit: None,
+            cache: None,
+            require_session: false,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+        });
+    }
 }
 
 /// `256MiB`, `1GiB`, `500MB`, `64k`, `1048576` → bytes.
@@ -374,7 +417,9 @@ impl Cli {
                     s.gateway.cache.max_bytes = size;
                     s.gateway.cache.max_object_bytes = s.gateway.cache.max_object_bytes.min(size);
                 }
-                if !a.to.is_empty() || a.registered {
+                if a.registered {
+                    registered_default_pool(&mut s.gateway, &a.to);
+                } else if !a.to.is_empty() {
                     s.gateway.pools = vec![PoolSettings {
                         name: "default".into(),
                         upstreams: a.to.clone(),
@@ -448,5 +493,59 @@ impl Cli {
         }
         s.validate()?;
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::settings::{GatewaySettings, RouteSettings};
+
+    fn route(prefix: &str, pool: &str) -> RouteSettings {
+        RouteSettings {
+            prefix: prefix.into(),
+            host: None,
+            pool: pool.into(),
+            request_timeout_ms: None,
+            max_body_bytes: None,
+            rate_limit: None,
+            cache: None,
+            require_session: true,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+        }
+    }
+
+    #[test]
+    fn registered_keeps_configured_routes_and_adds_a_catch_all() {
+        let mut g = GatewaySettings {
+            pools: vec![PoolSettings {
+                name: "greetings".into(),
+                upstreams: vec![],
+                protocol: Default::default(),
+            }],
+            routes: vec![route("/api/greetings", "greetings")],
+            ..Default::default()
+        };
+        registered_default_pool(&mut g, &["http://127.0.0.1:9".into()]);
+        let names: Vec<&str> = g.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["greetings", "default"]);
+        assert_eq!(g.pools[1].upstreams, ["http://127.0.0.1:9"]);
+        let routes: Vec<(&str, &str)> = g
+            .routes
+            .iter()
+            .map(|r| (r.prefix.as_str(), r.pool.as_str()))
+            .collect();
+        assert_eq!(routes, [("/api/greetings", "greetings"), ("/", "default")]);
+        assert!(g.routes[0].require_session);
+        g.validate().unwrap();
+        // A configured catch-all stays the only one.
+        let mut g = GatewaySettings {
+            routes: vec![route("/", "default")],
+            ..Default::default()
+        };
+        registered_default_pool(&mut g, &[]);
+        assert_eq!(g.routes.len(), 1);
+        assert_eq!(g.pools.len(), 1);
     }
 }

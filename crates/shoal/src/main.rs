@@ -68,10 +68,15 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if let cli::Command::Token {
-        command: cli::TokenCommand::New { name, scopes },
+        command:
+            cli::TokenCommand::New {
+                name,
+                scopes,
+                pools,
+            },
     } = &cli.command
     {
-        return new_token(&settings, name, scopes);
+        return new_token(&settings, name, scopes, pools);
     }
     if let cli::Command::Config = cli.command {
         print!("{}", settings.to_redacted_toml());
@@ -114,28 +119,61 @@ fn main() -> ExitCode {
 /// `shoal token new`: checks the entry as the settings would, then prints
 /// the token (stdout, alone on its line, for scripts) and the settings
 /// entry to add (stderr).
-fn new_token(settings: &shoal_core::settings::Settings, name: &str, scopes: &[String]) -> ExitCode {
+fn new_token(
+    settings: &shoal_core::settings::Settings,
+    name: &str,
+    scopes: &[String],
+    pools: &[String],
+) -> ExitCode {
     let (token, sha256) = shoal_runtime::session::new_service_token();
     let mut check = settings.clone();
-    check
-        .clients
-        .service_tokens
-        .push(shoal_core::settings::ServiceTokenSettings {
-            name: name.to_string(),
-            sha256: sha256.clone(),
-            scopes: scopes.to_vec(),
-        });
+    if !scopes.is_empty() {
+        check
+            .clients
+            .service_tokens
+            .push(shoal_core::settings::ServiceTokenSettings {
+                name: name.to_string(),
+                sha256: sha256.clone(),
+                scopes: scopes.to_vec(),
+            });
+    }
+    if !pools.is_empty() {
+        check
+            .gateway
+            .registration_tokens
+            .push(shoal_core::settings::RegistrationTokenSettings {
+                name: name.to_string(),
+                sha256: sha256.clone(),
+                pools: pools.to_vec(),
+            });
+    }
     if let Err(e) = check.validate() {
         eprintln!("shoal: {e}");
         return ExitCode::from(2);
     }
-    let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
+    let quoted = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!("{token}");
     eprintln!(
-        "Give the token above to `{name}` (sent as `Authorization: Bearer <token>`); it is shown once.\n\
-         Add this to the settings of every `serve` (then restart them one by one):\n\n\
-         [[clients.service_tokens]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\nscopes = [{}]",
-        scopes.join(", ")
+        "Give the token above to `{name}` (sent as `Authorization: Bearer <token>`); it is shown once."
     );
+    if !scopes.is_empty() {
+        eprintln!(
+            "\nAdd this to the settings of every `serve` (then restart them one by one):\n\n\
+             [[clients.service_tokens]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\nscopes = [{}]",
+            quoted(scopes)
+        );
+    }
+    if !pools.is_empty() {
+        eprintln!(
+            "\nAdd this to the settings of every gateway (then reload them):\n\n\
+             [[gateway.registration_tokens]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\npools = [{}]",
+            quoted(pools)
+        );
+    }
     ExitCode::SUCCESS
 }

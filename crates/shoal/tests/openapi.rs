@@ -1,8 +1,10 @@
 //! The API contract: `GET /api/openapi.json` through `shoal up` is an
-//! OpenAPI 3.1 document of every service, and every operation it names is
-//! served. (The other way round holds by construction: a service gives its
+//! OpenAPI 3.1 document of every service, every operation it names is
+//! served, and nothing else is served on its paths: every other method
+//! answers 405. (New paths cannot appear undescribed: a service gives its
 //! routes as `shoal_runtime::openapi::Api`, whose only ways to add a route
-//! take the route's description.)
+//! take the route's description. What the type cannot stop, a hand-built
+//! route serving more methods than it describes, the 405 probe catches.)
 
 mod common;
 
@@ -46,6 +48,21 @@ async fn the_document_lists_every_service_and_each_operation_is_served() {
     let mut operations = 0;
     let mut ids = std::collections::HashSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
+        let url = stack.url(&path.replace("{id}", "x").replace("{key}", "x"));
+        // A method the document does not give for this path is not served.
+        for m in ["get", "post", "put", "patch", "delete"] {
+            if item.get(m).is_some() {
+                continue;
+            }
+            let method = reqwest::Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
+            let answer = http.request(method, &url).send().await.unwrap();
+            let status = answer.status().as_u16();
+            let body = answer.text().await.unwrap_or_default();
+            assert_eq!(
+                status, 405,
+                "{m} {path} is not in the document, so it must not be served: {body}"
+            );
+        }
         for (method, op) in item.as_object().unwrap() {
             operations += 1;
             assert!(
@@ -59,7 +76,6 @@ async fn the_document_lists_every_service_and_each_operation_is_served() {
                 "{method} {path} documents its success"
             );
             // Served: not the router's "no route" 404, not a 405.
-            let url = stack.url(&path.replace("{id}", "x").replace("{key}", "x"));
             let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let answer = http.request(m, &url).send().await.unwrap();
             let status = answer.status().as_u16();

@@ -124,6 +124,12 @@ pub struct GatewaySettings {
     /// scraper that must not be able to change anything.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_token: Option<String>,
+    /// Tokens that may only register and deregister instances, each in
+    /// its own pools (`[[gateway.registration_tokens]]`; `shoal token new
+    /// --pool`): what a service of another language holds instead of the
+    /// admin token. Only each token's SHA-256 is kept here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registration_tokens: Vec<RegistrationTokenSettings>,
     /// Longest TTL an instance may register itself with, in seconds.
     pub registration_max_ttl_secs: u64,
     /// Open client connections at most; past it new connections get a 503
@@ -410,6 +416,7 @@ impl Default for GatewaySettings {
             max_ejection_percent: 50,
             admin_token: None,
             metrics_token: None,
+            registration_tokens: Vec::new(),
             registration_max_ttl_secs: 300,
             max_connections: 10_000,
             max_connections_per_client: 1_000,
@@ -433,6 +440,19 @@ impl Default for GatewaySettings {
             identity: GatewayIdentitySettings::default(),
         }
     }
+}
+
+/// `[[gateway.registration_tokens]]`: a token that registers instances
+/// in some pools and does nothing else, stored hashed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationTokenSettings {
+    /// Who holds it (shown in logs; unique).
+    pub name: String,
+    /// The token's SHA-256, 64 hex digits (`shoal token new` prints it).
+    pub sha256: String,
+    /// The pools its holder may register instances in.
+    pub pools: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -721,6 +741,31 @@ impl GatewaySettings {
                             .into(),
                     );
                 }
+            }
+        }
+        for (i, t) in self.registration_tokens.iter().enumerate() {
+            let key = |field: &str| format!("gateway.registration_tokens[{i}].{field}");
+            if t.name.is_empty() || t.name.len() > 64 {
+                return invalid(key("name"), "must be 1-64 characters".into());
+            }
+            if self.registration_tokens[..i]
+                .iter()
+                .any(|o| o.name == t.name)
+            {
+                return invalid(
+                    key("name"),
+                    "another registration token has this name".into(),
+                );
+            }
+            if !crate::bearer::is_sha256_hex(&t.sha256) {
+                return invalid(
+                    key("sha256"),
+                    "must be the token's SHA-256 in 64 hex digits (`shoal token new` prints it)"
+                        .into(),
+                );
+            }
+            if t.pools.is_empty() || t.pools.iter().any(|p| p.is_empty()) {
+                return invalid(key("pools"), "must name at least one pool".into());
             }
         }
         for name in self.pool_max_concurrent_requests.keys() {

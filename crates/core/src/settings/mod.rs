@@ -13,8 +13,8 @@ mod payments;
 pub use cache::{BusBackend, CacheSettings, CatalogSettings};
 pub use gateway::{
     GatewayCacheSettings, GatewayConsoleSettings, GatewayIdentitySettings, GatewaySettings,
-    HeaderRules, Http1Server, PoolSettings, RateLimitSettings, RouteSettings, SniCertificate,
-    UpstreamProtocol,
+    HeaderRules, Http1Server, PoolSettings, RateLimitSettings, RegistrationTokenSettings,
+    RouteSettings, SniCertificate, UpstreamProtocol,
 };
 pub use load::{load, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};
@@ -670,7 +670,7 @@ impl Settings {
             {
                 return invalid(&key("name"), "another service token has this name");
             }
-            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !crate::bearer::is_sha256_hex(&t.sha256) {
                 return invalid(
                     &key("sha256"),
                     "must be the token's SHA-256 in 64 hex digits (`shoal token new` prints it)",
