@@ -3,9 +3,10 @@
 //! from enqueue to handler start on an idle worker (which is what
 //! LISTEN/NOTIFY or polling decide).
 
+use crate::job::JobError;
 use crate::job::NewJob;
 use crate::store::JobStore;
-use crate::worker::{handler_fn, JobContext, Worker, WorkerOptions};
+use crate::worker::{handler_fn, JobContext, JobHandler, Worker, WorkerOptions};
 use serde_json::json;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,6 +51,30 @@ impl std::fmt::Display for BenchReport {
 /// Runs the three phases on a fresh queue of `store` and returns the
 /// numbers. Leaves the finished jobs behind (prune removes them).
 pub async fn bench(store: Arc<dyn JobStore>, jobs: usize, concurrency: usize) -> BenchReport {
+    bench_via(store, jobs, concurrency, None::<NoOp>).await
+}
+
+/// The in-process handler of [`bench`] (never called: `bench` passes no
+/// queue handler).
+struct NoOp;
+
+#[async_trait::async_trait]
+impl JobHandler for NoOp {
+    async fn run(&self, _ctx: JobContext) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+/// As [`bench`], with every job of the queue run by `via` when given
+/// (push delivery: each job POSTed to an endpoint) in place of the
+/// in-process no-op handlers. The latency is then from enqueue until
+/// `via` returns (the endpoint's answer), not until it starts.
+pub async fn bench_via<H: JobHandler>(
+    store: Arc<dyn JobStore>,
+    jobs: usize,
+    concurrency: usize,
+    via: Option<H>,
+) -> BenchReport {
     let concurrency = concurrency.max(1);
     let jobs = jobs.max(1);
     let queue = format!("bench{}", &shoal_core::ids::new_id()[24..]);
@@ -91,7 +116,15 @@ pub async fn bench(store: Arc<dyn JobStore>, jobs: usize, concurrency: usize) ->
             }
         }),
     );
-    let worker = worker.register("noop", handler_fn(|_ctx: JobContext| async { Ok(()) }));
+    let mut worker = worker.register("noop", handler_fn(|_ctx: JobContext| async { Ok(()) }));
+    if let Some(via) = via {
+        let lat = latencies.clone();
+        worker = worker.register_queue(
+            &queue,
+            Timed { inner: via, lat },
+            crate::worker::KindOptions::default(),
+        );
+    }
     // Counted when the store has recorded the completion, not when the
     // handler returns.
     let progress = worker.progress();
@@ -133,6 +166,28 @@ pub async fn bench(store: Arc<dyn JobStore>, jobs: usize, concurrency: usize) ->
         latency_samples: lat.len(),
         p50_enqueue_to_start_ms: percentile(&lat, 0.50),
         p99_enqueue_to_start_ms: percentile(&lat, 0.99),
+    }
+}
+
+/// Runs `inner`, and for a `latency` job records the milliseconds from
+/// its enqueue until `inner` returned.
+struct Timed<H> {
+    inner: H,
+    lat: Arc<Mutex<Vec<f64>>>,
+}
+
+#[async_trait::async_trait]
+impl<H: JobHandler> JobHandler for Timed<H> {
+    async fn run(&self, ctx: JobContext) -> Result<(), JobError> {
+        let sent = (ctx.job().kind == "latency")
+            .then(|| ctx.payload_as::<i64>().ok())
+            .flatten();
+        self.inner.run(ctx).await?;
+        if let Some(sent) = sent {
+            let ms = (shoal_backends::now_millis() - sent).max(0) as f64;
+            self.lat.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+        }
+        Ok(())
     }
 }
 

@@ -19,7 +19,7 @@ pub mod sql;
 pub mod store;
 pub mod worker;
 
-pub use bench::{bench, BenchReport};
+pub use bench::{bench, bench_via, BenchReport};
 pub use cron::Schedule;
 pub use job::{
     AttemptError, Enqueued, Job, JobError, JobFilter, JobState, Lease, NewJob, QueueError,

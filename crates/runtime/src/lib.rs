@@ -20,6 +20,7 @@ pub mod registration;
 mod server;
 pub mod session;
 pub mod session_cache;
+pub mod testing;
 
 pub use app::{Application, ServiceModule};
 pub use cache::{CacheError, QueryCache, QueryCacheOptions};

@@ -83,12 +83,37 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Write the start of something new: `shoal new service NAME`.
+    New {
+        #[command(subcommand)]
+        command: NewCommand,
+    },
     /// Print a completion script for a shell, e.g.
     /// `shoal completions bash > /etc/bash_completion.d/shoal`, or
     /// `shoal completions zsh > "${fpath[1]}/_shoal"`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum NewCommand {
+    /// A Rust service crate (docs/services.md): one route, one migration,
+    /// one job and their tests, and a binary that is Shoal plus the
+    /// service (`cargo run -- up`). The crate is examples/rust-service
+    /// with NAME in place of `greetings`.
+    Service {
+        /// The service's name: a-z, 0-9 and `_` (its crate, table, routes
+        /// under /api/NAME and job kind).
+        name: String,
+        /// Where to write the crate (default: ./NAME; must not exist).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The Shoal checkout the crate depends on by path (default: the
+        /// one this binary was built from).
+        #[arg(long, value_name = "PATH")]
+        shoal: Option<PathBuf>,
     },
 }
 
@@ -305,11 +330,13 @@ pub struct JobsArgs {
 pub enum JobsCommand {
     /// List jobs, newest first.
     List {
+        /// Only jobs of this queue, e.g. `email` or a pushed one.
         #[arg(long)]
         queue: Option<String>,
         /// scheduled, available, running, retrying, succeeded, dead, cancelled
         #[arg(long)]
         state: Option<String>,
+        /// Only jobs of this kind, e.g. `notifications.email`.
         #[arg(long)]
         kind: Option<String>,
         #[arg(long, default_value_t = 50)]
@@ -351,6 +378,15 @@ pub enum JobsCommand {
         /// NATS server for `--backend nats`.
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         nats_url: String,
+        /// Deliver every job by push to this endpoint (as `[[worker.push]]`
+        /// does: POSTed, signed with --push-secret) instead of running a
+        /// no-op in process; the latency is then enqueue to the endpoint's
+        /// answer (`bench/push.sh`).
+        #[arg(long, value_name = "URL")]
+        push: Option<String>,
+        /// The signing secret of --push.
+        #[arg(long, value_name = "SECRET", default_value = "shoal-bench-push-secret")]
+        push_secret: String,
         /// Print one JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -488,6 +524,7 @@ impl Cli {
             | Command::Config
             | Command::Completions { .. }
             | Command::Token { .. }
+            | Command::New { .. }
             | Command::Seed(_)
             | Command::Jobs(_) => {}
         }

@@ -14,15 +14,35 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Every service this binary can run.
-pub fn modules() -> Vec<Box<dyn ServiceModule>> {
+/// Shoal's own services.
+pub(crate) fn own_modules() -> Vec<crate::ModuleFactory> {
+    fn of<M: ServiceModule + Default + 'static>() -> crate::ModuleFactory {
+        std::sync::Arc::new(|| Box::new(M::default()) as Box<dyn ServiceModule>)
+    }
     vec![
-        Box::new(shoal_accounts::Accounts),
-        Box::new(shoal_catalog::Catalog::default()),
-        Box::new(shoal_media::Media),
-        Box::new(shoal_orders::Orders::default()),
-        Box::new(shoal_payments::Payments),
-        Box::new(shoal_notifications::Notifications),
+        of::<shoal_accounts::Accounts>(),
+        of::<shoal_catalog::Catalog>(),
+        of::<shoal_media::Media>(),
+        of::<shoal_orders::Orders>(),
+        of::<shoal_payments::Payments>(),
+        of::<shoal_notifications::Notifications>(),
     ]
+}
+
+/// The modules this binary runs: set once by `Builder::run`.
+static MODULES: std::sync::OnceLock<Vec<crate::ModuleFactory>> = std::sync::OnceLock::new();
+
+pub(crate) fn set_modules(modules: Vec<crate::ModuleFactory>) {
+    let _ = MODULES.set(modules);
+}
+
+/// A fresh instance of each module this binary runs.
+pub fn modules() -> Vec<Box<dyn ServiceModule>> {
+    MODULES
+        .get_or_init(own_modules)
+        .iter()
+        .map(|make| make())
+        .collect()
 }
 
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
@@ -86,7 +106,10 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Seed(args) => seed(&settings, args.products, args.stock).await?,
         Command::Jobs(args) => return jobs(&settings, args.command).await,
         Command::Sandbox(_) => sandbox(&settings, shutdown).await?,
-        Command::Config | Command::Completions { .. } | Command::Token { .. } => {
+        Command::Config
+        | Command::Completions { .. }
+        | Command::Token { .. }
+        | Command::New { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }
@@ -361,6 +384,8 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
             jobs,
             concurrency,
             nats_url,
+            push,
+            push_secret,
             json,
         } => {
             let store: Arc<dyn JobStore> = if backend == "nats" {
@@ -379,12 +404,23 @@ async fn jobs(settings: &Settings, command: JobsCommand) -> anyhow::Result<ExitC
             if !json {
                 eprintln!("benchmarking {backend}: {jobs} jobs, concurrency {concurrency} ...");
             }
-            let report = shoal_queue::bench(store, jobs, concurrency).await;
+            let via = match &push {
+                Some(url) => Some(
+                    shoal_runtime::push::PushHandler::new(url, &push_secret)
+                        .map_err(|e| anyhow::anyhow!("--push: {e}"))?,
+                ),
+                None => None,
+            };
+            let report = shoal_queue::bench_via(store, jobs, concurrency, via).await;
+            let peer = match push {
+                Some(_) => format!("shoal/{backend}+push"),
+                None => format!("shoal/{backend}"),
+            };
             if json {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "peer": format!("shoal/{backend}"),
+                        "peer": peer,
                         "jobs": report.jobs,
                         "concurrency": report.concurrency,
                         "enqueue_per_sec": report.enqueue_per_sec,

@@ -27,7 +27,7 @@ use shoal_runtime::{
 };
 
 /// The accounts service module.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Accounts;
 
 const MIGRATIONS: &[Migration] = &[

@@ -29,7 +29,7 @@ use shoal_runtime::session::cookie_value;
 use shoal_runtime::{ApiError, AppContext, CurrentSession, ServiceModule};
 
 /// The media service module.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Media;
 
 const MIGRATIONS: &[Migration] = &[Migration {

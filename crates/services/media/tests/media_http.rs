@@ -2,69 +2,18 @@
 //! processing to `ready` with a thumbnail, serving with ranges and cache
 //! headers, privacy, and bad uploads that store nothing.
 
-use serde_json::{json, Value};
-use shoal_core::Settings;
-use shoal_queue::{Worker, WorkerOptions};
-use shoal_runtime::{Application, ServiceModule};
-use shoal_testkit as kit;
+use serde_json::Value;
+use shoal_runtime::testing::TestApp;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    base: String,
-    stop: CancellationToken,
-    dir: kit::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn start() -> Running {
-    let dir = kit::TempDir::new("media");
-    let mut settings = Settings {
-        data_dir: dir.path().to_path_buf(),
-        ..Settings::default()
-    };
-    settings.serve.listen = "127.0.0.1:0".parse().unwrap();
-    settings.media.max_upload_bytes = 200_000;
-    let modules: Vec<Box<dyn ServiceModule>> = vec![
-        Box::new(shoal_accounts::Accounts),
-        Box::new(shoal_media::Media),
-    ];
-    let app = Application::build(settings, modules).await.unwrap();
-    let base = format!("http://{}", app.local_addr());
-    let ctx = app.context().clone();
-    let stop = CancellationToken::new();
-    let options = WorkerOptions {
-        queues: vec![("media".into(), 2)],
-        poll_interval: Some(Duration::from_millis(50)),
-        ..WorkerOptions::default()
-    };
-    let worker = shoal_media::Media.register_jobs(&ctx, Worker::new(ctx.jobs.clone(), options));
-    tokio::spawn(worker.run(stop.clone()));
-    tokio::spawn(app.run(stop.clone()));
-    Running { base, stop, dir }
-}
-
-async fn login(base: &str, email: &str) -> reqwest::Client {
-    let http = kit::http_client();
-    let creds = json!({"email": email, "password": "correct horse"});
-    http.post(format!("{base}/api/accounts/signup"))
-        .json(&creds)
-        .send()
+async fn start() -> TestApp {
+    TestApp::builder()
+        .module(shoal_accounts::Accounts)
+        .module(shoal_media::Media)
+        .settings(|s| s.media.max_upload_bytes = 200_000)
+        .worker()
+        .start()
         .await
-        .unwrap();
-    let r = http
-        .post(format!("{base}/api/accounts/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    http
 }
 
 fn png(width: u32, height: u32) -> Vec<u8> {
@@ -98,10 +47,13 @@ fn blob_files(dir: &std::path::Path) -> usize {
 #[tokio::test]
 async fn an_image_upload_is_processed_and_served() {
     let app = start().await;
-    let ada = login(&app.base, "ada@example.com").await;
+    let ada = app.signed_in("ada@example.com").await;
     let data = png(640, 480);
     let r = ada
-        .post(format!("{}/api/media/uploads?visibility=public", app.base))
+        .post(format!(
+            "{}/api/media/uploads?visibility=public",
+            app.base()
+        ))
         .header("content-type", "image/png")
         .body(data.clone())
         .send()
@@ -115,7 +67,7 @@ async fn an_image_upload_is_processed_and_served() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let ready = loop {
         let v: Value = ada
-            .get(format!("{}/api/media/uploads/{id}", app.base))
+            .get(format!("{}/api/media/uploads/{id}", app.base()))
             .send()
             .await
             .unwrap()
@@ -135,7 +87,7 @@ async fn an_image_upload_is_processed_and_served() {
 
     // The blob, whole and by range, with immutable caching.
     let anon = reqwest::Client::new();
-    let url = format!("{}{}", app.base, ready["url"].as_str().unwrap());
+    let url = format!("{}{}", app.base(), ready["url"].as_str().unwrap());
     let r = anon.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
@@ -168,7 +120,7 @@ async fn an_image_upload_is_processed_and_served() {
     let thumb = anon
         .get(format!(
             "{}{}",
-            app.base,
+            app.base(),
             ready["thumbnail_url"].as_str().unwrap()
         ))
         .send()
@@ -184,10 +136,10 @@ async fn an_image_upload_is_processed_and_served() {
 #[tokio::test]
 async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing() {
     let app = start().await;
-    let ada = login(&app.base, "ada@example.com").await;
-    let bob = login(&app.base, "bob@example.com").await;
+    let ada = app.signed_in("ada@example.com").await;
+    let bob = app.signed_in("bob@example.com").await;
     let r = ada
-        .post(format!("{}/api/media/uploads", app.base))
+        .post(format!("{}/api/media/uploads", app.base()))
         .header("content-type", "text/plain")
         .body("my diary")
         .send()
@@ -195,7 +147,7 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
         .unwrap();
     assert_eq!(r.status(), 202);
     let upload: Value = r.json().await.unwrap();
-    let url = format!("{}{}", app.base, upload["url"].as_str().unwrap());
+    let url = format!("{}{}", app.base(), upload["url"].as_str().unwrap());
     let id = upload["id"].as_str().unwrap();
     assert_eq!(ada.get(&url).send().await.unwrap().status(), 200);
     assert_eq!(
@@ -209,18 +161,18 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
         "not anonymous"
     );
     assert_eq!(
-        bob.get(format!("{}/api/media/uploads/{id}", app.base))
+        bob.get(format!("{}/api/media/uploads/{id}", app.base()))
             .send()
             .await
             .unwrap()
             .status(),
         404
     );
-    let before = blob_files(app.dir.path());
+    let before = blob_files(app.data_dir());
 
     // declared PNG, content is not: 422
     let r = ada
-        .post(format!("{}/api/media/uploads", app.base))
+        .post(format!("{}/api/media/uploads", app.base()))
         .header("content-type", "image/png")
         .body("<html>not a png</html>")
         .send()
@@ -229,7 +181,7 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     assert_eq!(r.status(), 422);
     // an unsupported type: 415
     let r = ada
-        .post(format!("{}/api/media/uploads", app.base))
+        .post(format!("{}/api/media/uploads", app.base()))
         .header("content-type", "application/x-msdownload")
         .body("MZ")
         .send()
@@ -238,7 +190,7 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     assert_eq!(r.status(), 415);
     // too large (limit 200,000 bytes in this test): 413
     let r = ada
-        .post(format!("{}/api/media/uploads", app.base))
+        .post(format!("{}/api/media/uploads", app.base()))
         .header("content-type", "text/plain")
         .body("a".repeat(300_000))
         .send()
@@ -247,7 +199,7 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     assert_eq!(r.status(), 413);
     // no session: 401
     let r = reqwest::Client::new()
-        .post(format!("{}/api/media/uploads", app.base))
+        .post(format!("{}/api/media/uploads", app.base()))
         .header("content-type", "text/plain")
         .body("x")
         .send()
@@ -257,7 +209,7 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     // keys that try to escape the root
     for bad in ["../../etc/passwd", "uploads/..%2F..%2Fshoal.db", "%2e%2e/x"] {
         let status = ada
-            .get(format!("{}/media/{bad}", app.base))
+            .get(format!("{}/media/{bad}", app.base()))
             .send()
             .await
             .unwrap()
@@ -266,7 +218,7 @@ async fn private_uploads_are_only_for_their_owner_and_bad_uploads_store_nothing(
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        blob_files(app.dir.path()),
+        blob_files(app.data_dir()),
         before,
         "bad uploads stored nothing"
     );
@@ -302,13 +254,13 @@ fn declaring(mut png: Vec<u8>, width: u32, height: u32) -> Vec<u8> {
 /// Uploads `data` as `content_type` and waits for processing to end;
 /// returns the upload's final view.
 async fn processed(
-    app: &Running,
+    app: &TestApp,
     http: &reqwest::Client,
     content_type: &str,
     data: Vec<u8>,
 ) -> Value {
     let r = http
-        .post(format!("{}/api/media/uploads", app.base))
+        .post(format!("{}/api/media/uploads", app.base()))
         .header("content-type", content_type)
         .body(data)
         .send()
@@ -322,7 +274,7 @@ async fn processed(
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let v: Value = http
-            .get(format!("{}/api/media/uploads/{id}", app.base))
+            .get(format!("{}/api/media/uploads/{id}", app.base()))
             .send()
             .await
             .unwrap()
@@ -349,7 +301,7 @@ async fn processed(
 #[tokio::test]
 async fn hostile_images_fail_without_being_decoded() {
     let app = start().await;
-    let ada = login(&app.base, "ada@example.com").await;
+    let ada = app.signed_in("ada@example.com").await;
     let bomb = declaring(png(16, 16), 20_000, 20_000);
     let started = std::time::Instant::now();
     let v = processed(&app, &ada, "image/png", bomb).await;

@@ -34,7 +34,7 @@ pub const NOTIFICATIONS_QUEUE: &str = "notifications";
 pub const PRUNE_KIND: &str = "notifications.prune";
 
 /// The notifications service module.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Notifications;
 
 const MIGRATIONS: &[Migration] = &[

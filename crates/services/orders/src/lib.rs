@@ -39,7 +39,7 @@ pub const CHARGE_KIND: &str = "payments.charge";
 pub const SETTLE_KIND: &str = "orders.settle";
 
 /// The orders service module.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Orders {
     catalog: OnceLock<Arc<ServiceClient>>,
 }

@@ -26,7 +26,7 @@ pub const CHARGE_KIND: &str = "payments.charge";
 pub const RECONCILE_KIND: &str = "payments.reconcile";
 const SETTLE_KIND: &str = "orders.settle";
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Payments;
 
 const MIGRATIONS: &[Migration] = &[Migration {
