@@ -37,6 +37,7 @@ type Factory = Arc<dyn Fn() -> Box<dyn ServiceModule> + Send + Sync>;
 /// How to start a [`TestApp`].
 pub struct TestAppBuilder {
     modules: Vec<Factory>,
+    base: Option<Settings>,
     edits: Vec<Box<dyn FnOnce(&mut Settings) + Send>>,
     worker: bool,
 }
@@ -45,8 +46,14 @@ pub struct TestAppBuilder {
 pub struct TestApp {
     base: String,
     ctx: AppContext,
+    /// Where the worker claims jobs: the context's SQL store, or
+    /// JetStream with `queue.backend = "nats"`.
+    jobs: Arc<dyn JobStore>,
+    /// The worker's store and relay, with `.worker()`.
+    backend: Option<crate::jobs::JobBackend>,
     stop: CancellationToken,
-    dir: TempDir,
+    /// The temporary data directory, when the harness made it.
+    _dir: Option<TempDir>,
 }
 
 /// A user signed in through the accounts service: their id, session
@@ -75,15 +82,25 @@ impl TestAppBuilder {
         self
     }
 
-    /// Changes the settings before the start (after the harness's own:
-    /// data directory, port 0, SQLite).
+    /// Starts from these settings, their data directory and stores
+    /// included (so two apps can share a database), instead of the
+    /// defaults in a temporary directory. The listener is still port 0.
+    pub fn from_settings(mut self, settings: Settings) -> Self {
+        self.base = Some(settings);
+        self
+    }
+
+    /// Changes the settings before the start (after the harness's data
+    /// directory and SQLite; the listener stays on port 0).
     pub fn settings(mut self, edit: impl FnOnce(&mut Settings) + Send + 'static) -> Self {
         self.edits.push(Box::new(edit));
         self
     }
 
     /// Also runs a worker in the process for the modules' jobs, on every
-    /// queue of `worker.queues`, polling every 50 ms.
+    /// queue of `worker.queues`, polling every 50 ms, on the store
+    /// `queue.backend` names (with the outbox relay for NATS), as the
+    /// worker role does.
     pub fn worker(mut self) -> Self {
         self.worker = true;
         self
@@ -92,15 +109,21 @@ impl TestAppBuilder {
     /// Builds and starts the instance (and worker); panics on failure, as
     /// a test would.
     pub async fn start(self) -> TestApp {
-        let dir = TempDir::new();
-        let mut settings = Settings {
-            data_dir: dir.path().to_path_buf(),
-            ..Settings::default()
+        let (mut settings, dir) = match self.base {
+            Some(s) => (s, None),
+            None => {
+                let dir = TempDir::new();
+                let s = Settings {
+                    data_dir: dir.path().to_path_buf(),
+                    ..Settings::default()
+                };
+                (s, Some(dir))
+            }
         };
-        settings.serve.listen = ([127, 0, 0, 1], 0).into();
         for edit in self.edits {
             edit(&mut settings);
         }
+        settings.serve.listen = ([127, 0, 0, 1], 0).into();
         let modules: Vec<Box<dyn ServiceModule>> = self.modules.iter().map(|m| m()).collect();
         let app = Application::build(settings.clone(), modules)
             .await
@@ -108,6 +131,8 @@ impl TestAppBuilder {
         let base = format!("http://{}", app.local_addr());
         let ctx = app.context().clone();
         let stop = CancellationToken::new();
+        let mut jobs: Arc<dyn JobStore> = ctx.jobs.clone();
+        let mut job_backend = None;
         if self.worker {
             let options = WorkerOptions {
                 queues: settings
@@ -120,7 +145,14 @@ impl TestAppBuilder {
                 retention: None,
                 ..WorkerOptions::default()
             };
-            let mut worker = Worker::new(ctx.jobs.clone(), options);
+            let queues: Vec<String> = options.queues.iter().map(|(q, _)| q.clone()).collect();
+            let backend = crate::jobs::JobBackend::connect(&ctx, &queues, options.lease)
+                .await
+                .expect("the worker's job store opens");
+            backend.spawn_relay(stop.clone());
+            jobs = backend.store.clone();
+            let mut worker = Worker::new(backend.store.clone(), options);
+            job_backend = Some(backend);
             for module in self.modules.iter().map(|m| m()) {
                 worker = module.register_jobs(&ctx, worker);
             }
@@ -130,8 +162,10 @@ impl TestAppBuilder {
         TestApp {
             base,
             ctx,
+            jobs,
+            backend: job_backend,
             stop,
-            dir,
+            _dir: dir,
         }
     }
 }
@@ -140,6 +174,7 @@ impl TestApp {
     pub fn builder() -> TestAppBuilder {
         TestAppBuilder {
             modules: Vec::new(),
+            base: None,
             edits: Vec::new(),
             worker: false,
         }
@@ -160,9 +195,28 @@ impl TestApp {
         &self.ctx
     }
 
-    /// Its data directory (removed when the app is dropped).
+    /// Its data directory (removed when the app is dropped, if the
+    /// harness made it).
     pub fn data_dir(&self) -> &Path {
-        self.dir.path()
+        &self.ctx.settings.data_dir
+    }
+
+    /// Starts the graceful stop (`/readyz` 503, then drain) as SIGTERM
+    /// would; dropping the app does the same.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// The job store the worker claims from (the context's SQL store,
+    /// or JetStream with `queue.backend = "nats"`).
+    pub fn job_store(&self) -> &Arc<dyn JobStore> {
+        &self.jobs
+    }
+
+    /// The worker's job backend (with `.worker()`): its JetStream store
+    /// with `queue.backend = "nats"`.
+    pub fn job_backend(&self) -> Option<&crate::jobs::JobBackend> {
+        self.backend.as_ref()
     }
 
     /// A client without a session.
@@ -242,7 +296,7 @@ impl TestApp {
     pub async fn finished_job(&self, id: &str) -> Job {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let job = self.ctx.jobs.get(id).await.expect("the job store answers");
+            let job = self.jobs.get(id).await.expect("the job store answers");
             if let Some(job) = job {
                 if matches!(
                     job.state,
@@ -264,8 +318,7 @@ impl TestApp {
 
     /// The jobs of `kind`, newest first.
     pub async fn jobs_of(&self, kind: &str) -> Vec<Job> {
-        self.ctx
-            .jobs
+        self.jobs
             .list(&shoal_queue::JobFilter {
                 kind: Some(kind.to_string()),
                 limit: Some(1000),

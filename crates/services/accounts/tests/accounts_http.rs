@@ -5,45 +5,24 @@
 use serde_json::{json, Value};
 use shoal_core::settings::{DatabaseBackend, SessionBackend};
 use shoal_core::Settings;
-use shoal_runtime::{Application, ServiceModule};
+use shoal_runtime::testing::TestApp;
 use shoal_testkit as kit;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    base: String,
-    stop: CancellationToken,
-    db: shoal_backends::Database,
-    ctx: shoal_runtime::AppContext,
-    _dir: kit::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-async fn start(mut settings: Settings) -> Running {
-    let dir = kit::TempDir::new("accounts");
-    settings.data_dir = dir.path().to_path_buf();
-    settings.serve.listen = "127.0.0.1:0".parse().unwrap();
-    settings.serve.debug_routes = true;
-    settings.accounts.login_attempts_per_account = 3;
-    let modules: Vec<Box<dyn ServiceModule>> = vec![Box::new(shoal_accounts::Accounts)];
-    let app = Application::build(settings, modules).await.expect("build");
-    let base = format!("http://{}", app.local_addr());
-    let db = app.context().db.clone();
-    let ctx = app.context().clone();
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run(stop.clone()));
-    Running {
-        base,
-        stop,
-        db,
-        ctx,
-        _dir: dir,
-    }
+/// Accounts on a fresh database; `settings` as given, in the harness's
+/// temporary directory, with the debug routes and a low login limit.
+async fn start(settings: Settings) -> TestApp {
+    TestApp::builder()
+        .settings(move |s| {
+            let dir = s.data_dir.clone();
+            *s = settings;
+            s.data_dir = dir;
+            s.serve.debug_routes = true;
+            s.accounts.login_attempts_per_account = 3;
+        })
+        .module(shoal_accounts::Accounts)
+        .start()
+        .await
 }
 
 async fn user_count(db: &shoal_backends::Database) -> i64 {
@@ -55,9 +34,9 @@ async fn user_count(db: &shoal_backends::Database) -> i64 {
 }
 
 /// The whole accounts contract; panics on the first broken rule.
-async fn accounts_suite(app: &Running) {
+async fn accounts_suite(app: &TestApp) {
     let http = kit::http_client();
-    let url = |p: &str| format!("{}{p}", app.base);
+    let url = |p: &str| format!("{}{p}", app.base());
 
     // signup
     let resp = http
@@ -74,7 +53,7 @@ async fn accounts_suite(app: &Running) {
     // A taken email, whatever its case, gets the answer a new one gets
     // (signup does not tell who has an account); nothing changes, and the
     // owner is emailed once an hour however often it happens.
-    let users_before = user_count(&app.db).await;
+    let users_before = user_count(&app.ctx().db).await;
     for attempt in 0..3 {
         let resp = http
             .post(url("/api/accounts/signup"))
@@ -89,11 +68,11 @@ async fn accounts_suite(app: &Running) {
         assert_eq!(again["email"], "ada@example.com");
         assert_ne!(again["id"], user["id"], "never the owner's id");
     }
-    assert_eq!(user_count(&app.db).await, users_before);
+    assert_eq!(user_count(&app.ctx().db).await, users_before);
     let (told,): (i64,) = sqlx::query_as(
         "SELECT COUNT(*) FROM shoal_jobs WHERE unique_key LIKE 'email:signup-attempt:ada@example.com:%'",
     )
-    .fetch_one(app.db.pool())
+    .fetch_one(app.ctx().db.pool())
     .await
     .unwrap();
     assert_eq!(told, 1, "one email to the owner");
@@ -148,7 +127,7 @@ async fn accounts_suite(app: &Running) {
         .unwrap();
     assert_eq!(me["email"], "ada@example.com");
     // The account's row is read once, then served from the query cache.
-    let loads = app.ctx.cache.loads();
+    let loads = app.ctx().cache.loads();
     for _ in 0..10 {
         let resp = http.get(url("/api/accounts/me")).send().await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -156,7 +135,7 @@ async fn accounts_suite(app: &Running) {
         assert_eq!(resp.headers()["cache-control"], "private, no-store");
         assert_eq!(resp.json::<Value>().await.unwrap(), me);
     }
-    assert_eq!(app.ctx.cache.loads(), loads, "no load after the first");
+    assert_eq!(app.ctx().cache.loads(), loads, "no load after the first");
 
     // whose session this is (what the gateway asks for routes that
     // require a session): the user id, never stored by a cache
@@ -275,10 +254,10 @@ async fn accounts_suite(app: &Running) {
 
 /// Bad input: each gets the right status and a clear message, and no row
 /// is written.
-async fn bad_input_suite(app: &Running) {
+async fn bad_input_suite(app: &TestApp) {
     let http = kit::http_client();
-    let url = format!("{}/api/accounts/signup", app.base);
-    let before = user_count(&app.db).await;
+    let url = format!("{}/api/accounts/signup", app.base());
+    let before = user_count(&app.ctx().db).await;
 
     let p = kit::problem(
         http.post(&url)
@@ -361,19 +340,26 @@ async fn bad_input_suite(app: &Running) {
     .await;
     assert!(p["detail"].as_str().unwrap().contains("admin"), "{p}");
 
-    assert_eq!(user_count(&app.db).await, before, "bad input wrote nothing");
+    assert_eq!(
+        user_count(&app.ctx().db).await,
+        before,
+        "bad input wrote nothing"
+    );
 
     // unknown routes are problem+json too
     kit::problem(
-        http.get(format!("{}/nope", app.base)).send().await.unwrap(),
+        http.get(format!("{}/nope", app.base()))
+            .send()
+            .await
+            .unwrap(),
         404,
     )
     .await;
 }
 
-async fn rate_limit_suite(app: &Running) {
+async fn rate_limit_suite(app: &TestApp) {
     let http = kit::http_client();
-    let url = |p: &str| format!("{}{p}", app.base);
+    let url = |p: &str| format!("{}{p}", app.base());
     http.post(url("/api/accounts/signup"))
         .json(&json!({"email": "grace@example.com", "password": "correct horse"}))
         .send()
@@ -446,7 +432,7 @@ async fn login_attempts_are_limited_per_client_address() {
     let http = kit::http_client();
     for i in 0..3 {
         let r = http
-            .post(format!("{}/api/accounts/login", app.base))
+            .post(format!("{}/api/accounts/login", app.base()))
             .json(&json!({"email": format!("user{i}@example.com"), "password": "whatever!"}))
             .send()
             .await
@@ -455,7 +441,7 @@ async fn login_attempts_are_limited_per_client_address() {
     }
     // A fourth account from the same address is refused before checking.
     let r = http
-        .post(format!("{}/api/accounts/login", app.base))
+        .post(format!("{}/api/accounts/login", app.base()))
         .json(&json!({"email": "user9@example.com", "password": "whatever!"}))
         .send()
         .await
@@ -464,7 +450,7 @@ async fn login_attempts_are_limited_per_client_address() {
     assert!(p["detail"].as_str().unwrap().contains("address"), "{p}");
     // Behind the gateway, the client address comes from X-Forwarded-For.
     let r = http
-        .post(format!("{}/api/accounts/login", app.base))
+        .post(format!("{}/api/accounts/login", app.base()))
         .header("x-forwarded-for", "203.0.113.7")
         .json(&json!({"email": "user9@example.com", "password": "whatever!"}))
         .send()
@@ -478,7 +464,7 @@ async fn a_panic_is_a_500_problem_and_the_server_lives_on() {
     let app = start(Settings::default()).await;
     let http = kit::http_client();
     let p = kit::problem(
-        http.get(format!("{}/_debug/panic", app.base))
+        http.get(format!("{}/_debug/panic", app.base()))
             .send()
             .await
             .unwrap(),
@@ -487,7 +473,7 @@ async fn a_panic_is_a_500_problem_and_the_server_lives_on() {
     .await;
     assert_eq!(p["status"], 500);
     let r = http
-        .get(format!("{}/healthz", app.base))
+        .get(format!("{}/healthz", app.base()))
         .send()
         .await
         .unwrap();
@@ -503,7 +489,7 @@ async fn request_timeout_and_gateway_deadline_are_enforced() {
     let app = start(s).await;
     let http = kit::http_client();
     let p = kit::problem(
-        http.get(format!("{}/_debug/sleep?ms=2000", app.base))
+        http.get(format!("{}/_debug/sleep?ms=2000", app.base()))
             .send()
             .await
             .unwrap(),
@@ -512,7 +498,7 @@ async fn request_timeout_and_gateway_deadline_are_enforced() {
     .await;
     assert!(p["detail"].as_str().unwrap().contains("300 ms"));
     let p = kit::problem(
-        http.get(format!("{}/_debug/sleep?ms=250", app.base))
+        http.get(format!("{}/_debug/sleep?ms=250", app.base()))
             .header("x-shoal-deadline-ms", "50")
             .send()
             .await
@@ -531,14 +517,14 @@ async fn readyz_turns_503_while_draining_and_in_flight_requests_finish() {
     let http = kit::http_client();
     let slow = tokio::spawn({
         let http = http.clone();
-        let url = format!("{}/_debug/sleep?ms=800", app.base);
+        let url = format!("{}/_debug/sleep?ms=800", app.base());
         async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
     });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    app.stop.cancel();
+    app.stop();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let r = http
-        .get(format!("{}/readyz", app.base))
+        .get(format!("{}/readyz", app.base()))
         .send()
         .await
         .unwrap();
@@ -563,12 +549,12 @@ async fn an_attacker_slows_down_but_cannot_lock_the_owner_out() {
     let mut s = Settings::default();
     s.accounts.login_attempts_per_account = 3;
     let app = start(s).await;
-    let url = format!("{}/api/accounts/login", app.base);
+    let url = format!("{}/api/accounts/login", app.base());
     let right = json!({"email": "owner@example.com", "password": "correct horse"});
     let wrong = json!({"email": "owner@example.com", "password": "wrong guess!"});
     let http = kit::http_client();
     let r = http
-        .post(format!("{}/api/accounts/signup", app.base))
+        .post(format!("{}/api/accounts/signup", app.base()))
         .json(&right)
         .send()
         .await
@@ -680,7 +666,7 @@ async fn parallel_guesses_cannot_slip_past_the_limit() {
     s.accounts.login_attempts_per_account = 3;
     let app = start(s).await;
     let http = reqwest::Client::new();
-    let url = format!("{}/api/accounts/login", app.base);
+    let url = format!("{}/api/accounts/login", app.base());
     let wrong = json!({"email": "racer@example.com", "password": "wrong guess!"});
     let tasks: Vec<_> = (0..20)
         .map(|_| {
@@ -706,11 +692,11 @@ async fn parallel_guesses_cannot_slip_past_the_limit() {
 #[tokio::test]
 async fn logout_all_forgets_the_known_devices() {
     let app = start(Settings::default()).await;
-    let (cookie, user_id) = kit::sign_up_and_log_in(&app.base, "devices@example.com").await;
+    let (cookie, user_id) = kit::sign_up_and_log_in(app.base(), "devices@example.com").await;
     let devices = || async {
         let n: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM login_devices WHERE user_id = $1")
             .bind(&user_id)
-            .fetch_one(app.db.pool())
+            .fetch_one(app.ctx().db.pool())
             .await
             .unwrap();
         n.0
@@ -721,7 +707,7 @@ async fn logout_all_forgets_the_known_devices() {
         "the login made its browser a known device"
     );
     let r = reqwest::Client::new()
-        .post(format!("{}/api/accounts/logout-all", app.base))
+        .post(format!("{}/api/accounts/logout-all", app.base()))
         .header("cookie", &cookie)
         .send()
         .await
@@ -736,7 +722,7 @@ async fn logout_all_forgets_the_known_devices() {
 async fn answers_carry_security_headers() {
     let app = start(Settings::default()).await;
     for path in ["/healthz", "/api/accounts/me", "/no/such/route"] {
-        let r = reqwest::get(format!("{}{path}", app.base)).await.unwrap();
+        let r = reqwest::get(format!("{}{path}", app.base())).await.unwrap();
         let h = r.headers();
         assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
         assert_eq!(h["x-frame-options"], "DENY", "{path}");
@@ -752,7 +738,7 @@ async fn answers_carry_security_headers() {
 async fn prune_deletes_only_counters_and_devices_that_no_longer_count() {
     let app = start(Settings::default()).await;
     let now = shoal_backends::now_millis();
-    let window = app.ctx.settings.accounts.login_window_secs as i64 * 1000;
+    let window = app.ctx().settings.accounts.login_window_secs as i64 * 1000;
     let year = 365 * 24 * 3600 * 1000_i64;
     for (key, start) in [("old", now - window - 1), ("fresh", now - window + 60_000)] {
         sqlx::query(
@@ -760,7 +746,7 @@ async fn prune_deletes_only_counters_and_devices_that_no_longer_count() {
         )
         .bind(key)
         .bind(start)
-        .execute(app.db.pool())
+        .execute(app.ctx().db.pool())
         .await
         .unwrap();
     }
@@ -770,20 +756,20 @@ async fn prune_deletes_only_counters_and_devices_that_no_longer_count() {
         )
         .bind(hash)
         .bind(at)
-        .execute(app.db.pool())
+        .execute(app.ctx().db.pool())
         .await
         .unwrap();
     }
-    assert_eq!(shoal_accounts::prune(&app.ctx).await.unwrap(), 2);
+    assert_eq!(shoal_accounts::prune(app.ctx()).await.unwrap(), 2);
     let keys: Vec<(String,)> = sqlx::query_as("SELECT key FROM login_attempts ORDER BY key")
-        .fetch_all(app.db.pool())
+        .fetch_all(app.ctx().db.pool())
         .await
         .unwrap();
     assert_eq!(keys, vec![("fresh".to_string(),)]);
     let devices: Vec<(String,)> = sqlx::query_as("SELECT token_hash FROM login_devices")
-        .fetch_all(app.db.pool())
+        .fetch_all(app.ctx().db.pool())
         .await
         .unwrap();
     assert_eq!(devices, vec![("new-device".to_string(),)]);
-    assert_eq!(shoal_accounts::prune(&app.ctx).await.unwrap(), 0);
+    assert_eq!(shoal_accounts::prune(app.ctx()).await.unwrap(), 0);
 }

@@ -7,30 +7,16 @@
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use shoal_backends::SessionLifetimes;
 use shoal_catalog::{Catalog, HttpPurger, PurgeError, Purger};
 use shoal_core::settings::{BusBackend, DatabaseBackend, SessionBackend};
 use shoal_core::Settings;
-use shoal_runtime::{AppContext, Application, ServiceModule};
+use shoal_runtime::testing::TestApp;
 use shoal_testkit as kit;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const ADMIN: &str = "admin-user-1";
-
-struct Running {
-    base: String,
-    stop: CancellationToken,
-    ctx: AppContext,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 fn settings(dir: &kit::TempDir) -> Settings {
     let mut s = Settings {
@@ -46,29 +32,17 @@ fn settings(dir: &kit::TempDir) -> Settings {
 
 const METRICS_TOKEN: &str = "catalog-metrics-token-0123";
 
-async fn start(settings: Settings, modules: Vec<Box<dyn ServiceModule>>) -> Running {
-    let app = Application::build(settings, modules).await.expect("build");
-    let base = format!("http://{}", app.local_addr());
-    let ctx = app.context().clone();
-    let stop = CancellationToken::new();
-    tokio::spawn(app.run(stop.clone()));
-    Running { base, stop, ctx }
+async fn start(settings: Settings, catalog: Catalog) -> TestApp {
+    TestApp::builder()
+        .from_settings(settings)
+        .module(catalog)
+        .start()
+        .await
 }
 
-impl Running {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// A session cookie for `user_id`, made in the store directly.
-    async fn cookie(&self, user_id: &str) -> String {
-        let life = SessionLifetimes {
-            idle: Duration::from_secs(600),
-            absolute: Duration::from_secs(3600),
-        };
-        let s = self.ctx.sessions.create(user_id, life).await.unwrap();
-        format!("shoal_session={}", s.token)
-    }
+/// A session cookie for `user_id`, made in the store directly.
+async fn cookie(app: &TestApp, user_id: &str) -> String {
+    app.session_for(user_id).await.cookie
 }
 
 #[derive(Debug, Default)]
@@ -102,10 +76,10 @@ fn fields(p: &Value) -> Vec<String> {
 }
 
 /// The whole catalog contract; panics on the first broken rule.
-async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
+async fn catalog_suite(app: &TestApp, purges: &RecordingPurger) {
     let http = kit::http_client();
-    let admin = app.cookie(ADMIN).await;
-    let user = app.cookie("someone-else").await;
+    let admin = cookie(app, ADMIN).await;
+    let user = cookie(app, "someone-else").await;
     let products = app.url("/api/catalog/products");
 
     // writes need a session, and an admin's
@@ -349,11 +323,7 @@ async fn catalog_suite(app: &Running, purges: &RecordingPurger) {
 async fn sqlite_catalog_http_contract() {
     let dir = kit::TempDir::new("catalog");
     let purges = Arc::new(RecordingPurger::default());
-    let app = start(
-        settings(&dir),
-        vec![Box::new(Catalog::with_purger(purges.clone()))],
-    )
-    .await;
+    let app = start(settings(&dir), Catalog::with_purger(purges.clone())).await;
     catalog_suite(&app, &purges).await;
 }
 
@@ -377,14 +347,14 @@ async fn postgres_redis_catalog_http_contract() {
     s.cache.bus_redis_url = Some(redis);
     s.cache.redis_prefix = kit::unique_name();
     let purges = Arc::new(RecordingPurger::default());
-    let app = start(s, vec![Box::new(Catalog::with_purger(purges.clone()))]).await;
+    let app = start(s, Catalog::with_purger(purges.clone())).await;
     catalog_suite(&app, &purges).await;
 }
 
-async fn create(app: &Running, sku: &str) -> String {
+async fn create(app: &TestApp, sku: &str) -> String {
     let resp = kit::http_client()
         .post(app.url("/api/catalog/products"))
-        .header("cookie", app.cookie(ADMIN).await)
+        .header("cookie", cookie(app, ADMIN).await)
         .json(&widget(sku))
         .send()
         .await
@@ -399,7 +369,7 @@ async fn thousand_concurrent_requests_for_one_product_query_the_database_once() 
     let dir = kit::TempDir::new("catalog-flight");
     let catalog = Catalog::default();
     let reads = catalog.db_reads();
-    let app = start(settings(&dir), vec![Box::new(catalog)]).await;
+    let app = start(settings(&dir), catalog).await;
     let id = create(&app, "HOT-1").await;
     assert_eq!(reads.load(Ordering::SeqCst), 0);
     let http = kit::http_client();
@@ -421,8 +391,8 @@ async fn thousand_concurrent_requests_for_one_product_query_the_database_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_instance_a_is_served_by_instance_b_within_100ms() {
     let dir = kit::TempDir::new("catalog-ab");
-    let a = start(settings(&dir), vec![Box::new(Catalog::default())]).await;
-    let b = start(settings(&dir), vec![Box::new(Catalog::default())]).await;
+    let a = start(settings(&dir), Catalog::default()).await;
+    let b = start(settings(&dir), Catalog::default()).await;
     let http = kit::http_client();
     let id = create(&a, "AB-1").await;
     let on_b = b.url(&format!("/api/catalog/products/{id}"));
@@ -442,7 +412,7 @@ async fn a_write_on_instance_a_is_served_by_instance_b_within_100ms() {
     changed["name"] = json!("Renamed Widget");
     let resp = http
         .put(a.url(&format!("/api/catalog/products/{id}")))
-        .header("cookie", a.cookie(ADMIN).await)
+        .header("cookie", cookie(&a, ADMIN).await)
         .json(&changed)
         .send()
         .await
@@ -481,7 +451,7 @@ async fn reads_survive_an_unreachable_redis() {
     s.cache.l2_redis_url = Some("redis://127.0.0.1:1".into());
     let catalog = Catalog::default();
     let reads = catalog.db_reads();
-    let app = start(s, vec![Box::new(catalog)]).await;
+    let app = start(s, catalog).await;
     let id = create(&app, "NR-1").await;
     let http = kit::http_client();
     let started = Instant::now();
@@ -523,14 +493,15 @@ async fn logout_on_instance_a_is_refused_on_instance_b_within_100ms() {
     let dir = kit::TempDir::new("catalog-logout");
     let mut s = settings(&dir);
     s.cache.session_ttl_ms = 30_000;
-    let modules = || -> Vec<Box<dyn ServiceModule>> {
-        vec![
-            Box::new(shoal_accounts::Accounts),
-            Box::new(Catalog::default()),
-        ]
+    let start = |s: Settings| {
+        TestApp::builder()
+            .from_settings(s)
+            .module(shoal_accounts::Accounts)
+            .module(Catalog::default())
+            .start()
     };
-    let a = start(s.clone(), modules()).await;
-    let b = start(s, modules()).await;
+    let a = start(s.clone()).await;
+    let b = start(s).await;
     // No cookie jar: the old cookie is replayed by hand after logout.
     let http = reqwest::Client::new();
     let resp = http
@@ -671,7 +642,7 @@ async fn seed_loads_many_products_quickly_on_sqlite() {
 #[tokio::test]
 async fn an_instance_serves_metrics_only_with_the_token() {
     let dir = kit::TempDir::new("catalog-metrics");
-    let app = start(settings(&dir), vec![Box::new(Catalog::default())]).await;
+    let app = start(settings(&dir), Catalog::default()).await;
     let http = kit::http_client();
     let get = |token: Option<&str>| {
         let mut r = http.get(app.url("/metrics"));
@@ -718,14 +689,14 @@ async fn an_instance_serves_metrics_only_with_the_token() {
     let dir = kit::TempDir::new("catalog-metrics-off");
     let mut off = settings(&dir);
     off.metrics.token = None;
-    let app = start(off, vec![Box::new(Catalog::default())]).await;
+    let app = start(off, Catalog::default()).await;
     let r = http.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("metrics.token"));
 }
 
 /// The value of a counter in an instance's `/metrics` (0 when absent).
-async fn counter(app: &Running, line_start: &str) -> u64 {
+async fn counter(app: &TestApp, line_start: &str) -> u64 {
     let text = kit::http_client()
         .get(app.url("/metrics"))
         .bearer_auth(METRICS_TOKEN)
@@ -746,7 +717,7 @@ async fn counter(app: &Running, line_start: &str) -> u64 {
 async fn small_responses_go_uncompressed_and_large_ones_are_compressed_once() {
     use std::io::Read;
     let dir = kit::TempDir::new("catalog-compression");
-    let app = start(settings(&dir), vec![Box::new(Catalog::default())]).await;
+    let app = start(settings(&dir), Catalog::default()).await;
     let http = kit::http_client();
     let browser = "gzip, deflate, br, zstd";
     let id = create(&app, "C-0").await;

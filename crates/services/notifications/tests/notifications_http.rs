@@ -10,20 +10,12 @@ use futures_util::StreamExt;
 use hmac::Mac;
 use serde_json::{json, Value};
 use shoal_core::Settings;
-use shoal_queue::{JobFilter, JobStore, Worker, WorkerOptions};
-use shoal_runtime::{AppContext, Application, ServiceModule};
+use shoal_queue::{JobFilter, JobStore};
+use shoal_runtime::testing::TestApp;
 use shoal_testkit as kit;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-
-fn modules() -> Vec<Box<dyn ServiceModule>> {
-    vec![
-        Box::new(shoal_accounts::Accounts),
-        Box::new(shoal_notifications::Notifications),
-    ]
-}
 
 fn settings(dir: &std::path::Path) -> Settings {
     let mut s = Settings {
@@ -35,19 +27,6 @@ fn settings(dir: &std::path::Path) -> Settings {
     s.notifications.allow_private_webhook_targets = true;
     s.notifications.webhook_retry_base_ms = 100;
     s
-}
-
-struct Running {
-    base: String,
-    ctx: AppContext,
-    stop: CancellationToken,
-    _dir: Option<kit::TempDir>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 /// A logged-in WebSocket on `base`'s `/api/notifications/ws` + `query`.
@@ -68,43 +47,28 @@ async fn connect_ws(
     tokio_tungstenite::connect_async(request).await.unwrap().0
 }
 
-fn start_worker(ctx: &AppContext, stop: &CancellationToken) {
-    let options = WorkerOptions {
-        queues: vec![
-            (shoal_notifications::EMAIL_QUEUE.into(), 4),
-            (shoal_notifications::NOTIFICATIONS_QUEUE.into(), 4),
-        ],
-        poll_interval: Some(Duration::from_millis(50)),
-        ..WorkerOptions::default()
-    };
-    let worker = shoal_notifications::Notifications
-        .register_jobs(ctx, Worker::new(ctx.jobs.clone(), options));
-    tokio::spawn(worker.run(stop.clone()));
+/// An instance of accounts and notifications on `settings` (and, with
+/// `worker`, a worker in the same process).
+async fn start_with(settings: Settings, worker: bool) -> TestApp {
+    let app = TestApp::builder()
+        .from_settings(settings)
+        .module(shoal_accounts::Accounts)
+        .module(shoal_notifications::Notifications);
+    if worker { app.worker() } else { app }.start().await
 }
 
-/// An instance (and, with `worker`, a worker in the same process).
-async fn start_with(settings: Settings, dir: Option<kit::TempDir>, worker: bool) -> Running {
-    let app = Application::build(settings, modules()).await.unwrap();
-    let base = format!("http://{}", app.local_addr());
-    let ctx = app.context().clone();
-    let stop = CancellationToken::new();
-    if worker {
-        start_worker(&ctx, &stop);
-    }
-    tokio::spawn(app.run(stop.clone()));
-    Running {
-        base,
-        ctx,
-        stop,
-        _dir: dir,
-    }
-}
-
-async fn start(edit: impl FnOnce(&mut Settings)) -> Running {
-    let dir = kit::TempDir::new("notifications");
-    let mut s = settings(dir.path());
-    edit(&mut s);
-    start_with(s, Some(dir), true).await
+/// One instance with a worker, in a directory of its own, `edit`ed.
+async fn start(edit: impl FnOnce(&mut Settings) + Send + 'static) -> TestApp {
+    TestApp::builder()
+        .settings(move |s| {
+            *s = settings(&s.data_dir.clone());
+            edit(s);
+        })
+        .module(shoal_accounts::Accounts)
+        .module(shoal_notifications::Notifications)
+        .worker()
+        .start()
+        .await
 }
 
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -132,11 +96,11 @@ fn unique_email(label: &str) -> String {
 async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
     let app = start(|s| s.serve.debug_routes = true).await;
     let email = unique_email("ada");
-    let (cookie, _) = kit::sign_up_and_log_in(&app.base, &email).await;
+    let (cookie, _) = kit::sign_up_and_log_in(app.base(), &email).await;
     let http = reqwest::Client::new();
     let listed: Value = eventually("the welcome .eml", Duration::from_secs(20), || async {
         let v: Value = http
-            .get(format!("{}/api/notifications/emails?raw=true", app.base))
+            .get(format!("{}/api/notifications/emails?raw=true", app.base()))
             .header("cookie", &cookie)
             .send()
             .await
@@ -157,17 +121,17 @@ async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
     );
     assert!(mail["message_id"].as_str().unwrap().ends_with("@shoal>"));
     // Exactly one, and files really are under <data_dir>/mail.
-    let files = std::fs::read_dir(app.ctx.settings.data_dir.join("mail"))
+    let files = std::fs::read_dir(app.ctx().settings.data_dir.join("mail"))
         .unwrap()
         .count();
     assert_eq!(files, 1);
 
     // Without debug routes and not an admin: forbidden.
     let dir2 = kit::TempDir::new("notifications");
-    let plain = start_with(settings(dir2.path()), Some(dir2), false).await;
-    let (cookie, _) = kit::sign_up_and_log_in(&plain.base, &unique_email("bob")).await;
+    let plain = start_with(settings(dir2.path()), false).await;
+    let (cookie, _) = kit::sign_up_and_log_in(plain.base(), &unique_email("bob")).await;
     let r = http
-        .get(format!("{}/api/notifications/emails", plain.base))
+        .get(format!("{}/api/notifications/emails", plain.base()))
         .header("cookie", &cookie)
         .send()
         .await
@@ -179,16 +143,16 @@ async fn the_welcome_email_is_written_as_eml_and_listed_for_admins() {
 async fn a_duplicate_signup_tells_the_owner_and_sends_no_second_welcome() {
     let app = start(|_| {}).await;
     let email = unique_email("dup");
-    kit::sign_up_and_log_in(&app.base, &email).await;
+    kit::sign_up_and_log_in(app.base(), &email).await;
     let r = reqwest::Client::new()
-        .post(format!("{}/api/accounts/signup", app.base))
+        .post(format!("{}/api/accounts/signup", app.base()))
         .json(&json!({"email": email, "password": "correct horse"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "answered as a new account would be");
     let jobs = app
-        .ctx
+        .ctx()
         .jobs
         .list(&JobFilter {
             kind: Some(shoal_notifications::EMAIL_KIND.into()),
@@ -233,7 +197,7 @@ async fn the_welcome_email_arrives_at_the_smtp_sink() {
     };
     let app = start(|s| s.notifications.smtp_url = Some(url)).await;
     let email = unique_email("smtp");
-    kit::sign_up_and_log_in(&app.base, &email).await;
+    kit::sign_up_and_log_in(app.base(), &email).await;
     let mail = eventually("the email at the sink", Duration::from_secs(20), || async {
         sink_files_with(&sink_dir, &email).pop()
     })
@@ -276,9 +240,10 @@ async fn with_smtp_down_the_email_waits_and_arrives_when_it_returns() {
     let port = kit::free_port();
     let (go, wait) = tokio::sync::oneshot::channel();
     tokio::spawn(forward_later(port, target, wait));
-    let app = start(|s| s.notifications.smtp_url = Some(format!("smtp://127.0.0.1:{port}"))).await;
+    let app =
+        start(move |s| s.notifications.smtp_url = Some(format!("smtp://127.0.0.1:{port}"))).await;
     let email = unique_email("down");
-    kit::sign_up_and_log_in(&app.base, &email).await;
+    kit::sign_up_and_log_in(app.base(), &email).await;
 
     // The job fails and waits to retry; nothing arrives.
     let filter = JobFilter {
@@ -286,7 +251,7 @@ async fn with_smtp_down_the_email_waits_and_arrives_when_it_returns() {
         ..JobFilter::default()
     };
     let job = eventually("a failed attempt", Duration::from_secs(20), || async {
-        let jobs = app.ctx.jobs.list(&filter).await.unwrap();
+        let jobs = app.ctx().jobs.list(&filter).await.unwrap();
         jobs.into_iter()
             .find(|j| j.attempts >= 1 && j.last_error.is_some())
     })
@@ -306,7 +271,7 @@ async fn with_smtp_down_the_email_waits_and_arrives_when_it_returns() {
     )
     .await;
     assert!(mail.contains("Welcome to Shoal"));
-    let jobs = app.ctx.jobs.list(&filter).await.unwrap();
+    let jobs = app.ctx().jobs.list(&filter).await.unwrap();
     assert!(jobs[0].attempts >= 2, "{:?}", jobs[0]);
 }
 
@@ -318,15 +283,19 @@ use kit::SseReader;
 async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
     let dir = kit::TempDir::new("notifications");
     let s = settings(dir.path());
-    let a = start_with(s.clone(), None, false).await;
-    let b = start_with(s.clone(), Some(dir), false).await;
+    let a = start_with(s.clone(), false).await;
+    let b = start_with(s.clone(), false).await;
     // The worker's own context, as `shoal worker` builds it.
-    let worker_ctx = shoal_runtime::app::build_context(s, "worker-test".into(), &modules())
+    let modules: Vec<Box<dyn shoal_runtime::ServiceModule>> = vec![
+        Box::new(shoal_accounts::Accounts),
+        Box::new(shoal_notifications::Notifications),
+    ];
+    let worker_ctx = shoal_runtime::app::build_context(s, "worker-test".into(), &modules)
         .await
         .unwrap();
-    let (cookie, user_id) = kit::sign_up_and_log_in(&a.base, &unique_email("rt")).await;
+    let (cookie, user_id) = kit::sign_up_and_log_in(a.base(), &unique_email("rt")).await;
     let mut sse = SseReader::open(
-        &format!("{}/api/notifications/stream", b.base),
+        &format!("{}/api/notifications/stream", b.base()),
         &cookie,
         None,
     )
@@ -346,7 +315,7 @@ async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
     assert_eq!(event["id"], id.as_str());
 
     // Another user's events do not reach this stream.
-    let (_, other) = kit::sign_up_and_log_in(&a.base, &unique_email("other")).await;
+    let (_, other) = kit::sign_up_and_log_in(a.base(), &unique_email("other")).await;
     shoal_notifications::publish_user_event(&worker_ctx, &other, "order.paid", json!({}))
         .await
         .unwrap();
@@ -365,17 +334,17 @@ async fn an_event_from_a_worker_reaches_sse_on_another_instance() {
 async fn a_test_event_reaches_the_callers_stream_on_another_instance() {
     let dir = kit::TempDir::new("notifications");
     let s = settings(dir.path());
-    let a = start_with(s.clone(), None, false).await;
-    let b = start_with(s.clone(), Some(dir), false).await;
-    let (cookie, _) = kit::sign_up_and_log_in(&a.base, &unique_email("ping")).await;
+    let a = start_with(s.clone(), false).await;
+    let b = start_with(s.clone(), false).await;
+    let (cookie, _) = kit::sign_up_and_log_in(a.base(), &unique_email("ping")).await;
     let mut sse = SseReader::open(
-        &format!("{}/api/notifications/stream", b.base),
+        &format!("{}/api/notifications/stream", b.base()),
         &cookie,
         None,
     )
     .await;
     let http = reqwest::Client::new();
-    let url = format!("{}/api/notifications/test", a.base);
+    let url = format!("{}/api/notifications/test", a.base());
     let bad = http
         .post(&url)
         .header("cookie", &cookie)
@@ -409,16 +378,16 @@ async fn a_test_event_reaches_the_callers_stream_on_another_instance() {
 #[tokio::test]
 async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
     let app = start(|_| {}).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("replay")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(app.base(), &unique_email("replay")).await;
     let mut ids = Vec::new();
     for n in 0..3 {
         ids.push(
-            shoal_notifications::publish_user_event(&app.ctx, &user, "tick", json!({"n": n}))
+            shoal_notifications::publish_user_event(app.ctx(), &user, "tick", json!({"n": n}))
                 .await
                 .unwrap(),
         );
     }
-    let url = format!("{}/api/notifications/stream", app.base);
+    let url = format!("{}/api/notifications/stream", app.base());
     let mut sse = SseReader::open(&url, &cookie, Some(&ids[0])).await;
     for (n, id) in ids.iter().enumerate().skip(1) {
         let (sse_id, e) = sse.next(Duration::from_secs(10)).await;
@@ -426,7 +395,7 @@ async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
         assert_eq!(e["data"]["n"], n);
     }
     // Live events follow the replay without duplicates.
-    let live = shoal_notifications::publish_user_event(&app.ctx, &user, "tick", json!({"n": 3}))
+    let live = shoal_notifications::publish_user_event(app.ctx(), &user, "tick", json!({"n": 3}))
         .await
         .unwrap();
     assert_eq!(
@@ -455,7 +424,7 @@ async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
     assert_eq!(r.status(), 401);
 
     // The WebSocket replays from ?last_event_id= too.
-    let mut ws = connect_ws(&app.base, &format!("?last_event_id={}", ids[1]), &cookie).await;
+    let mut ws = connect_ws(app.base(), &format!("?last_event_id={}", ids[1]), &cookie).await;
     let mut got = Vec::new();
     while got.len() < 2 {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
@@ -477,8 +446,8 @@ async fn last_event_id_replays_what_was_missed_over_sse_and_websocket() {
 #[tokio::test]
 async fn idle_streams_get_heartbeats_from_the_hub() {
     let app = start(|s| s.notifications.heartbeat_secs = 1).await;
-    let (cookie, _user) = kit::sign_up_and_log_in(&app.base, &unique_email("beat")).await;
-    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let (cookie, _user) = kit::sign_up_and_log_in(app.base(), &unique_email("beat")).await;
+    let addr: std::net::SocketAddr = app.base().trim_start_matches("http://").parse().unwrap();
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     conn.write_all(
         format!(
@@ -507,7 +476,7 @@ async fn idle_streams_get_heartbeats_from_the_hub() {
         "a heartbeat is a comment, not an event: {text}"
     );
 
-    let mut ws = connect_ws(&app.base, "", &cookie).await;
+    let mut ws = connect_ws(app.base(), "", &cookie).await;
     let ping = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
             match ws.next().await {
@@ -524,8 +493,8 @@ async fn idle_streams_get_heartbeats_from_the_hub() {
 #[tokio::test]
 async fn a_slow_consumer_is_disconnected_not_buffered() {
     let app = start(|s| s.notifications.stream_buffer = 4).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("slow")).await;
-    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let (cookie, user) = kit::sign_up_and_log_in(app.base(), &unique_email("slow")).await;
+    let addr: std::net::SocketAddr = app.base().trim_start_matches("http://").parse().unwrap();
     // A client with a tiny receive window that does not read.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -543,7 +512,7 @@ async fn a_slow_consumer_is_disconnected_not_buffered() {
     let total = 300;
     for n in 0..total {
         shoal_notifications::publish_user_event(
-            &app.ctx,
+            app.ctx(),
             &user,
             "bulk",
             json!({"n": n, "pad": big}),
@@ -566,12 +535,12 @@ async fn a_slow_consumer_is_disconnected_not_buffered() {
     assert!(events < total, "all {events} events were buffered");
     // A fresh connection works and can replay from the last one seen.
     let mut sse = SseReader::open(
-        &format!("{}/api/notifications/stream", app.base),
+        &format!("{}/api/notifications/stream", app.base()),
         &cookie,
         None,
     )
     .await;
-    shoal_notifications::publish_user_event(&app.ctx, &user, "after", json!({}))
+    shoal_notifications::publish_user_event(app.ctx(), &user, "after", json!({}))
         .await
         .unwrap();
     assert_eq!(sse.next(Duration::from_secs(10)).await.1["kind"], "after");
@@ -583,9 +552,9 @@ async fn a_slow_consumer_is_disconnected_not_buffered() {
 #[tokio::test]
 async fn streams_per_user_are_limited_with_429() {
     let app = start(|s| s.notifications.max_connections_per_user = 2).await;
-    let (cookie, _) = kit::sign_up_and_log_in(&app.base, &unique_email("limit")).await;
-    let (other, _) = kit::sign_up_and_log_in(&app.base, &unique_email("limit2")).await;
-    let url = format!("{}/api/notifications/stream", app.base);
+    let (cookie, _) = kit::sign_up_and_log_in(app.base(), &unique_email("limit")).await;
+    let (other, _) = kit::sign_up_and_log_in(app.base(), &unique_email("limit2")).await;
+    let url = format!("{}/api/notifications/stream", app.base());
     let first = SseReader::open(&url, &cookie, None).await;
     let _second = SseReader::open(&url, &cookie, None).await;
     let refused = reqwest::Client::new()
@@ -635,26 +604,26 @@ async fn a_draining_instance_moves_its_streams_without_losing_an_event() {
     let mut s = settings(dir.path());
     s.notifications.drain_window_ms = 1_500;
     s.notifications.max_connections_per_user = 64;
-    let a = start_with(s.clone(), None, false).await;
-    let b = start_with(s.clone(), Some(dir), false).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&b.base, &unique_email("move")).await;
+    let a = start_with(s.clone(), false).await;
+    let b = start_with(s.clone(), false).await;
+    let (cookie, user) = kit::sign_up_and_log_in(b.base(), &unique_email("move")).await;
     let mut readers = Vec::new();
     for _ in 0..STREAMS {
         readers.push(
             SseReader::open(
-                &format!("{}/api/notifications/stream", a.base),
+                &format!("{}/api/notifications/stream", a.base()),
                 &cookie,
                 None,
             )
             .await,
         );
     }
-    let mut ws = connect_ws(&a.base, "", &cookie).await;
+    let mut ws = connect_ws(a.base(), "", &cookie).await;
 
     // Events published on the other instance all along: before, during
     // and after the drain.
     let publisher = {
-        let ctx = b.ctx.clone();
+        let ctx = b.ctx().clone();
         let user = user.clone();
         tokio::spawn(async move {
             let mut ids = Vec::new();
@@ -671,10 +640,10 @@ async fn a_draining_instance_moves_its_streams_without_losing_an_event() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let drain_started = Instant::now();
-    a.stop.cancel();
+    a.stop();
 
     let followers = readers.into_iter().map(|mut sse| {
-        let (cookie, b_base) = (cookie.clone(), b.base.clone());
+        let (cookie, b_base) = (cookie.clone(), b.base().to_string());
         tokio::spawn(async move {
             let mut got: Vec<String> = Vec::new();
             // On the draining instance until told to move.
@@ -786,25 +755,25 @@ async fn a_service_publishes_an_event_to_a_users_streams_and_webhooks() {
     let dir = kit::TempDir::new("notifications");
     let s = settings(dir.path());
     let token = s.clients.token.clone();
-    let a = start_with(s.clone(), None, true).await;
-    let b = start_with(s.clone(), Some(dir), false).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&a.base, &unique_email("events")).await;
+    let a = start_with(s.clone(), true).await;
+    let b = start_with(s.clone(), false).await;
+    let (cookie, user) = kit::sign_up_and_log_in(a.base(), &unique_email("events")).await;
     let (hook_url, rx) = receiver(vec![204]).await;
     let r = register_webhook(
-        &a.base,
+        a.base(),
         &cookie,
         &json!({"url": hook_url, "event_types": ["greeting.sent"]}),
     )
     .await;
     assert_eq!(r.status(), 201);
     let mut sse = SseReader::open(
-        &format!("{}/api/notifications/stream", b.base),
+        &format!("{}/api/notifications/stream", b.base()),
         &cookie,
         None,
     )
     .await;
     let http = reqwest::Client::new();
-    let url = format!("{}/api/notifications/events", a.base);
+    let url = format!("{}/api/notifications/events", a.base());
     let event = json!({"user_id": user, "kind": "greeting.sent", "data": {"text": "hello"}});
 
     // No token, a wrong one, a browser's session: 403.
@@ -906,9 +875,9 @@ async fn receiver(plan: Vec<u16>) -> (String, Receiver) {
     (url, r)
 }
 
-async fn emit(app: &Running, user: &str, kind: &str, data: Value) -> Option<String> {
-    let mut tx = app.ctx.db.pool().begin().await.unwrap();
-    let id = shoal_notifications::emit_event(&app.ctx, &mut tx, user, kind, data)
+async fn emit(app: &TestApp, user: &str, kind: &str, data: Value) -> Option<String> {
+    let mut tx = app.ctx().db.pool().begin().await.unwrap();
+    let id = shoal_notifications::emit_event(app.ctx(), &mut tx, user, kind, data)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -918,11 +887,11 @@ async fn emit(app: &Running, user: &str, kind: &str, data: Value) -> Option<Stri
 #[tokio::test]
 async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
     let app = start(|_| {}).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("hook")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(app.base(), &unique_email("hook")).await;
     let (url, rx) = receiver(vec![500, 204]).await;
     let http = reqwest::Client::new();
     let r = register_webhook(
-        &app.base,
+        app.base(),
         &cookie,
         &json!({"url": url, "event_types": ["order.paid"], "description": "shop"}),
     )
@@ -934,7 +903,7 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
     let hook_id = hook["id"].as_str().unwrap().to_string();
     // The secret is shown once.
     let listed: Value = http
-        .get(format!("{}/api/notifications/webhooks", app.base))
+        .get(format!("{}/api/notifications/webhooks", app.base()))
         .header("cookie", &cookie)
         .send()
         .await
@@ -982,7 +951,7 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
         let v: Value = http
             .get(format!(
                 "{}/api/notifications/webhooks/{hook_id}/attempts",
-                app.base
+                app.base()
             ))
             .header("cookie", &cookie)
             .send()
@@ -998,7 +967,10 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
     assert_eq!(log["attempts"][1]["status_code"], 500);
     assert_eq!(log["attempts"][1]["attempt"], 1);
     let shown: Value = http
-        .get(format!("{}/api/notifications/webhooks/{hook_id}", app.base))
+        .get(format!(
+            "{}/api/notifications/webhooks/{hook_id}",
+            app.base()
+        ))
         .header("cookie", &cookie)
         .send()
         .await
@@ -1008,11 +980,11 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
         .unwrap();
     assert_eq!(shown["status"], "enabled");
     // Someone else cannot see it.
-    let (other, _) = kit::sign_up_and_log_in(&app.base, &unique_email("nosy")).await;
+    let (other, _) = kit::sign_up_and_log_in(app.base(), &unique_email("nosy")).await;
     let r = http
         .get(format!(
             "{}/api/notifications/webhooks/{hook_id}/attempts",
-            app.base
+            app.base()
         ))
         .header("cookie", &other)
         .send()
@@ -1024,11 +996,11 @@ async fn a_webhook_is_signed_retried_after_a_500_and_logged() {
 #[tokio::test]
 async fn an_endpoint_failing_continuously_is_disabled() {
     let app = start(|s| s.notifications.webhook_disable_after_secs = 1).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&app.base, &unique_email("fail")).await;
+    let (cookie, user) = kit::sign_up_and_log_in(app.base(), &unique_email("fail")).await;
     let (url, rx) = receiver(vec![503]).await;
     let http = reqwest::Client::new();
     let hook: Value = register_webhook(
-        &app.base,
+        app.base(),
         &cookie,
         &json!({"url": url, "event_types": ["*"]}),
     )
@@ -1040,7 +1012,10 @@ async fn an_endpoint_failing_continuously_is_disabled() {
     emit(&app, &user, "order.paid", json!({})).await.unwrap();
     let shown: Value = eventually("the endpoint disabled", Duration::from_secs(20), || async {
         let v: Value = http
-            .get(format!("{}/api/notifications/webhooks/{hook_id}", app.base))
+            .get(format!(
+                "{}/api/notifications/webhooks/{hook_id}",
+                app.base()
+            ))
             .header("cookie", &cookie)
             .send()
             .await
@@ -1061,7 +1036,7 @@ async fn an_endpoint_failing_continuously_is_disabled() {
 #[tokio::test]
 async fn loopback_and_private_webhook_targets_are_refused_without_the_setting() {
     let app = start(|s| s.notifications.allow_private_webhook_targets = false).await;
-    let (cookie, _) = kit::sign_up_and_log_in(&app.base, &unique_email("ssrf")).await;
+    let (cookie, _) = kit::sign_up_and_log_in(app.base(), &unique_email("ssrf")).await;
     let http = reqwest::Client::new();
     for url in [
         "http://127.0.0.1:9/hook",
@@ -1071,7 +1046,7 @@ async fn loopback_and_private_webhook_targets_are_refused_without_the_setting() 
         "http://10.0.0.1/",
     ] {
         let r = register_webhook(
-            &app.base,
+            app.base(),
             &cookie,
             &json!({"url": url, "event_types": ["order.paid"]}),
         )
@@ -1094,13 +1069,13 @@ async fn loopback_and_private_webhook_targets_are_refused_without_the_setting() 
             "event_types",
         ),
     ] {
-        let r = register_webhook(&app.base, &cookie, &body).await;
+        let r = register_webhook(app.base(), &cookie, &body).await;
         assert_eq!(r.status(), 422, "{body}");
         let p: Value = r.json().await.unwrap();
         assert_eq!(p["errors"][0]["field"], field, "{p}");
     }
     let listed: Value = http
-        .get(format!("{}/api/notifications/webhooks", app.base))
+        .get(format!("{}/api/notifications/webhooks", app.base()))
         .header("cookie", &cookie)
         .send()
         .await
@@ -1126,19 +1101,19 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
     s.cache.bus = shoal_core::settings::BusBackend::Redis;
     s.cache.bus_redis_url = Some(redis);
     s.cache.redis_prefix = kit::unique_name();
-    let a = start_with(s.clone(), None, true).await;
-    let b = start_with(s.clone(), Some(dir), false).await;
-    let (cookie, user) = kit::sign_up_and_log_in(&a.base, &unique_email("pg")).await;
+    let a = start_with(s.clone(), true).await;
+    let b = start_with(s.clone(), false).await;
+    let (cookie, user) = kit::sign_up_and_log_in(a.base(), &unique_email("pg")).await;
 
     // Realtime: published on A (after two events, to replay one of them), read on B.
-    let first = shoal_notifications::publish_user_event(&a.ctx, &user, "tick", json!({"n": 1}))
+    let first = shoal_notifications::publish_user_event(a.ctx(), &user, "tick", json!({"n": 1}))
         .await
         .unwrap();
-    let second = shoal_notifications::publish_user_event(&a.ctx, &user, "tick", json!({"n": 2}))
+    let second = shoal_notifications::publish_user_event(a.ctx(), &user, "tick", json!({"n": 2}))
         .await
         .unwrap();
     let mut sse = SseReader::open(
-        &format!("{}/api/notifications/stream", b.base),
+        &format!("{}/api/notifications/stream", b.base()),
         &cookie,
         Some(&first),
     )
@@ -1147,7 +1122,7 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
         sse.next(Duration::from_secs(10)).await.0.as_deref(),
         Some(second.as_str())
     );
-    let live = shoal_notifications::publish_user_event(&a.ctx, &user, "tick", json!({"n": 3}))
+    let live = shoal_notifications::publish_user_event(a.ctx(), &user, "tick", json!({"n": 3}))
         .await
         .unwrap();
     assert_eq!(
@@ -1158,12 +1133,15 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
     // Webhook: 500 then 200, logged.
     let (url, rx) = receiver(vec![500, 200]).await;
     let http = reqwest::Client::new();
-    let hook: Value =
-        register_webhook(&b.base, &cookie, &json!({"url": url, "event_types": ["*"]}))
-            .await
-            .json()
-            .await
-            .unwrap();
+    let hook: Value = register_webhook(
+        b.base(),
+        &cookie,
+        &json!({"url": url, "event_types": ["*"]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let hook_id = hook["id"].as_str().unwrap().to_string();
     emit(&a, &user, "order.paid", json!({"n": 1}))
         .await
@@ -1176,7 +1154,7 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
         let v: Value = http
             .get(format!(
                 "{}/api/notifications/webhooks/{hook_id}/attempts",
-                b.base
+                b.base()
             ))
             .header("cookie", &cookie)
             .send()
@@ -1191,11 +1169,11 @@ async fn on_postgres_and_redis_events_cross_instances_and_webhooks_deliver() {
     assert_eq!(log["attempts"][0]["status_code"], 200);
     // The welcome email went through the worker on PostgreSQL too.
     eventually("the welcome .eml", Duration::from_secs(20), || async {
-        std::fs::read_dir(a.ctx.settings.data_dir.join("mail"))
+        std::fs::read_dir(a.ctx().settings.data_dir.join("mail"))
             .ok()
             .and_then(|mut rd| rd.next())
             .map(|_| ())
     })
     .await;
-    assert!(shoal_notifications::prune(&a.ctx).await.is_ok());
+    assert!(shoal_notifications::prune(a.ctx()).await.is_ok());
 }

@@ -5,22 +5,22 @@
 use serde_json::{json, Value};
 use shoal_backends::Database;
 use shoal_core::settings::SandboxSettings;
-use shoal_core::Settings;
-use shoal_queue::{Worker, WorkerOptions};
-use shoal_runtime::{Application, ServiceModule};
+use shoal_runtime::testing::TestApp;
 use shoal_testkit as kit;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// The services (a `TestApp` with its worker), the payment sandbox and
+/// where emails go.
 struct Stack {
     db: Database,
     /// Where the worker claims jobs (the database, or JetStream).
     jobs: std::sync::Arc<dyn shoal_queue::JobStore>,
-    backend: shoal_runtime::jobs::JobBackend,
     mail: std::path::PathBuf,
     base: String,
     sandbox: String,
     stop: CancellationToken,
+    app: TestApp,
     _dir: kit::TempDir,
 }
 
@@ -28,16 +28,6 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-fn modules() -> Vec<Box<dyn ServiceModule>> {
-    vec![
-        Box::new(shoal_accounts::Accounts),
-        Box::new(shoal_catalog::Catalog::default()),
-        Box::new(shoal_orders::Orders::default()),
-        Box::new(shoal_payments::Payments),
-        Box::new(shoal_notifications::Notifications),
-    ]
 }
 
 async fn start() -> Stack {
@@ -71,43 +61,29 @@ async fn start_on(webhooks: bool, nats: Option<String>) -> Stack {
     .await
     .unwrap();
     let sandbox_url = format!("http://{}", sandbox.handle().addr);
+    let sandbox_url_for_app = sandbox_url.clone();
     tokio::spawn(sandbox.run(stop.clone()));
 
-    let mut settings = Settings {
-        data_dir: dir.path().to_path_buf(),
-        ..Settings::default()
-    };
-    settings.serve.listen = "127.0.0.1:0".parse().unwrap();
-    settings.payments.provider_url = sandbox_url.clone();
-    settings.payments.request_timeout_ms = 500;
-    if let Some(url) = nats {
-        settings.queue.backend = shoal_core::settings::QueueBackend::Nats;
-        settings.queue.nats_url = Some(url);
-        settings.queue.nats_prefix = format!("checkout{}", &kit::unique_name()[..12]);
-    }
-    let app = Application::build(settings, modules()).await.unwrap();
-    let base = format!("http://{}", app.local_addr());
-    let ctx = app.context().clone();
-    let options = WorkerOptions {
-        queues: vec![
-            ("payments".into(), 4),
-            ("orders".into(), 2),
-            ("email".into(), 2),
-        ],
-        poll_interval: Some(Duration::from_millis(50)),
-        ..WorkerOptions::default()
-    };
-    let queues: Vec<String> = options.queues.iter().map(|(q, _)| q.clone()).collect();
-    let backend = shoal_runtime::jobs::JobBackend::connect(&ctx, &queues, options.lease)
-        .await
-        .unwrap();
-    backend.spawn_relay(stop.clone());
-    let mut worker = Worker::new(backend.store.clone(), options);
-    for m in modules() {
-        worker = m.register_jobs(&ctx, worker);
-    }
-    tokio::spawn(worker.run(stop.clone()));
-    tokio::spawn(app.run(stop.clone()));
+    let app = TestApp::builder()
+        .settings(move |settings| {
+            settings.payments.provider_url = sandbox_url_for_app;
+            settings.payments.request_timeout_ms = 500;
+            if let Some(url) = nats {
+                settings.queue.backend = shoal_core::settings::QueueBackend::Nats;
+                settings.queue.nats_url = Some(url);
+                settings.queue.nats_prefix = format!("checkout{}", &kit::unique_name()[..12]);
+            }
+        })
+        .module(shoal_accounts::Accounts)
+        .module(shoal_catalog::Catalog::default())
+        .module(shoal_orders::Orders::default())
+        .module(shoal_payments::Payments)
+        .module(shoal_notifications::Notifications)
+        .worker()
+        .start()
+        .await;
+    let ctx = app.ctx().clone();
+    let base = app.base().to_string();
     shoal_catalog::seed(&ctx.db, 3, |_| {}).await.unwrap();
     // Checkouts hold stock: plenty, unless a test sets its own.
     sqlx::query("UPDATE products SET stock = 1000000")
@@ -124,12 +100,12 @@ async fn start_on(webhooks: bool, nats: Option<String>) -> Stack {
     }
     Stack {
         db: ctx.db.clone(),
-        jobs: backend.store.clone(),
-        backend,
-        mail: dir.path().join("mail"),
+        jobs: app.job_store().clone(),
+        mail: app.data_dir().join("mail"),
         base,
         sandbox: sandbox_url,
         stop,
+        app,
         _dir: dir,
     }
 }
@@ -637,7 +613,12 @@ async fn checkout_through_nats_charges_each_order_once() {
         return;
     };
     let s = start_on(true, Some(url)).await;
-    let nats = s.backend.nats().expect("a JetStream store").clone();
+    let nats = s
+        .app
+        .job_backend()
+        .and_then(|b| b.nats())
+        .expect("a JetStream store")
+        .clone();
     let http = login(&s.base).await;
     let p = product(&s.base).await;
     let card =
