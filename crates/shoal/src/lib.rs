@@ -7,7 +7,7 @@
 #[cfg(not(feature = "system-alloc"))]
 pub mod alloc;
 mod cli;
-pub mod new_service;
+mod new_service;
 mod roles;
 mod secrets;
 mod up;
@@ -40,14 +40,6 @@ impl Builder {
     pub fn new() -> Builder {
         Builder {
             modules: roles::own_modules(),
-        }
-    }
-
-    /// No services but the ones added (the runtime's routes stay:
-    /// probes, metrics, `/api/jobs`, `/api/openapi.json`).
-    pub fn empty() -> Builder {
-        Builder {
-            modules: Vec::new(),
         }
     }
 
