@@ -2,8 +2,10 @@
 //! to an OTLP/HTTP receiver inside the test: the client's `traceparent`
 //! → the gateway → the orders instance → its call to the catalog → the
 //! enqueue of the payment → the payment job's run (a child of the enqueue,
-//! and linked to it) → its call to the payment provider. On SQLite, and
-//! on PostgreSQL.
+//! and linked to it) → its call to the payment provider; and the calls
+//! the settlement's jobs make: the receipt email sent, and the user's
+//! webhook called (with the trace's `traceparent`). On SQLite, and on
+//! PostgreSQL.
 
 mod common;
 
@@ -52,6 +54,32 @@ async fn otlp_receiver() -> (String, Spans) {
     (url, spans)
 }
 
+/// A webhook endpoint on a free port: answers 204 and keeps each
+/// delivery's `traceparent`.
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let kept = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let kept = kept.clone();
+            async move {
+                let tp = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                kept.lock().unwrap().push(tp);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, got)
+}
+
 fn find<'a>(spans: &'a [Value], service: &str, name_starts: &str) -> Option<&'a Value> {
     spans.iter().find(|s| {
         s["service"] == service
@@ -78,12 +106,22 @@ async fn a_checkout_is_one_trace(env: Vec<(&str, String)>) {
     let (endpoint, spans) = otlp_receiver().await;
     let mut all_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     all_env.push(("SHOAL_TRACES__OTLP_ENDPOINT", endpoint.as_str()));
+    // The webhook endpoint is on loopback.
+    all_env.push(("SHOAL_NOTIFICATIONS__ALLOW_PRIVATE_WEBHOOK_TARGETS", "true"));
     let stack = Stack::start(2, &all_env);
     stack.wait_ready(2).await;
     let http = kit::http_client();
     let email = format!("trace-{}@example.com", kit::unique_name());
     stack.sign_up_and_log_in(&http, &email).await;
     let product = stack.a_product(&http).await;
+    let (hook_url, hooks) = webhook_receiver().await;
+    let r = http
+        .post(stack.url("/api/notifications/webhooks"))
+        .json(&json!({"url": hook_url, "event_types": ["order.paid"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
 
     // The client starts the trace.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -121,7 +159,9 @@ async fn a_checkout_is_one_trace(env: Vec<(&str, String)>) {
             && find(&trace, "shoal-serve", "POST /api/catalog/reservations").is_some()
             && find(&trace, "shoal-serve", "enqueue payments").is_some()
             && find(&trace, "shoal-worker", "run payments").is_some()
-            && find(&trace, "shoal-worker", "payment provider: create intent").is_some();
+            && find(&trace, "shoal-worker", "payment provider: create intent").is_some()
+            && find(&trace, "shoal-worker", "send email PaymentReceipt").is_some()
+            && find(&trace, "shoal-worker", "webhook order.paid").is_some();
         if complete {
             break trace;
         }
@@ -197,6 +237,29 @@ async fn a_checkout_is_one_trace(env: Vec<(&str, String)>) {
             .iter()
             .any(|a| a["key"] == "http.response.status_code"),
         "the provider's answer is recorded"
+    );
+
+    // The settlement's jobs, and the calls they make, are in the trace:
+    // each call is the child of its job's run (a consumer span), which is
+    // the child of its enqueue (a producer span).
+    let by_id = |id: String| trace.iter().find(|s| span_id(s) == id);
+    for call in ["send email PaymentReceipt", "webhook order.paid"] {
+        let span = find(&trace, "shoal-worker", call).unwrap();
+        assert_eq!(span["kind"], 3, "{call}: a client span\n{all}");
+        let run = by_id(parent(span))
+            .unwrap_or_else(|| panic!("{call}: its job's run is in the trace\n{all}"));
+        assert_eq!(run["kind"], 5, "{call}: under a consumer span\n{all}");
+        let enqueue = by_id(parent(run))
+            .unwrap_or_else(|| panic!("{call}: its job's enqueue is in the trace\n{all}"));
+        assert_eq!(enqueue["kind"], 4, "{call}: enqueued in the trace\n{all}");
+    }
+    // The webhook's receiver got the trace's context.
+    let webhook = find(&trace, "shoal-worker", "webhook order.paid").unwrap();
+    let got = hooks.lock().unwrap().clone();
+    assert!(
+        got.iter()
+            .any(|tp| tp.starts_with(&format!("00-{trace_id}-{}-", span_id(webhook)))),
+        "the delivery carries traceparent of the webhook span: {got:?}\n{all}"
     );
 }
 

@@ -29,10 +29,11 @@ const SETTLE_KIND: &str = "orders.settle";
 #[derive(Debug, Clone, Default)]
 pub struct Payments;
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "payments",
-    sql: "CREATE TABLE IF NOT EXISTS payments (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "payments",
+        sql: "CREATE TABLE IF NOT EXISTS payments (
         id TEXT PRIMARY KEY,
         order_id TEXT NOT NULL UNIQUE,
         user_id TEXT NOT NULL,
@@ -45,7 +46,15 @@ const MIGRATIONS: &[Migration] = &[Migration {
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL);
     CREATE INDEX IF NOT EXISTS payments_pending ON payments (status, updated_at);",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "payments_traceparent",
+        // The trace of the checkout that made the payment, so that a provider
+        // webhook settling it later continues that trace.
+        sql: "ALTER TABLE payments ADD COLUMN traceparent TEXT",
+    },
+];
 
 fn provider(ctx: &AppContext) -> Arc<dyn PaymentProvider> {
     let p = &ctx.settings.payments;
@@ -153,8 +162,8 @@ async fn charge(
         .ok_or_else(|| JobError::permanent("payload has no amount"))?;
     let now = now_millis();
     sqlx::query(
-        "INSERT INTO payments (id, order_id, user_id, amount, currency, payment_method, status, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7) ON CONFLICT (order_id) DO NOTHING",
+        "INSERT INTO payments (id, order_id, user_id, amount, currency, payment_method, status, created_at, updated_at, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $8) ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(format!("pay_{}", shoal_core::ids::new_id().replace('-', "")))
     .bind(&order_id)
@@ -163,6 +172,7 @@ async fn charge(
     .bind(text("currency")?)
     .bind(text("payment_method")?)
     .bind(now)
+    .bind(job.job().traceparent.clone())
     .execute(ctx.db.pool())
     .await
     .map_err(JobError::retryable)?;
@@ -446,15 +456,45 @@ async fn webhook(
                 unreachable!("confirm_with_provider keeps final records only")
             }
         };
-        settle(&ctx, &payment_id, paid, Some(intent_id), failure)
-            .await
-            .map_err(|e| {
-                tracing::warn!(payment_id, error = %e, "cannot settle a confirmed webhook");
-                ApiError(Problem::unavailable(
-                    "could not settle; send the event again later",
-                    1,
-                ))
-            })?;
+        // Settled in the checkout's trace (the payment's), linked to this
+        // request's own.
+        let parent: Option<(Option<String>,)> =
+            sqlx::query_as("SELECT traceparent FROM payments WHERE id = $1")
+                .bind(&payment_id)
+                .fetch_optional(ctx.db.pool())
+                .await?;
+        let parent = parent
+            .and_then(|(tp,)| tp)
+            .as_deref()
+            .and_then(shoal_core::spans::SpanContext::parse);
+        let mut span = parent.and_then(|p| {
+            shoal_core::spans::start(
+                format!("payment webhook {}", event["type"].as_str().unwrap_or("")),
+                shoal_core::spans::Kind::Consumer,
+                Some(p),
+            )
+        });
+        if let (Some(span), Some(here)) = (span.as_mut(), shoal_core::spans::current()) {
+            span.link(here);
+        }
+        let settling = settle(&ctx, &payment_id, paid, Some(intent_id), failure);
+        let settled = match &span {
+            Some(span) => shoal_core::spans::within(span.ctx, settling).await,
+            None => settling.await,
+        };
+        if let Some(mut span) = span {
+            if let Err(e) = &settled {
+                span.fail(e.to_string());
+            }
+            span.end();
+        }
+        settled.map_err(|e| {
+            tracing::warn!(payment_id, error = %e, "cannot settle a confirmed webhook");
+            ApiError(Problem::unavailable(
+                "could not settle; send the event again later",
+                1,
+            ))
+        })?;
         return Ok(Json(json!({"received": true, "applied": true})));
     }
     Ok(Json(json!({"received": true, "applied": false})))
