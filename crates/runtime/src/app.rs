@@ -18,7 +18,7 @@ use shoal_backends::{
     BlobStore, Broadcast, Database, Migration, RedisBroadcast, RedisSessionStore, S3Config,
     SessionStore, SqlBroadcast, SqlBroadcastOptions, SqlSessionStore,
 };
-use shoal_core::settings::{BlobBackend, BusBackend, SessionBackend};
+use shoal_core::settings::{BlobBackend, BusBackend, SessionBackend, SettingsError};
 use shoal_core::{Problem, Settings};
 use shoal_queue::{SqlJobStore, Worker};
 use std::net::SocketAddr;
@@ -39,6 +39,40 @@ pub trait ServiceModule: Send + Sync {
     fn register_jobs(&self, _ctx: &AppContext, worker: Worker) -> Worker {
         worker
     }
+    /// Checks this service's own settings (`[services.<name>]`, read with
+    /// `shoal_core::settings::service_section`) before anything starts; an
+    /// error stops the role with it. The default takes none: a section
+    /// given for it is refused.
+    fn check_settings(&self, settings: &Settings) -> Result<(), SettingsError> {
+        match settings.services.get(self.name()) {
+            None => Ok(()),
+            Some(_) => Err(SettingsError::Invalid {
+                key: format!("services.{}", self.name()),
+                message: "this service takes no settings".into(),
+            }),
+        }
+    }
+}
+
+/// Refuses settings sections of services this binary does not have, and
+/// those its services refuse.
+fn check_service_settings(
+    settings: &Settings,
+    modules: &[Box<dyn ServiceModule>],
+) -> Result<(), SettingsError> {
+    for name in settings.services.keys() {
+        if !modules.iter().any(|m| m.name() == name) {
+            let known: Vec<&str> = modules.iter().map(|m| m.name()).collect();
+            return Err(SettingsError::Invalid {
+                key: format!("services.{name}"),
+                message: format!(
+                    "no service `{name}` in this binary (it has {})",
+                    known.join(", ")
+                ),
+            });
+        }
+    }
+    modules.iter().try_for_each(|m| m.check_settings(settings))
 }
 
 /// Opens the blob store the settings name.
@@ -65,6 +99,7 @@ pub async fn build_context(
     instance: Arc<str>,
     modules: &[Box<dyn ServiceModule>],
 ) -> anyhow::Result<AppContext> {
+    check_service_settings(&settings, modules)?;
     let (db, sessions) = connect_backends(&settings).await?;
     migrate(&db, modules).await?;
     let bus = connect_bus(&settings, &db).await?;

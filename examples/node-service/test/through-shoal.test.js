@@ -255,3 +255,36 @@ test('a job whose instance is SIGKILLed mid-run is delivered again and done once
   assert.equal(fs.readdirSync(path.join(dataDir, 'sent')).filter((f) => f.startsWith(job)).length, 1);
   stream.close();
 });
+
+test('an instance stopped with SIGTERM leaves the pool without failing a request', async () => {
+  const { cookie } = await logIn('margaret@example.com');
+  const leaving = await startInstance();
+  const pools = async () => {
+    const token = fs.readFileSync(path.join(dir, 'data/secrets/admin-token'), 'utf8').trim();
+    const r = await fetch(`${base}/_gateway/pools`, { headers: { authorization: `Bearer ${token}` } });
+    const pool = (await r.json()).pools.find((p) => p.name === 'greetings');
+    return pool.instances.map((i) => i.url);
+  };
+  assert.ok((await pools()).includes(leaving.url));
+  let failures = 0;
+  let answered = 0;
+  let stop = false;
+  const load = Array.from({ length: 8 }, async () => {
+    while (!stop) {
+      const r = await fetch(`${base}/api/greetings/hello`, { headers: { cookie } }).catch(() => null);
+      if (r?.status === 200) answered++;
+      else failures++;
+      await r?.arrayBuffer();
+    }
+  });
+  await sleep(500);
+  const exited = new Promise((r) => leaving.child.once('exit', (code) => r(code)));
+  leaving.child.kill('SIGTERM');
+  assert.equal(await exited, 0, 'it drained and exited cleanly');
+  await sleep(500);
+  stop = true;
+  await Promise.all(load);
+  assert.equal(failures, 0, `${failures} of ${answered + failures} requests failed`);
+  assert.ok(answered > 50, `${answered} answered`);
+  assert.ok(!(await pools()).includes(leaving.url), 'it is out of the pool');
+});

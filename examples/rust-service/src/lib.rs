@@ -1,19 +1,22 @@
 //! The `greetings` service: a Shoal service in its own crate. One route
 //! (`POST /api/greetings` for the logged-in user, `GET` to list theirs),
 //! one migration (its table), one job (`greetings.send`, enqueued in the
-//! same transaction as the row, so both exist or neither does).
+//! same transaction as the row, so both exist or neither does), one
+//! setting of its own (`[services.greetings] max_length`).
 //! Built into a binary with Shoal's own services by `src/main.rs`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use shoal_backends::{now_millis, Migration};
-use shoal_core::Problem;
+use shoal_core::settings::{service_section, SettingsError};
+use shoal_core::{Problem, Settings};
 use shoal_queue::{handler_fn, JobContext, JobError, NewJob, Worker};
 use shoal_runtime::error::ApiResult;
 use shoal_runtime::openapi::{Api, Op};
 use shoal_runtime::{ApiError, ApiJson, AppContext, CurrentSession, ServiceModule};
+use std::sync::Arc;
 
 /// The job that sends a greeting.
 pub const SEND_KIND: &str = "greetings.send";
@@ -37,6 +40,35 @@ const MIGRATIONS: &[Migration] = &[Migration {
 #[derive(Debug, Clone, Default)]
 pub struct Greetings;
 
+/// `[services.greetings]` in the settings file, or
+/// `SHOAL_SERVICES__GREETINGS__MAX_LENGTH=300` in the environment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GreetingsSettings {
+    /// Longest greeting, in characters (1-10000).
+    pub max_length: usize,
+}
+
+impl Default for GreetingsSettings {
+    fn default() -> Self {
+        GreetingsSettings { max_length: 200 }
+    }
+}
+
+impl GreetingsSettings {
+    /// This service's section of `settings`, checked.
+    pub fn from(settings: &Settings) -> Result<GreetingsSettings, SettingsError> {
+        let s: GreetingsSettings = service_section(settings, "greetings")?;
+        if !(1..=10_000).contains(&s.max_length) {
+            return Err(SettingsError::Invalid {
+                key: "services.greetings.max_length".into(),
+                message: "must be between 1 and 10000".into(),
+            });
+        }
+        Ok(s)
+    }
+}
+
 impl ServiceModule for Greetings {
     fn name(&self) -> &'static str {
         "greetings"
@@ -46,7 +78,12 @@ impl ServiceModule for Greetings {
         MIGRATIONS
     }
 
-    fn routes(&self, _ctx: &AppContext) -> Api {
+    fn check_settings(&self, settings: &Settings) -> Result<(), SettingsError> {
+        GreetingsSettings::from(settings).map(|_| ())
+    }
+
+    fn routes(&self, ctx: &AppContext) -> Api {
+        let settings = GreetingsSettings::from(&ctx.settings).expect("checked at start");
         Api::new()
             .post(
                 "/api/greetings",
@@ -66,6 +103,7 @@ impl ServiceModule for Greetings {
                     .returns::<Vec<Greeting>>(200, "Your greetings")
                     .problems(&[401]),
             )
+            .layer(Extension(Arc::new(settings)))
     }
 
     fn register_jobs(&self, ctx: &AppContext, worker: Worker) -> Worker {
@@ -84,7 +122,7 @@ impl ServiceModule for Greetings {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGreeting {
-    /// 1 to 200 characters.
+    /// 1 to `max_length` (200) characters.
     pub text: String,
 }
 
@@ -101,14 +139,18 @@ pub struct Greeting {
 
 async fn create(
     State(ctx): State<AppContext>,
+    Extension(settings): Extension<Arc<GreetingsSettings>>,
     CurrentSession(session): CurrentSession,
     ApiJson(body): ApiJson<NewGreeting>,
 ) -> ApiResult<(StatusCode, Json<Greeting>)> {
     let text = body.text.trim();
-    if text.is_empty() || text.chars().count() > 200 {
-        return Err(Problem::validation("text must be 1 to 200 characters")
-            .with_field("text", "1 to 200 characters")
-            .into());
+    let max = settings.max_length;
+    if text.is_empty() || text.chars().count() > max {
+        return Err(
+            Problem::validation(format!("text must be 1 to {max} characters"))
+                .with_field("text", format!("1 to {max} characters"))
+                .into(),
+        );
     }
     let greeting = Greeting {
         id: shoal_core::ids::new_id(),

@@ -110,3 +110,49 @@ async fn the_routes_are_in_the_api_document() {
     let ops = &doc["paths"]["/api/greetings"];
     assert!(ops["get"].is_object() && ops["post"].is_object(), "{ops}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn its_own_setting_is_read_and_checked() {
+    use shoal_core::settings::toml;
+    use shoal_runtime::ServiceModule;
+    let section = |text: &str| toml::from_str::<toml::Value>(text).unwrap();
+    let app = TestApp::builder()
+        .module(shoal_accounts::Accounts)
+        .module(Greetings)
+        .settings(move |s| {
+            s.services
+                .insert("greetings".into(), section("max_length = 5"));
+        })
+        .start()
+        .await;
+    let ada = app.signed_in("ada@example.com").await;
+    let send = |text: &str| {
+        ada.post(app.url("/api/greetings"))
+            .json(&json!({ "text": text }))
+            .send()
+    };
+    assert_eq!(send("hello").await.unwrap().status(), 201);
+    let r = send("hello!").await.unwrap();
+    assert_eq!(r.status(), 422);
+    let problem: Value = r.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("1 to 5"),
+        "{problem}"
+    );
+
+    // A typo, a bad value, or a value from the environment (a string).
+    let mut settings = shoal_core::Settings::default();
+    for (given, ok) in [
+        ("max_lenght = 5", false),
+        ("max_length = 0", false),
+        ("max_length = \"300\"", true),
+        ("max_length = \"many\"", false),
+    ] {
+        settings.services.insert("greetings".into(), section(given));
+        let checked = Greetings.check_settings(&settings);
+        assert_eq!(checked.is_ok(), ok, "{given}: {checked:?}");
+        if let Err(e) = checked {
+            assert!(e.to_string().contains("services.greetings"), "{e}");
+        }
+    }
+}

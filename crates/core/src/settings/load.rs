@@ -73,6 +73,50 @@ pub fn load(
     from_tree(tree)
 }
 
+/// A service's own section (`[services.<name>]`), read as `T`: `T`'s
+/// defaults, then the file's keys, then `SHOAL_SERVICES__<NAME>__<KEY>`
+/// variables typed like the defaults. Unknown keys are refused when `T`
+/// says `#[serde(deny_unknown_fields)]`; errors name the key.
+pub fn service_section<T>(settings: &Settings, name: &str) -> Result<T, SettingsError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Default,
+{
+    let invalid = |key: String, message: String| SettingsError::Invalid { key, message };
+    let mut tree = toml::Value::try_from(T::default())
+        .map_err(|e| invalid(format!("services.{name}"), e.to_string()))?;
+    if let Some(given) = settings.services.get(name) {
+        let toml::Value::Table(given) = given else {
+            return Err(invalid(
+                format!("services.{name}"),
+                "must be a table of settings".into(),
+            ));
+        };
+        for (key, value) in given {
+            // Variables arrive as strings: type them like the default.
+            let value = match (value, tree.get(key)) {
+                (toml::Value::String(raw), Some(existing)) if !existing.is_str() => {
+                    typed_like(Some(existing), raw)
+                        .map_err(|m| invalid(format!("services.{name}.{key}"), m))?
+                }
+                _ => value.clone(),
+            };
+            merge(
+                &mut tree,
+                toml::Value::Table(toml::Table::from_iter([(key.clone(), value)])),
+            );
+        }
+    }
+    serde_path_to_error::deserialize(tree).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." || path.is_empty() {
+            format!("services.{name}")
+        } else {
+            format!("services.{name}.{path}")
+        };
+        invalid(key, e.inner().to_string())
+    })
+}
+
 fn from_tree(tree: toml::Value) -> Result<Settings, SettingsError> {
     serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();

@@ -16,12 +16,14 @@ pub use gateway::{
     HeaderRules, Http1Server, PoolSettings, RateLimitSettings, RegistrationTokenSettings,
     RouteSettings, SniCertificate, UpstreamProtocol,
 };
-pub use load::{load, SettingsError};
+pub use load::{load, service_section, SettingsError};
 pub use media::{BlobBackend, BlobSettings, MediaSettings};
 pub use notifications::NotificationsSettings;
 pub use payments::{
     PaymentsSettings, SandboxSettings, DEVELOPMENT_API_KEY, DEVELOPMENT_WEBHOOK_SECRET,
 };
+/// The TOML types the `services` sections are kept in.
+pub use toml;
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -60,6 +62,12 @@ pub struct Settings {
     pub media: MediaSettings,
     pub notifications: NotificationsSettings,
     pub clients: ClientsSettings,
+    /// The sections of services built into a binary with
+    /// `shoal::Builder` (`[services.<name>]`, `SHOAL_SERVICES__<NAME>__<KEY>`),
+    /// kept as given; each service reads its own with
+    /// [`service_section`](crate::settings::service_section).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub services: std::collections::BTreeMap<String, toml::Value>,
 }
 
 impl Default for Settings {
@@ -87,6 +95,7 @@ impl Default for Settings {
             media: MediaSettings::default(),
             notifications: NotificationsSettings::default(),
             clients: ClientsSettings::default(),
+            services: Default::default(),
         }
     }
 }
