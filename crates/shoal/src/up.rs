@@ -410,15 +410,18 @@ async fn manage_child(
     }
 }
 
+/// Changes child `index` and writes the whole table to `state_file`.
+/// The write happens under the table's lock: children are managed by
+/// tasks on several threads, and two updates writing outside it could
+/// land in the wrong order (the older table last, left there until the
+/// next change) or interleave in the shared temporary file. A run of CI
+/// saw exactly that: stack.json kept `worker-1` "starting" while it ran.
 fn update(table: &Table, state_file: &Path, index: usize, f: impl FnOnce(&mut ChildView)) {
-    let snapshot = {
-        let mut t = table.lock().expect("table lock");
-        f(&mut t[index]);
-        t.clone()
-    };
+    let mut t = table.lock().expect("table lock");
+    f(&mut t[index]);
     if let Ok(json) = serde_json::to_vec_pretty(&serde_json::json!({
         "supervisor_pid": std::process::id(),
-        "children": snapshot,
+        "children": &*t,
     })) {
         let tmp = state_file.with_extension("json.tmp");
         if std::fs::write(&tmp, json).is_ok() {

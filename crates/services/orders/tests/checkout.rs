@@ -134,26 +134,6 @@ async fn emails(mail: &std::path::Path, to: &str, subject: &str, want: usize) ->
     }
 }
 
-async fn login(base: &str) -> reqwest::Client {
-    let http = kit::http_client();
-    let creds = json!({"email": "ada@example.com", "password": "correct horse"});
-    http.post(format!("{base}/api/accounts/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        http.post(format!("{base}/api/accounts/login"))
-            .json(&creds)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    http
-}
-
 async fn order(
     http: &reqwest::Client,
     base: &str,
@@ -237,7 +217,7 @@ async fn product(base: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_at_once_makes_one_order_and_every_request_is_answered() {
     let s = start().await;
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 1}]});
     let requests = (0..16).map(|_| {
@@ -265,7 +245,7 @@ async fn the_same_key_at_once_makes_one_order_and_every_request_is_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_is_idempotent_and_charges_once() {
     let s = start().await;
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 2}]});
 
@@ -372,20 +352,7 @@ async fn checkout_is_idempotent_and_charges_once() {
     assert_eq!(emails(&s.mail, "ada@example.com", &receipt, 1).await, 1);
 
     // someone else cannot see the order
-    let other_user = kit::http_client();
-    let creds = json!({"email": "bob@example.com", "password": "correct horse"});
-    other_user
-        .post(format!("{}/api/accounts/signup", s.base))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    other_user
-        .post(format!("{}/api/accounts/login", s.base))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
+    let other_user = s.app.signed_in("bob@example.com").await;
     assert_eq!(
         other_user
             .get(format!("{}/api/orders/{id}", s.base))
@@ -400,7 +367,7 @@ async fn checkout_is_idempotent_and_charges_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_faults_still_give_exactly_one_charge() {
     let s = start().await;
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 1}]});
     let faults = |f: Value| {
@@ -460,7 +427,7 @@ async fn provider_faults_still_give_exactly_one_charge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_settles_a_payment_whose_webhook_never_came() {
     let s = start_with(false).await;
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_processing"});
     let id = place(&http, &s.base, "key-rec", &body).await;
@@ -502,7 +469,7 @@ async fn reconciliation_settles_a_payment_whose_webhook_never_came() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_webhook_the_provider_does_not_confirm_changes_nothing() {
     let s = start().await;
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     // One real, paid order whose intent a forger could name.
     let visa = json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": "pm_card_visa"});
@@ -619,7 +586,7 @@ async fn checkout_through_nats_charges_each_order_once() {
         .and_then(|b| b.nats())
         .expect("a JetStream store")
         .clone();
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let card =
         |pm: &str| json!({"items": [{"product_id": p["id"], "quantity": 1}], "payment_method": pm});
@@ -685,7 +652,7 @@ async fn stock_of(db: &Database, id: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stock_is_held_for_every_line_at_once_and_given_back_when_payment_fails() {
     let s = start().await;
-    let http = login(&s.base).await;
+    let http = s.app.signed_in("ada@example.com").await;
     let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM products ORDER BY id LIMIT 2")
         .fetch_all(s.db.pool())
         .await
