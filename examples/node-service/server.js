@@ -203,11 +203,16 @@ async function gateway(action) {
   if (!r.ok) throw new Error(`${action} answered ${r.status}: ${(await r.text()).slice(0, 300)}`);
 }
 
+// Out of the pool first; then a moment for requests the gateway had
+// already sent this way (and its pooled connections) to finish, as
+// Shoal's own instances wait `serve.drain_delay_ms`; then close.
+const DRAIN_DELAY_MS = 1000;
 async function stop(signal) {
   if (draining) return;
   draining = true;
   app.log.info({ signal }, 'leaving the pool, then closing');
   await gateway('deregister').catch((e) => app.log.warn({ err: e.message }, 'deregister failed'));
+  await sleep(DRAIN_DELAY_MS);
   await app.close();
   process.exit(0);
 }
