@@ -54,6 +54,15 @@ pub trait ServiceModule: Send + Sync {
     }
 }
 
+/// Makes a fresh instance of one service module: each role (and a test's
+/// worker beside its instance) builds its own.
+pub type ModuleFactory = Arc<dyn Fn() -> Box<dyn ServiceModule> + Send + Sync>;
+
+/// The factory of `module`: clones it.
+pub fn module_factory<M: ServiceModule + Clone + 'static>(module: M) -> ModuleFactory {
+    Arc::new(move || Box::new(module.clone()) as Box<dyn ServiceModule>)
+}
+
 /// Refuses settings sections of services this binary does not have, and
 /// those its services refuse.
 fn check_service_settings(

@@ -32,11 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use reqwest;
 
-type Factory = Arc<dyn Fn() -> Box<dyn ServiceModule> + Send + Sync>;
-
 /// How to start a [`TestApp`].
 pub struct TestAppBuilder {
-    modules: Vec<Factory>,
+    modules: Vec<crate::app::ModuleFactory>,
     base: Option<Settings>,
     edits: Vec<Box<dyn FnOnce(&mut Settings) + Send>>,
     worker: bool,
@@ -76,9 +74,7 @@ impl std::ops::Deref for TestUser {
 impl TestAppBuilder {
     /// Adds a service module (cloned for the worker, which needs its own).
     pub fn module<M: ServiceModule + Clone + 'static>(mut self, module: M) -> Self {
-        self.modules.push(Arc::new(move || {
-            Box::new(module.clone()) as Box<dyn ServiceModule>
-        }));
+        self.modules.push(crate::app::module_factory(module));
         self
     }
 

@@ -15,10 +15,8 @@ mod up;
 use clap::Parser;
 use shoal_runtime::ServiceModule;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-/// Makes one service module (each role builds its own).
-pub(crate) type ModuleFactory = Arc<dyn Fn() -> Box<dyn ServiceModule> + Send + Sync>;
+use shoal_runtime::app::ModuleFactory;
 
 /// A binary that is Shoal plus a team's modules:
 /// `shoal::Builder::new().module(MyService).run()` in `main`. It has every
@@ -45,9 +43,8 @@ impl Builder {
 
     /// Adds a service module; it is cloned for each role that runs it.
     pub fn module<M: ServiceModule + Clone + 'static>(mut self, module: M) -> Builder {
-        self.modules.push(Arc::new(move || {
-            Box::new(module.clone()) as Box<dyn ServiceModule>
-        }));
+        self.modules
+            .push(shoal_runtime::app::module_factory(module));
         self
     }
 

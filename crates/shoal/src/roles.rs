@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Every service this binary can run.
 /// Shoal's own services.
-pub(crate) fn own_modules() -> Vec<crate::ModuleFactory> {
-    fn of<M: ServiceModule + Default + 'static>() -> crate::ModuleFactory {
+pub(crate) fn own_modules() -> Vec<shoal_runtime::app::ModuleFactory> {
+    fn of<M: ServiceModule + Default + 'static>() -> shoal_runtime::app::ModuleFactory {
         std::sync::Arc::new(|| Box::new(M::default()) as Box<dyn ServiceModule>)
     }
     vec![
@@ -30,9 +30,10 @@ pub(crate) fn own_modules() -> Vec<crate::ModuleFactory> {
 }
 
 /// The modules this binary runs: set once by `Builder::run`.
-static MODULES: std::sync::OnceLock<Vec<crate::ModuleFactory>> = std::sync::OnceLock::new();
+static MODULES: std::sync::OnceLock<Vec<shoal_runtime::app::ModuleFactory>> =
+    std::sync::OnceLock::new();
 
-pub(crate) fn set_modules(modules: Vec<crate::ModuleFactory>) {
+pub(crate) fn set_modules(modules: Vec<shoal_runtime::app::ModuleFactory>) {
     let _ = MODULES.set(modules);
 }
 
