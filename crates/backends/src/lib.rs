@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod broadcast;
 pub mod conformance;
 pub mod db;
+mod direct;
 pub mod sessions;
 
 pub use blobs::{BlobError, BlobRead, BlobStore, PutResult, S3Config};
@@ -15,7 +16,8 @@ pub use broadcast::{
     Broadcast, BroadcastError, RecvError, RedisBroadcast, SqlBroadcast, SqlBroadcastOptions,
     Subscription,
 };
-pub use db::{Database, DatabaseKind, DbError, Migration};
+pub use db::{Database, DatabaseKind, DbError, Finish, Migration};
+pub use rusqlite;
 pub use sessions::{
     RedisSessionStore, Session, SessionError, SessionLifetimes, SessionStore, SqlSessionStore,
 };

@@ -27,7 +27,7 @@ pub use job::{
 };
 pub use nats::{NatsJobStore, NatsJobStoreOptions};
 pub use relay::OutboxRelay;
-pub use sql::SqlJobStore;
+pub use sql::{PreparedJob, SqlJobStore};
 pub use store::JobStore;
 pub use worker::{
     handler_fn, Backoff, JobContext, JobHandler, KindOptions, RateLimit, Retention, Worker,

@@ -221,6 +221,70 @@ impl SqlJobStore {
         Ok(out)
     }
 
+    /// Readies `job` for [`SqlJobStore::enqueue_on_sqlite`]: validated, its
+    /// trace taken from the calling task (the enqueue span starts here).
+    pub fn prepare(&self, mut job: NewJob) -> Result<PreparedJob, QueueError> {
+        job.validate()?;
+        let span = crate::job::enqueue_span(&mut job);
+        if job.trace_id.is_none() {
+            job.trace_id = shoal_core::trace::current();
+        }
+        let payload = serde_json::to_string(&job.payload)?;
+        Ok(PreparedJob { job, payload, span })
+    }
+
+    /// Enqueues a prepared job on a SQLite connection inside
+    /// `Database::sqlite_write`'s transaction: the job exists if and only
+    /// if that transaction commits. Synchronous, as the transaction is.
+    pub fn enqueue_on_sqlite(
+        &self,
+        conn: &shoal_backends::rusqlite::Connection,
+        prepared: PreparedJob,
+    ) -> Result<Enqueued, QueueError> {
+        let PreparedJob { job, payload, span } = prepared;
+        let now = now_millis();
+        let (run_at, state) = start_of(&job, now);
+        let id = shoal_core::ids::new_id();
+        let timeout_ms = job.timeout.as_millis().min(i64::MAX as u128) as i64;
+        let inserted = conn
+            .prepare_cached(INSERT_JOB)
+            .and_then(|mut insert| {
+                insert.execute(shoal_backends::rusqlite::params![
+                    id,
+                    job.queue,
+                    job.kind,
+                    payload,
+                    job.priority,
+                    state.as_str(),
+                    run_at,
+                    job.max_attempts,
+                    job.unique_key,
+                    timeout_ms,
+                    job.trace_id,
+                    now,
+                    job.traceparent,
+                ])
+            })
+            .map_err(sqlite_error)?;
+        if let Some(span) = span {
+            span.end();
+        }
+        if inserted == 0 {
+            let existing: String = conn
+                .prepare_cached("SELECT id FROM shoal_jobs WHERE unique_key = $1")
+                .and_then(|mut q| q.query_row([&job.unique_key], |r| r.get(0)))
+                .map_err(sqlite_error)?;
+            return Ok(Enqueued {
+                id: existing,
+                created: false,
+            });
+        }
+        metrics::counter!("shoal_jobs_enqueued_total", "queue" => job.queue).increment(1);
+        // Before the commit: woken workers that find nothing poll again soon.
+        self.wakeups.notify_waiters();
+        Ok(Enqueued { id, created: true })
+    }
+
     /// Completes an attempt on the caller's connection, typically in the
     /// transaction that writes the job's effects, so the effects and the
     /// completion commit together (exactly-once effects in this database).
@@ -332,6 +396,26 @@ const INSERT_JOB: &str = "INSERT INTO shoal_jobs (id, queue, kind, payload, prio
         traceparent)
      VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, '[]', $12, $13)
      ON CONFLICT (unique_key) DO NOTHING";
+
+/// A job readied by [`SqlJobStore::prepare`] for a synchronous insert.
+pub struct PreparedJob {
+    job: NewJob,
+    payload: String,
+    span: Option<shoal_core::spans::Span>,
+}
+
+impl std::fmt::Debug for PreparedJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedJob")
+            .field("queue", &self.job.queue)
+            .field("kind", &self.job.kind)
+            .finish()
+    }
+}
+
+fn sqlite_error(e: shoal_backends::rusqlite::Error) -> QueueError {
+    QueueError::Db(shoal_backends::DbError::Sqlite(e))
+}
 
 /// A new job's run-at time and first state: scheduled when it is to run
 /// later than `now`.

@@ -151,3 +151,77 @@ async fn postgres_notify_wakes_idle_worker_of_another_process() {
     };
     conformance::idle_worker_wakes_on_enqueue_elsewhere(&f).await;
 }
+
+/// `enqueue_on_sqlite` inside `Database::sqlite_write` (the synchronous
+/// SQLite write path): a job exists if and only if the transaction
+/// commits, keeps its fields and the caller's trace, is claimable, and a
+/// unique key answers the job holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_enqueue_on_sqlite_follows_the_transaction() {
+    use serde_json::json;
+    use shoal_backends::Finish;
+    use shoal_queue::{JobState, NewJob, QueueError};
+    let f = sqlite();
+    let store = Arc::new(f.open_sql().await);
+    let db = store.database().clone();
+    let q = format!("direct{}", std::process::id());
+    let job = |n: i64| NewJob::new(&q, "k", json!({ "n": n })).max_attempts(3);
+
+    let prepared = store.prepare(job(1)).unwrap();
+    let s = Arc::clone(&store);
+    let rolled = db
+        .sqlite_write(move |c| {
+            let e = s.enqueue_on_sqlite(c, prepared)?;
+            Ok::<_, QueueError>(Finish::Rollback(e))
+        })
+        .await
+        .unwrap();
+    assert!(
+        store.get(&rolled.id).await.unwrap().is_none(),
+        "rolled back: no job"
+    );
+
+    // Prepared in the request's task: it takes the task's trace.
+    let s = Arc::clone(&store);
+    let second = job(2).unique_key("once");
+    let kept = shoal_core::trace::scope("tr-direct", async move {
+        let prepared = s.prepare(second)?;
+        db.sqlite_write(move |c| {
+            let e = s.enqueue_on_sqlite(c, prepared)?;
+            Ok::<_, QueueError>(Finish::Commit(e))
+        })
+        .await
+    });
+    let kept = kept.await.unwrap();
+    assert!(kept.created);
+    let stored = store.get(&kept.id).await.unwrap().expect("committed");
+    assert_eq!(stored.state, JobState::Available);
+    assert_eq!(stored.payload, json!({"n": 2}));
+    assert_eq!(stored.max_attempts, 3);
+    assert_eq!(stored.trace_id.as_deref(), Some("tr-direct"));
+
+    // The same unique key again: no second job, the first one's id.
+    let prepared = store.prepare(job(3).unique_key("once")).unwrap();
+    let s = Arc::clone(&store);
+    let again = store
+        .database()
+        .sqlite_write(move |c| {
+            let e = s.enqueue_on_sqlite(c, prepared)?;
+            Ok::<_, QueueError>(Finish::Commit(e))
+        })
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.id, kept.id);
+
+    let claimed = store
+        .claim(&q, 10, Duration::from_secs(30), "w")
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, kept.id);
+    // Bad jobs are refused before any write.
+    assert!(store
+        .prepare(NewJob::new("bad queue", "k", json!(1)))
+        .is_err());
+}

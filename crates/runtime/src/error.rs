@@ -38,6 +38,18 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<shoal_backends::DbError> for ApiError {
+    fn from(e: shoal_backends::DbError) -> Self {
+        ApiError::internal("database error", &e)
+    }
+}
+
+impl From<shoal_backends::rusqlite::Error> for ApiError {
+    fn from(e: shoal_backends::rusqlite::Error) -> Self {
+        ApiError::internal("database error", &e)
+    }
+}
+
 impl From<shoal_backends::SessionError> for ApiError {
     fn from(e: shoal_backends::SessionError) -> Self {
         ApiError::internal("session store error", &e)

@@ -22,11 +22,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use shoal_backends::now_millis;
+use shoal_backends::{now_millis, rusqlite, DatabaseKind, Finish};
 use shoal_core::Problem;
 use shoal_queue::{JobContext, JobError};
 use shoal_runtime::error::ApiResult;
 use shoal_runtime::{ApiError, ApiJson, AppContext};
+use std::sync::Arc;
 
 /// The job that gives a reservation's stock back.
 pub const RELEASE_KIND: &str = "catalog.release_stock";
@@ -94,30 +95,244 @@ fn validate(req: &ReserveRequest) -> Result<(), ApiError> {
     }
 }
 
-/// A stored reservation with this id: its answer, or a 409 when it held
-/// other items.
-async fn stored(
-    executor: impl sqlx::Executor<'_, Database = sqlx::Any>,
+/// The answer a stored reservation gives: its result when it holds the
+/// same items, or a 409 when it held other items.
+fn stored_answer(same_items: bool, result: &str) -> Response {
+    if same_items {
+        let body: serde_json::Value = serde_json::from_str(result).unwrap_or_default();
+        (StatusCode::OK, Json(body)).into_response()
+    } else {
+        ApiError(
+            Problem::conflict("this reservation id was used for other items")
+                .with_field("id", "already holds other items"),
+        )
+        .into_response()
+    }
+}
+
+const STORED: &str = "SELECT items, result FROM stock_reservations WHERE id = $1";
+const TAKE: &str = "UPDATE products SET stock = stock - $1, updated_at = $2 \
+     WHERE id = $3 AND stock >= $1 RETURNING name, price_cents, currency";
+const LEFT: &str = "SELECT stock FROM products WHERE id = $1";
+const INSERT: &str =
+    "INSERT INTO stock_reservations (id, items, status, result, created_at, updated_at) \
+     VALUES ($1, $2, 'held', $3, $4, $4) ON CONFLICT (id) DO NOTHING";
+
+/// What one hold came to, on either engine.
+enum Hold {
+    /// The id was held before: whether for the same items, and the
+    /// stored result.
+    Stored(bool, String),
+    /// Not every line could be held; nothing was.
+    Refused(Problem),
+    /// Every line held: the reservation and its stored answer.
+    Held(Reservation),
+}
+
+/// The lines as they are held, and the refusals of those that cannot be.
+struct Tally {
+    held: Vec<ReservedLine>,
+    /// `(field, message)` of each line short of stock.
+    short: Vec<(String, String)>,
+    /// `(field, message)` of each line whose product does not exist.
+    missing: Vec<(String, String)>,
+}
+
+impl Tally {
+    fn new(lines: usize) -> Self {
+        Tally {
+            held: Vec::with_capacity(lines),
+            short: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+
+    fn held(&mut self, line: &Line, (name, price_cents, currency): (String, i64, String)) {
+        self.held.push(ReservedLine {
+            product_id: line.product_id.clone(),
+            name,
+            price_cents,
+            currency,
+            quantity: line.quantity,
+        });
+    }
+
+    /// Line `i` was not held: `left` is the product's stock, None when
+    /// there is no such product.
+    fn short(&mut self, i: usize, left: Option<i64>) {
+        match left {
+            Some(n) => self.short.push((
+                format!("items[{i}].quantity"),
+                format!("only {} in stock", n.max(0)),
+            )),
+            None => self
+                .missing
+                .push((format!("items[{i}].product_id"), "no such product".into())),
+        }
+    }
+
+    /// The refusal (an unknown product before short stock), or the
+    /// reservation of every line.
+    fn end(self, id: &str) -> Result<Reservation, Problem> {
+        let refuse = |p: Problem, fields: Vec<(String, String)>| {
+            fields.into_iter().fold(p, |p, (f, m)| p.with_field(f, m))
+        };
+        if !self.missing.is_empty() {
+            Err(refuse(
+                Problem::validation("an item's product does not exist; nothing was held"),
+                self.missing,
+            ))
+        } else if !self.short.is_empty() {
+            Err(refuse(
+                Problem::conflict("not enough stock for every item; nothing was held"),
+                self.short,
+            ))
+        } else {
+            Ok(Reservation {
+                id: id.to_string(),
+                items: self.held,
+            })
+        }
+    }
+}
+
+/// The hold as one synchronous SQLite transaction (`Database::sqlite_write`:
+/// one hand-off where sqlx makes one per statement).
+fn hold_sqlite(
+    c: &rusqlite::Connection,
     req: &ReserveRequest,
     items_json: &str,
-) -> Result<Option<Response>, ApiError> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT items, result FROM stock_reservations WHERE id = $1")
-            .bind(&req.id)
-            .fetch_optional(executor)
-            .await?;
-    Ok(row.map(|(items, result)| {
-        if items == items_json {
-            let body: serde_json::Value = serde_json::from_str(&result).unwrap_or_default();
-            (StatusCode::OK, Json(body)).into_response()
-        } else {
-            ApiError(
-                Problem::conflict("this reservation id was used for other items")
-                    .with_field("id", "already holds other items"),
+    now: i64,
+) -> Result<Finish<Hold>, ApiError> {
+    use rusqlite::OptionalExtension;
+    let stored = |c: &rusqlite::Connection| {
+        c.prepare_cached(STORED)?
+            .query_row([&req.id], |r| {
+                Ok(Hold::Stored(
+                    r.get::<_, String>(0)? == items_json,
+                    r.get(1)?,
+                ))
+            })
+            .optional()
+    };
+    if let Some(answer) = stored(c)? {
+        return Ok(Finish::Rollback(answer));
+    }
+    let mut tally = Tally::new(req.items.len());
+    for (i, line) in req.items.iter().enumerate() {
+        let row = c
+            .prepare_cached(TAKE)?
+            .query_row(
+                rusqlite::params![line.quantity, now, line.product_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
-            .into_response()
+            .optional()?;
+        match row {
+            Some(row) => tally.held(line, row),
+            None => {
+                let left = c
+                    .prepare_cached(LEFT)?
+                    .query_row([&line.product_id], |r| r.get(0))
+                    .optional()?;
+                tally.short(i, left);
+            }
         }
-    }))
+    }
+    let reservation = match tally.end(&req.id) {
+        Ok(r) => r,
+        Err(refused) => return Ok(Finish::Rollback(Hold::Refused(refused))),
+    };
+    let result = serde_json::to_string(&reservation).expect("reservation serializes");
+    let inserted = c
+        .prepare_cached(INSERT)?
+        .execute(rusqlite::params![req.id, items_json, result, now])?;
+    if inserted == 0 {
+        // Not while this process holds the writer and SQLite's write lock;
+        // answered as on PostgreSQL all the same.
+        return match stored(c)? {
+            Some(answer) => Ok(Finish::Rollback(answer)),
+            None => Err(vanished()),
+        };
+    }
+    Ok(Finish::Commit(Hold::Held(reservation)))
+}
+
+/// The hold on PostgreSQL: the same statements through sqlx, with row
+/// locks instead of one writer.
+async fn hold_sqlx(
+    ctx: &AppContext,
+    req: &ReserveRequest,
+    items_json: &str,
+    now: i64,
+) -> Result<Hold, ApiError> {
+    let mut writer = ctx.db.write().await?;
+    if let Some((items, result)) = stored_sqlx(&mut *writer, &req.id).await? {
+        return Ok(Hold::Stored(items == items_json, result));
+    }
+    let mut tx = writer.begin().await?;
+    let mut tally = Tally::new(req.items.len());
+    for (i, line) in req.items.iter().enumerate() {
+        let row: Option<(String, i64, String)> = sqlx::query_as(TAKE)
+            .bind(line.quantity)
+            .bind(now)
+            .bind(&line.product_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match row {
+            Some(row) => tally.held(line, row),
+            None => {
+                let left: Option<(i64,)> = sqlx::query_as(LEFT)
+                    .bind(&line.product_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tally.short(i, left.map(|(n,)| n));
+            }
+        }
+    }
+    let reservation = match tally.end(&req.id) {
+        Ok(r) => r,
+        Err(refused) => {
+            tx.rollback().await?;
+            return Ok(Hold::Refused(refused));
+        }
+    };
+    let result = serde_json::to_string(&reservation).expect("reservation serializes");
+    let inserted = sqlx::query(INSERT)
+        .bind(&req.id)
+        .bind(items_json)
+        .bind(&result)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    if inserted.rows_affected() == 0 {
+        // The same id held at the same moment elsewhere: that one stands,
+        // this one's decrements go back.
+        tx.rollback().await?;
+        drop(writer);
+        return match stored_sqlx(ctx.db.pool(), &req.id).await? {
+            Some((items, result)) => Ok(Hold::Stored(items == items_json, result)),
+            None => Err(vanished()),
+        };
+    }
+    tx.commit().await?;
+    Ok(Hold::Held(reservation))
+}
+
+async fn stored_sqlx(
+    executor: impl sqlx::Executor<'_, Database = sqlx::Any>,
+    id: &str,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    sqlx::query_as(STORED)
+        .bind(id)
+        .fetch_optional(executor)
+        .await
+}
+
+fn vanished() -> ApiError {
+    ApiError::internal(
+        "holding stock",
+        &std::io::Error::other("a reservation that conflicted has vanished"),
+    )
 }
 
 pub(crate) async fn reserve(
@@ -128,98 +343,27 @@ pub(crate) async fn reserve(
     shoal_runtime::session::require_service_token(&ctx, &headers)?;
     validate(&req)?;
     let items_json = serde_json::to_string(&req.items).expect("lines serialize");
-    // The replay check runs on the writing connection it will write with
-    // (a pooled one costs two more hand-offs to SQLite's thread).
-    let mut writer = ctx.db.write().await?;
-    if let Some(answer) = stored(&mut *writer, &req, &items_json).await? {
-        return Ok(answer);
-    }
     let now = now_millis();
-    let mut tx = writer.begin().await?;
-    let mut held = Vec::with_capacity(req.items.len());
-    let mut short = Problem::conflict("not enough stock for every item; nothing was held");
-    let mut missing = Problem::validation("an item's product does not exist; nothing was held");
-    for (i, line) in req.items.iter().enumerate() {
-        let row: Option<(String, i64, String)> = sqlx::query_as(
-            "UPDATE products SET stock = stock - $1, updated_at = $2 \
-             WHERE id = $3 AND stock >= $1 RETURNING name, price_cents, currency",
-        )
-        .bind(line.quantity)
-        .bind(now)
-        .bind(&line.product_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match row {
-            Some((name, price_cents, currency)) => held.push(ReservedLine {
-                product_id: line.product_id.clone(),
-                name,
-                price_cents,
-                currency,
-                quantity: line.quantity,
-            }),
-            None => {
-                let left: Option<(i64,)> =
-                    sqlx::query_as("SELECT stock FROM products WHERE id = $1")
-                        .bind(&line.product_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                match left {
-                    Some((n,)) => {
-                        short = short.with_field(
-                            format!("items[{i}].quantity"),
-                            format!("only {} in stock", n.max(0)),
-                        )
-                    }
-                    None => {
-                        missing =
-                            missing.with_field(format!("items[{i}].product_id"), "no such product")
-                    }
-                }
-            }
+    let held = match ctx.db.kind() {
+        DatabaseKind::Sqlite => {
+            let req = Arc::new(req);
+            ctx.db
+                .sqlite_write(move |c| hold_sqlite(c, &req, &items_json, now))
+                .await?
         }
-    }
-    if !missing.errors.is_empty() || !short.errors.is_empty() {
-        tx.rollback().await?;
-        metrics::counter!("shoal_catalog_reservations_refused_total").increment(1);
-        return Err(if missing.errors.is_empty() {
-            short
-        } else {
-            missing
-        }
-        .into());
-    }
-    let reservation = Reservation {
-        id: req.id.clone(),
-        items: held,
+        DatabaseKind::Postgres => hold_sqlx(&ctx, &req, &items_json, now).await?,
     };
-    let result = serde_json::to_string(&reservation).expect("reservation serializes");
-    let inserted = sqlx::query(
-        "INSERT INTO stock_reservations (id, items, status, result, created_at, updated_at) \
-         VALUES ($1, $2, 'held', $3, $4, $4) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&req.id)
-    .bind(&items_json)
-    .bind(&result)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        // The same id held at the same moment elsewhere: that one stands,
-        // this one's decrements go back.
-        tx.rollback().await?;
-        drop(writer);
-        return match stored(ctx.db.pool(), &req, &items_json).await? {
-            Some(answer) => Ok(answer),
-            None => Err(ApiError::internal(
-                "holding stock",
-                &std::io::Error::other("a reservation that conflicted has vanished"),
-            )),
-        };
+    match held {
+        Hold::Stored(same_items, result) => Ok(stored_answer(same_items, &result)),
+        Hold::Refused(refused) => {
+            metrics::counter!("shoal_catalog_reservations_refused_total").increment(1);
+            Err(refused.into())
+        }
+        Hold::Held(reservation) => {
+            metrics::counter!("shoal_catalog_reservations_total").increment(1);
+            Ok((StatusCode::CREATED, Json(reservation)).into_response())
+        }
     }
-    tx.commit().await?;
-    drop(writer);
-    metrics::counter!("shoal_catalog_reservations_total").increment(1);
-    Ok((StatusCode::CREATED, Json(reservation)).into_response())
 }
 
 /// Gives a held reservation's stock back; `false` when there was none to

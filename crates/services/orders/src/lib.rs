@@ -22,7 +22,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use shoal_backends::{now_millis, Migration};
+use shoal_backends::{now_millis, rusqlite, DatabaseKind, Finish, Migration};
 use shoal_core::Problem;
 use shoal_queue::{handler_fn, JobContext, JobError, JobStore as _, NewJob, Worker};
 use shoal_runtime::error::ApiResult;
@@ -322,40 +322,6 @@ async fn create(
         updated_at: now,
     };
     let response = serde_json::to_string(&order).expect("order serializes");
-    let mut writer = ctx.db.write().await?;
-    let mut tx = writer.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO orders (id, user_id, status, items, total_cents, currency, payment_method,
-            idempotency_key, request_hash, response, created_at, updated_at, reservation_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-         ON CONFLICT (user_id, idempotency_key) DO NOTHING",
-    )
-    .bind(&order.id)
-    .bind(&session.user_id)
-    .bind(&order.status)
-    .bind(serde_json::to_string(&order.items).expect("items serialize"))
-    .bind(order.total_cents)
-    .bind(&order.currency)
-    .bind(&payment_method)
-    .bind(&key)
-    .bind(&request_hash)
-    .bind(&response)
-    .bind(now)
-    .bind(now)
-    .bind(&reservation_id)
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        // A concurrent request with the same key won the race (and holds
-        // the same reservation: its id comes from the key).
-        tx.rollback().await?;
-        // Let the writer go first: `find_by_key` asks for it again.
-        drop(writer);
-        return match find_by_key(&ctx, &session.user_id, &key).await? {
-            Some((hash, stored)) if hash == request_hash => Ok(replay(&stored)),
-            _ => Err(key_reused()),
-        };
-    }
     let job = NewJob::new(
         "payments",
         CHARGE_KIND,
@@ -369,12 +335,41 @@ async fn create(
     )
     .unique_key(format!("charge:{}", order.id))
     .max_attempts(10);
-    ctx.jobs
-        .enqueue_in_transaction(&mut tx, job)
-        .await
-        .map_err(|e| ApiError::internal("enqueueing the payment job", &e))?;
-    tx.commit().await?;
-    drop(writer);
+    let row = NewOrderRow {
+        id: order.id.clone(),
+        user_id: session.user_id.clone(),
+        status: order.status.clone(),
+        items: serde_json::to_string(&order.items).expect("items serialize"),
+        total_cents: order.total_cents,
+        currency: order.currency.clone(),
+        payment_method,
+        key,
+        request_hash,
+        response,
+        now,
+        reservation_id,
+    };
+    let request_hash = row.request_hash.clone();
+    let placed = match ctx.db.kind() {
+        DatabaseKind::Sqlite => {
+            let jobs = Arc::clone(&ctx.jobs);
+            let job = jobs
+                .prepare(job)
+                .map_err(|e| ApiError::internal("enqueueing the payment job", &e))?;
+            ctx.db
+                .sqlite_write(move |c| place_sqlite(c, &row, &jobs, job))
+                .await?
+        }
+        DatabaseKind::Postgres => place_sqlx(&ctx, &row, job).await?,
+    };
+    if let Placed::Existing(existing) = placed {
+        // A concurrent request with the same key won the race (and holds
+        // the same reservation: its id comes from the key).
+        return match existing {
+            Some((hash, stored)) if hash == request_hash => Ok(replay(&stored)),
+            _ => Err(key_reused()),
+        };
+    }
     metrics::counter!("shoal_orders_created_total").increment(1);
     tracing::info!(order_id = %order.id, total = order.total_cents, "order created; payment queued");
     Ok((
@@ -477,21 +472,130 @@ fn key_reused() -> ApiError {
     )
 }
 
+const BY_KEY: &str =
+    "SELECT request_hash, response FROM orders WHERE user_id = $1 AND idempotency_key = $2";
+
 async fn find_by_key(
     ctx: &AppContext,
     user: &str,
     key: &str,
 ) -> Result<Option<(String, String)>, ApiError> {
-    Ok(sqlx::query_as(
-        "SELECT request_hash, response FROM orders WHERE user_id = $1 AND idempotency_key = $2",
-    )
-    .bind(user)
-    .bind(key)
-    // On the writing connection, as the order's insert will be: a pooled
-    // one costs two more hand-offs to SQLite's thread (pings on lending
-    // and return). Held for this statement only.
-    .fetch_optional(&mut *ctx.db.write().await?)
-    .await?)
+    if ctx.db.kind() == DatabaseKind::Sqlite {
+        // On the writing connection, with no hand-off (sqlx's pooled
+        // connections cost two: pings on lending and return).
+        return ctx.db.sqlite_read(|c| by_key_sqlite(c, user, key)).await;
+    }
+    Ok(sqlx::query_as(BY_KEY)
+        .bind(user)
+        .bind(key)
+        .fetch_optional(ctx.db.pool())
+        .await?)
+}
+
+fn by_key_sqlite(
+    c: &rusqlite::Connection,
+    user: &str,
+    key: &str,
+) -> Result<Option<(String, String)>, ApiError> {
+    use rusqlite::OptionalExtension;
+    Ok(c.prepare_cached(BY_KEY)?
+        .query_row([user, key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
+/// An order to insert, with its stored answer.
+struct NewOrderRow {
+    id: String,
+    user_id: String,
+    status: String,
+    items: String,
+    total_cents: i64,
+    currency: String,
+    payment_method: String,
+    key: String,
+    request_hash: String,
+    response: String,
+    now: i64,
+    reservation_id: String,
+}
+
+/// What inserting an order came to.
+enum Placed {
+    /// Inserted, with its payment job.
+    Created,
+    /// The key already holds an order: its request hash and answer.
+    Existing(Option<(String, String)>),
+}
+
+const INSERT_ORDER: &str = "INSERT INTO orders (id, user_id, status, items, total_cents,
+        currency, payment_method, idempotency_key, request_hash, response, created_at,
+        updated_at, reservation_id)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12)
+     ON CONFLICT (user_id, idempotency_key) DO NOTHING";
+
+/// The order and its payment job in one synchronous SQLite transaction
+/// (`Database::sqlite_write`: one hand-off where sqlx makes one per
+/// statement).
+fn place_sqlite(
+    c: &rusqlite::Connection,
+    o: &NewOrderRow,
+    jobs: &shoal_queue::SqlJobStore,
+    job: shoal_queue::PreparedJob,
+) -> Result<Finish<Placed>, ApiError> {
+    let inserted = c.prepare_cached(INSERT_ORDER)?.execute(rusqlite::params![
+        o.id,
+        o.user_id,
+        o.status,
+        o.items,
+        o.total_cents,
+        o.currency,
+        o.payment_method,
+        o.key,
+        o.request_hash,
+        o.response,
+        o.now,
+        o.reservation_id,
+    ])?;
+    if inserted == 0 {
+        let existing = by_key_sqlite(c, &o.user_id, &o.key)?;
+        return Ok(Finish::Rollback(Placed::Existing(existing)));
+    }
+    jobs.enqueue_on_sqlite(c, job)
+        .map_err(|e| ApiError::internal("enqueueing the payment job", &e))?;
+    Ok(Finish::Commit(Placed::Created))
+}
+
+/// The same on PostgreSQL, through sqlx.
+async fn place_sqlx(ctx: &AppContext, o: &NewOrderRow, job: NewJob) -> Result<Placed, ApiError> {
+    let mut writer = ctx.db.write().await?;
+    let mut tx = writer.begin().await?;
+    let inserted = sqlx::query(INSERT_ORDER)
+        .bind(&o.id)
+        .bind(&o.user_id)
+        .bind(&o.status)
+        .bind(&o.items)
+        .bind(o.total_cents)
+        .bind(&o.currency)
+        .bind(&o.payment_method)
+        .bind(&o.key)
+        .bind(&o.request_hash)
+        .bind(&o.response)
+        .bind(o.now)
+        .bind(&o.reservation_id)
+        .execute(&mut *tx)
+        .await?;
+    if inserted.rows_affected() == 0 {
+        tx.rollback().await?;
+        drop(writer);
+        let existing = find_by_key(ctx, &o.user_id, &o.key).await?;
+        return Ok(Placed::Existing(existing));
+    }
+    ctx.jobs
+        .enqueue_in_transaction(&mut tx, job)
+        .await
+        .map_err(|e| ApiError::internal("enqueueing the payment job", &e))?;
+    tx.commit().await?;
+    Ok(Placed::Created)
 }
 
 async fn list(

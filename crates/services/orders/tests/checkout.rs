@@ -35,13 +35,44 @@ async fn start() -> Stack {
 }
 
 async fn start_with(webhooks: bool) -> Stack {
-    start_on(webhooks, None).await
+    start_on(webhooks, Store::Sqlite).await
+}
+
+/// Where the services keep their data and jobs.
+enum Store {
+    /// SQLite in the test's directory, jobs in it.
+    Sqlite,
+    /// SQLite, jobs on this NATS server (`queue.backend = "nats"`), as the
+    /// worker role runs them.
+    Nats(String),
+    /// This PostgreSQL database, jobs in it.
+    Postgres(String),
+}
+
+/// Runs a test body on SQLite (`$sqlite`) and on PostgreSQL (`$postgres`,
+/// a fresh database, when `SHOAL_TEST_POSTGRES_URL` is set): the order and
+/// stock writes take a path of their own on each engine.
+macro_rules! on_both {
+    ($sqlite:ident, $postgres:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $body(start().await).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let Some(server) = kit::postgres_url(stringify!($postgres)) else {
+                return;
+            };
+            let url = kit::fresh_postgres_database(&server).await;
+            $body(start_on(true, Store::Postgres(url)).await).await
+        }
+    };
 }
 
 /// `webhooks`: whether the sandbox is told where to send its webhooks;
-/// `nats`: a NATS URL to run the jobs on (`queue.backend = "nats"`), as
-/// the worker role does.
-async fn start_on(webhooks: bool, nats: Option<String>) -> Stack {
+/// `store`: where the data and the jobs are.
+async fn start_on(webhooks: bool, store: Store) -> Stack {
     let dir = kit::TempDir::new("checkout");
     let stop = CancellationToken::new();
     let sdb = Database::connect(
@@ -68,10 +99,17 @@ async fn start_on(webhooks: bool, nats: Option<String>) -> Stack {
         .settings(move |settings| {
             settings.payments.provider_url = sandbox_url_for_app;
             settings.payments.request_timeout_ms = 500;
-            if let Some(url) = nats {
-                settings.queue.backend = shoal_core::settings::QueueBackend::Nats;
-                settings.queue.nats_url = Some(url);
-                settings.queue.nats_prefix = format!("checkout{}", &kit::unique_name()[..12]);
+            match store {
+                Store::Sqlite => {}
+                Store::Nats(url) => {
+                    settings.queue.backend = shoal_core::settings::QueueBackend::Nats;
+                    settings.queue.nats_url = Some(url);
+                    settings.queue.nats_prefix = format!("checkout{}", &kit::unique_name()[..12]);
+                }
+                Store::Postgres(url) => {
+                    settings.database.backend = shoal_core::settings::DatabaseBackend::Postgres;
+                    settings.database.url = Some(url);
+                }
             }
         })
         .module(shoal_accounts::Accounts)
@@ -211,12 +249,16 @@ async fn product(base: &str) -> Value {
         .unwrap_or_else(|| panic!("no products in {v}"))
 }
 
-/// The same checkout sent many times at once (a double-clicking user, a
-/// retrying client): one order, and every request answered with it
-/// promptly, the ones that lost the race to insert it included.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_key_at_once_makes_one_order_and_every_request_is_answered() {
-    let s = start().await;
+// The same checkout sent many times at once (a double-clicking user, a
+// retrying client): one order, and every request answered with it
+// promptly, the ones that lost the race to insert it included.
+on_both!(
+    the_same_key_at_once_makes_one_order_and_every_request_is_answered,
+    postgres_same_key_at_once_makes_one_order,
+    same_key_at_once
+);
+
+async fn same_key_at_once(s: Stack) {
     let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 1}]});
@@ -242,9 +284,13 @@ async fn the_same_key_at_once_makes_one_order_and_every_request_is_answered() {
     assert_eq!(ids.len(), 1, "one order for one key: {ids:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkout_is_idempotent_and_charges_once() {
-    let s = start().await;
+on_both!(
+    checkout_is_idempotent_and_charges_once,
+    postgres_checkout_is_idempotent_and_charges_once,
+    idempotent_checkout
+);
+
+async fn idempotent_checkout(s: Stack) {
     let http = s.app.signed_in("ada@example.com").await;
     let p = product(&s.base).await;
     let body = json!({"items": [{"product_id": p["id"], "quantity": 2}]});
@@ -579,7 +625,7 @@ async fn checkout_through_nats_charges_each_order_once() {
     let Some(url) = kit::nats_url("checkout_through_nats_charges_each_order_once") else {
         return;
     };
-    let s = start_on(true, Some(url)).await;
+    let s = start_on(true, Store::Nats(url)).await;
     let nats = s
         .app
         .job_backend()
@@ -645,13 +691,17 @@ async fn stock_of(db: &Database, id: &str) -> i64 {
     n
 }
 
-/// The security review (finding 9): orders took any quantity whatever the
-/// stock, one catalog call per line. Now one call holds stock for every
-/// line or for none, a retried checkout holds once, and a failed payment
-/// gives the stock back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stock_is_held_for_every_line_at_once_and_given_back_when_payment_fails() {
-    let s = start().await;
+// The security review (finding 9): orders took any quantity whatever the
+// stock, one catalog call per line. Now one call holds stock for every
+// line or for none, a retried checkout holds once, and a failed payment
+// gives the stock back.
+on_both!(
+    stock_is_held_for_every_line_at_once_and_given_back_when_payment_fails,
+    postgres_stock_is_held_and_given_back,
+    stock_held_and_given_back
+);
+
+async fn stock_held_and_given_back(s: Stack) {
     let http = s.app.signed_in("ada@example.com").await;
     let ids: Vec<(String,)> = sqlx::query_as("SELECT id FROM products ORDER BY id LIMIT 2")
         .fetch_all(s.db.pool())
