@@ -31,5 +31,5 @@ pub use sql::{PreparedJob, SqlJobStore};
 pub use store::JobStore;
 pub use worker::{
     handler_fn, Backoff, JobContext, JobHandler, KindOptions, RateLimit, Retention, Worker,
-    WorkerOptions, WorkerProgress, WorkerReport,
+    WorkerLive, WorkerOptions, WorkerProgress, WorkerReport,
 };

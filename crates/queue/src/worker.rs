@@ -312,6 +312,86 @@ struct Counters {
     dead: AtomicU64,
     released: AtomicU64,
     lost: AtomicU64,
+    /// Handlers running now.
+    running: AtomicU64,
+    /// When each handler of the last [`RUN_WINDOW`] finished, and how
+    /// long it ran (µs); at most [`RUN_SAMPLES`].
+    runs: std::sync::Mutex<std::collections::VecDeque<(Instant, u32)>>,
+}
+
+/// How far back a worker's run times are kept for their percentiles.
+const RUN_WINDOW: Duration = Duration::from_secs(60);
+/// The most run times kept (the latest).
+const RUN_SAMPLES: usize = 8192;
+
+/// A worker's state now, for the console (`WorkerProgress::live`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WorkerLive {
+    /// Completions recorded since it started.
+    pub succeeded: u64,
+    /// Failed attempts (to be retried, and dead) since it started.
+    pub failed: u64,
+    /// Handlers running now.
+    pub running: u64,
+    /// Handler run times of the last minute, ms: median and 99th
+    /// percentile (None with no run in that minute), and how many.
+    pub run_p50_ms: Option<f64>,
+    pub run_p99_ms: Option<f64>,
+    pub runs_last_minute: usize,
+}
+
+impl Counters {
+    fn ran(&self, took: Duration) {
+        let now = Instant::now();
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        while runs.len() >= RUN_SAMPLES
+            || runs.front().is_some_and(|(at, _)| now - *at > RUN_WINDOW)
+        {
+            runs.pop_front();
+        }
+        runs.push_back((now, took.as_micros().min(u32::MAX as u128) as u32));
+    }
+
+    fn live(&self) -> WorkerLive {
+        let now = Instant::now();
+        let mut took: Vec<u32> = {
+            let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+            runs.iter()
+                .filter(|(at, _)| now - *at <= RUN_WINDOW)
+                .map(|(_, us)| *us)
+                .collect()
+        };
+        took.sort_unstable();
+        let at = |q: f64| -> Option<f64> {
+            let i = ((took.len() as f64 * q).ceil() as usize).clamp(1, took.len().max(1)) - 1;
+            took.get(i)
+                .map(|us| (*us as f64 / 1000.0 * 100.0).round() / 100.0)
+        };
+        WorkerLive {
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.retried.load(Ordering::Relaxed) + self.dead.load(Ordering::Relaxed),
+            running: self.running.load(Ordering::Relaxed),
+            run_p50_ms: at(0.50),
+            run_p99_ms: at(0.99),
+            runs_last_minute: took.len(),
+        }
+    }
+}
+
+/// Counts a running handler while it lives.
+struct Running<'a>(&'a Counters);
+
+impl<'a> Running<'a> {
+    fn start(counters: &'a Counters) -> Self {
+        counters.running.fetch_add(1, Ordering::Relaxed);
+        Running(counters)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Registered {
@@ -351,6 +431,12 @@ impl WorkerProgress {
     /// store has recorded, not handlers that returned.
     pub fn report(&self) -> WorkerReport {
         self.0.report()
+    }
+
+    /// Its state now: totals, handlers running, run times of the last
+    /// minute.
+    pub fn live(&self) -> WorkerLive {
+        self.0.live()
     }
 }
 
@@ -535,6 +621,11 @@ impl Worker {
         self.queue_handlers
             .insert(queue.to_string(), Registered::new(handler, options));
         self
+    }
+
+    /// The id it claims jobs under (`WorkerOptions::worker_id`).
+    pub fn worker_id(&self) -> &str {
+        &self.options.worker_id
     }
 
     /// The schedules this worker carries (for the console's cron table).
@@ -790,6 +881,8 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken, sl
     }))
     .catch_unwind();
     tokio::pin!(run);
+    let running = Running::start(&shared.counters);
+    let started = Instant::now();
     let timeout = tokio::time::sleep(Duration::from_millis(job.timeout_ms.max(1) as u64));
     tokio::pin!(timeout);
     let every = shared
@@ -825,6 +918,10 @@ async fn run_job(shared: Arc<Shared>, job: Job, hand_back: CancellationToken, sl
         }
     };
     cancel.cancel();
+    if matches!(outcome, Outcome::Finished(_) | Outcome::TimedOut) {
+        shared.counters.ran(started.elapsed());
+    }
+    drop(running);
     if let Some(mut s) = span.take() {
         match &outcome {
             Outcome::Finished(Ok(())) => {}
@@ -1040,6 +1137,37 @@ fn run_span(job: &Job) -> Option<shoal_core::spans::Span> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_run_times_are_the_last_minutes_percentiles() {
+        let c = Counters::default();
+        assert_eq!(c.live().run_p50_ms, None, "no run yet");
+        for ms in 1..=100u64 {
+            c.ran(Duration::from_millis(ms));
+        }
+        let live = c.live();
+        assert_eq!(live.runs_last_minute, 100);
+        assert_eq!(live.run_p50_ms, Some(50.0));
+        assert_eq!(live.run_p99_ms, Some(99.0));
+        // Older than the window: gone from the percentiles.
+        c.runs
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .take(90)
+            .for_each(|(at, _)| {
+                *at -= RUN_WINDOW + Duration::from_secs(1);
+            });
+        let live = c.live();
+        assert_eq!(live.runs_last_minute, 10);
+        assert_eq!(live.run_p50_ms, Some(95.0));
+        // In flight while a guard lives.
+        let a = Running::start(&c);
+        let b = Running::start(&c);
+        assert_eq!(c.live().running, 2);
+        drop((a, b));
+        assert_eq!(c.live().running, 0);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

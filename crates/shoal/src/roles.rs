@@ -250,6 +250,9 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
         jobs = jobs.register_queue(&push.queue, handler, options);
         tracing::info!(queue = %push.queue, url = %push.url, concurrency = push.concurrency, "queue delivered by push");
     }
+    let progress = jobs.progress();
+    let admin_token: Option<Arc<str>> = settings.gateway.admin_token.as_deref().map(Arc::from);
+    let worker_id: Arc<str> = Arc::from(jobs.worker_id());
     let router = axum::Router::new()
         .route(
             "/healthz",
@@ -262,6 +265,27 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
             "/metrics",
             get(move |headers: axum::http::HeaderMap| async move {
                 shoal_runtime::app::metrics_response(metrics_token.as_deref(), &headers)
+            }),
+        )
+        // The console's row for this worker (admin token): totals,
+        // handlers in flight, run times of the last minute.
+        .route(
+            "/_shoal/worker",
+            get(move |headers: axum::http::HeaderMap| {
+                let live = progress.live();
+                let token = admin_token.clone();
+                let id = worker_id.clone();
+                async move {
+                    if let Err(denied) =
+                        shoal_runtime::jobs_console::check_admin(token.as_deref(), &headers)
+                    {
+                        return denied;
+                    }
+                    let mut v = serde_json::to_value(live).unwrap_or_default();
+                    v["worker_id"] = (*id).into();
+                    v["pid"] = std::process::id().into();
+                    axum::Json(v).into_response()
+                }
             }),
         )
         // The console's queue pages, through the gateway (`jobs_console`).

@@ -309,6 +309,45 @@ async fn the_console_in_a_browser_follows_a_kill_and_retries_dead_jobs() {
         "each retried delivery reached the receiver"
     );
 
+    // The worker's own row on the overview counts what it ran: the
+    // failed deliveries and the retried ones that succeeded (its own
+    // figures, from its `/_shoal/worker`, asked every 2 s).
+    browser.goto(&stack.url("/_shoal/#overview")).await;
+    let want = dead.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = browser
+            .run(
+                "const r = document.querySelector('#workers-table tr[data-worker]');
+                 if (!r) return null;
+                 const f = (n) => ((r.querySelector(`[data-field=${n}]`) || {}).textContent || '')
+                     .replace(/,/g, '');
+                 return [r.dataset.worker, f('succeeded'), f('failed'), f('running'), f('rate')];",
+                json!([]),
+            )
+            .await;
+        let count = |i: usize| row[i].as_str().and_then(|t| t.parse::<u64>().ok());
+        if let (Some(succeeded), Some(failed), Some(_running)) = (count(1), count(2), count(3)) {
+            if succeeded >= want && failed >= want {
+                println!("worker row: {row}");
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's row does not count its {want} failures and successes: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    browser
+        .run(
+            "document.getElementById('workers-table').scrollIntoView({block: 'center'});",
+            json!([]),
+        )
+        .await;
+    screenshot(&browser, "overview-workers").await;
+    browser.goto(&stack.url("/_shoal/#queues")).await;
+
     // The job's details: its one failed attempt, then its success.
     search(&browser, "succeeded", kind).await;
     browser

@@ -77,6 +77,10 @@ struct Inner {
     /// Open realtime streams by instance URL, from each instance's
     /// `/_shoal/stats` (absent: not a Shoal instance, or no answer).
     streams: HashMap<String, u64>,
+    /// Each worker's own figures by its URL (`/_shoal/worker`, with
+    /// rates from the change since the last answer), while a console
+    /// watches.
+    workers: HashMap<String, Value>,
 }
 
 impl Default for Console {
@@ -356,7 +360,11 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
     prev.instances.retain(|k, _| seen.contains_key(k));
     prev.instance_states = seen;
 
+    let worker_figures = console.inner.lock().expect("console lock").workers.clone();
     let mut process_views = Vec::new();
+    // Each worker: those of the process table, then any other that
+    // answered (`gateway.console.workers`), by URL.
+    let mut worker_views = Vec::new();
     let mut current = HashMap::new();
     for (child, ready) in &processes {
         let mut shown = process_state(child, *ready);
@@ -384,6 +392,13 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
             child.name.clone(),
             (process_state(child, *ready).to_string(), child.restarts),
         );
+        if let ("worker", Some(addr)) = (child.role.as_str(), child.address) {
+            let url = format!("http://{addr}");
+            let jobs = (shown == "up")
+                .then(|| worker_figures.get(&url).cloned())
+                .flatten();
+            worker_views.push(json!({"name": child.name, "url": url, "jobs": jobs}));
+        }
         process_views.push(json!({
             "name": child.name,
             "role": child.role,
@@ -395,6 +410,14 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
         }));
     }
     prev.processes = current;
+    let mut others: Vec<(&String, &Value)> = worker_figures
+        .iter()
+        .filter(|(url, _)| !process_by_addr.contains_key(*url))
+        .collect();
+    others.sort_by(|a, b| a.0.cmp(b.0));
+    for (url, jobs) in others {
+        worker_views.push(json!({"name": url, "url": url, "jobs": jobs}));
+    }
 
     let cache = match &state.cache {
         None => json!({"enabled": false}),
@@ -459,6 +482,7 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
         },
         "pools": pools,
         "processes": process_views,
+        "workers": worker_views,
         "cache": cache,
         "queues": queues,
         "events": inner.events,
@@ -548,6 +572,7 @@ async fn probe(state: &GatewayState, addr: SocketAddr, path: &str) -> bool {
 /// the change since the last answer.
 async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut last: Option<(Instant, HashMap<String, Value>)> = None;
+    let mut last_workers: HashMap<String, (Instant, Value)> = HashMap::new();
     let mut tick = ticks(Duration::from_secs(2));
     let mut quiet_ticks = 0u32;
     while let Some(state) = next_tick(&mut tick, &shared, &stop).await {
@@ -569,6 +594,13 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
         };
         shared.console.inner.lock().expect("console lock").streams = streams;
         let workers = worker_urls(&shared, &state);
+        let figures = if watched {
+            worker_figures(&state, &workers, &mut last_workers).await
+        } else {
+            last_workers.clear();
+            HashMap::new()
+        };
+        shared.console.inner.lock().expect("console lock").workers = figures;
         let mut answer = Err(
             "no worker to ask: set gateway.console.workers (or run under `shoal up`)".to_string(),
         );
@@ -634,6 +666,53 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
         };
         shared.console.inner.lock().expect("console lock").queues = view;
     }
+}
+
+/// Each worker's `/_shoal/worker` (asked at once), with `succeeded_per_sec`
+/// and `failed_per_sec` from the change since its answer in `last`
+/// (null on the first).
+async fn worker_figures(
+    state: &GatewayState,
+    workers: &[String],
+    last: &mut HashMap<String, (Instant, Value)>,
+) -> HashMap<String, Value> {
+    let asks = workers.iter().map(|base| async move {
+        let answer = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            super::internal_request(state, base, &Method::GET, "/_shoal/worker", Bytes::new()),
+        )
+        .await;
+        match answer {
+            Ok(Ok((StatusCode::OK, _, body))) => serde_json::from_slice::<Value>(&body)
+                .ok()
+                .map(|v| (base.clone(), v)),
+            _ => None,
+        }
+    });
+    let now = Instant::now();
+    let mut figures = HashMap::new();
+    for (base, mut v) in futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        let rates = last.get(&base).map(|(at, old)| {
+            let secs = now.duration_since(*at).as_secs_f64().max(0.001);
+            let delta = |field: &str| {
+                (v[field].as_u64().unwrap_or(0)).saturating_sub(old[field].as_u64().unwrap_or(0))
+            };
+            (
+                per_sec(delta("succeeded"), secs),
+                per_sec(delta("failed"), secs),
+            )
+        });
+        v["succeeded_per_sec"] = json!(rates.map(|r| r.0));
+        v["failed_per_sec"] = json!(rates.map(|r| r.1));
+        last.insert(base.clone(), (now, v.clone()));
+        figures.insert(base, v);
+    }
+    last.retain(|base, _| figures.contains_key(base));
+    figures
 }
 
 /// Open realtime streams of each instance of each pool, asked at once.

@@ -498,6 +498,32 @@ function renderOverview(snap) {
     { text: p.last_exit, cls: 'muted' },
   ]);
 
+  // Each worker's own figures (its `/_shoal/worker`): jobs/s and
+  // failures/s since the last answer, handlers in flight, run times of
+  // its last minute. A dash: the worker did not answer (down, or no
+  // admin token to ask it with).
+  syncRows(
+    $('workers-table').tBodies[0],
+    snap.workers || [],
+    (w) => w.url,
+    (w) => ({ 'data-worker': w.name }),
+    (w) => {
+      const j = w.jobs || {};
+      return [
+        w.name,
+        { text: j.worker_id, cls: 'mono' },
+        { text: fmtRate(j.succeeded_per_sec), cls: 'num', field: 'rate' },
+        { text: fmtRate(j.failed_per_sec), cls: j.failed_per_sec > 0 ? 'num warn' : 'num' },
+        { text: fmtInt(j.running), cls: 'num', field: 'running' },
+        { text: fmtMs(j.run_p50_ms), cls: 'num' },
+        { text: fmtMs(j.run_p99_ms), cls: 'num' },
+        { text: fmtInt(j.succeeded), cls: 'num', field: 'succeeded' },
+        { text: fmtInt(j.failed), cls: 'num', field: 'failed' },
+      ];
+    },
+    'No workers.',
+  );
+
   syncRows(
     $('instances-table').tBodies[0],
     allInstances(snap),
