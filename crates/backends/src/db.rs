@@ -312,7 +312,15 @@ impl Database {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let queued = direct::push(&self.direct_queue, direct::job(f, tx));
         while queued.pending() {
-            let slot = match self.direct_slot().await {
+            // The lock, unless another caller's batch answers first: a
+            // caller whose transaction is done does not wait behind the
+            // batches queued for the lock after it.
+            let slot = tokio::select! {
+                biased;
+                answer = &mut rx => return unpack(answer),
+                slot = self.direct_slot() => slot,
+            };
+            let slot = match slot {
                 Ok(slot) => slot,
                 // Not taken by a batch yet: it never will be.
                 Err(e) if queued.withdraw() => return Err(e.into()),
@@ -344,15 +352,7 @@ impl Database {
             }
         }
         drop(queued);
-        match rx.try_recv() {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(panic)) => std::panic::resume_unwind(panic),
-            Err(_) => match rx.await {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(panic)) => std::panic::resume_unwind(panic),
-                Err(_) => Err(DbError::Lost("its batch ended without an answer".into()).into()),
-            },
-        }
+        unpack(rx.await)
     }
 
     /// SQLite only: runs `f` on [`Database::sqlite_write`]'s connection,
@@ -384,7 +384,8 @@ impl Database {
             slot.direct = Some(direct::open(path)?);
         }
         let conn = slot.direct.as_ref().expect("opened above");
-        // A transaction left open (a panic in `f`) is rolled back first.
+        // A transaction left open (a panic while a batch ran, outside
+        // its callers' closures) is rolled back first.
         if !conn.is_autocommit() {
             tracing::warn!(
                 "the direct SQLite connection was left in a transaction; rolling it back"
@@ -505,6 +506,18 @@ fn sqlite_file(url: &str) -> Option<String> {
         return None;
     }
     Some(path.to_string())
+}
+
+/// A `sqlite_write` caller's answer: its closure's result, or its panic
+/// raised again here.
+fn unpack<T, E: From<DbError>>(
+    answer: Result<direct::Answer<T, E>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<T, E> {
+    match answer {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Err(DbError::Lost("its batch ended without an answer".into()).into()),
+    }
 }
 
 /// Makes the SQLite writing connection fit to lend: pinged when it sat
