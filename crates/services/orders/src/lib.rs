@@ -565,10 +565,20 @@ fn place_sqlite(
     Ok(Finish::Commit(Placed::Created))
 }
 
+/// PostgreSQL's SQLSTATE for a lock wait past `lock_timeout`.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// The same on PostgreSQL, through sqlx.
 async fn place_sqlx(ctx: &AppContext, o: &NewOrderRow, job: NewJob) -> Result<Placed, ApiError> {
     let mut writer = ctx.db.write().await?;
     let mut tx = writer.begin().await?;
+    // An earlier attempt with this key whose insert is not committed yet
+    // (its instance cut off mid-transaction, say) holds the key's index
+    // entry: wait for it briefly, then answer 409 (in progress, retry)
+    // instead of waiting as long as that instance is gone.
+    sqlx::query("SET LOCAL lock_timeout = '500ms'")
+        .execute(&mut *tx)
+        .await?;
     let inserted = sqlx::query(INSERT_ORDER)
         .bind(&o.id)
         .bind(&o.user_id)
@@ -583,7 +593,18 @@ async fn place_sqlx(ctx: &AppContext, o: &NewOrderRow, job: NewJob) -> Result<Pl
         .bind(o.now)
         .bind(&o.reservation_id)
         .execute(&mut *tx)
-        .await?;
+        .await;
+    let inserted = match inserted {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            tx.rollback().await?;
+            return Err(Problem::conflict(
+                "another request with this Idempotency-Key is still in progress; retry it with the same key in a moment",
+            )
+            .with_field("Idempotency-Key", "is in use by a request in progress")
+            .into());
+        }
+        other => other?,
+    };
     if inserted.rows_affected() == 0 {
         tx.rollback().await?;
         drop(writer);

@@ -798,3 +798,52 @@ async fn stock_held_and_given_back(s: Stack) {
     assert_eq!(r.status(), 403);
     assert_eq!(stock_of(&s.db, &a).await, 3);
 }
+
+/// PostgreSQL: an earlier attempt with the same key whose order insert
+/// is not committed (its instance cut off mid-transaction, as in the
+/// multi-host test) does not make a retry wait as long as it stays open:
+/// the retry answers 409 within a second (in progress; retry with the
+/// same key), and once that transaction is gone the retry places the
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_retry_behind_an_unfinished_attempt_answers_409() {
+    let name = "postgres_a_retry_behind_an_unfinished_attempt_answers_409";
+    let Some(server) = kit::postgres_url(name) else {
+        return;
+    };
+    let url = kit::fresh_postgres_database(&server).await;
+    let s = start_on(true, Store::Postgres(url)).await;
+    let http = s.app.signed_in("ada@example.com").await;
+    let p = product(&s.base).await;
+    let body = json!({"items": [{"product_id": p["id"], "quantity": 1}]});
+    let (user,): (String,) = sqlx::query_as("SELECT id FROM users WHERE email = $1")
+        .bind("ada@example.com")
+        .fetch_one(s.db.pool())
+        .await
+        .unwrap();
+    // The unfinished attempt: its order row inserted, not committed.
+    let mut stuck = s.db.pool().begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, status, items, total_cents, currency, payment_method,
+            idempotency_key, request_hash, response, created_at, updated_at)
+         VALUES ($1, $2, 'pending_payment', '[]', 0, 'usd', 'pm_card_visa', $3, 'x', '{}', 0, 0)",
+    )
+    .bind(shoal_core::ids::new_id())
+    .bind(&user)
+    .bind("stuck-key")
+    .execute(&mut *stuck)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = order(&http, &s.base, Some("stuck-key"), &body).await;
+    let took = started.elapsed();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("in progress"), "{text}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    // Gone (rolled back): the retry places the order.
+    stuck.rollback().await.unwrap();
+    let r = order(&http, &s.base, Some("stuck-key"), &body).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
