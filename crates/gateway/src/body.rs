@@ -27,6 +27,9 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Milliseconds left of the request's deadline, sent upstream (and read
 /// from callers); Shoal's runtime honours it (`shoal_runtime::middleware`).
 pub const X_SHOAL_DEADLINE_MS: HeaderName = HeaderName::from_static("x-shoal-deadline-ms");
+/// On a Shoal instance's 503: `exceeded`, the deadline it was given
+/// (`x-shoal-deadline-ms`) passed before it could answer.
+pub const X_SHOAL_DEADLINE: HeaderName = HeaderName::from_static("x-shoal-deadline");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

@@ -555,6 +555,30 @@ pub(crate) async fn forward(
                 // Per attempt: an instance's errors include the attempts
                 // retried elsewhere.
                 instance.live.record(response.status().as_u16(), latency);
+                // The instance ran out of this attempt's time and said so
+                // (a Shoal instance's 503 `x-shoal-deadline: exceeded`),
+                // racing this attempt's own timer: the same as no answer
+                // within try_timeout_ms, so a request that would then be
+                // tried elsewhere is.
+                if this_try < left
+                    && response.status() == http::StatusCode::SERVICE_UNAVAILABLE
+                    && response
+                        .headers()
+                        .get(crate::body::X_SHOAL_DEADLINE)
+                        .is_some_and(|v| v == "exceeded")
+                    && outcome.attempts < max_attempts
+                {
+                    if pool.withdraw_retry() {
+                        metrics::counter!("shoal_gateway_retries_total", "pool" => pool.name.clone())
+                            .increment(1);
+                        last_error = Some(format!(
+                            "{}: its deadline ({try_timeout} ms) passed",
+                            instance.url
+                        ));
+                        continue;
+                    }
+                    tracing::warn!(pool = %pool.name, "retry budget spent; not retrying");
+                }
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 route.response_headers.apply(&mut rparts.headers);

@@ -1186,3 +1186,41 @@ async fn a_silent_instance_costs_one_try_timeout_for_retryable_requests() {
     assert!(started.elapsed() >= Duration::from_millis(1_400));
     assert_eq!(frozen.hits(), before + 1, "a POST is sent once");
 }
+
+/// A Shoal instance answers 503 `x-shoal-deadline: exceeded` when the
+/// attempt's time it was given (`x-shoal-deadline-ms`) passes, racing the
+/// gateway's own try timer. A retryable request is then tried on another
+/// instance, as with no answer at all; a POST without an idempotency key
+/// is not, and gets the 503; with no other instance left, the last 503
+/// is the answer.
+#[tokio::test]
+async fn an_instance_past_its_deadline_is_retried_like_a_silent_one() {
+    let late = Upstream::start("late").await;
+    late.state.deadline_exceeded.store(true, Ordering::SeqCst);
+    let b = Upstream::start("b").await;
+    let gw = TestGateway::start(settings(
+        &[late.url(), b.url()],
+        json!({"try_timeout_ms": 300, "request_timeout_ms": 4_000, "retry_budget_min_per_sec": 100}),
+    ))
+    .await;
+    let client = TestClient::default();
+    for _ in 0..6 {
+        let r = client.get(&gw.url("/x")).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"));
+    }
+    assert!(late.hits() >= 1, "the late instance was tried");
+
+    let alone = TestGateway::start(settings(
+        &[late.url()],
+        json!({"try_timeout_ms": 300, "request_timeout_ms": 4_000, "retries": 2, "retry_budget_min_per_sec": 100}),
+    ))
+    .await;
+    let before = late.hits();
+    let r = client.get(&alone.url("/y")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(late.hits(), before + 3, "a GET is tried 1 + retries times");
+    let before = late.hits();
+    let r = client.post_json(&alone.url("/z")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(late.hits(), before + 1, "a POST without a key is sent once");
+}

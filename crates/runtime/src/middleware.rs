@@ -187,7 +187,7 @@ where
                 Ok(Err(never)) => match never {},
                 Err(_) => {
                     metrics::counter!("shoal_http_timeouts_total").increment(1);
-                    return problem_response(&Problem::new(
+                    let mut r = problem_response(&Problem::new(
                         503,
                         "timeout",
                         "Request timed out",
@@ -196,6 +196,13 @@ where
                             admitted.timeout.as_millis()
                         ),
                     ));
+                    // Tells a gateway this was the deadline, so it may try
+                    // the request elsewhere as it would with no answer.
+                    r.headers_mut().insert(
+                        axum::http::HeaderName::from_static("x-shoal-deadline"),
+                        axum::http::HeaderValue::from_static("exceeded"),
+                    );
+                    return r;
                 }
             };
             standard

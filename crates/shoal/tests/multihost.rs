@@ -203,6 +203,31 @@ impl Processes {
         std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Every log line of the processes at warn or error level (the
+    /// last 100), for a failure's message.
+    fn problems(&self) -> String {
+        let mut names: Vec<_> = std::fs::read_dir(&self.logs)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_else(|_| Vec::new());
+        names.sort();
+        let mut lines = Vec::new();
+        for path in names {
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                let l = line.to_ascii_lowercase();
+                if l.contains("warn") || l.contains("error") {
+                    lines.push(format!("{name}: {line}"));
+                }
+            }
+        }
+        lines[lines.len().saturating_sub(100)..].join("\n")
+    }
+
     fn tails(&self) -> String {
         let mut out = String::new();
         let mut names: Vec<_> = std::fs::read_dir(&self.logs)
@@ -226,6 +251,16 @@ impl Drop for Processes {
             let _ = c.wait();
         }
     }
+}
+
+/// Seconds since the test began, for the failures and the phases it
+/// prints (to place a failure among the faults).
+fn at() -> String {
+    static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    format!(
+        "t={:.2}s",
+        T0.get_or_init(Instant::now).elapsed().as_secs_f64()
+    )
 }
 
 /// What the client saw.
@@ -287,11 +322,10 @@ impl Client {
                     counted.0.fetch_add(1, Ordering::Relaxed);
                     if status >= 500 {
                         counted.1.fetch_add(1, Ordering::Relaxed);
-                        self.tally
-                            .failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{method} {path} via {base}: {status} {text}"));
+                        self.tally.failures.lock().unwrap().push(format!(
+                            "{} {method} {path} via {base}: {status} {text}",
+                            at()
+                        ));
                     }
                     return Some((status, headers, text));
                 }
@@ -484,6 +518,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     let Some(mut net) = Net::create() else {
         return;
     };
+    println!("{}: setting up", at());
     let dir = kit::TempDir::new("multihost");
     let mut procs = Processes {
         logs: dir.path().join("logs"),
@@ -686,6 +721,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // (a) One serve host's link is cut: its packets vanish.
+    println!("{}: cutting s1's link", at());
     net.link("s1", false);
     let s1 = format!("http://{NET}.21:3000");
     wait_until(
@@ -706,6 +742,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // (b) One gateway is SIGKILLed.
+    println!("{}: SIGKILL gateway-1", at());
     procs.kill("gateway-1");
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -796,6 +833,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     } else {
         "worker-2"
     };
+    println!("{}: cutting {cut_worker}'s link", at());
     net.link(cut_worker, false);
     // The other worker takes the job over after the 2 s lease.
     wait_until(
@@ -808,6 +846,7 @@ async fn shoal_survives_losing_a_host_of_each_role() {
 
     // The links come back: the serve host rejoins the surviving gateway,
     // the cut worker's attempt is refused.
+    println!("{}: links back", at());
     net.link("s1", true);
     net.link(cut_worker, true);
     wait_until(
@@ -883,7 +922,8 @@ async fn shoal_survives_losing_a_host_of_each_role() {
     assert_eq!(
         t.idempotent_failed.load(Ordering::Relaxed),
         0,
-        "failed requests: {failures:#?}"
+        "failed requests: {failures:#?}\nwarnings and errors of the processes:\n{}",
+        procs.problems()
     );
     assert!(orders.len() >= 4, "the load placed orders: {orders:?}");
 }

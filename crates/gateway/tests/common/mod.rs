@@ -32,6 +32,9 @@ pub struct UpstreamState {
     pub ready: AtomicBool,
     /// Delay before answering ordinary requests, in ms.
     pub delay_ms: AtomicU64,
+    /// Ordinary requests answered 503 `x-shoal-deadline: exceeded`, as a
+    /// Shoal instance answers past the deadline the gateway gave it.
+    pub deadline_exceeded: AtomicBool,
     /// Headers of the last ordinary request.
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// HTTP version of the last ordinary request.
@@ -168,6 +171,14 @@ async fn answer(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
     };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if state.deadline_exceeded.load(Ordering::SeqCst) {
+        return Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header("x-upstream", state.name.as_str())
+            .header("x-shoal-deadline", "exceeded")
+            .body(Full::new(Bytes::from_static(b"timed out")))
+            .unwrap();
     }
     let body = if path == "/echo" {
         req.into_body()
