@@ -284,9 +284,8 @@ impl Database {
     /// caller that holds the lock [`Database::write`] takes.
     ///
     /// Why: sqlx runs each SQLite statement on the connection's worker
-    /// thread, so every statement is a hand-off there and back (four
-    /// context switches and two futex wake-ups); a checkout of five
-    /// statements spent more CPU switching threads than in SQLite
+    /// thread, so every statement is a hand-off to that thread and back;
+    /// a checkout spent more CPU switching threads than in SQLite
     /// (bench/README.md, "The SQLite write path, in one hand-off"). Here a
     /// transaction costs the lock and SQLite's own work, as with a
     /// synchronous driver in Node.js, and concurrent ones share the
@@ -768,9 +767,21 @@ mod tests {
             })
             .await
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // All 41 queued (not a timing guess), then one gives up.
+        let queued = || direct::lock(&db.direct_queue).pending_len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queued() < 41 {
+            assert!(Instant::now() < deadline, "only {} queued", queued());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let batches = direct::lock(&db.direct_queue).batches;
         gave_up.abort();
         let _ = gave_up.await;
+        assert_eq!(
+            queued(),
+            40,
+            "the one that gave up took its transaction back"
+        );
         drop(held);
         for (n, task) in tasks.into_iter().enumerate() {
             match (n, task.await) {
@@ -780,6 +791,11 @@ mod tests {
                 (n, other) => panic!("transaction {n}: {other:?}"),
             }
         }
+        assert_eq!(
+            direct::lock(&db.direct_queue).batches,
+            batches + 1,
+            "the 40 queued together commit in one batch"
+        );
         let (rows, sum): (i64, i64) = sqlx::query_as("SELECT COUNT(*), SUM(n) FROM d")
             .fetch_one(db.pool())
             .await

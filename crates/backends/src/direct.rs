@@ -28,10 +28,9 @@ pub(crate) const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) type Answer<T, E> = Result<Result<T, E>, Box<dyn Any + Send>>;
 
 /// One caller's transaction, its types erased: given the batch's
-/// connection (None when the batch could not begin), it runs in a
-/// savepoint and returns what to tell the caller once the batch's commit
-/// is known.
-pub(crate) type Job = Box<dyn FnOnce(Option<&rusqlite::Connection>) -> Deliver + Send>;
+/// connection (or why the batch could not begin), it runs in a savepoint
+/// and returns what to tell the caller once the batch's commit is known.
+pub(crate) type Job = Box<dyn FnOnce(Result<&rusqlite::Connection, &str>) -> Deliver + Send>;
 
 /// Tells a caller its answer, given whether the batch committed (or why
 /// not).
@@ -42,19 +41,30 @@ pub(crate) type Deliver = Box<dyn FnOnce(Result<(), &str>) + Send>;
 pub(crate) struct Queue {
     next_id: u64,
     pending: VecDeque<(u64, Job)>,
+    /// Batches taken so far (what the tests check group commit by).
+    pub(crate) batches: u64,
+}
+
+#[cfg(test)]
+impl Queue {
+    /// Transactions waiting for a batch.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
 }
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
             .field("pending", &self.pending.len())
+            .field("batches", &self.batches)
             .finish()
     }
 }
 
 pub(crate) type SharedQueue = Arc<Mutex<Queue>>;
 
-fn lock(queue: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
+pub(crate) fn lock(queue: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
     queue.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -105,6 +115,9 @@ impl Drop for Queued {
 pub(crate) fn take(queue: &SharedQueue) -> Vec<Job> {
     let mut q = lock(queue);
     let n = q.pending.len().min(BATCH);
+    if n > 0 {
+        q.batches += 1;
+    }
     q.pending.drain(..n).map(|(_, job)| job).collect()
 }
 
@@ -139,17 +152,16 @@ enum Ran<T, E> {
 }
 
 fn run_one<T, E>(
-    conn: Option<&rusqlite::Connection>,
+    conn: Result<&rusqlite::Connection, &str>,
     f: impl FnOnce(&rusqlite::Connection) -> Result<Finish<T>, E>,
 ) -> Ran<T, E>
 where
     E: From<DbError>,
 {
     let fail = |e: DbError| Ran::Answer(Ok(Err(e.into())));
-    let Some(conn) = conn else {
-        return fail(DbError::Lost(
-            "the batch's transaction did not begin".into(),
-        ));
+    let conn = match conn {
+        Ok(conn) => conn,
+        Err(why) => return fail(DbError::Lost(format!("the batch did not begin: {why}"))),
     };
     if conn.is_autocommit() {
         // An earlier part of the batch failed so badly that SQLite ended
@@ -213,7 +225,7 @@ pub(crate) fn run(
     let size = batch.len() as u64;
     let (delivers, committed): (Vec<Deliver>, Result<(), String>) = match begun {
         Ok(()) => {
-            let delivers = batch.into_iter().map(|job| job(Some(conn))).collect();
+            let delivers = batch.into_iter().map(|job| job(Ok(conn))).collect();
             let committed = conn.execute_batch("COMMIT").map_err(|e| {
                 if !conn.is_autocommit() {
                     let _ = conn.execute_batch("ROLLBACK");
@@ -224,7 +236,11 @@ pub(crate) fn run(
         }
         Err(e) => {
             tracing::warn!(error = %e, "a SQLite write batch could not begin");
-            (batch.into_iter().map(|job| job(None)).collect(), Ok(()))
+            let why = e.to_string();
+            (
+                batch.into_iter().map(|job| job(Err(&why))).collect(),
+                Ok(()),
+            )
         }
     };
     metrics::counter!("shoal_db_sqlite_write_batches_total").increment(1);

@@ -78,9 +78,9 @@ impl ServiceClient {
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_millis(500))
                 // As many kept as a busy instance has calls in flight:
-                // with 32, a checkout load of 64 concurrent orders closed
-                // and reopened a connection to the catalog every ~60
-                // calls (connect, accept and shutdown on both sides).
+                // fewer, and the ones over the limit are closed after each
+                // call and opened again for the next (bench/README.md, "The
+                // SQLite write path, in one hand-off").
                 .pool_max_idle_per_host(256)
                 .build()
                 .expect("http client"),
