@@ -161,7 +161,14 @@ async fn a_checkout_is_one_trace(env: Vec<(&str, String)>) {
             && find(&trace, "shoal-worker", "run payments").is_some()
             && find(&trace, "shoal-worker", "payment provider: create intent").is_some()
             && find(&trace, "shoal-worker", "send email PaymentReceipt").is_some()
-            && find(&trace, "shoal-worker", "webhook order.paid").is_some();
+            && find(&trace, "shoal-worker", "run email notifications.email").is_some()
+            && find(&trace, "shoal-worker", "webhook order.paid").is_some()
+            && find(
+                &trace,
+                "shoal-worker",
+                "run notifications notifications.webhook",
+            )
+            .is_some();
         if complete {
             break trace;
         }
