@@ -261,11 +261,16 @@ pub(crate) fn admin_action(
     };
     match action {
         "eject" => {
-            find()?.set_admin_ejected(true);
-            tracing::warn!(pool = %pool.name, instance = %body.url, "instance ejected by an operator");
+            find()?.eject_by_operator();
+            tracing::warn!(pool = %pool.name, instance = %body.url, "instance ejected by an operator: no new requests, its streams and tunnels cut");
+        }
+        "drain" => {
+            let instance = find()?;
+            instance.drain_by_operator();
+            tracing::info!(pool = %pool.name, instance = %body.url, in_flight = instance.in_flight(), "instance drained by an operator: no new requests, those in flight finish");
         }
         "restore" => {
-            find()?.set_admin_ejected(false);
+            find()?.restore_by_operator();
             tracing::info!(pool = %pool.name, instance = %body.url, "instance restored by an operator");
         }
         "register" => {
@@ -296,7 +301,7 @@ pub(crate) fn admin_action(
         }
         other => {
             return Err(Problem::not_found(format!(
-                "no admin action `{other}`; use eject, restore, register or deregister"
+                "no admin action `{other}`; use drain, eject, restore, register or deregister"
             )))
         }
     }

@@ -212,34 +212,44 @@ impl Stall {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body from an instance that fails when the instance
+    /// A response body from an instance, which fails when the instance
     /// sends nothing for `limit` while the body has more to come (nginx's
     /// `proxy_read_timeout`), so a stalled instance cannot hold a client
-    /// connection forever.
-    pub struct ReadTimeout<B> {
+    /// connection forever, and when an operator ejects the instance (its
+    /// long-lived answers are cut so their clients reconnect elsewhere).
+    pub struct FromUpstream<B> {
         #[pin]
         inner: GuardedBody<B>,
-        limit: std::time::Duration,
+        limit: Option<std::time::Duration>,
         stall: Stall,
+        // Made the first time the body waits: resolves when the instance
+        // is ejected by an operator.
+        cut: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
     }
 }
 
-impl<B> ReadTimeout<B> {
-    pub fn new(inner: GuardedBody<B>, limit: std::time::Duration) -> Self {
-        ReadTimeout {
+impl<B> FromUpstream<B> {
+    pub fn new(inner: GuardedBody<B>, limit: Option<std::time::Duration>) -> Self {
+        FromUpstream {
             inner,
             limit,
             stall: Stall::default(),
+            cut: None,
         }
     }
 }
 
-/// The error of a [`ReadTimeout`] body.
+/// The error of a [`FromUpstream`] body that sent nothing for too long.
 #[derive(Debug, thiserror::Error)]
 #[error("the instance sent nothing for {0} ms in the middle of the response body")]
 pub struct ReadTimedOut(pub u128);
 
-impl<B> HttpBody for ReadTimeout<B>
+/// The error of a [`FromUpstream`] body cut by an operator's eject.
+#[derive(Debug, thiserror::Error)]
+#[error("the instance was ejected by an operator in the middle of the response body")]
+pub struct CutByOperator;
+
+impl<B> HttpBody for FromUpstream<B>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -256,13 +266,27 @@ where
             this.stall.progress();
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let limit = *this.limit;
+        let Some(guard) = this.inner.as_ref().get_ref().held.as_ref() else {
+            return Poll::Pending;
+        };
+        let cut = this.cut.get_or_insert_with(|| Box::pin(guard.cut()));
+        if cut.as_mut().poll(cx).is_ready() {
+            tracing::info!(
+                instance = guard.instance().url.as_str(),
+                "response cut off: an operator ejected its instance"
+            );
+            // Ends the instance's in-flight count with the body.
+            this.inner.project().held.take();
+            return Poll::Ready(Some(Err(CutByOperator.into())));
+        }
+        let Some(limit) = *this.limit else {
+            return Poll::Pending;
+        };
         if !this.stall.expired(limit, cx) {
             return Poll::Pending;
         }
-        let url = this.inner.as_ref().get_ref().held.as_ref();
         tracing::warn!(
-            instance = url.map_or("-", |g| g.instance().url.as_str()),
+            instance = guard.instance().url.as_str(),
             timeout_ms = limit.as_millis() as u64,
             "response cut off: the instance sent nothing in the middle of its body for upstream_read_timeout_ms"
         );
@@ -282,16 +306,14 @@ where
 }
 
 /// A response body from an instance, counted as outstanding on it until
-/// it ends, and cut off when the instance sends nothing for
-/// `read_timeout_ms` (`gateway.upstream_read_timeout_ms`; 0 = never).
+/// it ends, cut off when the instance sends nothing for `read_timeout_ms`
+/// (`gateway.upstream_read_timeout_ms`; 0 = never) and when an operator
+/// ejects the instance.
 pub fn from_upstream<B>(body: B, guard: InFlightGuard, read_timeout_ms: u64) -> Body
 where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let body = GuardedBody::new(body, guard);
-    match read_timeout_ms {
-        0 => body.map_err(Into::into).boxed_unsync(),
-        ms => ReadTimeout::new(body, std::time::Duration::from_millis(ms)).boxed_unsync(),
-    }
+    let limit = (read_timeout_ms > 0).then(|| std::time::Duration::from_millis(read_timeout_ms));
+    FromUpstream::new(GuardedBody::new(body, guard), limit).boxed_unsync()
 }

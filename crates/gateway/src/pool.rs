@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// The per-request metric handles of one pool, looked up once each: a
 /// labelled `metrics::counter!` call formats, hashes and looks up its
@@ -229,8 +230,12 @@ struct InstanceState {
     /// long quiet spell.
     ejections: u32,
     last_ejected: Option<Instant>,
-    /// Taken out by an operator through the admin API.
+    /// Taken out by an operator through the admin API (`eject`): no new
+    /// requests, and its open streams and tunnels cut.
     admin_ejected: bool,
+    /// Drained by an operator (`drain`): no new requests; those in
+    /// flight, streams and tunnels included, run to their end.
+    admin_draining: bool,
     checks_passed: u32,
     checks_failed: u32,
 }
@@ -239,7 +244,11 @@ impl InstanceState {
     /// Takes requests as far as this state goes (registration expiry
     /// aside).
     fn up(&self) -> bool {
-        self.healthy && !self.draining && !self.ejected && !self.admin_ejected
+        self.healthy
+            && !self.draining
+            && !self.ejected
+            && !self.admin_ejected
+            && !self.admin_draining
     }
 }
 
@@ -293,6 +302,13 @@ pub struct Instance {
     missing_health_path_noted: AtomicBool,
     /// Requests, errors and latencies for the console (`console/`).
     pub live: Box<crate::console::stats::Live>,
+    /// Bumped when an operator ejects the instance: the answers and
+    /// tunnels begun before (their guards hold the number they saw) are
+    /// cut. Changed under `cut`, read without a lock by every `start`.
+    cut_gen: AtomicU64,
+    /// Cancelled (and replaced) with each bump of `cut_gen`; what waits
+    /// to be cut waits on it.
+    cut: Mutex<CancellationToken>,
 }
 
 /// An instance's counters that change with every request: outstanding
@@ -359,6 +375,8 @@ impl Instance {
             }),
             ewma_decay_secs: DEFAULT_EWMA_DECAY.as_secs_f64(),
             latency_exponent: DEFAULT_LATENCY_EXPONENT,
+            cut_gen: AtomicU64::new(0),
+            cut: Mutex::new(CancellationToken::new()),
         })
     }
 
@@ -445,7 +463,11 @@ impl Instance {
     pub fn start(self: Arc<Self>) -> InFlightGuard {
         self.hot.in_flight.fetch_add(1, Ordering::Relaxed);
         self.hot.requests.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard { instance: self }
+        let cut_gen = self.cut_gen.load(Ordering::Acquire);
+        InFlightGuard {
+            instance: self,
+            cut_gen,
+        }
     }
 
     /// Folds a latency sample into the peak-EWMA: a higher sample is taken
@@ -564,9 +586,34 @@ impl Instance {
         before != (s.healthy, s.draining, s.ejected)
     }
 
-    pub fn set_admin_ejected(&self, ejected: bool) {
+    /// An operator's eject: no new requests, and every answer still
+    /// streaming from it and every tunnel to it is cut (their clients
+    /// reconnect, through the gateway, to another instance).
+    pub fn eject_by_operator(&self) {
+        {
+            let mut s = self.state();
+            s.admin_ejected = true;
+            s.admin_draining = false;
+            self.publish(&s);
+        }
+        let mut token = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        self.cut_gen.fetch_add(1, Ordering::AcqRel);
+        std::mem::take(&mut *token).cancel();
+    }
+
+    /// An operator's drain: no new requests; those in flight run to their
+    /// end (`in_flight` says how many are left).
+    pub fn drain_by_operator(&self) {
         let mut s = self.state();
-        s.admin_ejected = ejected;
+        s.admin_draining = true;
+        self.publish(&s);
+    }
+
+    /// Undoes an operator's eject or drain.
+    pub fn restore_by_operator(&self) {
+        let mut s = self.state();
+        s.admin_ejected = false;
+        s.admin_draining = false;
         self.publish(&s);
     }
 
@@ -598,6 +645,7 @@ impl Instance {
             "ejected_for_ms": s.ejected_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
             "ejections": s.ejections,
             "admin_ejected": s.admin_ejected,
+            "admin_draining": s.admin_draining,
             "registered": self.registered,
             "expires_in_ms": self.expires().map(|t| t.saturating_duration_since(now).as_millis() as u64),
             "in_flight": self.in_flight(),
@@ -628,11 +676,28 @@ pub enum CheckOutcome {
 #[derive(Debug)]
 pub struct InFlightGuard {
     instance: Arc<Instance>,
+    /// The instance's `cut_gen` when the request began.
+    cut_gen: u64,
 }
 
 impl InFlightGuard {
     pub fn instance(&self) -> &Arc<Instance> {
         &self.instance
+    }
+
+    /// Resolves once an operator has ejected the instance since this
+    /// request began (at once if that has happened already). For what
+    /// outlives its response head: a streamed body, a tunnel.
+    pub fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let token = {
+            let token = self.instance.cut.lock().unwrap_or_else(|p| p.into_inner());
+            (self.instance.cut_gen.load(Ordering::Acquire) == self.cut_gen).then(|| token.clone())
+        };
+        async move {
+            if let Some(token) = token {
+                token.cancelled_owned().await;
+            }
+        }
     }
 }
 
@@ -1003,7 +1068,7 @@ mod tests {
             vec![a.clone(), b.clone(), "http://10.9.9.9:80".into()]
         );
         let b_before = pool.find(&b).unwrap();
-        b_before.set_admin_ejected(true);
+        b_before.eject_by_operator();
         assert_eq!(pool.follow_dns(name, vec![b.clone(), c.clone()]), (1, 1));
         assert_eq!(
             urls(&pool),

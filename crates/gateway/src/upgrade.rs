@@ -193,6 +193,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
     tokio::spawn(async move {
         // The instance counts the tunnel as outstanding while it is open,
         // and the listener counts it as an open connection.
+        let cut = guard.cut();
         let _guard = guard;
         let closing = conn.as_ref().map(|c| c.closing.clone()).unwrap_or_default();
         let _conn = conn;
@@ -215,6 +216,9 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
             },
             _ = closing.cancelled() => {
                 tracing::debug!(upstream = %url, "closing an upgraded connection at shutdown");
+            }
+            () = cut => {
+                tracing::info!(upstream = %url, "closing an upgraded connection: an operator ejected its instance");
             }
             _ = idle(&moved, idle_limit) => {
                 metrics::counter!("shoal_gateway_tunnel_idle_closes_total").increment(1);

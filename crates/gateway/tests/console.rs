@@ -266,7 +266,8 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
         ))
         .await;
     assert_eq!(drain.status, StatusCode::OK, "{}", drain.body);
-    assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], true);
+    assert_eq!(gw.instance(&client, &a.url()).await["admin_draining"], true);
+    assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], false);
     let hits = a.hits();
     for _ in 0..10 {
         assert_eq!(client.get(&gw.url("/x")).await.body, "b");
@@ -276,11 +277,14 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
         name == "snapshot"
             && v["pools"][0]["instances"].as_array().is_some_and(|is| {
                 is.iter()
-                    .any(|i| i["url"] == a.url() && i["state"] == "ejected")
+                    .any(|i| i["url"] == a.url() && i["state"] == "drained")
             })
     })
     .await;
-    assert!(shown, "the drained instance is shown ejected");
+    assert!(
+        shown,
+        "the drained instance (nothing in flight) is shown drained"
+    );
     // A change without the console's header is refused, and changes nothing.
     let csrf = client
         .send(
@@ -294,7 +298,7 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
         )
         .await;
     assert_eq!(csrf.status, StatusCode::FORBIDDEN);
-    assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], true);
+    assert_eq!(gw.instance(&client, &a.url()).await["admin_draining"], true);
     let bad = client
         .send(console_request(
             "POST",
@@ -304,6 +308,40 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
         ))
         .await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    let readmit = client
+        .send(console_request(
+            "POST",
+            &gw.url("/_shoal/api/instances"),
+            Some(&cookie),
+            Some(json!({"pool": "default", "url": a.url(), "action": "readmit"})),
+        ))
+        .await;
+    assert_eq!(readmit.status, StatusCode::OK);
+    assert_eq!(
+        gw.instance(&client, &a.url()).await["admin_draining"],
+        false
+    );
+
+    // Eject from the console, then re-admit.
+    let eject = client
+        .send(console_request(
+            "POST",
+            &gw.url("/_shoal/api/instances"),
+            Some(&cookie),
+            Some(json!({"pool": "default", "url": a.url(), "action": "eject"})),
+        ))
+        .await;
+    assert_eq!(eject.status, StatusCode::OK, "{}", eject.body);
+    assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], true);
+    let shown = watch_live(&gw, &cookie, Duration::from_secs(5), |name, v| {
+        name == "snapshot"
+            && v["pools"][0]["instances"].as_array().is_some_and(|is| {
+                is.iter()
+                    .any(|i| i["url"] == a.url() && i["state"] == "ejected")
+            })
+    })
+    .await;
+    assert!(shown, "the ejected instance is shown ejected");
     let readmit = client
         .send(console_request(
             "POST",

@@ -438,3 +438,82 @@ async fn a_draining_gateway_ends_event_streams_spread_over_its_window() {
     assert!(stopped, "the gateway did not stop after its streams ended");
     assert!(drain_started.elapsed() < Duration::from_secs(5));
 }
+
+/// An operator's `drain` and `eject` differ in what is in flight: a
+/// drained instance gets no new request but its event stream and tunnel
+/// go on (and `in_flight` counts them); ejecting it then cuts both at
+/// once; `restore` brings it back.
+#[tokio::test]
+async fn an_operators_drain_lets_streams_run_and_eject_cuts_them() {
+    let up = special_upstream().await;
+    let url = format!("http://{}", up.addr);
+    let gw = TestGateway::start(settings(&[url.clone()], json!({}))).await;
+    let client = TestClient::default();
+    let target = json!({"pool": "default", "url": url});
+
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let opened = eventually(Duration::from_secs(5), || {
+        let n = up.events.lock().unwrap().len();
+        async move { n == 1 }
+    })
+    .await;
+    assert!(opened, "the stream did not reach the upstream");
+    let events = up.events.lock().unwrap()[0].clone();
+    let mut pending = Vec::new();
+    events.send(Bytes::from("data: one\n\n")).await.unwrap();
+    read_until(&mut stream, &mut pending, b"data: one\n\n").await;
+    let (mut tunnel, mut tunnel_pending) = open_tunnel(&gw).await;
+
+    // Drain: nothing new, what is open goes on.
+    let r = admin(&client, &gw, "drain", target.clone(), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let status = gw.instance(&client, &url).await;
+    assert_eq!(status["admin_draining"], true, "{status}");
+    assert_eq!(status["admin_ejected"], false, "{status}");
+    assert_eq!(
+        status["in_flight"], 2,
+        "the stream and the tunnel: {status}"
+    );
+    assert_eq!(
+        client.get(&gw.url("/x")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a drained instance got a new request"
+    );
+    events.send(Bytes::from("data: two\n\n")).await.unwrap();
+    read_until(&mut stream, &mut pending, b"data: two\n\n").await;
+    tunnel.write_all(b"drained").await.unwrap();
+    read_until(&mut tunnel, &mut tunnel_pending, b"DRAINED").await;
+
+    // Eject: both are cut now, not at their end.
+    let r = admin(&client, &gw, "eject", target.clone(), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for (what, conn) in [("stream", &mut stream), ("tunnel", &mut tunnel)] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), conn.read_to_end(&mut rest)).await;
+        assert!(
+            read.is_ok(),
+            "the {what} was not cut within 3 s of the eject"
+        );
+        assert!(
+            !rest.ends_with(b"0\r\n\r\n"),
+            "the {what} was ended as if complete: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let cut = eventually(Duration::from_secs(3), || async {
+        gw.instance(&client, &url).await["in_flight"] == 0
+    })
+    .await;
+    assert!(cut, "the cut stream and tunnel are still counted in flight");
+
+    let r = admin(&client, &gw, "restore", target, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let status = gw.instance(&client, &url).await;
+    assert_eq!(status["admin_draining"], false, "{status}");
+    assert_eq!(status["admin_ejected"], false, "{status}");
+    assert_eq!(client.get(&gw.url("/x")).await.status, StatusCode::OK);
+}

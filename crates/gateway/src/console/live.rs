@@ -492,7 +492,11 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
 fn instance_state(status: &Value) -> &'static str {
     if status["admin_ejected"] == true || status["ejected"] == true {
         "ejected"
-    } else if status["draining"] == true {
+    } else if status["admin_draining"] == true && status["in_flight"] == 0 {
+        // Drained by an operator, and nothing is left in flight: safe to
+        // stop.
+        "drained"
+    } else if status["admin_draining"] == true || status["draining"] == true {
         "draining"
     } else if status["available"] == true {
         "up"

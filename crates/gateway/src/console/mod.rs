@@ -1,7 +1,7 @@
 //! The operator's console under `/_shoal/`: a web page (every asset in
 //! the binary), its login, a live feed of the stack's state by
 //! Server-Sent Events (`live.rs`), and the actions an operator takes from
-//! it (drain and re-admit an instance, purge the cache, retry or discard
+//! it (drain, eject and re-admit an instance, purge the cache, retry or discard
 //! dead jobs).
 //!
 //! Who may use it: whoever knows `gateway.admin_token`. The login trades
@@ -310,16 +310,17 @@ async fn api_call(
                 Err(p) => return problem_response(&p, request_id),
             };
             let action = match body.action.as_str() {
-                // The gateway sends it no new request; those in flight
-                // finish (an operator's ejection).
-                "drain" => "eject",
+                // No new requests; those in flight run to their end.
+                "drain" => "drain",
+                // No new requests, and its streams and tunnels are cut.
+                "eject" => "eject",
                 "readmit" => "restore",
                 other => {
                     return problem_response(
                         &Problem::validation(format!(
-                            "no instance action `{other}`; use drain or readmit"
+                            "no instance action `{other}`; use drain, eject or readmit"
                         ))
-                        .with_field("action", "drain or readmit"),
+                        .with_field("action", "drain, eject or readmit"),
                         request_id,
                     )
                 }

@@ -73,7 +73,7 @@ const PILL_COLOURS = {
   up: 'green', enabled: 'green', succeeded: 'green',
   down: 'red', failed: 'red', dead: 'red',
   ejected: 'amber', draining: 'amber', starting: 'amber', stopping: 'amber', retrying: 'amber',
-  running: 'blue', available: 'blue',
+  running: 'blue', available: 'blue', drained: 'blue',
 };
 const pillClass = (s) => 'pill pill-' + (PILL_COLOURS[s] || 'grey');
 const pill = (s) => el('span', { class: pillClass(s) }, s == null ? DASH : s);
@@ -455,6 +455,7 @@ const allInstances = (snap) =>
 function instanceTitle(inst) {
   const yes = (b) => (b ? 'yes' : 'no');
   return `healthy: ${yes(inst.healthy)}, registered: ${yes(inst.registered)}, ` +
+    `drained by an operator: ${yes(inst.admin_draining)}, ` +
     `ejected by an operator: ${yes(inst.admin_ejected)}, EWMA: ${fmtMs(inst.ewma_ms)}`;
 }
 
@@ -647,14 +648,18 @@ function poolSection(name) {
   return section;
 }
 
-// Drain when up, re-admit when an operator ejected it.
+// Drain (those in flight finish) or eject (its streams cut too) unless an
+// operator took it out already; re-admit when one did.
 function actionButtons(inst) {
+  const byOperator = inst.admin_ejected || inst.admin_draining;
   return {
-    sig: `${inst.state}|${inst.admin_ejected}`,
+    sig: `${inst.state}|${inst.admin_ejected}|${inst.admin_draining}`,
     build: () => [
-      inst.state === 'up' &&
+      !byOperator &&
         el('button', { type: 'button', class: 'btn small', 'data-action': 'drain' }, 'Drain'),
-      inst.admin_ejected &&
+      !inst.admin_ejected &&
+        el('button', { type: 'button', class: 'btn small danger', 'data-action': 'eject' }, 'Eject'),
+      byOperator &&
         el('button', { type: 'button', class: 'btn small', 'data-action': 'readmit' }, 'Re-admit'),
     ].filter(Boolean),
   };
@@ -708,11 +713,12 @@ async function onPoolsClick(ev) {
   const tr = button && button.closest('tr[data-instance]');
   if (!tr) return;
   const url = tr.dataset.instance, pool = tr.dataset.pool, action = button.dataset.action;
-  if (action === 'drain' && !confirm(`Drain ${url}? The gateway stops sending it new requests.`)) return;
+  if (action === 'drain' && !confirm(`Drain ${url}? The gateway stops sending it new requests; those in flight, streams included, finish.`)) return;
+  if (action === 'eject' && !confirm(`Eject ${url}? The gateway stops sending it new requests and cuts its open streams and WebSockets now (their clients reconnect to another instance).`)) return;
   button.disabled = true;
   try {
     await api('POST', '/instances', { pool, url, action });
-    flash(action === 'drain' ? `Draining ${url}` : `Re-admitted ${url}`);
+    flash({ drain: `Draining ${url}`, eject: `Ejected ${url}` }[action] || `Re-admitted ${url}`);
   } catch (e) {
     flash(e.message, 'error');
   } finally {
