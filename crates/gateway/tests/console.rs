@@ -250,6 +250,15 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
                 .all(|i| i["state"] == "up" && i["rps"].as_f64() > Some(0.0))
             && v["gateway"]["rps"].as_f64() > Some(0.0)
             && v["gateway"]["p99_ms"].as_f64().is_some()
+            // The charts by instance get a line each.
+            && v["sample"]["instances"].as_array().is_some_and(|is| {
+                is.len() == 2
+                    && is.iter().all(|i| {
+                        i["rps"].as_f64() > Some(0.0)
+                            && i["p99_ms"].as_f64().is_some()
+                            && i["id"].as_str().is_some_and(|id| id.starts_with("default http://"))
+                    })
+            })
     })
     .await;
     assert!(saw_history, "the feed starts with the history");
@@ -402,4 +411,81 @@ async fn queue_requests_go_to_a_worker_with_the_admin_token() {
     })
     .await;
     assert!(told, "the queues' error names the worker");
+}
+
+/// The overview lists every gateway of the deployment: this one, then
+/// each of `gateway.console.peers` with its own figures (a peer URL that
+/// leads back to this gateway is not listed twice), and a peer that stops
+/// answering is shown down. A peer's figures need the admin token.
+#[tokio::test]
+async fn the_overview_shows_each_gateway_of_the_deployment() {
+    let up = Upstream::start("a").await;
+    let a = TestGateway::start(settings(&[up.url()], json!({}))).await;
+    let b_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = TestGateway::start(settings(
+        &[up.url()],
+        json!({
+            "listen": format!("127.0.0.1:{b_port}"),
+            "console": {"peers": format!("{}, http://127.0.0.1:{b_port}", a.url(""))},
+        }),
+    ))
+    .await;
+    let client = TestClient::default();
+    let anonymous = client.get(&a.url("/_shoal/gateway")).await;
+    assert_eq!(
+        anonymous.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        anonymous.body
+    );
+
+    // Traffic through a only.
+    let load = tokio::spawn({
+        let client = client.clone();
+        let url = a.url("/work");
+        async move {
+            loop {
+                client.get(&url).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let cookie = log_in(&client, &b).await;
+    let mut seen = Value::Null;
+    let listed = watch_live(&b, &cookie, Duration::from_secs(10), |name, v| {
+        if name != "snapshot" {
+            return false;
+        }
+        seen = v["gateways"].clone();
+        let Some(gws) = v["gateways"].as_array() else {
+            return false;
+        };
+        gws.len() == 2
+            && gws[0]["this"] == true
+            && gws[0]["figures"]["listen"] == format!("127.0.0.1:{b_port}")
+            && gws[1]["url"] == a.url("")
+            && gws[1]["state"] == "up"
+            && gws[1]["figures"]["rps"].as_f64() > Some(0.0)
+            && gws[1]["figures"]["instances"] == 1
+    })
+    .await;
+    assert!(
+        listed,
+        "b's overview does not show a with its traffic: {seen:#}"
+    );
+    load.abort();
+
+    a.stop.cancel();
+    let down = watch_live(&b, &cookie, Duration::from_secs(10), |name, v| {
+        name == "snapshot"
+            && v["gateways"][1]["url"] == a.url("")
+            && v["gateways"][1]["state"] == "down"
+            && v["gateways"][1]["error"].is_string()
+    })
+    .await;
+    assert!(down, "a stopped gateway is not shown down");
 }

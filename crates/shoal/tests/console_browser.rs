@@ -172,6 +172,24 @@ async fn the_console_in_a_browser_follows_a_kill_and_retries_dead_jobs() {
             .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // The charts by instance: a line and a legend entry for each.
+    let lines = browser
+        .run(
+            "return document.querySelectorAll('#chart-instance-rps path.line').length;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(lines, 3, "a line per instance in the req/s chart");
+    let legend = browser
+        .text("#chart-instance-p99-legend")
+        .await
+        .unwrap_or_default();
+    for name in ["serve-1", "serve-2", "serve-3"] {
+        assert!(
+            legend.contains(name),
+            "{name} not in the p99 legend: {legend:?}"
+        );
+    }
     screenshot(&browser, "overview").await;
 
     // SIGKILL serve-2: shown down within 2 s, then back after the
@@ -210,6 +228,12 @@ async fn the_console_in_a_browser_follows_a_kill_and_retries_dead_jobs() {
         )
         .await;
     assert!(drains, "the gateway page offers to drain an instance");
+    assert!(
+        browser
+            .visible("#page-gateway button[data-action=\"eject\"]")
+            .await,
+        "and to eject one"
+    );
     screenshot(&browser, "gateway").await;
 
     // Dead letters: a user's webhook whose deliveries fail once (one attempt).

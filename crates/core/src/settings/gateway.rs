@@ -258,6 +258,14 @@ pub struct GatewayConsoleSettings {
     /// first that answers is used. Empty: the workers listed in
     /// `stack_file`.
     pub workers: Vec<String>,
+    /// The other gateways of the deployment, shown on the overview beside
+    /// this one (base URLs, e.g. `http://10.0.0.2:8080`; a list, or one
+    /// string with commas). A host name stands for every address it
+    /// resolves to (a Kubernetes headless Service: one per gateway pod).
+    /// This gateway is recognised among them and shown once. They are
+    /// asked with `gateway.admin_token`, which they must share.
+    #[serde(deserialize_with = "super::one_or_many")]
+    pub peers: Vec<String>,
     /// How long a console login lasts, seconds.
     pub session_secs: u64,
 }
@@ -269,6 +277,7 @@ impl Default for GatewayConsoleSettings {
             redirect_root: false,
             stack_file: String::new(),
             workers: Vec::new(),
+            peers: Vec::new(),
             session_secs: 12 * 3600,
         }
     }
@@ -599,12 +608,17 @@ impl GatewaySettings {
                 "must be at most 60000: an ended session would pass for longer".into(),
             );
         }
-        for (i, url) in self.console.workers.iter().enumerate() {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return invalid(
-                    format!("gateway.console.workers[{i}]"),
-                    format!("`{url}` is not an http:// or https:// URL"),
-                );
+        for (what, urls) in [
+            ("workers", &self.console.workers),
+            ("peers", &self.console.peers),
+        ] {
+            for (i, url) in urls.iter().enumerate() {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid(
+                        format!("gateway.console.{what}[{i}]"),
+                        format!("`{url}` is not an http:// or https:// URL"),
+                    );
+                }
             }
         }
         for (i, pool) in self.pools.iter().enumerate() {

@@ -47,6 +47,20 @@ pub struct Sample {
     pub connections: usize,
     pub queue_depth: Option<i64>,
     pub jobs_per_sec: Option<f64>,
+    /// Each instance's second, for the charts by instance.
+    pub instances: Vec<InstanceSample>,
+}
+
+/// One second of one instance, as the charts by instance draw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceSample {
+    /// `<pool> <url>`: the same in every sample.
+    pub id: String,
+    /// The process that `shoal up` runs there, else the URL.
+    pub label: String,
+    pub rps: f64,
+    pub errors_per_sec: f64,
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +73,11 @@ struct Event {
 /// The console's state, shared by every settings generation.
 pub struct Console {
     started: Instant,
+    /// Tells this gateway apart when a peer URL leads back to it.
+    id: String,
+    /// The host it runs on (a Kubernetes pod's name), for the gateways
+    /// table.
+    host: String,
     listen: OnceLock<SocketAddr>,
     connections: OnceLock<Arc<crate::listener::Connections>>,
     inner: Mutex<Inner>,
@@ -81,12 +100,25 @@ struct Inner {
     /// rates from the change since the last answer), while a console
     /// watches.
     workers: HashMap<String, Value>,
+    /// The other gateways (`gateway.console.peers`, names resolved), each
+    /// its `/_shoal/gateway` answer or why there is none, while a console
+    /// watches.
+    peers: Vec<Value>,
+    /// This gateway's figures of the last sample, for its peers.
+    own: Value,
 }
 
 impl Default for Console {
     fn default() -> Self {
         Console {
             started: Instant::now(),
+            id: shoal_core::ids::new_id(),
+            host: std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "gateway".into()),
             listen: OnceLock::new(),
             connections: OnceLock::new(),
             inner: Mutex::new(Inner {
@@ -113,6 +145,12 @@ impl Console {
     ) {
         let _ = self.listen.set(listen);
         let _ = self.connections.set(connections);
+    }
+
+    /// `GET /_shoal/gateway`: this gateway's figures of the last second,
+    /// for the consoles of its peers.
+    pub(crate) fn own(&self) -> Value {
+        self.inner.lock().expect("console lock").own.clone()
     }
 
     fn event(&self, level: &'static str, text: String) {
@@ -303,6 +341,7 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
 
     let mut in_flight = 0;
     let mut pools = Vec::new();
+    let mut instance_samples = Vec::new();
     let mut seen = HashMap::new();
     for pool in &state.pools {
         let mut instances = Vec::new();
@@ -346,6 +385,13 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
                     map.extend(w);
                 }
             }
+            instance_samples.push(InstanceSample {
+                id: format!("{} {}", pool.name, instance.url),
+                label: process.clone().unwrap_or_else(|| instance.url.clone()),
+                rps: per_sec(window.requests, secs),
+                errors_per_sec: per_sec(window.errors, secs),
+                p99_ms: window.p99_ms,
+            });
             seen.insert(key.clone(), state_name);
             prev.instances.insert(key, reading);
             instances.push(v);
@@ -461,25 +507,48 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
         connections,
         queue_depth,
         jobs_per_sec,
+        instances: instance_samples,
     };
     inner.history.push_back(sample.clone());
     while inner.history.len() > HISTORY {
         inner.history.pop_front();
     }
+    let own = json!({
+        "id": console.id,
+        "host": console.host,
+        "listen": console.listen.get(),
+        "draining": state.draining.load(std::sync::atomic::Ordering::Relaxed),
+        "connections": connections,
+        "rps": sample.rps,
+        "errors_per_sec": sample.errors_per_sec,
+        "p50_ms": sample.p50_ms,
+        "p99_ms": sample.p99_ms,
+        "in_flight": in_flight,
+        "uptime_secs": console.started.elapsed().as_secs(),
+        "instances_available": pools.iter().filter_map(|p| p["available"].as_u64()).sum::<u64>(),
+        "instances": pools.iter().filter_map(|p| p["instances"].as_array().map(Vec::len)).sum::<usize>(),
+    });
+    inner.own = own.clone();
+    // This gateway first, then each peer (not this one again when a
+    // peer's name leads back here).
+    let own_state = if own["draining"] == true {
+        "draining"
+    } else {
+        "up"
+    };
+    let mut gateways = vec![json!({"url": null, "this": true, "state": own_state, "figures": own})];
+    gateways.extend(
+        inner
+            .peers
+            .iter()
+            .filter(|p| p["figures"]["id"] != console.id.as_str())
+            .cloned(),
+    );
     json!({
         "at": sample.at,
         "sample": sample,
-        "gateway": {
-            "listen": console.listen.get(),
-            "draining": state.draining.load(std::sync::atomic::Ordering::Relaxed),
-            "connections": connections,
-            "rps": sample.rps,
-            "errors_per_sec": sample.errors_per_sec,
-            "p50_ms": sample.p50_ms,
-            "p99_ms": sample.p99_ms,
-            "in_flight": in_flight,
-            "uptime_secs": console.started.elapsed().as_secs(),
-        },
+        "gateway": own,
+        "gateways": gateways,
         "pools": pools,
         "processes": process_views,
         "workers": worker_views,
@@ -605,6 +674,12 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
             HashMap::new()
         };
         shared.console.inner.lock().expect("console lock").workers = figures;
+        let peers = if watched {
+            peer_figures(&state).await
+        } else {
+            Vec::new()
+        };
+        shared.console.inner.lock().expect("console lock").peers = peers;
         let mut answer = Err(
             "no worker to ask: set gateway.console.workers (or run under `shoal up`)".to_string(),
         );
@@ -680,6 +755,7 @@ async fn worker_figures(
     workers: &[String],
     last: &mut HashMap<String, (Instant, Value)>,
 ) -> HashMap<String, Value> {
+    let workers = resolve_all(workers).await;
     let asks = workers.iter().map(|base| async move {
         let answer = tokio::time::timeout(
             PROBE_TIMEOUT,
@@ -717,6 +793,80 @@ async fn worker_figures(
     }
     last.retain(|base, _| figures.contains_key(base));
     figures
+}
+
+/// Every address behind each URL: a `http://` URL with a host name
+/// stands for each address the name resolves to (one per pod behind a
+/// Kubernetes headless Service); an IP, `https://` (whose certificate
+/// names the host) or a name that does not resolve stays as it is.
+async fn resolve_all(urls: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for url in urls {
+        let resolved = match crate::pool::parse_upstream(url) {
+            Ok((scheme, authority))
+                if scheme == http::uri::Scheme::HTTP
+                    && authority.host().parse::<std::net::IpAddr>().is_err()
+                    && !authority.host().starts_with('[') =>
+            {
+                let port = crate::pool::port_of(&scheme, &authority);
+                let lookup = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    tokio::net::lookup_host((authority.host(), port)),
+                )
+                .await;
+                match lookup {
+                    Ok(Ok(addrs)) => {
+                        let mut all: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
+                        all.sort();
+                        all.dedup();
+                        all
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        };
+        if resolved.is_empty() {
+            out.push(url.trim_end_matches('/').to_string());
+        } else {
+            out.extend(resolved);
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Each peer gateway's `/_shoal/gateway` (asked at once), or why it did
+/// not answer.
+async fn peer_figures(state: &GatewayState) -> Vec<Value> {
+    let peers = resolve_all(&state.settings.console.peers).await;
+    let asks = peers.iter().map(|base| async move {
+        let answer = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            super::internal_request(state, base, &Method::GET, "/_shoal/gateway", Bytes::new()),
+        )
+        .await;
+        let (state, figures, error) = match answer {
+            Ok(Ok((StatusCode::OK, _, body))) => match serde_json::from_slice::<Value>(&body) {
+                Ok(v) if v["draining"] == true => ("draining", v, None),
+                Ok(v) if v.is_object() => ("up", v, None),
+                _ => (
+                    "down",
+                    Value::Null,
+                    Some("not a Shoal gateway's answer".to_string()),
+                ),
+            },
+            Ok(Ok((status, _, _))) => ("down", Value::Null, Some(format!("answered {status}"))),
+            Ok(Err(e)) => ("down", Value::Null, Some(e)),
+            Err(_) => (
+                "down",
+                Value::Null,
+                Some("no answer within 500 ms".to_string()),
+            ),
+        };
+        json!({"url": base, "this": false, "state": state, "figures": figures, "error": error})
+    });
+    futures_util::future::join_all(asks).await
 }
 
 /// Open realtime streams of each instance of each pool, asked at once.

@@ -83,6 +83,7 @@ pub(crate) async fn handle(
         (Method::GET | Method::HEAD, "/_shoal/console.css") => {
             asset(CONSOLE_CSS, "text/css; charset=utf-8")
         }
+        (Method::GET, "/_shoal/gateway") => gateway_figures(&shared, &state, &req, request_id),
         (Method::POST, "/_shoal/api/login") => login(&state, req, request_id).await,
         (Method::POST, "/_shoal/api/logout") => {
             let mut r = Response::new(crate::body::empty());
@@ -141,6 +142,37 @@ fn asset(text: &'static str, content_type: &'static str) -> Response<Body> {
     r.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
+}
+
+/// `GET /_shoal/gateway`: this gateway's figures of the last second, for
+/// the consoles of the other gateways (`gateway.console.peers`), with the
+/// admin token as a bearer token.
+fn gateway_figures<B>(
+    shared: &Shared,
+    state: &GatewayState,
+    req: &Request<B>,
+    request_id: &str,
+) -> Response<Body> {
+    let Some(token) = state.settings.admin_token.as_deref() else {
+        return console_off(request_id);
+    };
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !shoal_core::bearer::matches(header, &[token]) {
+        return problem_response(
+            &Problem::unauthorized("send the gateway's admin token as a bearer token"),
+            request_id,
+        );
+    }
+    match shared.console.own() {
+        serde_json::Value::Null => problem_response(
+            &Problem::unavailable("no figures yet: the console samples once a second", 1),
+            request_id,
+        ),
+        own => json_response(StatusCode::OK, &own),
+    }
 }
 
 // ---- login ------------------------------------------------------------

@@ -486,6 +486,32 @@ function renderOverview(snap) {
   setText('tile-inflight', fmtInt(g.in_flight));
   setText('tile-connections', fmtInt(g.connections));
 
+  // This gateway, then the others (`gateway.console.peers`), each with
+  // its own figures; a dash where a peer did not answer.
+  syncRows(
+    $('gateways-table').tBodies[0],
+    snap.gateways || [],
+    (gw) => (gw.this ? 'this' : gw.url),
+    (gw) => ({ 'data-gateway': gw.this ? 'this' : gw.url }),
+    (gw) => {
+      const f = gw.figures || {};
+      return [
+        gw.this ? `${f.host || 'gateway'} (this one)` : (f.host || gw.url),
+        { text: gw.this ? f.listen : gw.url, cls: 'mono' },
+        { pill: gw.state, field: 'state', title: gw.error || '' },
+        { text: fmtRate(f.rps), cls: 'num', field: 'rps' },
+        { text: fmtRate(f.errors_per_sec), cls: f.errors_per_sec > 0 ? 'num bad' : 'num' },
+        { text: fmtMs(f.p50_ms), cls: 'num' },
+        { text: fmtMs(f.p99_ms), cls: 'num' },
+        { text: fmtInt(f.in_flight), cls: 'num' },
+        { text: fmtInt(f.connections), cls: 'num' },
+        { text: f.instances == null ? DASH : `${f.instances_available} of ${f.instances}`, cls: 'num' },
+        { text: f.uptime_secs == null ? DASH : fmtDuration(f.uptime_secs * 1000), cls: 'num' },
+      ];
+    },
+    'No gateways.',
+  );
+
   const procs = snap.processes || [];
   $('processes-note').hidden = procs.length > 0;
   $('processes-table').hidden = procs.length === 0;
@@ -557,7 +583,22 @@ const CHARTS = [
   { id: 'chart-errors', series: [{ key: 'errors_per_sec', label: 'errors/s' }], fmt: fmtRate },
   { id: 'chart-queue', series: [{ key: 'queue_depth', label: 'jobs waiting' }], fmt: fmtInt,
     empty: 'No queue data' },
+  { id: 'chart-instance-rps', byInstance: 'rps', fmt: fmtRate, empty: 'No instances' },
+  { id: 'chart-instance-p99', byInstance: 'p99_ms', unit: 'ms', fmt: fmtMs, empty: 'No instances' },
 ];
+const MAX_INSTANCE_LINES = 8;
+
+// The series of a chart by instance: one per instance seen in the
+// samples (its latest label), each reading its field of that instance.
+function instanceSeries(def, samples) {
+  const labels = new Map();
+  for (const s of samples) for (const i of s.instances || []) labels.set(i.id, i.label);
+  return [...labels].slice(0, MAX_INSTANCE_LINES).map(([id, label]) => ({
+    label,
+    get: (s) => { const i = (s.instances || []).find((x) => x.id === id); return i ? i[def.byInstance] : null; },
+  }));
+}
+const seriesValue = (ser, s) => (ser.get ? ser.get(s) : s[ser.key]);
 const CW = 600, CH = 150;
 const PAD = { l: 52, r: 10, t: 10, b: 20 };
 
@@ -578,11 +619,12 @@ function drawChart(def, samples) {
   const end = samples.length ? samples[samples.length - 1].at : serverNow();
   const start = end - WINDOW_MS;
   const shown = samples.filter((s) => s.at >= start);
+  const series = def.byInstance ? instanceSeries(def, shown) : def.series;
 
   let max = 0, any = false;
   for (const s of shown) {
-    for (const ser of def.series) {
-      const v = s[ser.key];
+    for (const ser of series) {
+      const v = seriesValue(ser, s);
       if (v != null && Number.isFinite(v)) { any = true; if (v > max) max = v; }
     }
   }
@@ -608,10 +650,10 @@ function drawChart(def, samples) {
   kids.push(svgEl('text', { x: CW - PAD.r, y: CH - 5, 'text-anchor': 'end' }, 'now'));
 
   // One path per series; nulls and holes in time break the line.
-  def.series.forEach((ser, i) => {
+  series.forEach((ser, i) => {
     let d = '', prevAt = null;
     for (const s of shown) {
-      const v = s[ser.key];
+      const v = seriesValue(ser, s);
       if (v == null || !Number.isFinite(v)) { prevAt = null; continue; }
       const jump = prevAt === null || s.at - prevAt > GAP_MS;
       d += `${jump ? 'M' : 'L'}${x(s.at).toFixed(1)} ${y(v).toFixed(1)}`;
@@ -628,8 +670,8 @@ function drawChart(def, samples) {
 
   // Legend: each series with its latest value.
   const last = shown[shown.length - 1] || {};
-  $(def.id + '-legend').replaceChildren(...def.series.map((ser, i) =>
-    el('span', { class: 'key' }, el('i', { class: `swatch line-${i}` }), `${ser.label} ${def.fmt(last[ser.key])}`)));
+  $(def.id + '-legend').replaceChildren(...series.map((ser, i) =>
+    el('span', { class: 'key' }, el('i', { class: `swatch line-${i}` }), `${ser.label} ${def.fmt(seriesValue(ser, last))}`)));
 }
 
 // ---- page 2: gateway --------------------------------------------------------
