@@ -38,6 +38,14 @@ start_upstreams() {
   done
 }
 
+# cpu_ns PID: nanoseconds the process's threads have run, from each
+# thread's /proc/PID/task/TID/schedstat (finer than the 10 ms clock ticks
+# of cpu_ticks: for small costs over idle seconds). Threads that ended
+# are not counted.
+cpu_ns() {
+  cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d\n", s }'
+}
+
 # cpu_ticks PID...: user and system clock ticks and voluntary and
 # involuntary context switches, summed over every thread of the pids and
 # of their children.
