@@ -163,6 +163,26 @@ impl std::ops::DerefMut for Writer {
     }
 }
 
+/// How long a PostgreSQL session may sit idle inside a transaction
+/// before the server ends it. No transaction of Shoal's waits on anything
+/// but its own statements between `BEGIN` and `COMMIT` (calls to other
+/// services, providers and storage come before or after), so only a
+/// process that stopped mid-transaction (frozen, or cut off from the
+/// network) reaches it; it then gives back the row locks it held, which
+/// every other writer of those rows would wait on until its connection
+/// died.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
+
+/// Settings of every PostgreSQL session of the pool.
+async fn postgres_session(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'"
+    ))
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 impl Database {
     /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`).
     /// SQLite connections get [`sqlite_pragmas`].
@@ -206,8 +226,9 @@ impl Database {
             })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
-                    if kind == DatabaseKind::Sqlite {
-                        sqlite_pragmas(conn).await?;
+                    match kind {
+                        DatabaseKind::Sqlite => sqlite_pragmas(conn).await?,
+                        DatabaseKind::Postgres => postgres_session(conn).await?,
                     }
                     Ok(())
                 })
@@ -581,6 +602,29 @@ mod tests {
             parts,
             vec!["CREATE TABLE a (x TEXT)", "CREATE INDEX i ON a (x)"]
         );
+    }
+
+    /// Every PostgreSQL session bounds its idle time inside a
+    /// transaction, so a process that stops mid-transaction gives its row
+    /// locks back.
+    #[tokio::test]
+    async fn postgres_sessions_end_a_transaction_left_idle() {
+        let Some(url) =
+            shoal_testkit::postgres_url("postgres_sessions_end_a_transaction_left_idle")
+        else {
+            return;
+        };
+        let db = Database::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut writer = db.write().await.unwrap();
+        let mut tx = writer.begin().await.unwrap();
+        let (value,): (String,) = sqlx::query_as("SHOW idle_in_transaction_session_timeout")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(value, IDLE_IN_TRANSACTION_TIMEOUT);
+        tx.rollback().await.unwrap();
     }
 
     #[tokio::test]
