@@ -41,6 +41,19 @@ pub struct ConnLimits {
     pub stream_drain_window: Option<Duration>,
 }
 
+/// Within what the streams passing through are ended (event streams) or
+/// told to reconnect (WebSockets) at shutdown, each at a random moment:
+/// `stream_drain_window_ms`, at most half the shutdown's grace, so every
+/// stream ends well before the deadline would cut it; `None` when 0.
+pub(crate) fn stream_drain_window(s: &GatewaySettings) -> Option<Duration> {
+    (s.stream_drain_window_ms > 0).then(|| {
+        Duration::from_millis(
+            s.stream_drain_window_ms
+                .min(s.shutdown_timeout_secs.saturating_mul(500)),
+        )
+    })
+}
+
 impl ConnLimits {
     pub fn new(s: &GatewaySettings) -> ConnLimits {
         ConnLimits {
@@ -54,14 +67,7 @@ impl ConnLimits {
             handshake_timeout: Duration::from_millis(s.header_read_timeout_ms),
             max_head: s.max_header_bytes,
             own_http1: s.http1_server == shoal_core::settings::Http1Server::Shoal,
-            // At most half the shutdown's grace: every stream ends well
-            // before the deadline would cut it.
-            stream_drain_window: (s.stream_drain_window_ms > 0).then(|| {
-                Duration::from_millis(
-                    s.stream_drain_window_ms
-                        .min(s.shutdown_timeout_secs.saturating_mul(500)),
-                )
-            }),
+            stream_drain_window: stream_drain_window(s),
         }
     }
 }

@@ -3,8 +3,11 @@
 //! headers; when the instance answers 101, the client gets the 101 and the
 //! gateway then copies bytes both ways between the two upgraded
 //! connections until either side closes, the tunnel has been idle for
-//! `tunnel_idle_timeout_ms`, or the gateway shuts down. Any other answer
-//! is passed on as an ordinary response.
+//! `tunnel_idle_timeout_ms`, an operator ejects the instance, or the
+//! gateway shuts down (a WebSocket is then first told to reconnect, with a
+//! close frame 1012 between two of the instance's frames, within
+//! `stream_drain_window_ms`). Any other answer is passed on as an
+//! ordinary response.
 
 use crate::balance::PickContext;
 use crate::body::{empty, from_upstream, problem_response, Body, X_REQUEST_ID};
@@ -174,6 +177,7 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
     *client_response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let mut out = response.headers().clone();
     let accepted = out.get(header::UPGRADE).cloned();
+    let accepted_protocol = accepted.clone();
     strip_hop_by_hop(&mut out);
     route.response_headers.apply(&mut out);
     if let Some(p) = accepted {
@@ -190,6 +194,13 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         0 => None,
         ms => Some(Duration::from_millis(ms)),
     };
+    // A WebSocket is told to reconnect when the gateway drains; other
+    // protocols, whose framing the gateway does not know, are closed.
+    let drain_window = crate::listener::stream_drain_window(&state.settings).filter(|_| {
+        accepted_protocol
+            .as_ref()
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    });
     tokio::spawn(async move {
         // The instance counts the tunnel as outstanding while it is open,
         // and the listener counts it as an open connection.
@@ -207,16 +218,30 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         let moved = Arc::new(AtomicU64::new(0));
         let mut client = Counted::new(client, &moved);
         let mut upstream = Counted::new(TokioIo::new(upstream), &moved);
-        tokio::select! {
-            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
-                Ok((up, down)) => {
-                    tracing::debug!(upstream = %url, bytes_up = up, bytes_down = down, "upgraded connection closed")
+        let relay = async {
+            match drain_window {
+                Some(window) => {
+                    if relay_websocket(client, upstream, &closing, window).await {
+                        metrics::counter!("shoal_gateway_websocket_drain_closes_total")
+                            .increment(1);
+                        tracing::debug!(upstream = %url, "told a WebSocket client to reconnect (close 1012) at shutdown");
+                    }
                 }
-                Err(e) => tracing::debug!(upstream = %url, error = %e, "upgraded connection ended"),
-            },
-            _ = closing.cancelled() => {
-                tracing::debug!(upstream = %url, "closing an upgraded connection at shutdown");
+                None => tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                        Ok((up, down)) => {
+                            tracing::debug!(upstream = %url, bytes_up = up, bytes_down = down, "upgraded connection closed")
+                        }
+                        Err(e) => tracing::debug!(upstream = %url, error = %e, "upgraded connection ended"),
+                    },
+                    _ = closing.cancelled() => {
+                        tracing::debug!(upstream = %url, "closing an upgraded connection at shutdown");
+                    }
+                },
             }
+        };
+        tokio::select! {
+            () = relay => {}
             () = cut => {
                 tracing::info!(upstream = %url, "closing an upgraded connection: an operator ejected its instance");
             }
@@ -227,6 +252,177 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
         }
     });
     client_response
+}
+
+/// A WebSocket close frame with status 1012, "service restart" (RFC 6455
+/// section 7.4, IANA registry): the client should connect again. Sent
+/// unmasked, as a server's frames are.
+const CLOSE_SERVICE_RESTART: [u8; 4] = [0x88, 0x02, 0x03, 0xF4];
+
+/// How long a drained WebSocket tunnel waits for a frame in the middle of
+/// being sent to end (before the close frame), and then for the client to
+/// answer the close, before the tunnel is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Relays a WebSocket tunnel both ways until either side closes; once
+/// `closing` is cancelled (the gateway drains), at a random moment within
+/// `window` and at the end of the frame the instance may be sending, the
+/// client gets a close frame with status 1012 and nothing more from the
+/// instance. The client's closing answer still goes to the instance, so it
+/// learns of the close; the tunnel ends when the client closes or
+/// [`CLOSE_GRACE`] later. Whether the close frame was sent.
+async fn relay_websocket<C, U>(
+    client: C,
+    upstream: U,
+    closing: &tokio_util::sync::CancellationToken,
+    window: Duration,
+) -> bool
+where
+    C: AsyncRead + AsyncWrite,
+    U: AsyncRead + AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    let told = tokio::sync::Notify::new();
+    let up = async {
+        tokio::select! {
+            _ = tokio::io::copy(&mut client_read, &mut upstream_write) => {}
+            () = async {
+                told.notified().await;
+                tokio::time::sleep(CLOSE_GRACE).await;
+            } => {}
+        }
+        let _ = upstream_write.shutdown().await;
+    };
+    let down = async {
+        let mut frames = Frames::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        // When to tell the client, once the gateway drains; then the
+        // latest moment for the frame being sent to end.
+        let mut leave: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut give_up: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            tokio::select! {
+                () = closing.cancelled(), if leave.is_none() => {
+                    leave = Some(Box::pin(tokio::time::sleep(window.mul_f64(rand::random::<f64>()))));
+                }
+                () = async { leave.as_mut().expect("set").await }, if leave.is_some() && give_up.is_none() => {
+                    if frames.at_boundary() {
+                        let _ = client_write.write_all(&CLOSE_SERVICE_RESTART).await;
+                        let _ = client_write.flush().await;
+                        told.notify_one();
+                        return true;
+                    }
+                    give_up = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                }
+                () = async { give_up.as_mut().expect("set").await }, if give_up.is_some() => {
+                    // The instance never finished its frame: cut.
+                    told.notify_one();
+                    return false;
+                }
+                read = upstream_read.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) | Err(_) => {
+                            let _ = client_write.shutdown().await;
+                            return false;
+                        }
+                        Ok(n) => n,
+                    };
+                    let end = frames.follow(&buf[..n]);
+                    match end {
+                        Some(end) if give_up.is_some() => {
+                            let _ = client_write.write_all(&buf[..end]).await;
+                            let _ = client_write.write_all(&CLOSE_SERVICE_RESTART).await;
+                            let _ = client_write.flush().await;
+                            told.notify_one();
+                            return true;
+                        }
+                        _ => {
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                return false;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let ((), sent) = tokio::join!(up, down);
+    sent
+}
+
+/// Where the WebSocket frames of one direction end, from their headers
+/// (RFC 6455 section 5.2): the payloads are skipped, not looked at.
+#[derive(Default)]
+struct Frames {
+    /// The header being read, and how much of it has arrived.
+    head: [u8; 14],
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: u64,
+}
+
+impl Frames {
+    /// Between two frames.
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+
+    /// Follows `data`; the offset just past the first frame that ends in
+    /// it, if one does.
+    fn follow(&mut self, data: &[u8]) -> Option<usize> {
+        let mut first = None;
+        let mut i = 0;
+        while i < data.len() {
+            if self.left > 0 {
+                let take = self.left.min((data.len() - i) as u64);
+                self.left -= take;
+                i += take as usize;
+            } else {
+                self.head[self.have] = data[i];
+                self.have += 1;
+                i += 1;
+                if self.have < 2 || self.have < self.header_len() {
+                    continue;
+                }
+                self.left = self.payload_len();
+                self.have = 0;
+            }
+            if self.at_boundary() && first.is_none() {
+                first = Some(i);
+            }
+        }
+        first
+    }
+
+    /// The whole header's length, once its second byte is in.
+    fn header_len(&self) -> usize {
+        let b1 = self.head[1];
+        let extended = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + extended + if b1 & 0x80 != 0 { 4 } else { 0 }
+    }
+
+    fn payload_len(&self) -> u64 {
+        match self.head[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+            127 => u64::from_be_bytes([
+                self.head[2],
+                self.head[3],
+                self.head[4],
+                self.head[5],
+                self.head[6],
+                self.head[7],
+                self.head[8],
+                self.head[9],
+            ]),
+            n => u64::from(n),
+        }
+    }
 }
 
 /// The client's connection once the 101 is written: from the gateway's
@@ -324,5 +520,37 @@ impl<T: AsyncWrite> AsyncWrite for Counted<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+
+    #[test]
+    fn frame_ends_are_found_across_reads_and_header_sizes() {
+        let mut f = Frames::default();
+        assert!(f.at_boundary());
+        // "hello" as a text frame, split in the header and in the payload.
+        assert_eq!(f.follow(&[0x81]), None);
+        assert_eq!(f.follow(&[0x05, b'h', b'e']), None);
+        assert!(!f.at_boundary());
+        assert_eq!(f.follow(b"llo"), Some(3));
+        assert!(f.at_boundary());
+        // A 300-byte frame (16-bit length) then a ping with no payload:
+        // the first end is after the long one.
+        let mut data = vec![0x82, 126, 0x01, 0x2c];
+        data.extend(std::iter::repeat_n(0u8, 300));
+        data.extend([0x89, 0x00]);
+        assert_eq!(f.follow(&data), Some(304));
+        assert!(f.at_boundary());
+        // A masked frame (a client's) with a 64-bit length, in pieces.
+        let mut head = vec![0x82, 0x80 | 127];
+        head.extend(70_000u64.to_be_bytes());
+        head.extend([1, 2, 3, 4]);
+        assert_eq!(f.follow(&head), None);
+        assert_eq!(f.follow(&vec![0u8; 69_999]), None);
+        assert_eq!(f.follow(&[0, 0x88, 0x00]), Some(1));
+        assert!(f.at_boundary(), "the empty close frame ended too");
     }
 }

@@ -20,14 +20,21 @@ use tokio::sync::{mpsc, oneshot};
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// An upstream that switches `/ws` to an echo protocol after a 101 (bytes
-/// written are sent back upper-cased, after a greeting), answers `/events`
-/// with an SSE stream fed by the test, and `/readyz` with 200.
+/// written are sent back upper-cased, after a greeting), and `/wsf` to
+/// WebSocket frames (half of a text frame "abcdef", the rest once
+/// `release` is notified, then it keeps what the client sends in
+/// `received`), answers `/events` with an SSE stream fed by the test, and
+/// `/readyz` with 200.
 struct SpecialUpstream {
     addr: SocketAddr,
     /// Headers of the last `/ws` request.
     ws_headers: Arc<Mutex<Option<http::HeaderMap>>>,
     /// Senders of the SSE stream of each `/events` request.
     events: Arc<Mutex<Vec<mpsc::Sender<Bytes>>>>,
+    /// `/wsf`: lets the instance finish its frame.
+    release: Arc<tokio::sync::Notify>,
+    /// `/wsf`: what the client sent after the upgrade.
+    received: Arc<Mutex<Vec<u8>>>,
 }
 
 async fn special_upstream() -> SpecialUpstream {
@@ -35,19 +42,49 @@ async fn special_upstream() -> SpecialUpstream {
     let addr = listener.local_addr().unwrap();
     let ws_headers = Arc::new(Mutex::new(None));
     let events = Arc::new(Mutex::new(Vec::new()));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let received = Arc::new(Mutex::new(Vec::new()));
     let (h, e) = (ws_headers.clone(), events.clone());
+    let (rel, rec) = (release.clone(), received.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let (h, e) = (h.clone(), e.clone());
+            let (rel, rec) = (rel.clone(), rec.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let (h, e) = (h.clone(), e.clone());
+                    let (rel, rec) = (rel.clone(), rec.clone());
                     async move {
                         let path = req.uri().path().to_string();
                         let resp: Response<BoxBody> = match path.as_str() {
+                            "/wsf" => {
+                                let on = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    let upgraded = on.await.expect("upstream upgrade");
+                                    let mut io = TokioIo::new(upgraded);
+                                    io.write_all(&[0x81, 0x06, b'a', b'b', b'c']).await.unwrap();
+                                    rel.notified().await;
+                                    io.write_all(b"def").await.unwrap();
+                                    let mut buf = [0u8; 256];
+                                    loop {
+                                        match io.read(&mut buf).await {
+                                            Ok(0) | Err(_) => return,
+                                            Ok(n) => {
+                                                rec.lock().unwrap().extend_from_slice(&buf[..n])
+                                            }
+                                        }
+                                    }
+                                });
+                                Response::builder()
+                                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                                    .header("upgrade", "websocket")
+                                    .header("connection", "upgrade")
+                                    .body(Full::new(Bytes::new()).boxed())
+                                    .unwrap()
+                            }
                             "/ws" => {
                                 *h.lock().unwrap() = Some(req.headers().clone());
                                 if req.headers().get("upgrade").is_none() {
@@ -116,6 +153,8 @@ async fn special_upstream() -> SpecialUpstream {
         addr,
         ws_headers,
         events,
+        release,
+        received,
     }
 }
 
@@ -286,7 +325,9 @@ async fn an_open_tunnel_counts_as_a_connection_and_closes_at_shutdown() {
     let up = special_upstream().await;
     let mut gw = TestGateway::start(settings(
         &[format!("http://{}", up.addr)],
-        json!({"max_connections": 1}),
+        // No drain window: tunnels are closed at once (with one, a
+        // WebSocket is first told to reconnect: the test below).
+        json!({"max_connections": 1, "stream_drain_window_ms": 0}),
     ))
     .await;
     let (mut tunnel, mut pending) = open_tunnel(&gw).await;
@@ -447,7 +488,7 @@ async fn a_draining_gateway_ends_event_streams_spread_over_its_window() {
 async fn an_operators_drain_lets_streams_run_and_eject_cuts_them() {
     let up = special_upstream().await;
     let url = format!("http://{}", up.addr);
-    let gw = TestGateway::start(settings(&[url.clone()], json!({}))).await;
+    let gw = TestGateway::start(settings(std::slice::from_ref(&url), json!({}))).await;
     let client = TestClient::default();
     let target = json!({"pool": "default", "url": url});
 
@@ -516,4 +557,92 @@ async fn an_operators_drain_lets_streams_run_and_eject_cuts_them() {
     assert_eq!(status["admin_draining"], false, "{status}");
     assert_eq!(status["admin_ejected"], false, "{status}");
     assert_eq!(client.get(&gw.url("/x")).await.status, StatusCode::OK);
+}
+
+/// A draining gateway tells a WebSocket client to reconnect: a close frame
+/// with status 1012 (service restart), after the frame the instance was in
+/// the middle of sending, never inside it; the client's closing answer
+/// goes on to the instance; then the tunnel closes, and the gateway stops
+/// long before its shutdown timeout.
+#[tokio::test]
+async fn a_draining_gateway_tells_websocket_clients_to_reconnect_between_frames() {
+    let up = special_upstream().await;
+    let mut gw = TestGateway::start(settings(
+        &[format!("http://{}", up.addr)],
+        json!({"stream_drain_window_ms": 1, "shutdown_timeout_secs": 10}),
+    ))
+    .await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /wsf HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    read_until(&mut client, &mut pending, &[0x81, 0x06, b'a', b'b', b'c']).await;
+
+    // Draining while the instance is inside its frame: nothing yet.
+    let drain_started = std::time::Instant::now();
+    gw.stop.cancel();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(300), client.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the client got {:?} in the middle of a frame",
+        early.map(|r| r.map(|n| buf[..n].to_vec()))
+    );
+    // The frame ends, then the close comes.
+    up.release.notify_one();
+    let rest = read_until(&mut client, &mut pending, &[0x88, 0x02, 0x03, 0xF4]).await;
+    assert_eq!(
+        rest, b"def\x88\x02\x03\xF4",
+        "the frame's end, then close 1012 alone"
+    );
+    // The client answers the close (masked, status 1000); the instance
+    // gets it, and the tunnel closes.
+    let mask = [1u8, 2, 3, 4];
+    let status = [0x03u8, 0xE8];
+    client
+        .write_all(&[
+            0x88,
+            0x82,
+            mask[0],
+            mask[1],
+            mask[2],
+            mask[3],
+            status[0] ^ mask[0],
+            status[1] ^ mask[1],
+        ])
+        .await
+        .unwrap();
+    let mut tail = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), client.read_to_end(&mut tail)).await;
+    assert!(
+        closed.is_ok(),
+        "the tunnel was not closed after the close handshake"
+    );
+    assert!(tail.is_empty(), "nothing after the close frame: {tail:?}");
+    let passed = eventually(Duration::from_secs(3), || {
+        let got = up.received.lock().unwrap().clone();
+        async move { got.starts_with(&[0x88, 0x82]) && got.len() == 8 }
+    })
+    .await;
+    assert!(
+        passed,
+        "the instance did not get the client's close: {:?}",
+        up.received.lock().unwrap()
+    );
+    tokio::time::timeout(Duration::from_secs(5), &mut gw.task)
+        .await
+        .expect("gateway stopped")
+        .unwrap()
+        .unwrap();
+    assert!(drain_started.elapsed() < Duration::from_secs(5));
 }

@@ -94,9 +94,12 @@ pub struct GatewaySettings {
     /// (`text/event-stream`) is ended cleanly at a random moment within
     /// this window, ms, so its client reconnects (to another gateway) and
     /// resumes with `Last-Event-ID`, and the clients do not all come back
-    /// at once. 0: streams are left to end by themselves until
-    /// `shutdown_timeout_secs`. At most half of `shutdown_timeout_secs`
-    /// is used, so the last stream ends well before the deadline.
+    /// at once; each WebSocket passing through gets a close frame with
+    /// status 1012 (service restart) between two frames, in the same
+    /// window. 0: event streams are left to end by themselves until
+    /// `shutdown_timeout_secs`, and tunnels are closed at once. At most
+    /// half of `shutdown_timeout_secs` is used, so the last stream ends
+    /// well before the deadline.
     pub stream_drain_window_ms: u64,
     /// Balancer of every pool without an entry in `balancing`.
     pub balancer: BalancerKind,
