@@ -164,14 +164,21 @@ async fn the_console_in_a_browser_follows_a_kill_and_retries_dead_jobs() {
         )
         .await;
     assert_eq!(instances, 3, "three instances in the gateway's pool");
-    // Some traffic for the charts.
-    for _ in 0..50 {
-        let _ = anonymous
-            .get(stack.url("/api/catalog/products?per_page=1"))
-            .send()
-            .await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Some traffic for the charts, still flowing for the screenshots.
+    let traffic = tokio::spawn({
+        let (client, url) = (
+            anonymous.clone(),
+            stack.url("/api/catalog/products?per_page=1"),
+        );
+        async move {
+            let until = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < until {
+                let _ = client.get(&url).send().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // The charts by instance: a line and a legend entry for each.
     let lines = browser
         .run(
@@ -191,6 +198,23 @@ async fn the_console_in_a_browser_follows_a_kill_and_retries_dead_jobs() {
         );
     }
     screenshot(&browser, "overview").await;
+    // The gateways of the deployment: under `shoal up`, this one.
+    let gateways = browser
+        .run(
+            "return [...document.querySelectorAll('#gateways-table tr[data-gateway]')]
+                 .map(r => r.dataset.gateway);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(gateways, json!(["this"]), "one gateway, this one");
+    browser
+        .run(
+            "document.getElementById('gateways-table').scrollIntoView({block: 'center'});",
+            json!([]),
+        )
+        .await;
+    screenshot(&browser, "overview-gateways").await;
+    traffic.await.unwrap();
 
     // SIGKILL serve-2: shown down within 2 s, then back after the
     // supervisor restarts it.
