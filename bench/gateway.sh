@@ -43,7 +43,6 @@ rss_kb() { # sum of VmRSS of the given pids and their children
   echo $total
 }
 median() { python3 -c "import statistics,sys; print(int(statistics.median(int(x) for x in sys.argv[1:])))" "$@"; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 REPORT=bench/results/gateway-latest.md
 {

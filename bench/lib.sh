@@ -25,6 +25,13 @@ wait_http() {
   return 1
 }
 
+# wait_port PORT: up to 10 s for 127.0.0.1:PORT to accept a connection.
+wait_port() {
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "port $1 never opened" >&2
+  return 1
+}
+
 # start_upstreams [ARGS...]: three bench-upstreams ($BIN/bench-upstream,
 # 1 KiB answers, ARGS added) on free ports; sets UPSTREAM_PORTS and UPS
 # (the `--to` flags of `shoal gateway`).
