@@ -239,7 +239,18 @@ impl SseReader {
     /// Opens `url` with the session `cookie` (and `Last-Event-ID`);
     /// asserts a 200 `text/event-stream`.
     pub async fn open(url: &str, cookie: &str, last_event_id: Option<&str>) -> SseReader {
-        let mut req = reqwest::Client::new()
+        Self::open_with(&reqwest::Client::new(), url, cookie, last_event_id).await
+    }
+
+    /// [`SseReader::open`] on `client`'s connections (one client for
+    /// thousands of streams).
+    pub async fn open_with(
+        client: &reqwest::Client,
+        url: &str,
+        cookie: &str,
+        last_event_id: Option<&str>,
+    ) -> SseReader {
+        let mut req = client
             .get(url)
             .header("cookie", cookie)
             .header("accept", "text/event-stream");
