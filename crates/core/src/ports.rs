@@ -46,3 +46,24 @@ mod tests {
         }
     }
 }
+
+/// How many connections the kernel may queue for a listener before it
+/// accepts them (capped by `net.core.somaxconn`, 4096 on recent kernels).
+/// tokio's `TcpListener::bind` asks for 1,024: a burst of reconnects
+/// beyond that (thousands of event streams moved by a drain) found the
+/// queue full, the kernel dropped their SYNs, and each connect waited a
+/// second for its retransmission, past the gateway's connect timeout.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`] (and
+/// `SO_REUSEADDR`, as `TcpListener::bind` sets on Unix).
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

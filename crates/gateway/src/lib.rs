@@ -98,8 +98,7 @@ impl Gateway {
             .await;
         }
         let addr = state.settings.listen;
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = shoal_core::ports::bind_listener(addr)
             .map_err(|source| GatewayError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(GatewayError::LocalAddr)?;
         Ok(Gateway {

@@ -259,8 +259,7 @@ impl Application {
             .into_iter()
             .filter(|m| all || wanted.iter().any(|w| w == m.name()))
             .collect();
-        let listener = TcpListener::bind(settings.serve.listen)
-            .await
+        let listener = shoal_core::ports::bind_listener(settings.serve.listen)
             .with_context(|| format!("binding {}", settings.serve.listen))?;
         let addr = listener.local_addr()?;
         let instance: Arc<str> = if settings.instance.is_empty() {

@@ -183,8 +183,7 @@ async fn worker(settings: Settings, shutdown: CancellationToken) -> anyhow::Resu
     let modules = modules();
     let ctx =
         shoal_runtime::app::build_context(settings.clone(), instance.clone(), &modules).await?;
-    let listener = tokio::net::TcpListener::bind(settings.worker.listen)
-        .await
+    let listener = shoal_core::ports::bind_listener(settings.worker.listen)
         .with_context(|| format!("binding {}", settings.worker.listen))?;
     let addr = listener.local_addr()?;
     let lease = Duration::from_millis(settings.worker.lease_ms);

@@ -258,7 +258,12 @@ impl SseReader {
             req = req.header("last-event-id", id);
         }
         let r = req.send().await.expect("SSE request");
-        assert_eq!(r.status(), 200, "opening {url}");
+        if r.status() != 200 {
+            let status = r.status();
+            let instance = r.headers().get("x-shoal-instance").cloned();
+            let body = r.text().await.unwrap_or_default();
+            panic!("opening {url}: {status} (instance {instance:?}): {body}");
+        }
         assert_eq!(r.headers()["content-type"], "text/event-stream");
         SseReader {
             resp: r,

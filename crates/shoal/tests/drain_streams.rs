@@ -1,0 +1,171 @@
+//! Issue 21: draining an instance that holds thousands of event streams
+//! behind the gateway loses no event. A test binary of its own, so that
+//! no other test's stack shares the two cores while thousands of streams
+//! reconnect at once.
+
+mod common;
+
+use common::Stack;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use shoal_testkit as kit;
+use std::time::{Duration, Instant};
+
+/// Issue 21: an instance stopped behind the gateway tells its streams to
+/// reconnect, spread over `drain_window_ms`; each client comes back
+/// through the gateway (to the other instance) with its `Last-Event-ID`
+/// and has every event published meanwhile once, in order.
+///
+/// 9,000 streams (`SHOAL_TEST_DRAIN_STREAMS` sets another number): through
+/// one gateway each costs it two descriptors (client and instance side),
+/// so under this machine's 20,000 open files per process that is about
+/// the most it can hold, where the issue asks for 10,000. Fewer would not
+/// do: with the kernel's listen queue at tokio's 1,024 the reconnects of
+/// 6,000 streams all got through, those of 9,000 did not (connects waited
+/// for a SYN retransmission; see `shoal_core::ports::LISTEN_BACKLOG`).
+/// The events published shrink as the streams grow (every one goes to
+/// every stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_instance_moves_its_streams_through_the_gateway_without_a_lost_event() {
+    let streams: usize = std::env::var("SHOAL_TEST_DRAIN_STREAMS")
+        .ok()
+        .map(|v| v.parse().expect("SHOAL_TEST_DRAIN_STREAMS is a number"))
+        .unwrap_or(9_000);
+    let events: usize = (160_000 / streams.max(1)).clamp(40, 160);
+    let mut stack = Stack::start(
+        2,
+        &[
+            ("SHOAL_NOTIFICATIONS__DRAIN_WINDOW_MS", "1500"),
+            (
+                "SHOAL_NOTIFICATIONS__MAX_CONNECTIONS_PER_USER",
+                &(streams + 100).to_string(),
+            ),
+            // Every stream comes from 127.0.0.1.
+            ("SHOAL_GATEWAY__MAX_CONNECTIONS_PER_CLIENT", "0"),
+            (
+                "SHOAL_GATEWAY__MAX_CONNECTIONS",
+                &(streams + 1_000).max(10_000).to_string(),
+            ),
+        ],
+    );
+    stack.wait_ready(2).await;
+    let (cookie, _) = kit::sign_up_and_log_in(&stack.base, "drain@example.com").await;
+    // Half opened on serve-1 itself (so that many are sure to be on the
+    // instance stopped), half through the gateway (wherever it puts
+    // them); every reconnect goes through the gateway. Opened 200 at a
+    // time, on one client's connections.
+    let serve1 = stack.addresses()["serve-1"].clone();
+    let http = reqwest::Client::new();
+    let opening = std::sync::Arc::new(tokio::sync::Semaphore::new(200));
+    let opened_at = Instant::now();
+    let opens: Vec<_> = (0..streams)
+        .map(|n| {
+            let url = if n % 2 == 0 {
+                format!("http://{serve1}/api/notifications/stream")
+            } else {
+                stack.url("/api/notifications/stream")
+            };
+            let (http, cookie, opening) = (http.clone(), cookie.clone(), opening.clone());
+            tokio::spawn(async move {
+                let _turn = opening.acquire_owned().await.unwrap();
+                kit::SseReader::open_with(&http, &url, &cookie, None).await
+            })
+        })
+        .collect();
+    let mut readers = Vec::new();
+    for open in opens {
+        readers.push(open.await.unwrap());
+    }
+    eprintln!("{streams} streams open in {:?}", opened_at.elapsed());
+    // Published on serve-2, which stays up, so every publish's answer is
+    // known (one cut off by the stop could have published unseen).
+    let serve2 = stack.addresses()["serve-2"].clone();
+    let publisher = {
+        let cookie = cookie.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut ids = Vec::new();
+            for n in 0..events {
+                let r = http
+                    .post(format!("http://{serve2}/api/notifications/test"))
+                    .header("cookie", &cookie)
+                    .json(&json!({"n": n}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                let v: Value = r.json().await.unwrap();
+                ids.push(v["id"].as_str().unwrap().to_string());
+                // About 4 s of events, across the drain.
+                tokio::time::sleep(Duration::from_millis((4_000 / events) as u64)).await;
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = stack.children()["serve-1"];
+    kill(Pid::from_raw(victim as i32), Signal::SIGTERM).unwrap();
+
+    let followers: Vec<_> = readers
+        .into_iter()
+        .map(|mut sse| {
+            let (cookie, url) = (cookie.clone(), stack.url("/api/notifications/stream"));
+            let http = http.clone();
+            tokio::spawn(async move {
+                let mut got: Vec<String> = Vec::new();
+                let mut moved = false;
+                loop {
+                    let (id, e) = sse.next(Duration::from_secs(20)).await;
+                    if e["kind"] == "stream.reconnect" {
+                        // (A reconnect that reached the stopping instance
+                        // before the gateway saw it go is told again.)
+                        moved = true;
+                        assert!(sse.retry.is_some(), "the reconnect event carries retry:");
+                        assert!(
+                            sse.ends(Duration::from_secs(5)).await,
+                            "the stream ends after it"
+                        );
+                        // Back through the gateway, from the last event.
+                        sse = kit::SseReader::open_with(
+                            &http,
+                            &url,
+                            &cookie,
+                            got.last().map(String::as_str),
+                        )
+                        .await;
+                        continue;
+                    }
+                    assert_ne!(e["kind"], "stream.reset", "a resumed stream lost its place");
+                    got.push(id.unwrap());
+                    if e["data"]["n"] == events - 1 {
+                        return (moved, got);
+                    }
+                }
+            })
+        })
+        .collect();
+    let published = publisher.await.unwrap();
+    let mut moved = 0;
+    for f in followers {
+        let (was_moved, got) = f.await.unwrap();
+        moved += usize::from(was_moved);
+        let first = published
+            .iter()
+            .position(|id| *id == got[0])
+            .expect("a stream's first event was published");
+        assert_eq!(
+            got,
+            published[first..],
+            "events missed or repeated across the move"
+        );
+    }
+    assert!(
+        moved >= streams / 2,
+        "only {moved} of {streams} streams were moved"
+    );
+    eprintln!(
+        "{moved} of {streams} streams moved off the stopped instance, none lost any of {events} events"
+    );
+    tokio::task::block_in_place(|| stack.stop(Duration::from_secs(30)));
+}
