@@ -26,7 +26,7 @@ ROUNDS=${BENCH_ROUNDS:-5}
 IDLE_SECONDS=${BENCH_IDLE_SECONDS:-20}
 IDLE_ROUNDS=${BENCH_IDLE_ROUNDS:-3}
 CONNS=${BENCH_CONNECTIONS:-64}
-bench/setup.sh
+[ "${BUILD:-1}" = 1 ] && bench/setup.sh   # BUILD=0: the release binaries as they are
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 BIN=target/release
 . bench/lib.sh
