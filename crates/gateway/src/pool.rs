@@ -966,6 +966,22 @@ impl Pool {
             return;
         }
         let all = self.instances();
+        // Ejecting the last instance that takes requests would turn every
+        // request into a 503 for the ejection's period, even once the
+        // instance answers again (a connect that timed out in a burst of
+        // reconnects, say): it stays, and active checks decide.
+        let now = Instant::now();
+        if !all
+            .iter()
+            .any(|i| i.id() != instance.id() && i.is_available(now))
+        {
+            tracing::warn!(
+                pool = %self.name,
+                instance = %instance.url,
+                "not ejecting: no other instance of the pool takes requests"
+            );
+            return;
+        }
         let ejected = all.iter().filter(|i| i.is_ejected()).count();
         let cap = ((all.len() * self.config.max_ejection_percent as usize) / 100).max(usize::from(
             all.len() >= 2 && self.config.max_ejection_percent > 0,
@@ -980,7 +996,7 @@ impl Pool {
             );
             return;
         }
-        let period = instance.eject(self.config.eject_base, Instant::now());
+        let period = instance.eject(self.config.eject_base, now);
         metrics::counter!("shoal_gateway_ejections_total", "pool" => self.name.clone())
             .increment(1);
         tracing::warn!(

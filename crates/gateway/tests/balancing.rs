@@ -195,3 +195,39 @@ async fn http2_clients_are_served() {
     let seen = up.state.last_headers.lock().unwrap().clone().unwrap();
     assert_eq!(seen["x-forwarded-host"], gw.addr.to_string().as_str());
 }
+
+/// Passive ejection leaves the last instance that takes requests: with
+/// the other drained, connection errors on it do not take it out, so
+/// requests reach it the moment it answers again (ejected, they would get
+/// 503 for the ejection's period).
+#[tokio::test]
+async fn passive_ejection_spares_the_last_instance_taking_requests() {
+    let a = Upstream::start("a").await;
+    let mut b = Upstream::start("b").await;
+    let b_addr: std::net::SocketAddr = b.url().trim_start_matches("http://").parse().unwrap();
+    let gw = TestGateway::start(settings(
+        &[a.url(), b.url()],
+        json!({"health_interval_ms": 60_000, "eject_base_ms": 10_000}),
+    ))
+    .await;
+    let client = TestClient::default();
+    let r = admin(
+        &client,
+        &gw,
+        "drain",
+        json!({"pool": "default", "url": a.url()}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    b.kill().await;
+    for _ in 0..5 {
+        let r = client.get(&gw.url("/")).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+    }
+    let status = gw.instance(&client, &b.url()).await;
+    assert_eq!(status["ejected"], false, "{status}");
+    let _b = Upstream::start_on(b_addr, "b").await;
+    let r = client.get(&gw.url("/")).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"));
+}
