@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 const HISTORY: usize = 900;
 /// Events kept.
 const EVENTS: usize = 50;
+/// Instances kept in each sample for the charts by instance (which draw
+/// eight): the history stays a few MiB however large the pools.
+const CHART_INSTANCES: usize = 16;
 /// How long a readiness probe of a process may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -385,13 +388,15 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
                     map.extend(w);
                 }
             }
-            instance_samples.push(InstanceSample {
-                id: format!("{} {}", pool.name, instance.url),
-                label: process.clone().unwrap_or_else(|| instance.url.clone()),
-                rps: per_sec(window.requests, secs),
-                errors_per_sec: per_sec(window.errors, secs),
-                p99_ms: window.p99_ms,
-            });
+            if instance_samples.len() < CHART_INSTANCES {
+                instance_samples.push(InstanceSample {
+                    id: format!("{} {}", pool.name, instance.url),
+                    label: process.clone().unwrap_or_else(|| instance.url.clone()),
+                    rps: per_sec(window.requests, secs),
+                    errors_per_sec: per_sec(window.errors, secs),
+                    p99_ms: window.p99_ms,
+                });
+            }
             seen.insert(key.clone(), state_name);
             prev.instances.insert(key, reading);
             instances.push(v);
