@@ -411,6 +411,15 @@ async fn queue_requests_go_to_a_worker_with_the_admin_token() {
     })
     .await;
     assert!(told, "the queues' error names the worker");
+    // Nor does it answer `/_shoal/worker` as a worker: its row is down.
+    let row = watch_live(&gw, &cookie, Duration::from_secs(6), |name, v| {
+        name == "snapshot"
+            && v["workers"][0]["url"] == worker.url()
+            && v["workers"][0]["state"] == "down"
+            && v["workers"][0]["jobs"].is_null()
+    })
+    .await;
+    assert!(row, "a worker that does not answer is shown down");
 }
 
 /// The overview lists every gateway of the deployment: this one, then

@@ -448,7 +448,8 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
             let jobs = (shown == "up")
                 .then(|| worker_figures.get(&url).cloned())
                 .flatten();
-            worker_views.push(json!({"name": child.name, "url": url, "jobs": jobs}));
+            worker_views
+                .push(json!({"name": child.name, "url": url, "state": shown, "jobs": jobs}));
         }
         process_views.push(json!({
             "name": child.name,
@@ -467,7 +468,9 @@ async fn sample(shared: &Shared, state: &GatewayState, prev: &mut Previous) -> V
         .collect();
     others.sort_by(|a, b| a.0.cmp(b.0));
     for (url, jobs) in others {
-        worker_views.push(json!({"name": url, "url": url, "jobs": jobs}));
+        // Up when it answered its last ask, down when it did not.
+        let state = if jobs.is_object() { "up" } else { "down" };
+        worker_views.push(json!({"name": url, "url": url, "state": state, "jobs": jobs}));
     }
 
     let cache = match &state.cache {
@@ -754,7 +757,7 @@ async fn queues_loop(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// Each worker's `/_shoal/worker` (asked at once), with `succeeded_per_sec`
 /// and `failed_per_sec` from the change since its answer in `last`
-/// (null on the first).
+/// (null on the first); null for a worker that did not answer.
 async fn worker_figures(
     state: &GatewayState,
     workers: &[String],
@@ -767,20 +770,21 @@ async fn worker_figures(
             super::internal_request(state, base, &Method::GET, "/_shoal/worker", Bytes::new()),
         )
         .await;
-        match answer {
+        let figures = match answer {
             Ok(Ok((StatusCode::OK, _, body))) => serde_json::from_slice::<Value>(&body)
                 .ok()
-                .map(|v| (base.clone(), v)),
+                .filter(Value::is_object),
             _ => None,
-        }
+        };
+        (base.clone(), figures)
     });
     let now = Instant::now();
     let mut figures = HashMap::new();
-    for (base, mut v) in futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-    {
+    for (base, answer) in futures_util::future::join_all(asks).await {
+        let Some(mut v) = answer else {
+            figures.insert(base, Value::Null);
+            continue;
+        };
         let rates = last.get(&base).map(|(at, old)| {
             let secs = now.duration_since(*at).as_secs_f64().max(0.001);
             let delta = |field: &str| {
@@ -796,7 +800,7 @@ async fn worker_figures(
         last.insert(base.clone(), (now, v.clone()));
         figures.insert(base, v);
     }
-    last.retain(|base, _| figures.contains_key(base));
+    last.retain(|base, _| figures.get(base).is_some_and(Value::is_object));
     figures
 }
 

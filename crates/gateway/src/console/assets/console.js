@@ -525,7 +525,8 @@ function renderOverview(snap) {
     { text: p.last_exit, cls: 'muted' },
   ]);
 
-  // Each worker's own figures (its `/_shoal/worker`): jobs/s and
+  // Each worker's own figures (its `/_shoal/worker`): its state (the
+  // process's under `shoal up`, else whether it answered), jobs/s and
   // failures/s since the last answer, handlers in flight, run times of
   // its last minute. A dash: the worker did not answer (down, or no
   // admin token to ask it with).
@@ -539,6 +540,7 @@ function renderOverview(snap) {
       return [
         w.name,
         { text: j.worker_id, cls: 'mono' },
+        { pill: w.state, field: 'state' },
         { text: fmtRate(j.succeeded_per_sec), cls: 'num', field: 'rate' },
         { text: fmtRate(j.failed_per_sec), cls: j.failed_per_sec > 0 ? 'num warn' : 'num' },
         { text: fmtInt(j.running), cls: 'num', field: 'running' },
