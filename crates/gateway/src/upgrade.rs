@@ -269,7 +269,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// `window` and at the end of the frame the instance may be sending, the
 /// client gets a close frame with status 1012 and nothing more from the
 /// instance. The client's closing answer still goes to the instance, so it
-/// learns of the close; the tunnel ends when the client closes or
+/// learns of the close. Once the instance's side ends (it closed, or the
+/// client was told), the tunnel ends when the client closes, or
 /// [`CLOSE_GRACE`] later. Whether the close frame was sent.
 async fn relay_websocket<C, U>(
     client: C,
@@ -297,7 +298,8 @@ where
     };
     let down = async {
         let mut frames = Frames::default();
-        let mut buf = vec![0u8; 16 * 1024];
+        // As large as each of `copy_bidirectional`'s two buffers.
+        let mut buf = vec![0u8; 8 * 1024];
         // When to tell the client, once the gateway drains; then the
         // latest moment for the frame being sent to end.
         let mut leave: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -311,14 +313,12 @@ where
                     if frames.at_boundary() {
                         let _ = client_write.write_all(&CLOSE_SERVICE_RESTART).await;
                         let _ = client_write.flush().await;
-                        told.notify_one();
                         return true;
                     }
                     give_up = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
                 }
                 () = async { give_up.as_mut().expect("set").await }, if give_up.is_some() => {
                     // The instance never finished its frame: cut.
-                    told.notify_one();
                     return false;
                 }
                 read = upstream_read.read(&mut buf) => {
@@ -335,7 +335,6 @@ where
                             let _ = client_write.write_all(&buf[..end]).await;
                             let _ = client_write.write_all(&CLOSE_SERVICE_RESTART).await;
                             let _ = client_write.flush().await;
-                            told.notify_one();
                             return true;
                         }
                         _ => {
@@ -347,6 +346,13 @@ where
                 }
             }
         }
+    };
+    // However the instance's side ends (closed, cut, or the client told
+    // to reconnect), the client has CLOSE_GRACE to close its side.
+    let down = async {
+        let sent = down.await;
+        told.notify_one();
+        sent
     };
     let ((), sent) = tokio::join!(up, down);
     sent

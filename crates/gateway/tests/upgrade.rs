@@ -60,6 +60,22 @@ async fn special_upstream() -> SpecialUpstream {
                     async move {
                         let path = req.uri().path().to_string();
                         let resp: Response<BoxBody> = match path.as_str() {
+                            "/wsbye" => {
+                                // Says goodbye (a close frame) and hangs up.
+                                let on = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    let upgraded = on.await.expect("upstream upgrade");
+                                    let mut io = TokioIo::new(upgraded);
+                                    io.write_all(&[0x88, 0x02, 0x03, 0xE8]).await.unwrap();
+                                    let _ = io.shutdown().await;
+                                });
+                                Response::builder()
+                                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                                    .header("upgrade", "websocket")
+                                    .header("connection", "upgrade")
+                                    .body(Full::new(Bytes::new()).boxed())
+                                    .unwrap()
+                            }
                             "/wsf" => {
                                 let on = hyper::upgrade::on(&mut req);
                                 tokio::spawn(async move {
@@ -645,4 +661,53 @@ async fn a_draining_gateway_tells_websocket_clients_to_reconnect_between_frames(
         .unwrap()
         .unwrap();
     assert!(drain_started.elapsed() < Duration::from_secs(5));
+}
+
+/// When the instance hangs up a WebSocket, the client gets what it sent
+/// and the end of the stream, and the tunnel does not wait on the client
+/// to close its side for longer than a second.
+#[tokio::test]
+async fn a_websocket_the_instance_hangs_up_is_closed_soon_whatever_the_client_does() {
+    let up = special_upstream().await;
+    let gw = TestGateway::start(settings(&[format!("http://{}", up.addr)], json!({}))).await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /wsbye HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // The client never writes nor closes; the gateway still lets go.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the tunnel stayed open after the instance hung up"
+    );
+    pending.extend(rest);
+    assert_eq!(
+        pending,
+        [0x88, 0x02, 0x03, 0xE8],
+        "the instance's close frame, then the end"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let gone = eventually(Duration::from_secs(3), || async {
+        gw.instance(&TestClient::default(), &format!("http://{}", up.addr))
+            .await["in_flight"]
+            == 0
+    })
+    .await;
+    assert!(gone, "the tunnel is still counted in flight");
 }
