@@ -32,21 +32,6 @@ pub fn loopback_port() -> std::io::Result<u16> {
         .port())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ports_are_free_distinct_and_below_the_ephemeral_range() {
-        let a = super::loopback_port().unwrap();
-        let b = super::loopback_port().unwrap();
-        assert_ne!(a, b);
-        std::net::TcpListener::bind(("127.0.0.1", a)).expect("free");
-        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
-            let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-            assert!(a < low && b < low, "{a} {b} below {low}");
-        }
-    }
-}
-
 /// How many connections the kernel may queue for a listener before it
 /// accepts them (capped by `net.core.somaxconn`, 4096 on recent kernels).
 /// tokio's `TcpListener::bind` asks for 1,024: a burst of reconnects
@@ -66,4 +51,45 @@ pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The listener takes connections, and holds more unaccepted ones
+    /// than tokio's 1,024 (the kernel's cap permitting).
+    #[tokio::test]
+    async fn a_listener_queues_more_than_tokio_would() {
+        let listener = super::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(4096);
+        let want = cap.min(1_500);
+        if want <= 1_100 {
+            return; // this kernel caps the queue at tokio's size anyway
+        }
+        // Connections complete while none is accepted, up to the queue.
+        let mut held = Vec::new();
+        for n in 0..want {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(std::time::Duration::from_millis(500), connect).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => panic!("connection {n} of {want} waited: the queue is shorter"),
+            }
+        }
+        let (_first, _) = listener.accept().await.unwrap();
+    }
+
+    #[test]
+    fn ports_are_free_distinct_and_below_the_ephemeral_range() {
+        let a = super::loopback_port().unwrap();
+        let b = super::loopback_port().unwrap();
+        assert_ne!(a, b);
+        std::net::TcpListener::bind(("127.0.0.1", a)).expect("free");
+        if let Ok(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") {
+            let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(a < low && b < low, "{a} {b} below {low}");
+        }
+    }
 }
