@@ -75,7 +75,8 @@ mod tests {
             let connect = tokio::net::TcpStream::connect(addr);
             match tokio::time::timeout(std::time::Duration::from_millis(500), connect).await {
                 Ok(Ok(s)) => held.push(s),
-                _ => panic!("connection {n} of {want} waited: the queue is shorter"),
+                Ok(Err(e)) => panic!("connection {n} of {want} failed (open-files limit?): {e}"),
+                Err(_) => panic!("connection {n} of {want} waited: the queue is shorter"),
             }
         }
         let (_first, _) = listener.accept().await.unwrap();

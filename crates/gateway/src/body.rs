@@ -264,13 +264,24 @@ where
         let mut this = self.project();
         if let Poll::Ready(frame) = this.inner.as_mut().poll_frame(cx) {
             this.stall.progress();
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            // A stream that always has a frame ready is cut here.
+            let cut = matches!(frame, Some(Ok(_)))
+                && this
+                    .inner
+                    .as_ref()
+                    .get_ref()
+                    .held
+                    .as_ref()
+                    .is_some_and(InFlightGuard::is_cut);
+            if !cut {
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            }
         }
         let Some(guard) = this.inner.as_ref().get_ref().held.as_ref() else {
             return Poll::Pending;
         };
         let cut = this.cut.get_or_insert_with(|| Box::pin(guard.cut()));
-        if cut.as_mut().poll(cx).is_ready() {
+        if guard.is_cut() || cut.as_mut().poll(cx).is_ready() {
             tracing::info!(
                 instance = guard.instance().url.as_str(),
                 "response cut off: an operator ejected its instance"

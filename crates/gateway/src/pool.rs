@@ -307,8 +307,12 @@ pub struct Instance {
     /// cut. Changed under `cut`, read without a lock by every `start`.
     cut_gen: AtomicU64,
     /// Cancelled (and replaced) with each bump of `cut_gen`; what waits
-    /// to be cut waits on it.
+    /// to be cut waits on a child of it (each its own lock).
     cut: Mutex<CancellationToken>,
+    /// Ejected by an operator now: set before `cut_gen` is bumped, so a
+    /// request picked just before the eject, whose guard saw the bumped
+    /// number, is cut too.
+    operator_ejected: AtomicBool,
 }
 
 /// An instance's counters that change with every request: outstanding
@@ -377,6 +381,7 @@ impl Instance {
             latency_exponent: DEFAULT_LATENCY_EXPONENT,
             cut_gen: AtomicU64::new(0),
             cut: Mutex::new(CancellationToken::new()),
+            operator_ejected: AtomicBool::new(false),
         })
     }
 
@@ -596,6 +601,7 @@ impl Instance {
             s.admin_draining = false;
             self.publish(&s);
         }
+        self.operator_ejected.store(true, Ordering::Release);
         let mut token = self.cut.lock().unwrap_or_else(|p| p.into_inner());
         self.cut_gen.fetch_add(1, Ordering::AcqRel);
         std::mem::take(&mut *token).cancel();
@@ -614,6 +620,7 @@ impl Instance {
         let mut s = self.state();
         s.admin_ejected = false;
         s.admin_draining = false;
+        self.operator_ejected.store(false, Ordering::Release);
         self.publish(&s);
     }
 
@@ -685,13 +692,23 @@ impl InFlightGuard {
         &self.instance
     }
 
+    /// An operator has ejected the instance since this request began, or
+    /// it is ejected now (one relaxed read of a read-mostly line, and one
+    /// more in the rare case the first says no: cheap enough per frame).
+    pub fn is_cut(&self) -> bool {
+        self.instance.cut_gen.load(Ordering::Acquire) != self.cut_gen
+            || self.instance.operator_ejected.load(Ordering::Acquire)
+    }
+
     /// Resolves once an operator has ejected the instance since this
     /// request began (at once if that has happened already). For what
-    /// outlives its response head: a streamed body, a tunnel.
+    /// outlives its response head: a streamed body, a tunnel. It waits on
+    /// a child token of its own, so that polling it does not take a lock
+    /// every body of the instance shares.
     pub fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let token = {
             let token = self.instance.cut.lock().unwrap_or_else(|p| p.into_inner());
-            (self.instance.cut_gen.load(Ordering::Acquire) == self.cut_gen).then(|| token.clone())
+            (!self.is_cut()).then(|| token.child_token())
         };
         async move {
             if let Some(token) = token {
@@ -716,6 +733,9 @@ pub struct Pool {
     /// `changing`, one writer at a time.
     instances: ArcSwap<Vec<Arc<Instance>>>,
     changing: Mutex<()>,
+    /// Held while passive ejection decides, so that two errors at once
+    /// cannot each see the other instance available and eject both.
+    ejecting: Mutex<()>,
     budget: RetryBudget,
     /// DNS membership (`dns.rs`): configured name URL → the instance URLs
     /// its last resolution gave.
@@ -751,6 +771,7 @@ impl Pool {
             config,
             instances: ArcSwap::from_pointee(instances),
             changing: Mutex::new(()),
+            ejecting: Mutex::new(()),
             budget,
             dns: Mutex::default(),
             metrics: PoolMetrics::default(),
@@ -965,6 +986,7 @@ impl Pool {
         if !instance.count_connection_error(self.config.eject_after_errors) {
             return;
         }
+        let _deciding = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
         let all = self.instances();
         // Ejecting the last instance that takes requests would turn every
         // request into a 503 for the ejection's period, even once the

@@ -240,8 +240,23 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
                 },
             }
         };
+        // However a WebSocket's relay is held up (a client that does not
+        // read its close frame), it ends within the window and two graces
+        // of the drain.
+        let hard_stop = async {
+            match drain_window {
+                Some(window) => {
+                    closing.cancelled().await;
+                    tokio::time::sleep(window + CLOSE_GRACE * 2).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = relay => {}
+            () = hard_stop => {
+                tracing::debug!(upstream = %url, "closing a WebSocket that did not close within the drain window");
+            }
             () = cut => {
                 tracing::info!(upstream = %url, "closing an upgraded connection: an operator ejected its instance");
             }
@@ -270,8 +285,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// client gets a close frame with status 1012 and nothing more from the
 /// instance. The client's closing answer still goes to the instance, so it
 /// learns of the close. Once the instance's side ends (it closed, or the
-/// client was told), the tunnel ends when the client closes, or
-/// [`CLOSE_GRACE`] later. Whether the close frame was sent.
+/// client was told), the tunnel ends as soon as the client's close frame
+/// has passed or the client closes, at most [`CLOSE_GRACE`] later.
+/// Whether the close frame was sent.
 async fn relay_websocket<C, U>(
     client: C,
     upstream: U,
@@ -285,14 +301,40 @@ where
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+    // Set once the instance's side has ended (closed, cut, or the client
+    // told to reconnect).
     let told = tokio::sync::Notify::new();
     let up = async {
-        tokio::select! {
-            _ = tokio::io::copy(&mut client_read, &mut upstream_write) => {}
-            () = async {
-                told.notified().await;
-                tokio::time::sleep(CLOSE_GRACE).await;
-            } => {}
+        let mut frames = Frames::default();
+        let mut buf = vec![0u8; 8 * 1024];
+        let notified = told.notified();
+        tokio::pin!(notified);
+        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            tokio::select! {
+                () = &mut notified, if grace.is_none() => {
+                    // The client already answered with its close frame:
+                    // nothing more from it matters.
+                    if frames.closed {
+                        break;
+                    }
+                    grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                }
+                () = async { grace.as_mut().expect("set").await }, if grace.is_some() => break,
+                read = client_read.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    frames.follow(&buf[..n]);
+                    if upstream_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if grace.is_some() && frames.closed {
+                        break;
+                    }
+                }
+            }
         }
         let _ = upstream_write.shutdown().await;
     };
@@ -304,9 +346,13 @@ where
         // latest moment for the frame being sent to end.
         let mut leave: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut give_up: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // Made once: a fresh `cancelled()` per read would take the
+        // process-wide token's lock each time.
+        let drained = closing.cancelled();
+        tokio::pin!(drained);
         loop {
             tokio::select! {
-                () = closing.cancelled(), if leave.is_none() => {
+                () = &mut drained, if leave.is_none() => {
                     leave = Some(Box::pin(tokio::time::sleep(window.mul_f64(rand::random::<f64>()))));
                 }
                 () = async { leave.as_mut().expect("set").await }, if leave.is_some() && give_up.is_none() => {
@@ -367,6 +413,10 @@ struct Frames {
     have: usize,
     /// Payload bytes of the current frame still to come.
     left: u64,
+    /// The current frame is a close frame (opcode 8).
+    closing: bool,
+    /// A close frame has ended.
+    closed: bool,
 }
 
 impl Frames {
@@ -393,10 +443,14 @@ impl Frames {
                     continue;
                 }
                 self.left = self.payload_len();
+                self.closing = self.head[0] & 0x0f == 0x8;
                 self.have = 0;
             }
-            if self.at_boundary() && first.is_none() {
-                first = Some(i);
+            if self.at_boundary() {
+                self.closed |= self.closing;
+                if first.is_none() {
+                    first = Some(i);
+                }
             }
         }
         first
@@ -556,7 +610,9 @@ mod tests {
         head.extend([1, 2, 3, 4]);
         assert_eq!(f.follow(&head), None);
         assert_eq!(f.follow(&vec![0u8; 69_999]), None);
+        assert!(!f.closed, "no close frame yet");
         assert_eq!(f.follow(&[0, 0x88, 0x00]), Some(1));
         assert!(f.at_boundary(), "the empty close frame ended too");
+        assert!(f.closed, "and was seen as a close frame");
     }
 }

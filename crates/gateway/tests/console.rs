@@ -428,8 +428,15 @@ async fn queue_requests_go_to_a_worker_with_the_admin_token() {
 /// answering is shown down. A peer's figures need the admin token.
 #[tokio::test]
 async fn the_overview_shows_each_gateway_of_the_deployment() {
+    // Peers ask each other with the read-only token they share: a's admin
+    // token is not b's, so b's asks get through only with it.
+    const READ_TOKEN: &str = "peer-read-token-0123456789";
     let up = Upstream::start("a").await;
-    let a = TestGateway::start(settings(&[up.url()], json!({}))).await;
+    let a = TestGateway::start(settings(
+        &[up.url()],
+        json!({"admin_token": "a-different-admin-token-0123", "metrics_token": READ_TOKEN}),
+    ))
+    .await;
     let b_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -439,6 +446,7 @@ async fn the_overview_shows_each_gateway_of_the_deployment() {
         &[up.url()],
         json!({
             "listen": format!("127.0.0.1:{b_port}"),
+            "metrics_token": READ_TOKEN,
             "console": {"peers": format!("{}, http://127.0.0.1:{b_port}", a.url(""))},
         }),
     ))

@@ -608,7 +608,7 @@ async fn a_draining_gateway_tells_websocket_clients_to_reconnect_between_frames(
     let drain_started = std::time::Instant::now();
     gw.stop.cancel();
     let mut buf = [0u8; 64];
-    let early = tokio::time::timeout(Duration::from_millis(300), client.read(&mut buf)).await;
+    let early = tokio::time::timeout(Duration::from_millis(200), client.read(&mut buf)).await;
     assert!(
         early.is_err(),
         "the client got {:?} in the middle of a frame",
@@ -638,11 +638,18 @@ async fn a_draining_gateway_tells_websocket_clients_to_reconnect_between_frames(
         ])
         .await
         .unwrap();
+    let answered = std::time::Instant::now();
     let mut tail = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(3), client.read_to_end(&mut tail)).await;
     assert!(
         closed.is_ok(),
         "the tunnel was not closed after the close handshake"
+    );
+    // Closed once the client's close frame has passed, not after a grace.
+    assert!(
+        answered.elapsed() < Duration::from_millis(700),
+        "closed {:?} after the client's close frame",
+        answered.elapsed()
     );
     assert!(tail.is_empty(), "nothing after the close frame: {tail:?}");
     let passed = eventually(Duration::from_secs(3), || {

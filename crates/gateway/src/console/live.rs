@@ -841,7 +841,8 @@ async fn resolve_all(urls: &[String]) -> Vec<String> {
             out.extend(resolved);
         }
     }
-    out.dedup();
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|url| seen.insert(url.clone()));
     out
 }
 
@@ -849,10 +850,23 @@ async fn resolve_all(urls: &[String]) -> Vec<String> {
 /// not answer.
 async fn peer_figures(state: &GatewayState) -> Vec<Value> {
     let peers = resolve_all(&state.settings.console.peers).await;
+    // The read-only token when there is one: peers need no more.
+    let token = state
+        .settings
+        .metrics_token
+        .as_deref()
+        .or(state.settings.admin_token.as_deref());
     let asks = peers.iter().map(|base| async move {
         let answer = tokio::time::timeout(
             PROBE_TIMEOUT,
-            super::internal_request(state, base, &Method::GET, "/_shoal/gateway", Bytes::new()),
+            super::request_with_token(
+                state,
+                token,
+                base,
+                &Method::GET,
+                "/_shoal/gateway",
+                Bytes::new(),
+            ),
         )
         .await;
         let (state, figures, error) = match answer {

@@ -146,25 +146,18 @@ fn asset(text: &'static str, content_type: &'static str) -> Response<Body> {
 
 /// `GET /_shoal/gateway`: this gateway's figures of the last second, for
 /// the consoles of the other gateways (`gateway.console.peers`), with the
-/// admin token as a bearer token.
+/// read-only `gateway.metrics_token` (or the admin token) as a bearer
+/// token, as `/_gateway/pools` takes.
 fn gateway_figures<B>(
     shared: &Shared,
     state: &GatewayState,
     req: &Request<B>,
     request_id: &str,
 ) -> Response<Body> {
-    let Some(token) = state.settings.admin_token.as_deref() else {
-        return console_off(request_id);
-    };
-    let header = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if !shoal_core::bearer::matches(header, &[token]) {
-        return problem_response(
-            &Problem::unauthorized("send the gateway's admin token as a bearer token"),
-            request_id,
-        );
+    if let Some(denied) =
+        crate::admin::authorize(state, crate::admin::Access::Status, req, request_id)
+    {
+        return denied;
     }
     match shared.console.own() {
         serde_json::Value::Null => problem_response(
@@ -452,13 +445,26 @@ pub(crate) async fn internal_request(
     path_and_query: &str,
     body: Bytes,
 ) -> Result<(StatusCode, Option<HeaderValue>, Bytes), String> {
+    let token = state.settings.admin_token.as_deref();
+    request_with_token(state, token, base, method, path_and_query, body).await
+}
+
+/// [`internal_request`] with `token` (none: no `Authorization`).
+pub(crate) async fn request_with_token(
+    state: &GatewayState,
+    token: Option<&str>,
+    base: &str,
+    method: &Method,
+    path_and_query: &str,
+    body: Bytes,
+) -> Result<(StatusCode, Option<HeaderValue>, Bytes), String> {
     let uri: http::Uri = format!("{}{path_and_query}", base.trim_end_matches('/'))
         .parse()
         .map_err(|e| format!("bad URL: {e}"))?;
     let mut req = Request::new(full(body));
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
-    if let Some(token) = &state.settings.admin_token {
+    if let Some(token) = token {
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
             req.headers_mut().insert(http::header::AUTHORIZATION, v);
         }
