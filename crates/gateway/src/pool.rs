@@ -528,6 +528,18 @@ impl Instance {
         self.state().ejected
     }
 
+    /// Out only because passive ejection took it out: healthy by its
+    /// checks, not draining, not taken out by an operator, not expired.
+    fn only_passively_ejected(&self, now: Instant) -> bool {
+        let s = self.state();
+        s.ejected
+            && s.healthy
+            && !s.draining
+            && !s.admin_ejected
+            && !s.admin_draining
+            && !self.is_expired(now)
+    }
+
     /// Ejects for `base` doubled per ejection in a row (at most 30 s); the
     /// instance then needs passing health checks to come back.
     fn eject(&self, base: Duration, now: Instant) -> Duration {
@@ -965,7 +977,16 @@ impl Pool {
         let mut available: SmallVec<[&Arc<Instance>; 16]> =
             all.iter().filter(|i| i.is_available(now)).collect();
         if available.is_empty() {
-            return None;
+            // Passive ejection must not leave the pool with nothing: when
+            // the rest went (draining, down) after it took some out, those
+            // are tried again rather than every request answered 503.
+            available = all
+                .iter()
+                .filter(|i| i.only_passively_ejected(now))
+                .collect();
+            if available.is_empty() {
+                return None;
+            }
         }
         if !tried.is_empty() {
             let untried: SmallVec<[&Arc<Instance>; 16]> = available

@@ -231,3 +231,42 @@ async fn passive_ejection_spares_the_last_instance_taking_requests() {
     let r = client.get(&gw.url("/")).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"));
 }
+
+/// Passive ejection never leaves a pool with nothing to send to: when
+/// the instances it left in go away (here an operator drains the last),
+/// the one it ejected is tried again, and answers.
+#[tokio::test]
+async fn a_pool_left_with_only_ejected_instances_tries_them() {
+    let mut a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let a_addr: std::net::SocketAddr = a.url().trim_start_matches("http://").parse().unwrap();
+    let gw = TestGateway::start(settings(
+        &[a.url(), b.url()],
+        json!({"health_interval_ms": 60_000, "eject_base_ms": 10_000}),
+    ))
+    .await;
+    let client = TestClient::default();
+    a.kill().await;
+    for _ in 0..4 {
+        let r = client.get(&gw.url("/")).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"));
+    }
+    assert_eq!(gw.instance(&client, &a.url()).await["ejected"], true);
+    let _a = Upstream::start_on(a_addr, "a").await;
+    let r = admin(
+        &client,
+        &gw,
+        "drain",
+        json!({"pool": "default", "url": b.url()}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = client.get(&gw.url("/")).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "a"),
+        "{}",
+        r.body
+    );
+}
