@@ -113,9 +113,10 @@ struct Inner {
 
 impl Default for Console {
     fn default() -> Self {
+        let id = shoal_core::ids::new_id();
         Console {
             started: Instant::now(),
-            id: shoal_core::ids::new_id(),
+            id: id.clone(),
             host: std::env::var("HOSTNAME")
                 .ok()
                 .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
@@ -126,6 +127,10 @@ impl Default for Console {
             connections: OnceLock::new(),
             inner: Mutex::new(Inner {
                 queues: json!({"available": false, "error": "not asked yet", "queues": [], "cron": []}),
+                // The id from the start, figures from the first sample on:
+                // a peer URL that leads back here before that is still
+                // recognised as this gateway, not shown as a down peer.
+                own: json!({ "id": id }),
                 ..Inner::default()
             }),
             feed: watch::channel(Bytes::new()).0,
@@ -809,8 +814,8 @@ async fn worker_figures(
 /// Kubernetes headless Service); an IP, `https://` (whose certificate
 /// names the host) or a name that does not resolve stays as it is.
 async fn resolve_all(urls: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    for url in urls {
+    // Looked up at once, each for at most PROBE_TIMEOUT.
+    let lookups = urls.iter().map(|url| async move {
         let resolved = match crate::pool::parse_upstream(url) {
             Ok((scheme, authority))
                 if scheme == http::uri::Scheme::HTTP
@@ -836,11 +841,16 @@ async fn resolve_all(urls: &[String]) -> Vec<String> {
             _ => Vec::new(),
         };
         if resolved.is_empty() {
-            out.push(url.trim_end_matches('/').to_string());
+            vec![url.trim_end_matches('/').to_string()]
         } else {
-            out.extend(resolved);
+            resolved
         }
-    }
+    });
+    let mut out: Vec<String> = futures_util::future::join_all(lookups)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let mut seen = std::collections::HashSet::new();
     out.retain(|url| seen.insert(url.clone()));
     out

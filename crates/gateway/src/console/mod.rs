@@ -144,8 +144,9 @@ fn asset(text: &'static str, content_type: &'static str) -> Response<Body> {
     r
 }
 
-/// `GET /_shoal/gateway`: this gateway's figures of the last second, for
-/// the consoles of the other gateways (`gateway.console.peers`), with the
+/// `GET /_shoal/gateway`: this gateway's figures of the last second (its
+/// id alone before the first sample), for the consoles of the other
+/// gateways (`gateway.console.peers`), with the
 /// read-only `gateway.metrics_token` (or the admin token) as a bearer
 /// token, as `/_gateway/pools` takes.
 fn gateway_figures<B>(
@@ -159,13 +160,9 @@ fn gateway_figures<B>(
     {
         return denied;
     }
-    match shared.console.own() {
-        serde_json::Value::Null => problem_response(
-            &Problem::unavailable("no figures yet: the console samples once a second", 1),
-            request_id,
-        ),
-        own => json_response(StatusCode::OK, &own),
-    }
+    // Before the first sample, only the id: enough for a peer to know
+    // its own URL when it asks itself.
+    json_response(StatusCode::OK, &shared.console.own())
 }
 
 // ---- login ------------------------------------------------------------
