@@ -716,9 +716,8 @@ impl InFlightGuard {
     /// request began (at once if that has happened already). For what
     /// outlives its response head: a streamed body, a tunnel. It waits on
     /// a clone of the instance's token. (A child token per body, which
-    /// would not share its lock, made the gateway of the drain test miss
-    /// its health checks: 1 run of 3 passed against 3 of 3; not looked
-    /// into further.)
+    /// would not share its lock, made the drain test fail more often:
+    /// bench/README.md, "Draining 9,000 streams".)
     pub fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let token = {
             let token = self.instance.cut.lock().unwrap_or_else(|p| p.into_inner());

@@ -53,6 +53,25 @@ async fn log_in(client: &TestClient, gw: &TestGateway) -> String {
     set.split(';').next().unwrap().to_string()
 }
 
+/// `POST /_shoal/api/instances` with the console's login: `action` on
+/// instance `url` of pool `default`.
+async fn instance_action(
+    client: &TestClient,
+    gw: &TestGateway,
+    cookie: &str,
+    url: &str,
+    action: &str,
+) -> Reply {
+    client
+        .send(console_request(
+            "POST",
+            &gw.url("/_shoal/api/instances"),
+            Some(cookie),
+            Some(json!({"pool": "default", "url": url, "action": action})),
+        ))
+        .await
+}
+
 /// Reads server-sent events from `/_shoal/api/live` until `done` says so
 /// of an event (name, data) or `within` passes.
 async fn watch_live(
@@ -266,14 +285,7 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
     load.abort();
 
     // Drain from the console: the gateway sends it nothing new.
-    let drain = client
-        .send(console_request(
-            "POST",
-            &gw.url("/_shoal/api/instances"),
-            Some(&cookie),
-            Some(json!({"pool": "default", "url": a.url(), "action": "drain"})),
-        ))
-        .await;
+    let drain = instance_action(&client, &gw, &cookie, &a.url(), "drain").await;
     assert_eq!(drain.status, StatusCode::OK, "{}", drain.body);
     assert_eq!(gw.instance(&client, &a.url()).await["admin_draining"], true);
     assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], false);
@@ -317,14 +329,7 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
         ))
         .await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
-    let readmit = client
-        .send(console_request(
-            "POST",
-            &gw.url("/_shoal/api/instances"),
-            Some(&cookie),
-            Some(json!({"pool": "default", "url": a.url(), "action": "readmit"})),
-        ))
-        .await;
+    let readmit = instance_action(&client, &gw, &cookie, &a.url(), "readmit").await;
     assert_eq!(readmit.status, StatusCode::OK);
     assert_eq!(
         gw.instance(&client, &a.url()).await["admin_draining"],
@@ -332,14 +337,7 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
     );
 
     // Eject from the console, then re-admit.
-    let eject = client
-        .send(console_request(
-            "POST",
-            &gw.url("/_shoal/api/instances"),
-            Some(&cookie),
-            Some(json!({"pool": "default", "url": a.url(), "action": "eject"})),
-        ))
-        .await;
+    let eject = instance_action(&client, &gw, &cookie, &a.url(), "eject").await;
     assert_eq!(eject.status, StatusCode::OK, "{}", eject.body);
     assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], true);
     let shown = watch_live(&gw, &cookie, Duration::from_secs(5), |name, v| {
@@ -351,14 +349,7 @@ async fn a_logged_in_console_sees_the_pools_live_and_drains_an_instance() {
     })
     .await;
     assert!(shown, "the ejected instance is shown ejected");
-    let readmit = client
-        .send(console_request(
-            "POST",
-            &gw.url("/_shoal/api/instances"),
-            Some(&cookie),
-            Some(json!({"pool": "default", "url": a.url(), "action": "readmit"})),
-        ))
-        .await;
+    let readmit = instance_action(&client, &gw, &cookie, &a.url(), "readmit").await;
     assert_eq!(readmit.status, StatusCode::OK);
     assert_eq!(gw.instance(&client, &a.url()).await["admin_ejected"], false);
 

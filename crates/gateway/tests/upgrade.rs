@@ -320,18 +320,32 @@ async fn sse_events_reach_the_client_before_the_upstream_response_ends() {
     assert_eq!(&second[..], b"data: two\n\n");
 }
 
-/// Opens a tunnel through the gateway to `/ws` and reads the greeting.
-async fn open_tunnel(gw: &TestGateway) -> (TcpStream, Vec<u8>) {
+/// Upgrades `path` through the gateway to a WebSocket and reads the 101;
+/// the connection, and what arrived after the head.
+async fn upgrade(gw: &TestGateway, path: &str) -> (TcpStream, Vec<u8>) {
     let mut client = TcpStream::connect(gw.addr).await.unwrap();
     client
         .write_all(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .unwrap();
     let mut pending = Vec::new();
     let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    (client, pending)
+}
+
+/// Opens a tunnel through the gateway to `/ws` and reads the greeting.
+async fn open_tunnel(gw: &TestGateway) -> (TcpStream, Vec<u8>) {
+    let (mut client, mut pending) = upgrade(gw, "/ws").await;
     read_until(&mut client, &mut pending, b"hello from upstream\n").await;
     (client, pending)
 }
@@ -588,20 +602,7 @@ async fn a_draining_gateway_tells_websocket_clients_to_reconnect_between_frames(
         json!({"stream_drain_window_ms": 1, "shutdown_timeout_secs": 10}),
     ))
     .await;
-    let mut client = TcpStream::connect(gw.addr).await.unwrap();
-    client
-        .write_all(
-            b"GET /wsf HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (mut client, mut pending) = upgrade(&gw, "/wsf").await;
     read_until(&mut client, &mut pending, &[0x81, 0x06, b'a', b'b', b'c']).await;
 
     // Draining while the instance is inside its frame: nothing yet.
@@ -677,20 +678,7 @@ async fn a_draining_gateway_tells_websocket_clients_to_reconnect_between_frames(
 async fn a_websocket_the_instance_hangs_up_is_closed_soon_whatever_the_client_does() {
     let up = special_upstream().await;
     let gw = TestGateway::start(settings(&[format!("http://{}", up.addr)], json!({}))).await;
-    let mut client = TcpStream::connect(gw.addr).await.unwrap();
-    client
-        .write_all(
-            b"GET /wsbye HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    let head = read_until(&mut client, &mut pending, b"\r\n\r\n").await;
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (mut client, mut pending) = upgrade(&gw, "/wsbye").await;
     // The client never writes nor closes; the gateway still lets go.
     let started = std::time::Instant::now();
     let mut rest = Vec::new();
