@@ -4,7 +4,7 @@
 # stream through the bus. Reports the stream-holding process's resident
 # memory per connection (and, in a third Shoal run, the gateway's per
 # stream passing through it to the instances) and the fan-out delay (publish -> arrival on every
-# stream) p50/p99, for Shoal (its default SQLite bus, and the Redis bus)
+# stream) p50/p99 with the CPU each delivery cost, for Shoal (its default SQLite bus, and the Redis bus)
 # and a Node.js SSE server with Redis pub/sub fan-out (bench/sse/server.js),
 # in one run, with the same client (target/release/sse-fanout).
 # With ME_LOAD=1, a `GET /api/accounts/me` load (wrk -t1 -c4, browser
@@ -117,15 +117,21 @@ lines = [
     "# SSE fan-out benchmark", "",
     f"Run: `bench/sse.sh` on {os.cpu_count()} cores, {datetime.datetime.utcnow():%Y-%m-%dT%H:%MZ}; "
     f"{rows[0]['connections']} streams on one instance, {rows[0]['events']} events published on another.", "",
-    "| server | streams open | KiB per stream | vs Node.js | delivered | fan-out p50 | fan-out p99 | p99 vs Node.js | max |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| server | streams open | KiB per stream | vs Node.js | delivered | first | fan-out p50 | fan-out p99 | p99 vs Node.js | max | server CPU µs/delivery (user + sys) | vs Node.js | client CPU µs/delivery |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
+def cpu(r):
+    return r["server_user_us_per_delivery"] + r["server_system_us_per_delivery"]
 for r in rows:
     mem = r["kib_per_connection"] / node["kib_per_connection"] if node["kib_per_connection"] else float("nan")
     lat = r["p99_ms"] / node["p99_ms"] if node["p99_ms"] else float("nan")
+    work = cpu(r) / cpu(node) if cpu(node) else float("nan")
     lines.append(f"| {r['label']} | {r['opened']} | {r['kib_per_connection']:.1f} | {mem:.2f}x | "
-                 f"{r['delivered']}/{r['expected']} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {lat:.2f}x | {r['max_ms']:.1f} ms |")
-lines += ["", "Lower is better in the ratio columns (memory and p99 relative to the Node.js server)."]
+                 f"{r['delivered']}/{r['expected']} | {r['min_ms']:.1f} ms | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | {lat:.2f}x | {r['max_ms']:.1f} ms | "
+                 f"{cpu(r):.1f} ({r['server_user_us_per_delivery']:.1f} + {r['server_system_us_per_delivery']:.1f}) | {work:.2f}x | {r['client_us_per_delivery']:.1f} |")
+lines += ["", "Lower is better in the ratio columns (memory, p99 and CPU relative to the Node.js server). "
+          "\"first\" is the earliest arrival of all (the bus's delay); CPU is the stream-holding process's "
+          "(the gateway's in its row) and the client's, from /proc while the events went out (10 ms ticks)."]
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

@@ -3,7 +3,9 @@
 //! memory of the server process (`--pid`) before and after, then publishes
 //! `--events` events through `--publish-url` (another instance) with the
 //! send time in the body (`{"t": <unix µs>}`), and measures, on every
-//! stream, how long each event took to arrive. Prints one JSON line.
+//! stream, how long each event took to arrive, and the CPU time (user,
+//! system) the server process and this client spent per delivered event
+//! while the events went out. Prints one JSON line.
 //!
 //! Raw HTTP/1.1 over TCP, so 10,000 streams cost the client little; the
 //! client and the servers share the machine's clock.
@@ -57,9 +59,33 @@ struct Report {
     rss_after_kib: u64,
     kib_per_connection: f64,
     connect_seconds: f64,
+    /// The first arrival of all: the bus's delay before the fan-out.
+    min_ms: f64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// CPU per delivered event while the events went out (from
+    /// `/proc/PID/stat`, 10 ms ticks): the server's (`--pid`), user and
+    /// system, and this client's.
+    server_user_us_per_delivery: f64,
+    server_system_us_per_delivery: f64,
+    client_us_per_delivery: f64,
+}
+
+/// User and system CPU seconds of a process so far.
+fn cpu_seconds(pid: &str) -> (f64, f64) {
+    let ticks = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command's closing parenthesis: state is
+            // field 3, utime 14, stime 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+        })
+        .map(|(u, s): (f64, f64)| (u / ticks, s / ticks))
+        .unwrap_or((0.0, 0.0))
 }
 
 fn now_us() -> u64 {
@@ -244,6 +270,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib(args.pid);
 
+    let server = args.pid.map(|p| p.to_string()).unwrap_or_default();
+    let server_before = cpu_seconds(&server);
+    let client_before = cpu_seconds("self");
     for _ in 0..args.events {
         if let Err(e) = publish(&publish_url, &args.cookie).await {
             eprintln!("sse-fanout: publish failed: {e}");
@@ -255,8 +284,17 @@ async fn main() -> anyhow::Result<()> {
     while (lat.lock().unwrap().len() as u64) < expected && Instant::now() < wait {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let server_after = cpu_seconds(&server);
+    let client_after = cpu_seconds("self");
     let mut all = lat.lock().unwrap().clone();
     all.sort_unstable();
+    let per = |seconds: f64| {
+        if all.is_empty() {
+            0.0
+        } else {
+            seconds * 1e6 / all.len() as f64
+        }
+    };
     let report = Report {
         label: args.label,
         connections: args.connections,
@@ -272,9 +310,15 @@ async fn main() -> anyhow::Result<()> {
             0.0
         },
         connect_seconds,
+        min_ms: all.first().map_or(0.0, |&us| us as f64 / 1000.0),
         p50_ms: quantile(&all, 0.50),
         p99_ms: quantile(&all, 0.99),
         max_ms: quantile(&all, 1.0),
+        server_user_us_per_delivery: per(server_after.0 - server_before.0),
+        server_system_us_per_delivery: per(server_after.1 - server_before.1),
+        client_us_per_delivery: per(client_after.0 + client_after.1
+            - client_before.0
+            - client_before.1),
     };
     println!("{}", serde_json::to_string(&report)?);
     for t in tasks {

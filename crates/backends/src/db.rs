@@ -12,6 +12,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, Transaction};
 use std::str::FromStr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,24 @@ pub struct Database {
     /// SQLite: the transactions waiting for [`Database::sqlite_write`]'s
     /// next batch.
     direct_queue: direct::SharedQueue,
+    /// When the pool last lent a connection (ms since [`process_epoch`],
+    /// plus one; 0 = never): with every connection in use, proof that
+    /// queries still finish ([`Database::ping`]).
+    lent_at: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How recent a loan must be for a pool with every connection in use to
+/// count as answering without a ping of its own.
+const BUSY_PROOF: Duration = Duration::from_secs(1);
+
+/// The zero of [`Database::lent_at`].
+fn process_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn ms_since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(process_epoch()).as_millis() as u64 + 1
 }
 
 /// The SQLite writing connections and when one was last lent. Both are
@@ -205,6 +224,8 @@ impl Database {
             create_sqlite_parent_dir(url);
         }
         let options = AnyConnectOptions::from_str(url).map_err(DbError::Connect)?;
+        let lent_at = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let lent = Arc::clone(&lent_at);
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(0)
@@ -216,7 +237,8 @@ impl Database {
             // in use a moment ago is alive; ping only those that sat idle
             // (as HikariCP's 500 ms bypass window does).
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
+            .before_acquire(move |conn, meta| {
+                lent.store(ms_since_epoch(Instant::now()), Ordering::Relaxed);
                 Box::pin(async move {
                     if meta.idle_for >= IDLE_PING_AFTER {
                         conn.ping().await?;
@@ -242,6 +264,7 @@ impl Database {
             writer: Arc::default(),
             options: Arc::new(options),
             acquire_timeout,
+            lent_at,
             direct_queue: direct::SharedQueue::default(),
             sqlite_path: match kind {
                 DatabaseKind::Sqlite => sqlite_file(url).map(Arc::from),
@@ -424,8 +447,29 @@ impl Database {
     }
 
     /// True when a trivial query succeeds: used by `/readyz`.
+    ///
+    /// With every connection of the pool in use and one lent within the
+    /// last second, true at once: queries finish, so the database
+    /// answers; this process is busy. A `SELECT 1` would wait behind
+    /// every queued checkout (thousands of event streams coming back
+    /// from a drained instance, each reading what it missed) and make a
+    /// readiness check report the database down, taking the busy
+    /// instance out of the gateways' pools. A pool whose connections are
+    /// all stuck lends none, so this gives way to the query, which waits.
     pub async fn ping(&self) -> bool {
+        if self.busy_but_answering(Instant::now()) {
+            return true;
+        }
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    fn busy_but_answering(&self, now: Instant) -> bool {
+        let saturated = self.pool.num_idle() == 0
+            && self.pool.size() >= self.pool.options().get_max_connections();
+        let lent = self.lent_at.load(Ordering::Relaxed);
+        saturated
+            && lent != 0
+            && ms_since_epoch(now).saturating_sub(lent) <= BUSY_PROOF.as_millis() as u64
     }
 
     /// Applies `component`'s migrations that have not run yet, in version
@@ -625,6 +669,41 @@ mod tests {
             .unwrap();
         assert_eq!(value, IDLE_IN_TRANSACTION_TIMEOUT);
         tx.rollback().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_busy_pool_answers_its_ping_and_a_stuck_one_does_not() {
+        let dir = std::env::temp_dir().join(format!("shoal-busyping-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let url = format!("sqlite://{}/p.db?mode=rwc", dir.display());
+        let db = Database::connect(&url, 1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Busy: 40 tasks take the one connection in turn, 50 ms each.
+        let busy: Vec<_> = (0..40)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut conn = db.pool().acquire().await.unwrap();
+                    sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ping = tokio::time::timeout(Duration::from_millis(500), db.ping()).await;
+        assert_eq!(ping, Ok(true), "busy, its queries finishing: it answers");
+        for task in busy {
+            task.await.unwrap();
+        }
+        // Stuck: the one connection held, nothing lent for over a second.
+        let held = db.pool().acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let ping = tokio::time::timeout(Duration::from_millis(500), db.ping()).await;
+        assert!(ping.is_err(), "stuck: the ping waits ({ping:?})");
+        drop(held);
+        assert!(db.ping().await);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! Active health checks: every `health_interval_ms` each instance of each
 //! pool gets `GET health_path` (or, with an empty `health_path`, a TCP
 //! connect) with `health_timeout_ms`; thresholds turn
-//! results into up/down, a 503 marks an instance draining at once, and
-//! lapsed registrations are dropped.
+//! results into up/down, a 503 marks an instance draining at once, a
+//! timeout does not count against an instance that answered proxied
+//! requests meanwhile, and lapsed registrations are dropped.
 
 use crate::body::empty;
 use crate::pool::{CheckOutcome, Instance, Pool};
@@ -32,7 +33,8 @@ pub async fn check(
         let connect = tokio::net::TcpStream::connect((host, port));
         return match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(_)) => CheckOutcome::Passed,
-            _ => CheckOutcome::Failed(None),
+            Ok(Err(_)) => CheckOutcome::Failed(None),
+            Err(_) => CheckOutcome::TimedOut,
         };
     }
     let uri = match Uri::builder()
@@ -64,7 +66,8 @@ pub async fn check(
         Ok(Some(StatusCode::SERVICE_UNAVAILABLE)) => CheckOutcome::Draining,
         Ok(Some(StatusCode::NOT_FOUND)) => CheckOutcome::NoHealthPath,
         Ok(Some(status)) => CheckOutcome::Failed(Some(status.as_u16())),
-        _ => CheckOutcome::Failed(None),
+        Ok(None) => CheckOutcome::Failed(None),
+        Err(_) => CheckOutcome::TimedOut,
     }
 }
 
@@ -96,8 +99,13 @@ pub async fn run(shared: Arc<crate::reload::Shared>, stop: CancellationToken) {
                 pool.expire_registrations(now);
                 let instances = pool.instances();
                 let checks = instances.iter().map(|instance| async move {
+                    let began = Instant::now();
                     let outcome = check(clients.for_pool(pool), instance, path, timeout).await;
-                    if instance.record_check(outcome, &pool.config, Instant::now()) {
+                    if outcome == CheckOutcome::TimedOut {
+                        metrics::counter!("shoal_gateway_health_check_timeouts_total", "pool" => pool.name.clone())
+                            .increment(1);
+                    }
+                    if instance.record_check(outcome, &pool.config, began, Instant::now()) {
                         tracing::info!(
                             pool = %pool.name,
                             instance = %instance.url,

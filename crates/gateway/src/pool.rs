@@ -317,8 +317,9 @@ pub struct Instance {
 
 /// An instance's counters that change with every request: outstanding
 /// and total requests, the peak-EWMA latency (f64 bits, nanoseconds) and
-/// when it was last updated (`to_ns`, 0 = no sample), connection errors
-/// in a row (read on every response, written on errors).
+/// when it was last updated (`to_ns`, 0 = no sample), when it last
+/// answered a proxied request (`to_ns`), connection errors in a row
+/// (read on every response, written on errors).
 #[derive(Debug, Default)]
 #[repr(align(64))]
 struct Hot {
@@ -326,6 +327,7 @@ struct Hot {
     requests: AtomicU64,
     ewma_ns: AtomicU64,
     ewma_at_ns: AtomicU64,
+    answered_ns: AtomicU64,
     connect_errors: AtomicU32,
 }
 
@@ -475,17 +477,18 @@ impl Instance {
         }
     }
 
-    /// Folds a latency sample into the peak-EWMA: a higher sample is taken
-    /// at once, a lower one decays in over the decay time.
-    ///
-    /// Two threads folding samples at once may lose one of them: a
-    /// latency estimate can afford that, a lock on every response cannot.
+    /// [`Instance::observe_latency_at`] now (in tests).
+    #[cfg(test)]
     pub fn observe_latency(&self, latency: Duration) {
         self.observe_latency_at(latency, Instant::now());
     }
 
-    /// [`Instance::observe_latency`] with the time it ended, when the
-    /// caller has read the clock already.
+    /// Folds a latency sample, which ended at `now`, into the peak-EWMA:
+    /// a higher sample is taken at once, a lower one decays in over the
+    /// decay time.
+    ///
+    /// Two threads folding samples at once may lose one of them: a
+    /// latency estimate can afford that, a lock on every response cannot.
     pub fn observe_latency_at(&self, latency: Duration, now: Instant) {
         let sample = latency.as_nanos() as f64;
         let now = to_ns(now);
@@ -509,7 +512,9 @@ impl Instance {
         self.hot.ewma_at_ns.store(0, Ordering::Relaxed);
     }
 
-    pub fn record_success(&self) {
+    /// A proxied request got its response head at `now`.
+    pub fn record_success(&self, now: Instant) {
+        self.hot.answered_ns.store(to_ns(now), Ordering::Relaxed);
         // Read first: most responses find no errors to reset, and a store
         // would take the cache line from the other threads.
         if self.hot.connect_errors.load(Ordering::Relaxed) != 0 {
@@ -561,9 +566,29 @@ impl Instance {
         period
     }
 
-    /// Applies one active health check result.
-    /// Returns true when the instance's availability changed.
-    pub fn record_check(&self, outcome: CheckOutcome, config: &PoolConfig, now: Instant) -> bool {
+    /// Answered a proxied request at or after `t`.
+    fn answered_since(&self, t: Instant) -> bool {
+        from_ns(self.hot.answered_ns.load(Ordering::Relaxed)).is_some_and(|at| at >= t)
+    }
+
+    /// Applies the result of one active health check that began at
+    /// `began`. Returns true when the instance's availability changed.
+    ///
+    /// A check that timed out while the instance answered proxied
+    /// requests is not a failure: the instance is busy, not gone (an
+    /// instance taking back thousands of streams from a drained one
+    /// answers its check late; marking it down would leave the pool
+    /// with nothing). It neither fails nor passes.
+    pub fn record_check(
+        &self,
+        outcome: CheckOutcome,
+        config: &PoolConfig,
+        began: Instant,
+        now: Instant,
+    ) -> bool {
+        if outcome == CheckOutcome::TimedOut && self.answered_since(began) {
+            return false;
+        }
         let mut s = self.state();
         let before = (s.healthy, s.draining, s.ejected);
         match outcome {
@@ -591,7 +616,7 @@ impl Instance {
                 s.checks_passed = 0;
                 s.draining = true;
             }
-            CheckOutcome::Failed(_) => {
+            CheckOutcome::Failed(_) | CheckOutcome::TimedOut => {
                 s.checks_passed = 0;
                 s.checks_failed = s.checks_failed.saturating_add(1);
                 if s.checks_failed >= config.unhealthy_threshold.max(1) {
@@ -686,9 +711,12 @@ pub enum CheckOutcome {
     NoHealthPath,
     /// 503: the instance is draining and wants no new requests.
     Draining,
-    /// Anything else (with the status, when there was an answer), a
-    /// connection error or a timeout.
+    /// Anything else (with the status, when there was an answer), or a
+    /// connection error.
     Failed(Option<u16>),
+    /// No answer within `health_timeout_ms`: a failure, unless the
+    /// instance answered proxied requests meanwhile.
+    TimedOut,
 }
 
 /// Holds one outstanding request on an instance; dropping it ends it.
@@ -1113,6 +1141,32 @@ mod tests {
         let mut v: Vec<String> = pool.instances().iter().map(|i| i.url.clone()).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_timed_out_check_fails_only_an_instance_that_answered_nothing_meanwhile() {
+        let config = PoolConfig::for_tests(); // one failure marks down
+        let t0 = Instant::now();
+        let after = |ms| t0 + Duration::from_millis(ms);
+        let busy = Instance::new("http://10.0.0.1:80", 1, None).unwrap();
+        busy.record_success(after(200));
+        // Began at 100 ms, timed out at 600: it answered at 200, so busy.
+        assert!(!busy.record_check(CheckOutcome::TimedOut, &config, after(100), after(600)));
+        assert!(busy.is_available(after(600)), "a busy instance stays up");
+        // Its last answer was before the next check began: a failure.
+        assert!(busy.record_check(CheckOutcome::TimedOut, &config, after(1100), after(1600)));
+        assert!(
+            !busy.is_available(after(1600)),
+            "silent through a check: down"
+        );
+        // A refused connection or an error status fails whatever came
+        // before.
+        for outcome in [CheckOutcome::Failed(None), CheckOutcome::Failed(Some(500))] {
+            let up = Instance::new("http://10.0.0.2:80", 1, None).unwrap();
+            up.record_success(after(2200));
+            assert!(up.record_check(outcome, &config, after(2100), after(2300)));
+            assert!(!up.is_available(after(2300)), "{outcome:?}");
+        }
     }
 
     #[test]

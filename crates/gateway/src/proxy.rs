@@ -551,7 +551,7 @@ pub(crate) async fn forward(
                 let done = Instant::now();
                 let latency = done.saturating_duration_since(sent);
                 instance.observe_latency_at(latency, done);
-                instance.record_success();
+                instance.record_success(done);
                 // Per attempt: an instance's errors include the attempts
                 // retried elsewhere.
                 instance.live.record(response.status().as_u16(), latency);

@@ -135,8 +135,9 @@ async fn tunnel(mut req: Request<Body>, outcome: &mut Outcome) -> Response<Body>
                 )
             }
             Ok(Ok(r)) => {
-                instance.observe_latency(sent.elapsed());
-                instance.record_success();
+                let now = Instant::now();
+                instance.observe_latency_at(now.saturating_duration_since(sent), now);
+                instance.record_success(now);
                 break (instance, guard, r);
             }
             Ok(Err(e)) => {

@@ -32,15 +32,36 @@ impl From<Problem> for ApiError {
     }
 }
 
+impl ApiError {
+    /// No database connection came free within the pool's acquire
+    /// timeout: the instance is overloaded, not broken. 503 with
+    /// `Retry-After`, as for the concurrency limit; the cause is counted
+    /// (`shoal_db_pool_timeouts_total`) and logged as a warning.
+    fn pool_timed_out() -> Self {
+        metrics::counter!("shoal_db_pool_timeouts_total").increment(1);
+        tracing::warn!("no database connection came free within database.acquire_timeout_ms");
+        ApiError(Problem::unavailable(
+            "this instance is too busy to reach its database now; retry shortly",
+            1,
+        ))
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::internal("database error", &e)
+        match e {
+            sqlx::Error::PoolTimedOut => ApiError::pool_timed_out(),
+            e => ApiError::internal("database error", &e),
+        }
     }
 }
 
 impl From<shoal_backends::DbError> for ApiError {
     fn from(e: shoal_backends::DbError) -> Self {
-        ApiError::internal("database error", &e)
+        match e {
+            shoal_backends::DbError::Sql(sqlx::Error::PoolTimedOut) => ApiError::pool_timed_out(),
+            e => ApiError::internal("database error", &e),
+        }
     }
 }
 
@@ -75,3 +96,22 @@ pub fn problem_response(problem: &Problem) -> Response {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_timeout_is_503_with_retry_after_and_other_database_errors_500() {
+        for e in [
+            ApiError::from(sqlx::Error::PoolTimedOut),
+            ApiError::from(shoal_backends::DbError::Sql(sqlx::Error::PoolTimedOut)),
+        ] {
+            let r = e.into_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        }
+        let r = ApiError::from(sqlx::Error::RowNotFound).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}
