@@ -11,12 +11,16 @@
 //! `shoal_notifications_stream_dropped_total`) rather than buffered without
 //! bound; it reconnects and replays. When the bus says messages may have
 //! been missed, every connection re-reads the table after its last event.
+//!
+//! An event from the bus is rendered once for all the connections it goes
+//! to ([`Outgoing`]): its JSON, and its SSE frame on first use; each
+//! stream then writes shared bytes.
 
 use crate::NotifyError;
+use axum::body::Bytes;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -28,7 +32,7 @@ use shoal_runtime::{ApiError, ApiJson, AppContext, CurrentSession};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 /// The bus channel that carries every user event to every instance.
@@ -149,9 +153,62 @@ pub async fn publish_user_event(
     Ok(id)
 }
 
+/// An event as the streams send it, rendered once and shared by every
+/// stream it goes to.
+#[derive(Debug)]
+struct Outgoing {
+    /// Empty for the stream's own notices (reconnect, reset).
+    id: String,
+    kind: String,
+    /// `{"id", "kind", "data", "created_at"}`: a WebSocket's text message
+    /// and the SSE `data:` line.
+    json: axum::extract::ws::Utf8Bytes,
+    /// The whole SSE frame, made by the first stream that sends it.
+    sse: OnceLock<Bytes>,
+}
+
+impl Outgoing {
+    fn new(e: &UserEvent) -> Outgoing {
+        Outgoing {
+            id: e.id.clone(),
+            kind: e.kind.clone(),
+            json: serde_json::to_string(e)
+                .unwrap_or_else(|_| "{}".into())
+                .into(),
+            sse: OnceLock::new(),
+        }
+    }
+
+    /// `id: <id>` (when it has one), then `data: <json>` (serde_json
+    /// writes no newline), then the blank line: the frame every stream
+    /// of this event writes.
+    fn sse_frame(&self) -> Bytes {
+        self.sse
+            .get_or_init(|| Bytes::from(sse_frame(&self.id, None, self.json.as_str())))
+            .clone()
+    }
+}
+
+/// One SSE event's bytes.
+fn sse_frame(id: &str, retry: Option<Duration>, json: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len() + id.len() + 32);
+    if let Some(retry) = retry {
+        out.extend_from_slice(format!("retry: {}\n", retry.as_millis()).as_bytes());
+    }
+    if !id.is_empty() {
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
 #[derive(Debug, Clone)]
 enum Item {
-    Event(Arc<UserEvent>),
+    Event(Arc<Outgoing>),
     /// Events may have been missed: re-read the table.
     Resync,
     /// Nothing was sent for `heartbeat_secs`: an SSE comment, a
@@ -490,8 +547,8 @@ async fn listen(ctx: AppContext, hub: Weak<Hub>) {
                 match msg {
                     Ok(bytes) => match serde_json::from_slice::<Envelope>(&bytes) {
                         Ok(env) => {
-                            let mut event = env.event;
-                            event.user_id = env.user_id.clone();
+                            // Rendered here, once for every stream.
+                            let event = Outgoing::new(&env.event);
                             hub.deliver(&env.user_id, Item::Event(Arc::new(event)));
                         }
                         Err(e) => tracing::warn!(error = %e, "notifications: undecodable bus message"),
@@ -578,7 +635,7 @@ struct Feed {
 
 /// What a stream sends next.
 enum Sent {
-    Event(UserEvent),
+    Event(Arc<Outgoing>),
     Heartbeat,
 }
 
@@ -661,7 +718,7 @@ impl Feed {
                 if e.kind != RESET_KIND {
                     self.last_id = Some(e.id.clone());
                 }
-                return Some(Sent::Event(e));
+                return Some(Sent::Event(Arc::new(Outgoing::new(&e))));
             }
             match self.inbox.next().await? {
                 Item::Event(e) => {
@@ -679,14 +736,15 @@ impl Feed {
                         continue;
                     }
                     self.last_id = Some(e.id.clone());
-                    return Some(Sent::Event((*e).clone()));
+                    return Some(Sent::Event(e));
                 }
                 Item::Resync => self.needs_resync = true,
                 Item::Heartbeat => return Some(Sent::Heartbeat),
                 Item::Leave => {
                     self.told_to_leave = true;
                     metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
-                    return Some(Sent::Event(reconnect_event(&self.registration.user_id)));
+                    let e = reconnect_event(&self.registration.user_id);
+                    return Some(Sent::Event(Arc::new(Outgoing::new(&e))));
                 }
             }
         }
@@ -760,20 +818,18 @@ fn wanted_replay(headers: &HeaderMap, q: &StreamQuery) -> Result<Option<String>,
     }
 }
 
-fn to_sse(e: &UserEvent) -> Event {
-    let json = serde_json::to_string(e).unwrap_or_else(|_| "{}".into());
-    let mut ev = Event::default().data(json);
+fn to_sse(e: &Outgoing) -> Bytes {
     if e.kind == RECONNECT_KIND {
         // EventSource waits this long before reconnecting (its default
         // is up to the browser, often 3 s): a second at most, spread.
-        ev = ev.retry(Duration::from_millis(rand::random_range(100..1000)));
+        let retry = Duration::from_millis(rand::random_range(100..1000));
+        return Bytes::from(sse_frame(&e.id, Some(retry), e.json.as_str()));
     }
-    if e.id.is_empty() {
-        ev
-    } else {
-        ev.id(e.id.clone())
-    }
+    e.sse_frame()
 }
+
+/// An SSE comment: keeps proxies from closing an idle stream.
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
 
 /// `GET /api/notifications/stream`: the caller's events as Server-Sent
 /// Events. Each `data:` line is `{"id", "kind", "data", "created_at"}`;
@@ -790,21 +846,22 @@ pub(crate) async fn sse(
     metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "sse")
         .increment(1);
     let stream = futures_util::stream::unfold(feed, |mut feed| async move {
-        let event = match feed.next().await? {
+        let frame = match feed.next().await? {
             Sent::Event(e) => to_sse(&e),
-            Sent::Heartbeat => Event::default().comment("heartbeat"),
+            Sent::Heartbeat => Bytes::from_static(HEARTBEAT),
         };
-        Some((Ok::<_, Infallible>(event), feed))
+        Some((Ok::<_, Infallible>(frame), feed))
     });
     Ok((
         [
+            ("content-type", "text/event-stream"),
             ("cache-control", "no-store"),
             // Tells nginx-style proxies not to buffer the stream.
             ("x-accel-buffering", "no"),
         ],
         // No keep-alive timer here: heartbeats come from the hub's one
         // timer (`Item::Heartbeat`).
-        Sse::new(stream),
+        axum::body::Body::from_stream(stream),
     )
         .into_response())
 }
@@ -962,9 +1019,7 @@ async fn run_socket(mut socket: WebSocket, mut feed: Feed) {
                         let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(Some(close)))).await;
                         return;
                     }
-                    Some(Sent::Event(e)) => {
-                        WsMessage::Text(serde_json::to_string(&e).unwrap_or_else(|_| "{}".into()).into())
-                    }
+                    Some(Sent::Event(e)) => WsMessage::Text(e.json.clone()),
                 };
                 match tokio::time::timeout(send_timeout, socket.send(message)).await {
                     Ok(Ok(())) => {}
@@ -982,6 +1037,39 @@ async fn run_socket(mut socket: WebSocket, mut feed: Feed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_is_rendered_once_as_json_and_as_one_sse_frame() {
+        let e = UserEvent {
+            id: "0190a3b4-0000-7000-8000-000000000000".into(),
+            user_id: "u1".into(),
+            kind: "order.paid".into(),
+            data: json!({"text": "two\nlines"}),
+            created_at: 7,
+        };
+        let out = Outgoing::new(&e);
+        let json = r#"{"id":"0190a3b4-0000-7000-8000-000000000000","kind":"order.paid","data":{"text":"two\nlines"},"created_at":7}"#;
+        assert_eq!(out.json.as_str(), json, "the user id is not sent");
+        let frame = out.sse_frame();
+        assert_eq!(
+            frame,
+            format!("id: {}\ndata: {json}\n\n", e.id).as_bytes(),
+            "one data line: the newline in the data is escaped"
+        );
+        assert_eq!(
+            out.sse_frame().as_ptr(),
+            frame.as_ptr(),
+            "every stream shares the one frame"
+        );
+        let leave = Outgoing::new(&reconnect_event("u1"));
+        let text = String::from_utf8(to_sse(&leave).to_vec()).unwrap();
+        assert!(text.starts_with("retry: "), "{text}");
+        assert!(!text.contains("id:"), "a notice has no id: {text}");
+        assert!(
+            text.ends_with("\n\n") && text.contains("\ndata: {"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn kinds_and_event_ids_are_checked() {
