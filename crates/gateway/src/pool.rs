@@ -238,6 +238,11 @@ struct InstanceState {
     admin_draining: bool,
     checks_passed: u32,
     checks_failed: u32,
+    /// Every check failed in a row so far timed out (none refused the
+    /// connection or answered an error): an instance down only by these
+    /// is more likely busy than gone, and is tried when nothing else
+    /// is up ([`Instance::worth_a_last_try`]).
+    failures_all_timeouts: bool,
 }
 
 impl InstanceState {
@@ -533,12 +538,16 @@ impl Instance {
         self.state().ejected
     }
 
-    /// Out only because passive ejection took it out: healthy by its
-    /// checks, not draining, not taken out by an operator, not expired.
-    fn only_passively_ejected(&self, now: Instant) -> bool {
+    /// Worth a request when no instance of the pool is up: out only
+    /// because passive ejection took it out (healthy by its checks), or
+    /// down only by health checks that timed out (busy, likely: it
+    /// answered none in time, but refused nothing and answered no
+    /// error); not draining, not taken out by an operator, not expired.
+    fn worth_a_last_try(&self, now: Instant) -> bool {
         let s = self.state();
-        s.ejected
-            && s.healthy
+        let only_passively_ejected = s.ejected && s.healthy;
+        let only_slow = !s.healthy && !s.ejected && s.failures_all_timeouts;
+        (only_passively_ejected || only_slow)
             && !s.draining
             && !s.admin_ejected
             && !s.admin_draining
@@ -617,6 +626,9 @@ impl Instance {
                 s.draining = true;
             }
             CheckOutcome::Failed(_) | CheckOutcome::TimedOut => {
+                let timed_out = outcome == CheckOutcome::TimedOut;
+                s.failures_all_timeouts =
+                    timed_out && (s.checks_failed == 0 || s.failures_all_timeouts);
                 s.checks_passed = 0;
                 s.checks_failed = s.checks_failed.saturating_add(1);
                 if s.checks_failed >= config.unhealthy_threshold.max(1) {
@@ -1008,11 +1020,12 @@ impl Pool {
         if available.is_empty() {
             // Passive ejection must not leave the pool with nothing: when
             // the rest went (draining, down) after it took some out, those
-            // are tried again rather than every request answered 503.
-            available = all
-                .iter()
-                .filter(|i| i.only_passively_ejected(now))
-                .collect();
+            // are tried again rather than every request answered 503. So
+            // are instances down only because their checks timed out: an
+            // instance taking back thousands of streams from a drained
+            // one can miss its checks while it serves (a pool of dead
+            // instances refuses connections, and stays at 503).
+            available = all.iter().filter(|i| i.worth_a_last_try(now)).collect();
             if available.is_empty() {
                 return None;
             }
@@ -1167,6 +1180,31 @@ mod tests {
             assert!(up.record_check(outcome, &config, after(2100), after(2300)));
             assert!(!up.is_available(after(2300)), "{outcome:?}");
         }
+    }
+
+    #[test]
+    fn a_pool_with_nothing_up_tries_an_instance_down_only_by_slow_checks() {
+        let pool = pool_of(&["http://10.0.0.1:80", "http://10.0.0.2:80"]);
+        let config = PoolConfig::for_tests();
+        let a = pool.find("http://10.0.0.1:80").unwrap();
+        let b = pool.find("http://10.0.0.2:80").unwrap();
+        let t = Instant::now();
+        let ctx = PickContext {
+            headers: &http::HeaderMap::new(),
+            client_ip: [127, 0, 0, 1].into(),
+        };
+        a.record_check(CheckOutcome::Draining, &config, t, t);
+        b.record_check(CheckOutcome::TimedOut, &config, t, t);
+        assert!(!b.is_available(t), "down by its check");
+        let picked = pool.pick_at(&ctx, &[], t).expect("the slow one is tried");
+        assert_eq!(picked.url, b.url);
+        // A refused connection after the timeouts: gone, not busy.
+        b.record_check(CheckOutcome::Failed(None), &config, t, t);
+        assert!(pool.pick_at(&ctx, &[], t).is_none());
+        // Down by an error status from the start: not tried either.
+        let c = pool_of(&["http://10.0.0.3:80"]);
+        c.instances()[0].record_check(CheckOutcome::Failed(Some(500)), &config, t, t);
+        assert!(c.pick_at(&ctx, &[], t).is_none());
     }
 
     #[test]

@@ -212,7 +212,10 @@ test('a job enqueued over HTTP is pushed back, retried after a failed first atte
   const [event] = await until('the greeting.sent event', async () => sentOf(stream.events, job)[0] && sentOf(stream.events, job));
   assert.equal(event.data.text, 'hello from node');
   assert.equal(event.data.attempt, 2, 'the first attempt failed on purpose; the second did it');
-  const record = JSON.parse(fs.readFileSync(path.join(dataDir, 'sent', `${job}.json`), 'utf8'));
+  // The service tells the user, then records the job as done: the event
+  // can arrive before the record is written.
+  const file = path.join(dataDir, 'sent', `${job}.json`);
+  const record = await until('the record of the job', async () => fs.existsSync(file) && JSON.parse(fs.readFileSync(file, 'utf8')));
   assert.equal(record.attempt, 2);
   // Bad input is refused by the service and enqueues nothing.
   const bad = await fetch(`${base}/api/greetings`, {
