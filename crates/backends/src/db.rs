@@ -673,9 +673,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_pool_answers_its_ping_and_a_stuck_one_does_not() {
-        let dir = std::env::temp_dir().join(format!("shoal-busyping-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let url = format!("sqlite://{}/p.db?mode=rwc", dir.display());
+        let dir = shoal_testkit::TempDir::new("busyping");
+        let url = format!("sqlite://{}/p.db?mode=rwc", dir.path().display());
         let db = Database::connect(&url, 1, Duration::from_secs(10))
             .await
             .unwrap();
@@ -703,7 +702,6 @@ mod tests {
         assert!(ping.is_err(), "stuck: the ping waits ({ping:?})");
         drop(held);
         assert!(db.ping().await);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 /// 4,000 streams by default, `SHOAL_TEST_DRAIN_STREAMS` for another
 /// number. 9,000 is about the most one gateway holds here (two
 /// descriptors a stream under 20,000 open files per process, where the
-/// issue asks for 10,000); it passed 8 runs of 8 on a quiet machine and
-/// failed once inside `.ci/run` (bench/README.md, "Draining 9,000
-/// streams behind the gateway, again"), so CI runs 4,000. The events
+/// issue asks for 10,000); CI runs 4,000 because 9,000 did not pass
+/// every run inside `.ci/run` (bench/README.md, "Draining 9,000 streams
+/// behind the gateway, again", has the runs). The events
 /// published shrink as the streams grow (every one goes to every
 /// stream).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
