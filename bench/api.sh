@@ -36,7 +36,9 @@
 # (10000) seeded on each side; CONNECTIONS (64) wrk connections; PER_PAGE
 # (27, a page of ~10 KiB); PARTS ("A B") which parts to run; API_PATHS
 # ("product list me order"; "" leaves only part A's /healthz); BUILD (1; 0
-# uses target/release as it is).
+# uses target/release as it is); BEFORE (unset; the path of another build's
+# shoal, e.g. from a `git worktree` of an earlier commit: its `serve` is
+# measured on /healthz beside this build's, for a change to the middleware).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER=${SECONDS_PER:-10}
@@ -203,8 +205,16 @@ if [[ " $PARTS " == *" A "* ]]; then
   HYPER=$!; PIDS+=($HYPER)
   wait_http "http://127.0.0.1:$HP/healthz"
   BASE_hyper="http://127.0.0.1:$HP"; ROOTS_hyper=$HYPER
-  measure H "healthz-plain healthz-browser" "shoal hyper node"
-  stop "$SERVE" "$NODE_PID" "$HYPER"
+  H_SIDES="shoal hyper node"; OLD=""
+  if [ -n "${BEFORE:-}" ]; then
+    BP=$(free_port)
+    env "${SHOAL_ENV[@]}" "$BEFORE" serve --development --listen "127.0.0.1:$BP" --data-dir "$RUN/before" > "$RUN/before.log" 2>&1 &
+    OLD=$!; PIDS+=($OLD)
+    wait_http "http://127.0.0.1:$BP/readyz"
+    BASE_before="http://127.0.0.1:$BP"; ROOTS_before=$OLD; H_SIDES="$H_SIDES before"
+  fi
+  measure H "healthz-plain healthz-browser" "$H_SIDES"
+  stop "$SERVE" "$NODE_PID" "$HYPER" $OLD
 fi
 
 if [[ " $PARTS " == *" B "* ]]; then
@@ -311,6 +321,18 @@ if any(k[0] == "H" for k in rows):
         lines.append(f"| {names[path]} | {s_rps:,.0f} | {fmt_ms(s_p99)} | {s_cpu:.1f} µs | {h_rps:,.0f} | {fmt_ms(h_p99)} | "
                      f"{h_cpu:.1f} µs | {s_rps / h_rps:.2f}x | {(s_cpu - h_cpu) / max(0.001, s_cpu):.0%} | "
                      f"{n_rps:,.0f} | {fmt_ms(n_p99)} | {n_cpu:.1f} µs | {s_err}/{h_err}/{n_err} |")
+    lines.append("")
+if any(k[0] == "H" and k[2] == "before" for k in rows):
+    lines += ["### The build before (`BEFORE`), same rounds", "",
+              "| request | before req/s | before CPU/req | middleware's share, before | this build req/s | this build CPU/req | middleware's share, this build | CPU/req this / before | errors (before) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for path in ["healthz-plain", "healthz-browser"]:
+        _, b_rps, _, b_err = stats(("H", path, "before"))
+        _, s_rps, _, _ = stats(("H", path, "shoal"))
+        b_cpu, s_cpu, h_cpu = cpu(("H", path, "before")), cpu(("H", path, "shoal")), cpu(("H", path, "hyper"))
+        lines.append(f"| {names[path]} | {b_rps:,.0f} | {b_cpu:.1f} µs | {(b_cpu - h_cpu) / max(0.001, b_cpu):.0%} | "
+                     f"{s_rps:,.0f} | {s_cpu:.1f} µs | {(s_cpu - h_cpu) / max(0.001, s_cpu):.0%} | "
+                     f"{s_cpu / max(0.001, b_cpu):.2f}x | {b_err} |")
     lines.append("")
 lines += ["## Responses (one request each before measuring, browser headers)", "",
           "| part | path | side | status | Content-Type | Content-Encoding | bytes on the wire |", "|---|---|---|---|---|---|---|"]

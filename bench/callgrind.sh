@@ -15,6 +15,7 @@
 #   TARGET=serve bench/callgrind.sh; TARGET=upstream bench/callgrind.sh
 #   REQUESTS=20000 bench/callgrind.sh
 #   KEEP=/tmp/cg.out bench/callgrind.sh   # keeps the loaded run's profile
+#                                         # (and the idle run's as /tmp/cg.out.idle)
 #                                         # (callgrind_annotate --inclusive=yes)
 #   SHOAL=/tmp/old/target/release/shoal bench/callgrind.sh
 #                                         # another build's gateway (e.g. a
@@ -81,7 +82,7 @@ loaded=$(total_for "$REQUESTS")
 echo "==> the same time serving none" >&2
 idle=$(total_for 0)
 served=$(python3 -c "import json; print(json.load(open('$RUN/load.$REQUESTS.json'))['requests'])")
-if [ -n "${KEEP:-}" ]; then cp "$RUN/cg.$REQUESTS" "$KEEP"; fi
+if [ -n "${KEEP:-}" ]; then cp "$RUN/cg.$REQUESTS" "$KEEP"; cp "$RUN/cg.0" "$KEEP.idle"; fi
 echo "$TARGET: instructions: $loaded with $served requests, $idle serving none"
 python3 -c "print(f'per request: {($loaded - $idle) / max(1, $served):,.0f}')"
 echo

@@ -39,6 +39,12 @@ thread_local! {
 /// request that comes without one). Unique, not unguessable: never use it
 /// as a secret or a token.
 pub fn new_request_id() -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    new_request_id_in(&mut buf).to_owned()
+}
+
+/// A new request id written into `buf`.
+fn new_request_id_in(buf: &mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &mut str {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -57,8 +63,7 @@ pub fn new_request_id() -> String {
     random[..8].copy_from_slice(&a.to_le_bytes());
     random[8..].copy_from_slice(&b.to_le_bytes()[..2]);
     let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    id.hyphenated().encode_lower(&mut buf).to_owned()
+    id.hyphenated().encode_lower(buf)
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -73,6 +78,12 @@ fn splitmix64(state: &mut u64) -> u64 {
 /// otherwise makes a new one ([`new_request_id`]), so logs can never be
 /// polluted through it.
 pub fn request_id_or_new(incoming: Option<&str>) -> String {
+    request_id_or_new_shared(incoming).to_string()
+}
+
+/// [`request_id_or_new`] as an `Arc<str>`, made in one allocation (the
+/// runtime's, per request).
+pub fn request_id_or_new_shared(incoming: Option<&str>) -> std::sync::Arc<str> {
     match incoming {
         Some(id)
             if !id.is_empty()
@@ -81,9 +92,12 @@ pub fn request_id_or_new(incoming: Option<&str>) -> String {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
         {
-            id.to_string()
+            id.into()
         }
-        _ => new_request_id(),
+        _ => {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            (&*new_request_id_in(&mut buf)).into()
+        }
     }
 }
 

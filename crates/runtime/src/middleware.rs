@@ -15,6 +15,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use shoal_core::problem::PROBLEM_JSON;
 use shoal_core::Problem;
@@ -25,19 +26,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-/// The request id of the current request (an extension).
-#[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
-
 /// Header the gateway uses to pass the time left for a request, in ms.
 pub const DEADLINE_HEADER: &str = "x-shoal-deadline-ms";
 
-/// Wraps `router` in the standard layers: axum's body limit, then one
-/// service doing the rest in the order of the module's doc. One layer,
+/// Wraps `router` in the standard layers: one service doing all of them in
+/// the order of the module's doc, axum's body limit innermost. One layer,
 /// not one per concern, and a service of its own rather than axum's
 /// `from_fn`: that one cloned the route (a boxed service) into every
 /// request's future and boxed it again as `Next` (bench/README.md,
-/// "Profile of the service path").
+/// "Profile of the service path"); and each `Router::layer` boxes every
+/// route once more, which a request then clones and calls through.
 pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
     let standard = Arc::new(Standard {
         instance: HeaderValue::from_str(&ctx.instance).ok(),
@@ -50,12 +48,9 @@ pub fn standard_layers(router: Router, ctx: &AppContext) -> Router {
             ctx.settings.serve.compression_min_bytes,
             ctx.settings.serve.compression_cache_bytes,
         ),
+        body_limit: axum::extract::DefaultBodyLimit::max(ctx.settings.serve.body_limit_bytes),
     });
-    router
-        .layer(axum::extract::DefaultBodyLimit::max(
-            ctx.settings.serve.body_limit_bytes,
-        ))
-        .layer(StandardLayer(standard))
+    router.layer(StandardLayer(standard))
 }
 
 /// What the standard middleware needs, built once per application.
@@ -65,28 +60,36 @@ struct Standard {
     limits: Limits,
     origins: AllowedOrigins,
     compression: crate::compress::Compression,
+    /// `serve.body_limit_bytes`, for the extractors that buffer a body.
+    body_limit: axum::extract::DefaultBodyLimit,
 }
 
 /// Puts [`WithStandard`] around each route (and the fallback).
 #[derive(Clone)]
 struct StandardLayer(Arc<Standard>);
 
-impl<S> tower::Layer<S> for StandardLayer {
+impl<S: Clone> tower::Layer<S> for StandardLayer {
     type Service = WithStandard<S>;
 
     fn layer(&self, inner: S) -> WithStandard<S> {
         WithStandard {
             standard: Arc::clone(&self.0),
+            limited: self.0.body_limit.layer(inner.clone()),
             inner,
         }
     }
 }
 
-/// A route with the standard middleware around it.
+/// A route with the standard middleware around it, and axum's body limit
+/// (an extension the buffering extractors read) between the two for a
+/// request that has a body. A request without one (most: every GET) skips
+/// it: there is nothing to limit, and each extension is an allocation and
+/// a map insert.
 #[derive(Clone)]
 struct WithStandard<S> {
     standard: Arc<Standard>,
     inner: S,
+    limited: <axum::extract::DefaultBodyLimit as tower::Layer<S>>::Service,
 }
 
 impl<S> tower::Service<Request> for WithStandard<S>
@@ -99,7 +102,8 @@ where
     type Future = futures_util::future::BoxFuture<'static, Result<Response, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+        std::task::ready!(self.inner.poll_ready(cx))?;
+        self.limited.poll_ready(cx)
     }
 
     /// What only reads the request (its id, the cross-origin check, the
@@ -112,11 +116,26 @@ where
         let context = RequestContext::begin(&mut req);
         let step = match admit(&standard, &req) {
             Err(refused) => Step::Answered(refused),
-            Ok(admitted) => Step::Handle(admitted, self.inner.call(req)),
+            Ok(admitted) => {
+                let route = if without_body(req.body()) {
+                    Either::Left(self.inner.call(req))
+                } else {
+                    Either::Right(self.limited.call(req))
+                };
+                Step::Handle(admitted, route)
+            }
         };
         let handled = handle(Arc::clone(&standard), step);
         Box::pin(context.around(standard, handled).map(Ok))
     }
+}
+
+/// Whether a request's body is known to be empty: no `Content-Length` or
+/// `Transfer-Encoding` in HTTP/1.1 (`Content-Length: 0` too), or the
+/// headers' frame ended the stream in HTTP/2.
+fn without_body(body: &Body) -> bool {
+    use http_body::Body as _;
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
 /// A request refused before its route, or admitted with its route's
@@ -359,12 +378,14 @@ impl RequestContext {
     fn begin(req: &mut Request) -> RequestContext {
         let started = Instant::now();
         let incoming = req.headers().get(&X_REQUEST_ID);
-        let request_id: Arc<str> =
-            shoal_core::ids::request_id_or_new(incoming.and_then(|v| v.to_str().ok())).into();
+        // A handler reads it with `shoal_core::trace::current()`: the
+        // request runs within it (no extension, which costs a box and a map
+        // insert per request).
+        let request_id =
+            shoal_core::ids::request_id_or_new_shared(incoming.and_then(|v| v.to_str().ok()));
         let echoed = incoming
             .filter(|v| v.as_bytes() == request_id.as_bytes())
             .cloned();
-        req.extensions_mut().insert(RequestId(request_id.clone()));
         let method = req.method().clone();
         let uri = req.uri().clone();
         let route = req.extensions().get::<MatchedPath>().cloned();
@@ -398,7 +419,6 @@ impl RequestContext {
     where
         F: std::future::Future<Output = Response> + Send,
     {
-        use futures_util::future::Either;
         let scoped = shoal_core::trace::scope(
             self.request_id.clone(),
             handled.instrument(self.span.clone()),
@@ -459,13 +479,13 @@ static X_SHOAL_INSTANCE: HeaderName = HeaderName::from_static("x-shoal-instance"
 /// `shoal_http_request_duration_seconds`. The handles are kept per thread
 /// by route, method and status: looking them up by label in the global
 /// registry (three label strings built and hashed per request) was a
-/// measurable share of a cached read. Methods outside the standard ones
+/// measurable share of a cached read; the route is hashed with foldhash
+/// (the standard SipHash was ~300 instructions of a `/healthz`). Methods outside the standard ones
 /// are counted as `OTHER`, so a client cannot mint label values.
 fn record_request(method: &axum::http::Method, route: &str, status: u16, elapsed: Duration) {
     use axum::http::Method;
     use std::cell::RefCell;
-    use std::collections::HashMap;
-    type ByRoute = HashMap<
+    type ByRoute = foldhash::HashMap<
         String,
         Vec<(
             &'static str,
@@ -474,7 +494,7 @@ fn record_request(method: &axum::http::Method, route: &str, status: u16, elapsed
         )>,
     >;
     thread_local! {
-        static HANDLES: RefCell<ByRoute> = RefCell::new(HashMap::new());
+        static HANDLES: RefCell<ByRoute> = RefCell::new(ByRoute::default());
     }
     let method: &'static str = match *method {
         Method::GET => "GET",
