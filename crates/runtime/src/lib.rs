@@ -23,7 +23,7 @@ pub mod session_cache;
 pub mod testing;
 
 pub use app::{Application, ServiceModule};
-pub use cache::{CacheError, QueryCache, QueryCacheOptions};
+pub use cache::{CacheError, Cached, QueryCache, QueryCacheOptions};
 pub use client::{ClientError, ClientOptions, ServiceClient};
 pub use context::AppContext;
 pub use error::ApiError;

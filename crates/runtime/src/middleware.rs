@@ -151,7 +151,7 @@ struct Admitted {
     /// response is made.
     _permit: tokio::sync::OwnedSemaphorePermit,
     timeout: Duration,
-    encoding: Option<crate::compress::Encoding>,
+    accepted: crate::compress::Accepted,
     /// Kept only where a compressed form may be stored (formatted only if
     /// one is).
     url: Option<axum::http::Uri>,
@@ -179,13 +179,13 @@ fn admit(standard: &Standard, req: &Request) -> Result<Admitted, Response> {
     {
         timeout = timeout.min(Duration::from_millis(ms));
     }
-    let encoding = crate::compress::preferred(req.headers());
+    let accepted = crate::compress::Accepted::of(req.headers());
     let url =
-        (encoding.is_some() && req.method() == axum::http::Method::GET).then(|| req.uri().clone());
+        (accepted.named() && req.method() == axum::http::Method::GET).then(|| req.uri().clone());
     Ok(Admitted {
         _permit: permit,
         timeout,
-        encoding,
+        accepted,
         url,
     })
 }
@@ -226,7 +226,7 @@ where
             };
             standard
                 .compression
-                .apply(response, admitted.encoding, admitted.url)
+                .apply(response, &admitted.accepted, admitted.url)
                 .await
         })
         .catch_unwind()

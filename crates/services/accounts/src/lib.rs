@@ -9,7 +9,7 @@ mod limits;
 mod password;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
@@ -555,8 +555,15 @@ async fn me(
     };
     Ok((
         [
-            (header::CACHE_CONTROL, "private, no-store"),
-            (header::CONTENT_TYPE, "application/json"),
+            // Static values: not copied and checked on every request.
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-store"),
+            ),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
         ],
         view,
     )

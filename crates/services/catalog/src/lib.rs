@@ -21,12 +21,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shoal_backends::Migration;
 use shoal_core::Problem;
 use shoal_runtime::error::ApiResult;
 use shoal_runtime::openapi::{Api, Op};
-use shoal_runtime::{ApiError, ApiJson, AppContext, CurrentSession, ServiceModule};
+use shoal_runtime::{ApiError, ApiJson, AppContext, Cached, CurrentSession, ServiceModule};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -423,9 +422,9 @@ async fn list_products(
     let ttl = Duration::from_secs(ctx.settings.catalog.cache_ttl_secs);
     let db = ctx.db.clone();
     let reads = state.db_reads.clone();
-    let body = ctx
+    let page = ctx
         .cache
-        .get_or_load(&key, &tags, ttl, || async move {
+        .get_or_load_cached(&key, &tags, ttl, || async move {
             reads.fetch_add(1, Ordering::Relaxed);
             let offset = i64::from(q.page - 1) * i64::from(q.per_page);
             let (filter, pattern) = if q.q.is_empty() {
@@ -463,8 +462,9 @@ async fn list_products(
             Ok::<_, sqlx::Error>(Some(Bytes::from(serde_json::to_vec(&page).unwrap_or_default())))
         })
         .await?
-        .unwrap_or_default();
-    Ok(public_response(&state, &if_none_match, body, &tags))
+        // The loader always finds a page (maybe empty).
+        .ok_or_else(|| ApiError::from(Problem::internal("a product page was cached as missing")))?;
+    Ok(public_response(&state, &if_none_match, &page, &tags))
 }
 
 async fn get_product(
@@ -473,22 +473,20 @@ async fn get_product(
     Path(id): Path<String>,
     if_none_match: IfNoneMatch,
 ) -> ApiResult<Response> {
-    let Some(body) = cached_product(&ctx, &state, &id).await? else {
+    let tags = [product_tag(&id)];
+    let Some(product) = cached_product(&ctx, &state, &id, &tags).await? else {
         return Err(not_found(&id));
     };
-    Ok(public_response(
-        &state,
-        &if_none_match,
-        body,
-        &[product_tag(&id)],
-    ))
+    Ok(public_response(&state, &if_none_match, &product, &tags))
 }
 
+/// `tags`: `[product_tag(id)]`, made once by the caller.
 async fn cached_product(
     ctx: &AppContext,
     state: &CatalogState,
     id: &str,
-) -> Result<Option<Bytes>, ApiError> {
+    tags: &[String],
+) -> Result<Option<Cached>, ApiError> {
     if id.is_empty() || id.len() > 64 {
         return Ok(None);
     }
@@ -497,7 +495,7 @@ async fn cached_product(
     let db = ctx.db.clone();
     Ok(ctx
         .cache
-        .get_or_load(&key, &[product_tag(id)], ttl, || async move {
+        .get_or_load_cached(&key, tags, ttl, || async move {
             state.db_reads.fetch_add(1, Ordering::Relaxed);
             let row: Option<ProductRow> = sqlx::query_as(&format!(
                 "SELECT {PRODUCT_COLUMNS} FROM products WHERE id = $1"
@@ -514,19 +512,6 @@ async fn cached_product(
 
 fn not_found(id: &str) -> ApiError {
     Problem::not_found(format!("there is no product with id `{id}`")).into()
-}
-
-/// A strong validator: the SHA-256 of the body (first 128 bits), quoted,
-/// as a header value (hex written on the stack: one allocation).
-fn etag_of(body: &[u8]) -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(body);
-    let mut out = [b'"'; 34];
-    for (i, b) in digest[..16].iter().enumerate() {
-        out[1 + 2 * i] = HEX[usize::from(b >> 4)];
-        out[2 + 2 * i] = HEX[usize::from(b & 0xf)];
-    }
-    HeaderValue::from_bytes(&out).expect("hex and quotes")
 }
 
 /// The request's `If-None-Match` values, and nothing else of its headers
@@ -571,10 +556,12 @@ static CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 fn public_response(
     state: &CatalogState,
     if_none_match: &IfNoneMatch,
-    body: Bytes,
+    cached: &Cached,
     tags: &[String],
 ) -> Response {
-    let etag = etag_of(&body);
+    // Kept with the cache entry: hashed once, not per response.
+    let etag = cached.etag().clone();
+    let body = cached.bytes().clone();
     let mut response = if none_match(if_none_match, &etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -594,8 +581,16 @@ fn public_response(
     let value = |s: String| HeaderValue::try_from(s).unwrap_or(HeaderValue::from_static(""));
     h.insert(header::CACHE_CONTROL, state.cache_control.clone());
     h.insert(header::ETAG, etag);
-    h.insert(SURROGATE_KEY.clone(), value(tags.join(" ")));
-    h.insert(CACHE_TAG.clone(), value(tags.join(",")));
+    // One tag (every read here has one): the same value for both fields.
+    let (surrogate, cache_tag) = match tags {
+        [one] => {
+            let v = HeaderValue::from_str(one).unwrap_or(HeaderValue::from_static(""));
+            (v.clone(), v)
+        }
+        _ => (value(tags.join(" ")), value(tags.join(","))),
+    };
+    h.insert(SURROGATE_KEY.clone(), surrogate);
+    h.insert(CACHE_TAG.clone(), cache_tag);
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     response
 }
@@ -802,7 +797,7 @@ mod tests {
 
     #[test]
     fn etags_match_lists_and_weak_forms() {
-        let tag = etag_of(b"body");
+        let tag = shoal_runtime::cache::strong_etag(b"body");
         let text = tag.to_str().unwrap();
         assert_eq!(text.len(), 34, "{text}");
         assert!(text.starts_with('"') && text.ends_with('"'));
