@@ -49,7 +49,8 @@ impl Encoding {
 /// The layer's settings and its store of compressed representations.
 pub struct Compression {
     min_bytes: usize,
-    cache: Option<moka::sync::Cache<String, Bytes>>,
+    /// Keys hashed with foldhash, as the query cache's (crate::cache).
+    cache: Option<moka::sync::Cache<String, Bytes, foldhash::fast::RandomState>>,
 }
 
 impl Compression {
@@ -61,7 +62,7 @@ impl Compression {
                     u32::try_from(k.len() + v.len() + 64).unwrap_or(u32::MAX)
                 })
                 .time_to_idle(std::time::Duration::from_secs(600))
-                .build()
+                .build_with_hasher(foldhash::fast::RandomState::default())
         });
         Compression { min_bytes, cache }
     }
@@ -277,7 +278,11 @@ impl Compression {
             .and_then(|k| self.cache.as_ref().and_then(|c| c.get(k)));
         let compressed = match cached {
             Some(c) => {
-                metrics::counter!("shoal_compression_cache_hits_total").increment(1);
+                // Found in the recorder once per thread, not per response.
+                thread_local! {
+                    static HITS: metrics::Counter = metrics::counter!("shoal_compression_cache_hits_total");
+                }
+                HITS.with(|hits| hits.increment(1));
                 Some(c)
             }
             None => {

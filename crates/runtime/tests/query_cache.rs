@@ -116,6 +116,45 @@ async fn not_found_is_cached_for_the_negative_ttl() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "and expires sooner");
 }
 
+/// The ETag kept with an entry is the body's, is the same object on
+/// every hit (hashed once), and is the new body's after an invalidation.
+#[tokio::test]
+async fn an_entry_keeps_its_etag_until_it_is_replaced() {
+    let cache = QueryCache::new(options(), None).await;
+    let load = |body: &'static [u8]| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_load_cached("e", &tags(&["t"]), TTL, || async move {
+                    Ok::<_, Infallible>(Some(Bytes::from_static(body)))
+                })
+                .await
+                .unwrap()
+                .expect("a value")
+        }
+    };
+    let first = load(b"one").await;
+    assert_eq!(first.bytes().as_ref(), b"one");
+    assert_eq!(*first.etag(), shoal_runtime::cache::strong_etag(b"one"));
+    let again = load(b"ignored: a hit").await;
+    assert_eq!(again.bytes().as_ref(), b"one");
+    assert!(
+        std::ptr::eq(first.etag(), again.etag()),
+        "a hit reuses the entry's ETag, not a new hash"
+    );
+    cache.invalidate_tags(&tags(&["t"])).await;
+    let after = load(b"two").await;
+    assert_eq!(after.bytes().as_ref(), b"two");
+    assert_eq!(*after.etag(), shoal_runtime::cache::strong_etag(b"two"));
+    assert_ne!(after.etag(), first.etag());
+    // A cached "not found" is no value at all.
+    let none = cache
+        .get_or_load_cached("missing", &[], TTL, || async { Ok::<_, Infallible>(None) })
+        .await
+        .unwrap();
+    assert!(none.is_none());
+}
+
 #[tokio::test]
 async fn loader_errors_are_returned_and_not_cached() {
     let cache = QueryCache::new(options(), None).await;
