@@ -214,10 +214,15 @@ fn child_specs(
             address: Some(addr),
             ready_path: Some("/readyz"),
             // Instances join the gateway's pool through its registration
-            // API, and leave it when they drain.
+            // API, and leave it when they drain; and the pools of any
+            // other gateway `serve.register_at` names (a second gateway
+            // in front of the same instances).
             env: vec![(
                 "SHOAL_SERVE__REGISTER_AT".into(),
-                format!("http://{gateway_addr}"),
+                std::iter::once(format!("http://{gateway_addr}"))
+                    .chain(settings.serve.register_at.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(","),
             )],
         });
     }
@@ -685,6 +690,33 @@ mod log_tests {
 #[cfg(test)]
 mod tests {
     use super::read_line_capped;
+
+    #[test]
+    fn instances_register_at_the_stack_gateway_and_any_other_listed() {
+        let gateway: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let register_at = |settings: &shoal_core::settings::Settings| -> Vec<String> {
+            super::child_specs(settings, None, gateway)
+                .unwrap()
+                .into_iter()
+                .filter(|c| c.role == "serve")
+                .map(|c| {
+                    c.env
+                        .iter()
+                        .find(|(k, _)| k == "SHOAL_SERVE__REGISTER_AT")
+                        .map(|(_, v)| v.clone())
+                        .expect("every instance registers")
+                })
+                .collect()
+        };
+        let mut settings = shoal_core::settings::Settings::default();
+        settings.up.instances = 2;
+        assert_eq!(register_at(&settings), ["http://127.0.0.1:8080"; 2]);
+        settings.serve.register_at = vec!["http://127.0.0.1:9090".into()];
+        assert_eq!(
+            register_at(&settings),
+            ["http://127.0.0.1:8080,http://127.0.0.1:9090"; 2]
+        );
+    }
 
     #[tokio::test]
     async fn long_and_non_utf8_lines_are_cut_not_the_end_of_the_relay() {
