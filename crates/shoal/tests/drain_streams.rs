@@ -95,7 +95,8 @@ async fn a_stopped_instance_moves_its_streams_through_the_gateway_without_a_lost
     if gateways == 2 {
         wait_registered(&second_url, admin_token, 2).await;
     }
-    // Stream n, and its reconnects, go through gateway n % gateways.
+    // The gateway for the k-th opening or reconnect through one: the
+    // stack's, or with two, every other one through the second.
     let gateway_url = |n: usize| {
         if gateways == 2 && n % 2 == 1 {
             format!("{second_url}/api/notifications/stream")
