@@ -1008,9 +1008,17 @@ mod tests {
                 tx.commit().await.unwrap();
             });
             // Cut it off anywhere from before its first await to after its
-            // commit.
-            let after = Duration::from_micros(rand::random_range(0..400));
-            tokio::time::sleep(after).await;
+            // commit: after a few yields (its first awaits) or a sleep
+            // (tokio's timer rounds that up to a millisecond, by which a
+            // fast machine has often committed: 8 of 400 writers were
+            // cut off in one run with sleeps alone).
+            if i % 2 == 0 {
+                for _ in 0..rand::random_range(0..64) {
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_micros(rand::random_range(0..400))).await;
+            }
             work.abort();
             match work.await {
                 Ok(()) => {}
