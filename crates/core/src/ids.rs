@@ -156,7 +156,7 @@ mod tests {
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // Bytes first, then one check: pushing chars to a String encodes
-    // each as UTF-8 (~24 instructions a byte, on every session lookup).
+    // each as UTF-8, on every session lookup.
     let mut out = Vec::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(DIGITS[usize::from(b >> 4)]);

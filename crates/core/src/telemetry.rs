@@ -109,3 +109,22 @@ pub fn prometheus() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Adds one to a counter whose name and labels are constants, with the
+/// handle found in the recorder once per thread at each call site rather
+/// than looked up by label on every call (hot paths). A thread that
+/// counts before `prometheus()` installed the recorder keeps a no-op
+/// handle, so install it before serving, as every role does.
+#[macro_export]
+macro_rules! count_per_thread {
+    ($name:literal $(, $k:literal => $v:literal)* $(,)?) => {{
+        ::std::thread_local! {
+            static HANDLE: $crate::telemetry::metrics::Counter =
+                $crate::telemetry::metrics::counter!($name $(, $k => $v)*);
+        }
+        HANDLE.with(|c| c.increment(1));
+    }};
+}
+
+#[doc(hidden)]
+pub use metrics;

@@ -151,39 +151,8 @@ impl Cached {
 /// quoted, as a header value.
 pub fn strong_etag(body: &[u8]) -> HeaderValue {
     use sha2::{Digest, Sha256};
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(body);
-    let mut out = [b'"'; 34];
-    for (i, b) in digest[..16].iter().enumerate() {
-        out[1 + 2 * i] = HEX[usize::from(b >> 4)];
-        out[2 + 2 * i] = HEX[usize::from(b & 0xf)];
-    }
-    HeaderValue::from_bytes(&out).expect("hex and quotes")
-}
-
-/// How an L1 read went, as `shoal_cache_requests_total{tier="l1"}` counts it.
-#[derive(Clone, Copy)]
-enum Outcome {
-    Hit,
-    EarlyRefresh,
-    Stale,
-    Miss,
-}
-
-/// Counts an L1 read. The four handles are found in the recorder once per
-/// thread: by label on every read, the lookup (labels hashed in the
-/// global registry) was a measurable share of a cached product's CPU.
-fn count_request(outcome: Outcome) {
-    use metrics::Counter;
-    thread_local! {
-        static L1: [Counter; 4] = [
-            metrics::counter!("shoal_cache_requests_total", "tier" => "l1", "result" => "hit"),
-            metrics::counter!("shoal_cache_requests_total", "tier" => "l1", "result" => "early_refresh"),
-            metrics::counter!("shoal_cache_requests_total", "tier" => "l1", "result" => "stale"),
-            metrics::counter!("shoal_cache_requests_total", "tier" => "l1", "result" => "miss"),
-        ];
-    }
-    L1.with(|c| c[outcome as usize].increment(1));
+    let hex = shoal_core::ids::hex(&Sha256::digest(body)[..16]);
+    HeaderValue::try_from(format!("\"{hex}\"")).expect("hex and quotes")
 }
 
 /// A two-tier cache of byte values. Cheap to clone; clones share state.
@@ -203,8 +172,8 @@ impl std::fmt::Debug for QueryCache {
 
 struct Inner {
     /// Keys hashed with foldhash (randomly seeded per process, as
-    /// hashbrown's default), not SipHash: a lookup hashed its key twice,
-    /// ~400 instructions of a cached read.
+    /// hashbrown's default), not SipHash, which was a visible share of a
+    /// cached read (bench/README.md, "Product by id and `/me`").
     l1: Cache<String, Arc<L1Entry>, foldhash::fast::RandomState>,
     /// Invalidation sequence: bumped by every invalidation.
     seq: AtomicU64,
@@ -322,15 +291,15 @@ impl QueryCache {
         if let Some(entry) = &seen {
             if inner.is_valid(entry) {
                 if !inner.refresh_early(entry) {
-                    count_request(Outcome::Hit);
+                    shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "l1", "result" => "hit");
                     return Ok(Cached::of(entry));
                 }
-                count_request(Outcome::EarlyRefresh);
+                shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "l1", "result" => "early_refresh");
             } else {
-                count_request(Outcome::Stale);
+                shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "l1", "result" => "stale");
             }
         } else {
-            count_request(Outcome::Miss);
+            shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "l1", "result" => "miss");
         }
         let result = inner
             .l1

@@ -26,20 +26,6 @@ enum SessionInvalidation {
     User { user_id: String },
 }
 
-/// Counts a read in `shoal_cache_requests_total{tier="session"}`, with
-/// the two handles found in the recorder once per thread (not by label
-/// on every request).
-fn count_read(hit: bool) {
-    use metrics::Counter;
-    thread_local! {
-        static READS: [Counter; 2] = [
-            metrics::counter!("shoal_cache_requests_total", "tier" => "session", "result" => "miss"),
-            metrics::counter!("shoal_cache_requests_total", "tier" => "session", "result" => "hit"),
-        ];
-    }
-    READS.with(|c| c[usize::from(hit)].increment(1));
-}
-
 /// A `SessionStore` that reuses reads for `ttl`.
 pub struct CachedSessionStore {
     inner: Arc<dyn SessionStore>,
@@ -147,13 +133,13 @@ impl SessionStore for CachedSessionStore {
         if let Some(s) = self.shared.cache.get(&hash).await {
             let now = shoal_backends::now_millis();
             if s.expires_at > now && s.absolute_expires_at > now {
-                count_read(true);
+                shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "session", "result" => "hit");
                 let mut session = (*s).clone();
                 session.token = token.to_string();
                 return Ok(Some(session));
             }
         }
-        count_read(false);
+        shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "session", "result" => "miss");
         let epoch = self.shared.epoch.load(Ordering::Acquire);
         let found = self.inner.touch(token, life).await?;
         if let Some(s) = &found {
