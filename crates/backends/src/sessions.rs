@@ -34,6 +34,24 @@ pub enum SessionError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Db(#[from] DbError),
+    /// One read's failure, shared by every caller that waited on it (an
+    /// in-process cache in front of the store joins concurrent reads of
+    /// one session).
+    #[error(transparent)]
+    Shared(std::sync::Arc<SessionError>),
+}
+
+impl SessionError {
+    /// No store connection came free in time: the instance is overloaded,
+    /// not broken.
+    pub fn is_pool_timeout(&self) -> bool {
+        match self {
+            SessionError::Sql(sqlx::Error::PoolTimedOut)
+            | SessionError::Db(DbError::Sql(sqlx::Error::PoolTimedOut)) => true,
+            SessionError::Shared(e) => e.is_pool_timeout(),
+            _ => false,
+        }
+    }
 }
 
 /// Lifetimes a store applies to a new session.

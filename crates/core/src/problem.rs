@@ -6,6 +6,46 @@ use serde::{Deserialize, Serialize};
 /// The media type of a problem details body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// Sent by a Shoal instance with a 503 it gave because it was overloaded,
+/// not broken, so that a gateway may try the request on another instance:
+/// [`Overload::Unprocessed`] when nothing of the request was done (any
+/// request whose body the gateway kept may go elsewhere),
+/// [`Overload::Busy`] when the handler gave up part way (only an
+/// idempotent one may). A 503 without it is not retried.
+pub const OVERLOAD_HEADER: &str = "x-shoal-overload";
+
+/// Why an instance refused a request it could not serve now; the value of
+/// [`OVERLOAD_HEADER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// Refused before any of the request's work began (the concurrency
+    /// limit, the instance's stream limit).
+    Unprocessed,
+    /// The handler began and could not go on (no database connection came
+    /// free in time): some of its work may have been done.
+    Busy,
+}
+
+impl Overload {
+    /// The header's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overload::Unprocessed => "unprocessed",
+            Overload::Busy => "busy",
+        }
+    }
+
+    /// The value read back from the header: anything else is not an
+    /// overload.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        match value {
+            b"unprocessed" => Some(Overload::Unprocessed),
+            b"busy" => Some(Overload::Busy),
+            _ => None,
+        }
+    }
+}
+
 /// A problem details object (RFC 9457). `errors` lists field-level problems
 /// for validation failures so a client can point at the field to fix.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -23,6 +63,10 @@ pub struct Problem {
     /// Set when the client may retry, in seconds (also sent as Retry-After).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// Set on a 503 for overload: sent as [`OVERLOAD_HEADER`], not in the
+    /// body.
+    #[serde(skip)]
+    pub overload: Option<Overload>,
 }
 
 /// One invalid field: a JSON pointer-ish name and what is wrong with it.
@@ -44,6 +88,7 @@ impl Problem {
             instance: None,
             errors: Vec::new(),
             retry_after: None,
+            overload: None,
         }
     }
 
@@ -57,6 +102,12 @@ impl Problem {
 
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Marks a 503 as the instance's overload (see [`OVERLOAD_HEADER`]).
+    pub fn overloaded(mut self, why: Overload) -> Self {
+        self.overload = Some(why);
         self
     }
 

@@ -30,6 +30,10 @@ pub const X_SHOAL_DEADLINE_MS: HeaderName = HeaderName::from_static("x-shoal-dea
 /// On a Shoal instance's 503: `exceeded`, the deadline it was given
 /// (`x-shoal-deadline-ms`) passed before it could answer.
 pub const X_SHOAL_DEADLINE: HeaderName = HeaderName::from_static("x-shoal-deadline");
+/// On a Shoal instance's 503: it was overloaded, and how far it got
+/// (`shoal_core::problem::OVERLOAD_HEADER`).
+pub const X_SHOAL_OVERLOAD: HeaderName =
+    HeaderName::from_static(shoal_core::problem::OVERLOAD_HEADER);
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");

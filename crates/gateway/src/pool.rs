@@ -1043,6 +1043,15 @@ impl Pool {
         self.balancer.pick(&available, ctx, now).cloned()
     }
 
+    /// Whether an instance not in `tried` takes requests at `now`: where
+    /// a request refused by a busy instance may go instead.
+    pub fn has_untried(&self, tried: &[usize], now: Instant) -> bool {
+        self.instances
+            .load()
+            .iter()
+            .any(|i| !tried.contains(&i.id()) && i.is_available(now))
+    }
+
     /// Counts a connection error against `instance` and ejects it when the
     /// threshold is reached and the ejection cap allows it.
     pub fn on_connection_error(&self, instance: &Instance) {

@@ -579,6 +579,32 @@ pub(crate) async fn forward(
                     }
                     tracing::warn!(pool = %pool.name, "retry budget spent; not retrying");
                 }
+                // The instance was overloaded and said how far it got (a
+                // Shoal instance's 503 `x-shoal-overload`): a request
+                // that may be sent again goes to an instance not tried
+                // yet, if there is one. (Not the same one again: it is
+                // busy.)
+                let overload = (response.status() == http::StatusCode::SERVICE_UNAVAILABLE)
+                    .then(|| response.headers().get(crate::body::X_SHOAL_OVERLOAD))
+                    .flatten()
+                    .and_then(|v| shoal_core::problem::Overload::parse(v.as_bytes()));
+                let may_resend = match overload {
+                    Some(shoal_core::problem::Overload::Unprocessed) => replayable,
+                    Some(shoal_core::problem::Overload::Busy) => replayable && idempotent,
+                    None => false,
+                };
+                if may_resend
+                    && outcome.attempts < max_attempts
+                    && pool.has_untried(&tried, Instant::now())
+                {
+                    if pool.withdraw_retry() {
+                        metrics::counter!("shoal_gateway_retries_total", "pool" => pool.name.clone())
+                            .increment(1);
+                        last_error = Some(format!("{}: overloaded (503)", instance.url));
+                        continue;
+                    }
+                    tracing::warn!(pool = %pool.name, "retry budget spent; not retrying");
+                }
                 let (mut rparts, rbody) = response.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 route.response_headers.apply(&mut rparts.headers);

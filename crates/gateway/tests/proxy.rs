@@ -1187,6 +1187,75 @@ async fn a_silent_instance_costs_one_try_timeout_for_retryable_requests() {
     assert_eq!(frozen.hits(), before + 1, "a POST is sent once");
 }
 
+/// A Shoal instance that is overloaded answers 503 `x-shoal-overload`:
+/// `unprocessed` (refused before any work: any request whose body the
+/// gateway kept goes to another instance) or `busy` (the handler gave up
+/// part way: only an idempotent request does). An overloaded instance is
+/// not tried again for the same request; with no other, its 503 is the
+/// answer.
+#[tokio::test]
+async fn an_overloaded_instance_s_refusals_go_elsewhere_when_that_is_safe() {
+    let busy = Upstream::start("busy").await;
+    let b = Upstream::start("b").await;
+    let gw = TestGateway::start(settings(
+        &[busy.url(), b.url()],
+        json!({"retries": 2, "retry_budget_min_per_sec": 100}),
+    ))
+    .await;
+    let client = TestClient::default();
+    for why in ["busy", "unprocessed"] {
+        *busy.state.overload.lock().unwrap() = Some(why);
+        let before = busy.hits();
+        for _ in 0..6 {
+            let r = client.get(&gw.url("/x")).await;
+            assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"), "{why}");
+        }
+        assert!(busy.hits() > before, "the busy instance was tried ({why})");
+    }
+    // A POST without an idempotency key: resent only when nothing of it
+    // was done.
+    *busy.state.overload.lock().unwrap() = Some("unprocessed");
+    for _ in 0..6 {
+        let r = client.post_json(&gw.url("/z")).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "b"));
+    }
+    // Alone: tried once, its 503 passed on.
+    let alone = TestGateway::start(settings(
+        &[busy.url()],
+        json!({"retries": 2, "retry_budget_min_per_sec": 100}),
+    ))
+    .await;
+    for why in ["busy", "unprocessed"] {
+        *busy.state.overload.lock().unwrap() = Some(why);
+        let before = busy.hits();
+        let r = client.get(&alone.url("/y")).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+        assert_eq!(r.headers["x-shoal-overload"], why);
+        assert_eq!(
+            busy.hits(),
+            before + 1,
+            "not sent to the busy instance again"
+        );
+    }
+
+    // A POST without a key that the instance began (`busy`) is not sent
+    // again, even with another instance there: its 503 is the answer.
+    *busy.state.overload.lock().unwrap() = Some("busy");
+    let before = (busy.hits(), b.hits());
+    let mut refused = 0;
+    for _ in 0..6 {
+        let r = client.post_json(&gw.url("/z")).await;
+        refused += usize::from(r.status == StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let sent = (busy.hits() - before.0) + (b.hits() - before.1);
+    assert_eq!(sent, 6, "each POST without a key is sent once");
+    assert_eq!(
+        refused,
+        busy.hits() - before.0,
+        "every one the busy instance began is its 503"
+    );
+}
+
 /// A Shoal instance answers 503 `x-shoal-deadline: exceeded` when the
 /// attempt's time it was given (`x-shoal-deadline-ms`) passes, racing the
 /// gateway's own try timer. A retryable request is then tried on another

@@ -2,9 +2,9 @@
 //! problem+json; internal causes are logged with their chain and never
 //! shown to the client.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use shoal_core::problem::{Problem, PROBLEM_JSON};
+use shoal_core::problem::{Overload, Problem, OVERLOAD_HEADER, PROBLEM_JSON};
 
 #[derive(Debug)]
 pub struct ApiError(pub Problem);
@@ -40,10 +40,13 @@ impl ApiError {
     fn pool_timed_out() -> Self {
         metrics::counter!("shoal_db_pool_timeouts_total").increment(1);
         tracing::warn!("no database connection came free within database.acquire_timeout_ms");
-        ApiError(Problem::unavailable(
-            "this instance is too busy to reach its database now; retry shortly",
-            1,
-        ))
+        ApiError(
+            Problem::unavailable(
+                "this instance is too busy to reach its database now; retry shortly",
+                1,
+            )
+            .overloaded(Overload::Busy),
+        )
     }
 }
 
@@ -73,6 +76,11 @@ impl From<shoal_backends::rusqlite::Error> for ApiError {
 
 impl From<shoal_backends::SessionError> for ApiError {
     fn from(e: shoal_backends::SessionError) -> Self {
+        // A session store in the database, out of connections: the same
+        // overload as the handler's own queries.
+        if e.is_pool_timeout() {
+            return ApiError::pool_timed_out();
+        }
         ApiError::internal("session store error", &e)
     }
 }
@@ -92,6 +100,12 @@ pub fn problem_response(problem: &Problem) -> Response {
     if let Some(secs) = problem.retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
+    if let Some(why) = problem.overload {
+        headers.insert(
+            HeaderName::from_static(OVERLOAD_HEADER),
+            HeaderValue::from_static(why.as_str()),
+        );
+    }
     response
 }
 
@@ -102,16 +116,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pool_timeout_is_503_with_retry_after_and_other_database_errors_500() {
+    fn a_pool_timeout_is_an_overload_503_with_retry_after_and_other_store_errors_500() {
         for e in [
             ApiError::from(sqlx::Error::PoolTimedOut),
             ApiError::from(shoal_backends::DbError::Sql(sqlx::Error::PoolTimedOut)),
+            ApiError::from(shoal_backends::SessionError::Sql(sqlx::Error::PoolTimedOut)),
+            ApiError::from(shoal_backends::SessionError::Db(
+                shoal_backends::DbError::Sql(sqlx::Error::PoolTimedOut),
+            )),
+            ApiError::from(shoal_backends::SessionError::Shared(std::sync::Arc::new(
+                shoal_backends::SessionError::Sql(sqlx::Error::PoolTimedOut),
+            ))),
         ] {
             let r = e.into_response();
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+            // A gateway may retry it elsewhere, if the request is idempotent.
+            assert_eq!(r.headers()[OVERLOAD_HEADER], "busy");
         }
-        let r = ApiError::from(sqlx::Error::RowNotFound).into_response();
-        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        for e in [
+            ApiError::from(sqlx::Error::RowNotFound),
+            ApiError::from(shoal_backends::SessionError::Sql(sqlx::Error::RowNotFound)),
+        ] {
+            let r = e.into_response();
+            assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            assert!(r.headers().get(OVERLOAD_HEADER).is_none());
+        }
     }
 }

@@ -165,10 +165,13 @@ fn admit(standard: &Standard, req: &Request) -> Result<Admitted, Response> {
     }
     let Ok(permit) = Arc::clone(&standard.limits.permits).try_acquire_owned() else {
         metrics::counter!("shoal_http_shed_total").increment(1);
-        return Err(problem_response(&Problem::unavailable(
-            "this instance is at its concurrency limit; retry shortly",
-            1,
-        )));
+        return Err(problem_response(
+            &Problem::unavailable(
+                "this instance is at its concurrency limit; retry shortly",
+                1,
+            )
+            .overloaded(shoal_core::problem::Overload::Unprocessed),
+        ));
     };
     let mut timeout = standard.limits.timeout;
     if let Some(ms) = req

@@ -26,6 +26,13 @@ enum SessionInvalidation {
     User { user_id: String },
 }
 
+/// Why a read of the store gave nothing to cache (shared by the callers
+/// that waited on it).
+enum Miss {
+    NoSession,
+    Failed(Arc<SessionError>),
+}
+
 /// A `SessionStore` that reuses reads for `ttl`.
 pub struct CachedSessionStore {
     inner: Arc<dyn SessionStore>,
@@ -138,25 +145,45 @@ impl SessionStore for CachedSessionStore {
                 session.token = token.to_string();
                 return Ok(Some(session));
             }
+            // Expired here: read from the store below, not this entry.
+            self.shared.cache.invalidate(&hash).await;
         }
         shoal_core::count_per_thread!("shoal_cache_requests_total", "tier" => "session", "result" => "miss");
         let epoch = self.shared.epoch.load(Ordering::Acquire);
-        let found = self.inner.touch(token, life).await?;
-        if let Some(s) = &found {
-            let mut stored = s.clone();
-            stored.token = String::new();
-            if self.shared.epoch.load(Ordering::Acquire) == epoch {
-                self.shared
-                    .cache
-                    .insert(hash.clone(), Arc::new(stored))
-                    .await;
-                // An invalidation between the check and the insert: undo.
+        // Concurrent misses of one session (a client's burst of requests,
+        // thousands of streams reconnecting after an instance restarted)
+        // wait on one read of the store: each read also writes (the idle
+        // expiry slides), and a herd of them would take every database
+        // connection.
+        let loaded = self
+            .shared
+            .cache
+            .try_get_with(hash.clone(), async {
+                match self.inner.touch(token, life).await {
+                    Ok(Some(mut s)) => {
+                        s.token = String::new();
+                        Ok(Arc::new(s))
+                    }
+                    Ok(None) => Err(Miss::NoSession),
+                    Err(e) => Err(Miss::Failed(Arc::new(e))),
+                }
+            })
+            .await;
+        match loaded {
+            Ok(s) => {
+                // An invalidation since this read began: not kept.
                 if self.shared.epoch.load(Ordering::Acquire) != epoch {
                     self.shared.cache.invalidate(&hash).await;
                 }
+                let mut session = (*s).clone();
+                session.token = token.to_string();
+                Ok(Some(session))
             }
+            Err(miss) => match &*miss {
+                Miss::NoSession => Ok(None),
+                Miss::Failed(e) => Err(SessionError::Shared(Arc::clone(e))),
+            },
         }
-        Ok(found)
     }
 
     async fn delete(&self, token: &str) -> Result<(), SessionError> {

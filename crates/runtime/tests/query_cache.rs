@@ -380,3 +380,112 @@ async fn logout_on_one_instance_reaches_the_other_session_cache() {
         }
     }
 }
+
+/// A session store that counts its reads and takes 50 ms for each, or
+/// fails every one.
+#[derive(Debug)]
+struct SlowStore {
+    inner: Arc<dyn SessionStore>,
+    touches: AtomicU64,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for SlowStore {
+    async fn create(
+        &self,
+        user_id: &str,
+        life: SessionLifetimes,
+    ) -> Result<shoal_backends::Session, shoal_backends::SessionError> {
+        self.inner.create(user_id, life).await
+    }
+    async fn touch(
+        &self,
+        token: &str,
+        life: SessionLifetimes,
+    ) -> Result<Option<shoal_backends::Session>, shoal_backends::SessionError> {
+        self.touches.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(shoal_backends::SessionError::Sql(sqlx::Error::PoolTimedOut));
+        }
+        self.inner.touch(token, life).await
+    }
+    async fn delete(&self, token: &str) -> Result<(), shoal_backends::SessionError> {
+        self.inner.delete(token).await
+    }
+    async fn delete_user(&self, user_id: &str) -> Result<u64, shoal_backends::SessionError> {
+        self.inner.delete_user(user_id).await
+    }
+    async fn prune_expired(&self) -> Result<u64, shoal_backends::SessionError> {
+        self.inner.prune_expired().await
+    }
+    async fn ping(&self) -> bool {
+        self.inner.ping().await
+    }
+}
+
+/// Concurrent misses of one session wait on one read of the store (a
+/// herd of reconnects after a restart costs one read, not thousands):
+/// for a session, for a token that has none, and for a read that fails,
+/// whose error (an overload, here) every waiter gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_of_one_session_make_one_store_read() {
+    let dir = kit::TempDir::new("sess-herd");
+    let db = Database::connect(&kit::sqlite_url(dir.path()), 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let slow = Arc::new(SlowStore {
+        inner: Arc::new(SqlSessionStore::new(db).await.unwrap()),
+        touches: AtomicU64::new(0),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    });
+    let store: Arc<dyn SessionStore> = slow.clone();
+    let cached = Arc::new(
+        CachedSessionStore::new(store, sqlite_bus(&dir).await, Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    let life = SessionLifetimes {
+        idle: Duration::from_secs(600),
+        absolute: Duration::from_secs(6000),
+    };
+    let herd = |token: String| {
+        let cached = cached.clone();
+        async move {
+            let reads: Vec<_> = (0..50)
+                .map(|_| {
+                    let (cached, token) = (cached.clone(), token.clone());
+                    tokio::spawn(async move { cached.touch(&token, life).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for r in reads {
+                out.push(r.await.unwrap());
+            }
+            out
+        }
+    };
+    let s = cached.create("u1", life).await.unwrap();
+    for got in herd(s.token.clone()).await {
+        assert_eq!(got.unwrap().unwrap().token, s.token);
+    }
+    assert_eq!(slow.touches.load(Ordering::SeqCst), 1, "one read for 50");
+
+    let unknown = shoal_backends::sessions::new_token();
+    for got in herd(unknown).await {
+        assert!(got.unwrap().is_none());
+    }
+    assert_eq!(slow.touches.load(Ordering::SeqCst), 2);
+
+    slow.fail.store(true, Ordering::SeqCst);
+    let other = cached.create("u2", life).await.unwrap();
+    for got in herd(other.token.clone()).await {
+        assert!(got.unwrap_err().is_pool_timeout());
+    }
+    assert_eq!(slow.touches.load(Ordering::SeqCst), 3);
+    // A failed read is not kept: the next one goes to the store.
+    slow.fail.store(false, Ordering::SeqCst);
+    assert!(cached.touch(&other.token, life).await.unwrap().is_some());
+    assert_eq!(slow.touches.load(Ordering::SeqCst), 4);
+}

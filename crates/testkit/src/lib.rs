@@ -310,6 +310,11 @@ impl SseReader {
 
     /// True when the stream ends (or breaks) within `timeout` with no
     /// other event.
+    /// What was read and not yet returned as an event.
+    pub fn unread(&self) -> &str {
+        &self.buf
+    }
+
     pub async fn ends(&mut self, timeout: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -35,6 +35,9 @@ pub struct UpstreamState {
     /// Ordinary requests answered 503 `x-shoal-deadline: exceeded`, as a
     /// Shoal instance answers past the deadline the gateway gave it.
     pub deadline_exceeded: AtomicBool,
+    /// When set, ordinary requests are answered 503 with this
+    /// `x-shoal-overload` value, as a busy Shoal instance answers.
+    pub overload: Mutex<Option<&'static str>>,
     /// Headers of the last ordinary request.
     pub last_headers: Mutex<Option<HeaderMap>>,
     /// HTTP version of the last ordinary request.
@@ -178,6 +181,14 @@ async fn answer(state: Arc<UpstreamState>, req: Request<Incoming>) -> Response<F
             .header("x-upstream", state.name.as_str())
             .header("x-shoal-deadline", "exceeded")
             .body(Full::new(Bytes::from_static(b"timed out")))
+            .unwrap();
+    }
+    if let Some(why) = *state.overload.lock().unwrap() {
+        return Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header("x-upstream", state.name.as_str())
+            .header("x-shoal-overload", why)
+            .body(Full::new(Bytes::from_static(b"busy")))
             .unwrap();
     }
     let body = if path == "/echo" {

@@ -390,6 +390,7 @@ impl Hub {
                 "this instance holds its maximum of realtime connections; retry shortly",
                 2,
             )
+            .overloaded(shoal_core::problem::Overload::Unprocessed)
             .into());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -577,19 +578,33 @@ async fn listen(ctx: AppContext, hub: Weak<Hub>) {
 
 const SELECT: &str = "SELECT id, user_id, kind, data, created_at FROM notification_events";
 
-/// Events of `user_id` after `after` (an event id), oldest first; or, with
-/// no id, those created at or after `since_ms`.
+/// Where a read of a user's events starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// After this event id.
+    After(&'a str),
+    /// At this event id (included when it is still kept).
+    At(&'a str),
+    /// Created at or after this time (ms).
+    Since(i64),
+}
+
+/// Events of `user_id` from `start`, oldest first.
 async fn load_events(
     db: &Database,
     user_id: &str,
-    after: Option<&str>,
-    since_ms: i64,
+    start: Start<'_>,
     limit: i64,
 ) -> Result<Vec<UserEvent>, sqlx::Error> {
-    let rows: Vec<EventRow> = match after {
-        Some(id) => {
+    let rows: Vec<EventRow> = match start {
+        Start::After(id) | Start::At(id) => {
+            let op = if matches!(start, Start::At(_)) {
+                ">="
+            } else {
+                ">"
+            };
             sqlx::query_as(&format!(
-                "{SELECT} WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+                "{SELECT} WHERE user_id = $1 AND id {op} $2 ORDER BY id LIMIT $3"
             ))
             .bind(user_id)
             .bind(id)
@@ -597,7 +612,7 @@ async fn load_events(
             .fetch_all(db.pool())
             .await?
         }
-        None => {
+        Start::Since(since_ms) => {
             sqlx::query_as(&format!(
                 "{SELECT} WHERE user_id = $1 AND created_at >= $2 ORDER BY id LIMIT $3"
             ))
@@ -661,33 +676,43 @@ impl Feed {
             needs_resync: false,
             told_to_leave: false,
         };
+        if hub.leaving.load(Ordering::Relaxed) {
+            // The instance drains: this stream is told to go at once, with
+            // nothing before (the client keeps its own last event id). Its
+            // replay would be read for nothing, and thousands of streams
+            // coming back at once would hold every database connection.
+            feed.pending.push_back(reconnect_event(user_id));
+            return Ok(feed);
+        }
         if let Some(last) = last_event_id {
-            let known: Option<(String,)> =
-                sqlx::query_as("SELECT id FROM notification_events WHERE user_id = $1 AND id = $2")
-                    .bind(user_id)
-                    .bind(&last)
-                    .fetch_optional(ctx.db.pool())
-                    .await?;
-            if known.is_none() {
+            // One read: from the client's last event, which tells whether
+            // it is still kept (if not, the client is told to reset), then
+            // what came after it.
+            let limit = ctx.settings.notifications.replay_max_events as i64;
+            let mut events = load_events(&ctx.db, user_id, Start::At(&last), limit + 1).await?;
+            if events.first().is_some_and(|e| e.id == last) {
+                events.remove(0);
+            } else {
                 feed.pending.push_back(reset_event(user_id));
+                events.truncate(limit as usize);
+            }
+            for e in events {
+                feed.sent_in_replay.insert(e.id.clone());
+                feed.pending.push_back(e);
             }
             feed.resumed_from = Some(last.clone());
             feed.last_id = Some(last);
-            feed.replay().await?;
         }
         Ok(feed)
     }
 
     async fn replay(&mut self) -> Result<(), sqlx::Error> {
         let limit = self.ctx.settings.notifications.replay_max_events as i64;
-        let events = load_events(
-            &self.ctx.db,
-            &self.registration.user_id,
-            self.last_id.as_deref(),
-            self.connected_at,
-            limit,
-        )
-        .await?;
+        let start = match self.last_id.as_deref() {
+            Some(id) => Start::After(id),
+            None => Start::Since(self.connected_at),
+        };
+        let events = load_events(&self.ctx.db, &self.registration.user_id, start, limit).await?;
         for e in events {
             if self.sent_in_replay.insert(e.id.clone()) {
                 self.pending.push_back(e);
@@ -715,7 +740,11 @@ impl Feed {
                 self.needs_resync = false;
             }
             if let Some(e) = self.pending.pop_front() {
-                if e.kind != RESET_KIND {
+                if e.kind == RECONNECT_KIND {
+                    // Opened on an instance already draining.
+                    self.told_to_leave = true;
+                    metrics::counter!("shoal_notifications_streams_moved_total").increment(1);
+                } else if e.kind != RESET_KIND {
                     self.last_id = Some(e.id.clone());
                 }
                 return Some(Sent::Event(Arc::new(Outgoing::new(&e))));

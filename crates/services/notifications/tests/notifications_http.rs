@@ -720,6 +720,44 @@ async fn a_draining_instance_moves_its_streams_without_losing_an_event() {
     );
 }
 
+/// A stream opened on an instance that drains already is told to move at
+/// once: the reconnect event first, nothing before it (not even the
+/// `stream.reset` an unknown `Last-Event-ID` gets elsewhere: its replay
+/// is not read, since the client resumes elsewhere from its own last id),
+/// and the stream ends.
+#[tokio::test]
+async fn a_stream_opened_while_the_instance_drains_is_told_to_move_at_once() {
+    let dir = kit::TempDir::new("notifications");
+    let a = start_with(settings(dir.path()), false).await;
+    let (cookie, _) = kit::sign_up_and_log_in(a.base(), &unique_email("late")).await;
+    let url = format!("{}/api/notifications/stream", a.base());
+    let unknown = "0000000000000000-00000000";
+    // Before the drain, an unknown id is reset.
+    let mut sse = SseReader::open(&url, &cookie, Some(unknown)).await;
+    assert_eq!(
+        sse.next(Duration::from_secs(5)).await.1["kind"],
+        "stream.reset"
+    );
+    // Draining, with the server still answering: the open stream is told
+    // to move (within the drain window).
+    a.ctx().start_draining();
+    loop {
+        let (_, e) = sse.next(Duration::from_secs(10)).await;
+        if e["kind"] == "stream.reconnect" {
+            break;
+        }
+    }
+    let mut late = SseReader::open(&url, &cookie, Some(unknown)).await;
+    let (id, e) = late.next(Duration::from_secs(5)).await;
+    assert_eq!(e["kind"], "stream.reconnect", "{e}");
+    assert!(id.is_none(), "the reconnect event has no id");
+    assert!(late.retry.is_some(), "the reconnect event carries retry:");
+    assert!(
+        late.ends(Duration::from_secs(5)).await,
+        "the stream ends after the reconnect event"
+    );
+}
+
 /// Reads a resumed stream until the publisher's last event (`n` 119).
 async fn sse_reader_rest(sse: &mut SseReader) -> Vec<String> {
     let mut ids = Vec::new();
