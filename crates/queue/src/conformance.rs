@@ -72,6 +72,64 @@ struct Email {
     n: u32,
 }
 
+/// A listing sees every job while their records change under it (each
+/// claimed, heartbeated and completed meanwhile): none missing, none
+/// twice.
+pub async fn list_sees_every_job_while_records_change(factory: &dyn StoreFactory) {
+    let store = factory.open().await;
+    let q = queue_name();
+    let mut ids = Vec::new();
+    for n in 0..60 {
+        ids.push(
+            store
+                .enqueue(NewJob::new(&q, "k", json!(n)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    ids.sort();
+    let lease = Duration::from_secs(30);
+    let writer = {
+        let (store, q) = (Arc::clone(&store), q.clone());
+        tokio::spawn(async move {
+            loop {
+                let claimed = store.claim(&q, 3, lease, "w").await.unwrap();
+                if claimed.is_empty() {
+                    return;
+                }
+                for job in claimed {
+                    let l = job.lease().unwrap();
+                    assert!(store
+                        .heartbeat(&l, lease, Some(&json!({"p": 1})))
+                        .await
+                        .unwrap());
+                    assert!(store.complete(&l).await.unwrap());
+                }
+            }
+        })
+    };
+    let filter = JobFilter {
+        queue: Some(q.clone()),
+        limit: Some(1000),
+        ..Default::default()
+    };
+    let mut listings = 0;
+    while listings == 0 || !writer.is_finished() {
+        let mut seen: Vec<String> = store
+            .list(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        seen.sort();
+        assert_eq!(seen, ids, "listing {listings}, while the records change");
+        listings += 1;
+    }
+    writer.await.unwrap();
+}
+
 /// Enqueue, inspect, claim with a lease, heartbeat, complete; priority
 /// order; cancel; stats; prune.
 pub async fn enqueue_claim_complete(factory: &dyn StoreFactory) {

@@ -510,15 +510,28 @@ impl NatsJobStore {
     }
 
     async fn all_jobs(&self) -> Result<Vec<Job>, QueueError> {
+        // The keys as the server holds them now: the subjects of the
+        // bucket's stream, from its info. Not `Store::keys`, a consumer
+        // of each key's last record, which missed a job whose record was
+        // replaced while it ran (the bucket keeps one record per key, so
+        // the one it had yet to deliver was gone; seen in CI:
+        // `checkout_through_nats_...` listed two charge jobs of three,
+        // the one being retried missing) and listed twice a job whose
+        // record was written meanwhile.
+        let prefix = &self.jobs.prefix;
+        let mut subjects = self
+            .jobs
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(nats)?;
         let mut names = Vec::new();
-        let mut keys = self.jobs.keys().await.map_err(nats)?;
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(nats)?);
+        while let Some(item) = subjects.next().await {
+            let (subject, _) = item.map_err(nats)?;
+            if let Some(key) = subject.strip_prefix(prefix.as_str()) {
+                names.push(key.to_string());
+            }
         }
-        // The key listing is a watch of the bucket's stream: a record
-        // written while it runs (a job finishing) comes again, and the job
-        // was listed twice (seen in CI: `checkout_through_nats_...` found
-        // four charge jobs for three orders, one of them twice).
         names.sort_unstable();
         names.dedup();
         let mut jobs = Vec::with_capacity(names.len());

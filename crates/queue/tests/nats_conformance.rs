@@ -79,6 +79,9 @@ on_nats!(nats_gauges_show_depth_and_oldest_age, |f| {
     conformance::gauges_show_depth_and_oldest_age(&f).await
 });
 on_nats!(nats_unique_key, |f| conformance::unique_key(&f).await);
+on_nats!(nats_list_sees_every_job_while_records_change, |f| {
+    conformance::list_sees_every_job_while_records_change(&f).await
+});
 on_nats!(nats_delayed_job_not_claimed_early, |f| {
     conformance::delayed_job_not_claimed_early(&f).await
 });

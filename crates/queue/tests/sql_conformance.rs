@@ -99,6 +99,11 @@ on_both!(sqlite_unique_key, postgres_unique_key, |f| {
     conformance::unique_key(&f).await
 });
 on_both!(
+    sqlite_list_sees_every_job_while_records_change,
+    postgres_list_sees_every_job_while_records_change,
+    |f| { conformance::list_sees_every_job_while_records_change(&f).await }
+);
+on_both!(
     sqlite_delayed_job_not_claimed_early,
     postgres_delayed_job_not_claimed_early,
     |f| conformance::delayed_job_not_claimed_early(&f).await
