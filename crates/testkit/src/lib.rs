@@ -308,13 +308,13 @@ impl SseReader {
         }
     }
 
-    /// True when the stream ends (or breaks) within `timeout` with no
-    /// other event.
     /// What was read and not yet returned as an event.
     pub fn unread(&self) -> &str {
         &self.buf
     }
 
+    /// True when the stream ends (or breaks) within `timeout` with no
+    /// other event.
     pub async fn ends(&mut self, timeout: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
