@@ -72,22 +72,29 @@ struct Email {
     n: u32,
 }
 
+/// Enqueues `n` jobs of kind `k` on `q`, payloads 0..n; their ids in
+/// order.
+async fn enqueue_numbered(store: &dyn JobStore, q: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        ids.push(
+            store
+                .enqueue(NewJob::new(q, "k", json!(i)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    ids
+}
+
 /// A listing sees every job while their records change under it (each
 /// claimed, heartbeated and completed meanwhile): none missing, none
 /// twice.
 pub async fn list_sees_every_job_while_records_change(factory: &dyn StoreFactory) {
     let store = factory.open().await;
     let q = queue_name();
-    let mut ids = Vec::new();
-    for n in 0..60 {
-        ids.push(
-            store
-                .enqueue(NewJob::new(&q, "k", json!(n)))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let mut ids = enqueue_numbered(&*store, &q, 60).await;
     ids.sort();
     let lease = Duration::from_secs(30);
     let writer = {
@@ -255,16 +262,7 @@ pub async fn complete_many_matches_each_lease(factory: &dyn StoreFactory) {
     let store = factory.open().await;
     let q = queue_name();
     let lease = Duration::from_secs(30);
-    let mut ids = Vec::new();
-    for n in 0..4 {
-        ids.push(
-            store
-                .enqueue(NewJob::new(&q, "k", json!(n)))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    enqueue_numbered(&*store, &q, 4).await;
     let claimed = store.claim(&q, 10, lease, "w1").await.unwrap();
     assert_eq!(claimed.len(), 4);
     let leases: Vec<Lease> = claimed.iter().map(|j| j.lease().unwrap()).collect();
