@@ -634,8 +634,11 @@ struct Feed {
     inbox: Arc<Inbox>,
     /// Its place in the hub, and the user's id.
     registration: Registration,
-    pending: VecDeque<UserEvent>,
-    sent_in_replay: HashSet<String>,
+    /// Events owed before live ones (the replay, a reset or reconnect
+    /// notice); `None` once they are sent, so an idle stream does not
+    /// carry the empty queue and set (bench/README.md, "Memory per
+    /// connection").
+    owed: Option<Box<Owed>>,
     /// The client's `Last-Event-ID` at connect: it has every event up to
     /// this one (ids are time-ordered).
     resumed_from: Option<String>,
@@ -646,6 +649,14 @@ struct Feed {
     needs_resync: bool,
     /// The reconnect event has been handed out: the stream ends.
     told_to_leave: bool,
+}
+
+/// The events a stream owes before its live ones.
+#[derive(Default)]
+struct Owed {
+    pending: VecDeque<UserEvent>,
+    /// Replayed events that the bus may deliver again: skipped then.
+    sent_in_replay: HashSet<String>,
 }
 
 /// What a stream sends next.
@@ -668,8 +679,7 @@ impl Feed {
             ctx: ctx.clone(),
             inbox,
             registration,
-            pending: VecDeque::new(),
-            sent_in_replay: HashSet::new(),
+            owed: None,
             resumed_from: None,
             last_id: None,
             connected_at,
@@ -681,7 +691,7 @@ impl Feed {
             // nothing before (the client keeps its own last event id). Its
             // replay would be read for nothing, and thousands of streams
             // coming back at once would hold every database connection.
-            feed.pending.push_back(reconnect_event(user_id));
+            feed.owed().pending.push_back(reconnect_event(user_id));
             return Ok(feed);
         }
         if let Some(last) = last_event_id {
@@ -693,17 +703,47 @@ impl Feed {
             if events.first().is_some_and(|e| e.id == last) {
                 events.remove(0);
             } else {
-                feed.pending.push_back(reset_event(user_id));
+                feed.owed().pending.push_back(reset_event(user_id));
                 events.truncate(limit as usize);
             }
-            for e in events {
-                feed.sent_in_replay.insert(e.id.clone());
-                feed.pending.push_back(e);
+            if !events.is_empty() {
+                let owed = feed.owed();
+                for e in events {
+                    owed.sent_in_replay.insert(e.id.clone());
+                    owed.pending.push_back(e);
+                }
             }
             feed.resumed_from = Some(last.clone());
             feed.last_id = Some(last);
         }
         Ok(feed)
+    }
+
+    fn owed(&mut self) -> &mut Owed {
+        self.owed.get_or_insert_with(Box::default)
+    }
+
+    /// Whether the replay already sent event `id` (then forgotten: the
+    /// bus hands an event over once).
+    fn sent_before(&mut self, id: &str) -> bool {
+        let Some(owed) = self.owed.as_mut() else {
+            return false;
+        };
+        let sent = owed.sent_in_replay.remove(id);
+        if owed.pending.is_empty() && owed.sent_in_replay.is_empty() {
+            self.owed = None;
+        }
+        sent
+    }
+
+    /// The next owed event, letting the box go once nothing is owed.
+    fn take_owed(&mut self) -> Option<UserEvent> {
+        let owed = self.owed.as_mut()?;
+        let e = owed.pending.pop_front();
+        if owed.pending.is_empty() && owed.sent_in_replay.is_empty() {
+            self.owed = None;
+        }
+        e
     }
 
     async fn replay(&mut self) -> Result<(), sqlx::Error> {
@@ -713,9 +753,12 @@ impl Feed {
             None => Start::Since(self.connected_at),
         };
         let events = load_events(&self.ctx.db, &self.registration.user_id, start, limit).await?;
-        for e in events {
-            if self.sent_in_replay.insert(e.id.clone()) {
-                self.pending.push_back(e);
+        if !events.is_empty() {
+            let owed = self.owed();
+            for e in events {
+                if owed.sent_in_replay.insert(e.id.clone()) {
+                    owed.pending.push_back(e);
+                }
             }
         }
         Ok(())
@@ -739,7 +782,7 @@ impl Feed {
                 }
                 self.needs_resync = false;
             }
-            if let Some(e) = self.pending.pop_front() {
+            if let Some(e) = self.take_owed() {
                 if e.kind == RECONNECT_KIND {
                     // Opened on an instance already draining.
                     self.told_to_leave = true;
@@ -751,7 +794,7 @@ impl Feed {
             }
             match self.inbox.next().await? {
                 Item::Event(e) => {
-                    if self.sent_in_replay.remove(&e.id) {
+                    if self.sent_before(&e.id) {
                         continue;
                     }
                     // A bus that polls (the SQL one) can hand over, after
@@ -874,13 +917,6 @@ pub(crate) async fn sse(
     let feed = Feed::open(&ctx, &hub, &session.user_id, last).await?;
     metrics::counter!("shoal_notifications_streams_opened_total", "transport" => "sse")
         .increment(1);
-    let stream = futures_util::stream::unfold(feed, |mut feed| async move {
-        let frame = match feed.next().await? {
-            Sent::Event(e) => to_sse(&e),
-            Sent::Heartbeat => Bytes::from_static(HEARTBEAT),
-        };
-        Some((Ok::<_, Infallible>(frame), feed))
-    });
     Ok((
         [
             ("content-type", "text/event-stream"),
@@ -890,9 +926,20 @@ pub(crate) async fn sse(
         ],
         // No keep-alive timer here: heartbeats come from the hub's one
         // timer (`Item::Heartbeat`).
-        axum::body::Body::from_stream(stream),
+        axum::body::Body::from_stream(sse_frames(feed)),
     )
         .into_response())
+}
+
+/// A stream's SSE frames: what its response body holds while it idles.
+fn sse_frames(feed: Feed) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::unfold(feed, |mut feed| async move {
+        let frame = match feed.next().await? {
+            Sent::Event(e) => to_sse(&e),
+            Sent::Heartbeat => Bytes::from_static(HEARTBEAT),
+        };
+        Some((Ok(frame), feed))
+    })
 }
 
 /// `POST /api/notifications/test`: publishes a `test` event whose data is
@@ -1027,40 +1074,56 @@ pub(crate) async fn websocket(
         .on_upgrade(move |socket| run_socket(socket, feed)))
 }
 
-async fn run_socket(mut socket: WebSocket, mut feed: Feed) {
-    let send_timeout = Duration::from_secs(10);
-    loop {
-        tokio::select! {
-            sent = feed.next() => {
-                let message = match sent {
-                    None => {
-                        let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(None))).await;
+/// A socket's loop. A function returning an `async` block, not an `async fn`:
+/// an `async fn` keeps its arguments (the socket, the feed) twice, once as
+/// captured and once moved into its body, and this future is most of an
+/// idle WebSocket's memory (`an_idle_stream_s_state_stays_small`).
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn run_socket(mut socket: WebSocket, mut feed: Feed) -> impl std::future::Future<Output = ()> {
+    async move {
+        loop {
+            tokio::select! {
+                sent = feed.next() => {
+                    let (message, last) = match sent {
+                        None => (WsMessage::Close(None), true),
+                        // From the hub's one timer, not a timer per socket.
+                        Some(Sent::Heartbeat) => (WsMessage::Ping(Default::default()), false),
+                        Some(Sent::Event(e)) if e.kind == RECONNECT_KIND => {
+                            // 1012 Service Restart: reconnect (to another instance).
+                            let close = axum::extract::ws::CloseFrame {
+                                code: 1012,
+                                reason: "server restarting; reconnect with last_event_id".into(),
+                            };
+                            (WsMessage::Close(Some(close)), true)
+                        }
+                        Some(Sent::Event(e)) => (WsMessage::Text(e.json.clone()), false),
+                    };
+                    if !send_within(&mut socket, message).await || last {
                         return;
                     }
-                    // From the hub's one timer, not a timer per socket.
-                    Some(Sent::Heartbeat) => WsMessage::Ping(Default::default()),
-                    Some(Sent::Event(e)) if e.kind == RECONNECT_KIND => {
-                        // 1012 Service Restart: reconnect (to another instance).
-                        let close = axum::extract::ws::CloseFrame {
-                            code: 1012,
-                            reason: "server restarting; reconnect with last_event_id".into(),
-                        };
-                        let _ = tokio::time::timeout(send_timeout, socket.send(WsMessage::Close(Some(close)))).await;
-                        return;
-                    }
-                    Some(Sent::Event(e)) => WsMessage::Text(e.json.clone()),
-                };
-                match tokio::time::timeout(send_timeout, socket.send(message)).await {
-                    Ok(Ok(())) => {}
-                    _ => return,
                 }
+                msg = socket.recv() => match msg {
+                    None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
+                    Some(Ok(_)) => {}
+                },
             }
-            msg = socket.recv() => match msg {
-                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
-                Some(Ok(_)) => {}
-            },
         }
     }
+}
+
+/// Sends `message` on `socket` within 10 s; false when it could not.
+/// Boxed: the send and its timer (~240 bytes) would otherwise size every
+/// socket's future, idle ones included.
+fn send_within(
+    socket: &mut WebSocket,
+    message: WsMessage,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+    Box::pin(async move {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), socket.send(message)).await,
+            Ok(Ok(()))
+        )
+    })
 }
 
 #[cfg(test)]
@@ -1098,6 +1161,29 @@ mod tests {
             text.ends_with("\n\n") && text.contains("\ndata: {"),
             "{text}"
         );
+    }
+
+    fn returned_size<A, R>(_: fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn future_size<A, B, F>(_: fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle stream holds its feed and what waits on it, per stream:
+    /// these sizes are most of what an idle SSE stream or WebSocket costs
+    /// beyond the connection (bench/README.md, "Memory per connection").
+    #[test]
+    fn an_idle_stream_s_state_stays_small() {
+        let feed = std::mem::size_of::<Feed>();
+        let sse = returned_size(sse_frames);
+        let ws = future_size(run_socket);
+        eprintln!("feed {feed} bytes, SSE body stream {sse}, WebSocket future {ws}");
+        assert!(feed <= 128, "Feed is {feed} bytes");
+        // mimalloc's size classes here: 192 and 640 bytes.
+        assert!(sse <= 192, "the SSE frames' stream is {sse} bytes");
+        assert!(ws <= 640, "the WebSocket's future is {ws} bytes");
     }
 
     #[test]
