@@ -760,7 +760,7 @@ where
         )
         .await;
         // Upgrades are not handed off here: the gateway takes them itself.
-        if let shoal_h1server::Ended::Http2(io) | shoal_h1server::Ended::Upgrade(io) = ended {
+        if let shoal_h1server::Ended::Http2(io, _) | shoal_h1server::Ended::Upgrade(io, _) = ended {
             conn.activity.keep(true);
             // Boxed: hyper's connection state is larger than the own
             // codec's, and every connection's future would otherwise be

@@ -43,8 +43,9 @@ const MAX_HEAD: usize = 128 * 1024;
 /// connection has ended. The caller bounds that wait.
 pub(crate) async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
     let connections = TaskTracker::new();
-    // Shared by every connection: no allocation per connection for them.
-    let limits = ServerLimits {
+    // Shared by every connection: no allocation per connection for them,
+    // and 8 bytes in each connection's future.
+    let limits = Arc::new(ServerLimits {
         header_read: HEAD_TIMEOUT,
         idle: Arc::new(|| None),
         pressure: None,
@@ -53,7 +54,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
         // An instance moves its own streams when it drains (the
         // notifications hub tells each to reconnect).
         stream_drain_window: None,
-    };
+    });
     let closing = CancellationToken::new();
     let draining = Arc::new(AtomicBool::new(false));
     loop {
@@ -79,7 +80,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
         connections.spawn(connection(
             stream,
             service,
-            limits.clone(),
+            Arc::clone(&limits),
             closing.clone(),
             Arc::clone(&draining),
         ));
@@ -95,24 +96,27 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, stop: Cancellat
 /// made here and chained, not awaited inside an `async` block: a block
 /// would keep the socket, the service and the limits twice (once as
 /// captured, once inside the server's future) for the connection's whole
-/// life (bench/README.md, "Memory per connection").
+/// life (bench/README.md, "Memory per connection"). The service comes
+/// back from the own server with a connection it hands over.
 fn connection(
     stream: TcpStream,
     service: WithPeer,
-    limits: ServerLimits,
+    limits: Arc<ServerLimits>,
     closing: CancellationToken,
     draining: Arc<AtomicBool>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let hand_over = (service.clone(), closing.clone());
+    let hand_over = closing.clone();
     shoal_h1server::serve(stream, service, limits, closing, draining).then(move |ended| {
-        let (service, closing) = hand_over;
+        let closing = hand_over;
         async move {
             match ended {
                 Ended::Closed => {}
                 // Boxed: hyper's connection state is larger than the own
                 // server's.
-                Ended::Http2(io) => Box::pin(hyper_connection(io, service, &closing, true)).await,
-                Ended::Upgrade(io) => {
+                Ended::Http2(io, service) => {
+                    Box::pin(hyper_connection(io, service, &closing, true)).await;
+                }
+                Ended::Upgrade(io, service) => {
                     Box::pin(hyper_connection(io, service, &closing, false)).await;
                 }
             }
@@ -180,5 +184,28 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         req.extensions_mut().insert(ConnectInfo(self.peer));
         tower::Service::call(&mut self.router, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A connection's future is most of its task, which every open
+    /// connection holds (an idle event stream's included): tokio aligns a
+    /// task to 128 bytes, so each 128 counts (bench/README.md, "Memory
+    /// per connection").
+    #[test]
+    fn a_connection_s_future_stays_small() {
+        let size = future_size(connection);
+        // tokio's task adds 96 bytes (its header, scheduler, id and
+        // trailer): 544 + 96 = 640, five times 128. This future was 648
+        // bytes before the limits were shared and the service came back
+        // with a handed-over connection (a 768-byte task).
+        assert!(size <= 544, "{size} bytes");
     }
 }
