@@ -38,7 +38,13 @@
 # ("product list me order"; "" leaves only part A's /healthz); BUILD (1; 0
 # uses target/release as it is); BEFORE (unset; the path of another build's
 # shoal, e.g. from a `git worktree` of an earlier commit: its `serve` is
-# measured on /healthz beside this build's, for a change to the middleware).
+# measured on /healthz beside this build's, for a change to the middleware);
+# QUOTA (unset; as root, a percent of one core): each side's server
+# processes (and the bare hyper server, and BEFORE) are held to QUOTA% of
+# a core by a cgroup (v1 cpu controller, CFS period PERIOD_MS, 10), so
+# that wrk, on the same two cores, no longer caps the servers' req/s: with
+# QUOTA=100 each side has one core and wrk the other, a one-core machine
+# per side (the servers are measured in turn, never at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER=${SECONDS_PER:-10}
@@ -48,6 +54,14 @@ CONNECTIONS=${CONNECTIONS:-64}
 PER_PAGE=${PER_PAGE:-27}
 PARTS=${PARTS:-A B}
 REDIS_URL=${SHOAL_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+QUOTA=${QUOTA:-}
+PERIOD_MS=${PERIOD_MS:-10}
+export QUOTA PERIOD_MS
+CG=/sys/fs/cgroup/cpu
+if [ -n "$QUOTA" ]; then
+  [ "$(id -u)" = 0 ] || { echo "QUOTA needs root (cgroups)" >&2; exit 1; }
+  [ -w "$CG" ] || { echo "QUOTA: no writable cgroup v1 cpu controller at $CG" >&2; exit 1; }
+fi
 
 if [ "${BUILD:-1}" = 1 ]; then
   echo "==> building shoal, loadgen and bench-upstream (release)"
@@ -68,7 +82,15 @@ api_cleanup() {
   bench_cleanup
   redis-cli -u "$REDIS_URL" --scan --pattern "$PREFIX*" 2>/dev/null | xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
 }
-trap api_cleanup EXIT
+CGROUPS=()
+cgroups_cleanup() {
+  for c in "${CGROUPS[@]}"; do
+    [ -d "$c" ] || continue
+    while read -r p; do echo "$p" > "$CG/cgroup.procs" 2>/dev/null || true; done < "$c/cgroup.procs"
+    rmdir "$c" 2>/dev/null || true
+  done
+}
+trap 'api_cleanup; cgroups_cleanup' EXIT
 
 SHOAL_ENV=(SHOAL_LOG__LEVEL=warn SHOAL_SESSIONS__BACKEND=redis SHOAL_SESSIONS__REDIS_URL="$REDIS_URL"
   SHOAL_SESSIONS__REDIS_PREFIX="$PREFIX-shoal")
@@ -139,19 +161,32 @@ for line in open(sys.argv[1], errors="replace"):
     h[k.strip().lower()] = v.strip()
 print(h.get("content-type", "-") + "\t" + h.get("content-encoding", "identity"))' "$RUN/headers")" >> "$CHECKS"
 }
-# tree_ticks PID...: user + system CPU ticks so far of these processes and
-# all their descendants (a side's server: serve; `shoal up` with its
-# gateway and instances; the Node cluster's primary and workers; nginx).
-tree_ticks() {
-  local all=() queue=("$@") p kids
+# tree_pids PID...: these processes and all their descendants (a side's
+# server: serve; `shoal up` with its gateway and instances; the Node
+# cluster's primary and workers; nginx).
+tree_pids() {
+  local queue=("$@") p kids
   while [ ${#queue[@]} -gt 0 ]; do
     p=${queue[0]}; queue=("${queue[@]:1}")
-    all+=("$p")
+    echo "$p"
     kids=$(ps -o pid= --ppid "$p" 2>/dev/null || true)
     for k in $kids; do queue+=("$k"); done
   done
-  for p in "${all[@]}"; do cat "/proc/$p/stat" 2>/dev/null || true; done \
+}
+# tree_ticks PID...: user + system CPU ticks so far of tree_pids PID...
+tree_ticks() {
+  for p in $(tree_pids "$@"); do cat "/proc/$p/stat" 2>/dev/null || true; done \
     | awk '{ s += $14 + $15 } END { print s + 0 }'
+}
+# limit NAME PID...: with QUOTA, puts tree_pids PID... in a cgroup of their
+# own held to QUOTA% of one core.
+limit() {
+  [ -n "$QUOTA" ] || return 0
+  local c="$CG/shoal-apibench-$$-$1" p
+  mkdir -p "$c"; CGROUPS+=("$c")
+  echo $(( PERIOD_MS * 1000 )) > "$c/cpu.cfs_period_us"
+  echo $(( PERIOD_MS * QUOTA * 10 )) > "$c/cpu.cfs_quota_us"
+  for p in $(tree_pids "${@:2}"); do echo "$p" > "$c/cgroup.procs" 2>/dev/null || true; done
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -197,6 +232,7 @@ if [[ " $PARTS " == *" A "* ]]; then
   TOKEN_shoal=$(login "$BASE_shoal"); TOKEN_node=$(login "$BASE_node")
   PRODUCT_shoal=$(first_id "$BASE_shoal"); PRODUCT_node=$(first_id "$BASE_node")
   ROOTS_shoal=$SERVE; ROOTS_node=$NODE_PID
+  limit A-shoal $ROOTS_shoal; limit A-node $ROOTS_node
   measure A "$PATHS" "shoal node"
   # /healthz: the standard middleware against a bare hyper server whose
   # body is as long as Shoal's /healthz answer.
@@ -205,6 +241,7 @@ if [[ " $PARTS " == *" A "* ]]; then
   HYPER=$!; PIDS+=($HYPER)
   wait_http "http://127.0.0.1:$HP/healthz"
   BASE_hyper="http://127.0.0.1:$HP"; ROOTS_hyper=$HYPER
+  limit A-hyper $ROOTS_hyper
   H_SIDES="shoal hyper node"; OLD=""
   if [ -n "${BEFORE:-}" ]; then
     BP=$(free_port)
@@ -212,6 +249,7 @@ if [[ " $PARTS " == *" A "* ]]; then
     OLD=$!; PIDS+=($OLD)
     wait_http "http://127.0.0.1:$BP/readyz"
     BASE_before="http://127.0.0.1:$BP"; ROOTS_before=$OLD; H_SIDES="$H_SIDES before"
+    limit A-before $ROOTS_before
   fi
   measure H "healthz-plain healthz-browser" "$H_SIDES"
   stop "$SERVE" "$NODE_PID" "$HYPER" $OLD
@@ -242,6 +280,7 @@ if [[ " $PARTS " == *" B "* ]]; then
   TOKEN_shoal=$(login "$BASE_shoal"); TOKEN_node=$(login "$BASE_node")
   PRODUCT_shoal=$(first_id "$BASE_shoal"); PRODUCT_node=$(first_id "$BASE_node")
   ROOTS_shoal=$SUP; ROOTS_node="$NODE_PID $NGINX"
+  limit B-shoal $ROOTS_shoal; limit B-node $ROOTS_node
   measure B "$PATHS" "shoal node"
   stop "$SUP" "$NODE_PID"
 fi
@@ -279,6 +318,8 @@ lines = [
     f"`wrk {wrk_v} -t1 -c{conns} -d{secs}s` per measurement (keep-alive, closed loop, same machine), "
     f"Shoal and Node in turn, {rounds} round(s) after a 2 s warm-up; medians of the rounds. "
     f"{products} products seeded on each side; Node.js {node_v}, Fastify {fastify_v}, nginx {nginx_v}. "
+    + (f"Each side's server processes held to {os.environ['QUOTA']}% of one core by a cgroup (CFS period "
+       f"{os.environ.get('PERIOD_MS', '10')} ms; `QUOTA`), wrk not. " if os.environ.get("QUOTA") else "") +
     "Requests carry Chrome's headers (`Accept-Encoding: gzip, deflate, br`; bench/api/browser.lua).", "",
     "req/s ratio = Shoal / Node; p99 ratio = Node p99 / Shoal p99 (above 1: Shoal ahead; the goal of issue 20 is 3 for both). "
     "CPU/req: user + system CPU of the side's server processes (all of them: serve; `shoal up`'s gateway and instances; "
