@@ -67,6 +67,14 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// The table that records which migrations ran.
+const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS shoal_migrations (
+    component TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    name TEXT NOT NULL,
+    applied_at BIGINT NOT NULL,
+    PRIMARY KEY (component, version))";
+
 /// A pool over SQLite or PostgreSQL. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Database {
@@ -472,20 +480,26 @@ impl Database {
             && ms_since_epoch(now).saturating_sub(lent) <= BUSY_PROOF.as_millis() as u64
     }
 
+    /// Whether `component`'s migration `version` was applied here.
+    pub async fn is_applied(&self, component: &str, version: i64) -> Result<bool, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        conn.execute(CREATE_MIGRATIONS).await?;
+        let done: Option<(i64,)> = sqlx::query_as(
+            "SELECT version FROM shoal_migrations WHERE component = $1 AND version = $2",
+        )
+        .bind(component)
+        .bind(version)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(done.is_some())
+    }
+
     /// Applies `component`'s migrations that have not run yet, in version
     /// order, each in its own transaction, holding a lock so concurrent
     /// starters wait instead of racing. Idempotent.
     pub async fn migrate(&self, component: &str, migrations: &[Migration]) -> Result<(), DbError> {
         let mut conn = self.pool.acquire().await?;
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS shoal_migrations (
-                component TEXT NOT NULL,
-                version BIGINT NOT NULL,
-                name TEXT NOT NULL,
-                applied_at BIGINT NOT NULL,
-                PRIMARY KEY (component, version))",
-        )
-        .await?;
+        conn.execute(CREATE_MIGRATIONS).await?;
         for m in migrations {
             let begin = match self.kind {
                 DatabaseKind::Sqlite => "BEGIN IMMEDIATE",

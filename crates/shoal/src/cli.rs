@@ -63,7 +63,7 @@ pub enum Command {
     /// Run background workers and housekeeping.
     Worker(WorkerArgs),
     /// Apply every service's database migrations, then exit.
-    Migrate,
+    Migrate(MigrateArgs),
     /// Load realistic catalog products into the database (fast, batched).
     Seed(SeedArgs),
     /// Inspect and manage background jobs, or benchmark the queue.
@@ -299,6 +299,17 @@ pub struct WorkerArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// Also apply the contracting migrations: those that remove what
+    /// instances of an earlier version still use (today: the job table's
+    /// whole unique-key index, replaced by one over set keys). Run it once
+    /// a rolling upgrade is over and no earlier instance is left. A
+    /// database whose tables this version created has them already.
+    #[arg(long)]
+    pub contract: bool,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct SeedArgs {
     /// How many products to create.
     #[arg(long, default_value_t = 1000)]
@@ -520,7 +531,7 @@ impl Cli {
                     })
                 }
             },
-            Command::Migrate
+            Command::Migrate(_)
             | Command::Config
             | Command::Completions { .. }
             | Command::Token { .. }

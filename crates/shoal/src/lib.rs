@@ -129,7 +129,7 @@ fn run() -> ExitCode {
     }
     // One-shot commands print their result alone on stdout.
     let stream = match cli.command {
-        cli::Command::Migrate | cli::Command::Seed(_) | cli::Command::Jobs(_) => {
+        cli::Command::Migrate(_) | cli::Command::Seed(_) | cli::Command::Jobs(_) => {
             shoal_core::telemetry::LogStream::Stderr
         }
         _ => shoal_core::telemetry::LogStream::Stdout,

@@ -97,10 +97,15 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             app.run(shutdown).await?;
         }
         Command::Worker(_) => worker(settings, shutdown).await?,
-        Command::Migrate => {
-            migrate_all(&settings).await?;
+        Command::Migrate(args) => {
+            migrate_all(&settings, args.contract).await?;
             println!(
-                "migrations applied to {}",
+                "migrations{} applied to {}",
+                if args.contract {
+                    ", contracting ones too,"
+                } else {
+                    ""
+                },
                 shoal_core::settings::redact_url_password(&settings.database_url()?)
             );
         }
@@ -162,9 +167,12 @@ fn check_secrets(command: &Command, settings: &Settings) -> anyhow::Result<()> {
 
 /// Applies every service's migrations, and those of the session store,
 /// bus and job queue.
-pub async fn migrate_all(settings: &Settings) -> anyhow::Result<()> {
+pub async fn migrate_all(settings: &Settings, contract: bool) -> anyhow::Result<()> {
     let ctx =
         shoal_runtime::app::build_context(settings.clone(), "migrate".into(), &modules()).await?;
+    if contract {
+        shoal_queue::SqlJobStore::contract(&ctx.db).await?;
+    }
     ctx.db.close().await;
     Ok(())
 }

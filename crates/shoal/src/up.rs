@@ -67,7 +67,8 @@ pub async fn run(
     let secret_env = secrets.apply(&mut settings);
 
     println!("shoal: applying migrations");
-    crate::roles::migrate_all(&settings).await?;
+    // Contracting ones too: every process of the stack runs this binary.
+    crate::roles::migrate_all(&settings, true).await?;
 
     let host = settings.up.host.clone();
     let gateway_addr: SocketAddr = format!("{host}:{}", settings.up.port)
