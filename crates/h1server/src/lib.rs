@@ -136,9 +136,9 @@ pub enum Ended<I, S> {
 /// Serves HTTP/1.x requests on `io` until the connection ends. `closing`
 /// (cancelled at shutdown) closes an idle connection at once and a busy
 /// one after its response; `draining` (set then too) makes that response
-/// say `Connection: close`. Each is taken by reference or owned
-/// (`Borrow`): owned, the future borrows nothing and can be made before
-/// it is spawned.
+/// say `Connection: close`. Each, and `limits`, is taken by reference or
+/// owned (`Borrow`, an `Arc` too): owned, the future borrows nothing and
+/// can be made before it is spawned.
 ///
 /// A function returning an `async move` block rather than an `async fn`
 /// (here and for the exchange's phases): an `async fn` keeps each
