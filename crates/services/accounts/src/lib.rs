@@ -521,8 +521,9 @@ async fn me(
     // Through the query cache: an account's public fields do not change
     // after signup, so its row is read once per TTL, not on every request
     // (an account deleted by hand is seen within USER_TTL).
-    let key = format!("accounts:user:{}", session.user_id);
-    let tags = [format!("user:{}", session.user_id)];
+    // Not `format!` (on every `/me`): see `catalog::product_tag`.
+    let key = ["accounts:user:", &session.user_id].concat();
+    let tags = [["user:", &session.user_id].concat()];
     let db = ctx.db.clone();
     let user_id = session.user_id.clone();
     let view = ctx
