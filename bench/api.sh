@@ -186,7 +186,12 @@ limit() {
   mkdir -p "$c"; CGROUPS+=("$c")
   echo $(( PERIOD_MS * 1000 )) > "$c/cpu.cfs_period_us"
   echo $(( PERIOD_MS * QUOTA * 10 )) > "$c/cpu.cfs_quota_us"
-  for p in $(tree_pids "${@:2}"); do echo "$p" > "$c/cgroup.procs" 2>/dev/null || true; done
+  for p in $(tree_pids "${@:2}"); do
+    # A process that cannot be moved and still runs would be measured
+    # without the quota the report names: stop instead.
+    echo "$p" > "$c/cgroup.procs" 2>/dev/null || ! [ -d "/proc/$p" ] \
+      || { echo "QUOTA: could not move process $p into $c" >&2; exit 1; }
+  done
 }
 CLK_TCK=$(getconf CLK_TCK)
 

@@ -1595,10 +1595,9 @@ mod tests {
         let mut closing = pin!(token.cancelled());
         let future = write_response(answer, &mut io, &mut buf, &limits, closing.as_mut());
         let size = std::mem::size_of_val(&future);
-        // 384 is one of mimalloc's size classes. With an empty body (no
-        // box) this was 552 bytes, in the 640 class, before the body's
-        // `Next` and `Put` stopped being kept across awaits and the
-        // streamed and large writes were boxed; it is 368 now.
+        // 384 is one of mimalloc's size classes (the history of this
+        // size: bench/README.md, "Idle streams and WebSockets after
+        // trimming their futures").
         assert!(size <= 384, "{size} bytes");
     }
 

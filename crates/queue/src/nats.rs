@@ -532,8 +532,8 @@ impl NatsJobStore {
                 names.push(key.to_string());
             }
         }
+        // A stream's subjects are distinct: sorted only, for a stable order.
         names.sort_unstable();
-        names.dedup();
         let mut jobs = Vec::with_capacity(names.len());
         for name in names {
             if let Some((job, _)) = self.read(&name).await? {

@@ -90,8 +90,8 @@ const MIGRATIONS: &[Migration] = &[
     },
     // The unique-key index without the NULL keys of the jobs that have
     // none (most): every state change of a job wrote a NULL entry into the
-    // whole index (measured: about 8% more PostgreSQL completions a second
-    // without it, bench/README.md). This one is added; the whole index
+    // whole index (its cost measured in bench/README.md, "Queue, with the
+    // unique-key index over set keys only"). This one is added; the whole index
     // goes in `CONTRACT`, once no instance of an earlier version (whose
     // inserts name it in ON CONFLICT) is left. This version's inserts say
     // `ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL`, which either

@@ -203,9 +203,9 @@ mod tests {
     fn a_connection_s_future_stays_small() {
         let size = future_size(connection);
         // tokio's task adds 96 bytes (its header, scheduler, id and
-        // trailer): 544 + 96 = 640, five times 128. This future was 648
-        // bytes before the limits were shared and the service came back
-        // with a handed-over connection (a 768-byte task).
+        // trailer): 544 + 96 = 640, five times 128 (history:
+        // bench/README.md, "Idle streams and WebSockets after trimming
+        // their futures").
         assert!(size <= 544, "{size} bytes");
     }
 }

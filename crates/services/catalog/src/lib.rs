@@ -68,9 +68,9 @@ pub const PRODUCTS_TAG: &str = "products";
 
 /// The tag of one product's responses.
 pub fn product_tag(id: &str) -> String {
-    // Not `format!`: on every product read, and the formatting machinery
-    // cost ~500 instructions a call where copying costs tens (callgrind,
-    // bench/README.md).
+    // Not `format!`: on every product read, where the formatting
+    // machinery costs many times the copy (callgrind, bench/README.md,
+    // "Product by id and `/me`: two `format!`s").
     ["product:", id].concat()
 }
 
